@@ -1,0 +1,141 @@
+"""Evaluate an exported model on a shard split: the paper's metrics with bootstrap CIs, plus GFLOPs (§4.4).
+
+Writes `<run>/eval/<split>.json` (the record `hpcdistill report` reads) and `<run>/eval/<split>_predictions.csv`
+(one row per tissue window). The magnification comes from the checkpoint, never from the command line, so a
+student cannot be scored on the wrong resolution by accident.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpcdistill.data import StreamSpec, make_loader, mag_stats, read_manifest, resolve_sets
+from hpcdistill.errors import HpcdistillError
+from hpcdistill.inference import load_exported
+from hpcdistill.mags import mag_name
+from hpcdistill.metrics import bootstrap_ci, classification_metrics, forward_flops, gflops
+
+KEY_SLIDE = re.compile(r"^(?P<slide>.*)_t\d+_w\d+$")  # shard keys are <slide>_t<tissue>_w<window>
+FIXED_SIZE_10X = 512  # px at 10x for the fixed-size GFLOPs column; scaled by mag/10 at lower magnifications
+
+
+def method_label(config: dict[str, Any]) -> str:
+    """A readable method name from a run's resolved config, used when the caller gives none."""
+    train, data = config.get("train", {}), config.get("data", {})
+    mode = train.get("mode", "")
+    if mode == "teacher":
+        return "Teacher"
+    if mode == "baseline":
+        return "Baseline"
+    aux = "+".join(data.get("aux", []))
+    suffix = f" ({aux})" if aux else ""
+    if mode == "finetune":
+        return f"KD+FT{suffix}"
+    resize = set(train.get("pixel_resize", ["maxpool", "bicubic"]))
+    if resize == {"maxpool", "bicubic"}:
+        return f"KD{suffix}"
+    return "KD" + ("+MP" if "maxpool" in resize else "") + ("+INT" if "bicubic" in resize else "") + suffix
+
+
+def flops_at_sizes(model: torch.nn.Module, manifest: dict[str, Any] | None, mag: float) -> dict[str, Any]:
+    """GFLOPs (FLOPs, 2 per multiply-add) per forward pass at a fixed size and at the manifest's median/mean tissue."""
+    side = max(1, round(FIXED_SIZE_10X * mag / 10))
+    out: dict[str, Any] = {"unit": "GFLOPs (2 FLOPs per multiply-add)", "fixed_size": [side, side],
+                           "fixed": gflops(forward_flops(model, (side, side)))}
+    sizes = (manifest or {}).get("sizes", {}).get(mag_name(mag), {})
+    for stat in ("median", "mean"):
+        if stat in sizes:
+            w, h = (max(1, round(float(v))) for v in sizes[stat])
+            out[f"{stat}_size"] = [w, h]
+            out[stat] = gflops(forward_flops(model, (h, w)))
+    out.setdefault("median", out["fixed"])
+    out.setdefault("mean", out["fixed"])
+    return out
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str, Any], split: str,
+                  mag: float) -> list[dict[str, Any]]:
+    """(key, slide, label, prediction, probabilities) for every sample of the split, in shard order."""
+    sets = resolve_sets(shards, manifest, [split])
+    if not sets.urls or sets.samples == 0:
+        known = ", ".join(f"{k} ({v.get('samples', 0)})" for k, v in manifest.get("splits", {}).items())
+        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} is empty or absent (splits: {known})")
+    spec = StreamSpec(urls=sets.urls, mode="labeled", mag=mag, teacher_mag=mag,
+                      stats={mag_name(mag): mag_stats(manifest, mag)}, micro_batch=1, samples=-1, sampler="ordered")
+    rows = []
+    for batch in make_loader(spec):
+        _, logits = model(batch["x"])
+        probs = torch.softmax(logits.float(), dim=1)[0]
+        key = batch["key"][0]
+        match = KEY_SLIDE.match(key)
+        rows.append({"key": key, "slide": match["slide"] if match else key, "y": int(batch["y"][0]),
+                     "pred": int(probs.argmax()), "probs": probs.tolist()})
+    return rows
+
+
+def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str = "test", *, method: str | None = None,
+                        study: str = "main", iterations: int = 10000, level: float = 0.95, seed: int = 0,
+                        by_slide: bool = False, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score `checkpoint` on `split` of the shards in `shards`; returns and writes the evaluation record.
+
+    `by_slide` resamples whole slides in the bootstrap (tissues of one slide are correlated); the default is the
+    paper's plain resampling of test samples with replacement.
+    """
+    manifest = read_manifest(shards)
+    classes = manifest.get("classes", [])
+    exported = load_exported(checkpoint, expect_classes=len(classes) or None)
+    if exported.classes and classes and exported.classes != classes:
+        raise HpcdistillError(f"{checkpoint}: trained on classes {exported.classes}, the shards have {classes}")
+    mags = [float(m) for m in manifest.get("mags", [])]
+    if not any(math.isclose(exported.mag, m) for m in mags):
+        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: no {mag_name(exported.mag)} images "
+                              f"(the model's magnification); shards have {', '.join(map(mag_name, mags))}")
+    rows = predict_split(exported.model, shards, manifest, split, exported.mag)
+    labeled = [r for r in rows if r["y"] >= 0]
+    if not labeled:
+        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
+    y_true = [r["y"] for r in labeled]
+    y_pred = [r["pred"] for r in labeled]
+    k = len(exported.classes)
+    point = classification_metrics(y_true, y_pred, k)
+    groups = [r["slide"] for r in labeled] if by_slide else None
+    ci = bootstrap_ci(y_true, y_pred, k, iterations=iterations, level=level, seed=seed, groups=groups)
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = blob.get("config", {})
+    record = {
+        "method": method or method_label(config),
+        "study": study,
+        "dataset": Path(shards).resolve().name,
+        "mag": exported.mag,
+        "split": split,
+        "samples": len(labeled),
+        "slides": len({r["slide"] for r in labeled}),
+        "classes": exported.classes,
+        "checkpoint": str(checkpoint),
+        "arch": exported.arch_kwargs,
+        "bootstrap": {"iterations": iterations, "level": level, "seed": seed,
+                      "resample": "slides" if by_slide else "samples"},
+        "metrics": {m: list(ci[m]) for m in ("accuracy", "f1", "precision", "recall")},
+        "per_class": {m: [None if v != v else v for v in vals] for m, vals in point["per_class"].items()},
+        "confusion": point["confusion"],
+        "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
+    }
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{split}.json").write_text(json.dumps(record, indent=1))
+    with open(out / f"{split}_predictions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["key", "slide", "label", "pred"] + [f"p_{c}" for c in exported.classes])
+        for r in rows:
+            label = exported.classes[r["y"]] if r["y"] >= 0 else ""
+            writer.writerow([r["key"], r["slide"], label, exported.classes[r["pred"]], *(f"{p:.6f}" for p in r["probs"])])
+    record["path"] = str(out / f"{split}.json")
+    return record

@@ -1,0 +1,86 @@
+"""Exported models for inference: load a weights file safely and classify standardised tissue images.
+
+An exported file (`best.pt` / `last.pt`, written by the engine) is a plain dict of tensors, numbers and strings:
+{"state_dict", "arch_kwargs", "mag", "classes", "stats", "config"}, so it loads with `weights_only=True` and
+rebuilds the exact architecture from its constructor arguments (nanoGPT's checkpoint style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpcdistill.errors import HpcdistillError
+from hpcdistill.mags import mag_name
+from hpcdistill.models import build_model
+
+
+@dataclass
+class ExportedModel:
+    model: torch.nn.Module
+    mag: float
+    classes: list[str]
+    mean: np.ndarray  # per-channel, [0,1] scale, of the labeled train split at `mag`
+    std: np.ndarray
+    arch_kwargs: dict
+    path: str
+
+
+def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_classes: int | None = None) -> ExportedModel:
+    """Load an exported weights file; errors name the file and what does not match."""
+    path = Path(path)
+    if not path.is_file():
+        raise HpcdistillError(f"{path}: no such checkpoint file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- torch raises many types for corrupt or pickled files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HpcdistillError(f"{path}: not a loadable weights file ({reason})") from None
+    missing = [k for k in ("state_dict", "arch_kwargs", "mag", "classes", "stats") if k not in blob]
+    if not isinstance(blob, dict) or missing:
+        raise HpcdistillError(f"{path}: not an hpcdistill export (missing {', '.join(missing)})")
+    kwargs = dict(blob["arch_kwargs"])
+    if expect_arch is not None and kwargs.get("arch") != expect_arch:
+        raise HpcdistillError(f"{path}: architecture {kwargs.get('arch')!r} does not match the expected {expect_arch!r}")
+    if expect_classes is not None and kwargs.get("num_classes") != expect_classes:
+        raise HpcdistillError(
+            f"{path}: trained for {kwargs.get('num_classes')} classes, but the data has {expect_classes}"
+        )
+    arch = kwargs.pop("arch")
+    num_classes = kwargs.pop("num_classes")
+    model = build_model(arch, num_classes, **kwargs)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise HpcdistillError(f"{path}: weights do not fit {arch} with {num_classes} classes ({first})") from None
+    model.eval()
+    mag = float(blob["mag"])
+    stats = blob["stats"]
+    stats = stats.get(mag_name(mag), stats)  # a per-mag table or the stats of this mag only
+    return ExportedModel(
+        model=model,
+        mag=mag,
+        classes=list(blob["classes"]),
+        mean=np.asarray(stats["mean"], dtype=np.float32),
+        std=np.asarray(stats["std"], dtype=np.float32),
+        arch_kwargs=dict(blob["arch_kwargs"]),
+        path=str(path),
+    )
+
+
+def standardise(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> 1x3xHxW float32, standardised by the train split's per-channel mean and std."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    x = (x - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None]
+    return x.unsqueeze(0)
+
+
+@torch.no_grad()
+def predict_probabilities(exported: ExportedModel, image: np.ndarray) -> np.ndarray:
+    """Class probabilities for one whole-tissue image at the model's magnification."""
+    _, logits = exported.model(standardise(image, exported.mean, exported.std))
+    return torch.softmax(logits.float(), dim=1)[0].numpy()

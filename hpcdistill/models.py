@@ -1,0 +1,175 @@
+"""GroupNorm ResNets whose forward returns (final conv feature map, logits).
+
+Written in the project (no torchvision) so the normalisation, the stem and the returned feature map are
+ours to choose:
+
+* GroupNorm replaces BatchNorm (paper §3.5): whole-tissue inputs run at micro-batch 1 with gradient
+  accumulation, and BatchNorm statistics over one image are meaningless. The group count is capped at the
+  channel count and lowered to the largest divisor of it, so narrow models (``width=8``) still build.
+* ``stem="standard"`` is the ImageNet stem (7x7 stride-2 conv + 3x3 stride-2 max-pool; total stride 32).
+  ``stem="lowres"`` is a 3x3 stride-1 conv with no max-pool (total stride 8), for low-magnification
+  students: a 32 px crop at 2.5x ends in a 1x1 map under the standard stem, which reduces the pixel loss to
+  matching a global summary of the teacher's map and leaves GroupNorm normalising a handful of values per
+  group. The low-res stem keeps a spatial map (4x4 for that crop) at ~16x the FLOPs of the standard stem
+  at the same input size -- still far below the teacher's cost at 10x.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcdistill.errors import HpcdistillError
+
+STEMS = ("standard", "lowres")
+
+
+def group_count(groups: int, channels: int) -> int:
+    """Largest divisor of `channels` that is <= min(groups, channels) (GroupNorm needs groups | channels)."""
+    cap = max(1, min(groups, channels))
+    return next(g for g in range(cap, 0, -1) if channels % g == 0)
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(group_count(groups, channels), channels)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+def shortcut(cin: int, cout: int, stride: int, groups: int) -> nn.Module:
+    """Identity when shapes match, else a strided 1x1 projection + GroupNorm."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(conv1x1(cin, cout, stride), group_norm(cout, groups))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, groups: int) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = conv3x3(cin, planes, stride)
+        self.gn1 = group_norm(planes, groups)
+        self.conv2 = conv3x3(planes, cout)
+        self.gn2 = group_norm(cout, groups)
+        self.shortcut = shortcut(cin, cout, stride, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.gn1(self.conv1(x)))
+        out = self.gn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, groups: int) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = conv1x1(cin, planes)
+        self.gn1 = group_norm(planes, groups)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.gn2 = group_norm(planes, groups)
+        self.conv3 = conv1x1(planes, cout)
+        self.gn3 = group_norm(cout, groups)
+        self.shortcut = shortcut(cin, cout, stride, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.gn1(self.conv1(x)))
+        out = F.relu(self.gn2(self.conv2(out)))
+        out = self.gn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+ARCHS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    "resnet10": (BasicBlock, (1, 1, 1, 1)),
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """forward(x) -> (features (N, feature_dim, h, w) before pooling, logits (N, num_classes)).
+
+    Any input size works, down to 1x1 (every stride-2 layer pads, so maps never vanish); adaptive average
+    pooling makes the classifier size-independent, which whole-tissue inputs need.
+    """
+
+    def __init__(self, block: type[nn.Module], layers: tuple[int, ...], num_classes: int, *,
+                 width: int = 64, groups: int = 32, stem: str = "standard", in_chans: int = 3) -> None:
+        super().__init__()
+        if stem == "standard":
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False), group_norm(width, groups),
+                nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
+        else:
+            self.stem = nn.Sequential(conv3x3(in_chans, width), group_norm(width, groups), nn.ReLU(inplace=True))
+        stages = []
+        cin = width
+        for i, blocks in enumerate(layers):
+            planes = width * 2**i
+            stride = 1 if i == 0 else 2
+            stage = []
+            for b in range(blocks):
+                stage.append(block(cin, planes, stride if b == 0 else 1, groups))
+                cin = planes * block.expansion
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.feature_dim = cin
+        self.fc = nn.Linear(cin, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """He init (fan_out, ReLU) for convs; GroupNorm weight 1, bias 0; Linear keeps PyTorch's default.
+
+        Explicit about GroupNorm: init code copied from BatchNorm models (e.g. timm's `isinstance(m, BatchNorm2d)`
+        branch) silently skips it -- harmless only because GroupNorm's own default is also (1, 0).
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return x, logits
+
+
+def build_model(arch: str, num_classes: int, *, width: int = 64, groups: int = 32, stem: str = "standard",
+                in_chans: int = 3) -> ResNet:
+    """Build a GroupNorm ResNet; `model.arch_kwargs` rebuilds it: `build_model(**model.arch_kwargs)`.
+
+    Use `model.to(memory_format=torch.channels_last)` (and channels-last inputs) for channels-last.
+    Tiny inputs: a GroupNorm group needs more than one value. With width <= groups a group is a single
+    channel, so a 1x1 map (e.g. a 16 px input, standard stem, width 8) has nothing to normalise and torch
+    raises at batch 1; keep width >= 2 * groups (the default 64/32 does) or use stem="lowres".
+    """
+    if arch not in ARCHS:
+        raise HpcdistillError(f"arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if stem not in STEMS:
+        raise HpcdistillError(f"stem: unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    for key, value in (("num_classes", num_classes), ("width", width), ("groups", groups), ("in_chans", in_chans)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HpcdistillError(f"{key}: must be a positive integer, got {value!r}")
+    block, layers = ARCHS[arch]
+    model = ResNet(block, layers, num_classes, width=width, groups=groups, stem=stem, in_chans=in_chans)
+    model.arch_kwargs = dict(arch=arch, num_classes=num_classes, width=width, groups=groups, stem=stem,
+                             in_chans=in_chans)
+    return model

@@ -1,0 +1,218 @@
+"""The paper's reporting: Table 3 (teacher), Table 4 (methods x magnifications), Figure 3 (accuracy vs GFLOPs).
+
+Inputs are the evaluation records that `hpcdistill evaluate` writes (`<run>/eval/<split>.json`). Each record names
+its method ("Teacher", "Baseline", "KD", "KD (aux1)", or an ablation variant "KD+MP" ...), magnification, dataset,
+metrics as (point, low, high) fractions and GFLOPs per forward pass. Everything here is a pure function of those
+records, so the report can be rebuilt at any time from finished runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcdistill.errors import HpcdistillError
+from hpcdistill.mags import mag_name
+from hpcdistill.metrics import METRICS
+
+METRIC_TITLES = {"accuracy": "Accuracy", "f1": "F1-Score", "precision": "Precision", "recall": "Recall"}
+ABLATION_METHODS = ("KD", "KD+MP", "KD+INT", "KD+MP+INT")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluated run: what the report needs of `<run>/eval/<split>.json`."""
+
+    method: str
+    mag: float
+    dataset: str
+    metrics: dict  # metric -> (point, low, high), fractions
+    gflops: float  # FLOPs (not MACs) / 1e9 per forward pass at the dataset's median tissue size
+    study: str = "main"  # "main" (Table 4) or "ablation" (pixel-loss resize ablation)
+    source: str = ""
+
+
+def load_results(paths: list[str | Path]) -> list[EvalResult]:
+    """Read evaluation records from run folders (every `eval/*.json` inside) or from JSON files."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(path.glob("eval/*.json")) or sorted(path.glob("*/eval/*.json"))
+            if not found:
+                raise HpcdistillError(f"{path}: no eval/*.json inside; run `hpcdistill evaluate` on it first")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise HpcdistillError(f"{path}: no such run folder or evaluation file")
+    return [_read_result(f) for f in files]
+
+
+def _read_result(path: Path) -> EvalResult:
+    try:
+        record = json.loads(path.read_text())
+        metrics = {m: tuple(float(v) for v in record["metrics"][m]) for m in METRICS}
+        return EvalResult(
+            method=str(record["method"]),
+            mag=float(record["mag"]),
+            dataset=str(record.get("dataset", "")),
+            metrics=metrics,
+            gflops=float(record["gflops"]["median"]),
+            study=str(record.get("study", "main")),
+            source=str(path),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise HpcdistillError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
+
+
+def format_ci(value: tuple[float, float, float]) -> str:
+    """(0.8706, 0.8565, 0.8848) -> '87.06 (85.65-88.48)', the paper's percentage layout."""
+    point, low, high = value
+    return f"{100 * point:.2f} ({100 * low:.2f}-{100 * high:.2f})"
+
+
+def _method_order(method: str) -> tuple:
+    # Baseline, then plain KD, then KD with aux sets, then anything else (fine-tuned, ablations) alphabetically.
+    rank = {"Teacher": 0, "Baseline": 1, "KD": 2}.get(method, 3 if method.startswith("KD (") else 4)
+    return (rank, method)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def teacher_table(results: list[EvalResult]) -> str:
+    """Table 3: the teacher's metrics with CIs, one column per dataset."""
+    teachers = sorted((r for r in results if r.method == "Teacher"), key=lambda r: r.dataset)
+    if not teachers:
+        return "_No teacher evaluation found._"
+    header = ["Metric"] + [f"{r.dataset or 'dataset'} ({mag_name(r.mag)})" for r in teachers]
+    rows = [[METRIC_TITLES[m]] + [format_ci(r.metrics[m]) for r in teachers] for m in METRICS]
+    rows.append(["GFLOPs"] + [f"{r.gflops:.3g}" for r in teachers])
+    return _markdown_table(header, rows)
+
+
+def methods_table(results: list[EvalResult], methods: list[str] | None = None) -> str:
+    """Table 4: one block per magnification, one column per method, the best point estimate per row in bold."""
+    methods = methods or sorted({r.method for r in results if r.method != "Teacher"}, key=_method_order)
+    by_key = {(r.method, r.mag): r for r in results}
+    mags = sorted({r.mag for r in results if r.method in methods})
+    if not mags:
+        return "_No student or baseline evaluations found._"
+    rows: list[list[str]] = []
+    for mag in mags:
+        rows.append([f"**mag = {mag_name(mag)}**"] + [""] * len(methods))
+        for metric in METRICS:
+            cells = [by_key.get((m, mag)) for m in methods]
+            points = [c.metrics[metric][0] for c in cells if c is not None]
+            best = max(points) if points else None
+            row = [METRIC_TITLES[metric]]
+            for cell in cells:
+                if cell is None:
+                    row.append("—")
+                    continue
+                text = format_ci(cell.metrics[metric])
+                row.append(f"**{text}**" if cell.metrics[metric][0] == best else text)
+            rows.append(row)
+        gflops = [by_key.get((m, mag)) for m in methods]
+        rows.append(["GFLOPs"] + [f"{c.gflops:.3g}" if c else "—" for c in gflops])
+    return _markdown_table(["Metric"] + methods, rows)
+
+
+def ordering_check(results: list[EvalResult]) -> list[str]:
+    """Per low magnification, does the paper's ordering teacher >= KD(aux) >= KD > baseline hold on accuracy?
+
+    Returns one honest sentence per magnification, with the numbers, so the report never claims more than the run shows.
+    """
+    teacher = next((r for r in results if r.method == "Teacher"), None)
+    lines = []
+    for mag in sorted({r.mag for r in results if r.method == "Baseline"}):
+        at = {r.method: r for r in results if r.mag == mag and r.study == "main"}
+        base, kd = at.get("Baseline"), at.get("KD")
+        aux = [r for m, r in at.items() if m.startswith("KD (")]
+        if base is None or kd is None:
+            continue
+        acc = {name: r.metrics["accuracy"][0] for name, r in at.items()}
+        chain = [("Teacher", teacher.metrics["accuracy"][0])] if teacher else []
+        if aux:
+            best_aux = max(aux, key=lambda r: r.metrics["accuracy"][0])
+            chain.append((best_aux.method, acc[best_aux.method]))
+        chain += [("KD", acc["KD"]), ("Baseline", acc["Baseline"])]
+        holds = all(a >= b for (_, a), (_, b) in zip(chain, chain[1:])) and chain[-2][1] > chain[-1][1]
+        # Overlapping CIs mean the ordering is not statistically resolved even where the points line up.
+        overlap = kd.metrics["accuracy"][1] <= base.metrics["accuracy"][2]
+        numbers = " ≥ ".join(f"{name} {100 * v:.1f}%" for name, v in chain)
+        verdict = "holds" if holds else "does NOT hold"
+        note = " (KD and baseline CIs overlap: not significant)" if overlap else ""
+        lines.append(f"- {mag_name(mag)}: the paper's ordering {verdict}: {numbers}{note}.")
+    return lines
+
+
+def plot_accuracy_vs_gflops(results: list[EvalResult], path: Path, title: str) -> Path:
+    """Figure 3: test accuracy against GFLOPs per forward pass (log x), one line per method, mags as labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method in sorted({r.method for r in results}, key=_method_order):
+        points = sorted((r for r in results if r.method == method), key=lambda r: r.gflops)
+        xs = [r.gflops for r in points]
+        ys = [100 * r.metrics["accuracy"][0] for r in points]
+        lows = [100 * (r.metrics["accuracy"][0] - r.metrics["accuracy"][1]) for r in points]
+        highs = [100 * (r.metrics["accuracy"][2] - r.metrics["accuracy"][0]) for r in points]
+        style = dict(marker="*", markersize=12, linestyle="none") if method == "Teacher" else dict(marker="o")
+        ax.errorbar(xs, ys, yerr=[lows, highs], capsize=3, label=method, **style)
+        for r, x, y in zip(points, xs, ys):
+            ax.annotate(mag_name(r.mag), (x, y), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("GFLOPs per forward pass (FLOPs, not MACs; log scale)")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
+    """Write report.md, figure3.png and (when ablation runs exist) ablation.png into out_dir."""
+    if not results:
+        raise HpcdistillError(f"{out_dir}: no evaluation records to report")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main = [r for r in results if r.study == "main"]
+    ablation = [r for r in results if r.study == "ablation"]
+    sections = [
+        "# hpcdistill report",
+        "Metrics are one-vs-rest per class, macro-averaged, as percentages with 95% bootstrap CIs "
+        "(10,000 resamples unless the evaluation said otherwise). GFLOPs are FLOPs (2 per multiply-add) per forward pass "
+        "at the median tissue size.",
+        "## Teacher (Table 3 layout)",
+        teacher_table(main),
+        "## Baseline and distillation per magnification (Table 4 layout)",
+        methods_table(main),
+        "### Does the paper's ordering hold?",
+        "\n".join(ordering_check(main)) or "_Not enough runs to check._",
+        "## Accuracy against compute (Figure 3 layout)",
+        f"![accuracy vs GFLOPs]({plot_accuracy_vs_gflops(main, out / 'figure3.png', 'Accuracy vs compute').name})",
+    ]
+    if ablation:
+        methods = [m for m in ABLATION_METHODS if any(r.method == m for r in ablation)]
+        sections += [
+            "## Pixel-loss ablation (KD, KD+MP, KD+INT, KD+MP+INT)",
+            methods_table(ablation, methods),
+            f"![ablation]({plot_accuracy_vs_gflops(ablation, out / 'ablation.png', 'Pixel-loss ablation').name})",
+        ]
+    sections.append("Sources: " + ", ".join(f"`{r.source}`" for r in results))
+    path = out / "report.md"
+    path.write_text("\n\n".join(sections) + "\n")
+    return path

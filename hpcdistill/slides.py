@@ -1,0 +1,405 @@
+"""Open a whole-slide image, find its base magnification, and read regions at a target magnification.
+
+Every low-magnification image is Lanczos3-resampled directly from level-0 pixels (the paper: "every downsampling
+was obtained directly from the original image"), never from a pyramid level, so no composition of resamplings.
+
+Pixels come from libvips `tiffload` (SVS and pyramidal TIFF; demand-driven, so memory stays bounded for any box
+size). Formats tiffload cannot read reliably (NDPI, MRXS, Ventana, ...) are read with OpenSlide into a
+memory-mapped scratch file and then resampled by the same vips code, so both paths give the same pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import openslide
+import pyvips
+import tifffile
+
+from hpcdistill.errors import HpcdistillError
+
+# Bounded vips operation cache: slides are streamed, so a large cache only holds memory for nothing.
+pyvips.cache_set_max_mem(256 * 1024 * 1024)
+pyvips.cache_set_max(100)
+pyvips.cache_set_max_files(20)
+
+# Objective powers scanners actually use; an mpp-derived magnification within SNAP_TOLERANCE snaps to one.
+COMMON_POWERS = (1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 63.0, 80.0, 100.0)
+SNAP_TOLERANCE = 0.15
+# vips `reduce` builds a kernel of ~6*shrink taps and refuses large shrinks; beyond this a box pre-shrink is used.
+MAX_LANCZOS_SHRINK = 256.0
+# TIFF-based vendors whose level 0 libvips tiffload reads as a plain page 0.
+VIPS_VENDORS = {None, "aperio", "generic-tiff"}
+# Filter 8-bit pixels in float (unbiased, ~0.1 grey level from PIL's LANCZOS) rather than vips' fixed point.
+PRECISE_RESAMPLE = True
+# Level-0 window side (px) one output block of read_at_mag may pull through the filter: bounds memory.
+FETCH_WINDOW = 2048
+# Block edge (level-0 px) for OpenSlide reads in the fallback path.
+OPENSLIDE_BLOCK = 2048
+
+
+class SlideError(HpcdistillError):
+    """A slide cannot be opened or read; the message is '<path>: <reason>' on one line."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    path: str
+    width: int  # level 0
+    height: int  # level 0
+    base_mag: float
+    mpp: float | None  # microns per level-0 pixel (x)
+    mag_source: str  # "objective-power" | "mpp" | "override"
+    vendor: str
+    level_count: int
+
+
+def one_line(err: BaseException | str) -> str:
+    """Collapse a (possibly multi-line, e.g. libvips) error message to one line."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def mag_from_mpp(mpp: float) -> float:
+    """Magnification implied by microns per pixel (10x ~ 1 um/px); snapped to a common objective power."""
+    raw = 10.0 / mpp
+    nearest = min(COMMON_POWERS, key=lambda power: abs(math.log(raw / power)))
+    if abs(raw / nearest - 1.0) <= SNAP_TOLERANCE:
+        return nearest
+    return float(f"{raw:.3g}")
+
+
+def target_size(box_wh: tuple[int, int], base_mag: float, mag: float, ref_mag: float = 10.0) -> tuple[int, int]:
+    """Output size of a level-0 box at `mag`, rounded via the `ref_mag` size so every low-mag crop is the
+    ref-mag crop divided by the magnification ratio, within 1 px."""
+    if not (base_mag > 0 and mag > 0 and ref_mag > 0):
+        raise SlideError(f"magnification: base {base_mag}, target {mag} and reference {ref_mag} must be positive")
+    ratio = ref_mag / mag
+    sizes = []
+    for length in box_wh:
+        at_ref = round(length * ref_mag / base_mag)
+        sizes.append(max(1, round(at_ref / ratio)))
+    return sizes[0], sizes[1]
+
+
+def _positive_float(text: Any) -> float | None:
+    try:
+        value = float(str(text).strip())
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _aperio_field(description: str, key: str) -> float | None:
+    match = re.search(r"\|\s*" + re.escape(key) + r"\s*=\s*([^|\r\n]+)", description)
+    return _positive_float(match.group(1)) if match else None
+
+
+def _mpp_from_resolution(page: tifffile.TiffPage) -> float | None:
+    """Microns per pixel from XResolution/ResolutionUnit; None when the unit is 'none' or the tags are absent."""
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    numerator, denominator = tags["XResolution"].value
+    unit = int(tags["ResolutionUnit"].value)
+    if not numerator or not denominator or unit not in (2, 3):
+        return None
+    px_per_unit = numerator / denominator
+    microns_per_unit = 25400.0 if unit == 2 else 10000.0
+    return microns_per_unit / px_per_unit
+
+
+@dataclass(frozen=True)
+class _TiffLevel:
+    width: int
+    height: int
+    page: int
+    subifd: int  # -1: the page itself; k >= 0: that page's k-th SubIFD
+
+
+def _tiff_levels(path: str, tif: tifffile.TiffFile) -> list[_TiffLevel]:
+    """Pyramid levels of the main series (pages or SubIFDs); checks every level's data lies inside the file."""
+    page0 = tif.pages[0]
+    file_size = tif.filehandle.size
+    if page0.subifds:  # tifffile's series misses some SubIFD pyramids (e.g. /16 steps): list them directly
+        pages = [page0, *page0.pages]
+    else:
+        pages = [level.keyframe for level in tif.series[0].levels]
+    levels = []
+    for index, page in enumerate(pages):
+        ends = [off + count for off, count in zip(page.dataoffsets, page.databytecounts) if count]
+        if ends and max(ends) > file_size:
+            raise SlideError(f"{path}: truncated file (level {index} image data ends past the end of the file)")
+        height, width = int(page.imagelength), int(page.imagewidth)
+        if page0.subifds and index > 0:
+            levels.append(_TiffLevel(width, height, 0, index - 1))
+        else:
+            levels.append(_TiffLevel(width, height, int(page.index), -1))
+    return levels
+
+
+def _as_srgb_uchar(image: pyvips.Image) -> pyvips.Image:
+    """3-band 8-bit RGB; alpha is composited on white (background of a glass slide)."""
+    if image.format == "ushort":
+        image = (image >> 8).cast("uchar")  # a constant shift: no pass over the whole (huge) image
+    elif image.format != "uchar":
+        raise pyvips.Error(f"unsupported pixel format {image.format} (expected 8- or 16-bit)")
+    if image.hasalpha():
+        image = image.flatten(background=[255.0] * (image.bands - 1))
+    if image.bands == 1:
+        image = image.bandjoin([image, image])
+    elif image.bands > 3:
+        image = image.extract_band(0, n=3)
+    return image
+
+
+def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
+    return rgb.astype(np.uint8)
+
+
+def lanczos_to_size(image: pyvips.Image, size: tuple[int, int], precise: bool = PRECISE_RESAMPLE) -> pyvips.Image:
+    """Lanczos3-resample `image` to exactly `size` (w, h), lazily (nothing is computed until pixels are asked for).
+
+    vips `resize` box-pre-shrinks before its Lanczos pass, so `reduce` is used for downsampling; its output size is
+    round(in / shrink), and any float off-by-one is fixed by copying/cropping the edge pixel. `precise` filters
+    8-bit input in float and rounds once at the end (vips' 8-bit fixed-point path is ~10x faster but darkens by
+    up to ~1 grey level at large shrinks).
+    """
+    if precise and image.format == "uchar":
+        return lanczos_to_size(image.cast("float"), size).rint().cast("uchar")  # cast clips ringing to 0..255
+    out_w, out_h = size
+    hshrink, vshrink = image.width / out_w, image.height / out_h
+    if hshrink < 1.0 or vshrink < 1.0:
+        # Only from rounding at mag == base_mag (a pixel or two); reduce cannot enlarge.
+        image = image.resize(1.0 / hshrink, vscale=1.0 / vshrink, kernel="lanczos3")
+    else:
+        if hshrink > MAX_LANCZOS_SHRINK or vshrink > MAX_LANCZOS_SHRINK:
+            pre_h = max(1, math.ceil(hshrink / MAX_LANCZOS_SHRINK))
+            pre_v = max(1, math.ceil(vshrink / MAX_LANCZOS_SHRINK))
+            image = image.shrink(pre_h, pre_v)
+            hshrink, vshrink = image.width / out_w, image.height / out_h
+        if hshrink > 1.0 or vshrink > 1.0:
+            image = image.reduce(max(hshrink, 1.0), max(vshrink, 1.0), kernel="lanczos3")
+    if (image.width, image.height) != (out_w, out_h):
+        image = image.embed(0, 0, out_w, out_h, extend="copy")
+    return image
+
+
+def fetch_in_blocks(image: pyvips.Image, block: int) -> np.ndarray:
+    """Compute a lazy uchar image block by block: each block pulls only its own level-0 window through the
+    pipeline, whereas vips' own sink pulls full-width strips that, at large shrinks, span thousands of rows."""
+    out = np.empty((image.height, image.width, image.bands), dtype=np.uint8)
+    region = pyvips.Region.new(image)
+    for y in range(0, image.height, block):
+        for x in range(0, image.width, block):
+            bw, bh = min(block, image.width - x), min(block, image.height - y)
+            out[y : y + bh, x : x + bw] = np.frombuffer(region.fetch(x, y, bw, bh), np.uint8).reshape(bh, bw, -1)
+    return out
+
+
+class Slide:
+    """An open slide. Use as a context manager or call close()."""
+
+    def __init__(self, info: SlideInfo, *, osr: openslide.OpenSlide | None, tiff_levels: list[_TiffLevel] | None):
+        self.info = info
+        self._osr = osr
+        self._tiff_levels = tiff_levels  # None: pixels come from OpenSlide
+        self._level0: pyvips.Image | None = None
+
+    @property
+    def backend(self) -> str:
+        return "vips" if self._tiff_levels is not None else "openslide"
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None
+        self._level0 = None
+
+    def _fail(self, what: str, err: BaseException) -> SlideError:
+        return SlideError(f"{self.info.path}: {what}: {one_line(err)}")
+
+    def _tiff_level(self, level: _TiffLevel) -> pyvips.Image:
+        image = pyvips.Image.tiffload(self.info.path, page=level.page, subifd=level.subifd, fail_on="error")
+        return _as_srgb_uchar(image)
+
+    def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
+        """RGB thumbnail whose long side is at most `max_size`, and level-0 px per thumbnail px.
+
+        Decoded from the coarsest pyramid level still at least `max_size` on its long side, so a big slide's
+        level 0 is never decoded when the slide has a pyramid.
+        """
+        if max_size < 1:
+            raise SlideError(f"{self.info.path}: thumbnail size must be >= 1, got {max_size}")
+        try:
+            if self._tiff_levels is not None:
+                adequate = [lv for lv in self._tiff_levels if max(lv.width, lv.height) >= max_size]
+                level = min(adequate, key=lambda lv: lv.width) if adequate else self._tiff_levels[0]
+                image = self._tiff_level(level)
+                scale = max_size / max(image.width, image.height)
+                if scale < 1.0:
+                    out = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                    image = lanczos_to_size(image, out)
+                thumb = image.numpy()
+            else:
+                assert self._osr is not None
+                thumb = np.asarray(self._osr.get_thumbnail((max_size, max_size)).convert("RGB"))
+        except (pyvips.Error, openslide.OpenSlideError) as err:
+            raise self._fail("cannot read thumbnail", err) from None
+        return np.ascontiguousarray(thumb, dtype=np.uint8), self.info.width / thumb.shape[1]
+
+    def read_at_mag(self, box_l0: tuple[int, int, int, int], mag: float, size: tuple[int, int]) -> np.ndarray:
+        """The level-0 box (x, y, w, h) Lanczos3-resampled to `size` (w, h) -> (h, w, 3) uint8 RGB.
+
+        `mag` is checked against the base magnification; the resampling factor comes from box and size (see
+        target_size). Parts of the box outside the slide read as white.
+        """
+        path = self.info.path
+        x, y, w, h = (int(v) for v in box_l0)
+        out_w, out_h = (int(v) for v in size)
+        if w < 1 or h < 1 or out_w < 1 or out_h < 1:
+            raise SlideError(f"{path}: empty box {box_l0} or size {size}")
+        if mag > self.info.base_mag * (1 + 1e-9):
+            raise SlideError(f"{path}: magnification {mag:g}x exceeds the base magnification {self.info.base_mag:g}x")
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, self.info.width), min(y + h, self.info.height)
+        if x1 <= x0 or y1 <= y0:
+            raise SlideError(f"{path}: box {box_l0} lies outside the {self.info.width}x{self.info.height} slide")
+        inner = (x0, y0, x1 - x0, y1 - y0)
+        try:
+            if self._tiff_levels is not None:
+                if self._level0 is None:
+                    self._level0 = self._tiff_level(self._tiff_levels[0])
+                return self._resample(self._level0.crop(*inner), (x0 - x, y0 - y, w, h), (out_w, out_h))
+            return self._read_openslide(inner, (x0 - x, y0 - y, w, h), (out_w, out_h))
+        except (pyvips.Error, openslide.OpenSlideError) as err:
+            raise self._fail(f"cannot read box {tuple(box_l0)}", err) from None
+
+    @staticmethod
+    def _resample(crop: pyvips.Image, placement: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+        left, top, w, h = placement
+        if (left, top, w, h) != (0, 0, crop.width, crop.height):
+            crop = crop.embed(left, top, w, h, extend="white")
+        shrink = max(w / size[0], h / size[1], 1.0)
+        return fetch_in_blocks(lanczos_to_size(crop, size), max(16, int(FETCH_WINDOW / shrink)))
+
+    def _read_openslide(self, inner, placement, size) -> np.ndarray:
+        """OpenSlide fallback: stream level-0 blocks into a memory-mapped raw file, then the same vips resample."""
+        assert self._osr is not None
+        x0, y0, w, h = inner
+        with tempfile.TemporaryDirectory(prefix="hpcdistill-slide-") as scratch:
+            raw_path = os.path.join(scratch, "level0.raw")
+            pixels = np.memmap(raw_path, dtype=np.uint8, mode="w+", shape=(h, w, 3))
+            for by in range(0, h, OPENSLIDE_BLOCK):
+                for bx in range(0, w, OPENSLIDE_BLOCK):
+                    bw, bh = min(OPENSLIDE_BLOCK, w - bx), min(OPENSLIDE_BLOCK, h - by)
+                    rgba = np.asarray(self._osr.read_region((x0 + bx, y0 + by), 0, (bw, bh)))
+                    pixels[by : by + bh, bx : bx + bw] = _rgba_to_rgb_on_white(rgba)
+            pixels.flush()
+            del pixels
+            crop = pyvips.Image.rawload(raw_path, w, h, 3).copy(interpretation="srgb")
+            return self._resample(crop, placement, size)
+
+
+def open_slide(path: str | os.PathLike, base_mag: float | None = None, *, backend: str | None = None) -> Slide:
+    """Open a slide; base magnification from `base_mag`, else objective power, else mpp. SlideError if none.
+
+    `backend` forces the pixel reader ("vips" or "openslide"); default: vips for SVS / generic TIFF, else OpenSlide.
+    """
+    path = os.fspath(path)
+    if backend not in (None, "vips", "openslide"):
+        raise SlideError(f"{path}: backend {backend!r}: expected 'vips' or 'openslide'")
+    if not os.path.isfile(path):
+        raise SlideError(f"{path}: no such file")
+    if base_mag is not None and not (math.isfinite(base_mag) and base_mag > 0):
+        raise SlideError(f"{path}: base magnification must be positive, got {base_mag}")
+
+    osr: openslide.OpenSlide | None = None
+    try:
+        osr = openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        osr = None
+    except openslide.OpenSlideError as err:
+        raise SlideError(f"{path}: unreadable slide: {one_line(err)}") from None
+    try:
+        slide = _open(path, osr, base_mag)
+    except BaseException:
+        if osr is not None:
+            osr.close()
+        raise
+    if backend is not None and backend != slide.backend:
+        if backend == "vips" or slide._osr is None:
+            slide.close()
+            raise SlideError(f"{path}: the {backend} backend cannot read this slide")
+        slide._tiff_levels = None
+    return slide
+
+
+def _open(path: str, osr: openslide.OpenSlide | None, base_mag: float | None) -> Slide:
+    props = dict(osr.properties) if osr is not None else {}
+    vendor = props.get("openslide.vendor")
+    tiff_levels: list[_TiffLevel] | None = None
+    description, res_mpp = "", None
+    tiff_error: BaseException | None = None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page0 = tif.pages[0]
+            description = page0.description or ""
+            res_mpp = _mpp_from_resolution(page0)
+            if vendor in VIPS_VENDORS:
+                tiff_levels = _tiff_levels(path, tif)
+    except SlideError:
+        raise
+    except Exception as err:  # tifffile raises many types on corrupt input; all mean "not a readable TIFF"
+        tiff_error = err
+    if osr is None and tiff_levels is None:
+        reason = f" ({one_line(tiff_error)})" if tiff_error else ""
+        raise SlideError(f"{path}: unsupported or corrupt slide: neither OpenSlide nor tifffile can read it{reason}")
+    if osr is None and description.startswith("Aperio"):
+        # OpenSlide rejects Aperio files whose directory chain is broken; tifffile alone would hide it.
+        raise SlideError(f"{path}: corrupt Aperio SVS (OpenSlide cannot parse its directories)")
+    if tiff_levels is not None:
+        try:
+            level0 = pyvips.Image.tiffload(path, page=0, fail_on="error")
+        except pyvips.Error as err:
+            if osr is None:
+                raise SlideError(f"{path}: unreadable TIFF: {one_line(err)}") from None
+            tiff_levels = None  # e.g. a compression libvips lacks: OpenSlide can still read it
+        else:
+            if (level0.width, level0.height) != (tiff_levels[0].width, tiff_levels[0].height):
+                raise SlideError(f"{path}: libvips and tifffile disagree on the level-0 size")
+
+    mpp = _positive_float(props.get("openslide.mpp-x")) or _aperio_field(description, "MPP") or res_mpp
+    objective = _positive_float(props.get("openslide.objective-power")) or _aperio_field(description, "AppMag")
+    if base_mag is not None:
+        mag, source = float(base_mag), "override"
+    elif objective is not None:
+        mag, source = objective, "objective-power"
+    elif mpp is not None:
+        mag, source = mag_from_mpp(mpp), "mpp"
+    else:
+        raise SlideError(f"{path}: no magnification metadata (objective power or mpp); pass --base-mag")
+
+    if tiff_levels is not None:
+        width, height, level_count = tiff_levels[0].width, tiff_levels[0].height, len(tiff_levels)
+    else:
+        assert osr is not None
+        (width, height), level_count = osr.dimensions, osr.level_count
+    info = SlideInfo(
+        path=path, width=int(width), height=int(height), base_mag=mag, mpp=mpp, mag_source=source,
+        vendor=vendor or "tiff", level_count=int(level_count),
+    )
+    return Slide(info, osr=osr, tiff_levels=tiff_levels)

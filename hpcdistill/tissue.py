@@ -1,0 +1,152 @@
+"""Tissue localization on a slide thumbnail (in the spirit of tissueloc, which the paper used).
+
+Otsu threshold on HSV saturation (stained tissue is coloured, glass is white/grey) or on grey level (tissue is
+darker), morphological close then open, small objects removed, one padded bounding box per connected component,
+returned in level-0 coordinates.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from hpcdistill.errors import HpcdistillError
+
+# Box colours for the QC image when none are given (distinct on white and on H&E pink/purple).
+QC_PALETTE = ((0, 160, 0), (0, 90, 255), (255, 140, 0), (220, 0, 0), (0, 180, 180), (140, 0, 200))
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    thumb_size: int = 2048  # long side of the thumbnail the mask is computed on (px)
+    channel: str = "saturation"  # "saturation": coloured = tissue; "grey": dark = tissue
+    close_radius: int = 4  # thumbnail px; bridges gaps inside a tissue piece
+    open_radius: int = 2  # thumbnail px; removes dust and thin debris
+    min_area_frac: float = 0.0005  # components smaller than this fraction of the thumbnail are dropped
+    pad_frac: float = 0.02  # each box grows by this fraction of its long side on every side
+    min_contrast: float = 8.0  # channel range (0-255) below which the thumbnail is blank: no tissue
+
+    def __post_init__(self) -> None:
+        if self.channel not in ("saturation", "grey"):
+            raise HpcdistillError(f"tissue channel {self.channel!r}: expected 'saturation' or 'grey'")
+        if self.thumb_size < 1:
+            raise HpcdistillError(f"tissue thumb_size: must be >= 1, got {self.thumb_size}")
+        for name in ("close_radius", "open_radius", "min_area_frac", "pad_frac", "min_contrast"):
+            if getattr(self, name) < 0:
+                raise HpcdistillError(f"tissue {name}: must be >= 0, got {getattr(self, name)}")
+
+
+def disk(radius: int) -> np.ndarray:
+    """Boolean disk structuring element of the given radius (radius 0: a single pixel)."""
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return xx * xx + yy * yy <= radius * radius
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values: the t maximising between-class variance of (<= t) vs (> t)."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    weight_low = np.cumsum(hist)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(hist * levels)
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(np.argmax(between))
+
+
+def tissue_channel(thumb: np.ndarray, channel: str) -> np.ndarray:
+    """uint8 map where larger = more tissue-like: HSV saturation, or inverted grey level."""
+    rgb = thumb[..., :3].astype(np.int32)
+    if channel == "saturation":
+        high, low = rgb.max(axis=2), rgb.min(axis=2)
+        return ((high - low) * 255 // np.maximum(high, 1)).astype(np.uint8)
+    grey = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114 + 500) // 1000
+    return (255 - grey).astype(np.uint8)
+
+
+def tissue_mask(thumb: np.ndarray, params: TissueParams) -> np.ndarray:
+    """Boolean tissue mask of the thumbnail, after close/open and small-object removal."""
+    values = tissue_channel(thumb, params.channel)
+    if int(values.max()) - int(values.min()) < params.min_contrast:
+        return np.zeros(values.shape, dtype=bool)  # flat (blank) slide: Otsu would split noise
+    mask = values > otsu_threshold(values)
+    # Pad before morphology so tissue touching the border is not eroded by the implicit zero border.
+    pad = max(params.close_radius, params.open_radius)
+    mask = np.pad(mask, pad, mode="edge")
+    if params.close_radius:
+        mask = ndimage.binary_closing(mask, structure=disk(params.close_radius))
+    if params.open_radius:
+        mask = ndimage.binary_opening(mask, structure=disk(params.open_radius))
+    mask = mask[pad : pad + values.shape[0], pad : pad + values.shape[1]]
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return mask
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = areas >= max(1.0, params.min_area_frac * mask.size)
+    keep[0] = False
+    return keep[labels]
+
+
+def find_tissue_boxes(
+    thumb: np.ndarray,
+    scale: float,
+    params: TissueParams,
+    slide_size: tuple[int, int] | None = None,
+) -> list[tuple[int, int, int, int]]:
+    """Level-0 boxes (x, y, w, h) of the tissue pieces, padded, clipped to the slide, sorted top-to-bottom then
+    left-to-right. `scale` is level-0 px per thumbnail px; `slide_size` (w, h) defaults to thumbnail * scale."""
+    if thumb.ndim != 3 or thumb.shape[2] < 3 or thumb.dtype != np.uint8:
+        raise HpcdistillError(f"tissue thumbnail: expected (H, W, 3) uint8, got {thumb.shape} {thumb.dtype}")
+    if not scale > 0:
+        raise HpcdistillError(f"tissue scale: must be positive, got {scale}")
+    thumb_h, thumb_w = thumb.shape[:2]
+    slide_w, slide_h = slide_size if slide_size is not None else (round(thumb_w * scale), round(thumb_h * scale))
+    labels, _ = ndimage.label(tissue_mask(thumb, params), structure=np.ones((3, 3), dtype=bool))
+    boxes = []
+    for found in ndimage.find_objects(labels):
+        if found is None:
+            continue
+        rows, cols = found
+        pad = params.pad_frac * max(rows.stop - rows.start, cols.stop - cols.start)
+        x0 = max(0, int(np.floor((cols.start - pad) * scale)))
+        y0 = max(0, int(np.floor((rows.start - pad) * scale)))
+        x1 = min(slide_w, int(np.ceil((cols.stop + pad) * scale)))
+        y1 = min(slide_h, int(np.ceil((rows.stop + pad) * scale)))
+        if x1 > x0 and y1 > y0:
+            boxes.append((x0, y0, x1 - x0, y1 - y0))
+    return sorted(boxes, key=lambda box: (box[1], box[0], box[3], box[2]))
+
+
+def write_qc_png(
+    path: str | os.PathLike,
+    thumb: np.ndarray,
+    boxes_l0: list[tuple[int, int, int, int]],
+    scale: float,
+    labels: list[str] | None = None,
+    colors: list[tuple[int, int, int] | str] | None = None,
+) -> None:
+    """Draw the level-0 boxes (and optional labels) on the thumbnail and write it as PNG (atomically)."""
+    if labels is not None and len(labels) != len(boxes_l0):
+        raise HpcdistillError(f"{path}: {len(labels)} labels for {len(boxes_l0)} boxes")
+    if colors is not None and len(colors) != len(boxes_l0):
+        raise HpcdistillError(f"{path}: {len(colors)} colours for {len(boxes_l0)} boxes")
+    image = Image.fromarray(np.ascontiguousarray(thumb[..., :3]), mode="RGB")
+    draw = ImageDraw.Draw(image)
+    line = max(1, round(max(image.size) / 400))
+    for index, (x, y, w, h) in enumerate(boxes_l0):
+        colour = colors[index] if colors is not None else QC_PALETTE[index % len(QC_PALETTE)]
+        corners = (x / scale, y / scale, (x + w) / scale - 1, (y + h) / scale - 1)
+        draw.rectangle(corners, outline=colour, width=line)
+        if labels is not None:
+            text_at = (corners[0] + line + 1, corners[1] + line + 1)
+            draw.text(text_at, labels[index], fill=colour, stroke_width=1, stroke_fill=(255, 255, 255))
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = f"{path}.partial"
+    image.save(partial, format="PNG")
+    os.replace(partial, path)

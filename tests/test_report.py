@@ -1,0 +1,61 @@
+"""The report renders the paper's layouts from canned evaluation records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from hpcdistill.errors import HpcdistillError
+from hpcdistill.report import format_ci, load_results, ordering_check, write_report
+
+
+def _record(tmp_path, name, method, mag, acc, gflops, study="main"):
+    run = tmp_path / name / "eval"
+    run.mkdir(parents=True)
+    metrics = {m: [acc, acc - 0.02, acc + 0.02] for m in ("accuracy", "f1", "precision", "recall")}
+    record = {"method": method, "mag": mag, "dataset": "celiac", "metrics": metrics,
+              "gflops": {"median": gflops, "mean": gflops, "fixed": gflops}, "study": study}
+    (run / "test.json").write_text(json.dumps(record))
+    return tmp_path / name
+
+
+def test_format_ci_matches_paper_layout():
+    assert format_ci((0.8706, 0.8565, 0.8848)) == "87.06 (85.65-88.48)"
+
+
+def test_report_tables_bold_best_and_figure(tmp_path):
+    runs = [
+        _record(tmp_path, "teacher", "Teacher", 10, 0.90, 8.0),
+        _record(tmp_path, "base25", "Baseline", 2.5, 0.70, 0.5),
+        _record(tmp_path, "kd25", "KD", 2.5, 0.80, 0.5),
+        _record(tmp_path, "kdaux25", "KD (aux1)", 2.5, 0.85, 0.5),
+        _record(tmp_path, "base125", "Baseline", 1.25, 0.75, 0.125),
+        _record(tmp_path, "kd125", "KD", 1.25, 0.72, 0.125),
+        _record(tmp_path, "abl", "KD+MP", 2.5, 0.79, 0.5, study="ablation"),
+    ]
+    results = load_results(runs)
+    assert len(results) == 7
+    path = write_report(results, tmp_path / "report")
+    text = path.read_text()
+    assert "90.00 (88.00-92.00)" in text  # the teacher's Table 3 cell
+    assert "**85.00 (83.00-87.00)**" in text  # best accuracy at 2.5x is bold
+    assert "**70.00" not in text  # a worse cell is not bold
+    assert "mag = 2.5x" in text and "mag = 1.25x" in text
+    assert "Pixel-loss ablation" in text
+    with Image.open(tmp_path / "report" / "figure3.png") as img:
+        assert img.size[0] > 300 and img.size[1] > 200
+    assert (tmp_path / "report" / "ablation.png").stat().st_size > 1000
+    checks = ordering_check(results)
+    assert any("2.5x: the paper's ordering holds" in c for c in checks)
+    assert any("1.25x: the paper's ordering does NOT hold" in c for c in checks)
+
+
+def test_report_bad_inputs_name_the_file(tmp_path):
+    with pytest.raises(HpcdistillError, match="no such run folder"):
+        load_results([tmp_path / "missing"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(HpcdistillError, match="bad.json: not an evaluation record"):
+        load_results([bad])
