@@ -64,10 +64,13 @@ def flops_at_sizes(model: torch.nn.Module, manifest: dict[str, Any] | None, mag:
 def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str, Any], split: str,
                   mag: float) -> list[dict[str, Any]]:
     """(key, slide, label, prediction, probabilities) for every sample of the split, in shard order."""
-    sets = resolve_sets(shards, manifest, [split])
-    if not sets.urls or sets.samples == 0:
-        known = ", ".join(f"{k} ({v.get('samples', 0)})" for k, v in manifest.get("splits", {}).items())
+    splits = manifest.get("splits", {})
+    sets = resolve_sets(shards, manifest, [split]) if split in splits else None
+    if sets is None or not sets.urls or sets.samples == 0:
+        known = ", ".join(f"{k} ({v.get('samples', 0)})" for k, v in splits.items())
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} is empty or absent (splits: {known})")
+    if not sum(splits[split].get("class_histogram", {}).values()):
+        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
     spec = StreamSpec(urls=sets.urls, mode="labeled", mag=mag, teacher_mag=mag,
                       stats={mag_name(mag): mag_stats(manifest, mag)}, micro_batch=1, samples=-1, sampler="ordered")
     rows = []
@@ -139,3 +142,12 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
             writer.writerow([r["key"], r["slide"], label, exported.classes[r["pred"]], *(f"{p:.6f}" for p in r["probs"])])
     record["path"] = str(out / f"{split}.json")
     return record
+
+
+def flops_per_mag(model: torch.nn.Module, mags: list[float], manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`hpcdistill flops`: GFLOPs per magnification at a fixed field of view and at the manifest's tissue sizes.
+
+    The fixed column keeps the physical field of view constant (FIXED_SIZE_10X px at 10x), so it shows the
+    ~4^k saving of each halving of the magnification independently of the data.
+    """
+    return [{"mag": mag, **flops_at_sizes(model, manifest, mag)} for mag in mags]

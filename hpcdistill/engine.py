@@ -1,0 +1,577 @@
+"""DeepSpeed training for the four phases: teacher (10x, CE), baseline (low mag, CE), distill (frozen teacher at 10x
+-> student at low mag, soft + pixel loss, labels unused) and finetune (FC only, CE on labeled low-mag data).
+
+Layers, each short: forward_loss -> forward_backward_step (one micro-batch) -> train_step (one optimizer step,
+`grad_accum` micro-batches) -> train_epoch -> run. `run(cfg)` is the single entry point (CLI and SLURM launcher);
+it reads rank and world size from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+
+DeepSpeed runs at ZeRO stage 0 (plain data parallel). Its json gives precision and the optimizer; this module fills
+in micro-batch, accumulation, lr and weight decay from the config so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hpcdistill.config import Config, load_config
+from hpcdistill.data import ShardSet, StreamSpec, make_loader, mag_stats, read_manifest, resolve_sets, per_rank_samples
+from hpcdistill.errors import HpcdistillError
+from hpcdistill.mags import mag_name
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPLETE = "COMPLETE"  # written after every rank finished a save: a checkpoint without it is never loaded
+
+
+class TrainError(HpcdistillError):
+    """Training cannot start or must stop (bad setup, non-finite loss)."""
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """Init the process group from env vars (defaults make a single process work); returns (rank, world, local)."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:  # a free port, so parallel single-process runs do not collide
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    world = int(os.environ["WORLD_SIZE"])
+    if world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # several ranks on one node oversubscribe the cores otherwise (50x slower seen)
+    import deepspeed
+
+    deepspeed.init_distributed(auto_mpi_discovery=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def device_for(local_rank: int) -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    accel.set_device(local_rank)
+    return torch.device(accel.device_name(local_rank))
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def resolve_path(path: str) -> Path:
+    """As given (relative to the working directory), else relative to the repository (configs/...)."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+
+
+def build_ds_config(cfg: Config, world: int, on_cpu: bool) -> dict[str, Any]:
+    path = resolve_path(cfg.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except OSError:
+        raise TrainError(f"deepspeed: {path}: not found") from None
+    except json.JSONDecodeError as err:
+        raise TrainError(f"deepspeed: {path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_batch_size"] = t.micro_batch * t.grad_accum * world
+    ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed would clip at 1.0 otherwise
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage != 0:
+        raise TrainError(f"deepspeed: {path}: zero_optimization.stage must be 0 (plain data parallel), got {stage}")
+    opt = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
+    opt.setdefault("params", {})
+    opt["params"].update(lr=t.lr, weight_decay=t.weight_decay)
+    opt["params"].setdefault("torch_adam", True)  # no fused C++ op to compile
+    if cfg.precision != "auto":
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.precision == "fp16"}
+    if ds.get("fp16", {}).get("enabled") and on_cpu:
+        raise TrainError(f"precision: fp16 is not supported on CPU (from {path.name}); use bf16 or fp32")
+    return ds
+
+
+def model_mag(cfg: Config) -> float:
+    """The magnification the trained network sees."""
+    return cfg.data.teacher_mag if cfg.train.mode == "teacher" else cfg.data.mag
+
+
+def build_student(cfg: Config, classes: list[str]) -> torch.nn.Module:
+    from hpcdistill.inference import load_exported
+    from hpcdistill.models import build_model
+
+    m = cfg.model
+    if m.num_classes != len(classes):
+        raise TrainError(f"model.num_classes: {m.num_classes}, but the manifest has {len(classes)} classes {classes}")
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(m.arch, m.num_classes, width=m.width, groups=m.groups, stem=m.stem)
+    if m.init:
+        init = load_exported(resolve_path(m.init), expect_classes=m.num_classes)
+        if init.arch_kwargs != model.arch_kwargs:
+            raise TrainError(f"model.init: {m.init} is {init.arch_kwargs}, but the config builds {model.arch_kwargs}")
+        if not math.isclose(init.mag, model_mag(cfg)):
+            raise TrainError(f"model.init: {m.init} was trained at {mag_name(init.mag)}, this run is at {mag_name(model_mag(cfg))}")
+        model.load_state_dict(init.model.state_dict())
+    if cfg.train.mode == "finetune":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("fc."))  # the paper freezes everything but the fully connected layer
+    return model
+
+
+def build_teacher(cfg: Config) -> torch.nn.Module:
+    from hpcdistill.inference import load_exported
+
+    teacher = load_exported(resolve_path(cfg.teacher.checkpoint), expect_classes=cfg.model.num_classes)
+    if not math.isclose(teacher.mag, cfg.data.teacher_mag):
+        raise TrainError(f"teacher.checkpoint: trained at {mag_name(teacher.mag)}, data.teacher_mag is "
+                         f"{mag_name(cfg.data.teacher_mag)}")
+    model = teacher.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@dataclass
+class DataPlan:
+    manifest: dict[str, Any]
+    train: ShardSet
+    val: ShardSet | None
+    classes: list[str]
+    stats: dict[str, dict[str, list[float]]]
+    per_rank: int  # samples per rank per epoch
+    steps_per_epoch: int  # optimizer steps
+
+
+def plan_data(cfg: Config, world: int) -> DataPlan:
+    d, t = cfg.data, cfg.train
+    shards = resolve_path(d.shards)
+    manifest = read_manifest(shards)
+    entries = d.train + d.aux if t.mode == "distill" else d.train
+    train = resolve_sets(shards, manifest, entries)
+    val = resolve_sets(shards, manifest, d.val) if d.val else None
+    if train.samples == 0:
+        raise TrainError(f"data.train: the sets {entries} in {shards} hold no samples")
+    mags = {mag_name(model_mag(cfg))}
+    if t.mode == "distill":
+        mags.add(mag_name(d.teacher_mag))
+    stats = {name: mag_stats(manifest, float(name[:-1])) for name in mags}
+    unit = t.micro_batch * t.grad_accum
+    per_rank = per_rank_samples(d.epoch_samples or train.samples, world, unit)
+    return DataPlan(manifest, train, val, list(manifest.get("classes", [])), stats, per_rank, per_rank // unit)
+
+
+def stream_spec(cfg: Config, plan: DataPlan, rank: int, world: int, *, epoch: int, start_batch: int,
+                val: bool) -> StreamSpec:
+    d, t = cfg.data, cfg.train
+    mode = "paired" if t.mode == "distill" else "labeled"
+    return StreamSpec(
+        urls=(plan.val if val else plan.train).urls, mode=mode, mag=model_mag(cfg), teacher_mag=d.teacher_mag,
+        stats=plan.stats, micro_batch=1 if val else t.micro_batch, samples=-1 if val else plan.per_rank,
+        rank=rank, world=world, seed=cfg.run.seed, epoch=epoch, sampler="ordered" if val else d.sampler,
+        augment=None if val else d.augment, shuffle_buffer=d.shuffle_buffer, bucketed=t.bucketed and not val,
+        bucket_window=t.bucket_window, start_batch=start_batch,
+    )
+
+
+class NullWriter:
+    """TensorBoard stand-in for ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def build_writer(cfg: Config, rank: int) -> Any:
+    if rank != 0 or not cfg.log.tensorboard:
+        return NullWriter()
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(cfg.run_dir / "tb"))
+    text = "    " + json.dumps(cfg.to_dict(), indent=2).replace("\n", "\n    ")  # indented = markdown code block
+    writer.add_text("config", text, 0)
+    return writer
+
+
+# ---------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class State:
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    engine: Any
+    teacher: torch.nn.Module | None
+    plan: DataPlan
+    writer: Any
+    dtype: torch.dtype
+    epoch: int = 0
+    batch: int = 0  # micro-batches consumed in the current epoch
+    global_step: int = 0  # optimizer steps
+    best: float | None = None
+    best_step: int = -1
+    last_ckpt: str = ""
+    last_val: dict[str, Any] = field(default_factory=dict)
+    meter: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.cfg.run_dir / "checkpoints"
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch * self.cfg.train.grad_accum
+
+
+def build_state(cfg: Config) -> State:
+    import deepspeed
+
+    rank, world, local = setup_distributed()
+    device = device_for(local)
+    ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu")
+    plan = plan_data(cfg, world)
+    model = build_student(cfg, plan.classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    dtype = next(engine.module.parameters()).dtype
+    teacher = build_teacher(cfg).to(device, dtype=dtype) if cfg.train.mode == "distill" else None
+    state = State(cfg, rank, world, device, engine, teacher, plan, NullWriter(), dtype)
+    resume(state)
+    state.writer = build_writer(cfg, rank)
+    if rank == 0:
+        cfg.save(cfg.run_dir / "config.yaml")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint dirs with a completion marker, oldest first (a save killed midway has none)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if (p / COMPLETE).is_file())
+
+
+def save_checkpoint(state: State) -> str:
+    tag = f"step{state.global_step:09d}"
+    client = {
+        "epoch": state.epoch, "batch": state.batch, "global_step": state.global_step,
+        "best": state.best, "best_step": state.best_step, "last_val": _scalars(state.last_val),
+        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+    }
+    state.engine.save_checkpoint(str(state.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    barrier()
+    if state.rank == 0:
+        (state.ckpt_dir / tag / COMPLETE).write_text(json.dumps({"global_step": state.global_step, "epoch": state.epoch}))
+        for old in complete_checkpoints(state.ckpt_dir)[: -state.cfg.train.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    state.last_ckpt = str(state.ckpt_dir / tag)
+    return state.last_ckpt
+
+
+def resume(state: State) -> None:
+    """Restore weights, optimizer, position in the data and RNG from a checkpoint, as `run.resume` says."""
+    how = state.cfg.run.resume
+    found = complete_checkpoints(state.ckpt_dir)
+    if how == "never":
+        if found:
+            raise TrainError(f"run.resume: never, but {state.ckpt_dir} already holds checkpoints; "
+                             "use run.resume=auto or another run.name")
+        return
+    if how == "auto":
+        if not found:
+            return
+        target = found[-1]
+    else:
+        target = resolve_path(how)
+        if not (target / COMPLETE).is_file():
+            raise TrainError(f"run.resume: {target} is not a complete checkpoint (no {COMPLETE} marker)")
+    path, client = state.engine.load_checkpoint(str(target.parent), tag=target.name)
+    if path is None or client is None:
+        raise TrainError(f"run.resume: could not load {target}")
+    state.epoch, state.batch, state.global_step = client["epoch"], client["batch"], client["global_step"]
+    state.best, state.best_step, state.last_val = client["best"], client["best_step"], client.get("last_val", {})
+    torch.set_rng_state(client["torch_rng"])
+    random.setstate(client["python_rng"])
+    state.last_ckpt = str(target)
+
+
+def export_weights(state: State, path: Path) -> Path:
+    """Plain weights for inference: only tensors, dicts, lists, strings and numbers (torch.load weights_only)."""
+    if state.rank != 0:
+        return path
+    cfg = state.cfg
+    mag = model_mag(cfg)
+    module = state.engine.module
+    blob = {
+        "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()},
+        "arch_kwargs": dict(module.arch_kwargs), "mag": mag, "classes": list(state.plan.classes),
+        "config": cfg.to_dict(), "stats": state.plan.stats[mag_name(mag)],
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def forward_loss(state: State, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    x = batch["x"].to(state.device, state.dtype)
+    if state.teacher is not None:
+        from hpcdistill.losses import distill_loss
+
+        with torch.no_grad():
+            t_feat, t_logits = state.teacher(batch["t"].to(state.device, state.dtype))
+        s_feat, s_logits = state.engine(x)
+        t = state.cfg.train
+        return distill_loss(s_feat.float(), s_logits.float(), t_feat.float(), t_logits.float(),
+                            t.temperature, tuple(t.pixel_resize))
+    _, logits = state.engine(x)
+    return {"total": F.cross_entropy(logits.float(), batch["y"].to(state.device))}
+
+
+def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, float]:
+    """One micro-batch; DeepSpeed scales by 1/grad_accum and steps the optimizer at the accumulation boundary."""
+    losses = forward_loss(state, batch)
+    check_finite(state, losses["total"])
+    state.engine.backward(losses["total"])
+    state.engine.step()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def check_finite(state: State, loss: torch.Tensor) -> None:
+    """Stop every rank together (a rank leaving alone would hang the others in the all-reduce)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+    if state.world > 1:
+        torch.distributed.all_reduce(bad)
+    if bad.item():
+        raise TrainError(f"step {state.global_step + 1} (epoch {state.epoch}): loss is {float(loss.detach())} on "
+                         f"{int(bad.item())} rank(s); stopped. Last good checkpoint: {state.last_ckpt or 'none'}")
+
+
+def train_step(state: State, batches: list[dict[str, Any]]) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean losses."""
+    sums: dict[str, float] = {}
+    for batch in batches:
+        for k, v in forward_backward_step(state, batch).items():
+            sums[k] = sums.get(k, 0.0) + v
+    state.global_step += 1
+    state.batch += len(batches)
+    return {k: v / len(batches) for k, v in sums.items()}
+
+
+def train_epoch(state: State) -> bool:
+    """Train until the epoch ends (False) or max_steps is reached mid-epoch (True)."""
+    from tqdm import tqdm
+
+    cfg = state.cfg
+    spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=state.epoch, start_batch=state.batch, val=False)
+    loader = iter(make_loader(spec, cfg.data.num_workers))
+    accum = cfg.train.grad_accum
+    bar = tqdm(total=state.plan.steps_per_epoch, initial=state.batch // accum, desc=f"epoch {state.epoch}",
+               disable=state.rank != 0 or not cfg.log.progress, leave=False, dynamic_ncols=True)
+    state.engine.module.train()
+    first = True
+    tick, images = time.perf_counter(), 0
+    while state.batch < state.micro_per_epoch:
+        if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
+            bar.close()
+            return True
+        batches = [next(loader) for _ in range(accum)]
+        if first or (cfg.log.images_every and state.global_step % cfg.log.images_every == 0):
+            log_images(state, batches[0])
+            first = False
+        losses = train_step(state, batches)
+        images += sum(len(b["key"]) for b in batches) * state.world
+        for k, v in losses.items():
+            state.meter[k] = state.meter.get(k, 0.0) + v
+        state.meter["_n"] = state.meter.get("_n", 0.0) + 1
+        if state.global_step % cfg.log.log_every == 0:
+            log_scalars(state, images / (time.perf_counter() - tick))
+            tick, images = time.perf_counter(), 0
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses['total']:.4f}")
+        every = cfg.train.checkpoint_every_steps
+        if every and state.global_step % every == 0 and state.batch < state.micro_per_epoch:
+            save_checkpoint(state)
+    bar.close()
+    return False
+
+
+def log_scalars(state: State, images_per_s: float) -> None:
+    n = state.meter.pop("_n", 1.0)
+    for k, v in state.meter.items():
+        state.writer.add_scalar(f"loss/{k}", v / n, state.global_step)
+    state.meter.clear()
+    state.writer.add_scalar("lr", state.engine.get_lr()[0], state.global_step)
+    state.writer.add_scalar("throughput/images_per_s", images_per_s, state.global_step)
+
+
+def log_images(state: State, batch: dict[str, Any]) -> None:
+    """A few inputs, un-standardised; in distill the teacher's 10x image beside the student's low-mag one."""
+    if state.rank != 0:
+        return
+    n = state.cfg.log.num_images
+    mag = mag_name(model_mag(state.cfg))
+
+    def show(x: torch.Tensor, name: str) -> torch.Tensor:
+        s = state.plan.stats[name]
+        mean, std = torch.tensor(s["mean"]).view(1, 3, 1, 1), torch.tensor(s["std"]).view(1, 3, 1, 1)
+        return (x[:n].float() * std + mean).clamp(0, 1)
+
+    state.writer.add_images(f"inputs/student_{mag}", show(batch["x"], mag), state.global_step)
+    if "t" in batch:
+        teacher = mag_name(state.cfg.data.teacher_mag)
+        state.writer.add_images(f"inputs/teacher_{teacher}", show(batch["t"], teacher), state.global_step)
+
+
+@torch.no_grad()
+def validate(state: State) -> dict[str, Any]:
+    """Every val sample exactly once, split across ranks; predictions gathered to all ranks for the metrics."""
+    if state.plan.val is None:
+        return {}
+    cfg = state.cfg
+    spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=0, start_batch=0, val=True)
+    module = state.engine.module
+    module.eval()
+    rows = []
+    for batch in make_loader(spec, cfg.data.num_workers):
+        x = batch["x"].to(state.device, state.dtype)
+        s_feat, logits = module(x)
+        row = {"key": batch["key"][0], "y": int(batch["y"][0]), "pred": int(logits.float().argmax(1)[0])}
+        if state.teacher is not None:
+            from hpcdistill.losses import distill_loss
+
+            t_feat, t_logits = state.teacher(batch["t"].to(state.device, state.dtype))
+            row["teacher_pred"] = int(t_logits.float().argmax(1)[0])
+            row["loss"] = float(distill_loss(s_feat.float(), logits.float(), t_feat.float(), t_logits.float(),
+                                             cfg.train.temperature, tuple(cfg.train.pixel_resize))["total"])
+        elif row["y"] >= 0:
+            row["loss"] = float(F.cross_entropy(logits.float(), batch["y"].to(state.device)))
+        rows.append(row)
+    module.train()
+    gathered: list[list[dict[str, Any]]] = [rows]
+    if state.world > 1:
+        gathered = [None] * state.world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, rows)
+    rows = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
+    return val_metrics(rows, cfg.model.num_classes)
+
+
+def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
+    from hpcdistill.metrics import classification_metrics
+
+    out: dict[str, Any] = {"samples": len(rows)}
+    labeled = [r for r in rows if r["y"] >= 0]
+    if labeled:
+        m = classification_metrics([r["y"] for r in labeled], [r["pred"] for r in labeled], num_classes)
+        out.update({k: m[k] for k in ("accuracy", "f1", "precision", "recall")})
+        out["top1"] = sum(r["y"] == r["pred"] for r in labeled) / len(labeled)  # plain accuracy, beside OvR accuracy
+    if rows and "teacher_pred" in rows[0]:
+        out["agreement"] = sum(r["pred"] == r["teacher_pred"] for r in rows) / len(rows)  # collapse shows here
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if losses:
+        out["loss"] = sum(losses) / len(losses)
+    return out
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def select_metric(cfg: Config) -> str:
+    if cfg.train.select_metric != "auto":
+        return cfg.train.select_metric
+    return "agreement" if cfg.train.mode == "distill" else "accuracy"
+
+
+def end_epoch(state: State) -> None:
+    """Validate, keep the best export, advance, checkpoint (after validation: a resume never repeats it)."""
+    metrics = validate(state)
+    state.last_val = metrics
+    for k, v in _scalars(metrics).items():
+        state.writer.add_scalar(f"val/{k}", v, state.global_step)
+    name = select_metric(state.cfg)
+    if metrics and name not in metrics:
+        raise TrainError(f"train.select_metric: {name!r} is not a val metric (have {', '.join(_scalars(metrics))})")
+    value = metrics.get(name)
+    if value is None or state.best is None or value > state.best:
+        state.best, state.best_step = value, state.global_step
+        export_weights(state, state.cfg.run_dir / "best.pt")
+    state.epoch += 1
+    state.batch = 0
+    save_checkpoint(state)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train as the config says, resuming if asked; returns a summary (best metric, paths, steps)."""
+    return fit(build_state(cfg))
+
+
+def fit(state: State) -> dict[str, Any]:
+    """The epoch loop over a built state (separate from `run` so tests can inspect each rank's engine after)."""
+    cfg = state.cfg
+    stopped = False
+    try:
+        while state.epoch < cfg.train.epochs and not stopped:
+            stopped = train_epoch(state)
+            if stopped:
+                save_checkpoint(state)
+            else:
+                end_epoch(state)
+                stopped = bool(cfg.train.max_steps and state.global_step >= cfg.train.max_steps)
+        export_weights(state, cfg.run_dir / "last.pt")
+        barrier()
+        if not stopped:
+            hparams = {"mode": cfg.train.mode, "arch": cfg.model.arch, "mag": model_mag(cfg), "lr": cfg.train.lr,
+                       "grad_accum": cfg.train.grad_accum, "temperature": cfg.train.temperature,
+                       "pixel_resize": "+".join(cfg.train.pixel_resize) or "none", "stem": cfg.model.stem}
+            state.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in _scalars(state.last_val).items()},
+                                     run_name=".")
+    finally:
+        state.writer.close()
+    return {
+        "run_dir": str(cfg.run_dir), "mode": cfg.train.mode, "epoch": state.epoch, "global_step": state.global_step,
+        "stopped_early": stopped, "select_metric": select_metric(cfg), "best": state.best, "best_step": state.best_step,
+        "best_path": str(cfg.run_dir / "best.pt"), "last_path": str(cfg.run_dir / "last.pt"),
+        "last_checkpoint": state.last_ckpt, "val": _scalars(state.last_val),
+    }
+
+
+train = run  # the name CONTRACT.md uses
+
+
+def main_train(argv: list[str]) -> int:
+    """`hpcdistill train CONFIG [key=value ...]`."""
+    if not argv:
+        raise HpcdistillError("train: usage: hpcdistill train CONFIG.yaml [key=value ...]")
+    summary = run(load_config(argv[0], argv[1:]))
+    if summary and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2), file=sys.stdout)
+    return 0

@@ -1,0 +1,50 @@
+"""`predict` on real synthetic slides (Aperio SVS and pyramidal TIFF) with a real trained model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+from hpcdistill.errors import HpcdistillError
+from hpcdistill.predict import predict_slides
+from hpcdistill.synthetic import write_slide
+
+
+def test_predict_svs_and_tiff(tiny_teacher, tmp_path):
+    svs = tmp_path / "scan_a.svs"
+    tif = tmp_path / "scan_b.tiff"
+    write_slide(svs, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, n_tissues=2)
+    write_slide(tif, 768, 576, fmt="tiff", base_mag=20, class_id=2, seed=12, n_tissues=3)
+    summary = predict_slides(tiny_teacher, [svs, tif], tmp_path / "out")
+    slides = {s["slide"]: s for s in summary["slides"]}
+    assert all(s["status"] == "ok" for s in slides.values())
+    for path in (svs, tif):
+        result = slides[str(path)]
+        assert result["call"] in summary["classes"]
+        assert abs(sum(result["probs"]) - 1) < 1e-5 and len(result["tissues"]) >= 1
+        # the slide call is the area-weighted mean of its tissues' probabilities
+        areas = [t["box_l0"][2] * t["box_l0"][3] for t in result["tissues"]]
+        mean0 = sum(a * t["probs"][0] for a, t in zip(areas, result["tissues"])) / sum(areas)
+        assert result["probs"][0] == pytest.approx(mean0, abs=1e-6)
+        with Image.open(result["overlay"]) as img:
+            assert img.size[0] > 50
+    with open(tmp_path / "out" / "tissues.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == sum(len(s["tissues"]) for s in slides.values())
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["mag"] == 10.0
+
+
+def test_predict_reports_unreadable_and_low_mag_slides(tiny_teacher, tmp_path):
+    low = tmp_path / "low.tiff"
+    write_slide(low, 256, 192, fmt="tiff", base_mag=5, mpp=2.0, class_id=1, seed=3, n_tissues=2)
+    junk = tmp_path / "junk.svs"
+    junk.write_text("not a slide")
+    with pytest.raises(HpcdistillError, match="no slide could be classified"):
+        predict_slides(tiny_teacher, [low, junk], tmp_path / "out")
+    with open(tmp_path / "out" / "slides.csv") as fh:
+        rows = {r["slide"]: r for r in csv.DictReader(fh)}
+    assert "below the model's 10x" in rows[str(low)]["reason"]
+    assert rows[str(junk)]["status"] == "skipped" and "junk.svs" in rows[str(junk)]["reason"]
