@@ -1,0 +1,260 @@
+"""Tests against a real single-node SLURM started by slurm/cluster.sh (root only; CI installs the packages)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+# ---- the `slurm_cluster` fixture and what it needs (self-contained: movable to conftest.py as one block) ----
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SH = REPO / "slurm" / "cluster.sh"
+# What `slurm/cluster.sh install` (apt) provides; without them the cluster cannot start.
+SLURM_BINARIES = ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "munged", "mariadbd")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    """Handle on the running local cluster; SLURM_CONF is exported for the whole session."""
+
+    state_dir: Path
+    slurm_conf: Path
+
+
+def _path_with_sbin() -> str:
+    """PATH plus the sbin folders, where Debian puts the daemons (a non-login root shell may lack them)."""
+    return os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "local SLURM tests need root (slurm/cluster.sh runs the daemons as root)"
+    missing = [b for b in SLURM_BINARIES if shutil.which(b, path=_path_with_sbin()) is None]
+    if missing:
+        return f"SLURM packages not installed (missing {', '.join(missing)}); run: sudo slurm/cluster.sh install"
+    return None
+
+
+def _cluster(cmd: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(CLUSTER_SH), cmd], env=env, text=True, capture_output=True, timeout=timeout)
+
+
+def _live_sessions(sessions: Path) -> list[Path]:
+    """Session marker files (named by pid) of test sessions still alive; stale ones are removed."""
+    live = []
+    for marker in sessions.glob("*"):
+        try:
+            os.kill(int(marker.name), 0)
+            live.append(marker)
+        except (ValueError, ProcessLookupError):
+            marker.unlink(missing_ok=True)
+    return live
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local SLURM, started if needed; SLURM_CONF is exported for the session.
+
+    Several test sessions may share the cluster: each leaves a marker under <state>/sessions, and the last one
+    out stops the cluster, but only if a test session started it (a cluster started by hand is left running).
+    """
+    reason = _skip_reason()
+    if reason:
+        print(f"skipping SLURM tests: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    env = dict(os.environ, PATH=_path_with_sbin())
+    state_dir = Path(env.get("HPCDISTILL_SLURM_DIR", "/tmp/hpcdistill-slurm"))
+    sessions = state_dir / "sessions"
+    started_by_tests = state_dir / "started-by-tests"
+    # Registered before starting, so a session finishing meanwhile does not stop the cluster under us.
+    sessions.mkdir(parents=True, exist_ok=True)
+    marker = sessions / str(os.getpid())
+    marker.touch()
+    if _cluster("status", env, timeout=60).returncode != 0:
+        started_by_tests.touch()
+    started = _cluster("start", env)
+    if started.returncode != 0:
+        marker.unlink(missing_ok=True)
+        pytest.fail(f"slurm/cluster.sh start failed:\n{started.stdout}\n{started.stderr}", pytrace=False)
+    print(started.stdout.strip(), file=sys.stderr)
+    slurm_conf = state_dir / "etc" / "slurm.conf"
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    os.environ["SLURM_CONF"] = str(slurm_conf)
+    os.environ["PATH"] = env["PATH"]
+    try:
+        yield SlurmCluster(state_dir=state_dir, slurm_conf=slurm_conf)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        marker.unlink(missing_ok=True)
+        if started_by_tests.exists() and not _live_sessions(sessions):
+            started_by_tests.unlink(missing_ok=True)
+            stopped = _cluster("stop", env)
+            print(stopped.stdout.strip(), stopped.stderr.strip(), file=sys.stderr)
+
+
+# ---- tests ----
+
+
+def _sbatch(*args: str) -> int:
+    out = subprocess.run(["sbatch", "--parsable", *args], check=True, text=True, capture_output=True, timeout=30)
+    return int(out.stdout.strip().split(";")[0])
+
+
+def _sacct_states(job_id: int) -> list[tuple[str, str]]:
+    """(State, ExitCode) of every run of the job's allocation, oldest first (requeued runs appear as duplicates)."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "--duplicates", "-j", str(job_id), "-o", "State,ExitCode"],
+        check=True, text=True, capture_output=True, timeout=30,
+    ).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    return [(state.split()[0], code) for state, code in rows]
+
+
+def _wait_final(job_id: int, timeout: float) -> tuple[str, str]:
+    """Poll sacct until the job's latest run reaches a final state; fail with its history on timeout."""
+    deadline = time.monotonic() + timeout
+    history: list[tuple[str, str]] = []
+    while time.monotonic() < deadline:
+        history = _sacct_states(job_id)
+        if history and history[-1][0] in FINAL_STATES:
+            return history[-1]
+        time.sleep(0.5)
+    show = subprocess.run(["scontrol", "show", "job", str(job_id)], text=True, capture_output=True, timeout=30)
+    pytest.fail(f"job {job_id} not finished after {timeout:.0f}s; sacct says {history}; scontrol says:\n{show.stdout}",
+                pytrace=False)
+
+
+@pytest.mark.timeout(120)
+def test_trivial_job_completes(slurm_cluster, tmp_path):
+    out = tmp_path / "ok.out"
+    job = _sbatch(f"--chdir={tmp_path}", f"--output={out}", "--wrap", "echo hello-from-$SLURM_JOB_ID")
+    assert _wait_final(job, timeout=60) == ("COMPLETED", "0:0")
+    assert out.read_text().strip() == f"hello-from-{job}"
+
+
+@pytest.mark.timeout(120)
+def test_failing_job_is_reported_failed(slurm_cluster, tmp_path):
+    job = _sbatch(f"--chdir={tmp_path}", f"--output={tmp_path / 'fail.out'}", "--wrap", "exit 1")
+    t0 = time.monotonic()
+    assert _wait_final(job, timeout=60) == ("FAILED", "1:0")
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.timeout(120)
+def test_two_task_job_runs_both_tasks(slurm_cluster, tmp_path):
+    out = tmp_path / "two.out"
+    job = _sbatch(
+        f"--chdir={tmp_path}", f"--output={out}", "--ntasks=2",
+        "--wrap", "srun bash -c 'echo task=$SLURM_PROCID ntasks=$SLURM_NTASKS'",
+    )
+    assert _wait_final(job, timeout=60) == ("COMPLETED", "0:0")
+    assert sorted(out.read_text().split("\n")[:2]) == ["task=0 ntasks=2", "task=1 ntasks=2"]
+
+
+# The step traps SIGUSR1 (sent up to 60 s before the 1-minute limit) and requeues its own job, as submitit's
+# handler does; the second run (SLURM_RESTART_COUNT=1) exits at once.
+REQUEUE_SCRIPT = """#!/bin/bash
+echo "run restart=${SLURM_RESTART_COUNT:-0}"
+if [ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]; then exit 0; fi
+srun bash -c 'trap "touch got-usr1; scontrol requeue \\$SLURM_JOB_ID; exit 0" USR1; while true; do sleep 1; done'
+"""
+
+
+@pytest.mark.timeout(200)
+def test_time_limited_job_requeues_itself_and_runs_again(slurm_cluster, tmp_path):
+    script = tmp_path / "requeue.sh"
+    script.write_text(REQUEUE_SCRIPT)
+    out = tmp_path / "requeue.out"
+    job = _sbatch(
+        f"--chdir={tmp_path}", f"--output={out}", "--open-mode=append",
+        "--time=1", "--signal=USR1@50", "--requeue", str(script),
+    )
+    assert _wait_final(job, timeout=170) == ("COMPLETED", "0:0")
+    # sacct keeps the requeued run as a duplicate record before the final one.
+    assert [state for state, _ in _sacct_states(job)] == ["REQUEUED", "COMPLETED"]
+    lines = out.read_text().splitlines()
+    assert lines[0] == "run restart=0" and lines[-1] == "run restart=1", lines
+    assert (tmp_path / "got-usr1").exists()
+    show = subprocess.run(["scontrol", "show", "job", str(job)], check=True, text=True, capture_output=True).stdout
+    assert "Restarts=1" in show
+
+
+JOB_FUNCTIONS = '''
+import os
+import time
+
+import submitit
+
+
+def describe(x):
+    env = submitit.JobEnvironment()
+    return {"square": x * x, "rank": env.global_rank, "tasks": env.num_tasks, "job_id": env.job_id}
+
+
+class SleepUntilRequeued(submitit.helpers.Checkpointable):
+    """First run sleeps into its time limit; submitit's signal handler checkpoints and requeues it."""
+
+    def __call__(self, log_path):
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        with open(log_path, "a") as log:
+            log.write(f"run restart={restarts}\\n")
+        if restarts == 0:
+            time.sleep(600)
+        return restarts
+'''
+
+
+@pytest.fixture
+def job_functions(tmp_path, monkeypatch):
+    """A module of job functions importable both here and inside jobs (sbatch passes PYTHONPATH on)."""
+    (tmp_path / "slurm_job_functions.py").write_text(JOB_FUNCTIONS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    import slurm_job_functions
+
+    return slurm_job_functions
+
+
+def _executor(tmp_path: Path):
+    submitit = pytest.importorskip("submitit")
+    # Job ids restart when the cluster's state folder is reset: a fresh submitit folder per run avoids stale results.
+    return submitit.AutoExecutor(folder=tmp_path / f"submitit-{uuid.uuid4().hex[:8]}", cluster="slurm")
+
+
+@pytest.mark.timeout(120)
+def test_submitit_returns_results_from_one_and_two_tasks(slurm_cluster, tmp_path, job_functions):
+    executor = _executor(tmp_path)
+    executor.update_parameters(timeout_min=5, cpus_per_task=1)
+    single = executor.submit(job_functions.describe, 7)
+    executor.update_parameters(tasks_per_node=2)
+    double = executor.submit(job_functions.describe, 3)
+
+    assert single.result() == {"square": 49, "rank": 0, "tasks": 1, "job_id": single.job_id}
+    results = sorted(double.results(), key=lambda r: r["rank"])
+    assert [(r["square"], r["rank"], r["tasks"]) for r in results] == [(9, 0, 2), (9, 1, 2)]
+    assert _wait_final(int(double.job_id), timeout=30)[0] == "COMPLETED"
+
+
+@pytest.mark.timeout(200)
+def test_submitit_checkpointable_job_is_requeued_at_its_time_limit(slurm_cluster, tmp_path, job_functions):
+    executor = _executor(tmp_path)
+    # timeout_min must exceed the signal delay, or submitit treats the job as timed out at once.
+    executor.update_parameters(timeout_min=1, slurm_signal_delay_s=50)
+    log = tmp_path / "runs.log"
+    job = executor.submit(job_functions.SleepUntilRequeued(), str(log))
+    assert job.result() == 1
+    assert log.read_text().splitlines() == ["run restart=0", "run restart=1"]
+    assert [state for state, _ in _sacct_states(int(job.job_id))][0] == "REQUEUED"
