@@ -62,6 +62,12 @@ def _add_tissue_flags(parser: argparse.ArgumentParser) -> None:
                                help=f"default {default}")
 
 
+def _tissue_params(args: argparse.Namespace):
+    from hpcdistill.tissue import TissueParams
+
+    return TissueParams(**{f.name: getattr(args, f"tissue_{f.name}") for f in dataclasses.fields(TissueParams)})
+
+
 def add_shard(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("shard", help="slides -> aligned multi-magnification WebDataset shards",
                               description="Cut every tissue of every slide at each magnification (Lanczos from "
@@ -93,10 +99,9 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_shard(args: argparse.Namespace) -> int:
-    from hpcdistill import sharding, tissue
+    from hpcdistill import sharding
 
-    tissue_params = tissue.TissueParams(**{f.name: getattr(args, f"tissue_{f.name}")
-                                           for f in dataclasses.fields(tissue.TissueParams)})
+    tissue_params = _tissue_params(args)
     params = sharding.ShardParams(
         mags=tuple(args.mags), max_size=args.max_size, image_format=args.image_format,
         jpeg_quality=args.jpeg_quality, shard_size=sharding.parse_size(args.shard_size),
@@ -156,9 +161,190 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- train
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a teacher, baseline, KD student or fine-tune (DeepSpeed; torchrun for several ranks)",
+        description="Train from shards. Precedence: key=value overrides > CONFIG file (and its base:) > defaults. "
+                    "Single process as is; several ranks under `torchrun --nproc-per-node N -m hpcdistill.cli train ...`.")
+    p.add_argument("config", help="YAML config, e.g. configs/celiac/distill.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.mag=1.25 train.lr=5e-4")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from hpcdistill.engine import main_train
+
+    return main_train([args.config, *args.overrides])
+
+
+# ---------------------------------------------------------------------------------------------------------- evaluate
+
+
+def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate", help="metrics with bootstrap CIs and GFLOPs of an exported model on a split",
+                              description="Writes <run>/eval/<split>.json and <split>_predictions.csv. The "
+                                          "magnification comes from the checkpoint.")
+    p.add_argument("checkpoint", help="exported weights, e.g. runs/x/distill-2.5x/best.pt")
+    p.add_argument("--shards", required=True, help="shard folder with manifest.json")
+    p.add_argument("--split", default="test")
+    p.add_argument("--iterations", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--level", type=float, default=0.95, help="CI level (default 0.95)")
+    p.add_argument("--by-slide", action="store_true", help="resample whole slides, not tissues, in the bootstrap")
+    p.add_argument("--method", help="name in the report (default: from the run's config)")
+    p.add_argument("--study", default="main", choices=["main", "ablation"])
+    p.add_argument("--out", help="output folder (default <checkpoint folder>/eval)")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from hpcdistill.evaluation import evaluate_checkpoint
+    from hpcdistill.report import format_ci
+
+    record = evaluate_checkpoint(args.checkpoint, args.shards, args.split, method=args.method, study=args.study,
+                                 iterations=args.iterations, level=args.level, by_slide=args.by_slide,
+                                 out_dir=args.out)
+    print(f"{record['method']} @ {record['mag']:g}x on {args.split} ({record['samples']} samples):")
+    for metric, value in record["metrics"].items():
+        print(f"  {metric:<10} {format_ci(tuple(value))}")
+    print(f"  GFLOPs     {record['gflops']['median']:.4g} per forward pass at the median tissue size")
+    print(f"wrote {record['path']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("report", help="Table 3/4 markdown and the Figure 3 plot from evaluated runs")
+    p.add_argument("runs", nargs="+", help="run folders (their eval/*.json) or evaluation JSON files")
+    p.add_argument("--out", required=True, help="folder for report.md, figure3.png (and ablation.png)")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from hpcdistill.report import load_results, write_report
+
+    path = write_report(load_results(args.runs), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- predict
+
+
+def add_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="classify the tissues of new slides (e.g. low-resolution scans)")
+    p.add_argument("model", help="exported weights (best.pt)")
+    p.add_argument("slides", nargs="+", help="slide files, directories or globs")
+    p.add_argument("--out", required=True, help="folder for tissues.csv, slides.csv, predictions.json, overlays/")
+    p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
+    _add_tissue_flags(p)
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from hpcdistill.predict import predict_slides
+    from hpcdistill.sharding import collect_slides
+
+    summary = predict_slides(args.model, collect_slides(args.slides), args.out, base_mag=args.base_mag,
+                             tissue=_tissue_params(args))
+    ok = [s for s in summary["slides"] if s["status"] == "ok"]
+    for s in ok:
+        print(f"{s['slide']}: {s['call']} ({len(s['tissues'])} tissues)")
+    print(f"{len(ok)}/{len(summary['slides'])} slides classified; wrote {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- flops
+
+
+def add_flops(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("flops", help="GFLOPs per forward pass per magnification (FLOPs = 2 x multiply-adds)")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--stem", default="standard", choices=["standard", "lowres"])
+    p.add_argument("--num-classes", type=int, default=3)
+    p.add_argument("--mags", type=_float_list, default=[10, 5, 2.5, 1.25, 0.625])
+    p.add_argument("--manifest", help="shard folder or manifest.json: adds median/mean tissue sizes")
+    p.add_argument("--checkpoint", help="exported weights: use its architecture instead of --arch/--width/--stem")
+    p.set_defaults(func=run_flops)
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    import json
+
+    from hpcdistill.evaluation import FIXED_SIZE_10X, flops_per_mag
+    from hpcdistill.models import build_model
+
+    if args.checkpoint:
+        from hpcdistill.inference import load_exported
+
+        model = load_exported(args.checkpoint).model
+    else:
+        model = build_model(args.arch, args.num_classes, width=args.width, stem=args.stem)
+    manifest = None
+    if args.manifest:
+        path = Path(args.manifest)
+        path = path / "manifest.json" if path.is_dir() else path
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise HpcdistillError(f"{path}: cannot read manifest ({err})") from None
+    rows = flops_per_mag(model, args.mags, manifest)
+    print(f"GFLOPs per forward pass (FLOPs = 2 x multiply-adds; torchvision's '1.814 GFLOPS' for resnet18 is "
+          f"multiply-adds). Fixed field of view: {FIXED_SIZE_10X} px at 10x.")
+    header = f"{'mag':>7} {'fixed px':>9} {'fixed':>9}" + (f" {'median px':>10} {'median':>9} {'mean':>9}" if manifest else "")
+    print(header)
+    for r in rows:
+        line = f"{r['mag']:>6g}x {r['fixed_size'][0]:>9} {r['fixed']:>9.4g}"
+        if manifest and "median_size" in r:
+            line += f" {'x'.join(map(str, r['median_size'])):>10} {r['median']:>9.4g} {r['mean']:>9.4g}"
+        print(line)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- launch
+
+
+def add_launch(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("launch", help="submit an experiment's job graph through submitit (SLURM arrays per method)")
+    p.add_argument("experiment", help="experiment YAML, e.g. configs/experiments/celiac.yaml")
+    p.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"])
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and dependency graph only")
+    p.add_argument("--wait", action="store_true", help="slurm: wait for every job and fail if one fails")
+    p.set_defaults(func=run_launch)
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from hpcdistill.launch import launch
+
+    record = launch(args.experiment, cluster=args.cluster, dry_run=args.dry_run, wait=args.wait)
+    if not args.dry_run:
+        print(f"launched {len(record['jobs'])} jobs; follow them with: hpcdistill status {record['exp_dir']}")
+    return 0
+
+
+def add_status(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("status", help="jobs of a launch: states, logs, TensorBoard folders")
+    p.add_argument("exp_dir", help="experiment folder (holds launch.json)")
+    p.set_defaults(func=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from hpcdistill.launch import format_status, status
+
+    print(format_status(status(args.exp_dir)))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_synth, add_shard]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_synth, add_shard, add_train, add_evaluate, add_report, add_predict, add_flops, add_launch, add_status,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
