@@ -141,7 +141,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file (following `base:`), then `a.b=value` overrides; all validated."""
-    raw: dict[str, Any] = _read_yaml(Path(path), ()) if path is not None else {}
+    raw: dict[str, Any] = read_yaml(Path(path), ()) if path is not None else {}
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
@@ -149,12 +149,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
-    cfg = _build(Config, raw, "")
+    cfg = build_dataclass(Config, raw, "")
     _check(cfg)
     return cfg
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: circular base: chain")
@@ -170,14 +170,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    parent = _read_yaml(path.parent / str(base), chain + (path,))
-    return _merge(parent, data)
+    parent = read_yaml(path.parent / str(base), chain + (path,))
+    return merge_dicts(parent, data)
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -203,7 +203,7 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or '<top>'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -224,7 +224,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
+        return build_dataclass(tp, value, key + ".")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

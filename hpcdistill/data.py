@@ -13,7 +13,8 @@ the others in the gradient all-reduce. Two samplers:
 Validation uses the ordered stream without cycling: every sample exactly once, split across ranks.
 
 Augmentation draws come from a generator seeded by (seed, epoch, the sample's position in the global order, or in
-the rank's and worker's stream when resampled), never from global state, so skipping samples on resume reproduces the rest of the epoch exactly.
+the rank's and worker's stream when resampled), never from global state, so skipping samples on resume reproduces
+the rest of the epoch exactly. The same draw (flips, rot90, one colour map) goes to both images of a KD pair.
 """
 
 from __future__ import annotations
@@ -111,8 +112,15 @@ def _raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
+def decode_image(blob: bytes) -> Image.Image:
+    """A decoded RGB image (PIL: flips, rotations and channel splits stay in fast uint8 C code)."""
+    img = Image.open(io.BytesIO(blob))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def decode_sample(raw: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
-    """Decode only what is asked for: images as uint8 HWC arrays, 'cls' as int, 'json' as a dict. Never unpickles."""
+    """Decode only what is asked for: images as RGB PIL images, 'cls' as int, 'json' as a dict. Never unpickles."""
     key = raw.get("__key__", "?")
     out: dict[str, Any] = {"__key__": key}
     for name in wanted:
@@ -127,8 +135,7 @@ def decode_sample(raw: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
         if blob is None:
             have = sorted(k for k in raw if not k.startswith("__"))
             raise DataError(f"{raw.get('__url__', '?')}: sample {key} has no {name} image (has {', '.join(have)})")
-        with Image.open(io.BytesIO(blob)) as img:
-            out[name] = np.array(img.convert("RGB"))  # a writable copy for torch.from_numpy
+        out[name] = decode_image(blob)
     return out
 
 
@@ -142,28 +149,40 @@ def _sample_size(raw: dict[str, Any], mag: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
+#
+# Throughput (bench/bench_loader.py): geometry is one PIL transpose of the uint8 image, and all of the colour
+# jitter plus standardisation is ONE affine map of RGB (brightness, contrast, saturation and a YIQ hue rotation
+# are each affine, so is their composition) and one clamp: a (3, 6) array per image, applied by finish_batch with
+# one batched matmul, in the loader (defer_colour=False) or on the training device (the engine).
 
 
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8 HWC -> float CHW on [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+def _dihedral_ops() -> dict[tuple[bool, bool, int], Image.Transpose | None]:
+    """(hflip, vflip, rot90 k) -> the one PIL transpose doing all three (flip left-right, then top-bottom, then
+    np.rot90 k times, counter-clockwise); found by probing, so the table cannot disagree with the numpy meaning."""
+    probe = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    ops: list[Image.Transpose | None] = [None, *Image.Transpose]
+    table = {}
+    for hflip in (False, True):
+        for vflip in (False, True):
+            for k in range(4):
+                want = np.rot90(probe[:: -1 if vflip else 1, :: -1 if hflip else 1], k)
+                for op in ops:
+                    got = probe if op is None else np.asarray(Image.fromarray(probe).transpose(op))
+                    if got.shape == want.shape and np.array_equal(got, want):
+                        table[(hflip, vflip, k)] = op
+                        break
+    return table
 
 
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
-
-
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
-
-
-def _shift_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
-    """Rotate hue by `shift` of a full turn as a rotation of the YIQ chroma plane: one 3x3 matrix per image,
-    ~10x cheaper than an HSV round trip (which made the loader the bottleneck), and luminance is kept."""
-    c, s = math.cos(2 * math.pi * shift), math.sin(2 * math.pi * shift)
-    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-    m = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ
-    return torch.einsum("ij,jhw->ihw", m, x).clamp_(0, 1)
+_DIHEDRAL = _dihedral_ops()
+_GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L"
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+# H0, H1, H2 (hue rotation = H0 + cos H1 + sin H2 in RGB) and 1 g^T (x -> grey(x) in every channel)
+_COLOUR_BASIS = np.stack([_YIQ_TO_RGB @ np.diag([1.0, 0.0, 0.0]) @ _RGB_TO_YIQ,
+                          _YIQ_TO_RGB @ np.diag([0.0, 1.0, 1.0]) @ _RGB_TO_YIQ,
+                          _YIQ_TO_RGB @ np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]) @ _RGB_TO_YIQ,
+                          np.outer(np.ones(3), _GREY)]).reshape(4, 9)
 
 
 @dataclass(frozen=True)
@@ -191,30 +210,79 @@ class AugmentDraw:
             hue=rng.uniform(-aug.hue, aug.hue) if aug.hue > 0 else 0.0,
         )
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float CHW on [0, 1]. Geometry first (exact pixel moves), then colour in a fixed order."""
-        if self.hflip:
-            x = x.flip(2)
-        if self.vflip:
-            x = x.flip(1)
-        if self.rot90:
-            x = torch.rot90(x, self.rot90, dims=(1, 2))  # same k on both images keeps non-square pairs consistent
-        if self.brightness != 1.0:
-            x = (x * self.brightness).clamp_(0, 1)
-        if self.contrast != 1.0:
-            x = ((x - _grey(x).mean()) * self.contrast + _grey(x).mean()).clamp_(0, 1)
-        if self.saturation != 1.0:
-            g = _grey(x)
-            x = ((x - g) * self.saturation + g).clamp_(0, 1)
-        if self.hue != 0.0:
-            x = _shift_hue(x, self.hue)
-        return x.contiguous()
+    def geometry(self, img: Image.Image) -> Image.Image:
+        """Flips then rotation: exact pixel moves, the same k on both images keeps non-square pairs consistent."""
+        op = _DIHEDRAL[(self.hflip, self.vflip, self.rot90)]
+        return img if op is None else img.transpose(op)
+
+    def colour(self, mean_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(A, b) with jittered = A @ rgb + b on [0, 1]: brightness, contrast, saturation, hue in that order.
+        Contrast pulls towards the mean grey of the image whose channel means are `mean_rgb`; the caller passes
+        the same means for both images of a pair, so both get exactly the same map. Clamping to [0, 1] happens
+        once, after the whole map (per-step clamps would differ only for pixels pushed out of range midway)."""
+        # brightness x -> B x; contrast x -> C x + (1 - C) * grey(B mean); saturation S = s I + (1 - s) 1 g^T;
+        # hue H = a rotation of the YIQ chroma plane (luminance kept; ~10x cheaper than an HSV round trip).
+        # H 1 = S 1 = 1 and H 1 g^T = 1 g^T, so A = C B (s H + (1 - s) 1 g^T), H = H0 + cos H1 + sin H2, b ~ 1.
+        turn = 2 * math.pi * self.hue
+        scale = self.contrast * self.brightness
+        coef = np.array([scale * self.saturation, scale * self.saturation * math.cos(turn),
+                         scale * self.saturation * math.sin(turn), scale * (1 - self.saturation)])
+        offset = (1 - self.contrast) * self.brightness * float(_GREY @ mean_rgb)
+        return (coef @ _COLOUR_BASIS).reshape(3, 3), np.full(3, offset)
 
 
-def standardize(x: torch.Tensor, stats: dict[str, list[float]]) -> torch.Tensor:
-    mean = torch.tensor(stats["mean"], dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(stats["std"], dtype=x.dtype).view(3, 1, 1)
-    return (x - mean) / std
+def uint8_planes(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W). PIL packs one band per call in C: cheaper than an interleaved-to-planar
+    transpose in numpy or torch (which would otherwise fall to finish_batch on a CPU)."""
+    w, h = img.size
+    bands = [np.frombuffer(img.tobytes("raw", band), dtype=np.uint8) for band in "RGB"]
+    return torch.from_numpy(np.stack(bands).reshape(3, h, w))
+
+
+class Standardizer:
+    """The per-image colour map as a (3, 6) float32 array [A | b | low | high]: standardised = clamp(A @ rgb + b,
+    low, high) with rgb the raw 0..255 values. A and b fold the jitter map (on [0, 1]), /255 and (x - mean) / std;
+    low/high are the jittered image's [0, 1] clamp in standardised units."""
+
+    def __init__(self, stats: dict[str, list[float]]):
+        mean, std = np.asarray(stats["mean"], dtype=np.float64), np.asarray(stats["std"], dtype=np.float64)
+        self.degenerate = bool((std == 0).any())  # std 0 makes non-finite inputs; the engine names the step
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.scale, self.offset = 1.0 / std, -mean / std
+            self.bounds = np.stack([-mean / std, (1.0 - mean) / std], axis=1)
+        self.plain = self.map(np.eye(3), np.zeros(3))
+
+    def map(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty((3, 6), np.float32)
+        with np.errstate(invalid="ignore" if self.degenerate else "warn"):
+            out[:, :3] = a * (self.scale / 255.0)[:, None]
+            out[:, 3] = b * self.scale + self.offset
+        out[:, 4:] = self.bounds
+        return out
+
+
+def finish_batch(batch: dict[str, Any], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """uint8 images + colour maps -> standardised `dtype` images on `device`: one batched matmul and a clamp.
+    Run it where the batch lands (the GPU, in training) so loader workers only decode, flip and rotate; a batch that
+    is already finished passes through unchanged."""
+    out = dict(batch)
+    for slot in ("x", "t"):
+        maps = out.pop(f"{slot}_map", None)
+        if maps is None:
+            continue
+        images = out[slot].to(device, non_blocking=True)
+        n, c, h, w = images.shape
+        maps = maps.to(device, torch.float32, non_blocking=True)
+        y = torch.baddbmm(maps[:, :, 3:4], maps[:, :, :3], images.reshape(n, c, h * w).float())
+        if y.device.type == "cpu":  # scalar-bound clamps are the fast CPU kernel
+            bounds = maps[:, :, 4:].tolist()
+            for i, j in np.ndindex(n, c):
+                y[i, j].clamp_(*bounds[i][j])
+        else:
+            y = torch.clamp(y, maps[:, :, 4:5], maps[:, :, 5:6])
+        out[slot] = y.view(n, c, h, w).to(dtype)
+    return out
 
 
 def mag_stats(manifest: dict[str, Any], mag: float) -> dict[str, list[float]]:
@@ -250,6 +318,9 @@ class StreamSpec:
     bucketed: bool = False
     bucket_window: int = 8
     start_batch: int = 0  # micro-batches already consumed this epoch (resume)
+    # True: yield uint8 NCHW images plus per-image colour maps ("x_map", "t_map") for finish_batch() on the device, so
+    # the loader's CPU work stays near bare decoding; False: finished float32 images (the loader runs finish_batch)
+    defer_colour: bool = False
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -261,6 +332,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not spec.urls:
             raise DataError("data: no shards selected for this stream")
         self.spec = spec
+        self._standardizers: dict[str, Standardizer] = {}
+
+    def _standardizer(self, name: str) -> Standardizer:
+        if name not in self._standardizers:
+            self._standardizers[name] = Standardizer(self.spec.stats[name])
+        return self._standardizers[name]
 
     # -- sample order ------------------------------------------------------------------------------------
     def _ordered(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
@@ -333,7 +410,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             window = [g for _, g in zip(range(s.bucket_window), groups)]
             if not window:
                 return
-            flat = sorted((x for g in window for x in g), key=lambda r: (_sample_size(r, key)[0] * _sample_size(r, key)[1], r["__pos__"]))
+            flat = sorted((x for g in window for x in g), key=lambda r: (math.prod(_sample_size(r, key)), r["__pos__"]))
             sizes = [len(g) for g in window]
             at = 0
             for n in sizes:
@@ -344,7 +421,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for _, group in self._raw_batches(worker, workers):
-            yield collate([self._make_sample(raw) for raw in group], self.spec.bucketed)
+            batch = collate([self._make_sample(raw) for raw in group], self.spec.bucketed)
+            yield batch if self.spec.defer_colour else finish_batch(batch)
 
     # -- one sample ----------------------------------------------------------------------------------------
     def _make_sample(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -354,17 +432,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         dec = decode_sample(raw, wanted)
         if s.mode == "labeled" and "cls" not in dec:
             raise DataError(f"{raw.get('__url__', '?')}: sample {dec['__key__']} has no cls label (labeled mode)")
-        draw = None
+        names = {"x": low, "t": high} if s.mode == "paired" else {"x": low}
+        images = {slot: dec[name] for slot, name in names.items()}
         if s.augment is not None:
             rng = random.Random(f"{s.seed}/{s.epoch}/{raw['__draw__']}/{dec['__key__']}/aug")
             draw = AugmentDraw.sample(s.augment, rng)
+            images = {slot: draw.geometry(img) for slot, img in images.items()}
+        pixels = {slot: uint8_planes(img) for slot, img in images.items()}
+        jitter = None
+        if s.augment is not None:
+            # the model image's channel means fix the contrast pivot for the whole pair: one colour map for both
+            jitter = draw.colour(pixels["x"].numpy().reshape(3, -1).mean(1) / 255.0)
         out: dict[str, Any] = {"key": dec["__key__"], "y": dec.get("cls", -1)}
-        names = {"x": low, "t": high} if s.mode == "paired" else {"x": low}
         for slot, name in names.items():
-            x = to_tensor(dec[name])
-            if draw is not None:
-                x = draw.apply(x)
-            out[slot] = standardize(x, s.stats[name])
+            standardizer = self._standardizer(name)
+            out[f"{slot}_map"] = standardizer.plain if jitter is None else standardizer.map(*jitter)
+            out[slot] = pixels[slot]
         return out
 
 
@@ -385,8 +468,9 @@ def center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def collate(samples: list[dict[str, Any]], crop: bool) -> dict[str, Any]:
-    """Stack a micro-batch. With `crop` (bucketed mode) every image is centre-cropped to the batch's smallest
-    size; the teacher crop is the student crop scaled by the magnification ratio, so pairs stay aligned."""
+    """Stack a micro-batch of uint8 (3, H, W) images and their colour maps. With `crop` (bucketed mode) every image is
+    centre-cropped to the batch's smallest size; the teacher crop is the student crop scaled by the magnification
+    ratio, so pairs stay aligned."""
     batch: dict[str, Any] = {"key": [s["key"] for s in samples], "y": torch.tensor([s["y"] for s in samples])}
     xs = [s["x"] for s in samples]
     if crop and len(samples) > 1:
@@ -403,9 +487,17 @@ def collate(samples: list[dict[str, Any]], crop: bool) -> dict[str, Any]:
     if len(shapes) > 1:
         raise DataError(f"data: micro-batch of {len(xs)} has different image sizes {sorted(shapes)}; "
                         "use train.micro_batch=1 for whole tissues or train.bucketed=true")
-    batch["x"] = torch.stack(xs)
-    if "t" in samples[0]:
-        batch["t"] = torch.stack([s["t"] for s in samples])
+    if len(samples) == 1:  # micro-batch 1 (whole tissues): views, no copies
+        batch["x"] = xs[0][None]
+        if "t" in samples[0]:
+            batch["t"] = samples[0]["t"][None]
+    else:
+        batch["x"] = torch.stack(xs)
+        if "t" in samples[0]:
+            batch["t"] = torch.stack([s["t"] for s in samples])
+    for name in ("x_map", "t_map"):
+        if name in samples[0]:
+            batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]))
     return batch
 
 

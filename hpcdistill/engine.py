@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from hpcdistill.config import Config, load_config
-from hpcdistill.data import ShardSet, StreamSpec, make_loader, mag_stats, read_manifest, resolve_sets, per_rank_samples
+from hpcdistill.data import (ShardSet, StreamSpec, finish_batch, make_loader, mag_stats, per_rank_samples,
+                             read_manifest, resolve_sets)
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
 
@@ -191,7 +192,7 @@ def stream_spec(cfg: Config, plan: DataPlan, rank: int, world: int, *, epoch: in
         stats=plan.stats, micro_batch=1 if val else t.micro_batch, samples=-1 if val else plan.per_rank,
         rank=rank, world=world, seed=cfg.run.seed, epoch=epoch, sampler="ordered" if val else d.sampler,
         augment=None if val else d.augment, shuffle_buffer=d.shuffle_buffer, bucketed=t.bucketed and not val,
-        bucket_window=t.bucket_window, start_batch=start_batch,
+        bucket_window=t.bucket_window, start_batch=start_batch, defer_colour=True,  # colour maps run on the device
     )
 
 
@@ -403,7 +404,7 @@ def train_epoch(state: State) -> bool:
         if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
             bar.close()
             return True
-        batches = [next(loader) for _ in range(accum)]
+        batches = [finish_batch(next(loader), state.device, state.dtype) for _ in range(accum)]
         if first or (cfg.log.images_every and state.global_step % cfg.log.images_every == 0):
             log_images(state, batches[0])
             first = False
@@ -443,7 +444,7 @@ def log_images(state: State, batch: dict[str, Any]) -> None:
     def show(x: torch.Tensor, name: str) -> torch.Tensor:
         s = state.plan.stats[name]
         mean, std = torch.tensor(s["mean"]).view(1, 3, 1, 1), torch.tensor(s["std"]).view(1, 3, 1, 1)
-        return (x[:n].float() * std + mean).clamp(0, 1)
+        return (x[:n].float().cpu() * std + mean).clamp(0, 1)
 
     state.writer.add_images(f"inputs/student_{mag}", show(batch["x"], mag), state.global_step)
     if "t" in batch:
@@ -462,7 +463,8 @@ def validate(state: State) -> dict[str, Any]:
     module.eval()
     rows = []
     for batch in make_loader(spec, cfg.data.num_workers):
-        x = batch["x"].to(state.device, state.dtype)
+        batch = finish_batch(batch, state.device, state.dtype)
+        x = batch["x"]
         s_feat, logits = module(x)
         row = {"key": batch["key"][0], "y": int(batch["y"][0]), "pred": int(logits.float().argmax(1)[0])}
         if state.teacher is not None:

@@ -152,25 +152,38 @@ class _TiffLevel:
     subifd: int  # -1: the page itself; k >= 0: that page's k-th SubIFD
 
 
+def _is_level_of(page: tifffile.TiffPage, width0: int, height0: int) -> bool:
+    """A smaller copy of the whole level-0 image: same aspect ratio (within rounding of the downsample)."""
+    width, height = int(page.imagewidth), int(page.imagelength)
+    if not (width < width0 and height < height0):
+        return False
+    return abs(height - height0 * width / width0) <= max(2.0, 0.01 * height)
+
+
 def _tiff_levels(path: str, tif: tifffile.TiffFile) -> list[_TiffLevel]:
-    """Pyramid levels of the main series (pages or SubIFDs); checks every level's data lies inside the file."""
+    """Pyramid levels (SubIFDs, or tiled pages that are whole-slide downsamples), largest first; checks every
+    level's data lies inside the file.
+
+    Pages are scanned directly: tifffile's series stop at the first page flagged 'reduced' (SVS) or miss
+    SubIFD pyramids with /16 steps. Stripped pages (Aperio thumbnail, label, macro) are not levels,
+    as in OpenSlide.
+    """
     page0 = tif.pages[0]
+    width0, height0 = int(page0.imagewidth), int(page0.imagelength)
     file_size = tif.filehandle.size
-    if page0.subifds:  # tifffile's series misses some SubIFD pyramids (e.g. /16 steps): list them directly
-        pages = [page0, *page0.pages]
+    found: list[tuple[_TiffLevel, tifffile.TiffPage]] = [(_TiffLevel(width0, height0, 0, -1), page0)]
+    if page0.subifds:
+        for k, sub in enumerate(page0.pages):
+            found.append((_TiffLevel(int(sub.imagewidth), int(sub.imagelength), 0, k), sub))
     else:
-        pages = [level.keyframe for level in tif.series[0].levels]
-    levels = []
-    for index, page in enumerate(pages):
+        for page in tif.pages[1:]:
+            if page.is_tiled and _is_level_of(page, width0, height0):
+                found.append((_TiffLevel(int(page.imagewidth), int(page.imagelength), int(page.index), -1), page))
+    for index, (_, page) in enumerate(found):
         ends = [off + count for off, count in zip(page.dataoffsets, page.databytecounts) if count]
         if ends and max(ends) > file_size:
             raise SlideError(f"{path}: truncated file (level {index} image data ends past the end of the file)")
-        height, width = int(page.imagelength), int(page.imagewidth)
-        if page0.subifds and index > 0:
-            levels.append(_TiffLevel(width, height, 0, index - 1))
-        else:
-            levels.append(_TiffLevel(width, height, int(page.index), -1))
-    return levels
+    return [level for level, _ in sorted(found, key=lambda item: -item[0].width)]
 
 
 def _as_srgb_uchar(image: pyvips.Image) -> pyvips.Image:
@@ -333,7 +346,8 @@ class Slide:
         """RGB thumbnail whose long side is at most `max_size`, and level-0 px per thumbnail px.
 
         Decoded from the coarsest pyramid level still at least `max_size` on its long side, so a big slide's
-        level 0 is never decoded when the slide has a pyramid.
+        level 0 is never decoded when the slide has a pyramid; reduced with vips' 8-bit Lanczos (fast; tissue
+        finding and QC need no sub-grey-level precision).
         """
         if max_size < 1:
             raise SlideError(f"{self.info.path}: thumbnail size must be >= 1, got {max_size}")
@@ -345,7 +359,12 @@ class Slide:
                 scale = max_size / max(image.width, image.height)
                 if scale < 1.0:
                     out = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-                    image = lanczos_to_size(image, out)
+                    # Tissue finding needs no resampling precision: box-shrink to within 2x of the size,
+                    # then vips' fast 8-bit Lanczos (not the float-precise path the crops use).
+                    pre = int(1.0 / scale) // 2
+                    if pre >= 2:
+                        image = image.shrink(pre, pre)
+                    image = lanczos_to_size(image, out, precise=False)
                 thumb = image.numpy()
             else:
                 assert self._osr is not None

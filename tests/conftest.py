@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -10,7 +14,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # DeepSpeed compiles a small shm op on first init; cache it across tests and runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after the environment above)
+
 
 TINY_MAGS = (10.0, 2.5, 1.25)
 
@@ -48,3 +53,95 @@ def tiny_teacher(tiny_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_runs")
     summary = engine.run(load_config(None, tiny_train_overrides(tiny_dataset["shards"], out, "teacher", "teacher")))
     return Path(summary["best_path"])
+
+
+# ---- the `slurm_cluster` fixture: the real local SLURM from slurm/cluster.sh ----
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SH = REPO / "slurm" / "cluster.sh"
+# What `slurm/cluster.sh install` (apt) provides; without them the cluster cannot start.
+SLURM_BINARIES = ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "munged", "mariadbd")
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    """Handle on the running local cluster; SLURM_CONF is exported for the whole session."""
+
+    state_dir: Path
+    slurm_conf: Path
+
+
+def _path_with_sbin() -> str:
+    """PATH plus the sbin folders, where Debian puts the daemons (a non-login root shell may lack them)."""
+    return os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "local SLURM tests need root (slurm/cluster.sh runs the daemons as root)"
+    missing = [b for b in SLURM_BINARIES if shutil.which(b, path=_path_with_sbin()) is None]
+    if missing:
+        return f"SLURM packages not installed (missing {', '.join(missing)}); run: sudo slurm/cluster.sh install"
+    return None
+
+
+def _cluster(cmd: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(CLUSTER_SH), cmd], env=env, text=True, capture_output=True, timeout=timeout)
+
+
+def _live_sessions(sessions: Path) -> list[Path]:
+    """Session marker files (named by pid) of test sessions still alive; stale ones are removed."""
+    live = []
+    for marker in sessions.glob("*"):
+        try:
+            os.kill(int(marker.name), 0)
+            live.append(marker)
+        except (ValueError, ProcessLookupError):
+            marker.unlink(missing_ok=True)
+    return live
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local SLURM, started if needed; SLURM_CONF is exported for the session.
+
+    Several test sessions may share the cluster: each leaves a marker under <state>/sessions, and the last one
+    out stops the cluster, but only if a test session started it (a cluster started by hand is left running).
+    """
+    reason = _skip_reason()
+    if reason and os.environ.get("HPCDISTILL_REQUIRE_SLURM") == "1":
+        pytest.fail(f"HPCDISTILL_REQUIRE_SLURM=1 but {reason}", pytrace=False)  # CI must not skip these silently
+    if reason:
+        print(f"skipping SLURM tests: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    env = dict(os.environ, PATH=_path_with_sbin())
+    state_dir = Path(env.get("HPCDISTILL_SLURM_DIR", "/tmp/hpcdistill-slurm"))
+    sessions = state_dir / "sessions"
+    started_by_tests = state_dir / "started-by-tests"
+    # Registered before starting, so a session finishing meanwhile does not stop the cluster under us.
+    sessions.mkdir(parents=True, exist_ok=True)
+    marker = sessions / str(os.getpid())
+    marker.touch()
+    if _cluster("status", env, timeout=60).returncode != 0:
+        started_by_tests.touch()
+    started = _cluster("start", env)
+    if started.returncode != 0:
+        marker.unlink(missing_ok=True)
+        pytest.fail(f"slurm/cluster.sh start failed:\n{started.stdout}\n{started.stderr}", pytrace=False)
+    print(started.stdout.strip(), file=sys.stderr)
+    slurm_conf = state_dir / "etc" / "slurm.conf"
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    os.environ["SLURM_CONF"] = str(slurm_conf)
+    os.environ["PATH"] = env["PATH"]
+    try:
+        yield SlurmCluster(state_dir=state_dir, slurm_conf=slurm_conf)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        marker.unlink(missing_ok=True)
+        if started_by_tests.exists() and not _live_sessions(sessions):
+            started_by_tests.unlink(missing_ok=True)
+            stopped = _cluster("stop", env)
+            print(stopped.stdout.strip(), stopped.stderr.strip(), file=sys.stderr)

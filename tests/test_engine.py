@@ -1,4 +1,5 @@
-"""The DeepSpeed engine on tiny real shards (CPU, gloo): every mode, exact resume, 2 ranks, TensorBoard."""
+"""The DeepSpeed engine on real shards made by the sharder (conftest's `tiny_dataset`: synthetic slides at 10x,
+2.5x and 1.25x; CPU, gloo): every mode, exact resume, 2 ranks for a plain and a distill run, TensorBoard."""
 
 from __future__ import annotations
 
@@ -12,61 +13,46 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-
-from hpcdistill import engine  # noqa: E402
-from hpcdistill.config import load_config  # noqa: E402
-from hpcdistill.errors import HpcdistillError  # noqa: E402
-from test_data import write_tiny_shards  # noqa: E402
+from conftest import tiny_train_overrides
+from hpcdistill import engine
+from hpcdistill.config import load_config
+from hpcdistill.errors import HpcdistillError
+from test_data import write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    # 16x16 at 10x, 4x4 at 2.5x; shards of unequal size
-    return write_tiny_shards(tmp_path_factory.mktemp("shards"), {"train": [7, 5], "val": [5], "aux": [6]},
-                             low_size=(4, 4), labeled=("train", "val"))
+def cfg_for(dataset: dict, out: Path, name: str, mode: str, mag: float, *extra: str):
+    overrides = tiny_train_overrides(dataset["shards"], out, name, mode, mag) + ["log.log_every=1"]
+    return load_config(None, overrides + list(extra))
 
 
-def cfg_for(shards: Path, out: Path, name: str, mode: str, *extra: str):
-    base = [
-        f"run.out_dir={out}", f"run.name={name}", f"data.shards={shards}", "data.sampler=ordered",
-        "model.arch=resnet10", "model.width=8", "model.groups=4", "train.epochs=2", "train.grad_accum=2",
-        "train.micro_batch=1", f"train.mode={mode}", "log.log_every=1", "log.progress=false",
-        "deepspeed=configs/deepspeed/fp32.json", "model.stem=" + ("standard" if mode == "teacher" else "lowres"),
-    ]
-    return load_config(None, base + list(extra))
+def samples(dataset: dict, *splits: str) -> int:
+    return sum(dataset["manifest"]["splits"][s]["samples"] for s in splits)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.fixture(scope="module")
-def teacher(shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    summary = engine.run(cfg_for(shards, out, "teacher", "teacher"))
-    assert summary["global_step"] == 2 * 6  # 12 samples / (1*2) per step, 2 epochs
-    return Path(summary["best_path"])
-
-
-def test_teacher_export_is_plain_weights(teacher):
-    blob = torch.load(teacher, map_location="cpu", weights_only=True)
+def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
+    blob = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
+    manifest = tiny_dataset["manifest"]
     assert set(blob) == {"state_dict", "arch_kwargs", "mag", "classes", "config", "stats"}
-    assert blob["mag"] == 10.0 and blob["classes"] == ["normal", "duodenitis", "celiac"]
+    assert blob["mag"] == 10.0 and blob["classes"] == manifest["classes"]
+    assert blob["stats"] == manifest["stats"]["10x"]  # standardisation travels with the weights
     assert blob["arch_kwargs"]["arch"] == "resnet10" and blob["config"]["train"]["mode"] == "teacher"
-    assert (teacher.parent / "config.yaml").is_file() and (teacher.parent / "last.pt").is_file()
+    assert (tiny_teacher.parent / "config.yaml").is_file() and (tiny_teacher.parent / "last.pt").is_file()
 
 
-def test_distill_then_finetune_and_tensorboard(shards, teacher, tmp_path):
+def test_distill_on_aux_sets_then_finetune_and_tensorboard(tiny_dataset, tiny_teacher, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    summary = engine.run(cfg_for(shards, tmp_path, "kd", "distill", f"teacher.checkpoint={teacher}",
-                                 "data.aux=[aux]", "log.images_every=2"))
+    summary = engine.run(cfg_for(tiny_dataset, tmp_path, "kd", "distill", 2.5, f"teacher.checkpoint={tiny_teacher}",
+                                 "data.aux=[aux1,aux2]", "log.images_every=4"))
+    assert summary["global_step"] == samples(tiny_dataset, "train", "aux1", "aux2") // 2  # ADv2 = aux1 + aux2 + train
     assert summary["select_metric"] == "agreement" and 0 <= summary["val"]["agreement"] <= 1
-    assert summary["global_step"] == 2 * 9  # train + aux = 18 samples, 2 per step
+    assert summary["val"]["samples"] == samples(tiny_dataset, "val")
     acc = EventAccumulator(str(tmp_path / "kd" / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/total", "loss/soft", "loss/pixel", "lr", "throughput/images_per_s", "val/agreement",
@@ -74,34 +60,36 @@ def test_distill_then_finetune_and_tensorboard(shards, teacher, tmp_path):
     assert {"inputs/teacher_10x", "inputs/student_2.5x"} <= set(acc.Tags()["images"])
     assert "config/text_summary" in acc.Tags()["tensors"]
     assert any(e.value > 0 for e in acc.Scalars("loss/pixel"))
-    hp = [p for p in (tmp_path / "kd" / "tb").rglob("events.out.tfevents.*")]
-    assert any(b"hparams" in p.read_bytes() for p in hp)
-    # finetune: only the classifier moves
+    events = (tmp_path / "kd" / "tb").rglob("events.out.tfevents.*")
+    assert any(b"hparams" in p.read_bytes() for p in events)
+    # finetune the distilled student on labeled 2.5x train data: only the classifier moves
     init = Path(summary["best_path"])
-    ft = engine.run(cfg_for(shards, tmp_path, "ft", "finetune", f"model.init={init}", "train.epochs=1"))
+    ft = engine.run(cfg_for(tiny_dataset, tmp_path, "ft", "finetune", 2.5, f"model.init={init}"))
+    assert ft["global_step"] == samples(tiny_dataset, "train") // 2 and 0 <= ft["val"]["accuracy"] <= 1
     before, after = weights(init), weights(Path(ft["last_path"]))
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved == {"fc.weight", "fc.bias"}
 
 
-def test_baseline_bf16_and_fp16_rejected(shards, tmp_path):
-    summary = engine.run(cfg_for(shards, tmp_path, "bl", "baseline", "precision=bf16", "train.epochs=1"))
-    assert summary["global_step"] == 6 and 0 <= summary["val"]["accuracy"] <= 1
-    assert all(v.dtype == torch.float32 for v in weights(Path(summary["last_path"])).values())
+def test_baseline_at_lowest_mag_bf16_and_fp16_rejected(tiny_dataset, tmp_path):
+    summary = engine.run(cfg_for(tiny_dataset, tmp_path, "bl", "baseline", 1.25, "precision=bf16"))
+    assert summary["global_step"] == samples(tiny_dataset, "train") // 2
+    assert summary["val"]["samples"] == samples(tiny_dataset, "val") and 0 <= summary["val"]["accuracy"] <= 1
+    blob = torch.load(summary["last_path"], map_location="cpu", weights_only=True)
+    assert blob["mag"] == 1.25 and all(v.dtype == torch.float32 for v in blob["state_dict"].values())
     with pytest.raises(HpcdistillError, match="precision: fp16 is not supported on CPU"):
-        engine.run(cfg_for(shards, tmp_path, "fp16", "baseline", "deepspeed=configs/deepspeed/fp16.json"))
+        engine.run(cfg_for(tiny_dataset, tmp_path, "fp16", "baseline", 2.5, "deepspeed=configs/deepspeed/fp16.json"))
 
 
-def test_kill_and_resume_is_bit_identical(shards, tmp_path):
-    extra = ("train.epochs=2", "train.checkpoint_every_steps=2", "train.keep_last=2", "data.sampler=resampled",
-             "data.shuffle_buffer=3")
-    full = engine.run(cfg_for(shards, tmp_path, "full", "baseline", *extra))
-    part = engine.run(cfg_for(shards, tmp_path, "part", "baseline", *extra, "train.max_steps=8"))
+def test_kill_and_resume_is_bit_identical(tiny_dataset, tmp_path):
+    extra = ("train.epochs=2", "train.checkpoint_every_steps=3", "train.keep_last=2", "data.sampler=resampled",
+             "data.shuffle_buffer=3", "data.epoch_samples=12")  # 6 steps per epoch
+    full = engine.run(cfg_for(tiny_dataset, tmp_path, "full", "baseline", 2.5, *extra))
+    part = engine.run(cfg_for(tiny_dataset, tmp_path, "part", "baseline", 2.5, *extra, "train.max_steps=8"))
     assert part["stopped_early"] and part["global_step"] == 8 and part["epoch"] == 1  # mid-epoch 2 of 2
     ckpts = tmp_path / "part" / "checkpoints"
-    half = ckpts / "step999999999"  # a save killed midway: no completion marker, must be ignored
-    half.mkdir()
-    rest = engine.run(cfg_for(shards, tmp_path, "part", "baseline", *extra))
+    (ckpts / "step999999999").mkdir()  # a save killed midway: no completion marker, must be ignored
+    rest = engine.run(cfg_for(tiny_dataset, tmp_path, "part", "baseline", 2.5, *extra))
     assert rest["global_step"] == full["global_step"] == 12
     a, b = weights(Path(full["last_path"])), weights(Path(rest["last_path"]))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -111,27 +99,50 @@ def test_kill_and_resume_is_bit_identical(shards, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
+    # hand-made shards: the sharder computes the stats from pixels, so it never writes std 0 (-> inf inputs)
     bad = write_tiny_shards(tmp_path / "bad", {"train": [4], "val": [2]}, low_size=(4, 4),
-                            stats={"mean": [0.5] * 3, "std": [0.0] * 3})  # division by zero -> inf inputs
+                            stats={"mean": [0.5] * 3, "std": [0.0] * 3})
+    cfg = load_config(None, tiny_train_overrides(bad, tmp_path, "nan", "baseline", 2.5))
     with pytest.raises(HpcdistillError, match=r"step 1 \(epoch 0\): loss is nan.*Last good checkpoint: none"):
-        engine.run(cfg_for(bad, tmp_path, "nan", "baseline"))
+        engine.run(cfg)
+
+
+RANK_SCRIPT = """
+    import os, sys, torch
+    from hpcdistill import engine
+    from hpcdistill.config import load_config
+    # several runs in one launch, separated by "--": the process group is set up once and reused
+    runs, args = [], []
+    for arg in sys.argv[1:] + ["--"]:
+        if arg == "--":
+            runs.append(args)
+            args = []
+        else:
+            args.append(arg)
+    for overrides in runs:
+        cfg = load_config(None, overrides)
+        state = engine.build_state(cfg)
+        engine.fit(state)
+        torch.save(state.engine.module.state_dict(), cfg.run_dir / f"rank{state.rank}.pt")
+"""
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank(shards, tmp_path):
+def test_two_ranks_match_one_rank_plain_and_distill(tiny_dataset, tiny_teacher, tmp_path):
     script = tmp_path / "rank.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, sys, torch
-        from hpcdistill import engine
-        from hpcdistill.config import load_config
-        cfg = load_config(None, sys.argv[1:])
-        state = engine.build_state(cfg)
-        engine.fit(state)
-        torch.save(state.engine.module.state_dict(), os.path.join(cfg.run.out_dir, f"rank{{state.rank}}.pt"))
-    """))
-    common = [f"data.shards={shards}", "data.sampler=ordered", "model.arch=resnet10", "model.width=8",
-              "model.groups=4", "train.epochs=1", "train.micro_batch=1", "train.mode=baseline", "model.stem=lowres",
-              "log.progress=false", "run.name=r"]
+    script.write_text(textwrap.dedent(RANK_SCRIPT))
+    # ordered sampler: optimizer step s sees the same global samples for any world size
+    common = ["data.sampler=ordered", "model.arch=resnet10", "model.width=8", "model.groups=4", "train.epochs=1",
+              "log.progress=false", f"data.shards={tiny_dataset['shards']}", "data.mag=2.5", "model.stem=lowres"]
+    runs = {"baseline": ["train.mode=baseline", "data.epoch_samples=20"],
+            "distill": ["train.mode=distill", f"teacher.checkpoint={tiny_teacher}", "data.aux=[aux1,aux2]",
+                        "data.epoch_samples=32"]}
+
+    def argv(out: Path, accum: int) -> list[str]:
+        groups = [common + extra + [f"run.out_dir={out}", f"run.name={mode}", f"train.grad_accum={accum}"]
+                  for mode, extra in runs.items()]
+        return groups[0] + ["--"] + groups[1]
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -140,15 +151,16 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)]
-    proc = subprocess.run(cmd + common + [f"run.out_dir={two}", "train.grad_accum=2"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd + argv(two, 2), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, str(script)] + common + [f"run.out_dir={one}", "train.grad_accum=4"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, str(script)] + argv(one, 4), env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1, single = (torch.load(p, weights_only=True) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # data parallel keeps the replicas identical
-    for k in r0:  # same global batch, same samples: the same update up to summation order
-        torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
-    init = engine.build_student(load_config(None, common[2:]), ["a", "b", "c"]).state_dict()
-    assert any(not torch.equal(r0[k], init[k]) for k in r0)  # the run really trained
+    for mode in runs:
+        r0, r1, single = (torch.load(p / mode / f"rank{r}.pt", weights_only=True)
+                          for p, r in ((two, 0), (two, 1), (one, 0)))
+        assert all(torch.equal(r0[k], r1[k]) for k in r0), mode  # data parallel keeps the replicas identical
+        for k in r0:  # same global batch, same samples: the same update up to summation order
+            torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{mode}: {k}")
+        init = engine.build_student(load_config(None, common + runs[mode]), tiny_dataset["manifest"]["classes"])
+        assert any(not torch.equal(r0[k], v) for k, v in init.state_dict().items()), mode  # it really trained

@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 

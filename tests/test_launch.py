@@ -1,0 +1,330 @@
+"""The experiment launcher: parsing errors, the job graph, dry-run sbatch scripts (no SLURM), then real runs on the
+local SLURM from slurm/cluster.sh: an experiment end to end, 2 ranks, a time-limit requeue with resume, a crash."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+import yaml
+
+from hpcdistill import launch as L
+from test_data import write_tiny_shards
+
+REPO = Path(__file__).resolve().parents[1]
+# Tiny network, few steps, CPU fp32; every phase of configs/demo runs in seconds.
+TINY = ["model.width=8", "model.groups=4", "train.epochs=1", "train.grad_accum=1", "log.progress=false",
+        "data.sampler=ordered", "log.log_every=1"]
+CPU = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10,
+       "signal_delay_s": 30, "max_requeue": 3}
+
+
+def write_experiment(tmp: Path, name: str = "exp", **over) -> Path:
+    exp = {
+        "name": name, "out_dir": str(tmp / "runs"), "shards": str(tmp / "shards"), "mags": [5, 2.5],
+        "teacher": {"config": "configs/demo/teacher.yaml", "overrides": list(TINY)},
+        "methods": {
+            "baseline": {"config": "configs/demo/baseline.yaml", "label": "Baseline", "overrides": list(TINY)},
+            "kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": list(TINY)},
+            "kd_ft": {"config": "configs/demo/finetune.yaml", "label": "KD+FT", "init_from": "kd",
+                      "overrides": list(TINY)},
+        },
+        "evaluate": {"split": "test", "iterations": 100},
+        "resources": {"default": dict(CPU, partition="gpu-long", account="lab42", sbatch={"exclusive": True}),
+                      "teacher": {"nodes": 2, "tasks_per_node": 2}},
+    }
+    exp.update(over)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    return path
+
+
+def error_of(tmp: Path, **over) -> str:
+    with pytest.raises(L.LaunchError) as info:
+        L.load_experiment(write_experiment(tmp, **over))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- unit (no SLURM)
+
+
+def test_experiment_errors_name_the_key(tmp_path):
+    assert "methdos: unknown key (did you mean methods?)" in error_of(tmp_path, methdos={})
+    res = {"default": dict(CPU, gpus=1)}
+    assert "resources.default.gpus: unknown key" in error_of(tmp_path, resources=res)
+    assert "resources.studnet: unknown job kind" in error_of(tmp_path, resources={"default": CPU, "studnet": {}})
+    bad = {"kd": {"config": "configs/demo/distill.yaml", "lable": "KD"}}
+    assert "methods.kd.lable: unknown key (did you mean methods.kd.label?)" in error_of(tmp_path, methods=bad)
+    bad = {"ft": {"config": "configs/demo/finetune.yaml", "init_from": "kdd"}}
+    assert "methods.ft.init_from: 'kdd' is not a method" in error_of(tmp_path, methods=bad)
+    bad = {"kd": {"config": "configs/demo/nope.yaml"}}
+    assert "methods.kd.config: configs/demo/nope.yaml: no such file" in error_of(tmp_path, methods=bad)
+    msg = error_of(tmp_path, resources={"default": dict(CPU, timeout_min=1, signal_delay_s=90)})
+    assert "resources.default.timeout_min: 1 min must exceed signal_delay_s (90 s)" in msg
+    msg = error_of(tmp_path, resources={"default": dict(CPU, gpus_per_node=4, tasks_per_node=2)})
+    assert "resources.default.tasks_per_node" in msg and "one task per GPU" in msg
+    assert "mags:" in error_of(tmp_path, mags=["fast"])
+    assert "name: required" in error_of(tmp_path, name="")
+    assert "evaluate.iterations: expected int" in error_of(tmp_path, evaluate={"iterations": "many"})
+
+
+def test_bad_training_override_fails_before_submitting(tmp_path):
+    path = write_experiment(tmp_path, methods={"kd": {"config": "configs/demo/distill.yaml",
+                                                      "overrides": ["train.lr=fast"]}})
+    with pytest.raises(L.LaunchError, match=r"methods\.kd \(kd-5x\): train\.lr: expected float"):
+        L.launch(path, cluster="slurm", dry_run=True)
+
+
+def test_graph_dependencies_and_task_overrides(tmp_path):
+    exp = L.load_experiment(write_experiment(tmp_path))
+    jobs = {j.key: j for j in L.plan_jobs(exp)}
+    assert list(jobs) == ["teacher", "baseline", "kd", "kd_ft", "evaluate"]  # sources before init_from
+    assert jobs["baseline"].after_ok == []  # never reads the teacher: starts at once
+    assert jobs["kd"].after_ok == ["teacher"] and jobs["kd_ft"].after_corr == ["kd"]
+    assert jobs["evaluate"].after_ok == ["teacher", "baseline", "kd", "kd_ft"]
+    ids = {"teacher": "11", "baseline": "12", "kd": "13", "kd_ft": "14"}
+    assert L.dependency_string(jobs["kd_ft"], ids) == "aftercorr:13"
+    assert L.dependency_string(jobs["evaluate"], ids) == "afterok:11,afterok:12,afterok:13,afterok:14"
+    exp_dir = Path(exp.out_dir) / "exp"
+    ft = jobs["kd_ft"].tasks[1]
+    assert (ft.name, ft.mag, ft.run_dir) == ("kd_ft-2.5x", 2.5, str(exp_dir / "kd_ft-2.5x"))
+    assert f"model.init={exp_dir / 'kd-2.5x' / 'best.pt'}" in ft.overrides and "data.mag=2.5" in ft.overrides
+    kd = jobs["kd"].tasks[0]
+    assert f"teacher.checkpoint={exp_dir / 'teacher' / 'best.pt'}" in kd.overrides
+    assert not any(o.startswith("teacher.checkpoint") for o in jobs["baseline"].tasks[0].overrides)
+    assert jobs["teacher"].resources.nodes == 2 and jobs["teacher"].resources.tasks == 2
+    assert jobs["evaluate"].resources.tasks == 1 and jobs["evaluate"].resources.nodes == 1
+    # the launcher's overrides come last, so they win over the method's own
+    cfg = L.load_config(kd.config, kd.overrides)
+    assert (cfg.run_dir, cfg.data.mag, cfg.model.width) == (exp_dir / "kd-5x", 5.0, 8)
+
+
+def test_dry_run_prints_sbatch_scripts_and_graph(tmp_path, capsys):
+    out = L.launch(write_experiment(tmp_path), cluster="slurm", dry_run=True)
+    text = capsys.readouterr().out
+    assert text.strip() == out["text"].strip()
+    assert not (tmp_path / "runs").exists()  # nothing written, nothing submitted
+    scripts = dict(re.findall(r"# ---- sbatch script: (\S+) ----\n(.*?)(?=\n# ---- sbatch|\Z)", text, re.S))
+    assert set(scripts) == {"teacher", "baseline", "kd", "kd_ft", "evaluate"}
+    for script in scripts.values():
+        assert "#SBATCH --partition=gpu-long" in script and "#SBATCH --account=lab42" in script
+        assert "#SBATCH --exclusive" in script and "#SBATCH --kill-on-invalid-dep=yes" in script
+        assert "#SBATCH --signal=USR2@30" in script and "#SBATCH --time=10" in script
+        assert "gpus-per-node" not in script  # CPU cluster: no GPU request
+    assert "#SBATCH --nodes=2" in scripts["teacher"] and "#SBATCH --ntasks-per-node=2" in scripts["teacher"]
+    assert "--array" not in scripts["teacher"] and "--dependency" not in scripts["teacher"]
+    assert "#SBATCH --array=0-1%2" in scripts["kd"] and "#SBATCH --dependency='afterok:<teacher>'" in scripts["kd"]
+    assert "%A_%a/%A_%a_0_log.out" in scripts["kd"]  # logs under the launch folder by SLURM's array convention
+    assert "#SBATCH --dependency='aftercorr:<kd>'" in scripts["kd_ft"]
+    assert "--dependency" not in scripts["baseline"]
+    assert ("#SBATCH --dependency='afterok:<teacher>,afterok:<baseline>,afterok:<kd>,afterok:<kd_ft>'"
+            in scripts["evaluate"])  # ids shown as <job>
+    assert re.search(r"^kd_ft\s+array\[2\] kd_ft-5x, kd_ft-2\.5x\s+<- aftercorr:<kd>$", text, re.M)
+    assert out["graph"]["evaluate"]["after_ok"] == ["teacher", "baseline", "kd", "kd_ft"]
+
+
+def test_gpu_resources_give_one_task_per_gpu(tmp_path):
+    res = {"default": dict(CPU, gpus_per_node=4, tasks_per_node=0), "evaluate": {"gpus_per_node": 0}}
+    exp = L.load_experiment(write_experiment(tmp_path, resources=res))
+    jobs = {j.key: j for j in L.plan_jobs(exp)}
+    params = L.slurm_parameters(jobs["kd"], exp, "afterok:1")
+    assert (params["gpus_per_node"], params["ntasks_per_node"], params["dependency"]) == (4, 4, "afterok:1")
+    assert "gpus_per_node" not in L.slurm_parameters(jobs["evaluate"], exp, None)
+
+
+def test_example_experiments_parse():
+    for name in ("celiac", "demo"):
+        exp = L.load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
+        assert L.plan_jobs(exp)[-1].key == "evaluate"
+    celiac = L.load_experiment(REPO / "configs" / "experiments" / "celiac.yaml")
+    assert celiac.resources_for("kd").partition == "YOUR_PARTITION" and celiac.mags == [5.0, 2.5, 1.25, 0.625]
+
+
+def test_master_port_is_shared_by_a_jobs_tasks_and_differs_between_jobs():
+    assert L.master_port("1234") == L.master_port("1234") != L.master_port("1235")
+    assert 20000 <= L.master_port("abc-uuid") < 40000
+
+
+# ---------------------------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = write_tiny_shards(tmp_path_factory.mktemp("launch") / "shards",
+                            {"train": [8], "val": [4], "test": [4], "aux": [4]}, low_size=(4, 4),
+                            labeled=("train", "val", "test"), mags=(10.0, 5.0, 2.5))
+    # evaluation reads the labeled count from the manifest's class histogram, which write_tiny_shards leaves empty
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split, entry in manifest["splits"].items():
+        labels = [int(s["cls"]) for shard in entry["shards"] for s in wds.WebDataset(str(out / shard), shardshuffle=False)
+                  if "cls" in s]
+        entry["class_histogram"] = {c: labels.count(i) for i, c in enumerate(manifest["classes"]) if labels}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def tiny_experiment(tmp: Path, shards: Path, name: str, methods: dict, **over) -> Path:
+    path = write_experiment(tmp, name=name, shards=str(shards), methods=methods, **over)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("cluster", ["debug", "local"])
+def test_laptop_clusters_run_the_stages_in_order(tmp_path, shards, cluster):
+    methods = {"kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": TINY}}
+    path = tiny_experiment(tmp_path, shards, "dbg", methods, mags=[2.5], resources={"default": CPU})
+    record = L.launch(path, cluster=cluster)
+    exp_dir = tmp_path / "runs" / "dbg"
+    assert [j["key"] for j in record["jobs"]] == ["teacher", "kd", "evaluate"]
+    assert record["jobs"][1]["tasks"][0]["result"]["mode"] == "distill"
+    assert (exp_dir / "kd-2.5x" / "eval" / "test.json").is_file() and (exp_dir / "report" / "report.md").is_file()
+    rows = L.status(exp_dir)
+    assert [r["state"] for r in rows] == ["COMPLETED"] * 3
+    assert "kd-2.5x" in L.format_status(rows) and json.loads((exp_dir / "launch.json").read_text())["cluster"] == cluster
+
+
+
+
+
+def sacct_history(job_id: str) -> list[str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id, "-o", "JobID,State"],
+                         check=True, text=True, capture_output=True, timeout=30).stdout
+    return [line.split("|")[1].split()[0] for line in out.splitlines() if line.split("|")[0] == job_id]
+
+
+@pytest.fixture(scope="module")
+def slurm_experiment(slurm_cluster, shards, tmp_path_factory):
+    """Teacher on 2 ranks -> a KD array over 2 magnifications -> evaluation + report, on the real local SLURM."""
+    tmp = tmp_path_factory.mktemp("slurm-e2e")
+    methods = {"kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": TINY}}
+    resources = {"default": CPU, "teacher": {"tasks_per_node": 2}}
+    path = tiny_experiment(tmp, shards, "e2e", methods, resources=resources)
+    t0 = time.monotonic()
+    record = L.launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
+    return record, tmp / "runs" / "e2e", time.monotonic() - t0
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_experiment_end_to_end(slurm_experiment):
+    record, exp_dir, seconds = slurm_experiment
+    jobs = {j["key"]: j for j in record["jobs"]}
+    assert list(jobs) == ["teacher", "kd", "evaluate"]
+    kd = jobs["kd"]
+    assert kd["array"] and [t["job_id"] for t in kd["tasks"]] == [f"{kd['slurm_id']}_0", f"{kd['slurm_id']}_1"]
+    assert kd["dependency"] == f"afterok:{jobs['teacher']['slurm_id']}"
+    assert [t["result"]["run_dir"] for t in kd["tasks"]] == [str(exp_dir / "kd-5x"), str(exp_dir / "kd-2.5x")]
+    for mag in ("5x", "2.5x"):
+        rec = json.loads((exp_dir / f"kd-{mag}" / "eval" / "test.json").read_text())
+        assert rec["method"] == "KD" and rec["mag"] == float(mag[:-1])
+        assert list((exp_dir / f"kd-{mag}" / "tb").glob("events.out.tfevents.*"))
+    report = (exp_dir / "report" / "report.md").read_text()
+    assert "KD" in report and jobs["evaluate"]["tasks"][0]["result"]["report"] == str(exp_dir / "report" / "report.md")
+    assert Path(kd["tasks"][1]["stdout"]).is_file() and f"{kd['slurm_id']}_1" in kd["tasks"][1]["stdout"]
+    rows = L.status(exp_dir)
+    assert [r["state"] for r in rows] == ["COMPLETED"] * 4
+    print(f"end-to-end experiment on SLURM: {seconds:.0f}s")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_two_task_job_trains_with_two_ranks(slurm_experiment):
+    record, exp_dir, _ = slurm_experiment
+    teacher = record["jobs"][0]
+    assert teacher["ntasks"] == 2
+    results = teacher["tasks"][0]["result"]
+    assert isinstance(results, list) and len(results) == 2  # one result per rank
+    # 8 train samples over world size 2 at 1 sample per step: 4 steps per rank (8 with one rank)
+    assert [r["global_step"] for r in results] == [4, 4]
+    log = Path(teacher["tasks"][0]["stdout"]).read_text()
+    assert "rank 0/2" in log
+    assert "rank 1/2" in Path(teacher["tasks"][0]["stdout"].replace("_0_log.out", "_1_log.out")).read_text()
+
+
+def logged_steps(tb_dir: Path) -> list[list[int]]:
+    """loss/total steps of each TensorBoard event file (one file per run of the job), in run order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    runs = []
+    for path in sorted(tb_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        steps = [e.step for e in EventFileLoader(str(path)).Load()
+                 if e.HasField("summary") and any(v.tag == "loss/total" for v in e.summary.value)]
+        if steps:
+            runs.append(steps)
+    return runs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_slurm_time_limit_requeues_and_resumes_from_checkpoint(slurm_cluster, shards, tmp_path):
+    # About 45 s of training (the step rate is measured here first) against a 1-minute limit. slurmctld checks time
+    # limits every 30 s and signals up to one check early, so with a 5 s delay the signal comes 25-55 s into a run:
+    # the first run is always cut; each rerun resumes from the latest checkpoint (one every ~4 s of work).
+    overrides = [*TINY, "train.checkpoint_every_steps=1000000", "data.val=[]"]  # as the job, bar checkpoints
+    cfg = L.load_config(REPO / "configs/demo/teacher.yaml", [*overrides, f"data.shards={shards}",
+                                                              f"run.out_dir={tmp_path / 'calibrate'}"])
+    from hpcdistill import engine
+
+    seconds = {}
+    for samples in (100, 1100):  # the difference cancels the start-up cost
+        cfg.data.epoch_samples, cfg.run.name = samples, f"c{samples}"
+        t0 = time.perf_counter()
+        engine.run(cfg)
+        seconds[samples] = time.perf_counter() - t0
+    rate = 1000 / max(seconds[1100] - seconds[100], 0.5)  # steps per second (1 sample per step)
+    every = max(50, int(rate * 4) // 50 * 50)
+    steps = max(every * 4, int(rate * 45) // every * every)
+    overrides = [*TINY, f"data.epoch_samples={steps}", f"train.checkpoint_every_steps={every}", "data.val=[]"]
+    resources = {"default": dict(CPU, timeout_min=1, signal_delay_s=5, max_requeue=4)}
+    path = tiny_experiment(tmp_path, shards, "requeue", {}, resources=resources, evaluate={"enabled": False},
+                           teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides})
+    record = L.launch(path, cluster="slurm", wait=True, wait_timeout_s=360)
+    task = record["jobs"][0]["tasks"][0]
+    assert task["result"]["global_step"] == steps and not task["result"]["stopped_early"]
+    deadline = time.monotonic() + 30
+    while (history := sacct_history(task["job_id"]))[-1] not in L.FINAL_STATES and time.monotonic() < deadline:
+        time.sleep(1)  # the result file is written a moment before the step ends
+    assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
+    log = Path(task["stdout"]).read_text()
+    resumed = [int(m) for m in re.findall(r"resuming from \S*/step(\d+)", log)]
+    assert log.count("starting fresh") == 1 and len(resumed) == len(history) - 1 >= 1
+    runs = logged_steps(Path(task["tensorboard"]))
+    assert len(runs) == len(history)
+    for before, after, start in zip(runs, runs[1:], resumed):
+        assert after[0] == start + 1  # the rerun continues right after the checkpoint it loaded
+        assert 0 <= before[-1] - start <= every  # only the steps after the last checkpoint were done twice
+    assert sorted(set(s for run in runs for s in run)) == list(range(1, steps + 1))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_slurm_crashing_job_is_reported_failed(slurm_cluster, shards, tmp_path):
+    methods = {"kd": {"config": "configs/demo/distill.yaml", "overrides": TINY}}
+    teacher = {"config": "configs/demo/teacher.yaml", "overrides": [*TINY, "model.num_classes=5"]}  # manifest has 3
+    path = tiny_experiment(tmp_path, shards, "crash", methods, teacher=teacher, resources={"default": CPU})
+    t0 = time.monotonic()
+    with pytest.raises(L.LaunchError) as info:
+        L.launch(path, cluster="slurm", wait=True, wait_timeout_s=150)
+    message = str(info.value)
+    assert message.startswith("teacher: job ") and "failed" in message and "model.num_classes: 5" in message
+    assert "\n" not in message and time.monotonic() - t0 < 150
+    exp_dir = tmp_path / "runs" / "crash"
+    deadline = time.monotonic() + 60
+    while True:  # SLURM cancels the dependants (kill-on-invalid-dep) instead of leaving them pending
+        states = {r["task"]: r["state"] for r in L.status(exp_dir)}
+        if states["kd-5x"] == "CANCELLED" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert states == {"teacher": "FAILED", "kd-5x": "CANCELLED", "kd-2.5x": "CANCELLED", "evaluate": "CANCELLED"}
