@@ -1,24 +1,31 @@
 """Sharding throughput and peak memory, side by side in one run.
 
-Throughput, in level-0 Mpix/s of tissue windows, on a synthetic 40x Aperio SVS (default 20480x16384), for:
-  shard     `hpcdistill shard` end to end (thumbnail, tissue, 5 mags Lanczos from level 0, JPEG q90, tar, manifest)
-  (a) vips  bare pyvips: tiffload level 0, crop decoded once, 8-bit `reduce` (Lanczos3) to each mag's size: the ceiling
-  (b) peers OpenSlide read_region at level 0 once per window + PIL LANCZOS resize to each mag
-all over the same windows and magnifications. Peak RSS (VmHWM) of sharding a 60000x60000 slide vs a 20000x20000
-one, each in a fresh subprocess. One core per pipeline: VIPS_CONCURRENCY=1 unless already set.
+Throughput, in level-0 Mpix of tissue per second (wall clock) and per CPU second, on a synthetic 40x Aperio SVS
+(default 20480x16384), over the same regions (the tissue boxes `hpcdistill shard` finds; each is one window at
+the default --max-size) and the same magnifications:
+  shard  `hpcdistill shard` end to end, one worker: open, thumbnail, tissue boxes, QC PNG, every mag Lanczos3
+         from level 0, JPEG q90, tars, manifest
+  (a)    bare pyvips, vips defaults: for each region and each mag, crop of level 0 + `reduce` (Lanczos3) to the
+         mag's size, to memory. The ceiling: no tissue finding, no encoding, no writing
+  (b)    what peers do: one OpenSlide read_region (level 0) per region + PIL LANCZOS resize to each mag
+CPU seconds are the process's user+system time (all threads): steadier than wall clock on a shared machine.
+(a) and shard run with the same VIPS_CONCURRENCY (1 unless set); (b) is single-threaded anyway.
+Also: the per-slide fixed costs (thumbnail, tissue boxes, QC PNG) in CPU seconds, and peak RSS (VmHWM) of
+sharding a 60000x60000 slide vs a 20000x20000 one, each in a fresh subprocess with the CLI defaults.
 
-  .venv/bin/python bench/bench_shard.py [--workdir bench/out] [--markdown bench/results_shard.md]
+  .venv/bin/python bench/bench_shard.py [--workdir bench/out] [--markdown bench/results_shard.md] [--no-rss]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("VIPS_CONCURRENCY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -31,56 +38,82 @@ from PIL import Image  # noqa: E402
 from hpcdistill import sharding, slides, synthetic, tissue  # noqa: E402
 
 MAGS = (10.0, 5.0, 2.5, 1.25, 0.625)
-MAX_SIZE = 2048  # 10x px: keeps the peers' whole-window RGBA read (8192^2 at 40x) within memory
+BASE_MAG = 40.0
 
 
 def ensure_slide(path: Path, width: int, height: int, n_tissues: int, seed: int) -> Path:
     if not path.exists():
         t0 = time.perf_counter()
-        synthetic.write_slide(path, width, height, fmt="svs", base_mag=40, class_id=1, seed=seed, n_tissues=n_tissues)
+        synthetic.write_slide(path, width, height, fmt="svs", base_mag=BASE_MAG, class_id=1, seed=seed,
+                              n_tissues=n_tissues)
         print(f"wrote {path.name} ({width}x{height}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return path
 
 
-def tissue_windows(path: Path, params: sharding.ShardParams) -> list[tuple[int, int, int, int]]:
-    """The exact windows `hpcdistill shard` cuts, so all pipelines do the same work."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) and of its waited-for children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measured(run: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    run()
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def tissue_regions(path: Path, params: sharding.ShardParams) -> list[tuple[int, int, int, int]]:
+    """The tissue boxes `hpcdistill shard` finds; at these params each box is one window (checked)."""
     with slides.open_slide(path) as slide:
+        size = (slide.info.width, slide.info.height)
         thumb, scale = slide.thumbnail(params.tissue.thumb_size)
-        boxes = tissue.find_tissue_boxes(thumb, scale, params.tissue, slide_size=(slide.info.width, slide.info.height))
-        return [w for box in boxes for w in sharding.split_windows(box, (slide.info.width, slide.info.height),
-                                                                    slide.info.base_mag, params)]
+        boxes = tissue.find_tissue_boxes(thumb, scale, params.tissue, slide_size=size)
+        for box in boxes:
+            if sharding.split_windows(box, size, slide.info.base_mag, params) != [box]:
+                raise SystemExit(f"box {box} is split into windows: raise --max-size so regions are whole boxes")
+    return boxes
 
 
-def sizes_for(window: tuple[int, int, int, int]) -> list[tuple[int, int]]:
-    return [slides.target_size((window[2], window[3]), 40.0, mag) for mag in MAGS]
+def sizes_for(region: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+    return [slides.target_size((region[2], region[3]), BASE_MAG, mag) for mag in MAGS]
 
 
-def run_vips(path: Path, windows: list) -> float:
-    level0 = pyvips.Image.new_from_file(str(path), page=0, access="random")
-    t0 = time.perf_counter()
-    for x, y, w, h in windows:
-        crop = level0.crop(x, y, w, h).copy_memory()  # decode level 0 once per window
-        for size in sizes_for((x, y, w, h)):
-            crop.reduce(w / size[0], h / size[1], kernel="lanczos3").numpy()
-    return time.perf_counter() - t0
+def run_vips(path: Path, regions: list) -> None:
+    level0 = pyvips.Image.new_from_file(str(path))
+    for x, y, w, h in regions:
+        for out_w, out_h in sizes_for((x, y, w, h)):
+            level0.crop(x, y, w, h).reduce(w / out_w, h / out_h, kernel="lanczos3").numpy()
 
 
-def run_openslide_pil(path: Path, windows: list) -> float:
-    osr = openslide.OpenSlide(str(path))
-    t0 = time.perf_counter()
-    for x, y, w, h in windows:
-        region = osr.read_region((x, y), 0, (w, h)).convert("RGB")
-        for size in sizes_for((x, y, w, h)):
-            np.asarray(region.resize(size, Image.Resampling.LANCZOS))
-        del region
-    osr.close()
-    return time.perf_counter() - t0
+def run_openslide_pil(path: Path, regions: list) -> None:
+    with openslide.OpenSlide(str(path)) as osr:
+        for x, y, w, h in regions:
+            region = osr.read_region((x, y), 0, (w, h)).convert("RGB")
+            for size in sizes_for((x, y, w, h)):
+                np.asarray(region.resize(size, Image.Resampling.LANCZOS))
+            del region
 
 
-def run_shard(path: Path, out: Path, params: sharding.ShardParams) -> float:
-    t0 = time.perf_counter()
+def run_shard(path: Path, out: Path, params: sharding.ShardParams) -> None:
     sharding.run_sharding([path], out, params=params, overwrite=True, progress=False)
-    return time.perf_counter() - t0
+
+
+def fixed_costs(path: Path, params: sharding.ShardParams, qc_path: Path) -> dict[str, float]:
+    """CPU seconds of the per-slide work the ceiling does not do: open, thumbnail, tissue boxes, QC PNG."""
+    cpu = {}
+    t0 = cpu_seconds()
+    with slides.open_slide(path) as slide:
+        t1 = cpu_seconds()
+        thumb, scale = slide.thumbnail(params.tissue.thumb_size)
+        t2 = cpu_seconds()
+        boxes = tissue.find_tissue_boxes(thumb, scale, params.tissue, slide_size=(slide.info.width, slide.info.height))
+        t3 = cpu_seconds()
+        tissue.write_qc_png(qc_path, thumb, boxes, scale, labels=[f"t{i:03d}" for i in range(len(boxes))])
+        t4 = cpu_seconds()
+    cpu = {"open": t1 - t0, "thumbnail": t2 - t1, "tissue boxes": t3 - t2, "QC PNG": t4 - t3}
+    cpu["total"] = t4 - t0
+    return cpu
 
 
 def peak_rss_child(path: Path, out: Path) -> None:
@@ -103,7 +136,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="bench/out")
     parser.add_argument("--size", default="20480x16384", help="throughput slide, WIDTHxHEIGHT at 40x")
     parser.add_argument("--markdown", default="bench/results_shard.md")
-    parser.add_argument("--repeat", type=int, default=3, help="timing repeats (best of N)")
+    parser.add_argument("--repeat", type=int, default=3, help="timing repeats, interleaved (best of N per measure)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS runs (quick check)")
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,51 +146,81 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     width, height = map(int, args.size.lower().split("x"))
     slide = ensure_slide(work / f"bench_{width}x{height}.svs", width, height, n_tissues=4, seed=11)
-    params = sharding.ShardParams(mags=MAGS, max_size=MAX_SIZE)
-    windows = tissue_windows(slide, params)
-    mpix = sum(w * h for *_, w, h in windows) / 1e6
-    print(f"{slide.name}: {len(windows)} windows, {mpix:.0f} level-0 Mpix of tissue, mags {MAGS}", flush=True)
-    timings = {"shard": math.inf, "vips": math.inf, "peers": math.inf}
-    for _ in range(args.repeat):  # interleaved, best of N: the machine is shared, so the minimum is the signal
-        timings = {"shard": min(timings["shard"], run_shard(slide, work / "shards", params)),
-                   "vips": min(timings["vips"], run_vips(slide, windows)),
-                   "peers": min(timings["peers"], run_openslide_pil(slide, windows))}
-    rate = {name: mpix / seconds for name, seconds in timings.items()}
-    for name, seconds in timings.items():
-        print(f"{name:6s} {seconds:7.1f} s  {rate[name]:6.1f} Mpix/s", flush=True)
-    ratio_a, ratio_b = rate["shard"] / rate["vips"], rate["shard"] / rate["peers"]
-    print(f"shard / (a) vips ceiling = {ratio_a:.2f}x (target >= 0.7)   "
-          f"shard / (b) OpenSlide+PIL = {ratio_b:.2f}x (target >= 2.5)", flush=True)
+    params = sharding.ShardParams(mags=MAGS)
+    regions = tissue_regions(slide, params)
+    mpix = sum(w * h for *_, w, h in regions) / 1e6
+    print(f"{slide.name}: {len(regions)} tissue regions, {mpix:.0f} level-0 Mpix, mags {MAGS}", flush=True)
 
-    if args.no_rss:
-        return None
-    # Equal tissue sizes (synthetic tissues fill a grid of 10000-px slots) on slides of 9x the area, then the same
-    # big slide with 3 tissues 3x larger a side, whose windows --max-size caps.
-    rss_slides = [ensure_slide(work / f"rss_{side}x{side}_t{n}.svs", side, side, n_tissues=n, seed=12)
-                  for side, n in ((20000, 4), (60000, 36), (60000, 3))]
-    rss = {p.name: peak_rss(p, work / f"shards_{p.stem}") for p in rss_slides}
-    for name, (peak, seconds) in rss.items():
-        print(f"peak RSS {name}: {peak / 2**30:.2f} GiB ({seconds:.0f} s, CLI defaults, --max-size 8192)", flush=True)
+    pipelines = {"shard": lambda: run_shard(slide, work / "shards", params),
+                 "a": lambda: run_vips(slide, regions),
+                 "b": lambda: run_openslide_pil(slide, regions)}
+    wall = dict.fromkeys(pipelines, float("inf"))
+    cpu = dict.fromkeys(pipelines, float("inf"))
+    fixed: dict[str, float] = {}
+    for _ in range(args.repeat):  # interleaved, best of N per measure: the machine is shared
+        for name, run in pipelines.items():
+            seconds, cpu_s = measured(run)
+            wall[name], cpu[name] = min(wall[name], seconds), min(cpu[name], cpu_s)
+        costs = fixed_costs(slide, params, work / "qc_fixed_cost.png")
+        fixed = costs if not fixed or costs["total"] < fixed["total"] else fixed
+    wall_rate = {name: mpix / s for name, s in wall.items()}
+    cpu_rate = {name: mpix / s for name, s in cpu.items()}
+    for name in pipelines:
+        print(f"{name:6s} wall {wall[name]:6.2f} s {wall_rate[name]:6.1f} Mpix/s   "
+              f"CPU {cpu[name]:6.2f} s {cpu_rate[name]:6.1f} Mpix/CPU-s", flush=True)
+    ratios = {(measure, ref): rate["shard"] / rate[ref]
+              for measure, rate in (("wall", wall_rate), ("cpu", cpu_rate)) for ref in ("a", "b")}
+    for measure in ("wall", "cpu"):
+        print(f"{measure}: shard / (a) = {ratios[measure, 'a']:.2f}x (target >= 0.7)   "
+              f"shard / (b) = {ratios[measure, 'b']:.2f}x (target >= 2.5)", flush=True)
+    print("fixed per-slide CPU s: " + ", ".join(f"{k} {v:.3f}" for k, v in fixed.items()), flush=True)
 
-    vips_threads = os.environ["VIPS_CONCURRENCY"]
+    rss: dict[str, tuple[int, float]] = {}
+    if not args.no_rss:
+        # Equal tissue sizes (synthetic tissues fill a grid of 10000-px slots) on slides of 9x the area, then the
+        # same big slide with 3 tissues 3x larger a side, whose windows --max-size caps.
+        rss_slides = [ensure_slide(work / f"rss_{side}x{side}_t{n}.svs", side, side, n_tissues=n, seed=12)
+                      for side, n in ((20000, 4), (60000, 36), (60000, 3))]
+        rss = {p.name: peak_rss(p, work / f"shards_{p.stem}") for p in rss_slides}
+        for name, (peak, seconds) in rss.items():
+            print(f"peak RSS {name}: {peak / 2**30:.2f} GiB ({seconds:.0f} s, CLI defaults)", flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(args, slide, width, height, regions, mpix, wall, cpu, wall_rate,
+                                                cpu_rate, ratios, fixed, rss))
+        print(f"wrote {args.markdown}")
+
+
+def markdown(args, slide, width, height, regions, mpix, wall, cpu, wall_rate, cpu_rate, ratios, fixed, rss) -> str:
+    names = {"shard": "`hpcdistill shard` end to end (thumbnail, tissue, QC, 5 mags, JPEG q90, tars, manifest)",
+             "a": "(a) bare pyvips: crop + `reduce` lanczos3 per region per mag (ceiling)",
+             "b": "(b) OpenSlide read_region per region + PIL LANCZOS per mag (peers)"}
+
+    def ratio(name: str, measure: str) -> str:
+        if name == "shard":
+            return "1"
+        target = "0.7" if name == "a" else "2.5"
+        return f"{ratios[measure, name]:.2f}x (target >= {target})"
+
     lines = [
         "## Sharding benchmark (`bench/bench_shard.py`)", "",
-        f"Command: `.venv/bin/python bench/bench_shard.py` (VIPS_CONCURRENCY={vips_threads}, one process each, "
-        f"best of {args.repeat} interleaved runs; shared 2-core machine).",
-        f"Slide: synthetic 40x Aperio SVS {width}x{height}, {len(windows)} tissue windows "
-        f"(--max-size {MAX_SIZE}), {mpix:.0f} level-0 Mpix of tissue, mags {', '.join(map(str, MAGS))}.", "",
-        "| pipeline | seconds | level-0 Mpix/s | shard speed ratio |", "|---|---:|---:|---:|",
-        f"| `hpcdistill shard` end to end (JPEG q90, tars, manifest) | {timings['shard']:.1f} | {rate['shard']:.1f} | 1 |",
-        f"| (a) bare pyvips crop (decoded once) + 8-bit reduce Lanczos3 (ceiling) | {timings['vips']:.1f} | {rate['vips']:.1f} | "
-        f"{ratio_a:.2f}x (target >= 0.7) |",
-        f"| (b) OpenSlide read_region + PIL LANCZOS (peers) | {timings['peers']:.1f} | {rate['peers']:.1f} | "
-        f"{ratio_b:.2f}x (target >= 2.5) |", "",
-        "| slide `rss_<side>_t<tissues>` (CLI defaults, --max-size 8192, 1 worker) | peak RSS (VmHWM) | seconds |",
-        "|---|---:|---:|",
-        *[f"| {name} | {peak / 2**30:.2f} GiB | {seconds:.0f} |" for name, (peak, seconds) in rss.items()], "",
+        f"Command: `.venv/bin/python bench/bench_shard.py` (VIPS_CONCURRENCY={os.environ['VIPS_CONCURRENCY']} "
+        f"for shard and (a); one process each; best of {args.repeat} interleaved runs per measure).",
+        f"Slide: synthetic 40x Aperio SVS {width}x{height} ({slide.name}), {len(regions)} tissue regions "
+        f"(the boxes `hpcdistill shard` finds, one window each), {mpix:.0f} level-0 Mpix, "
+        f"mags {', '.join(f'{m:g}' for m in MAGS)}.", "",
+        "| pipeline | wall s | Mpix/s | shard ratio (wall) | CPU s | Mpix/CPU-s | shard ratio (CPU) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *[f"| {names[n]} | {wall[n]:.2f} | {wall_rate[n]:.1f} | {ratio(n, 'wall')} | {cpu[n]:.2f} | "
+          f"{cpu_rate[n]:.1f} | {ratio(n, 'cpu')} |" for n in names], "",
+        "Per-slide fixed costs inside `shard` (CPU s, best run): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in fixed.items()) + ".", "",
     ]
-    Path(args.markdown).write_text("\n".join(lines))
-    print(f"wrote {args.markdown}")
+    if rss:
+        lines += ["| slide `rss_<side>_t<tissues>` (CLI defaults, 1 worker) | peak RSS (VmHWM) | wall s |",
+                  "|---|---:|---:|",
+                  *[f"| {name} | {peak / 2**30:.2f} GiB | {seconds:.0f} |" for name, (peak, seconds) in rss.items()],
+                  ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -340,10 +340,33 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- demo
+
+
+def add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="the paper's experiment end to end on an embedded synthetic dataset",
+                              description="synth -> shard -> teacher, baseline, KD and KD with two aux sets at two "
+                                          "low magnifications -> evaluation with CIs and GFLOPs -> report. Resumable.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a shortened run (CI): fewer slides, one epoch")
+    p.add_argument("--slurm", action="store_true", help="run the jobs through `hpcdistill launch` on SLURM")
+    p.add_argument("--workers", type=int, default=2, help="sharding processes (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from hpcdistill.demo import run_demo as demo
+
+    demo(args.out, quick=args.quick, slurm=args.slurm, workers=args.workers, seed=args.seed)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_synth, add_shard, add_train, add_evaluate, add_report, add_predict, add_flops, add_launch, add_status,
+    add_demo,
 ]
 
 

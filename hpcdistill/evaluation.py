@@ -26,6 +26,12 @@ KEY_SLIDE = re.compile(r"^(?P<slide>.*)_t\d+_w\d+$")  # shard keys are <slide>_t
 FIXED_SIZE_10X = 512  # px at 10x for the fixed-size GFLOPs column; scaled by mag/10 at lower magnifications
 
 
+def dataset_name(shards: str | Path) -> str:
+    """The shard folder's name, or its parent's when the folder is just called 'shards' (e.g. data/celiac/shards)."""
+    path = Path(shards).resolve()
+    return path.parent.name if path.name == "shards" else path.name
+
+
 def method_label(config: dict[str, Any]) -> str:
     """A readable method name from a run's resolved config, used when the caller gives none."""
     train, data = config.get("train", {}), config.get("data", {})
@@ -116,7 +122,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
     record = {
         "method": method or method_label(config),
         "study": study,
-        "dataset": Path(shards).resolve().name,
+        "dataset": dataset_name(shards),
         "mag": exported.mag,
         "split": split,
         "samples": len(labeled),

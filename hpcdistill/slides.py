@@ -35,7 +35,9 @@ pass, over shrink-times fewer pixels, runs in float with the gain divided out be
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 import os
 import re
@@ -199,6 +201,26 @@ def _as_srgb_uchar(image: pyvips.Image) -> pyvips.Image:
     elif image.bands > 3:
         image = image.extract_band(0, n=3)
     return image
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+_TIFFFILE_QUIET = _DropAll()
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """Mute tifffile's logger while probing a file: on a truncated/corrupt file it logs lines such as
+    'invalid page offset' to stderr, and the one-line SlideError raised here already says what is wrong."""
+    logger = logging.getLogger("tifffile")
+    logger.addFilter(_TIFFFILE_QUIET)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_TIFFFILE_QUIET)
 
 
 def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -478,7 +500,7 @@ def _open(path: str, osr: openslide.OpenSlide | None, base_mag: float | None) ->
     description, res_mpp = "", None
     tiff_error: BaseException | None = None
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             page0 = tif.pages[0]
             description = page0.description or ""
             res_mpp = _mpp_from_resolution(page0)

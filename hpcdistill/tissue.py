@@ -4,7 +4,8 @@ Otsu threshold on HSV saturation (stained tissue is coloured, glass is white/gre
 darker), morphological close then open, small objects removed, one padded bounding box per connected component,
 returned in level-0 coordinates.
 
-A per-slide fixed cost, so kept cheap (2048 px thumbnail, one core: ~50 ms for the mask, ~50 ms for the QC PNG):
+A per-slide fixed cost, so kept cheap (one core, 2048 px thumbnail: ~70 ms for the mask, ~60 ms for the QC PNG;
+4x less at the default 1024 px):
 8/16-bit channel arithmetic, libvips `morph` for the disk close/open (~10x scipy's binary morphology, same
 result), libvips PNG at a low compression level.
 """
@@ -29,7 +30,7 @@ QC_PNG_COMPRESSION = 3
 
 @dataclass(frozen=True)
 class TissueParams:
-    thumb_size: int = 2048  # long side of the thumbnail the mask is computed on (px)
+    thumb_size: int = 1024  # long side of the thumbnail the mask is computed on (px); QC PNG size
     channel: str = "saturation"  # "saturation": coloured = tissue; "grey": dark = tissue
     close_radius: int = 4  # thumbnail px; bridges gaps inside a tissue piece
     open_radius: int = 2  # thumbnail px; removes dust and thin debris

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ def tiles(image: np.ndarray, tile: int = TILE):
             yield block
 
 
-def write_svs(path: Path, image: np.ndarray, *, app_mag: float = 20, mpp: float = 0.499, level1=None) -> None:
+def write_svs(path: Path, image: np.ndarray, *, app_mag: float = 20, mpp: float = 0.499, level1=None,
+              level_subfiletype: int = 0) -> None:
     """Aperio layout: tiled JPEG baseline, stripped thumbnail, tiled /4 level, stripped label and macro."""
     height, width = image.shape[:2]
     head = f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE})"
@@ -43,7 +45,8 @@ def write_svs(path: Path, image: np.ndarray, *, app_mag: float = 20, mpp: float 
         thumb = np.ascontiguousarray(image[::8, ::8])
         tw.write(thumb, compression="jpeg", description=f"{head} -> {thumb.shape[1]}x{thumb.shape[0]} - {meta}", **common)
         tw.write(tiles(level1), shape=level1.shape, dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",
-                 description=f"{head} -> {level1.shape[1]}x{level1.shape[0]} - {meta}", **common)
+                 subfiletype=level_subfiletype, description=f"{head} -> {level1.shape[1]}x{level1.shape[0]} - {meta}",
+                 **common)
         tw.write(np.full((60, 80, 3), 200, np.uint8), compression="lzw", subfiletype=1,
                  description="Aperio Image Library v12.0.0\r\nlabel 80x60", **common)
         tw.write(np.full((60, 160, 3), 180, np.uint8), compression="jpeg", subfiletype=9,
@@ -131,13 +134,17 @@ def test_tiff_without_metadata_is_a_clear_error(tmp_path):
         assert slide.info.base_mag == 20.0 and slide.info.mpp is None
 
 
-def test_truncated_svs_is_a_clear_error(tmp_path, svs):
+def test_truncated_svs_is_a_clear_error(tmp_path, svs, caplog, capfd):
     path = tmp_path / "truncated.svs"
     data = svs.read_bytes()
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(SlideError) as err:
         open_slide(path)
     assert_one_line_error(err, path)
+    # our one line only: tifffile's own "invalid page offset" log line is muted while probing, and only then
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+    assert "invalid page offset" not in capfd.readouterr().err
+    assert not logging.getLogger("tifffile").filters
 
 
 def test_corrupt_tile_data_is_a_clear_error_on_read(tmp_path, svs):
@@ -172,6 +179,21 @@ def test_thumbnail_comes_from_the_reduced_level(svs):
     assert scale == pytest.approx(2100 / thumb.shape[1])
     corner = thumb[:2, :2].astype(int)
     assert (corner[..., 1] > 150).all() and (corner[..., 0] < 100).all()  # the level-1-only green marker
+
+
+def test_svs_levels_flagged_reduced_are_still_pyramid_levels(tmp_path):
+    """tifffile's SVS series stops at a level page with subfiletype 'reduced' (as our synthetic writer sets);
+    the level scan must not, or the thumbnail would decode the whole level 0."""
+    image = tissue_image(2100, 1500)
+    level1 = np.ascontiguousarray(image[::4, ::4])
+    level1[:8, :8] = (0, 255, 0)
+    path = tmp_path / "reduced.svs"
+    write_svs(path, image, level1=level1, level_subfiletype=1)
+    with open_slide(path) as slide:
+        assert slide.info.level_count == 2  # the stripped thumbnail, label and macro are not levels
+        thumb, scale = slide.thumbnail(max_size=400)
+    assert max(thumb.shape[:2]) == 400 and scale == pytest.approx(2100 / thumb.shape[1])
+    assert thumb[0, 0, 1] > 150 and thumb[0, 0, 0] < 100  # the level-1-only marker
 
 
 @pytest.fixture(scope="module")

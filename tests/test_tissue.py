@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.slides import open_slide
-from hpcdistill.tissue import TissueParams, find_tissue_boxes, otsu_threshold, tissue_mask, write_qc_png
+from hpcdistill.tissue import (TissueParams, disk, find_tissue_boxes, otsu_threshold, tissue_channel, tissue_mask,
+                               write_qc_png)
 
 from test_slides import write_svs
 
@@ -69,6 +71,23 @@ def test_small_objects_and_thin_debris_are_removed():
     assert mask[70, 90] and mask[200, 300]  # both blobs
     kept_small = tissue_mask(thumb, TissueParams(open_radius=0, min_area_frac=0.0))
     assert kept_small[10:12, 390:392].any()  # it is the filtering that removes it
+
+
+def test_fast_channels_and_morphology_equal_the_plain_definitions():
+    rng = np.random.default_rng(7)
+    thumb = rng.integers(0, 256, (60, 80, 3)).astype(np.uint8)
+    rgb = thumb.astype(np.int64)
+    high, low = rgb.max(axis=2), rgb.min(axis=2)
+    assert (tissue_channel(thumb, "saturation") == (high - low) * 255 // np.maximum(high, 1)).all()
+    grey = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114 + 500) // 1000
+    assert (tissue_channel(thumb, "grey") == 255 - grey).all()
+    # libvips close/open by a disk == scipy's, given enough edge padding for scipy's zero border
+    blobs = ndimage.gaussian_filter(rng.random((120, 160)), 3) > 0.5
+    colour = np.where(blobs[..., None], np.array(PINK, np.uint8), np.uint8(240))
+    params = TissueParams(close_radius=4, open_radius=2, min_area_frac=0.0)
+    padded = np.pad(blobs, 12, mode="edge")
+    expected = ndimage.binary_opening(ndimage.binary_closing(padded, disk(4)), disk(2))[12:-12, 12:-12]
+    assert blobs.mean() > 0.2 and (tissue_mask(colour, params) == expected).all()
 
 
 def test_otsu_separates_two_modes():
