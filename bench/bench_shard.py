@@ -7,6 +7,7 @@ the default --max-size) and the same magnifications:
          from level 0, JPEG q90, tars, manifest
   (a)    bare pyvips, vips defaults: for each region and each mag, crop of level 0 + `reduce` (Lanczos3) to the
          mag's size, to memory. The ceiling: no tissue finding, no encoding, no writing
+  (a')   stricter, not the issue's definition: as (a), but each region is decoded once into memory first
   (b)    what peers do: one OpenSlide read_region (level 0) per region + PIL LANCZOS resize to each mag
 CPU seconds are the process's user+system time (all threads): steadier than wall clock on a shared machine.
 (a) and shard run with the same VIPS_CONCURRENCY (1 unless set); (b) is single-threaded anyway.
@@ -39,6 +40,7 @@ from hpcdistill import sharding, slides, synthetic, tissue  # noqa: E402
 
 MAGS = (10.0, 5.0, 2.5, 1.25, 0.625)
 BASE_MAG = 40.0
+NOTES_MARKER = "<!-- notes: hand-written, kept when the tables above are regenerated -->"
 
 
 def ensure_slide(path: Path, width: int, height: int, n_tissues: int, seed: int) -> Path:
@@ -86,6 +88,14 @@ def run_vips(path: Path, regions: list) -> None:
             level0.crop(x, y, w, h).reduce(w / out_w, h / out_h, kernel="lanczos3").numpy()
 
 
+def run_vips_decode_once(path: Path, regions: list) -> None:
+    level0 = pyvips.Image.new_from_file(str(path))
+    for x, y, w, h in regions:
+        crop = level0.crop(x, y, w, h).copy_memory()
+        for out_w, out_h in sizes_for((x, y, w, h)):
+            crop.reduce(w / out_w, h / out_h, kernel="lanczos3").numpy()
+
+
 def run_openslide_pil(path: Path, regions: list) -> None:
     with openslide.OpenSlide(str(path)) as osr:
         for x, y, w, h in regions:
@@ -101,7 +111,6 @@ def run_shard(path: Path, out: Path, params: sharding.ShardParams) -> None:
 
 def fixed_costs(path: Path, params: sharding.ShardParams, qc_path: Path) -> dict[str, float]:
     """CPU seconds of the per-slide work the ceiling does not do: open, thumbnail, tissue boxes, QC PNG."""
-    cpu = {}
     t0 = cpu_seconds()
     with slides.open_slide(path) as slide:
         t1 = cpu_seconds()
@@ -153,6 +162,7 @@ def main() -> None:
 
     pipelines = {"shard": lambda: run_shard(slide, work / "shards", params),
                  "a": lambda: run_vips(slide, regions),
+                 "a_once": lambda: run_vips_decode_once(slide, regions),
                  "b": lambda: run_openslide_pil(slide, regions)}
     wall = dict.fromkeys(pipelines, float("inf"))
     cpu = dict.fromkeys(pipelines, float("inf"))
@@ -169,9 +179,10 @@ def main() -> None:
         print(f"{name:6s} wall {wall[name]:6.2f} s {wall_rate[name]:6.1f} Mpix/s   "
               f"CPU {cpu[name]:6.2f} s {cpu_rate[name]:6.1f} Mpix/CPU-s", flush=True)
     ratios = {(measure, ref): rate["shard"] / rate[ref]
-              for measure, rate in (("wall", wall_rate), ("cpu", cpu_rate)) for ref in ("a", "b")}
+              for measure, rate in (("wall", wall_rate), ("cpu", cpu_rate)) for ref in ("a", "a_once", "b")}
     for measure in ("wall", "cpu"):
         print(f"{measure}: shard / (a) = {ratios[measure, 'a']:.2f}x (target >= 0.7)   "
+              f"shard / (a') = {ratios[measure, 'a_once']:.2f}x   "
               f"shard / (b) = {ratios[measure, 'b']:.2f}x (target >= 2.5)", flush=True)
     print("fixed per-slide CPU s: " + ", ".join(f"{k} {v:.3f}" for k, v in fixed.items()), flush=True)
 
@@ -185,21 +196,25 @@ def main() -> None:
         for name, (peak, seconds) in rss.items():
             print(f"peak RSS {name}: {peak / 2**30:.2f} GiB ({seconds:.0f} s, CLI defaults)", flush=True)
     if args.markdown:
-        Path(args.markdown).write_text(markdown(args, slide, width, height, regions, mpix, wall, cpu, wall_rate,
-                                                cpu_rate, ratios, fixed, rss))
+        target = Path(args.markdown)
+        old = target.read_text() if target.exists() else ""
+        notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
+        target.write_text(markdown(args, slide, width, height, regions, mpix, wall, cpu, wall_rate, cpu_rate,
+                                   ratios, fixed, rss) + notes)
         print(f"wrote {args.markdown}")
 
 
 def markdown(args, slide, width, height, regions, mpix, wall, cpu, wall_rate, cpu_rate, ratios, fixed, rss) -> str:
     names = {"shard": "`hpcdistill shard` end to end (thumbnail, tissue, QC, 5 mags, JPEG q90, tars, manifest)",
              "a": "(a) bare pyvips: crop + `reduce` lanczos3 per region per mag (ceiling)",
+             "a_once": "(a') as (a), each region decoded once into memory first (stricter; informative)",
              "b": "(b) OpenSlide read_region per region + PIL LANCZOS per mag (peers)"}
 
     def ratio(name: str, measure: str) -> str:
         if name == "shard":
             return "1"
-        target = "0.7" if name == "a" else "2.5"
-        return f"{ratios[measure, name]:.2f}x (target >= {target})"
+        target = {"a": " (target >= 0.7)", "b": " (target >= 2.5)"}.get(name, "")
+        return f"{ratios[measure, name]:.2f}x{target}"
 
     lines = [
         "## Sharding benchmark (`bench/bench_shard.py`)", "",

@@ -265,7 +265,7 @@ def add_flops(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("flops", help="GFLOPs per forward pass per magnification (FLOPs = 2 x multiply-adds)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--stem", default="standard", choices=["standard", "lowres"])
+    p.add_argument("--stem", default="standard", choices=["standard", "halfres", "lowres"])
     p.add_argument("--num-classes", type=int, default=3)
     p.add_argument("--mags", type=_float_list, default=[10, 5, 2.5, 1.25, 0.625])
     p.add_argument("--manifest", help="shard folder or manifest.json: adds median/mean tissue sizes")
@@ -377,6 +377,30 @@ def build_parser() -> argparse.ArgumentParser:
     for add in SUBCOMMANDS:
         add(subparsers)
     return parser
+
+
+def reference_markdown() -> str:
+    """The README's CLI reference: each subcommand's one-line help and usage, at a fixed 100-column width.
+
+    tests/test_readme.py checks the README holds exactly this text, so the reference cannot drift from --help.
+    Regenerate with: python -c "from hpcdistill.cli import reference_markdown; print(reference_markdown())"
+    """
+    import os
+
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps usage to the terminal width
+    try:
+        parser = build_parser()
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        blocks = [f"#### `{PROG} {name}`: {helps[name]}\n\n```\n{sub.format_usage().strip()}\n```"
+                  for name, sub in action.choices.items()]
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+    return "\n\n".join(blocks)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

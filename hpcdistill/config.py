@@ -72,7 +72,7 @@ class ModelConfig:
     arch: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"
     width: int = 64
     groups: int = 32  # GroupNorm groups (capped at channels): batch-size independent, so micro-batch 1 + accumulation is exact
-    stem: Literal["standard", "lowres"] = "standard"  # "lowres" keeps a usable feature map for tiny low-mag inputs
+    stem: Literal["standard", "halfres", "lowres"] = "standard"  # lighter stems keep detail in small low-mag inputs at more FLOPs (models.py)
     num_classes: int = 3
     init: str = ""  # exported weights (best.pt) to start from: the distilled student for finetune
 

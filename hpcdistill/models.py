@@ -6,12 +6,22 @@ ours to choose:
 * GroupNorm replaces BatchNorm (paper §3.5): whole-tissue inputs run at micro-batch 1 with gradient
   accumulation, and BatchNorm statistics over one image are meaningless. The group count is capped at the
   channel count and lowered to the largest divisor of it, so narrow models (``width=8``) still build.
-* ``stem="standard"`` is the ImageNet stem (7x7 stride-2 conv + 3x3 stride-2 max-pool; total stride 32).
-  ``stem="lowres"`` is a 3x3 stride-1 conv with no max-pool (total stride 8), for low-magnification
-  students: a 32 px crop at 2.5x ends in a 1x1 map under the standard stem, which reduces the pixel loss to
-  matching a global summary of the teacher's map and leaves GroupNorm normalising a handful of values per
-  group. The low-res stem keeps a spatial map (4x4 for that crop) at ~16x the FLOPs of the standard stem
-  at the same input size -- still far below the teacher's cost at 10x.
+* ``stem`` trades a student's compute for the spatial detail it keeps. Per input pixel, relative to the
+  ImageNet stem, and what that means for a student at 1/N of the teacher's magnification (N^2 fewer pixels):
+
+  ============  ==========================================  ===========  ===========================
+  stem          layers                                      total stride student FLOPs / teacher's
+  ============  ==========================================  ===========  ===========================
+  ``standard``  7x7 stride-2 conv + 3x3 stride-2 max-pool   32           ~1/N^2 (1/16 at 2.5x)
+  ``halfres``   3x3 stride-2 conv, no max-pool               16           ~4/N^2 (1/4 at 2.5x)
+  ``lowres``    3x3 stride-1 conv, no max-pool               8            ~16/N^2 (about 1 at 2.5x)
+  ============  ==========================================  ===========  ===========================
+
+  The standard stem throws away 4x4 of resolution before the first residual block: right for a 10x teacher,
+  but a 40 px tissue at 2.5x then enters layer 1 at 10x10 and leaves a 2x2 map, so little of the remaining fine
+  detail is learnable and the pixel loss matches only a global summary of the teacher's map. The lighter stems
+  keep that detail at a price the table makes explicit; the paper used the standard stem for both models, which
+  suits its large whole-tissue inputs.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from torch import nn
 
 from hpcdistill.errors import HpcdistillError
 
-STEMS = ("standard", "lowres")
+STEMS = ("standard", "halfres", "lowres")
 
 
 def group_count(groups: int, channels: int) -> int:
@@ -113,8 +123,9 @@ class ResNet(nn.Module):
             self.stem = nn.Sequential(
                 nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False), group_norm(width, groups),
                 nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
-        else:
-            self.stem = nn.Sequential(conv3x3(in_chans, width), group_norm(width, groups), nn.ReLU(inplace=True))
+        else:  # "halfres" halves the input once; "lowres" keeps full resolution into layer 1
+            stride = 2 if stem == "halfres" else 1
+            self.stem = nn.Sequential(conv3x3(in_chans, width, stride), group_norm(width, groups), nn.ReLU(inplace=True))
         stages = []
         cin = width
         for i, blocks in enumerate(layers):

@@ -9,13 +9,13 @@ from torch import nn
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.models import ARCHS, build_model, group_count
 
-# Expected final-map side for a 64 px input: standard stem has total stride 32, lowres 8.
-STRIDE = {"standard": 32, "lowres": 8}
+# Expected final-map side for a 64 px input: standard stem has total stride 32, halfres 16, lowres 8.
+STRIDE = {"standard": 32, "halfres": 16, "lowres": 8}
 EXPANSION = {"resnet10": 1, "resnet18": 1, "resnet34": 1, "resnet50": 4}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("stem", ["standard", "lowres"])
+@pytest.mark.parametrize("stem", ["standard", "halfres", "lowres"])
 def test_output_shapes(arch: str, stem: str) -> None:
     torch.manual_seed(0)
     model = build_model(arch, 5, width=8, groups=4, stem=stem)

@@ -1,0 +1,48 @@
+"""The shortened demo, end to end through the real CLI: every artefact of the pipeline exists and is consistent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quick_demo_produces_every_artefact(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-m", "hpcdistill.cli", "demo", "--quick", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "data" / "shards" / "manifest.json").read_text())
+    assert manifest["mags"] == [10.0, 2.5, 1.25]
+    assert {"train", "val", "test", "aux1", "aux2"} <= set(manifest["splits"])
+    exp = out / "experiment"
+    runs = ["teacher"] + [f"{m}-{mag}x" for m in ("baseline", "kd", "kd_adv1", "kd_adv2") for mag in ("2.5", "1.25")]
+    for run in runs:
+        run_dir = exp / run
+        assert (run_dir / "best.pt").is_file(), run
+        assert list((run_dir / "tb").glob("events.out.tfevents.*")), run
+        record = json.loads((run_dir / "eval" / "test.json").read_text())
+        assert record["samples"] == manifest["splits"]["test"]["samples"]
+        assert record["bootstrap"]["iterations"] == 200
+    # the students are cheaper than the teacher, and 1.25x cheaper than 2.5x
+    flops = {run: json.loads((exp / run / "eval" / "test.json").read_text())["gflops"]["fixed"] for run in runs}
+    assert flops["teacher"] > flops["kd-2.5x"] > flops["kd-1.25x"]
+    report = (exp / "report" / "report.md").read_text()
+    for needle in ("Table 3 layout", "Table 4 layout", "mag = 2.5x", "mag = 1.25x", "KD (ADv1)", "KD (ADv2)",
+                   "paper's ordering"):
+        assert needle in report, needle
+    with Image.open(exp / "report" / "figure3.png") as img:
+        assert min(img.size) > 200
+    launch = json.loads((exp / "launch.json").read_text())
+    assert [j["kind"] for j in launch["jobs"]][0] == "teacher" and len(launch["jobs"]) == 6
+    assert "tensorboard --logdir" in proc.stdout and str(exp / "report" / "report.md") in proc.stdout
