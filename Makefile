@@ -5,7 +5,7 @@ export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean readme
 
 install: $(VENV)/.installed
 
@@ -28,3 +28,8 @@ bench: install
 
 clean:
 	rm -rf runs build *.egg-info
+
+# Regenerate the README's CLI reference from the parser (tests/test_readme.py checks it).
+readme: install
+	$(PY) -c "import re, pathlib; from hpcdistill.cli import reference_markdown as r; p = pathlib.Path('README.md'); \
+	p.write_text(re.sub(r'<!-- cli:start -->\n.*?<!-- cli:end -->', lambda m: '<!-- cli:start -->\n' + r() + '\n<!-- cli:end -->', p.read_text(), flags=re.S))"
