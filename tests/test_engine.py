@@ -128,20 +128,24 @@ RANK_SCRIPT = """
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank_plain_and_distill(tiny_dataset, tiny_teacher, tmp_path):
+def test_two_ranks_match_one_rank_in_every_mode(tiny_dataset, tiny_teacher, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent(RANK_SCRIPT))
     # ordered sampler: optimizer step s sees the same global samples for any world size
     common = ["data.sampler=ordered", "model.arch=resnet10", "model.width=8", "model.groups=4", "train.epochs=1",
               "log.progress=false", f"data.shards={tiny_dataset['shards']}", "data.mag=2.5", "model.stem=lowres"]
+    # all four modes; finetune starts from the baseline this same launch exported (its FC layer only trains)
     runs = {"baseline": ["train.mode=baseline", "data.epoch_samples=20"],
             "distill": ["train.mode=distill", f"teacher.checkpoint={tiny_teacher}", "data.aux=[aux1,aux2]",
-                        "data.epoch_samples=32"]}
+                        "data.epoch_samples=32"],
+            "finetune": ["train.mode=finetune", "model.init={out}/baseline/best.pt", "data.epoch_samples=20"],
+            "teacher": ["train.mode=teacher", "model.stem=standard", "data.epoch_samples=20"]}
 
     def argv(out: Path, accum: int) -> list[str]:
-        groups = [common + extra + [f"run.out_dir={out}", f"run.name={mode}", f"train.grad_accum={accum}"]
+        groups = [common + [e.format(out=out) for e in extra]
+                  + [f"run.out_dir={out}", f"run.name={mode}", f"train.grad_accum={accum}"]
                   for mode, extra in runs.items()]
-        return groups[0] + ["--"] + groups[1]
+        return [arg for group in groups for arg in group + ["--"]][:-1]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -162,5 +166,11 @@ def test_two_ranks_match_one_rank_plain_and_distill(tiny_dataset, tiny_teacher, 
         assert all(torch.equal(r0[k], r1[k]) for k in r0), mode  # data parallel keeps the replicas identical
         for k in r0:  # same global batch, same samples: the same update up to summation order
             torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{mode}: {k}")
-        init = engine.build_student(load_config(None, common + runs[mode]), tiny_dataset["manifest"]["classes"])
+        if mode == "finetune":
+            start = torch.load(two / "baseline" / "best.pt", weights_only=True)["state_dict"]
+            moved = {k for k in r0 if not torch.equal(r0[k], start[k])}
+            assert moved == {"fc.weight", "fc.bias"}, moved  # everything but the FC layer stayed frozen
+            continue
+        overrides = common + [e.format(out=two) for e in runs[mode]]
+        init = engine.build_student(load_config(None, overrides), tiny_dataset["manifest"]["classes"])
         assert any(not torch.equal(r0[k], v) for k, v in init.state_dict().items()), mode  # it really trained
