@@ -117,10 +117,8 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
     point = classification_metrics(y_true, y_pred, k)
     groups = [r["slide"] for r in labeled] if by_slide else None
     ci = bootstrap_ci(y_true, y_pred, k, iterations=iterations, level=level, seed=seed, groups=groups)
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    config = blob.get("config", {})
     record = {
-        "method": method or method_label(config),
+        "method": method or method_label(exported.config),
         "study": study,
         "dataset": dataset_name(shards),
         "mag": exported.mag,

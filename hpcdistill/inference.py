@@ -27,6 +27,7 @@ class ExportedModel:
     std: np.ndarray
     arch_kwargs: dict
     path: str
+    config: dict  # the run's resolved training config
 
 
 def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_classes: int | None = None) -> ExportedModel:
@@ -69,6 +70,7 @@ def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_cl
         std=np.asarray(stats["std"], dtype=np.float32),
         arch_kwargs=dict(blob["arch_kwargs"]),
         path=str(path),
+        config=dict(blob.get("config", {})),
     )
 
 

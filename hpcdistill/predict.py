@@ -36,7 +36,7 @@ def predict_slide(exported: ExportedModel, slide_path: str | Path, out_dir: Path
                 f"{slide_path}: scanned at {mag_name(info.base_mag)}, below the model's {mag_name(exported.mag)}"
             )
         thumb, scale = slide.thumbnail(tissue.thumb_size)
-        boxes = find_tissue_boxes(thumb, scale, tissue)
+        boxes = find_tissue_boxes(thumb, scale, tissue, slide_size=(info.width, info.height))
         if not boxes:
             raise HpcdistillError(f"{slide_path}: no tissue found on the thumbnail")
         tissues = []
