@@ -38,8 +38,8 @@ class DemoPlan:
     epoch_samples: int = 64  # tissues drawn per epoch by every run (see below)
 
 
-FULL = DemoPlan(slides={"train": 12, "val": 9, "test": 30}, aux1=24, aux2=36, size=(3072, 2304), mags=(2.5, 1.25),
-                teacher_epochs=40, student_epochs=60, iterations=10000)
+FULL = DemoPlan(slides={"train": 18, "val": 9, "test": 30}, aux1=24, aux2=36, size=(3072, 2304), mags=(2.5, 1.25),
+                teacher_epochs=40, student_epochs=80, iterations=10000)
 QUICK = DemoPlan(slides={"train": 3, "val": 3, "test": 3}, aux1=1, aux2=1, size=(1536, 1152), mags=(2.5, 1.25),
                  teacher_epochs=1, student_epochs=1, iterations=200, epoch_samples=16)
 # epoch_samples: every run draws the same number of tissues per epoch (resampled from its shards), so all methods get the same
@@ -105,8 +105,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    print(f"[1/3] synthetic slides and shards in {out / 'data'}", flush=True)
-    shards = prepare_data(out / "data", plan, workers, seed)
+    print(f"[1/3] synthetic slides and shards in {out / 'synthetic'}", flush=True)
+    shards = prepare_data(out / "synthetic", plan, workers, seed)
     experiment = write_experiment(out, shards, plan, slurm)
     mags = ", ".join(mag_name(m) for m in plan.mags)
     print(f"[2/3] teacher @ 10x, then baseline / KD / KD (ADv1) / KD (ADv2) @ {mags} "

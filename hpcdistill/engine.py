@@ -233,6 +233,7 @@ class State:
     global_step: int = 0  # optimizer steps
     best: float | None = None
     best_step: int = -1
+    best_loss: float = math.inf  # val loss of the best export: breaks ties of the selection metric
     last_ckpt: str = ""
     last_val: dict[str, Any] = field(default_factory=dict)
     meter: dict[str, float] = field(default_factory=dict)
@@ -280,7 +281,7 @@ def save_checkpoint(state: State) -> str:
     tag = f"step{state.global_step:09d}"
     client = {
         "epoch": state.epoch, "batch": state.batch, "global_step": state.global_step,
-        "best": state.best, "best_step": state.best_step, "last_val": _scalars(state.last_val),
+        "best": state.best, "best_step": state.best_step, "best_loss": state.best_loss, "last_val": _scalars(state.last_val),
         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
     }
     state.engine.save_checkpoint(str(state.ckpt_dir), tag=tag, client_state=client, save_latest=False)
@@ -316,6 +317,7 @@ def resume(state: State) -> None:
         raise TrainError(f"run.resume: could not load {target}")
     state.epoch, state.batch, state.global_step = client["epoch"], client["batch"], client["global_step"]
     state.best, state.best_step, state.last_val = client["best"], client["best_step"], client.get("last_val", {})
+    state.best_loss = client.get("best_loss", math.inf)
     torch.set_rng_state(client["torch_rng"])
     random.setstate(client["python_rng"])
     state.last_ckpt = str(target)
@@ -523,8 +525,10 @@ def end_epoch(state: State) -> None:
     if metrics and name not in metrics:
         raise TrainError(f"train.select_metric: {name!r} is not a val metric (have {', '.join(_scalars(metrics))})")
     value = metrics.get(name)
-    if value is None or state.best is None or value > state.best:
-        state.best, state.best_step = value, state.global_step
+    loss = metrics.get("loss", math.inf)
+    # A small val set saturates (e.g. accuracy 1.0 at several epochs): among tied epochs keep the lowest val loss.
+    if value is None or state.best is None or value > state.best or (value == state.best and loss < state.best_loss):
+        state.best, state.best_step, state.best_loss = value, state.global_step, loss
         export_weights(state, state.cfg.run_dir / "best.pt")
     state.epoch += 1
     state.batch = 0

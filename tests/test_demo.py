@@ -22,7 +22,7 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hpcdistill.cli", "demo", "--quick", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((out / "data" / "shards" / "manifest.json").read_text())
+    manifest = json.loads((out / "synthetic" / "shards" / "manifest.json").read_text())
     assert manifest["mags"] == [10.0, 2.5, 1.25]
     assert {"train", "val", "test", "aux1", "aux2"} <= set(manifest["splits"])
     exp = out / "experiment"
