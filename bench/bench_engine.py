@@ -19,7 +19,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
     os.environ.setdefault(key, value)
 
-from hpcdistill.engine import setup_distributed  # noqa: E402
+from hpcdistill.engine import setup_distributed, skip_single_rank_allreduce  # noqa: E402
 from hpcdistill.models import build_model  # noqa: E402
 
 
@@ -30,6 +30,7 @@ def ds_engine(model: torch.nn.Module, lr: float):
               "optimizer": {"type": "Adam", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
               "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    skip_single_rank_allreduce(engine, 1)  # as hpcdistill.engine sets it up
     return engine
 
 

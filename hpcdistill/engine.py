@@ -247,6 +247,13 @@ class State:
         return self.plan.steps_per_epoch * self.cfg.train.grad_accum
 
 
+def skip_single_rank_allreduce(engine: Any, world: int) -> None:
+    """With one rank there is nothing to reduce, but DeepSpeed still flattens, all-reduces and copies back every
+    gradient after each backward (~4% of a ResNet-18 step on CPU): switch that path off."""
+    if world == 1:
+        engine.enable_backward_allreduce = False
+
+
 def build_state(cfg: Config) -> State:
     import deepspeed
 
@@ -257,6 +264,7 @@ def build_state(cfg: Config) -> State:
     model = build_student(cfg, plan.classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    skip_single_rank_allreduce(engine, world)
     dtype = next(engine.module.parameters()).dtype
     teacher = build_teacher(cfg).to(device, dtype=dtype) if cfg.train.mode == "distill" else None
     state = State(cfg, rank, world, device, engine, teacher, plan, NullWriter(), dtype)
