@@ -26,7 +26,7 @@ STATS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 def write_tiny_shards(out: Path, splits: dict[str, list[int]], *, low_size=(8, 8), vary=False, labeled=("train", "val"),
                       mags=(10.0, 2.5), seed=0, stats=None, marker=False, extra=None) -> Path:
-    """Shards in CONTRACT.md's format: {split}-NNNNNN.tar holding 10x.png + low-mag png(s) + cls + json, and a
+    """Shards in the sharder's format (shards/README.md): {split}-NNNNNN.tar holding 10x.png + low-mag png(s) + cls + json, and a
     manifest. The 10x image is the low-mag image upsampled by nearest neighbour, so the pair is exactly aligned.
     `splits` maps split -> samples per shard. `marker` puts one white low-mag pixel at a random place.
     Hand-made only for what the sharder cannot give on purpose: exactly aligned pairs (it resamples with Lanczos),
