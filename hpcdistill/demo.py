@@ -42,10 +42,11 @@ FULL = DemoPlan(slides={"train": 18, "val": 9, "test": 30}, aux1=24, aux2=36, si
                 teacher_epochs=40, student_epochs=80, iterations=10000)
 QUICK = DemoPlan(slides={"train": 3, "val": 3, "test": 3}, aux1=1, aux2=1, size=(1536, 1152), mags=(2.5, 1.25),
                  teacher_epochs=1, student_epochs=1, iterations=200, epoch_samples=16)
-# epoch_samples: every run draws the same number of tissues per epoch (resampled from its shards), so all methods get the same
-# number of optimizer steps and KD with an auxiliary set sees more *distinct* tissues for the same compute, as in the
-# paper. Micro-batch 1 without accumulation: the demo's labeled set is small, so optimizer steps are what is scarce.
-# Methods of Table 4: (key, label, overrides). KD reads the labeled train tissues without their labels;
+# epoch_samples: every run draws the same number of tissues per epoch (resampled from its shards), so all methods get
+# the same number of optimizer steps and KD with an auxiliary set sees more *distinct* tissues for the same compute,
+# as in the paper. Micro-batch 1 without accumulation: the demo's labeled set is small, so steps are what is scarce.
+
+# Methods of Table 4: (key, label, config, overrides). KD reads the labeled train tissues without their labels;
 # KD (ADv1) reads train + ADv1; KD (ADv2) reads train + ADv1 + ADv2.
 METHODS = (
     ("baseline", "Baseline", "configs/demo/baseline.yaml", []),
@@ -71,7 +72,7 @@ def prepare_data(root: Path, plan: DemoPlan, workers: int, seed: int) -> Path:
     return shards
 
 
-def write_experiment(out: Path, shards: Path, plan: DemoPlan, slurm: bool) -> Path:
+def write_experiment(out: Path, shards: Path, plan: DemoPlan) -> Path:
     """The demo as an experiment file: exactly what `hpcdistill launch` takes."""
     steps = [f"data.epoch_samples={plan.epoch_samples}", "train.grad_accum=1"]
     epochs = [f"train.epochs={plan.student_epochs}", *steps]
@@ -87,8 +88,6 @@ def write_experiment(out: Path, shards: Path, plan: DemoPlan, slurm: bool) -> Pa
         "resources": {"default": {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1,
                                   "mem_gb": 4, "timeout_min": 60, "signal_delay_s": 30, "max_requeue": 3}},
     }
-    if slurm:
-        experiment["resources"]["default"].update({"partition": None, "account": None})
     path = out / "experiment.yaml"
     path.write_text("# Written by `hpcdistill demo`; rerun it with `hpcdistill launch " + str(path) + "`\n"
                     + yaml.safe_dump(experiment, sort_keys=False))
@@ -107,7 +106,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     started = time.monotonic()
     print(f"[1/3] synthetic slides and shards in {out / 'synthetic'}", flush=True)
     shards = prepare_data(out / "synthetic", plan, workers, seed)
-    experiment = write_experiment(out, shards, plan, slurm)
+    experiment = write_experiment(out, shards, plan)
     mags = ", ".join(mag_name(m) for m in plan.mags)
     print(f"[2/3] teacher @ 10x, then baseline / KD / KD (ADv1) / KD (ADv2) @ {mags} "
           f"({'SLURM' if slurm else 'local processes'})", flush=True)
