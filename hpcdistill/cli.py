@@ -274,8 +274,7 @@ def add_flops(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_flops(args: argparse.Namespace) -> int:
-    import json
-
+    from hpcdistill.data import read_manifest
     from hpcdistill.evaluation import FIXED_SIZE_10X, flops_per_mag
     from hpcdistill.models import build_model
 
@@ -288,11 +287,7 @@ def run_flops(args: argparse.Namespace) -> int:
     manifest = None
     if args.manifest:
         path = Path(args.manifest)
-        path = path / "manifest.json" if path.is_dir() else path
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise HpcdistillError(f"{path}: cannot read manifest ({err})") from None
+        manifest = read_manifest(path if path.is_dir() else path.parent)
     rows = flops_per_mag(model, args.mags, manifest)
     print(f"GFLOPs per forward pass (FLOPs = 2 x multiply-adds; torchvision's '1.814 GFLOPS' for resnet18 is "
           f"multiply-adds). Fixed field of view: {FIXED_SIZE_10X} px at 10x.")

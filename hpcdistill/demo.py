@@ -116,7 +116,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     if not report.is_file():
         raise HpcdistillError(f"{report}: the evaluation job did not write the report (see {exp_dir}/launch.json)")
     print("[3/3] evaluation and report", flush=True)
-    results = load_results(sorted(p.parent.parent for p in exp_dir.glob("*/eval/test.json")))
+    results = load_results([exp_dir])  # every run's eval/*.json under the experiment folder
     summary = {
         "report": str(report),
         "figure": str(report.parent / "figure3.png"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpcdistill.data import Standardizer, finish_batch
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
 from hpcdistill.models import build_model
@@ -23,8 +24,7 @@ class ExportedModel:
     model: torch.nn.Module
     mag: float
     classes: list[str]
-    mean: np.ndarray  # per-channel, [0,1] scale, of the labeled train split at `mag`
-    std: np.ndarray
+    stats: dict  # {"mean", "std"}: per-channel, [0,1] scale, of the labeled train split at `mag`
     arch_kwargs: dict
     path: str
     config: dict  # the run's resolved training config
@@ -66,23 +66,23 @@ def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_cl
         model=model,
         mag=mag,
         classes=list(blob["classes"]),
-        mean=np.asarray(stats["mean"], dtype=np.float32),
-        std=np.asarray(stats["std"], dtype=np.float32),
+        stats={"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]},
         arch_kwargs=dict(blob["arch_kwargs"]),
         path=str(path),
         config=dict(blob.get("config", {})),
     )
 
 
-def standardise(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 RGB -> 1x3xHxW float32, standardised by the train split's per-channel mean and std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    x = (x - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None]
-    return x.unsqueeze(0)
+def standardise(image: np.ndarray, stats: dict) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> 1x3xHxW float32 through the loader's own Standardizer and finish_batch, so prediction
+    preprocesses a tissue exactly as training and evaluation do."""
+    planes = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()[None]
+    colour_map = torch.from_numpy(Standardizer(stats).plain)[None]
+    return finish_batch({"x": planes, "x_map": colour_map})["x"]
 
 
 @torch.no_grad()
 def predict_probabilities(exported: ExportedModel, image: np.ndarray) -> np.ndarray:
     """Class probabilities for one whole-tissue image at the model's magnification."""
-    _, logits = exported.model(standardise(image, exported.mean, exported.std))
+    _, logits = exported.model(standardise(image, exported.stats))
     return torch.softmax(logits.float(), dim=1)[0].numpy()
