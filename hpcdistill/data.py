@@ -23,6 +23,7 @@ import io
 import json
 import math
 import random
+import signal
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -501,9 +502,16 @@ def collate(samples: list[dict[str, Any]], crop: bool) -> dict[str, Any]:
     return batch
 
 
+def leave_requeue_to_main_process(worker_id: int) -> None:
+    """SLURM sends the time-limit signal (SIGUSR2) to every process of the step, and forked workers inherit the
+    main process's submitit handler: without this each worker would also dump the job and call `scontrol requeue`."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def make_loader(spec: StreamSpec, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """batch_size=None: the stream batches itself (per-worker split, bucketing); the loader only adds workers."""
     return torch.utils.data.DataLoader(
         ShardStream(spec), batch_size=None, num_workers=num_workers, persistent_workers=False,
         prefetch_factor=2 if num_workers else None,
+        worker_init_fn=leave_requeue_to_main_process if num_workers else None,
     )

@@ -35,8 +35,10 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -260,6 +262,14 @@ def master_port(job_id: str) -> int:
     return 20000 + number % 20000
 
 
+def ignore_requeue_signal() -> None:
+    """Called when a task's work is done. A time-limit signal after this point must not requeue the finished job
+    (submitit's handler would), nor kill it: Python resets its handlers to the default action while the interpreter
+    shuts down, and SIGUSR2's default is to terminate, which turns a job that has written its result into FAILED."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SIG_IGN survives interpreter shutdown; handlers do not
+
+
 class TrainTask:
     """`engine.run(load_config(config, overrides))` with rank/world/master from submitit's JobEnvironment."""
 
@@ -285,7 +295,9 @@ class TrainTask:
         start = f"resuming from {found[-1]}" if found and cfg.run.resume == "auto" else "starting fresh"
         print(f"hpcdistill launch: {cfg.run_dir} rank {env.global_rank}/{env.num_tasks} on {env.hostname}: {start}",
               flush=True)
-        return engine.run(cfg)
+        result = engine.run(cfg)
+        ignore_requeue_signal()
+        return result
 
     def checkpoint(self) -> Any:
         """Called by submitit on timeout/preemption: resubmit as is; the engine resumes from its last checkpoint."""
@@ -313,6 +325,7 @@ class EvaluateTask:
                                 study=run["study"], iterations=self.iterations)
         run_dirs = [run["run_dir"] for run in self.runs]
         report = write_report(load_results(run_dirs), self.report_dir)
+        ignore_requeue_signal()
         return {"report": str(report), "evaluated": run_dirs}
 
     def checkpoint(self) -> Any:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,25 @@ def test_workers_and_resume_skip_reproduce_the_sequence(tmp_path):
         assert [b["key"] for b in tail] == [b["key"] for b in ref[5:]]
         for a, b in zip(tail, ref[5:]):
             assert torch.equal(a["x"], b["x"]) and torch.equal(a["t"], b["t"])  # same augmentation draws
+
+
+def ignored_signals(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+
+
+def test_loader_workers_leave_the_requeue_signal_to_the_main_process(tmp_path):
+    # SLURM signals every process of a job step; a forked worker would otherwise run the trainer's requeue handler.
+    shards = write_tiny_shards(tmp_path, {"train": [6]})
+    usr2 = 1 << (signal.SIGUSR2 - 1)
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    before = set(children.read_text().split())
+    assert not ignored_signals(os.getpid()) & usr2  # the main process keeps its handler
+    batches = iter(make_loader(spec(shards, "train", samples=6), num_workers=1))
+    next(batches)
+    workers = set(children.read_text().split()) - before
+    assert len(workers) == 1 and all(ignored_signals(int(p)) & usr2 for p in workers)
+    assert len(list(batches)) == 5
 
 
 def test_bucketed_batches_crop_pairs_consistently(tmp_path):

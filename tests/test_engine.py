@@ -96,6 +96,14 @@ def test_kill_and_resume_is_bit_identical(tiny_dataset, tmp_path):
     assert rest["best"] == full["best"] and rest["best_step"] == full["best_step"]
     complete = [p.name for p in engine.complete_checkpoints(ckpts)]
     assert len(complete) == 2 and complete[-1] == "step000000012"  # keep_last
+    # A requeue that lands after the last step (the time-limit signal came during export) reruns a finished run:
+    # it must load the final checkpoint and return the same result without training or exporting anything new.
+    again = engine.run(cfg_for(tiny_dataset, tmp_path, "part", "baseline", 2.5, *extra))
+    assert again["global_step"] == 12 and not again["stopped_early"]
+    assert again["best"] == rest["best"] and again["best_step"] == rest["best_step"]
+    c = weights(Path(again["last_path"]))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert [p.name for p in engine.complete_checkpoints(ckpts)] == complete
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
+import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -264,48 +267,94 @@ def logged_steps(tb_dir: Path) -> list[list[int]]:
     return runs
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_slurm_time_limit_requeues_and_resumes_from_checkpoint(slurm_cluster, shards, tmp_path):
-    # About 80 s of training (the step rate is measured here first) against a 1-minute limit; the margin absorbs a
-    # machine that gets faster between calibration and job (load from other processes going away). slurmctld checks time
-    # limits every 30 s and signals up to one check early, so with a 5 s delay the signal comes 25-55 s into a run:
-    # the first run is always cut; each rerun resumes from the latest checkpoint (one every ~4 s of work).
-    overrides = [*TINY, "train.checkpoint_every_steps=1000000", "data.val=[]"]  # as the job, bar checkpoints
-    cfg = L.load_config(REPO / "configs/demo/teacher.yaml", [*overrides, f"data.shards={shards}",
-                                                              f"run.out_dir={tmp_path / 'calibrate'}"])
-    from hpcdistill import engine
+def final_history(job_id: str, timeout_s: float = 30) -> list[str]:
+    """sacct's states for every run of a job, once the last one is final (sacct lags the result file a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while (history := sacct_history(job_id))[-1] not in L.FINAL_STATES and time.monotonic() < deadline:
+        time.sleep(1)
+    return history
 
-    seconds = {}
-    for samples in (100, 1100):  # the difference cancels the start-up cost
-        cfg.data.epoch_samples, cfg.run.name = samples, f"c{samples}"
-        t0 = time.perf_counter()
-        engine.run(cfg)
-        seconds[samples] = time.perf_counter() - t0
-    rate = 1000 / max(seconds[1100] - seconds[100], 0.5)  # steps per second (1 sample per step)
-    every = max(50, int(rate * 4) // 50 * 50)
-    steps = max(every * 4, int(rate * 80) // every * every)
-    overrides = [*TINY, f"data.epoch_samples={steps}", f"train.checkpoint_every_steps={every}", "data.val=[]"]
-    resources = {"default": dict(CPU, timeout_min=1, signal_delay_s=5, max_requeue=4)}
-    path = tiny_experiment(tmp_path, shards, "requeue", {}, resources=resources, evaluate={"enabled": False},
-                           teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides})
-    record = L.launch(path, cluster="slurm", wait=True, wait_timeout_s=360)
-    task = record["jobs"][0]["tasks"][0]
-    assert task["result"]["global_step"] == steps and not task["result"]["stopped_early"]
-    deadline = time.monotonic() + 30
-    while (history := sacct_history(task["job_id"]))[-1] not in L.FINAL_STATES and time.monotonic() < deadline:
-        time.sleep(1)  # the result file is written a moment before the step ends
-    assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
+
+def check_resumed_runs(task: dict, every: int, runs_expected: int) -> tuple[list[int], list[list[int]]]:
+    """Each rerun of the job loaded the latest checkpoint and went on from the step after it; only the steps between
+    that checkpoint and the kill were done twice."""
     log = Path(task["stdout"]).read_text()
     resumed = [int(m) for m in re.findall(r"resuming from \S*/step(\d+)", log)]
-    assert log.count("starting fresh") == 1 and len(resumed) == len(history) - 1 >= 1
+    assert log.count("starting fresh") == 1 and len(resumed) == runs_expected - 1, log[-2000:]
     runs = logged_steps(Path(task["tensorboard"]))
-    assert len(runs) == len(history)
+    assert len(runs) == runs_expected
     for before, after, start in zip(runs, runs[1:], resumed):
+        assert start >= every and start % every == 0  # a checkpoint written by the run before
         assert after[0] == start + 1  # the rerun continues right after the checkpoint it loaded
         assert 0 <= before[-1] - start <= every  # only the steps after the last checkpoint were done twice
+    return resumed, runs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_time_limit_requeues_resumes_and_bounds_the_requeues(slurm_cluster, shards, tmp_path):
+    # Training that no two 1-minute runs can finish, with one requeue allowed. slurmctld checks time limits every 30 s
+    # and signals up to one check early, so with a 5 s delay the signal comes 25-55 s into each run, whatever the
+    # machine's speed: the first run is requeued, the second resumes from the latest checkpoint and, signalled
+    # again, ends the job as failed in one line instead of requeueing forever.
+    every = 200
+    overrides = [*TINY, "data.epoch_samples=1000000", f"train.checkpoint_every_steps={every}", "data.val=[]"]
+    resources = {"default": dict(CPU, timeout_min=1, signal_delay_s=5, max_requeue=1)}
+    path = tiny_experiment(tmp_path, shards, "timelimit", {}, resources=resources, evaluate={"enabled": False},
+                           teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides})
+    with pytest.raises(L.LaunchError) as info:
+        L.launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
+    message = str(info.value)
+    assert message.startswith("teacher: job ") and "timed-out too many times" in message and "\n" not in message
+    task = json.loads((tmp_path / "runs" / "timelimit" / "launch.json").read_text())["jobs"][0]["tasks"][0]
+    assert final_history(task["job_id"]) == ["REQUEUED", "FAILED"]
+    (start,), runs = check_resumed_runs(task, every, runs_expected=2)
+    assert runs[1][-1] > start + every  # the second run made progress of its own before its signal
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, shards, tmp_path):
+    # Preemption with PreemptMode=REQUEUE kills the job and queues it again, with no signal to catch first:
+    # `scontrol requeue` does exactly that, here as soon as the first checkpoint is complete. The rerun resumes.
+    steps, every = 6000, 300
+    overrides = [*TINY, f"data.epoch_samples={steps}", f"train.checkpoint_every_steps={every}", "data.val=[]"]
+    path = tiny_experiment(tmp_path, shards, "preempt", {}, resources={"default": CPU}, evaluate={"enabled": False},
+                           teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides})
+    from hpcdistill.engine import complete_checkpoints
+
+    exp_dir = tmp_path / "runs" / "preempt"
+    with ThreadPoolExecutor(1) as pool:
+        launched = pool.submit(L.launch, path, cluster="slurm", wait=True, wait_timeout_s=240)
+        deadline = time.monotonic() + 120
+        while not complete_checkpoints(exp_dir / "teacher" / "checkpoints") and time.monotonic() < deadline:
+            assert not launched.done(), launched.exception()
+            time.sleep(0.1)
+        job_id = json.loads((exp_dir / "launch.json").read_text())["jobs"][0]["tasks"][0]["job_id"]
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, timeout=30)
+        record = launched.result()
+    task = record["jobs"][0]["tasks"][0]
+    assert task["result"]["global_step"] == steps and not task["result"]["stopped_early"]
+    assert final_history(job_id) == ["REQUEUED", "COMPLETED"]
+    _, runs = check_resumed_runs(task, every, runs_expected=2)
     assert sorted(set(s for run in runs for s in run)) == list(range(1, steps + 1))
+
+
+def test_finished_task_ignores_a_late_time_limit_signal(tmp_path):
+    # The signal can land after the work is done, while the interpreter shuts down and has already put SIGUSR2 back
+    # to its default action (terminate): the job's result is written, yet SLURM would record FAILED.
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from hpcdistill.launch import ignore_requeue_signal
+        signal.signal(signal.SIGUSR2, lambda *_: print("requeue", flush=True))  # as submitit's handler
+        ignore_requeue_signal()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        print("alive", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["alive"], done.stderr
 
 
 @pytest.mark.slurm
