@@ -97,6 +97,9 @@ class TrainConfig:
     temperature: float = 4.0
     pixel_resize: list[str] = field(default_factory=lambda: ["maxpool", "bicubic"])  # subset of maxpool/bicubic; [] = KD only
     checkpoint_every_steps: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = only at epoch ends
+    # Minutes of training between mid-epoch checkpoints (rank 0's clock), however fast the steps: bounds the work a
+    # preemption or time limit can lose on any GPU. Either cadence or both; 0 = off.
+    checkpoint_every_min: float = 0.0
     keep_last: int = 3
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = run all epochs
     select_metric: str = "auto"  # val metric for best.pt: "auto" = accuracy, or agreement with the teacher in distill
@@ -284,6 +287,7 @@ def _check(cfg: Config) -> None:
         "data.epoch_samples": cfg.data.epoch_samples, "data.num_workers": cfg.data.num_workers,
         "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps, "train.max_steps": cfg.train.max_steps,
         "train.weight_decay": cfg.train.weight_decay, "log.images_every": cfg.log.images_every,
+        "train.checkpoint_every_min": cfg.train.checkpoint_every_min,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -235,6 +235,7 @@ class State:
     best_step: int = -1
     best_loss: float = math.inf  # val loss of the best export: breaks ties of the selection metric
     last_ckpt: str = ""
+    last_save_time: float = field(default_factory=time.monotonic)  # for train.checkpoint_every_min
     last_val: dict[str, Any] = field(default_factory=dict)
     meter: dict[str, float] = field(default_factory=dict)
 
@@ -300,6 +301,7 @@ def save_checkpoint(state: State) -> str:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     state.last_ckpt = str(state.ckpt_dir / tag)
+    state.last_save_time = time.monotonic()
     return state.last_ckpt
 
 
@@ -378,7 +380,7 @@ def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, floa
 
 def check_finite(state: State, loss: torch.Tensor) -> None:
     """Stop every rank together (a rank leaving alone would hang the others in the all-reduce)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # on the device: NCCL reduces no CPU tensors
     if state.world > 1:
         torch.distributed.all_reduce(bad)
     if bad.item():
@@ -429,10 +431,23 @@ def train_epoch(state: State) -> bool:
         bar.update(1)
         bar.set_postfix(loss=f"{losses['total']:.4f}")
         every = cfg.train.checkpoint_every_steps
-        if every and state.global_step % every == 0 and state.batch < state.micro_per_epoch:
+        due = bool(every and state.global_step % every == 0) | checkpoint_time_due(state)  # `|`: both are collective
+        if due and state.batch < state.micro_per_epoch:
             save_checkpoint(state)
     bar.close()
     return False
+
+
+def checkpoint_time_due(state: State) -> bool:
+    """train.checkpoint_every_min: rank 0's clock decides and every rank follows (saving a checkpoint is collective,
+    and ranks' clocks differ); one tiny broadcast per optimizer step, only when the option is on."""
+    minutes = state.cfg.train.checkpoint_every_min
+    if not minutes:
+        return False
+    due = torch.tensor([float(time.monotonic() - state.last_save_time >= minutes * 60)], device=state.device)
+    if state.world > 1:
+        torch.distributed.broadcast(due, src=0)
+    return bool(due.item())
 
 
 def log_scalars(state: State, images_per_s: float) -> None:

@@ -147,7 +147,9 @@ def test_two_ranks_match_one_rank_in_every_mode(tiny_dataset, tiny_teacher, tmp_
             "distill": ["train.mode=distill", f"teacher.checkpoint={tiny_teacher}", "data.aux=[aux1,aux2]",
                         "data.epoch_samples=32"],
             "finetune": ["train.mode=finetune", "model.init={out}/baseline/best.pt", "data.epoch_samples=20"],
-            "teacher": ["train.mode=teacher", "model.stem=standard", "data.epoch_samples=20"]}
+            # a checkpoint at every step by the clock: rank 0 decides for both ranks (a split decision would hang)
+            "teacher": ["train.mode=teacher", "model.stem=standard", "data.epoch_samples=20",
+                        "train.checkpoint_every_min=1e-9", "train.keep_last=10"]}
 
     def argv(out: Path, accum: int) -> list[str]:
         groups = [common + [e.format(out=out) for e in extra]
@@ -174,6 +176,10 @@ def test_two_ranks_match_one_rank_in_every_mode(tiny_dataset, tiny_teacher, tmp_
         assert all(torch.equal(r0[k], r1[k]) for k in r0), mode  # data parallel keeps the replicas identical
         for k in r0:  # same global batch, same samples: the same update up to summation order
             torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{mode}: {k}")
+        if mode == "teacher":  # 20 samples, global batch 4: 5 steps, each checkpointed (4 by time, 1 at epoch end)
+            for out in (two, one):
+                names = [p.name for p in engine.complete_checkpoints(out / mode / "checkpoints")]
+                assert names == [f"step{s:09d}" for s in range(1, 6)], names
         if mode == "finetune":
             start = torch.load(two / "baseline" / "best.pt", weights_only=True)["state_dict"]
             moved = {k for k in r0 if not torch.equal(r0[k], start[k])}
