@@ -89,6 +89,8 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-max-samples", type=int, help="cap per shard in samples")
     p.add_argument("--split-ratios", type=_float_list, default=list(defaults.split_ratios),
                    help="train,val,test ratios for labeled slides without a split (patient level, per class)")
+    p.add_argument("--classes", type=lambda text: [c.strip() for c in text.split(",")],
+                   help="class order (= label ids), e.g. normal,duodenitis,celiac (default: labels sorted)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel")
     p.add_argument("--overwrite", action="store_true", help="delete earlier shards/manifest in --out first")
@@ -106,7 +108,7 @@ def run_shard(args: argparse.Namespace) -> int:
         mags=tuple(args.mags), max_size=args.max_size, image_format=args.image_format,
         jpeg_quality=args.jpeg_quality, shard_size=sharding.parse_size(args.shard_size),
         shard_max_samples=args.shard_max_samples, base_mag=args.base_mag, split_ratios=tuple(args.split_ratios),
-        seed=args.seed, tissue=tissue_params)
+        seed=args.seed, classes=tuple(args.classes) if args.classes else None, tissue=tissue_params)
     manifest = sharding.run_sharding(args.inputs, args.out, labels_csv=args.labels, params=params,
                                      workers=args.workers, overwrite=args.overwrite, strict=args.strict,
                                      progress=False if args.no_progress else None)

@@ -66,6 +66,8 @@ class ShardParams:
     base_mag: float | None = None
     split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
+    # Class order (= the cls ids); None = the CSV's labels sorted. Clinical order reads better in reports.
+    classes: tuple[str, ...] | None = None
     tissue: tissue.TissueParams = dataclasses.field(default_factory=tissue.TissueParams)
 
     def __post_init__(self) -> None:
@@ -78,6 +80,12 @@ class ShardParams:
             raise ShardingError(f"--format {self.image_format!r}: must be 'jpg' or 'png'")
         if not self.mags:
             raise ShardingError("--mags: at least one magnification is needed")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(self.classes))
+            repeated = sorted({c for c in self.classes if self.classes.count(c) > 1})
+            if not self.classes or repeated or not all(self.classes):
+                raise ShardingError(f"--classes {','.join(self.classes)!r}: needs distinct, non-empty names"
+                                    + (f" ({', '.join(repeated)} repeated)" if repeated else ""))
         if len(set(self.mags)) != len(self.mags):
             raise ShardingError(f"--mags {','.join(map(mag_name, self.mags))}: repeated magnification")
         if self.max_size < 1:
@@ -246,6 +254,12 @@ def make_plan(slide_paths: list[Path], labels_csv: str | os.PathLike | None,
         return jobs, []
     rows = read_labels_csv(labels_csv, slide_paths)
     classes = sorted({r.label for r in rows.values() if r.label})
+    if params.classes is not None:
+        unknown = [r for r in sorted(rows.values(), key=lambda r: r.line) if r.label and r.label not in params.classes]
+        if unknown:
+            raise ShardingError(f"{labels_csv}:{unknown[0].line}: label {unknown[0].label!r} is not in --classes "
+                                f"({', '.join(params.classes)})")
+        classes = list(params.classes)
     splits = assign_splits(rows.values(), params.split_ratios, params.seed)
     jobs = []
     for p in slide_paths:

@@ -170,6 +170,26 @@ def test_slide_missing_from_csv_is_skipped(dataset):
     assert set(skipped.values()) == {"not in labels CSV"}
 
 
+def test_explicit_class_order_sets_label_ids_and_refuses_unknown_labels(dataset, tmp_path, capsys):
+    slides = [str(dataset["good"] / "s40a.tiff"), str(dataset["good"] / "s40b.svs")]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,patient,label,split\ns40a,p1,normal,train\ns40b,p2,tumor,train\n")
+    out = tmp_path / "ordered"
+    assert cli.main(["shard", *slides, "--labels", str(labels), "--out", str(out), "--mags", "10,2.5",
+                     "--classes", "tumor,normal,necrosis", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["classes"] == ["tumor", "normal", "necrosis"]  # the given order, absent classes kept
+    assert manifest["splits"]["train"]["class_histogram"]["necrosis"] == 0
+    ids = {s["json"]["slide"]: s["cls"] for s in read_samples(out).values()}
+    assert ids and {ids[k] for k in ids if k == "s40a"} == {1} and {ids[k] for k in ids if k == "s40b"} == {0}
+    code = cli.main(["shard", *slides, "--labels", str(labels), "--out", str(tmp_path / "bad"),
+                     "--classes", "normal,benign", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"{labels}:3: label 'tumor' is not in --classes (normal, benign)" in err
+    with pytest.raises(ShardingError, match="normal repeated"):
+        ShardParams(classes=("normal", "tumor", "normal"))
+
+
 # ------------------------------------------------------------------------------------------------ real shards
 
 def test_tars_are_webdataset_with_dotless_keys(dataset):
