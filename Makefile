@@ -25,6 +25,7 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_shard.py
+	$(PY) bench/bench_metrics.py
 
 clean:
 	rm -rf runs build *.egg-info
