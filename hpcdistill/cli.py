@@ -198,6 +198,8 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", help="name in the report (default: from the run's config)")
     p.add_argument("--study", default="main", choices=["main", "ablation"])
     p.add_argument("--out", help="output folder (default <checkpoint folder>/eval)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes decoding the shards (default 0)")
     p.set_defaults(func=run_evaluate)
 
 
@@ -207,7 +209,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     record = evaluate_checkpoint(args.checkpoint, args.shards, args.split, method=args.method, study=args.study,
                                  iterations=args.iterations, level=args.level, by_slide=args.by_slide,
-                                 out_dir=args.out)
+                                 out_dir=args.out, device=args.device, workers=args.workers)
     print(f"{record['method']} @ {record['mag']:g}x on {args.split} ({record['samples']} samples):")
     for metric, value in record["metrics"].items():
         print(f"  {metric:<10} {format_ci(tuple(value))}")
@@ -243,6 +245,7 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("slides", nargs="+", help="slide files, directories or globs")
     p.add_argument("--out", required=True, help="folder for tissues.csv, slides.csv, predictions.json, overlays/")
     p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
+    p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N (default auto)")
     _add_tissue_flags(p)
     p.set_defaults(func=run_predict)
 
@@ -252,7 +255,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from hpcdistill.sharding import collect_slides
 
     summary = predict_slides(args.model, collect_slides(args.slides), args.out, base_mag=args.base_mag,
-                             tissue=_tissue_params(args))
+                             tissue=_tissue_params(args), device=args.device)
     ok = [s for s in summary["slides"] if s["status"] == "ok"]
     for s in ok:
         print(f"{s['slide']}: {s['call']} ({len(s['tissues'])} tissues)")

@@ -18,7 +18,7 @@ import torch
 
 from hpcdistill.data import StreamSpec, make_loader, mag_stats, read_manifest, resolve_sets
 from hpcdistill.errors import HpcdistillError
-from hpcdistill.inference import load_exported
+from hpcdistill.inference import load_exported, pick_device
 from hpcdistill.mags import mag_name
 from hpcdistill.metrics import bootstrap_ci, classification_metrics, forward_flops, gflops
 
@@ -68,8 +68,9 @@ def flops_at_sizes(model: torch.nn.Module, manifest: dict[str, Any] | None, mag:
 
 @torch.no_grad()
 def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str, Any], split: str,
-                  mag: float) -> list[dict[str, Any]]:
-    """(key, slide, label, prediction, probabilities) for every sample of the split, in shard order."""
+                  mag: float, workers: int = 0) -> list[dict[str, Any]]:
+    """(key, slide, label, prediction, probabilities) for every sample of the split, in shard order, on the model's
+    device; `workers` loader processes decode the shards in parallel (whole tissues at 10x decode slowly)."""
     splits = manifest.get("splits", {})
     sets = resolve_sets(shards, manifest, [split]) if split in splits else None
     if sets is None or not sets.urls or sets.samples == 0:
@@ -79,10 +80,11 @@ def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
     spec = StreamSpec(urls=sets.urls, mode="labeled", mag=mag, teacher_mag=mag,
                       stats={mag_name(mag): mag_stats(manifest, mag)}, micro_batch=1, samples=-1, sampler="ordered")
+    device = next(model.parameters()).device
     rows = []
-    for batch in make_loader(spec):
-        _, logits = model(batch["x"])
-        probs = torch.softmax(logits.float(), dim=1)[0]
+    for batch in make_loader(spec, workers):
+        _, logits = model(batch["x"].to(device))
+        probs = torch.softmax(logits.float(), dim=1)[0].cpu()
         key = batch["key"][0]
         match = KEY_SLIDE.match(key)
         rows.append({"key": key, "slide": match["slide"] if match else key, "y": int(batch["y"][0]),
@@ -92,8 +94,11 @@ def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str
 
 def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str = "test", *, method: str | None = None,
                         study: str = "main", iterations: int = 10000, level: float = 0.95, seed: int = 0,
-                        by_slide: bool = False, out_dir: str | Path | None = None) -> dict[str, Any]:
+                        by_slide: bool = False, out_dir: str | Path | None = None, device: str = "auto",
+                        workers: int = 0) -> dict[str, Any]:
     """Score `checkpoint` on `split` of the shards in `shards`; returns and writes the evaluation record.
+
+    `device`: "auto" (a GPU if there is one), "cpu", "cuda" or "cuda:N"; inference runs in fp32 either way.
 
     `by_slide` resamples whole slides in the bootstrap (tissues of one slide are correlated); the default is the
     paper's plain resampling of test samples with replacement.
@@ -107,7 +112,8 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
     if not any(math.isclose(exported.mag, m) for m in mags):
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: no {mag_name(exported.mag)} images "
                               f"(the model's magnification); shards have {', '.join(map(mag_name, mags))}")
-    rows = predict_split(exported.model, shards, manifest, split, exported.mag)
+    exported.model.to(pick_device(device))
+    rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers)
     labeled = [r for r in rows if r["y"] >= 0]
     if not labeled:
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")

@@ -29,6 +29,27 @@ class ExportedModel:
     path: str
     config: dict  # the run's resolved training config
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto": the first GPU if there is one, else the CPU; or an explicit "cpu", "cuda", "cuda:N"."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HpcdistillError(f"--device {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise HpcdistillError(f"--device {name!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise HpcdistillError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
 
 def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_classes: int | None = None) -> ExportedModel:
     """Load an exported weights file; errors name the file and what does not match."""
@@ -84,5 +105,5 @@ def standardise(image: np.ndarray, stats: dict) -> torch.Tensor:
 @torch.no_grad()
 def predict_probabilities(exported: ExportedModel, image: np.ndarray) -> np.ndarray:
     """Class probabilities for one whole-tissue image at the model's magnification."""
-    _, logits = exported.model(standardise(image, exported.stats))
-    return torch.softmax(logits.float(), dim=1)[0].numpy()
+    _, logits = exported.model(standardise(image, exported.stats).to(exported.device))
+    return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hpcdistill.errors import HpcdistillError
-from hpcdistill.inference import ExportedModel, load_exported, predict_probabilities
+from hpcdistill.inference import ExportedModel, load_exported, pick_device, predict_probabilities
 from hpcdistill.mags import mag_name
 from hpcdistill.slides import open_slide, target_size
 from hpcdistill.tissue import TissueParams, find_tissue_boxes, write_qc_png
@@ -60,9 +60,10 @@ def predict_slide(exported: ExportedModel, slide_path: str | Path, out_dir: Path
 
 
 def predict_slides(model_path: str | Path, slides: list[str | Path], out_dir: str | Path, *,
-                   base_mag: float | None = None, tissue: TissueParams | None = None) -> dict:
+                   base_mag: float | None = None, tissue: TissueParams | None = None, device: str = "auto") -> dict:
     """Predict many slides; writes tissues.csv, slides.csv and predictions.json into out_dir."""
     exported = load_exported(model_path)
+    exported.model.to(pick_device(device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -42,6 +42,23 @@ def test_evaluate_by_slide_bootstrap_differs_from_plain(tiny_dataset, tiny_teach
     assert slides["bootstrap"]["resample"] == "slides"
 
 
+def test_evaluate_with_loader_workers_and_explicit_device_gives_the_same_predictions(tiny_dataset, tiny_teacher,
+                                                                                    tmp_path):
+    one = evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", iterations=100, out_dir=tmp_path / "a")
+    two = evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", iterations=100, out_dir=tmp_path / "b",
+                              device="cpu", workers=2)
+    assert (tmp_path / "a" / "test_predictions.csv").read_text() == (tmp_path / "b" / "test_predictions.csv").read_text()
+    assert one["metrics"] == two["metrics"] and one["samples"] == two["samples"]
+
+
+@pytest.mark.parametrize("device, reason", [("cuda:99", "this machine has"), ("tpu", "not a device"),
+                                            ("meta", "only cpu and cuda")])
+def test_bad_device_is_one_line(tiny_dataset, tiny_teacher, tmp_path, device, reason):
+    with pytest.raises(HpcdistillError, match=f"--device '{device}': {reason}"):
+        evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", iterations=10, out_dir=tmp_path,
+                            device=device)
+
+
 def test_evaluate_bad_inputs(tiny_dataset, tiny_teacher, tmp_path):
     shards = tiny_dataset["shards"]
     with pytest.raises(HpcdistillError, match="split 'nope' is empty or absent"):
