@@ -293,10 +293,16 @@ def save_checkpoint(state: State) -> str:
         "best": state.best, "best_step": state.best_step, "best_loss": state.best_loss, "last_val": _scalars(state.last_val),
         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
     }
-    state.engine.save_checkpoint(str(state.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-    barrier()
-    if state.rank == 0:
-        (state.ckpt_dir / tag / COMPLETE).write_text(json.dumps({"global_step": state.global_step, "epoch": state.epoch}))
+    try:
+        state.engine.save_checkpoint(str(state.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        barrier()
+        if state.rank == 0:
+            (state.ckpt_dir / tag / COMPLETE).write_text(json.dumps({"global_step": state.global_step,
+                                                                     "epoch": state.epoch}))
+    except OSError as err:  # a full disk or quota: the half-written folder has no marker and is never resumed from
+        shutil.rmtree(state.ckpt_dir / tag, ignore_errors=True)
+        raise TrainError(f"{state.ckpt_dir / tag}: checkpoint not saved ({err.strerror or err}); the last complete "
+                         f"one, {state.last_ckpt or 'none'}, is intact: free space and rerun to resume") from None
         for old in complete_checkpoints(state.ckpt_dir)[: -state.cfg.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -346,8 +352,13 @@ def export_weights(state: State, path: Path) -> Path:
         "config": cfg.to_dict(), "stats": state.plan.stats[mag_name(mag)],
     }
     tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise TrainError(f"{path}: weights not exported ({err.strerror or err}); the last complete checkpoint, "
+                         f"{state.last_ckpt or 'none'}, is intact: free space and rerun to resume") from None
     return path
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -104,6 +105,29 @@ def test_kill_and_resume_is_bit_identical(tiny_dataset, tmp_path):
     c = weights(Path(again["last_path"]))
     assert all(torch.equal(a[k], c[k]) for k in a)
     assert [p.name for p in engine.complete_checkpoints(ckpts)] == complete
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(tiny_dataset, tmp_path, monkeypatch):
+    extra = ("train.checkpoint_every_steps=2", "data.epoch_samples=12")  # 6 steps
+    real_save = torch.save
+
+    def save_until_disk_full(obj, f, *args, **kwargs):  # DeepSpeed writes its checkpoint files with torch.save
+        if "step000000004" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_disk_full)
+    with pytest.raises(HpcdistillError) as err:
+        engine.run(cfg_for(tiny_dataset, tmp_path, "disk", "baseline", 2.5, *extra))
+    ckpts = tmp_path / "disk" / "checkpoints"
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{ckpts / 'step000000004'}: checkpoint not saved (No space")
+    assert f"{ckpts / 'step000000002'}, is intact" in message
+    assert [p.name for p in engine.complete_checkpoints(ckpts)] == ["step000000002"]
+    assert not (ckpts / "step000000004").exists()  # the half-written folder is gone: its space is given back
+    monkeypatch.setattr(torch, "save", real_save)
+    rest = engine.run(cfg_for(tiny_dataset, tmp_path, "disk", "baseline", 2.5, *extra))
+    assert rest["global_step"] == 6 and not rest["stopped_early"]
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
