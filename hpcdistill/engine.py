@@ -303,6 +303,7 @@ def save_checkpoint(state: State) -> str:
         shutil.rmtree(state.ckpt_dir / tag, ignore_errors=True)
         raise TrainError(f"{state.ckpt_dir / tag}: checkpoint not saved ({err.strerror or err}); the last complete "
                          f"one, {state.last_ckpt or 'none'}, is intact: free space and rerun to resume") from None
+    if state.rank == 0:
         for old in complete_checkpoints(state.ckpt_dir)[: -state.cfg.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
