@@ -192,6 +192,14 @@ def test_laptop_clusters_run_the_stages_in_order(tmp_path, shards, cluster):
     rows = L.status(exp_dir)
     assert [r["state"] for r in rows] == ["COMPLETED"] * 3
     assert "kd-2.5x" in L.format_status(rows) and json.loads((exp_dir / "launch.json").read_text())["cluster"] == cluster
+    if cluster == "debug":  # relaunching a finished experiment retrains nothing: each run returns from its checkpoint
+        from hpcdistill.engine import complete_checkpoints
+
+        run_dir = exp_dir / "kd-2.5x"
+        before = (sorted(complete_checkpoints(run_dir / "checkpoints")), (run_dir / "best.pt").read_bytes())
+        again = L.launch(path, cluster=cluster)
+        assert again["jobs"][1]["tasks"][0]["result"] == record["jobs"][1]["tasks"][0]["result"]
+        assert (sorted(complete_checkpoints(run_dir / "checkpoints")), (run_dir / "best.pt").read_bytes()) == before
 
 
 
