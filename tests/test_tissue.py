@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.slides import open_slide
-from hpcdistill.tissue import (TissueParams, disk, find_tissue_boxes, otsu_threshold, tissue_channel, tissue_mask,
-                               write_qc_png)
+from hpcdistill.tissue import (TissueParams, disk, find_tissue_boxes, ink_mask, otsu_threshold, tissue_channel,
+                               tissue_mask, write_qc_png)
 
 from test_slides import write_svs
 
@@ -102,6 +102,29 @@ def test_params_are_validated():
         TissueParams(pad_frac=-1)
 
 
+GREEN_INK, BLUE_INK = (20, 140, 70), (35, 65, 185)  # marker colours as scanned (hue ~143 and ~228 degrees)
+
+
+def with_pen_marks(thumb: np.ndarray) -> np.ndarray:
+    """A green stroke and a blue tick on the glass, and a green stroke across the pink tissue."""
+    out = thumb.copy()
+    out[250:258, 20:200] = GREEN_INK
+    out[150:200, 180:188] = BLUE_INK
+    out[195:201, 250:350] = GREEN_INK
+    return out
+
+
+def test_pen_marks_are_not_tissue():
+    clean, inked = slide_thumb(), with_pen_marks(slide_thumb())
+    assert len(find_tissue_boxes(inked, 16.0, TissueParams(drop_ink=False))) > 2  # the strokes become "tissue"
+    assert find_tissue_boxes(inked, 16.0, TissueParams()) == find_tissue_boxes(clean, 16.0, TissueParams())
+    mask = tissue_mask(inked, TissueParams())
+    assert mask[190:210, 260:340].all()  # the stroke over the tissue is closed over, not cut out
+    # stains, incl. dense hematoxylin and the bluest, most saturated nucleus pixel of the demo slides (hue 233)
+    stains = np.array([PINK, PURPLE, (133, 127, 191), (70, 63, 143), (90, 60, 140), (50, 60, 165)], np.uint8)[None]
+    assert not ink_mask(stains).any() and ink_mask(np.array([[GREEN_INK, BLUE_INK]], np.uint8)).all()
+
+
 def test_qc_png_draws_the_boxes(tmp_path):
     thumb = slide_thumb()
     boxes = find_tissue_boxes(thumb, 4.0, TissueParams())
@@ -122,6 +145,7 @@ def test_tissue_on_a_real_svs(tmp_path):
     image = np.full((1200, 1600, 3), 238, np.uint8)
     image[100:500, 200:700] = PINK
     image[700:1100, 900:1500] = PURPLE
+    image[1150:1170, 100:1400] = GREEN_INK  # an annotation line on the glass
     path = tmp_path / "two.svs"
     write_svs(path, image)
     with open_slide(path) as slide:
