@@ -383,9 +383,16 @@ def forward_loss(state: State, batch: dict[str, Any]) -> dict[str, torch.Tensor]
 
 def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, float]:
     """One micro-batch; DeepSpeed scales by 1/grad_accum and steps the optimizer at the accumulation boundary."""
-    losses = forward_loss(state, batch)
-    check_finite(state, losses["total"])
-    state.engine.backward(losses["total"])
+    try:
+        losses = forward_loss(state, batch)
+        check_finite(state, losses["total"])
+        state.engine.backward(losses["total"])
+    except torch.cuda.OutOfMemoryError:  # whole tissues vary in size: name the one that did not fit
+        height, width = batch["x"].shape[-2:]
+        raise TrainError(f"step {state.global_step + 1} (epoch {state.epoch}): out of GPU memory on "
+                         f"{batch['key'][0]} ({width}x{height} px at {mag_name(model_mag(state.cfg))}, micro-batch "
+                         f"{len(batch['key'])}); reshard with a smaller --max-size (tissues are cut into aligned "
+                         f"windows) or lower train.micro_batch. Last checkpoint: {state.last_ckpt or 'none'}") from None
     state.engine.step()
     return {k: float(v.detach()) for k, v in losses.items()}
 
@@ -469,6 +476,10 @@ def log_scalars(state: State, images_per_s: float) -> None:
     state.meter.clear()
     state.writer.add_scalar("lr", state.engine.get_lr()[0], state.global_step)
     state.writer.add_scalar("throughput/images_per_s", images_per_s, state.global_step)
+    if state.device.type == "cuda":  # peak since the last log: whole tissues vary, so the peak is what matters
+        state.writer.add_scalar("memory/peak_allocated_gib", torch.cuda.max_memory_allocated(state.device) / 2**30,
+                                state.global_step)
+        torch.cuda.reset_peak_memory_stats(state.device)
 
 
 def log_images(state: State, batch: dict[str, Any]) -> None:

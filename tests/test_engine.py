@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -137,6 +138,27 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
     cfg = load_config(None, tiny_train_overrides(bad, tmp_path, "nan", "baseline", 2.5))
     with pytest.raises(HpcdistillError, match=r"step 1 \(epoch 0\): loss is nan.*Last good checkpoint: none"):
         engine.run(cfg)
+
+
+def test_out_of_gpu_memory_names_the_tissue_and_its_size(tiny_dataset, tmp_path, monkeypatch):
+    # Unit test of the error path (no GPU here): the real forward runs until the third micro-batch "does not fit".
+    calls, real_forward = [], engine.forward_loss
+
+    def forward_until_oom(state, batch):
+        calls.append(batch["key"][0])
+        if len(calls) == 5:  # grad_accum 2: step 3's first micro-batch
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(state, batch)
+
+    monkeypatch.setattr(engine, "forward_loss", forward_until_oom)
+    cfg = cfg_for(tiny_dataset, tmp_path, "oom", "baseline", 2.5, "train.checkpoint_every_steps=1",
+                  "train.grad_accum=2", "data.epoch_samples=12")
+    with pytest.raises(HpcdistillError) as err:
+        engine.run(cfg)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"step 3 (epoch 0): out of GPU memory on {calls[-1]} (")
+    assert re.search(r"\(\d+x\d+ px at 2\.5x, micro-batch 1\); reshard with a smaller --max-size", message)
+    assert message.endswith(str(tmp_path / "oom" / "checkpoints" / "step000000002"))
 
 
 RANK_SCRIPT = """
