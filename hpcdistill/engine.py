@@ -309,6 +309,7 @@ def save_checkpoint(state: State) -> str:
     barrier()
     state.last_ckpt = str(state.ckpt_dir / tag)
     state.last_save_time = time.monotonic()
+    state.writer.flush()  # TensorBoard is on disk up to the checkpoint: a hard kill (preemption) loses only the rerun part
     return state.last_ckpt
 
 
