@@ -389,11 +389,12 @@ def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, floa
         check_finite(state, losses["total"])
         state.engine.backward(losses["total"])
     except torch.cuda.OutOfMemoryError:  # whole tissues vary in size: name the one that did not fit
-        height, width = batch["x"].shape[-2:]
+        sizes = [f"{x.shape[-1]}x{x.shape[-2]} px at {mag_name(mag)}" for name, mag in
+                 (("x", model_mag(state.cfg)), ("t", state.cfg.data.teacher_mag)) if (x := batch.get(name)) is not None]
         raise TrainError(f"step {state.global_step + 1} (epoch {state.epoch}): out of GPU memory on "
-                         f"{batch['key'][0]} ({width}x{height} px at {mag_name(model_mag(state.cfg))}, micro-batch "
-                         f"{len(batch['key'])}); reshard with a smaller --max-size (tissues are cut into aligned "
-                         f"windows) or lower train.micro_batch. Last checkpoint: {state.last_ckpt or 'none'}") from None
+                         f"{batch['key'][0]} ({', '.join(sizes)}, micro-batch {len(batch['key'])}); reshard with a "
+                         f"smaller --max-size (tissues are cut into aligned windows) or lower train.micro_batch. "
+                         f"Last checkpoint: {state.last_ckpt or 'none'}") from None
     state.engine.step()
     return {k: float(v.detach()) for k, v in losses.items()}
 

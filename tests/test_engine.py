@@ -140,7 +140,7 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
         engine.run(cfg)
 
 
-def test_out_of_gpu_memory_names_the_tissue_and_its_size(tiny_dataset, tmp_path, monkeypatch):
+def test_out_of_gpu_memory_names_the_tissue_and_its_size(tiny_dataset, tiny_teacher, tmp_path, monkeypatch):
     # Unit test of the error path (no GPU here): the real forward runs until the third micro-batch "does not fit".
     calls, real_forward = [], engine.forward_loss
 
@@ -159,6 +159,10 @@ def test_out_of_gpu_memory_names_the_tissue_and_its_size(tiny_dataset, tmp_path,
     assert "\n" not in message and message.startswith(f"step 3 (epoch 0): out of GPU memory on {calls[-1]} (")
     assert re.search(r"\(\d+x\d+ px at 2\.5x, micro-batch 1\); reshard with a smaller --max-size", message)
     assert message.endswith(str(tmp_path / "oom" / "checkpoints" / "step000000002"))
+    calls.clear()  # distillation: the teacher's 10x input is usually the one that does not fit, so it is named too
+    with pytest.raises(HpcdistillError, match=r"out of GPU memory on \S+ \(\d+x\d+ px at 2\.5x, \d+x\d+ px at 10x, "):
+        engine.run(cfg_for(tiny_dataset, tmp_path, "oomkd", "distill", 2.5, f"teacher.checkpoint={tiny_teacher}",
+                           "train.grad_accum=2", "data.epoch_samples=12"))
 
 
 RANK_SCRIPT = """
