@@ -508,10 +508,11 @@ def leave_requeue_to_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def make_loader(spec: StreamSpec, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """batch_size=None: the stream batches itself (per-worker split, bucketing); the loader only adds workers."""
+def make_loader(spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """batch_size=None: the stream batches itself (per-worker split, bucketing); the loader only adds workers.
+    pin_memory (for a GPU): page-locked batches, so finish_batch's non_blocking copies really overlap."""
     return torch.utils.data.DataLoader(
-        ShardStream(spec), batch_size=None, num_workers=num_workers, persistent_workers=False,
+        ShardStream(spec), batch_size=None, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
         prefetch_factor=2 if num_workers else None,
         worker_init_fn=leave_requeue_to_main_process if num_workers else None,
     )

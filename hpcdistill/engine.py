@@ -426,7 +426,7 @@ def train_epoch(state: State) -> bool:
 
     cfg = state.cfg
     spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=state.epoch, start_batch=state.batch, val=False)
-    loader = iter(make_loader(spec, cfg.data.num_workers))
+    loader = iter(make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda"))
     accum = cfg.train.grad_accum
     bar = tqdm(total=state.plan.steps_per_epoch, initial=state.batch // accum, desc=f"epoch {state.epoch}",
                disable=state.rank != 0 or not cfg.log.progress, leave=False, dynamic_ncols=True)
@@ -512,7 +512,7 @@ def validate(state: State) -> dict[str, Any]:
     module = state.engine.module
     module.eval()
     rows = []
-    for batch in make_loader(spec, cfg.data.num_workers):
+    for batch in make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda"):
         batch = finish_batch(batch, state.device, state.dtype)
         x = batch["x"]
         s_feat, logits = module(x)

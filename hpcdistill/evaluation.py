@@ -82,7 +82,7 @@ def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str
                       stats={mag_name(mag): mag_stats(manifest, mag)}, micro_batch=1, samples=-1, sampler="ordered")
     device = next(model.parameters()).device
     rows = []
-    for batch in make_loader(spec, workers):
+    for batch in make_loader(spec, workers, pin_memory=device.type == "cuda"):
         _, logits = model(batch["x"].to(device))
         probs = torch.softmax(logits.float(), dim=1)[0].cpu()
         key = batch["key"][0]
