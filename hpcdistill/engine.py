@@ -382,11 +382,11 @@ def forward_loss(state: State, batch: dict[str, Any]) -> dict[str, torch.Tensor]
     return {"total": F.cross_entropy(logits.float(), batch["y"].to(state.device))}
 
 
-def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, float]:
-    """One micro-batch; DeepSpeed scales by 1/grad_accum and steps the optimizer at the accumulation boundary."""
+def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One micro-batch; DeepSpeed scales by 1/grad_accum and steps the optimizer at the accumulation boundary.
+    Returns the losses as device tensors: reading them here would make the host wait for the device every micro-batch."""
     try:
         losses = forward_loss(state, batch)
-        check_finite(state, losses["total"])
         state.engine.backward(losses["total"])
     except torch.cuda.OutOfMemoryError:  # whole tissues vary in size: name the one that did not fit
         sizes = [f"{x.shape[-1]}x{x.shape[-2]} px at {mag_name(mag)}" for name, mag in
@@ -396,28 +396,32 @@ def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, floa
                          f"smaller --max-size (tissues are cut into aligned windows) or lower train.micro_batch. "
                          f"Last checkpoint: {state.last_ckpt or 'none'}") from None
     state.engine.step()
-    return {k: float(v.detach()) for k, v in losses.items()}
+    return {k: v.detach().float() for k, v in losses.items()}
 
 
 def check_finite(state: State, loss: torch.Tensor) -> None:
-    """Stop every rank together (a rank leaving alone would hang the others in the all-reduce)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # on the device: NCCL reduces no CPU tensors
+    """Stop every rank together (a rank leaving alone would hang the others in the next collective). Checked once
+    per optimizer step: a non-finite step has already updated the weights in memory, but nothing is saved after it."""
+    bad = (~torch.isfinite(loss)).float().reshape(1)  # on the device: NCCL reduces no CPU tensors
     if state.world > 1:
         torch.distributed.all_reduce(bad)
     if bad.item():
-        raise TrainError(f"step {state.global_step + 1} (epoch {state.epoch}): loss is {float(loss.detach())} on "
+        raise TrainError(f"step {state.global_step + 1} (epoch {state.epoch}): loss is {float(loss)} on "
                          f"{int(bad.item())} rank(s); stopped. Last good checkpoint: {state.last_ckpt or 'none'}")
 
 
 def train_step(state: State, batches: list[dict[str, Any]]) -> dict[str, float]:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean losses."""
-    sums: dict[str, float] = {}
+    """One optimizer step over `grad_accum` micro-batches; returns the mean losses (one host-device sync per step)."""
+    sums: dict[str, torch.Tensor] = {}
     for batch in batches:
         for k, v in forward_backward_step(state, batch).items():
-            sums[k] = sums.get(k, 0.0) + v
+            sums[k] = sums[k] + v if k in sums else v
+    means = {k: v / len(batches) for k, v in sums.items()}
+    check_finite(state, means["total"])
+    values = torch.stack(list(means.values())).tolist()
     state.global_step += 1
     state.batch += len(batches)
-    return {k: v / len(batches) for k, v in sums.items()}
+    return dict(zip(means, values))
 
 
 def train_epoch(state: State) -> bool:
