@@ -469,10 +469,12 @@ def checkpoint_time_due(state: State) -> bool:
     minutes = state.cfg.train.checkpoint_every_min
     if not minutes:
         return False
-    due = torch.tensor([float(time.monotonic() - state.last_save_time >= minutes * 60)], device=state.device)
-    if state.world > 1:
-        torch.distributed.broadcast(due, src=0)
-    return bool(due.item())
+    due = time.monotonic() - state.last_save_time >= minutes * 60
+    if state.world == 1:
+        return due
+    flag = torch.tensor([float(due)], device=state.device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def log_scalars(state: State, images_per_s: float) -> None:
