@@ -95,6 +95,9 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel")
     p.add_argument("--overwrite", action="store_true", help="delete earlier shards/manifest in --out first")
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any slide is skipped")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan only: splits, labels, base mags, tissues and samples per slide, skips with reasons; "
+                        "writes just qc/*.png and plan.json to --out (check tissue finding before a long run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_tissue_flags(p)
     p.set_defaults(func=run_shard)
@@ -109,6 +112,9 @@ def run_shard(args: argparse.Namespace) -> int:
         jpeg_quality=args.jpeg_quality, shard_size=sharding.parse_size(args.shard_size),
         shard_max_samples=args.shard_max_samples, base_mag=args.base_mag, split_ratios=tuple(args.split_ratios),
         seed=args.seed, classes=tuple(args.classes) if args.classes else None, tissue=tissue_params)
+    if args.dry_run:
+        return print_shard_plan(sharding.preview_sharding(args.inputs, args.out, labels_csv=args.labels, params=params,
+                                                          workers=args.workers), args.out, args.strict)
     manifest = sharding.run_sharding(args.inputs, args.out, labels_csv=args.labels, params=params,
                                      workers=args.workers, overwrite=args.overwrite, strict=args.strict,
                                      progress=False if args.no_progress else None)
@@ -118,6 +124,19 @@ def run_shard(args: argparse.Namespace) -> int:
     skipped = sum(1 for s in manifest["slides"].values() if s["status"] != "ok")
     print(f"{args.out}/manifest.json: {len(manifest['slides']) - skipped} slides ok, {skipped} skipped")
     return 0
+
+
+def print_shard_plan(plan: dict, out: str, strict: bool) -> int:
+    skipped = [row for row in plan["slides"] if row["status"] != "ok"]
+    for split, entry in plan["splits"].items():
+        classes = ", ".join(f"{c} {n}" for c, n in entry["class_slides"].items() if n)
+        print(f"{split}: {entry['samples']} samples, {entry['tissues']} tissues, {entry['slides']} slides, "
+              f"{entry['patients']} patients" + (f" (slides per class: {classes})" if classes else ""))
+    for row in skipped:
+        print(f"skipped: {row['reason']}")
+    print(f"{out}/plan.json: {len(plan['slides']) - len(skipped)} slides ok, {len(skipped)} would be skipped; "
+          f"QC images in {out}/qc/ (nothing sharded: --dry-run)")
+    return 2 if strict and skipped else 0
 
 
 # --------------------------------------------------------------------------------------------------------- synth

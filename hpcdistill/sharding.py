@@ -392,14 +392,10 @@ def _shard_open_slide(job: SlideJob, params: ShardParams, qc_dir: Path, collect_
     with slides.open_slide(job.path, base_mag=params.base_mag) as slide:
         info = slide.info
         result = SlideResult(job.slide, "ok", None, job.split, info.base_mag, info.mag_source)
-        too_high = [m for m in params.mags if m > info.base_mag + 1e-9]
-        if too_high:
-            return _skip(result, f"{job.path}: magnification {mag_name(max(too_high))} is above the slide's "
-                                 f"base magnification {mag_name(info.base_mag)} ({info.mag_source})")
-        thumb, scale = slide.thumbnail(params.tissue.thumb_size)
-        boxes = tissue.find_tissue_boxes(thumb, scale, params.tissue, slide_size=(info.width, info.height))
-        tissue.write_qc_png(Path(qc_dir) / f"{job.slide}.png", thumb, boxes, scale,
-                            labels=[f"t{i:03d}" for i in range(len(boxes))])
+        reason = _mag_skip_reason(job, info, params)
+        if reason:
+            return _skip(result, reason)
+        boxes = _tissue_with_qc(slide, job, params, qc_dir)
         if not boxes:
             return _skip(result, f"{job.path}: no tissue found on the thumbnail")
         result.tissues = len(boxes)
@@ -407,6 +403,83 @@ def _shard_open_slide(job: SlideJob, params: ShardParams, qc_dir: Path, collect_
             for w, window in enumerate(split_windows(box, (info.width, info.height), info.base_mag, params)):
                 result.samples.append(_cut_sample(slide, job, t, w, window, params, result, collect_stats, spool))
         return result
+
+
+def _mag_skip_reason(job: SlideJob, info: slides.SlideInfo, params: ShardParams) -> str | None:
+    too_high = [m for m in params.mags if m > info.base_mag + 1e-9]
+    if too_high:
+        return (f"{job.path}: magnification {mag_name(max(too_high))} is above the slide's base magnification "
+                f"{mag_name(info.base_mag)} ({info.mag_source})")
+    return None
+
+
+def _tissue_with_qc(slide: Any, job: SlideJob, params: ShardParams, qc_dir: str | Path) -> list[tuple[int, int, int, int]]:
+    """The tissue boxes of a slide, and its QC thumbnail with them drawn."""
+    info = slide.info
+    thumb, scale = slide.thumbnail(params.tissue.thumb_size)
+    boxes = tissue.find_tissue_boxes(thumb, scale, params.tissue, slide_size=(info.width, info.height))
+    tissue.write_qc_png(Path(qc_dir) / f"{job.slide}.png", thumb, boxes, scale,
+                        labels=[f"t{i:03d}" for i in range(len(boxes))])
+    return boxes
+
+
+def preview_slide(job: SlideJob, params: ShardParams, qc_dir: str) -> dict[str, Any]:
+    """`shard --dry-run` for one slide: what sharding would find, with its QC PNG; never raises for a bad slide."""
+    row: dict[str, Any] = {"slide": job.slide, "path": job.path, "patient": job.patient, "label": job.label,
+                           "split": job.split, "status": "skipped", "reason": job.skip_reason}
+    if job.skip_reason:
+        return row
+    try:
+        with slides.open_slide(job.path, base_mag=params.base_mag) as slide:
+            info = slide.info
+            row.update(base_mag=info.base_mag, mag_source=info.mag_source, size=[info.width, info.height],
+                       vendor=info.vendor)
+            row["reason"] = _mag_skip_reason(job, info, params)
+            if row["reason"] is None:
+                boxes = _tissue_with_qc(slide, job, params, qc_dir)
+                windows = [split_windows(box, (info.width, info.height), info.base_mag, params) for box in boxes]
+                row.update(tissues=len(boxes), samples=sum(map(len, windows)))
+                row["reason"] = None if boxes else f"{job.path}: no tissue found on the thumbnail"
+    except Exception as exc:  # noqa: BLE001 -- as in sharding: one bad file is reported, the others go on
+        row["reason"] = _one_line(str(exc) if isinstance(exc, HpcdistillError) else f"{type(exc).__name__}: {exc}",
+                                  job.path)
+    row["status"] = "skipped" if row["reason"] else "ok"
+    return row
+
+
+def preview_sharding(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, labels_csv: str | None = None,
+                     params: ShardParams | None = None, workers: int = 1) -> dict[str, Any]:
+    """What `shard` would cut, without cutting: per slide its split, label, base magnification, tissues and samples
+    (or why it would be skipped), per split the counts. Writes only `out`/qc/*.png and `out`/plan.json, so tissue
+    parameters can be checked on the QC images before a long run; a later `shard` into `out` is unaffected."""
+    params = params or ShardParams()
+    out = Path(out)
+    jobs, classes = make_plan(collect_slides(inputs), labels_csv, params)
+    (out / "qc").mkdir(parents=True, exist_ok=True)
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")  # as in run_sharding: fork + libvips threads can deadlock
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            rows = list(pool.map(preview_slide, jobs, [params] * len(jobs), [str(out / "qc")] * len(jobs)))
+    else:
+        rows = [preview_slide(job, params, str(out / "qc")) for job in jobs]
+    splits: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        entry = splits.setdefault(row["split"], {"slides": 0, "patients": set(), "tissues": 0, "samples": 0,
+                                                 "class_slides": {c: 0 for c in classes}})
+        entry["slides"] += 1
+        entry["patients"].add(row["patient"])
+        entry["tissues"] += row["tissues"]
+        entry["samples"] += row["samples"]
+        if row["label"]:
+            entry["class_slides"][row["label"]] += 1
+    for entry in splits.values():
+        entry["patients"] = len(entry["patients"])
+    plan = {"tool": "hpcdistill", "version": hpcdistill.__version__, "classes": classes,
+            "mags": [float(m) for m in params.mags], "splits": dict(sorted(splits.items())), "slides": rows}
+    (out / "plan.json").write_text(json.dumps(plan, indent=1))
+    return plan
 
 
 def _skip(result: SlideResult, reason: str) -> SlideResult:

@@ -310,6 +310,31 @@ def test_bad_slides_are_skipped_with_one_line_reasons(dataset, tmp_path, capsys)
     assert sum(1 for line in capsys.readouterr().err.splitlines() if line.startswith("hpcdistill: skipped")) == 4
 
 
+def test_dry_run_plans_what_shard_cuts_and_writes_only_qc_and_plan(dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    inputs = [str(dataset["good"]), str(dataset["bad"] / "blank.tiff"), str(dataset["bad"] / "corrupt.svs")]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(LABELS)  # the bad slides are not in it: skipped as "not in labels CSV", like shard does
+    args = ["shard", *inputs, "--labels", str(labels), "--out", str(out), "--shard-size", "150000", "--no-progress"]
+    assert cli.main([*args, "--dry-run", "--workers", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "qc"]  # no tars, no manifest, no journal
+    plan = json.loads((out / "plan.json").read_text())
+    ref = dataset["manifest"]
+    for split, entry in ref["splits"].items():  # the plan's counts are the ones the real run produced
+        planned = plan["splits"][split]
+        assert [planned[k] for k in ("samples", "tissues", "slides", "patients")] == \
+            [entry[k] for k in ("samples", "tissues", "slides", "patients")], split
+    rows = {row["slide"]: row for row in plan["slides"]}
+    assert rows["s20"]["base_mag"] == 20.0 and rows["s20"]["mag_source"] == ref["slides"]["s20"]["mag_source"]
+    assert {k for k, r in rows.items() if r["status"] != "ok"} == {"blank", "corrupt"}
+    assert rows["blank"]["reason"] == "not in labels CSV"
+    printed = capsys.readouterr().out
+    assert "train: " in printed and "2 would be skipped" in printed
+    assert cli.main([*args, "--dry-run", "--strict"]) == 2
+    assert cli.main(args) == 0  # a real run into the previewed folder is unaffected by it
+    assert tar_bytes(out) == tar_bytes(dataset["ref"])
+
+
 def test_strict_and_nothing_shardable_fail(dataset, tmp_path, capsys):
     inputs = [str(dataset["bad"] / "blank.tiff"), str(dataset["good"] / "s40a.tiff")]
     assert cli.main(["shard", *inputs, "--out", str(tmp_path / "a"), "--strict", "--no-progress"]) == 2
