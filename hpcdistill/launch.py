@@ -437,6 +437,8 @@ def slurm_parameters(job: JobPlan, exp: Experiment, dependency: str | None) -> d
     }
     if r.gpus_per_node:
         params["gpus_per_node"] = r.gpus_per_node
+    if r.nodes * r.tasks > 1:  # data-parallel ranks wait on each other: one that dies must end the job, not leave the
+        params["srun_args"] = ["--kill-on-bad-exit=1"]  # others blocked in a collective until the NCCL timeout
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(r, key):
             params[key] = getattr(r, key)
@@ -611,13 +613,15 @@ def sbatch_script(command: str, folder: Path, params: dict[str, Any], array: int
 
         return _make_sbatch_string(command=command, folder=str(folder), map_count=array, **params)
     except (ImportError, TypeError):  # submitit changed its private API: render the options ourselves
-        opts = {k: v for k, v in params.items() if k not in ("additional_parameters", "setup", "signal_delay_s")}
+        opts = {k: v for k, v in params.items()
+                if k not in ("additional_parameters", "setup", "signal_delay_s", "srun_args")}
         opts.update(params.get("additional_parameters", {}))
         opts["signal"] = f"USR2@{params.get('signal_delay_s', 90)}"
         if array:
             opts["array"] = f"0-{array - 1}"
         out = ["#!/bin/bash"] + [f"#SBATCH --{k.replace('_', '-')}={shlex.quote(str(v))}" for k, v in sorted(opts.items())]
-        return "\n".join(out + list(params.get("setup", [])) + [f"srun {command}"])
+        srun = " ".join(["srun", *params.get("srun_args", []), command])
+        return "\n".join(out + list(params.get("setup", [])) + [srun])
 
 
 # ---------------------------------------------------------------------------------------------- status

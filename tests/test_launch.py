@@ -123,6 +123,8 @@ def test_dry_run_prints_sbatch_scripts_and_graph(tmp_path, capsys):
         assert "gpus-per-node" not in script  # CPU cluster: no GPU request
     assert "#SBATCH --nodes=2" in scripts["teacher"] and "#SBATCH --ntasks-per-node=2" in scripts["teacher"]
     assert "--array" not in scripts["teacher"] and "--dependency" not in scripts["teacher"]
+    assert re.search(r"^srun .*--kill-on-bad-exit=1", scripts["teacher"], re.M)  # 4 ranks: one dies, all stop
+    assert "--kill-on-bad-exit" not in scripts["kd"]  # one task per array element
     assert "#SBATCH --array=0-1%2" in scripts["kd"] and "#SBATCH --dependency='afterok:<teacher>'" in scripts["kd"]
     assert "%A_%a/%A_%a_0_log.out" in scripts["kd"]  # logs under the launch folder by SLURM's array convention
     assert "#SBATCH --dependency='aftercorr:<kd>'" in scripts["kd_ft"]
@@ -348,6 +350,26 @@ def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, shards, tmp_pa
     assert final_history(job_id) == ["REQUEUED", "COMPLETED"]
     _, runs = check_resumed_runs(task, every, runs_expected=2)
     assert sorted(set(s for run in runs for s in run)) == list(range(1, steps + 1))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_slurm_multi_task_job_ends_when_one_rank_dies(slurm_cluster, tmp_path):
+    # The launcher's parameters for a 2-rank job, on a job whose rank 1 dies at once while rank 0 would wait 5
+    # minutes (as in a collective): the job must end FAILED right away, rank 0 killed.
+    import submitit
+
+    exp = L.load_experiment(write_experiment(tmp_path, resources={"default": dict(CPU, tasks_per_node=2)}))
+    ex = submitit.SlurmExecutor(folder=tmp_path / "%j", max_num_timeout=0)
+    ex.update_parameters(**L.slurm_parameters(L.plan_jobs(exp)[0], exp, None))
+    marker = tmp_path / "rank0-finished"
+    job = ex.submit(submitit.helpers.CommandFunction(
+        ["bash", "-c", f'if [ "$SLURM_PROCID" = 1 ]; then exit 3; fi; sleep 300; touch {marker}']))
+    deadline = time.monotonic() + 150
+    while not job.done(force_check=True) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert final_history(job.job_id) == ["FAILED"] and not marker.exists()
 
 
 def test_finished_task_ignores_a_late_time_limit_signal(tmp_path):
