@@ -309,12 +309,14 @@ class TrainTask:
 class EvaluateTask:
     """Evaluate every trained run's best.pt, then write the report from all evaluation records."""
 
-    def __init__(self, runs: list[dict[str, Any]], shards: str, split: str, iterations: int, report_dir: str) -> None:
+    def __init__(self, runs: list[dict[str, Any]], shards: str, split: str, iterations: int, report_dir: str,
+                 workers: int = 0) -> None:
         self.runs = runs  # {"run_dir", "method", "study"}
         self.shards = shards
         self.split = split
         self.iterations = iterations
         self.report_dir = report_dir
+        self.workers = workers
 
     def __call__(self) -> dict[str, Any]:
         from hpcdistill.evaluation import evaluate_checkpoint
@@ -322,7 +324,7 @@ class EvaluateTask:
 
         for run in self.runs:
             evaluate_checkpoint(Path(run["run_dir"]) / "best.pt", self.shards, self.split, method=run["method"],
-                                study=run["study"], iterations=self.iterations)
+                                study=run["study"], iterations=self.iterations, workers=self.workers)
         run_dirs = [run["run_dir"] for run in self.runs]
         report = write_report(load_results(run_dirs), self.report_dir)
         ignore_requeue_signal()
@@ -415,7 +417,8 @@ def callables_for(job: JobPlan, exp: Experiment, jobs: list[JobPlan]) -> list[An
     if job.kind == "evaluate":
         runs = [{"run_dir": t.run_dir, "method": j.label, "study": j.study} for j in jobs if j.kind != "evaluate"
                 for t in j.tasks]
-        return [EvaluateTask(runs, exp.shards, exp.evaluate.split, exp.evaluate.iterations, job.tasks[0].run_dir)]
+        return [EvaluateTask(runs, exp.shards, exp.evaluate.split, exp.evaluate.iterations, job.tasks[0].run_dir,
+                             workers=job.resources.cpus_per_task - 1)]  # the job's other CPUs decode shards
     return [TrainTask(t.config, t.overrides, job.resources.cpus_per_task) for t in job.tasks]
 
 

@@ -136,12 +136,14 @@ def test_dry_run_prints_sbatch_scripts_and_graph(tmp_path, capsys):
 
 
 def test_gpu_resources_give_one_task_per_gpu(tmp_path):
-    res = {"default": dict(CPU, gpus_per_node=4, tasks_per_node=0), "evaluate": {"gpus_per_node": 0}}
+    res = {"default": dict(CPU, gpus_per_node=4, tasks_per_node=0), "evaluate": {"gpus_per_node": 0, "cpus_per_task": 4}}
     exp = L.load_experiment(write_experiment(tmp_path, resources=res))
     jobs = {j.key: j for j in L.plan_jobs(exp)}
     params = L.slurm_parameters(jobs["kd"], exp, "afterok:1")
     assert (params["gpus_per_node"], params["ntasks_per_node"], params["dependency"]) == (4, 4, "afterok:1")
     assert "gpus_per_node" not in L.slurm_parameters(jobs["evaluate"], exp, None)
+    (evaluate,) = L.callables_for(jobs["evaluate"], exp, list(jobs.values()))
+    assert evaluate.workers == 3  # the evaluation job's other CPUs decode shards
 
 
 def test_example_experiments_parse():
