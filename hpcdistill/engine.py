@@ -598,6 +598,8 @@ def fit(state: State) -> dict[str, Any]:
     """The epoch loop over a built state (separate from `run` so tests can inspect each rank's engine after)."""
     cfg = state.cfg
     stopped = False
+    # A rerun of a finished run (a requeue or relaunch after the last step) only reports: its exports and hparams exist.
+    done_before = state.epoch >= cfg.train.epochs and (cfg.run_dir / "last.pt").is_file()
     try:
         while state.epoch < cfg.train.epochs and not stopped:
             stopped = train_epoch(state)
@@ -606,9 +608,10 @@ def fit(state: State) -> dict[str, Any]:
             else:
                 end_epoch(state)
                 stopped = bool(cfg.train.max_steps and state.global_step >= cfg.train.max_steps)
-        export_weights(state, cfg.run_dir / "last.pt")
+        if not done_before:
+            export_weights(state, cfg.run_dir / "last.pt")
         barrier()
-        if not stopped:
+        if not stopped and not done_before:
             hparams = {"mode": cfg.train.mode, "arch": cfg.model.arch, "mag": model_mag(cfg), "lr": cfg.train.lr,
                        "grad_accum": cfg.train.grad_accum, "temperature": cfg.train.temperature,
                        "pixel_resize": "+".join(cfg.train.pixel_resize) or "none", "stem": cfg.model.stem}

@@ -100,7 +100,9 @@ def test_kill_and_resume_is_bit_identical(tiny_dataset, tmp_path):
     assert len(complete) == 2 and complete[-1] == "step000000012"  # keep_last
     # A requeue that lands after the last step (the time-limit signal came during export) reruns a finished run:
     # it must load the final checkpoint and return the same result without training or exporting anything new.
+    last_written = Path(rest["last_path"]).stat().st_mtime_ns
     again = engine.run(cfg_for(tiny_dataset, tmp_path, "part", "baseline", 2.5, *extra))
+    assert Path(again["last_path"]).stat().st_mtime_ns == last_written  # not re-exported
     assert again["global_step"] == 12 and not again["stopped_early"]
     assert again["best"] == rest["best"] and again["best_step"] == rest["best_step"]
     c = weights(Path(again["last_path"]))
