@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from hpcdistill.errors import HpcdistillError
@@ -43,7 +44,12 @@ def predict_slide(exported: ExportedModel, slide_path: str | Path, out_dir: Path
         for index, box in enumerate(boxes):
             size = target_size(box[2:], info.base_mag, exported.mag)
             image = slide.read_at_mag(box, exported.mag, size)
-            probs = predict_probabilities(exported, image)
+            try:
+                probs = predict_probabilities(exported, image)
+            except torch.cuda.OutOfMemoryError:  # one huge tissue skips its slide, not the whole batch of slides
+                raise HpcdistillError(f"{slide_path}: tissue {index} ({size[0]}x{size[1]} px at "
+                                      f"{mag_name(exported.mag)}) does not fit in GPU memory; rerun it with "
+                                      "--device cpu") from None
             tissues.append({"tissue": index, "box_l0": list(box), "size": list(size),
                             "probs": probs.tolist(), "pred": exported.classes[int(probs.argmax())]})
     areas = np.array([t["box_l0"][2] * t["box_l0"][3] for t in tissues], dtype=np.float64)

@@ -48,3 +48,35 @@ def test_predict_reports_unreadable_and_low_mag_slides(tiny_teacher, tmp_path):
         rows = {r["slide"]: r for r in csv.DictReader(fh)}
     assert "below the model's 10x" in rows[str(low)]["reason"]
     assert rows[str(junk)]["status"] == "skipped" and "junk.svs" in rows[str(junk)]["reason"]
+
+
+def test_a_tissue_too_big_for_the_gpu_skips_its_slide_only(tiny_teacher, tmp_path, monkeypatch):
+    import torch
+
+    from hpcdistill import predict
+
+    big, small = tmp_path / "big.svs", tmp_path / "small.svs"
+    write_slide(big, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, n_tissues=1)
+    write_slide(small, 1536, 1152, fmt="svs", base_mag=40, class_id=1, seed=12, n_tissues=1)
+    real = predict.predict_probabilities
+
+    def run_out_of_memory_on_big(exported, image):  # unit test of the error path: no GPU here
+        if calls[-1] == str(big):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(exported, image)
+
+    calls = []
+    real_slide = predict.predict_slide
+
+    def remember(exported, path, *args, **kwargs):
+        calls.append(str(path))
+        return real_slide(exported, path, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_probabilities", run_out_of_memory_on_big)
+    monkeypatch.setattr(predict, "predict_slide", remember)
+    summary = predict_slides(tiny_teacher, [big, small], tmp_path / "out")
+    status = {s["slide"]: s for s in summary["slides"]}
+    assert status[str(small)]["status"] == "ok"
+    reason = status[str(big)]["reason"]
+    assert status[str(big)]["status"] == "skipped" and "\n" not in reason
+    assert reason.startswith(f"{big}: tissue 0 (") and "px at 10x) does not fit in GPU memory" in reason
