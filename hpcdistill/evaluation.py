@@ -83,7 +83,12 @@ def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str
     device = next(model.parameters()).device
     rows = []
     for batch in make_loader(spec, workers, pin_memory=device.type == "cuda"):
-        _, logits = model(batch["x"].to(device))
+        try:
+            _, logits = model(batch["x"].to(device))
+        except torch.cuda.OutOfMemoryError:  # scoring needs every sample: stop, naming the one that did not fit
+            height, width = batch["x"].shape[-2:]
+            raise HpcdistillError(f"{batch['key'][0]} ({width}x{height} px at {mag_name(mag)}, split {split!r}): "
+                                  "does not fit in GPU memory; evaluate with --device cpu") from None
         probs = torch.softmax(logits.float(), dim=1)[0].cpu()
         key = batch["key"][0]
         match = KEY_SLIDE.match(key)

@@ -59,6 +59,20 @@ def test_bad_device_is_one_line(tiny_dataset, tiny_teacher, tmp_path, device, re
                             device=device)
 
 
+def test_a_tissue_too_big_for_the_gpu_is_named(tiny_dataset):
+    from hpcdistill.data import read_manifest
+    from hpcdistill.evaluation import predict_split
+
+    class OutOfMemory(torch.nn.Linear):  # unit test of the error path: no GPU here
+        def forward(self, x):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    manifest = read_manifest(tiny_dataset["shards"])
+    with pytest.raises(HpcdistillError, match=r"^\S+_t\d+_w\d+ \(\d+x\d+ px at 10x, split 'test'\): does not fit in "
+                                              r"GPU memory; evaluate with --device cpu$"):
+        predict_split(OutOfMemory(1, 1), tiny_dataset["shards"], manifest, "test", 10.0)
+
+
 def test_evaluate_bad_inputs(tiny_dataset, tiny_teacher, tmp_path):
     shards = tiny_dataset["shards"]
     with pytest.raises(HpcdistillError, match="split 'nope' is empty or absent"):
