@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -248,6 +249,22 @@ class State:
         return self.plan.steps_per_epoch * self.cfg.train.grad_accum
 
 
+def load_checkpoints_weights_only(engine: Any) -> None:
+    """DeepSpeed's torch checkpoint engine unpickles anything (`torch.load(..., weights_only=False)`); ours loads
+    with weights_only=True, which a ZeRO-0 checkpoint (tensors, numbers, strings, dicts) passes."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise TrainError(f"deepspeed: checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported "
+                         "(only torch.save checkpoints, loaded with weights_only=True); remove the checkpoint writer "
+                         "settings from the DeepSpeed config")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+
+
 def skip_single_rank_allreduce(engine: Any, world: int) -> None:
     """With one rank there is nothing to reduce, but DeepSpeed still flattens, all-reduces and copies back every
     gradient after each backward (~4% of a ResNet-18 step on CPU): switch that path off."""
@@ -266,6 +283,7 @@ def build_state(cfg: Config) -> State:
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     skip_single_rank_allreduce(engine, world)
+    load_checkpoints_weights_only(engine)
     dtype = next(engine.module.parameters()).dtype
     teacher = build_teacher(cfg).to(device, dtype=dtype) if cfg.train.mode == "distill" else None
     state = State(cfg, rank, world, device, engine, teacher, plan, NullWriter(), dtype)
@@ -330,7 +348,11 @@ def resume(state: State) -> None:
         target = resolve_path(how)
         if not (target / COMPLETE).is_file():
             raise TrainError(f"run.resume: {target} is not a complete checkpoint (no {COMPLETE} marker)")
-    path, client = state.engine.load_checkpoint(str(target.parent), tag=target.name)
+    try:
+        path, client = state.engine.load_checkpoint(str(target.parent), tag=target.name)
+    except pickle.UnpicklingError as err:  # what weights_only=True refuses: a pickled object, not plain weights
+        reason = " ".join(str(err).split())[:200]
+        raise TrainError(f"run.resume: {target}: refused, it holds more than plain weights ({reason})") from None
     if path is None or client is None:
         raise TrainError(f"run.resume: could not load {target}")
     state.epoch, state.batch, state.global_step = client["epoch"], client["batch"], client["global_step"]

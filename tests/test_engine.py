@@ -133,6 +133,24 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(tiny_dataset, tmp_p
     assert rest["global_step"] == 6 and not rest["stopped_early"]
 
 
+class Payload:
+    """Stands for any pickled object: loading it could run code, so a resume must refuse it."""
+
+
+def test_resume_loads_checkpoints_weights_only(tiny_dataset, tmp_path):
+    extra = ("train.checkpoint_every_steps=2", "data.epoch_samples=12", "train.max_steps=2")
+    engine.run(cfg_for(tiny_dataset, tmp_path, "safe", "baseline", 2.5, *extra))
+    (ckpt,) = engine.complete_checkpoints(tmp_path / "safe" / "checkpoints")
+    states = ckpt / "mp_rank_00_model_states.pt"
+    blob = torch.load(states, weights_only=True)  # what the engine wrote is plain weights
+    blob["payload"] = Payload()
+    torch.save(blob, states)
+    with pytest.raises(HpcdistillError) as err:
+        engine.run(cfg_for(tiny_dataset, tmp_path, "safe", "baseline", 2.5, *extra[:2]))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"run.resume: {ckpt}: refused, it holds more than plain weights")
+
+
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
     # hand-made shards: the sharder computes the stats from pixels, so it never writes std 0 (-> inf inputs)
     bad = write_tiny_shards(tmp_path / "bad", {"train": [4], "val": [2]}, low_size=(4, 4),
