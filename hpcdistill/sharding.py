@@ -455,7 +455,8 @@ def preview_sharding(inputs: Iterable[str | os.PathLike], out: str | os.PathLike
     params = params or ShardParams()
     out = Path(out)
     jobs, classes = make_plan(collect_slides(inputs), labels_csv, params)
-    (out / "qc").mkdir(parents=True, exist_ok=True)
+    create_output_folder(out)
+    (out / "qc").mkdir(exist_ok=True)
     if workers > 1:
         context = multiprocessing.get_context("spawn")  # as in run_sharding: fork + libvips threads can deadlock
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -719,15 +720,19 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if old != new else []
 
 
+def create_output_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShardingError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+
+
 def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> tuple[dict | None, dict | None]:
     """Check the folder: returns (journal to resume, finished manifest) -- at most one is not None.
 
     Folders made with other parameters are refused (one line naming the folder and the differing parameters).
     """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ShardingError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    create_output_folder(out)
     if overwrite:
         for path in [*out.glob("*.tar"), *out.glob(".*.tmp"), out / JOURNAL, out / MANIFEST]:
             path.unlink(missing_ok=True)
