@@ -250,8 +250,8 @@ class State:
 
 
 def load_checkpoints_weights_only(engine: Any) -> None:
-    """DeepSpeed's torch checkpoint engine unpickles anything (`torch.load(..., weights_only=False)`); ours loads
-    with weights_only=True, which a ZeRO-0 checkpoint (tensors, numbers, strings, dicts) passes."""
+    """DeepSpeed's torch checkpoint engine unpickles any object it finds; ours loads with weights_only=True,
+    which a ZeRO-0 checkpoint (tensors, numbers, strings, dicts) passes."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):

@@ -374,12 +374,15 @@ def _shard_slide_or_skip(job: SlideJob, params: ShardParams, qc_dir: Path, colle
                          spool: io.BufferedWriter) -> SlideResult:
     try:
         return _shard_open_slide(job, params, qc_dir, collect_stats, spool)
-    except HpcdistillError as exc:
-        return SlideResult(job.slide, "skipped", _one_line(str(exc), job.path), job.split)
     except Exception as exc:  # noqa: BLE001 -- a decoder error in one bad file must not stop the other slides
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # the output disk, not the slide: stop the run
-            raise
-        return SlideResult(job.slide, "skipped", _one_line(f"{exc.__class__.__name__}: {exc}", job.path), job.split)
+        return SlideResult(job.slide, "skipped", _skip_reason(exc, job.path), job.split)
+
+
+def _skip_reason(exc: Exception, path: str) -> str:
+    """One line on why a slide is skipped; a full output disk is not the slide's fault and stops the run."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        raise exc
+    return _one_line(str(exc) if isinstance(exc, HpcdistillError) else f"{exc.__class__.__name__}: {exc}", path)
 
 
 def _one_line(message: str, path: str) -> str:
@@ -441,8 +444,7 @@ def preview_slide(job: SlideJob, params: ShardParams, qc_dir: str) -> dict[str, 
                 row.update(tissues=len(boxes), samples=sum(map(len, windows)))
                 row["reason"] = None if boxes else f"{job.path}: no tissue found on the thumbnail"
     except Exception as exc:  # noqa: BLE001 -- as in sharding: one bad file is reported, the others go on
-        row["reason"] = _one_line(str(exc) if isinstance(exc, HpcdistillError) else f"{type(exc).__name__}: {exc}",
-                                  job.path)
+        row["reason"] = _skip_reason(exc, job.path)
     row["status"] = "skipped" if row["reason"] else "ok"
     return row
 
