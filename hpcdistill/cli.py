@@ -303,7 +303,7 @@ def run_flops(args: argparse.Namespace) -> int:
     from hpcdistill.models import build_model
 
     if args.checkpoint:
-        from hpcdistill.inference import load_exported
+        from hpcdistill.run_folder import load_exported
 
         model = load_exported(args.checkpoint).model
     else:

@@ -23,6 +23,16 @@ class ConfigError(HpcdistillError):
     """A bad config file, key or value."""
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str) -> Path:
+    """A path named in a config: as given (relative to the working directory), else relative to the repository
+    (configs/...)."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+
+
 Mode = Literal["teacher", "baseline", "distill", "finetune"]
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
+import re
 import signal
 import tarfile
 from dataclasses import dataclass
@@ -86,15 +88,24 @@ def resolve_sets(shards_dir: str | Path, manifest: dict[str, Any], entries: list
     return ShardSet(urls, samples)
 
 
+def split_summary(manifest: dict[str, Any]) -> str:
+    """'train (60), val (30), ...': the manifest's splits and their sample counts, for error messages."""
+    return ", ".join(f"{k} ({v.get('samples', 0)})" for k, v in manifest.get("splits", {}).items()) or "none"
+
+
 def count_samples(url: str) -> int:
     """Distinct keys in a local tar, from its headers only (tarfile seeks past the data)."""
     if "://" in url:
         raise DataError(f"{url}: remote shards must be named by split in the manifest (their counts come from it)")
+    check_tar_end(url, None)
     keys = set()
-    with tarfile.open(url) as tar:
-        for member in tar:
-            if member.isfile():
-                keys.add(member.name.split("/")[-1].split(".", 1)[0])
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.isfile():
+                    keys.add(member.name.split("/")[-1].split(".", 1)[0])
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise _shard_error(url, err, None) from None
     return len(keys)
 
 
@@ -104,10 +115,52 @@ def per_rank_samples(total: int, world: int, unit: int) -> int:
     return max(unit, per_rank // unit * unit)
 
 
+TAR_END = 1024  # a tar ends with two 512-byte zero blocks: a file cut anywhere, even between members, lacks them
+
+
+def _shard_error(url: str, err: BaseException | str, last_key: str | None) -> DataError:
+    if not isinstance(err, str):  # webdataset appends the stream and url to the exception's args
+        first = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+        err = " ".join(first.split(" @ <")[0].split()) or type(err).__name__
+    reason = err
+    return DataError(f"{url}: truncated or corrupt shard ({reason}); last good sample: {last_key or 'none'}. "
+                     "Restore the file, or shard the slides again into a new folder")
+
+
+def check_tar_end(url: str, last_key: str | None) -> None:
+    """Refuse a local tar without its end-of-archive blocks. tarfile's stream reader ends quietly when a file is
+    cut exactly between members, so without this check a truncated shard would read as a shorter one."""
+    if "://" in url:
+        return  # a remote stream has no size to check; its reader still fails on a cut inside a member
+    try:
+        size = os.path.getsize(url)
+        with open(url, "rb") as handle:
+            handle.seek(max(0, size - TAR_END))
+            tail = handle.read(TAR_END)
+    except OSError as err:
+        raise DataError(f"{url}: cannot read shard ({err.strerror or err})") from None
+    if size < TAR_END or size % 512 or tail.count(0) != TAR_END:
+        raise _shard_error(url, f"{size} bytes, no end-of-archive marker", last_key)
+
+
 def _raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    """Undecoded samples (bytes per extension) from tars, in order."""
-    stream = url_opener({"url": u} for u in urls)
-    return group_by_keys(tar_file_expander(stream))
+    """Undecoded samples (bytes per extension) from tars, in order; a truncated or corrupt tar raises a DataError
+    naming it and its last good sample."""
+    for url in urls:
+        if "://" not in url and not os.path.isfile(url):
+            raise DataError(f"{url}: shard not found")
+        last_key, held = None, None
+        try:
+            for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}]))):
+                if held is not None:
+                    yield held
+                    last_key = held["__key__"]
+                held = sample
+        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+            raise _shard_error(url, err, last_key) from None
+        check_tar_end(url, last_key)  # before the last sample: a cut between its members leaves it incomplete
+        if held is not None:
+            yield held
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -121,22 +174,29 @@ def decode_image(blob: bytes) -> Image.Image:
 
 
 def decode_sample(raw: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
-    """Decode only what is asked for: images as RGB PIL images, 'cls' as int, 'json' as a dict. Never unpickles."""
+    """Decode only what is asked for: images as RGB PIL images, 'cls' as int, 'json' as a dict. Never unpickles.
+    A payload that does not decode is a DataError naming the shard, the sample and the payload."""
     key = raw.get("__key__", "?")
     out: dict[str, Any] = {"__key__": key}
     for name in wanted:
-        if name == "cls":
-            if "cls" in raw:
-                out["cls"] = int(raw["cls"].decode("ascii").strip())
-            continue
-        if name == "json":
-            out["json"] = json.loads(raw["json"]) if "json" in raw else {}
-            continue
-        blob = next((raw[f"{name}.{ext}"] for ext in IMAGE_EXTS if f"{name}.{ext}" in raw), None)
-        if blob is None:
-            have = sorted(k for k in raw if not k.startswith("__"))
-            raise DataError(f"{raw.get('__url__', '?')}: sample {key} has no {name} image (has {', '.join(have)})")
-        out[name] = decode_image(blob)
+        try:
+            if name == "cls":
+                if "cls" in raw:
+                    out["cls"] = int(raw["cls"].decode("ascii").strip())
+                continue
+            if name == "json":
+                out["json"] = json.loads(raw["json"]) if "json" in raw else {}
+                continue
+            blob = next((raw[f"{name}.{ext}"] for ext in IMAGE_EXTS if f"{name}.{ext}" in raw), None)
+            if blob is None:
+                have = sorted(k for k in raw if not k.startswith("__"))
+                raise DataError(f"{raw.get('__url__', '?')}: sample {key} has no {name} image (has {', '.join(have)})")
+            out[name] = decode_image(blob)
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- PIL and the codecs raise many types for corrupt bytes
+            raise DataError(f"{raw.get('__url__', '?')}: sample {key}: its {name} cannot be decoded "
+                            f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); the shard is corrupt") from None
     return out
 
 
@@ -292,7 +352,10 @@ def mag_stats(manifest: dict[str, Any], mag: float) -> dict[str, list[float]]:
         stats = manifest["stats"][name]
         return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
     except (KeyError, TypeError):
-        raise DataError(f"manifest.json: no stats for {name} (have {', '.join(manifest.get('stats', {}))})") from None
+        raise DataError(f"manifest.json: no stats for {name} (have {', '.join(manifest.get('stats', {})) or 'none'}): "
+                        "they come from labeled train slides, and its train split has "
+                        f"{sum(manifest.get('splits', {}).get('train', {}).get('class_histogram', {}).values())} "
+                        "labeled samples") from None
 
 
 # ---------------------------------------------------------------------------------------------- the stream
@@ -508,10 +571,30 @@ def leave_requeue_to_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def make_loader(spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def worker_error_line(message: str) -> str:
+    """torch re-raises a loader worker's exception with the worker's traceback in its message; keep the one line
+    the worker raised (the traceback's last line, without the exception's type)."""
+    if "Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+: ", "", last.strip())
+
+
+class ShardLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose errors stay one line, whichever process (main or worker) raised them."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        batches = super().__iter__()
+        try:
+            yield from batches
+        except HpcdistillError as err:
+            raise type(err)(worker_error_line(str(err))) from None
+
+
+def make_loader(spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False) -> ShardLoader:
     """batch_size=None: the stream batches itself (per-worker split, bucketing); the loader only adds workers.
     pin_memory (for a GPU): page-locked batches, so finish_batch's non_blocking copies really overlap."""
-    return torch.utils.data.DataLoader(
+    return ShardLoader(
         ShardStream(spec), batch_size=None, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
         prefetch_factor=2 if num_workers else None,
         worker_init_fn=leave_requeue_to_main_process if num_workers else None,

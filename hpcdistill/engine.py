@@ -14,77 +14,30 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import random
-import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from hpcdistill.config import Config, load_config
+from hpcdistill.config import Config, load_config, resolve_path
 from hpcdistill.data import (ShardSet, StreamSpec, finish_batch, make_loader, mag_stats, per_rank_samples,
-                             read_manifest, resolve_sets)
+                             read_manifest, resolve_sets, split_summary)
+from hpcdistill.distributed import any_rank, barrier, device_for, setup_distributed
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-COMPLETE = "COMPLETE"  # written after every rank finished a save: a checkpoint without it is never loaded
+from hpcdistill.run_folder import (RunFolder, apply_resumable, check_resume_config, load_exported, say,
+                                   use_weights_only_loads)
 
 
 class TrainError(HpcdistillError):
     """Training cannot start or must stop (bad setup, non-finite loss)."""
 
 
-# ---------------------------------------------------------------------------------------------- distributed
-
-
-def setup_distributed() -> tuple[int, int, int]:
-    """Init the process group from env vars (defaults make a single process work); returns (rank, world, local)."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:  # a free port, so parallel single-process runs do not collide
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    world = int(os.environ["WORLD_SIZE"])
-    if world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # several ranks on one node oversubscribe the cores otherwise (50x slower seen)
-    import deepspeed
-
-    deepspeed.init_distributed(auto_mpi_discovery=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ["LOCAL_RANK"])
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
-def device_for(local_rank: int) -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
-    if accel.device_name() == "cpu":
-        return torch.device("cpu")
-    accel.set_device(local_rank)
-    return torch.device(accel.device_name(local_rank))
-
-
 # ---------------------------------------------------------------------------------------------- builders
-
-
-def resolve_path(path: str) -> Path:
-    """As given (relative to the working directory), else relative to the repository (configs/...)."""
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
 
 
 def build_ds_config(cfg: Config, world: int, on_cpu: bool) -> dict[str, Any]:
@@ -121,7 +74,6 @@ def model_mag(cfg: Config) -> float:
 
 
 def build_student(cfg: Config, classes: list[str]) -> torch.nn.Module:
-    from hpcdistill.inference import load_exported
     from hpcdistill.models import build_model
 
     m = cfg.model
@@ -143,8 +95,6 @@ def build_student(cfg: Config, classes: list[str]) -> torch.nn.Module:
 
 
 def build_teacher(cfg: Config) -> torch.nn.Module:
-    from hpcdistill.inference import load_exported
-
     teacher = load_exported(resolve_path(cfg.teacher.checkpoint), expect_classes=cfg.model.num_classes)
     if not math.isclose(teacher.mag, cfg.data.teacher_mag):
         raise TrainError(f"teacher.checkpoint: trained at {mag_name(teacher.mag)}, data.teacher_mag is "
@@ -170,11 +120,14 @@ def plan_data(cfg: Config, world: int) -> DataPlan:
     d, t = cfg.data, cfg.train
     shards = resolve_path(d.shards)
     manifest = read_manifest(shards)
-    entries = d.train + d.aux if t.mode == "distill" else d.train
+    keyed = [("data.train", e) for e in d.train] + ([("data.aux", e) for e in d.aux] if t.mode == "distill" else [])
+    keyed += [("data.val", e) for e in d.val]
+    for key, entry in keyed:  # an empty set would silently turn KD (ADv1) into plain KD, or skip validation
+        if resolve_sets(shards, manifest, [entry]).samples == 0:
+            raise TrainError(f"{key}: the set {entry!r} in {shards} holds no samples (splits: {split_summary(manifest)})")
+    entries = [e for key, e in keyed if key != "data.val"]
     train = resolve_sets(shards, manifest, entries)
     val = resolve_sets(shards, manifest, d.val) if d.val else None
-    if train.samples == 0:
-        raise TrainError(f"data.train: the sets {entries} in {shards} hold no samples")
     mags = {mag_name(model_mag(cfg))}
     if t.mode == "distill":
         mags.add(mag_name(d.teacher_mag))
@@ -229,6 +182,7 @@ class State:
     plan: DataPlan
     writer: Any
     dtype: torch.dtype
+    folder: RunFolder
     epoch: int = 0
     batch: int = 0  # micro-batches consumed in the current epoch
     global_step: int = 0  # optimizer steps
@@ -241,28 +195,8 @@ class State:
     meter: dict[str, float] = field(default_factory=dict)
 
     @property
-    def ckpt_dir(self) -> Path:
-        return self.cfg.run_dir / "checkpoints"
-
-    @property
     def micro_per_epoch(self) -> int:
         return self.plan.steps_per_epoch * self.cfg.train.grad_accum
-
-
-def load_checkpoints_weights_only(engine: Any) -> None:
-    """DeepSpeed's torch checkpoint engine unpickles any object it finds; ours loads with weights_only=True,
-    which a ZeRO-0 checkpoint (tensors, numbers, strings, dicts) passes."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise TrainError(f"deepspeed: checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported "
-                         "(only torch.save checkpoints, loaded with weights_only=True); remove the checkpoint writer "
-                         "settings from the DeepSpeed config")
-    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
 def skip_single_rank_allreduce(engine: Any, world: int) -> None:
@@ -273,9 +207,16 @@ def skip_single_rank_allreduce(engine: Any, world: int) -> None:
 
 
 def build_state(cfg: Config) -> State:
+    """Everything a run needs, resumed from its run folder as `run.resume` says. The config stored in the
+    checkpoint is compared first, so a refused change stops before any model is built."""
     import deepspeed
 
     rank, world, local = setup_distributed()
+    folder = RunFolder(cfg.run_dir, rank)
+    target = folder.resume_target(cfg.run.resume)
+    changes: list[str] = []
+    if target is not None and (stored := folder.stored_config(target)) is not None:
+        changes = check_resume_config(stored, cfg.to_dict(), target, cfg.run.name)
     device = device_for(local)
     ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu")
     plan = plan_data(cfg, world)
@@ -283,107 +224,94 @@ def build_state(cfg: Config) -> State:
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     skip_single_rank_allreduce(engine, world)
-    load_checkpoints_weights_only(engine)
+    use_weights_only_loads(engine)
     dtype = next(engine.module.parameters()).dtype
     teacher = build_teacher(cfg).to(device, dtype=dtype) if cfg.train.mode == "distill" else None
-    state = State(cfg, rank, world, device, engine, teacher, plan, NullWriter(), dtype)
-    resume(state)
+    state = State(cfg, rank, world, device, engine, teacher, plan, NullWriter(), dtype, folder)
+    if target is not None:
+        resume(state, target, changes)
     state.writer = build_writer(cfg, rank)
-    if rank == 0:
-        cfg.save(cfg.run_dir / "config.yaml")
+    folder.write_config(cfg.to_dict())  # only now: a refused resume leaves the run's config.yaml as it was
     return state
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Checkpoint dirs with a completion marker, oldest first (a save killed midway has none)."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir() if (p / COMPLETE).is_file())
-
-
 def save_checkpoint(state: State) -> str:
-    tag = f"step{state.global_step:09d}"
     client = {
         "epoch": state.epoch, "batch": state.batch, "global_step": state.global_step,
         "best": state.best, "best_step": state.best_step, "best_loss": state.best_loss, "last_val": _scalars(state.last_val),
         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
     }
-    try:
-        state.engine.save_checkpoint(str(state.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        barrier()
-        if state.rank == 0:
-            (state.ckpt_dir / tag / COMPLETE).write_text(json.dumps({"global_step": state.global_step,
-                                                                     "epoch": state.epoch}))
-    except OSError as err:  # a full disk or quota: the half-written folder has no marker and is never resumed from
-        shutil.rmtree(state.ckpt_dir / tag, ignore_errors=True)
-        raise TrainError(f"{state.ckpt_dir / tag}: checkpoint not saved ({err.strerror or err}); the last complete "
-                         f"one, {state.last_ckpt or 'none'}, is intact: free space and rerun to resume") from None
-    if state.rank == 0:
-        for old in complete_checkpoints(state.ckpt_dir)[: -state.cfg.train.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    state.last_ckpt = str(state.ckpt_dir / tag)
+    path = state.folder.save_checkpoint(state.engine, state.global_step, client, state.cfg.to_dict(),
+                                        state.cfg.train.keep_last)
+    state.last_ckpt = str(path)
     state.last_save_time = time.monotonic()
     state.writer.flush()  # TensorBoard is on disk up to the checkpoint: a hard kill (preemption) loses only the rerun part
     return state.last_ckpt
 
 
-def resume(state: State) -> None:
-    """Restore weights, optimizer, position in the data and RNG from a checkpoint, as `run.resume` says."""
-    how = state.cfg.run.resume
-    found = complete_checkpoints(state.ckpt_dir)
-    if how == "never":
-        if found:
-            raise TrainError(f"run.resume: never, but {state.ckpt_dir} already holds checkpoints; "
-                             "use run.resume=auto or another run.name")
-        return
-    if how == "auto":
-        if not found:
-            return
-        target = found[-1]
-    else:
-        target = resolve_path(how)
-        if not (target / COMPLETE).is_file():
-            raise TrainError(f"run.resume: {target} is not a complete checkpoint (no {COMPLETE} marker)")
-    try:
-        path, client = state.engine.load_checkpoint(str(target.parent), tag=target.name)
-    except pickle.UnpicklingError as err:  # what weights_only=True refuses: a pickled object, not plain weights
-        reason = " ".join(str(err).split())[:200]
-        raise TrainError(f"run.resume: {target}: refused, it holds more than plain weights ({reason})") from None
-    if path is None or client is None:
-        raise TrainError(f"run.resume: could not load {target}")
+def resume(state: State, target: Any, changes: list[str]) -> None:
+    """Restore weights, optimizer, position in the data and RNG from `target`; then apply the config's resumable
+    settings (lr, weight decay) over the optimizer state's, and say where the run goes on from."""
+    client = state.folder.load_checkpoint(state.engine, target)
+    apply_resumable(state.engine, state.cfg.train)
     state.epoch, state.batch, state.global_step = client["epoch"], client["batch"], client["global_step"]
     state.best, state.best_step, state.last_val = client["best"], client["best_step"], client.get("last_val", {})
     state.best_loss = client.get("best_loss", math.inf)
     torch.set_rng_state(client["torch_rng"])
     random.setstate(client["python_rng"])
     state.last_ckpt = str(target)
+    note = f"; changed on resume: {', '.join(changes)}" if changes else ""
+    best_step = state.folder.export_step("best.pt")
+    if state.best is not None and best_step is not None and best_step != state.best_step:
+        # best.pt comes from a trajectory this resume discards (a diverged or explicitly skipped stretch)
+        state.best, state.best_step, state.best_loss = None, -1, math.inf
+        note += f"; best.pt (step {best_step}) is not from this trajectory and will be re-selected"
+    say(f"resuming from {target} (step {state.global_step}, epoch {state.epoch}, micro-batch {state.batch} of the "
+        f"epoch){note}")
 
 
-def export_weights(state: State, path: Path) -> Path:
-    """Plain weights for inference: only tensors, dicts, lists, strings and numbers (torch.load weights_only)."""
-    if state.rank != 0:
-        return path
-    cfg = state.cfg
-    mag = model_mag(cfg)
+def export_weights(state: State, name: str) -> None:
+    mag = model_mag(state.cfg)
+    state.folder.export_weights(name, state.engine.module, mag=mag, classes=state.plan.classes,
+                                stats=state.plan.stats[mag_name(mag)], config=state.cfg.to_dict(),
+                                global_step=state.global_step)
+
+
+def stop_on_divergence(state: State, inputs: list[dict[str, Any]], what: str) -> None:
+    """A non-finite loss or output: stop, naming a checkpoint that really is good. Inputs that are themselves
+    non-finite are a data problem (no checkpoint is blamed). Otherwise the complete checkpoints are tried newest
+    first on the same inputs; those whose outputs are not finite either are set aside (`<tag>.diverged`), so a
+    rerun with a corrected setting resumes from the good one with no manual step. Collective: every rank stops."""
+    bad_input = next((b["key"][0] for b in inputs if not all(torch.isfinite(b[s]).all() for s in ("x", "t") if s in b)),
+                     None)
+    if any_rank(bad_input is not None, state.device):
+        raise TrainError(f"{what}: non-finite input image{f' in sample {bad_input}' if bad_input else ' on another rank'}"
+                         " (check the manifest's mean/std and the shards); stopped, no checkpoint was set aside")
+    module, good, diverged = state.engine.module, None, []
+    for candidate in reversed(state.folder.complete_checkpoints()):
+        state.folder.load_module_weights(module, candidate)
+        if not any_rank(not outputs_finite(state, inputs), state.device):
+            good = candidate
+            break
+        diverged.append(candidate)
+    moved = state.folder.set_aside(diverged, f"{what}; outputs of these weights are not finite on the same inputs")
+    aside = f"; set aside as diverged: {', '.join(p.name for p in moved)}" if moved else ""
+    start = f"resumes from {good}" if good else "starts from the beginning"
+    raise TrainError(f"{what}; stopped. Last good checkpoint: {good or 'none'}{aside}. A rerun (e.g. with a lower "
+                     f"train.lr) {start}")
+
+
+@torch.no_grad()
+def outputs_finite(state: State, inputs: list[dict[str, Any]]) -> bool:
     module = state.engine.module
-    blob = {
-        "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()},
-        "arch_kwargs": dict(module.arch_kwargs), "mag": mag, "classes": list(state.plan.classes),
-        "config": cfg.to_dict(), "stats": state.plan.stats[mag_name(mag)],
-    }
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise TrainError(f"{path}: weights not exported ({err.strerror or err}); the last complete checkpoint, "
-                         f"{state.last_ckpt or 'none'}, is intact: free space and rerun to resume") from None
-    return path
+    for batch in inputs:
+        features, logits = module(batch["x"].to(state.device, state.dtype))
+        if not (torch.isfinite(features).all() and torch.isfinite(logits).all()):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -421,15 +349,15 @@ def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, torc
     return {k: v.detach().float() for k, v in losses.items()}
 
 
-def check_finite(state: State, loss: torch.Tensor) -> None:
+def check_finite(state: State, loss: torch.Tensor, batches: list[dict[str, Any]]) -> None:
     """Stop every rank together (a rank leaving alone would hang the others in the next collective). Checked once
     per optimizer step: a non-finite step has already updated the weights in memory, but nothing is saved after it."""
     bad = (~torch.isfinite(loss)).float().reshape(1)  # on the device: NCCL reduces no CPU tensors
     if state.world > 1:
         torch.distributed.all_reduce(bad)
     if bad.item():
-        raise TrainError(f"step {state.global_step + 1} (epoch {state.epoch}): loss is {float(loss)} on "
-                         f"{int(bad.item())} rank(s); stopped. Last good checkpoint: {state.last_ckpt or 'none'}")
+        stop_on_divergence(state, batches, f"step {state.global_step + 1} (epoch {state.epoch}): loss is "
+                                           f"{float(loss)} on {int(bad.item())} rank(s)")
 
 
 def train_step(state: State, batches: list[dict[str, Any]]) -> dict[str, float]:
@@ -439,7 +367,7 @@ def train_step(state: State, batches: list[dict[str, Any]]) -> dict[str, float]:
         for k, v in forward_backward_step(state, batch).items():
             sums[k] = sums[k] + v if k in sums else v
     means = {k: v / len(batches) for k, v in sums.items()}
-    check_finite(state, means["total"])
+    check_finite(state, means["total"], batches)
     values = torch.stack(list(means.values())).tolist()
     state.global_step += 1
     state.batch += len(batches)
@@ -539,11 +467,13 @@ def validate(state: State) -> dict[str, Any]:
     spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=0, start_batch=0, val=True)
     module = state.engine.module
     module.eval()
-    rows = []
+    rows, first_bad = [], None
     for batch in make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda"):
         batch = finish_batch(batch, state.device, state.dtype)
         x = batch["x"]
         s_feat, logits = module(x)
+        if first_bad is None and not torch.isfinite(logits).all():
+            first_bad = batch  # an argmax of NaN logits would be scored as class 0
         row = {"key": batch["key"][0], "y": int(batch["y"][0]), "pred": int(logits.float().argmax(1)[0])}
         if state.teacher is not None:
             from hpcdistill.losses import distill_loss
@@ -556,6 +486,11 @@ def validate(state: State) -> dict[str, Any]:
             row["loss"] = float(F.cross_entropy(logits.float(), batch["y"].to(state.device)))
         rows.append(row)
     module.train()
+    if any_rank(first_bad is not None, state.device):
+        where = f" on {first_bad['key'][0]}" if first_bad is not None else " on another rank"
+        stop_on_divergence(state, [first_bad] if first_bad is not None else [],
+                           f"validation after step {state.global_step} (epoch {state.epoch}): outputs are not "
+                           f"finite{where}")
     gathered: list[list[dict[str, Any]]] = [rows]
     if state.world > 1:
         gathered = [None] * state.world  # type: ignore[list-item]
@@ -605,7 +540,7 @@ def end_epoch(state: State) -> None:
     # A small val set saturates (e.g. accuracy 1.0 at several epochs): among tied epochs keep the lowest val loss.
     if value is None or state.best is None or value > state.best or (value == state.best and loss < state.best_loss):
         state.best, state.best_step, state.best_loss = value, state.global_step, loss
-        export_weights(state, state.cfg.run_dir / "best.pt")
+        export_weights(state, "best.pt")
     state.epoch += 1
     state.batch = 0
     save_checkpoint(state)
@@ -631,7 +566,7 @@ def fit(state: State) -> dict[str, Any]:
                 end_epoch(state)
                 stopped = bool(cfg.train.max_steps and state.global_step >= cfg.train.max_steps)
         if not done_before:
-            export_weights(state, cfg.run_dir / "last.pt")
+            export_weights(state, "last.pt")
         barrier()
         if not stopped and not done_before:
             hparams = {"mode": cfg.train.mode, "arch": cfg.model.arch, "mag": model_mag(cfg), "lr": cfg.train.lr,

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from hpcdistill.data import StreamSpec, make_loader, mag_stats, read_manifest, resolve_sets
+from hpcdistill.data import StreamSpec, make_loader, mag_stats, read_manifest, resolve_sets, split_summary
 from hpcdistill.errors import HpcdistillError
-from hpcdistill.inference import load_exported, pick_device
+from hpcdistill.inference import pick_device, require_finite
+from hpcdistill.run_folder import load_exported
 from hpcdistill.mags import mag_name
 from hpcdistill.metrics import bootstrap_ci, classification_metrics, forward_flops, gflops
 
@@ -68,14 +69,14 @@ def flops_at_sizes(model: torch.nn.Module, manifest: dict[str, Any] | None, mag:
 
 @torch.no_grad()
 def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str, Any], split: str,
-                  mag: float, workers: int = 0) -> list[dict[str, Any]]:
+                  mag: float, workers: int = 0, checkpoint: str = "model") -> list[dict[str, Any]]:
     """(key, slide, label, prediction, probabilities) for every sample of the split, in shard order, on the model's
     device; `workers` loader processes decode the shards in parallel (whole tissues at 10x decode slowly)."""
     splits = manifest.get("splits", {})
     sets = resolve_sets(shards, manifest, [split]) if split in splits else None
     if sets is None or not sets.urls or sets.samples == 0:
-        known = ", ".join(f"{k} ({v.get('samples', 0)})" for k, v in splits.items())
-        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} is empty or absent (splits: {known})")
+        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} is empty or absent "
+                              f"(splits: {split_summary(manifest)})")
     if not sum(splits[split].get("class_histogram", {}).values()):
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
     spec = StreamSpec(urls=sets.urls, mode="labeled", mag=mag, teacher_mag=mag,
@@ -89,6 +90,7 @@ def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str
             height, width = batch["x"].shape[-2:]
             raise HpcdistillError(f"{batch['key'][0]} ({width}x{height} px at {mag_name(mag)}, split {split!r}): "
                                   "does not fit in GPU memory; evaluate with --device cpu") from None
+        require_finite(logits, checkpoint, f"{batch['key'][0]} (split {split!r})")
         probs = torch.softmax(logits.float(), dim=1)[0].cpu()
         key = batch["key"][0]
         match = KEY_SLIDE.match(key)
@@ -118,7 +120,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: no {mag_name(exported.mag)} images "
                               f"(the model's magnification); shards have {', '.join(map(mag_name, mags))}")
     exported.model.to(pick_device(device))
-    rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers)
+    rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers, str(checkpoint))
     labeled = [r for r in rows if r["y"] >= 0]
     if not labeled:
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")

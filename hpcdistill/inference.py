@@ -1,37 +1,14 @@
-"""Exported models for inference: load a weights file safely and classify standardised tissue images.
-
-An exported file (`best.pt` / `last.pt`, written by the engine) is a plain dict of tensors, numbers and strings:
-{"state_dict", "arch_kwargs", "mag", "classes", "stats", "config"}, so it loads with `weights_only=True` and
-rebuilds the exact architecture from its constructor arguments (nanoGPT's checkpoint style).
-"""
+"""Inference with an exported model (read by `run_folder.load_exported`): the device to run on, and tissue
+images standardised exactly as in training."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from hpcdistill.data import Standardizer, finish_batch
 from hpcdistill.errors import HpcdistillError
-from hpcdistill.mags import mag_name
-from hpcdistill.models import build_model
-
-
-@dataclass
-class ExportedModel:
-    model: torch.nn.Module
-    mag: float
-    classes: list[str]
-    stats: dict  # {"mean", "std"}: per-channel, [0,1] scale, of the labeled train split at `mag`
-    arch_kwargs: dict
-    path: str
-    config: dict  # the run's resolved training config
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+from hpcdistill.run_folder import ExportedModel
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -51,49 +28,6 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_classes: int | None = None) -> ExportedModel:
-    """Load an exported weights file; errors name the file and what does not match."""
-    path = Path(path)
-    if not path.is_file():
-        raise HpcdistillError(f"{path}: no such checkpoint file")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- torch raises many types for corrupt or pickled files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HpcdistillError(f"{path}: not a loadable weights file ({reason})") from None
-    missing = [k for k in ("state_dict", "arch_kwargs", "mag", "classes", "stats") if k not in blob]
-    if not isinstance(blob, dict) or missing:
-        raise HpcdistillError(f"{path}: not an hpcdistill export (missing {', '.join(missing)})")
-    kwargs = dict(blob["arch_kwargs"])
-    if expect_arch is not None and kwargs.get("arch") != expect_arch:
-        raise HpcdistillError(f"{path}: architecture {kwargs.get('arch')!r} does not match the expected {expect_arch!r}")
-    if expect_classes is not None and kwargs.get("num_classes") != expect_classes:
-        raise HpcdistillError(
-            f"{path}: trained for {kwargs.get('num_classes')} classes, but the data has {expect_classes}"
-        )
-    arch = kwargs.pop("arch")
-    num_classes = kwargs.pop("num_classes")
-    model = build_model(arch, num_classes, **kwargs)
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise HpcdistillError(f"{path}: weights do not fit {arch} with {num_classes} classes ({first})") from None
-    model.eval()
-    mag = float(blob["mag"])
-    stats = blob["stats"]
-    stats = stats.get(mag_name(mag), stats)  # a per-mag table or the stats of this mag only
-    return ExportedModel(
-        model=model,
-        mag=mag,
-        classes=list(blob["classes"]),
-        stats={"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]},
-        arch_kwargs=dict(blob["arch_kwargs"]),
-        path=str(path),
-        config=dict(blob.get("config", {})),
-    )
-
-
 def standardise(image: np.ndarray, stats: dict) -> torch.Tensor:
     """HxWx3 uint8 RGB -> 1x3xHxW float32 through the loader's own Standardizer and finish_batch, so prediction
     preprocesses a tissue exactly as training and evaluation do."""
@@ -102,8 +36,21 @@ def standardise(image: np.ndarray, stats: dict) -> torch.Tensor:
     return finish_batch({"x": planes, "x_map": colour_map})["x"]
 
 
+class NonFiniteOutputError(HpcdistillError):
+    """The model's outputs are NaN or infinite: a diverged or corrupted export, never a result."""
+
+
+def require_finite(logits: torch.Tensor, checkpoint: str, tissue: str) -> None:
+    """NaN or infinite logits have no meaningful argmax (it would invent a class): refuse the model instead."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteOutputError(f"{checkpoint}: the model's outputs are not finite on {tissue}; refusing to "
+                                   "score or classify with it (a diverged or corrupted export: retrain it, or use "
+                                   "the export of an earlier run)")
+
+
 @torch.no_grad()
-def predict_probabilities(exported: ExportedModel, image: np.ndarray) -> np.ndarray:
-    """Class probabilities for one whole-tissue image at the model's magnification."""
+def predict_probabilities(exported: ExportedModel, image: np.ndarray, tissue: str) -> np.ndarray:
+    """Class probabilities for one whole-tissue image at the model's magnification; `tissue` names it in errors."""
     _, logits = exported.model(standardise(image, exported.stats).to(exported.device))
+    require_finite(logits, exported.path, tissue)
     return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()

@@ -289,9 +289,10 @@ class TrainTask:
         )
         os.environ.setdefault("OMP_NUM_THREADS", str(self.cpus_per_task))
         from hpcdistill import engine  # lazy: the launcher process never imports torch/deepspeed
+        from hpcdistill.run_folder import complete_checkpoints
 
         cfg = load_config(self.config_path, self.overrides)
-        found = engine.complete_checkpoints(cfg.run_dir / "checkpoints")
+        found = complete_checkpoints(cfg.run_dir / "checkpoints")
         start = f"resuming from {found[-1]}" if found and cfg.run.resume == "auto" else "starting fresh"
         print(f"hpcdistill launch: {cfg.run_dir} rank {env.global_rank}/{env.num_tasks} on {env.hostname}: {start}",
               flush=True)

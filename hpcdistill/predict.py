@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from hpcdistill.errors import HpcdistillError
-from hpcdistill.inference import ExportedModel, load_exported, pick_device, predict_probabilities
+from hpcdistill.inference import NonFiniteOutputError, pick_device, predict_probabilities
+from hpcdistill.run_folder import ExportedModel, load_exported
 from hpcdistill.mags import mag_name
 from hpcdistill.slides import open_slide, target_size
 from hpcdistill.tissue import TissueParams, find_tissue_boxes, write_qc_png
@@ -45,7 +46,7 @@ def predict_slide(exported: ExportedModel, slide_path: str | Path, out_dir: Path
             size = target_size(box[2:], info.base_mag, exported.mag)
             image = slide.read_at_mag(box, exported.mag, size)
             try:
-                probs = predict_probabilities(exported, image)
+                probs = predict_probabilities(exported, image, f"{slide_path} tissue {index}")
             except torch.cuda.OutOfMemoryError:  # one huge tissue skips its slide, not the whole batch of slides
                 raise HpcdistillError(f"{slide_path}: tissue {index} ({size[0]}x{size[1]} px at "
                                       f"{mag_name(exported.mag)}) does not fit in GPU memory; rerun it with "
@@ -76,6 +77,8 @@ def predict_slides(model_path: str | Path, slides: list[str | Path], out_dir: st
     for path in tqdm(slides, desc=f"predict @ {mag_name(exported.mag)}", unit="slide"):
         try:
             results.append(predict_slide(exported, path, out, base_mag=base_mag, tissue=tissue))
+        except NonFiniteOutputError:
+            raise  # the model is broken, not the slide: no class is written for any slide
         except HpcdistillError as err:
             print(f"hpcdistill: skipped: {err}")
             results.append({"slide": str(path), "status": "skipped", "reason": str(err)})

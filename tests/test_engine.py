@@ -19,6 +19,7 @@ from conftest import tiny_train_overrides
 from hpcdistill import engine
 from hpcdistill.config import load_config
 from hpcdistill.errors import HpcdistillError
+from hpcdistill.run_folder import complete_checkpoints
 from test_data import write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_kill_and_resume_is_bit_identical(tiny_dataset, tmp_path):
     a, b = weights(Path(full["last_path"])), weights(Path(rest["last_path"]))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rest["best"] == full["best"] and rest["best_step"] == full["best_step"]
-    complete = [p.name for p in engine.complete_checkpoints(ckpts)]
+    complete = [p.name for p in complete_checkpoints(ckpts)]
     assert len(complete) == 2 and complete[-1] == "step000000012"  # keep_last
     # A requeue that lands after the last step (the time-limit signal came during export) reruns a finished run:
     # it must load the final checkpoint and return the same result without training or exporting anything new.
@@ -107,7 +108,7 @@ def test_kill_and_resume_is_bit_identical(tiny_dataset, tmp_path):
     assert again["best"] == rest["best"] and again["best_step"] == rest["best_step"]
     c = weights(Path(again["last_path"]))
     assert all(torch.equal(a[k], c[k]) for k in a)
-    assert [p.name for p in engine.complete_checkpoints(ckpts)] == complete
+    assert [p.name for p in complete_checkpoints(ckpts)] == complete
 
 
 def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(tiny_dataset, tmp_path, monkeypatch):
@@ -126,7 +127,7 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(tiny_dataset, tmp_p
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{ckpts / 'step000000004'}: checkpoint not saved (No space")
     assert f"{ckpts / 'step000000002'}, is intact" in message
-    assert [p.name for p in engine.complete_checkpoints(ckpts)] == ["step000000002"]
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step000000002"]
     assert not (ckpts / "step000000004").exists()  # the half-written folder is gone: its space is given back
     monkeypatch.setattr(torch, "save", real_save)
     rest = engine.run(cfg_for(tiny_dataset, tmp_path, "disk", "baseline", 2.5, *extra))
@@ -140,7 +141,7 @@ class Payload:
 def test_resume_loads_checkpoints_weights_only(tiny_dataset, tmp_path):
     extra = ("train.checkpoint_every_steps=2", "data.epoch_samples=12", "train.max_steps=2")
     engine.run(cfg_for(tiny_dataset, tmp_path, "safe", "baseline", 2.5, *extra))
-    (ckpt,) = engine.complete_checkpoints(tmp_path / "safe" / "checkpoints")
+    (ckpt,) = complete_checkpoints(tmp_path / "safe" / "checkpoints")
     states = ckpt / "mp_rank_00_model_states.pt"
     blob = torch.load(states, weights_only=True)  # what the engine wrote is plain weights
     blob["payload"] = Payload()
@@ -248,7 +249,7 @@ def test_two_ranks_match_one_rank_in_every_mode(tiny_dataset, tiny_teacher, tmp_
             torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{mode}: {k}")
         if mode == "teacher":  # 20 samples, global batch 4: 5 steps, each checkpointed (4 by time, 1 at epoch end)
             for out in (two, one):
-                names = [p.name for p in engine.complete_checkpoints(out / mode / "checkpoints")]
+                names = [p.name for p in complete_checkpoints(out / mode / "checkpoints")]
                 assert names == [f"step{s:09d}" for s in range(1, 6)], names
         if mode == "finetune":
             start = torch.load(two / "baseline" / "best.pt", weights_only=True)["state_dict"]

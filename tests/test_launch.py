@@ -197,7 +197,7 @@ def test_laptop_clusters_run_the_stages_in_order(tmp_path, shards, cluster):
     assert [r["state"] for r in rows] == ["COMPLETED"] * 3
     assert "kd-2.5x" in L.format_status(rows) and json.loads((exp_dir / "launch.json").read_text())["cluster"] == cluster
     if cluster == "debug":  # relaunching a finished experiment retrains nothing: each run returns from its checkpoint
-        from hpcdistill.engine import complete_checkpoints
+        from hpcdistill.run_folder import complete_checkpoints
 
         run_dir = exp_dir / "kd-2.5x"
         before = (sorted(complete_checkpoints(run_dir / "checkpoints")), (run_dir / "best.pt").read_bytes())
@@ -335,7 +335,7 @@ def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, shards, tmp_pa
     overrides = [*TINY, f"data.epoch_samples={steps}", f"train.checkpoint_every_steps={every}", "data.val=[]"]
     path = tiny_experiment(tmp_path, shards, "preempt", {}, resources={"default": CPU}, evaluate={"enabled": False},
                            teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides})
-    from hpcdistill.engine import complete_checkpoints
+    from hpcdistill.run_folder import complete_checkpoints
 
     exp_dir = tmp_path / "runs" / "preempt"
     with ThreadPoolExecutor(1) as pool:

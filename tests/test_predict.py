@@ -60,10 +60,10 @@ def test_a_tissue_too_big_for_the_gpu_skips_its_slide_only(tiny_teacher, tmp_pat
     write_slide(small, 1536, 1152, fmt="svs", base_mag=40, class_id=1, seed=12, n_tissues=1)
     real = predict.predict_probabilities
 
-    def run_out_of_memory_on_big(exported, image):  # unit test of the error path: no GPU here
+    def run_out_of_memory_on_big(exported, image, tissue):  # unit test of the error path: no GPU here
         if calls[-1] == str(big):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real(exported, image)
+        return real(exported, image, tissue)
 
     calls = []
     real_slide = predict.predict_slide

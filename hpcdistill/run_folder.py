@@ -1,0 +1,315 @@
+"""The run folder, `<run.out_dir>/<run.name>/`, and everything in it:
+
+    checkpoints/step000000012/            a DeepSpeed checkpoint; resumable only once its COMPLETE marker exists.
+                                          The resolved config is stored inside it (client state), not only beside it.
+    checkpoints/step000000013.diverged/   set aside after a non-finite loss: never resumed from
+    best.pt, last.pt                      exported weights: the writer (`export_weights`) and the reader
+                                          (`load_exported`) of that format live side by side here
+    config.yaml                           the resolved config the run uses (never values it ignores)
+
+A resume compares the new config with the one stored in the checkpoint it loads: keys in RESUMABLE are applied
+for real (a new lr is the optimizer's lr from the next step on), any other change is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from hpcdistill.config import resolve_path
+from hpcdistill.distributed import barrier
+from hpcdistill.errors import HpcdistillError
+from hpcdistill.mags import mag_name
+
+COMPLETE = "COMPLETE"  # written after every rank finished a save: a checkpoint without it is never loaded
+DIVERGED = "DIVERGED"  # replaces COMPLETE in a checkpoint set aside after a non-finite loss
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed (ZeRO 0): module weights + client state, from rank 0
+EXPORT_KEYS = ("state_dict", "arch_kwargs", "mag", "classes", "stats")
+
+# Keys a resumed run may change. Each is applied for real: lr and weight decay go into the optimizer's param groups
+# after its state is loaded; the loop reads the others from the config at every use. A key ending in "." is a prefix.
+RESUMABLE = ("train.epochs", "train.max_steps", "train.lr", "train.weight_decay", "train.checkpoint_every_steps",
+             "train.checkpoint_every_min", "train.keep_last", "data.num_workers", "run.resume", "log.")
+
+
+class RunFolderError(HpcdistillError):
+    """A checkpoint or export that cannot be written, read or resumed as asked."""
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step{step:09d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint dirs with a completion marker, oldest first (a save killed midway has none)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if (p / COMPLETE).is_file())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
+
+
+def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, new value) for every key whose value differs, in key order."""
+    old, now = flatten(stored), flatten(new)
+    return [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+
+
+def check_resume_config(stored: dict[str, Any], new: dict[str, Any], checkpoint: Path, run_name: str) -> list[str]:
+    """The allowed changes as 'key: old -> new'; any other change stops the resume in one line naming each key."""
+    changes = config_changes(stored, new)
+    refused = [f"{k}: {a} -> {b}" for k, a, b in changes if not resumable(k)]
+    if refused:
+        raise RunFolderError(
+            f"{checkpoint}: cannot resume with a changed {', '.join(refused)} (only "
+            f"{', '.join(k.rstrip('.') for k in RESUMABLE)} may change on resume); to train with the new values "
+            f"start a new run, e.g. run.name={run_name}-2 (run.resume=never guards a new run against resuming)")
+    return [f"{k}: {a} -> {b}" for k, a, b in changes if k != "run.resume"]
+
+
+def apply_resumable(engine: Any, train: Any) -> None:
+    """Loading a checkpoint restores the optimizer's param groups, lr included: set the config's values again."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = train.lr
+        group["weight_decay"] = train.weight_decay
+
+
+def _load_weights_only(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:  # what weights_only=True refuses: a pickled object, not plain weights
+        reason = " ".join(str(err).split())[:200]
+        raise RunFolderError(f"{what}: {path.parent}: refused, it holds more than plain weights ({reason})") from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise RunFolderError(f"{what}: {path}: unreadable ({' '.join(str(err).split())[:200]})") from None
+
+
+def use_weights_only_loads(engine: Any) -> None:
+    """DeepSpeed's torch checkpoint engine unpickles any object it finds; ours loads with weights_only=True,
+    which a ZeRO-0 checkpoint (tensors, numbers, strings, dicts) passes."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RunFolderError(f"deepspeed: checkpoint engine {type(engine.checkpoint_engine).__name__} is not "
+                             "supported (only torch.save checkpoints, loaded with weights_only=True); remove the "
+                             "checkpoint writer settings from the DeepSpeed config")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+
+
+class RunFolder:
+    """Checkpoints, exports and the resolved config of one run; rank 0 writes what only one rank must write."""
+
+    def __init__(self, path: str | Path, rank: int = 0):
+        self.path = Path(path)
+        self.rank = rank
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def complete_checkpoints(self) -> list[Path]:
+        return complete_checkpoints(self.checkpoints_dir)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """config.yaml beside the checkpoints, written whole or not at all."""
+        if self.rank != 0:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / ".config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.replace(tmp, self.path / "config.yaml")
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, engine: Any, step: int, client: dict[str, Any], config: dict[str, Any],
+                        keep_last: int) -> Path:
+        """A collective save of the DeepSpeed state with `client` and the config inside; COMPLETE once every rank
+        is done; then all but the newest `keep_last` complete checkpoints are pruned."""
+        target = self.checkpoints_dir / checkpoint_tag(step)
+        if self.rank == 0 and target.exists():  # from a discarded trajectory: its marker must not bless new files
+            shutil.rmtree(target)
+        barrier()
+        try:
+            engine.save_checkpoint(str(self.checkpoints_dir), tag=target.name, client_state={**client, "config": config},
+                                   save_latest=False)
+            barrier()
+            if self.rank == 0:
+                (target / COMPLETE).write_text(json.dumps({"global_step": step}))
+        except OSError as err:  # a full disk or quota: the half-written folder has no marker and is never resumed
+            shutil.rmtree(target, ignore_errors=True)
+            intact = [p for p in self.complete_checkpoints() if p != target]
+            raise RunFolderError(f"{target}: checkpoint not saved ({err.strerror or err}); the last complete one, "
+                                 f"{intact[-1] if intact else 'none'}, is intact: free space and rerun to resume") from None
+        if self.rank == 0:
+            for old in self.complete_checkpoints()[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return target
+
+    def resume_target(self, how: str) -> Path | None:
+        """The checkpoint `run.resume` asks for: the newest complete one ("auto"), none ("never"), or a path."""
+        found = self.complete_checkpoints()
+        if how == "never":
+            if found:
+                raise RunFolderError(f"run.resume: never, but {self.checkpoints_dir} already holds checkpoints; "
+                                     "use run.resume=auto or another run.name")
+            return None
+        if how == "auto":
+            return found[-1] if found else None
+        target = resolve_path(how)
+        if not (target / COMPLETE).is_file():
+            raise RunFolderError(f"run.resume: {target} is not a complete checkpoint (no {COMPLETE} marker)")
+        return target
+
+    def stored_config(self, target: Path) -> dict[str, Any] | None:
+        """The resolved config saved inside the checkpoint; checkpoints of older versions fall back to config.yaml."""
+        blob = _load_weights_only(target / MODEL_STATES, "run.resume")
+        if isinstance(blob.get("config"), dict):
+            return blob["config"]
+        beside = self.path / "config.yaml"
+        return yaml.safe_load(beside.read_text()) if beside.is_file() else None
+
+    def load_checkpoint(self, engine: Any, target: Path) -> dict[str, Any]:
+        """Weights, optimizer state and the client state (the loop's position) from a complete checkpoint."""
+        try:
+            path, client = engine.load_checkpoint(str(target.parent), tag=target.name)
+        except pickle.UnpicklingError as err:
+            reason = " ".join(str(err).split())[:200]
+            raise RunFolderError(f"run.resume: {target}: refused, it holds more than plain weights ({reason})") from None
+        if path is None or client is None:
+            raise RunFolderError(f"run.resume: could not load {target}")
+        return client
+
+    def load_module_weights(self, module: torch.nn.Module, target: Path) -> None:
+        """Only the model weights of a checkpoint (to test them), without touching optimizer or position."""
+        module.load_state_dict(_load_weights_only(target / MODEL_STATES, "checkpoint")["module"])
+
+    def set_aside(self, checkpoints: list[Path], reason: str) -> list[Path]:
+        """Rename checkpoints to `<tag>.diverged` with a DIVERGED note: kept for inspection, never resumed."""
+        moved = [p.with_name(p.name + ".diverged") for p in checkpoints]
+        if self.rank == 0:
+            for old, new in zip(checkpoints, moved):
+                shutil.rmtree(new, ignore_errors=True)
+                (old / COMPLETE).unlink(missing_ok=True)  # first: a crash midway leaves nothing resumable behind
+                (old / DIVERGED).write_text(reason + "\n")
+                old.rename(new)
+        barrier()
+        return moved
+
+    # ------------------------------------------------------------------------------------------- exports
+    def export_weights(self, name: str, module: torch.nn.Module, *, mag: float, classes: list[str],
+                       stats: dict[str, list[float]], config: dict[str, Any], global_step: int) -> Path:
+        """Plain weights for inference: only tensors, dicts, lists, strings and numbers (torch.load weights_only),
+        written atomically; `global_step` tells a resume whether best.pt belongs to the trajectory it continues."""
+        path = self.path / name
+        if self.rank != 0:
+            return path
+        blob = {
+            "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()},
+            "arch_kwargs": dict(module.arch_kwargs), "mag": mag, "classes": list(classes), "config": config,
+            "stats": stats, "global_step": global_step,
+        }
+        tmp = path.with_suffix(".tmp")
+        try:
+            torch.save(blob, tmp)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            intact = self.complete_checkpoints()
+            raise RunFolderError(f"{path}: weights not exported ({err.strerror or err}); the last complete "
+                                 f"checkpoint, {intact[-1] if intact else 'none'}, is intact: free space and rerun "
+                                 "to resume") from None
+        return path
+
+    def export_step(self, name: str) -> int | None:
+        """The optimizer step an export was written at (None: absent, or written by an older version)."""
+        path = self.path / name
+        if not path.is_file():
+            return None
+        step = _load_weights_only(path, name).get("global_step")
+        return int(step) if step is not None else None
+
+
+def say(message: str) -> None:
+    """A one-line note for the user on stderr (rank 0 only: every rank would print the same)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"hpcdistill: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- reading exports
+
+
+@dataclass
+class ExportedModel:
+    model: torch.nn.Module
+    mag: float
+    classes: list[str]
+    stats: dict  # {"mean", "std"}: per-channel, [0,1] scale, of the labeled train split at `mag`
+    arch_kwargs: dict
+    path: str
+    config: dict  # the run's resolved training config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_classes: int | None = None) -> ExportedModel:
+    """Load an exported weights file (best.pt / last.pt); errors name the file and what does not match."""
+    from hpcdistill.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunFolderError(f"{path}: no such checkpoint file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- torch raises many types for corrupt or pickled files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunFolderError(f"{path}: not a loadable weights file ({reason})") from None
+    missing = [k for k in EXPORT_KEYS if not isinstance(blob, dict) or k not in blob]
+    if missing:
+        raise RunFolderError(f"{path}: not an hpcdistill export (missing {', '.join(missing)})")
+    kwargs = dict(blob["arch_kwargs"])
+    if expect_arch is not None and kwargs.get("arch") != expect_arch:
+        raise RunFolderError(f"{path}: architecture {kwargs.get('arch')!r} does not match the expected {expect_arch!r}")
+    if expect_classes is not None and kwargs.get("num_classes") != expect_classes:
+        raise RunFolderError(f"{path}: trained for {kwargs.get('num_classes')} classes, but the data has {expect_classes}")
+    arch, num_classes = kwargs.pop("arch"), kwargs.pop("num_classes")
+    model = build_model(arch, num_classes, **kwargs)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise RunFolderError(f"{path}: weights do not fit {arch} with {num_classes} classes ({first})") from None
+    model.eval()
+    mag = float(blob["mag"])
+    stats = blob["stats"]
+    stats = stats.get(mag_name(mag), stats)  # a per-mag table or the stats of this mag only
+    return ExportedModel(model=model, mag=mag, classes=list(blob["classes"]),
+                         stats={"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]},
+                         arch_kwargs=dict(blob["arch_kwargs"]), path=str(path), config=dict(blob.get("config", {})))
