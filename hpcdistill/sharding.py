@@ -176,6 +176,10 @@ def read_labels_csv(csv_path: str | os.PathLike, slide_paths: list[Path]) -> dic
     columns = [c.strip() for c in (reader.fieldnames or [])]
     if "slide" not in columns:
         raise ShardingError(f"{csv_path}:1: header must have a 'slide' column (slide,patient,label,split)")
+    if "label" not in columns:  # else every slide would silently become unlabeled
+        raise ShardingError(f"{csv_path}:1: no 'label' column (columns: {', '.join(columns)}); add one (an empty "
+                            "label marks an unlabeled slide), or shard without --labels to treat every slide as "
+                            "unlabeled (split aux)")
     reader.fieldnames = columns
     lookup: dict[str, Path] = {}
     for p in slide_paths:
@@ -265,7 +269,7 @@ def make_plan(slide_paths: list[Path], labels_csv: str | os.PathLike | None,
     for p in slide_paths:
         row = rows.get(p)
         if row is None:
-            jobs.append(SlideJob(str(p), slide_name(p), slide_name(p), None, None, None, "not in labels CSV"))
+            jobs.append(SlideJob(str(p), slide_name(p), slide_name(p), None, None, None, f"{p}: not in labels CSV"))
         else:
             jobs.append(SlideJob(str(p), row.slide, row.patient, row.label or None,
                                  classes.index(row.label) if row.label else None, splits[row.slide]))
@@ -382,6 +386,8 @@ def _skip_reason(exc: Exception, path: str) -> str:
     """One line on why a slide is skipped; a full output disk is not the slide's fault and stops the run."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         raise exc
+    if os.strerror(errno.ENOSPC) in str(exc):  # libvips reports a full disk as its own error type, with this text
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
     return _one_line(str(exc) if isinstance(exc, HpcdistillError) else f"{exc.__class__.__name__}: {exc}", path)
 
 
@@ -613,7 +619,12 @@ class _OpenShard:
         return self.path.stat().st_size
 
     def discard(self) -> None:
-        self._handle.close()
+        """Drop the partial shard. Closing flushes buffered bytes, which fails again on a full disk: that is
+        expected here and must not mask the error being handled."""
+        try:
+            self._handle.close()
+        except OSError:
+            pass
         _tmp_path(self.path).unlink(missing_ok=True)
 
 
@@ -729,6 +740,13 @@ def create_output_folder(out: Path) -> None:
         raise ShardingError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
 
 
+def remove_partial_files(out: Path) -> None:
+    """Temporaries of an interrupted run (killed, or stopped by a full disk): never complete by construction."""
+    for stale in [*out.glob(".*.tmp"), *((out / "qc").glob("*.partial") if (out / "qc").is_dir() else [])]:
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(out / SPOOL, ignore_errors=True)
+
+
 def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> tuple[dict | None, dict | None]:
     """Check the folder: returns (journal to resume, finished manifest) -- at most one is not None.
 
@@ -740,11 +758,7 @@ def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> t
             path.unlink(missing_ok=True)
         for path in (out / "qc").glob("*.png") if (out / "qc").is_dir() else []:
             path.unlink()
-    for stale in out.glob(".*.tmp"):  # leftovers of a killed run: never complete by construction
-        stale.unlink()
-    for stale in (out / "qc").glob("*.partial") if (out / "qc").is_dir() else []:
-        stale.unlink()
-    shutil.rmtree(out / SPOOL, ignore_errors=True)
+    remove_partial_files(out)
     for name in (JOURNAL, MANIFEST):
         path = out / name
         if not path.exists():
@@ -840,17 +854,21 @@ def _results_in_order(jobs: list[SlideJob], params: ShardParams, out: str, worke
             queue.append((job, pool.submit(shard_slide, job, params, out, wants_stats(job))))
             if len(queue) >= 2 * workers:
                 break
-        while queue:
-            job, future = queue.popleft()
-            next_job = next(remaining, None)
-            if next_job is not None:
-                queue.append((next_job, pool.submit(shard_slide, next_job, params, out, wants_stats(next_job))))
-            try:
-                result = future.result()
-            except concurrent.futures.process.BrokenProcessPool:
-                raise ShardingError(f"{job.path}: a worker process died while sharding it (crash or out of memory); "
-                                    "completed shards are kept; check or remove this slide, then rerun") from None
-            yield job, result
+        try:
+            while queue:
+                job, future = queue.popleft()
+                next_job = next(remaining, None)
+                if next_job is not None:
+                    queue.append((next_job, pool.submit(shard_slide, next_job, params, out, wants_stats(next_job))))
+                try:
+                    result = future.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    raise ShardingError(f"{job.path}: a worker process died while sharding it (crash or out of "
+                                        "memory); completed shards are kept; check or remove this slide, then rerun") from None
+                yield job, result
+        finally:  # stopped early (an error, a full disk): queued slides must not start writing spool files
+            for _, future in queue:
+                future.cancel()
 
 
 def run_sharding(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *, labels_csv: str | None = None,
@@ -874,11 +892,12 @@ def run_sharding(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *,
         todo = [job for job in jobs if job.slide not in writer.journal["slides"]]
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="slide", desc="shard",
                    disable=None if progress is None else not progress, file=sys.stderr)
-        (out / SPOOL).mkdir()
-        (out / "qc").mkdir(exist_ok=True)
+        results = _results_in_order(todo, params, str(out), workers)
         try:
+            (out / SPOOL).mkdir()
+            (out / "qc").mkdir(exist_ok=True)
             with bar:
-                for job, result in _results_in_order(todo, params, str(out), workers):
+                for job, result in results:
                     if result.status != "ok":
                         bar.write(f"hpcdistill: skipped {result.reason}", file=sys.stderr)
                     writer.add_slide(result, result.record(job))
@@ -888,9 +907,10 @@ def run_sharding(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *,
             if exc.errno != errno.ENOSPC:
                 raise
             raise _disk_error(exc, out, "a slide's samples") from None
-        finally:
-            writer.abandon()  # completed shards and the journal stay; partial ones go
-            shutil.rmtree(out / SPOOL, ignore_errors=True)
+        finally:  # completed shards and the journal stay; partial shards, spool files and QC partials go
+            results.close()  # waits for the slides in flight, so none writes after the clean-up
+            writer.abandon()
+            remove_partial_files(out)
         manifest = build_manifest(params, fingerprint, classes, jobs, writer.journal["slides"],
                                   writer.journal["shards"])
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyvips
@@ -191,5 +192,9 @@ def write_qc_png(
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial = f"{path}.partial"
-    pyvips.Image.new_from_array(np.asarray(image)).pngsave(partial, compression=QC_PNG_COMPRESSION, filter="sub")
-    os.replace(partial, path)
+    try:
+        pyvips.Image.new_from_array(np.asarray(image)).pngsave(partial, compression=QC_PNG_COMPRESSION, filter="sub")
+        os.replace(partial, path)
+    except BaseException:  # a full disk: no half-written PNG stays behind
+        Path(partial).unlink(missing_ok=True)
+        raise

@@ -6,10 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
     blob = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
     manifest = tiny_dataset["manifest"]
-    assert set(blob) == {"state_dict", "arch_kwargs", "mag", "classes", "config", "stats"}
+    assert set(blob) == {"state_dict", "arch_kwargs", "mag", "classes", "config", "stats", "global_step"}
     assert blob["mag"] == 10.0 and blob["classes"] == manifest["classes"]
     assert blob["stats"] == manifest["stats"]["10x"]  # standardisation travels with the weights
     assert blob["arch_kwargs"]["arch"] == "resnet10" and blob["config"]["train"]["mode"] == "teacher"
@@ -84,27 +86,47 @@ def test_baseline_at_lowest_mag_bf16_and_fp16_rejected(tiny_dataset, tmp_path):
         engine.run(cfg_for(tiny_dataset, tmp_path, "fp16", "baseline", 2.5, "deepspeed=configs/deepspeed/fp16.json"))
 
 
+def clean_env() -> dict[str, str]:
+    """The environment for a child `hpcdistill` process: one thread, CPU DeepSpeed, and none of the rendezvous
+    variables this pytest process set for its own process group (its MASTER_PORT is taken)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
 def test_kill_and_resume_is_bit_identical(tiny_dataset, tmp_path):
-    extra = ("train.epochs=2", "train.checkpoint_every_steps=3", "train.keep_last=2", "data.sampler=resampled",
-             "data.shuffle_buffer=3", "data.epoch_samples=12")  # 6 steps per epoch
+    extra = ("train.epochs=8", "train.checkpoint_every_steps=3", "train.keep_last=2", "data.sampler=resampled",
+             "data.shuffle_buffer=3", "data.epoch_samples=12")  # 6 steps per epoch, 48 in all
     full = engine.run(cfg_for(tiny_dataset, tmp_path, "full", "baseline", 2.5, *extra))
-    part = engine.run(cfg_for(tiny_dataset, tmp_path, "part", "baseline", 2.5, *extra, "train.max_steps=8"))
-    assert part["stopped_early"] and part["global_step"] == 8 and part["epoch"] == 1  # mid-epoch 2 of 2
+    # The same run as a `hpcdistill train` process, SIGKILLed right after its first mid-epoch checkpoint (step 3).
+    cfg = cfg_for(tiny_dataset, tmp_path, "part", "baseline", 2.5, *extra)
+    config = cfg.save(tmp_path / "part.yaml")
     ckpts = tmp_path / "part" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "hpcdistill.cli", "train", str(config)], env=clean_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (first := complete_checkpoints(ckpts)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert first[0].name == "step000000003"  # mid-epoch: the kill came after it, somewhere in steps 3..48
+    assert not (tmp_path / "part" / "last.pt").exists()  # killed mid-run: nothing final was written
     (ckpts / "step999999999").mkdir()  # a save killed midway: no completion marker, must be ignored
-    rest = engine.run(cfg_for(tiny_dataset, tmp_path, "part", "baseline", 2.5, *extra))
-    assert rest["global_step"] == full["global_step"] == 12
+    rest = engine.run(cfg)
+    assert rest["global_step"] == full["global_step"] == 48
     a, b = weights(Path(full["last_path"])), weights(Path(rest["last_path"]))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rest["best"] == full["best"] and rest["best_step"] == full["best_step"]
     complete = [p.name for p in complete_checkpoints(ckpts)]
-    assert len(complete) == 2 and complete[-1] == "step000000012"  # keep_last
+    assert len(complete) == 2 and complete[-1] == "step000000048"  # keep_last
     # A requeue that lands after the last step (the time-limit signal came during export) reruns a finished run:
     # it must load the final checkpoint and return the same result without training or exporting anything new.
     last_written = Path(rest["last_path"]).stat().st_mtime_ns
-    again = engine.run(cfg_for(tiny_dataset, tmp_path, "part", "baseline", 2.5, *extra))
+    again = engine.run(cfg)
     assert Path(again["last_path"]).stat().st_mtime_ns == last_written  # not re-exported
-    assert again["global_step"] == 12 and not again["stopped_early"]
+    assert again["global_step"] == 48 and not again["stopped_early"]
     assert again["best"] == rest["best"] and again["best_step"] == rest["best_step"]
     c = weights(Path(again["last_path"]))
     assert all(torch.equal(a[k], c[k]) for k in a)
@@ -152,12 +174,13 @@ def test_resume_loads_checkpoints_weights_only(tiny_dataset, tmp_path):
     assert "\n" not in message and message.startswith(f"run.resume: {ckpt}: refused, it holds more than plain weights")
 
 
-def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
+def test_nonfinite_input_stops_naming_the_sample_and_blames_no_checkpoint(tmp_path):
     # hand-made shards: the sharder computes the stats from pixels, so it never writes std 0 (-> inf inputs)
     bad = write_tiny_shards(tmp_path / "bad", {"train": [4], "val": [2]}, low_size=(4, 4),
                             stats={"mean": [0.5] * 3, "std": [0.0] * 3})
     cfg = load_config(None, tiny_train_overrides(bad, tmp_path, "nan", "baseline", 2.5))
-    with pytest.raises(HpcdistillError, match=r"step 1 \(epoch 0\): loss is nan.*Last good checkpoint: none"):
+    with pytest.raises(HpcdistillError, match=r"^step 1 \(epoch 0\): loss is nan on 1 rank\(s\): non-finite input "
+                                              r"image in sample \S+ \(check the manifest's mean/std"):
         engine.run(cfg)
 
 

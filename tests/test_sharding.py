@@ -167,7 +167,8 @@ def test_slide_missing_from_csv_is_skipped(dataset):
     jobs, _ = sharding.make_plan(sharding.collect_slides([dataset["good"]]), csv_path, ShardParams())
     skipped = {j.slide: j.skip_reason for j in jobs if j.skip_reason}
     assert skipped.keys() == {"s40b", "s40c", "s40d", "s20", "u1"}
-    assert set(skipped.values()) == {"not in labels CSV"}
+    assert all(reason == f"{dataset['good'] / name}: not in labels CSV" for name, reason in  # names the slide file
+               ((Path(j.path).name, j.skip_reason) for j in jobs if j.skip_reason))
 
 
 def test_explicit_class_order_sets_label_ids_and_refuses_unknown_labels(dataset, tmp_path, capsys):
@@ -327,7 +328,7 @@ def test_dry_run_plans_what_shard_cuts_and_writes_only_qc_and_plan(dataset, tmp_
     rows = {row["slide"]: row for row in plan["slides"]}
     assert rows["s20"]["base_mag"] == 20.0 and rows["s20"]["mag_source"] == ref["slides"]["s20"]["mag_source"]
     assert {k for k, r in rows.items() if r["status"] != "ok"} == {"blank", "corrupt"}
-    assert rows["blank"]["reason"] == "not in labels CSV"
+    assert rows["blank"]["reason"] == f"{rows['blank']['path']}: not in labels CSV"
     printed = capsys.readouterr().out
     assert "train: " in printed and "2 would be skipped" in printed
     assert cli.main([*args, "--dry-run", "--strict"]) == 2
@@ -418,3 +419,78 @@ def test_resume_after_kill_gives_the_uninterrupted_output(dataset, tmp_path):
     keys = [m.name.split(".", 1)[0] for p in sorted(out.glob("*.tar")) for m in tarfile.open(p).getmembers()
             if m.name.endswith(".json")]
     assert len(keys) == len(set(keys)) == sum(1 for _ in read_samples(ref))
+
+
+@pytest.fixture
+def small_disk(dataset, tmp_path):
+    """A real tmpfs holding about half of the reference output when the tests run as root (as CI does); None where
+    mounting is not allowed, and the test then injects the full disk where libvips and the tar writer see it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    size = sum(p.stat().st_size for p in dataset["ref"].rglob("*") if p.is_file()) // 2 // 4096 * 4096
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def inject_full_disk(monkeypatch) -> None:
+    """The fallback: libvips fails the third QC PNG as it does on a full disk (its own error type, the OS text)."""
+    import pyvips
+
+    real, calls = sharding.tissue.write_qc_png, []
+
+    def write_until_full(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) >= 3:
+            raise pyvips.Error("unable to call pngsave_target", "write failed: No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sharding.tissue, "write_qc_png", write_until_full)
+
+
+def test_full_disk_while_sharding_is_one_line_leaves_no_partials_and_resumes(dataset, small_disk, tmp_path, capsys,
+                                                                             monkeypatch):
+    out = (small_disk or tmp_path) / "out"
+    args = ["shard", str(dataset["good"]), "--out", str(out), "--labels", str(dataset["labels"]), "--shard-size",
+            "150000", "--no-progress", "--workers", "2" if small_disk else "1"]
+    if small_disk is None:
+        inject_full_disk(monkeypatch)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if "hpcdistill" in line]
+    assert len(ours) == 1 and "Traceback" not in err, err[-3000:]  # no slide was logged as skipped for it
+    assert ours[0].startswith(f"hpcdistill: error: {out}: disk full while writing ")
+    assert ours[0].endswith("free some space and rerun the same command to resume")
+    leftovers = [*out.glob(".*.tmp"), *out.glob(sharding.SPOOL), *(out / "qc").glob("*.partial")]
+    assert not leftovers, leftovers
+    if small_disk:  # space freed: the same command completes
+        subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
+    else:
+        monkeypatch.undo()
+    assert cli.main(args) == 0
+    assert tar_bytes(out) == tar_bytes(dataset["ref"])  # the bytes of an uninterrupted run
+
+
+def test_labels_csv_without_a_label_column_is_refused(dataset, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,patient,split\ns40a,p1,train\ns40b,p2,train\n")
+    out = tmp_path / "out"
+    assert cli.main(["shard", str(dataset["good"]), "--labels", str(labels), "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"hpcdistill: error: {labels}:1: no 'label' column (columns: slide, patient, split); ")
+    assert "shard without --labels" in line and not out.exists()
+
+
+def test_every_skipped_line_names_its_slide(dataset, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,patient,label,split\ns40a,p1,normal,train\n")
+    slides = [str(dataset["good"] / "s40a.tiff"), str(dataset["good"] / "s40b.svs"), str(dataset["bad"] / "blank.tiff")]
+    assert cli.main(["shard", *slides, "--labels", str(labels), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert skipped == [f"hpcdistill: skipped {dataset['bad'] / 'blank.tiff'}: not in labels CSV",
+                       f"hpcdistill: skipped {dataset['good'] / 's40b.svs'}: not in labels CSV"]
