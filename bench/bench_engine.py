@@ -19,7 +19,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
     os.environ.setdefault(key, value)
 
-from hpcdistill.engine import setup_distributed, skip_single_rank_allreduce  # noqa: E402
+from hpcdistill.distributed import setup_distributed  # noqa: E402
+from hpcdistill.engine import skip_single_rank_allreduce  # noqa: E402
 from hpcdistill.models import build_model  # noqa: E402
 
 

@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -252,11 +253,14 @@ def save_checkpoint(state: State) -> str:
     return state.last_ckpt
 
 
-def resume(state: State, target: Any, changes: list[str]) -> None:
+def resume(state: State, target: Path, changes: list[str]) -> None:
     """Restore weights, optimizer, position in the data and RNG from `target`; then apply the config's resumable
     settings (lr, weight decay) over the optimizer state's, and say where the run goes on from."""
     client = state.folder.load_checkpoint(state.engine, target)
     apply_resumable(state.engine, state.cfg.train)
+    newer = [p for p in state.folder.complete_checkpoints() if p.name > target.name]
+    if newer:  # run.resume named an older checkpoint: a later requeue must not jump back to the abandoned future
+        state.folder.set_aside(newer, f"superseded: the run was resumed from {target}", ".superseded")
     state.epoch, state.batch, state.global_step = client["epoch"], client["batch"], client["global_step"]
     state.best, state.best_step, state.last_val = client["best"], client["best_step"], client.get("last_val", {})
     state.best_loss = client.get("best_loss", math.inf)

@@ -2,7 +2,8 @@
 
     checkpoints/step000000012/            a DeepSpeed checkpoint; resumable only once its COMPLETE marker exists.
                                           The resolved config is stored inside it (client state), not only beside it.
-    checkpoints/step000000013.diverged/   set aside after a non-finite loss: never resumed from
+    checkpoints/step000000013.diverged/   set aside after a non-finite loss (or `.superseded`, after a resume from
+                                          an older checkpoint): never resumed from
     best.pt, last.pt                      exported weights: the writer (`export_weights`) and the reader
                                           (`load_exported`) of that format live side by side here
     config.yaml                           the resolved config the run uses (never values it ignores)
@@ -31,7 +32,6 @@ from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
 
 COMPLETE = "COMPLETE"  # written after every rank finished a save: a checkpoint without it is never loaded
-DIVERGED = "DIVERGED"  # replaces COMPLETE in a checkpoint set aside after a non-finite loss
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed (ZeRO 0): module weights + client state, from rank 0
 EXPORT_KEYS = ("state_dict", "arch_kwargs", "mag", "classes", "stats")
 
@@ -209,14 +209,14 @@ class RunFolder:
         """Only the model weights of a checkpoint (to test them), without touching optimizer or position."""
         module.load_state_dict(_load_weights_only(target / MODEL_STATES, "checkpoint")["module"])
 
-    def set_aside(self, checkpoints: list[Path], reason: str) -> list[Path]:
-        """Rename checkpoints to `<tag>.diverged` with a DIVERGED note: kept for inspection, never resumed."""
-        moved = [p.with_name(p.name + ".diverged") for p in checkpoints]
+    def set_aside(self, checkpoints: list[Path], reason: str, suffix: str = ".diverged") -> list[Path]:
+        """Rename checkpoints to `<tag><suffix>` with a note saying why: kept for inspection, never resumed."""
+        moved = [p.with_name(p.name + suffix) for p in checkpoints]
         if self.rank == 0:
             for old, new in zip(checkpoints, moved):
                 shutil.rmtree(new, ignore_errors=True)
                 (old / COMPLETE).unlink(missing_ok=True)  # first: a crash midway leaves nothing resumable behind
-                (old / DIVERGED).write_text(reason + "\n")
+                (old / suffix.lstrip(".").upper()).write_text(reason + "\n")  # e.g. DIVERGED: why it was set aside
                 old.rename(new)
         barrier()
         return moved

@@ -74,6 +74,18 @@ def test_resume_applies_a_changed_lr_and_refuses_a_changed_model(tiny_dataset, t
     assert stored["train"]["lr"] == 0.5  # the resolved config travels inside every checkpoint
 
 
+def test_resume_from_an_older_checkpoint_supersedes_the_newer_ones(tiny_dataset, tmp_path, capsys):
+    ckpts = tmp_path / "old" / "checkpoints"
+    engine.run(cfg_for(tiny_dataset, tmp_path, "old", "baseline", 2.5, *STEPS, "train.max_steps=4"))
+    engine.run(cfg_for(tiny_dataset, tmp_path, "old", "baseline", 2.5, *STEPS, "train.max_steps=3",
+                       f"run.resume={ckpts / 'step000000002'}"))
+    assert (ckpts / "step000000004.superseded" / "SUPERSEDED").is_file()
+    capsys.readouterr()
+    rest = engine.run(cfg_for(tiny_dataset, tmp_path, "old", "baseline", 2.5, *STEPS))  # e.g. a requeue
+    assert f"resuming from {ckpts / 'step000000003'} (step 3," in capsys.readouterr().err  # not the abandoned step 4
+    assert rest["global_step"] == 6
+
+
 # ---------------------------------------------------------------------------------------------- divergence
 
 
