@@ -19,6 +19,7 @@ the rest of the epoch exactly. The same draw (flips, rot90, one colour map) goes
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -60,6 +61,14 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: manifest not found (run `hpcdistill shard` first)") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def manifest_digest(shards_dir: str | Path) -> str | None:
+    """sha256 of manifest.json: the identity of a shard folder wherever it is copied (None: unreadable)."""
+    try:
+        return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from hpcdistill.config import Config, load_config, resolve_path
 from hpcdistill.data import (ShardSet, StreamSpec, finish_batch, make_loader, mag_stats, per_rank_samples,
-                             read_manifest, resolve_sets, split_summary)
+                             manifest_digest, read_manifest, resolve_sets, split_summary)
 from hpcdistill.distributed import any_rank, barrier, device_for, setup_distributed
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
@@ -115,6 +115,7 @@ class DataPlan:
     stats: dict[str, dict[str, list[float]]]
     per_rank: int  # samples per rank per epoch
     steps_per_epoch: int  # optimizer steps
+    manifest_sha256: str | None = None
 
 
 def plan_data(cfg: Config, world: int) -> DataPlan:
@@ -135,7 +136,8 @@ def plan_data(cfg: Config, world: int) -> DataPlan:
     stats = {name: mag_stats(manifest, float(name[:-1])) for name in mags}
     unit = t.micro_batch * t.grad_accum
     per_rank = per_rank_samples(d.epoch_samples or train.samples, world, unit)
-    return DataPlan(manifest, train, val, list(manifest.get("classes", [])), stats, per_rank, per_rank // unit)
+    return DataPlan(manifest, train, val, list(manifest.get("classes", [])), stats, per_rank, per_rank // unit,
+                    manifest_digest(shards))
 
 
 def stream_spec(cfg: Config, plan: DataPlan, rank: int, world: int, *, epoch: int, start_batch: int,
@@ -216,8 +218,10 @@ def build_state(cfg: Config) -> State:
     folder = RunFolder(cfg.run_dir, rank)
     target = folder.resume_target(cfg.run.resume)
     changes: list[str] = []
-    if target is not None and (stored := folder.stored_config(target)) is not None:
-        changes = check_resume_config(stored, cfg.to_dict(), target, cfg.run.name)
+    stored, manifest_sha256 = folder.stored_config(target) if target is not None else (None, None)
+    if target is not None and stored is not None:
+        same_shards = manifest_sha256 is not None and manifest_sha256 == manifest_digest(resolve_path(cfg.data.shards))
+        changes = check_resume_config(stored, cfg.to_dict(), target, cfg.run.name, same_shards)
     device = device_for(local)
     ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu")
     plan = plan_data(cfg, world)
@@ -244,6 +248,7 @@ def save_checkpoint(state: State) -> str:
         "epoch": state.epoch, "batch": state.batch, "global_step": state.global_step,
         "best": state.best, "best_step": state.best_step, "best_loss": state.best_loss, "last_val": _scalars(state.last_val),
         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        "manifest_sha256": state.plan.manifest_sha256,  # the data's identity, whatever path it is read from
     }
     path = state.folder.save_checkpoint(state.engine, state.global_step, client, state.cfg.to_dict(),
                                         state.cfg.train.keep_last)

@@ -36,9 +36,11 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed (ZeRO 0): module weight
 EXPORT_KEYS = ("state_dict", "arch_kwargs", "mag", "classes", "stats")
 
 # Keys a resumed run may change. Each is applied for real: lr and weight decay go into the optimizer's param groups
-# after its state is loaded; the loop reads the others from the config at every use. A key ending in "." is a prefix.
+# after its state is loaded; the loop reads the others from the config at every use; run.out_dir/run.name only say
+# where the (moved) run folder is. A key ending in "." is a prefix.
 RESUMABLE = ("train.epochs", "train.max_steps", "train.lr", "train.weight_decay", "train.checkpoint_every_steps",
-             "train.checkpoint_every_min", "train.keep_last", "data.num_workers", "run.resume", "log.")
+             "train.checkpoint_every_min", "train.keep_last", "data.num_workers", "run.resume", "run.out_dir",
+             "run.name", "log.")
 
 
 class RunFolderError(HpcdistillError):
@@ -77,10 +79,13 @@ def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
     return [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
 
 
-def check_resume_config(stored: dict[str, Any], new: dict[str, Any], checkpoint: Path, run_name: str) -> list[str]:
-    """The allowed changes as 'key: old -> new'; any other change stops the resume in one line naming each key."""
+def check_resume_config(stored: dict[str, Any], new: dict[str, Any], checkpoint: Path, run_name: str,
+                        same_shards: bool = False) -> list[str]:
+    """The allowed changes as 'key: old -> new'; any other change stops the resume in one line naming each key.
+    `same_shards`: the shard folder's manifest is byte-identical to the one the run started on, so a moved
+    `data.shards` (e.g. copied to node-local scratch) is the same data."""
     changes = config_changes(stored, new)
-    refused = [f"{k}: {a} -> {b}" for k, a, b in changes if not resumable(k)]
+    refused = [f"{k}: {a} -> {b}" for k, a, b in changes if not resumable(k) and not (same_shards and k == "data.shards")]
     if refused:
         raise RunFolderError(
             f"{checkpoint}: cannot resume with a changed {', '.join(refused)} (only "
@@ -186,13 +191,14 @@ class RunFolder:
             raise RunFolderError(f"run.resume: {target} is not a complete checkpoint (no {COMPLETE} marker)")
         return target
 
-    def stored_config(self, target: Path) -> dict[str, Any] | None:
-        """The resolved config saved inside the checkpoint; checkpoints of older versions fall back to config.yaml."""
+    def stored_config(self, target: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """The resolved config saved inside the checkpoint (checkpoints of older versions fall back to config.yaml)
+        and the sha256 of the manifest the run trained on (None if not recorded)."""
         blob = _load_weights_only(target / MODEL_STATES, "run.resume")
         if isinstance(blob.get("config"), dict):
-            return blob["config"]
+            return blob["config"], blob.get("manifest_sha256")
         beside = self.path / "config.yaml"
-        return yaml.safe_load(beside.read_text()) if beside.is_file() else None
+        return (yaml.safe_load(beside.read_text()) if beside.is_file() else None), None
 
     def load_checkpoint(self, engine: Any, target: Path) -> dict[str, Any]:
         """Weights, optimizer state and the client state (the loop's position) from a complete checkpoint."""

@@ -72,6 +72,11 @@ def test_resume_applies_a_changed_lr_and_refuses_a_changed_model(tiny_dataset, t
     assert lr[1] == lr[2] == pytest.approx(1e-3) and lr[3] == pytest.approx(0.5)
     stored = torch.load(run_dir / "checkpoints" / "step000000003" / MODEL_STATES, weights_only=True)["config"]
     assert stored["train"]["lr"] == 0.5  # the resolved config travels inside every checkpoint
+    # the same shards copied elsewhere (node-local scratch) are the same data: their manifest is byte-identical
+    moved = tmp_path / "scratch" / "shards"
+    shutil.copytree(tiny_dataset["shards"], moved)
+    assert cli.main(["train", str(config), "train.lr=0.5", "train.max_steps=4", f"data.shards={moved}"]) == 0
+    assert f"data.shards: {tiny_dataset['shards']} -> {moved}" in capsys.readouterr().err
 
 
 def test_resume_from_an_older_checkpoint_supersedes_the_newer_ones(tiny_dataset, tmp_path, capsys):
