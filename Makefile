@@ -5,20 +5,26 @@ export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install test demo bench clean readme
+.PHONY: install test demo bench clean readme lock
 
 install: $(VENV)/.installed
 
-# torch first, pinned: a bare `torch` requirement could pull a several-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch first, pinned: a bare `torch` requirement could pull a several-GB CUDA build. Every other package at the
+# exact version in constraints.txt, so a fresh clone computes what the README shows.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -c constraints.txt torch==2.13.0
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
+# After a deliberate upgrade: record the venv's versions (then redo `make demo` and `make readme-demo`).
+lock: install
+	{ sed -n '1,/^[^#]/p' constraints.txt | grep '^#'; $(VENV)/bin/pip freeze --exclude-editable | grep -v '^#' \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 demo: install
 	$(VENV)/bin/hpcdistill demo --out runs/demo

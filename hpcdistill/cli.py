@@ -56,10 +56,11 @@ def _add_tissue_flags(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, field.name)
         flag, dest = f"--tissue-{field.name.replace('_', '-')}", f"tissue_{field.name}"
         if isinstance(default, bool):
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                               help=field.metadata["help"])
         else:
             group.add_argument(flag, dest=dest, type=_field_type(field, default), default=default,
-                               help=f"default {default}")
+                               help=field.metadata["help"])
 
 
 def _tissue_params(args: argparse.Namespace):
@@ -83,15 +84,17 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
     p.add_argument("--max-size", type=int, default=defaults.max_size,
                    help=f"split tissues larger than this many 10x px into aligned windows (default {defaults.max_size})")
-    p.add_argument("--format", choices=["jpg", "png"], default=defaults.image_format, dest="image_format")
-    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
+    p.add_argument("--format", choices=["jpg", "png"], default=defaults.image_format, dest="image_format",
+                   help="image encoding in the shards (png is lossless and several times larger)")
+    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality, help="JPEG quality, 1-100")
     p.add_argument("--shard-size", default="1GB", help="cap per shard in bytes, e.g. 256MB (default 1GB)")
     p.add_argument("--shard-max-samples", type=int, help="cap per shard in samples")
     p.add_argument("--split-ratios", type=_float_list, default=list(defaults.split_ratios),
-                   help="train,val,test ratios for labeled slides without a split (patient level, per class)")
+                   help="train,val,test ratios for labeled slides without a split (patient level, per class; "
+                        f"default {','.join(f'{r:g}' for r in defaults.split_ratios)})")
     p.add_argument("--classes", type=lambda text: [c.strip() for c in text.split(",")],
                    help="class order (= label ids), e.g. normal,duodenitis,celiac (default: labels sorted)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the patient-level split assignment")
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel")
     p.add_argument("--overwrite", action="store_true", help="delete earlier shards/manifest in --out first")
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any slide is skipped")
@@ -165,7 +168,7 @@ def add_synth(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=_size, default=(4096, 3072), help="level-0 size of a 40x slide, WIDTHxHEIGHT")
     p.add_argument("--tissues", type=_float_list, default=[2, 4], help="min,max tissue pieces per slide")
     p.add_argument("--signal", type=float, default=1.0, help="class signal strength (0 = indistinguishable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw: the same seed writes the same slides")
     p.set_defaults(func=run_synth)
 
 
@@ -210,15 +213,16 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
                                           "magnification comes from the checkpoint.")
     p.add_argument("checkpoint", help="exported weights, e.g. runs/x/distill-2.5x/best.pt")
     p.add_argument("--shards", required=True, help="shard folder with manifest.json")
-    p.add_argument("--split", default="test")
-    p.add_argument("--iterations", type=int, default=10000, help="bootstrap resamples (default 10000)")
-    p.add_argument("--level", type=float, default=0.95, help="CI level (default 0.95)")
+    p.add_argument("--split", default="test", help="the manifest split to score")
+    p.add_argument("--iterations", type=int, default=10000, help="bootstrap resamples")
+    p.add_argument("--level", type=float, default=0.95, help="CI level")
     p.add_argument("--by-slide", action="store_true", help="resample whole slides, not tissues, in the bootstrap")
     p.add_argument("--method", help="name in the report (default: from the run's config)")
-    p.add_argument("--study", default="main", choices=["main", "ablation"])
+    p.add_argument("--study", default="main", choices=["main", "ablation"],
+                   help="which report table the result goes to: the main comparison or the pixel-loss ablation")
     p.add_argument("--out", help="output folder (default <checkpoint folder>/eval)")
-    p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--workers", type=int, default=0, help="loader processes decoding the shards (default 0)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="loader processes decoding the shards")
     p.set_defaults(func=run_evaluate)
 
 
@@ -241,7 +245,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_report(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("report", help="Table 3/4 markdown and the Figure 3 plot from evaluated runs")
+    p = subparsers.add_parser("report", help="Table 3/4 markdown and the Figure 3 plot from evaluated runs",
+                              description="Reads every eval/*.json under the given run folders (written by `hpcdistill "
+                                          "evaluate`) and writes report.md (the paper's Table 3/4 layouts, the "
+                                          "ordering check) and figure3.png (accuracy against GFLOPs).")
     p.add_argument("runs", nargs="+", help="run folders (their eval/*.json) or evaluation JSON files")
     p.add_argument("--out", required=True, help="folder for report.md, figure3.png (and ablation.png)")
     p.set_defaults(func=run_report)
@@ -259,12 +266,16 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def add_predict(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("predict", help="classify the tissues of new slides (e.g. low-resolution scans)")
+    p = subparsers.add_parser("predict", help="classify the tissues of new slides (e.g. low-resolution scans)",
+                              description="Finds each slide's tissues, reads them at the model's magnification (Lanczos "
+                                          "from level 0, as in training) and classifies each whole; the slide call is the "
+                                          "area-weighted mean of the tissue probabilities. Writes tissues.csv, "
+                                          "slides.csv, predictions.json and an overlay PNG per slide.")
     p.add_argument("model", help="exported weights (best.pt)")
     p.add_argument("slides", nargs="+", help="slide files, directories or globs")
     p.add_argument("--out", required=True, help="folder for tissues.csv, slides.csv, predictions.json, overlays/")
     p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
-    p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
     _add_tissue_flags(p)
     p.set_defaults(func=run_predict)
 
@@ -286,12 +297,17 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def add_flops(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("flops", help="GFLOPs per forward pass per magnification (FLOPs = 2 x multiply-adds)")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--stem", default="standard", choices=["standard", "halfres", "lowres"])
-    p.add_argument("--num-classes", type=int, default=3)
-    p.add_argument("--mags", type=_float_list, default=[10, 5, 2.5, 1.25, 0.625])
+    p = subparsers.add_parser("flops", help="GFLOPs per forward pass per magnification (FLOPs = 2 x multiply-adds)",
+                              description="GFLOPs of one forward pass at a fixed field of view per magnification, and "
+                                          "at the shards' median and mean tissue sizes with --manifest.")
+    p.add_argument("--arch", default="resnet18", choices=["resnet10", "resnet18", "resnet34", "resnet50"],
+                   help="GroupNorm ResNet depth")
+    p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = the standard ResNet)")
+    p.add_argument("--stem", default="standard", choices=["standard", "halfres", "lowres"],
+                   help="input stem: standard (stride 4), halfres (2) or lowres (1, for tiny low-magnification inputs)")
+    p.add_argument("--num-classes", type=int, default=3, help="classifier outputs")
+    p.add_argument("--mags", type=_float_list, default=[10, 5, 2.5, 1.25, 0.625],
+                   help="comma-separated magnifications (default 10,5,2.5,1.25,0.625)")
     p.add_argument("--manifest", help="shard folder or manifest.json: adds median/mean tissue sizes")
     p.add_argument("--checkpoint", help="exported weights: use its architecture instead of --arch/--width/--stem")
     p.set_defaults(func=run_flops)
@@ -329,9 +345,13 @@ def run_flops(args: argparse.Namespace) -> int:
 
 
 def add_launch(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("launch", help="submit an experiment's job graph through submitit (SLURM arrays per method)")
+    p = subparsers.add_parser("launch", help="submit an experiment's job graph through submitit (SLURM arrays per method)",
+                              description="Teacher -> one array per method (a task per magnification) -> evaluation "
+                                          "and report, with afterok dependencies. Records every job in <exp "
+                                          "dir>/launch.json (read by `hpcdistill status`).")
     p.add_argument("experiment", help="experiment YAML, e.g. configs/experiments/celiac.yaml")
-    p.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"])
+    p.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
+                   help="slurm: sbatch through submitit; local: processes on this machine; debug: in this process")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and dependency graph only")
     p.add_argument("--wait", action="store_true", help="slurm: wait for every job and fail if one fails")
     p.set_defaults(func=run_launch)
@@ -347,7 +367,9 @@ def run_launch(args: argparse.Namespace) -> int:
 
 
 def add_status(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("status", help="jobs of a launch: states, logs, TensorBoard folders")
+    p = subparsers.add_parser("status", help="jobs of a launch: states, logs, TensorBoard folders",
+                              description="Reads <exp dir>/launch.json: each job's state (from SLURM, or from the "
+                                          "local processes), its training progress, logs and TensorBoard folder.")
     p.add_argument("exp_dir", help="experiment folder (holds launch.json)")
     p.set_defaults(func=run_status)
 
@@ -366,11 +388,11 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="the paper's experiment end to end on an embedded synthetic dataset",
                               description="synth -> shard -> teacher, baseline, KD and KD with two aux sets at two "
                                           "low magnifications -> evaluation with CIs and GFLOPs -> report. Resumable.")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a shortened run (CI): fewer slides, one epoch")
     p.add_argument("--slurm", action="store_true", help="run the jobs through `hpcdistill launch` on SLURM")
-    p.add_argument("--workers", type=int, default=2, help="sharding processes (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="sharding processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic slides, the splits and every run")
     p.set_defaults(func=run_demo)
 
 
@@ -389,10 +411,26 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is none to show (required options, flags
+    that are off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in (action.help or ""):
+            return action.help  # nothing to show, or the help states its default itself (e.g. a list as typed)
+        return super()._get_help_string(action)
+
+
+class SubcommandParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Resolution-based distillation for histology.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser)
     for add in SUBCOMMANDS:
         add(subparsers)
     return parser

@@ -128,10 +128,10 @@ TAR_END = 1024  # a tar ends with two 512-byte zero blocks: a file cut anywhere,
 
 
 def _shard_error(url: str, err: BaseException | str, last_key: str | None) -> DataError:
+    reason = err
     if not isinstance(err, str):  # webdataset appends the stream and url to the exception's args
         first = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
-        err = " ".join(first.split(" @ <")[0].split()) or type(err).__name__
-    reason = err
+        reason = " ".join(first.split(" @ <")[0].split()) or type(err).__name__
     return DataError(f"{url}: truncated or corrupt shard ({reason}); last good sample: {last_key or 'none'}. "
                      "Restore the file, or shard the slides again into a new folder")
 

@@ -106,6 +106,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     started = time.monotonic()
     print(f"[1/3] synthetic slides and shards in {out / 'synthetic'}", flush=True)
     shards = prepare_data(out / "synthetic", plan, workers, seed)
+    phases = {"slides and shards": time.monotonic() - started}
     experiment = write_experiment(out, shards, plan)
     mags = ", ".join(mag_name(m) for m in plan.mags)
     print(f"[2/3] teacher @ 10x, then baseline / KD / KD (ADv1) / KD (ADv2) @ {mags} "
@@ -116,6 +117,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     if not report.is_file():
         raise HpcdistillError(f"{report}: the evaluation job did not write the report (see {exp_dir}/launch.json)")
     print("[3/3] evaluation and report", flush=True)
+    phases.update({job["label"] or job["key"]: job["finished"] - job["started"] for job in record["jobs"]})
     results = load_results([exp_dir])  # every run's eval/*.json under the experiment folder
     summary = {
         "report": str(report),
@@ -125,8 +127,10 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
         "experiment": str(experiment),
         "ordering": ordering_check(results),
         "minutes": round((time.monotonic() - started) / 60, 1),
+        "phase_minutes": {name: round(seconds / 60, 1) for name, seconds in phases.items()},
     }
     print("\n".join(summary["ordering"]))
+    print("\ntime per phase: " + ", ".join(f"{name} {m} min" for name, m in summary["phase_minutes"].items()))
     print(f"\nreport:      {summary['report']}\nfigure 3:    {summary['figure']}\nshards:      {shards}\n"
           f"experiment:  {experiment}  (rerun on SLURM: hpcdistill launch {experiment})\n"
           f"tensorboard: tensorboard --logdir {exp_dir}\n"

@@ -23,10 +23,30 @@ def setup_distributed() -> tuple[int, int, int]:
     world = int(os.environ["WORLD_SIZE"])
     if world > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # several ranks on one node oversubscribe the cores otherwise (50x slower seen)
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed would pick, without its "unable to detect" warning
     import deepspeed
 
+    skip_shm_comm_build()
     deepspeed.init_distributed(auto_mpi_discovery=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def skip_shm_comm_build() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles a shared-memory C++ op at init (about 2 minutes on first use,
+    into ~/.cache/torch_extensions). It serves only DeepSpeed's own inference all-reduce; training here reduces
+    through torch.distributed (gloo on CPU), so mark the op as unavailable and DeepSpeed falls back without it."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+        import deepspeed.ops
+
+        if get_accelerator().device_name() != "cpu":
+            return
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    except (ImportError, AttributeError, TypeError):  # another DeepSpeed layout: it builds the op as before
+        pass
 
 
 def world_size() -> int:

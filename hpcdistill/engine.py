@@ -194,6 +194,7 @@ class State:
     best_loss: float = math.inf  # val loss of the best export: breaks ties of the selection metric
     last_ckpt: str = ""
     last_save_time: float = field(default_factory=time.monotonic)  # for train.checkpoint_every_min
+    started: tuple[float, int] = (0.0, 0)  # (monotonic time, global step) when this process began training: the ETA
     last_val: dict[str, Any] = field(default_factory=dict)
     meter: dict[str, float] = field(default_factory=dict)
 
@@ -212,9 +213,9 @@ def skip_single_rank_allreduce(engine: Any, world: int) -> None:
 def build_state(cfg: Config) -> State:
     """Everything a run needs, resumed from its run folder as `run.resume` says. The config stored in the
     checkpoint is compared first, so a refused change stops before any model is built."""
+    rank, world, local = setup_distributed()  # first: it settles DeepSpeed's accelerator before deepspeed is imported
     import deepspeed
 
-    rank, world, local = setup_distributed()
     folder = RunFolder(cfg.run_dir, rank)
     target = folder.resume_target(cfg.run.resume)
     changes: list[str] = []
@@ -411,6 +412,7 @@ def train_epoch(state: State) -> bool:
         state.meter["_n"] = state.meter.get("_n", 0.0) + 1
         if state.global_step % cfg.log.log_every == 0:
             log_scalars(state, images / (time.perf_counter() - tick))
+            report_progress(state, "train")
             tick, images = time.perf_counter(), 0
         bar.update(1)
         bar.set_postfix(loss=f"{losses['total']:.4f}")
@@ -420,6 +422,23 @@ def train_epoch(state: State) -> bool:
             save_checkpoint(state)
     bar.close()
     return False
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    full = steps_per_epoch * cfg.train.epochs
+    return min(full, cfg.train.max_steps) if cfg.train.max_steps else full
+
+
+def report_progress(state: State, phase: str) -> None:
+    """progress.json in the run folder: epoch, step and an ETA from this process's own pace (validation included)."""
+    total = total_steps(state.cfg, state.plan.steps_per_epoch)
+    since, first_step = state.started
+    done = state.global_step - first_step
+    elapsed = time.monotonic() - since
+    eta = (total - state.global_step) * elapsed / done if done > 0 and phase != "done" else None
+    state.folder.write_progress({"mode": state.cfg.train.mode, "phase": phase, "epoch": state.epoch,
+                                 "epochs": state.cfg.train.epochs, "step": state.global_step, "steps": total,
+                                 "eta_s": eta, "updated": time.time()})
 
 
 def checkpoint_time_due(state: State) -> bool:
@@ -450,21 +469,19 @@ def log_scalars(state: State, images_per_s: float) -> None:
 
 
 def log_images(state: State, batch: dict[str, Any]) -> None:
-    """A few inputs, un-standardised; in distill the teacher's 10x image beside the student's low-mag one."""
+    """A few inputs, un-standardised: the teacher's at 10x (teacher mode, and beside the student's in distill), the
+    student's at its magnification. Non-finite images (bad manifest stats) are not logged: they draw nothing."""
     if state.rank != 0:
         return
     n = state.cfg.log.num_images
-    mag = mag_name(model_mag(state.cfg))
-
-    def show(x: torch.Tensor, name: str) -> torch.Tensor:
-        s = state.plan.stats[name]
+    role = "teacher" if state.cfg.train.mode == "teacher" else "student"
+    slots = [("x", role, model_mag(state.cfg))] + ([("t", "teacher", state.cfg.data.teacher_mag)] if "t" in batch else [])
+    for slot, who, mag in slots:
+        s = state.plan.stats[mag_name(mag)]
         mean, std = torch.tensor(s["mean"]).view(1, 3, 1, 1), torch.tensor(s["std"]).view(1, 3, 1, 1)
-        return (x[:n].float().cpu() * std + mean).clamp(0, 1)
-
-    state.writer.add_images(f"inputs/student_{mag}", show(batch["x"], mag), state.global_step)
-    if "t" in batch:
-        teacher = mag_name(state.cfg.data.teacher_mag)
-        state.writer.add_images(f"inputs/teacher_{teacher}", show(batch["t"], teacher), state.global_step)
+        images = batch[slot][:n].float().cpu() * std + mean
+        if torch.isfinite(images).all():
+            state.writer.add_images(f"inputs/{who}_{mag_name(mag)}", images.clamp(0, 1), state.global_step)
 
 
 @torch.no_grad()
@@ -537,6 +554,7 @@ def select_metric(cfg: Config) -> str:
 
 def end_epoch(state: State) -> None:
     """Validate, keep the best export, advance, checkpoint (after validation: a resume never repeats it)."""
+    report_progress(state, "validate")
     metrics = validate(state)
     state.last_val = metrics
     for k, v in _scalars(metrics).items():
@@ -566,6 +584,8 @@ def fit(state: State) -> dict[str, Any]:
     stopped = False
     # A rerun of a finished run (a requeue or relaunch after the last step) only reports: its exports and hparams exist.
     done_before = state.epoch >= cfg.train.epochs and (cfg.run_dir / "last.pt").is_file()
+    state.started = (time.monotonic(), state.global_step)
+    report_progress(state, "train")
     try:
         while state.epoch < cfg.train.epochs and not stopped:
             stopped = train_epoch(state)
@@ -576,6 +596,7 @@ def fit(state: State) -> dict[str, Any]:
                 stopped = bool(cfg.train.max_steps and state.global_step >= cfg.train.max_steps)
         if not done_before:
             export_weights(state, "last.pt")
+        report_progress(state, "stopped" if stopped else "done")
         barrier()
         if not stopped and not done_before:
             hparams = {"mode": cfg.train.mode, "arch": cfg.model.arch, "mag": model_mag(cfg), "lr": cfg.train.lr,

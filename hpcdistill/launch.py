@@ -44,11 +44,12 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from hpcdistill.config import ConfigError, build_dataclass, load_config, merge_dicts, read_yaml
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name, parse_mag
+from hpcdistill.progress import LiveStatus, describe, read_progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Cluster = Literal["slurm", "local", "debug"]
@@ -479,16 +480,20 @@ def launch(experiment_path: str | Path, cluster: Cluster = "slurm", dry_run: boo
     record: dict[str, Any] = {"name": exp.name, "experiment": exp.path, "exp_dir": str(exp.exp_dir),
                               "cluster": cluster, "folder": str(folder), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                               "jobs": []}
+    _write_record(exp, folder, record)  # from the start: `hpcdistill status` works while a local launch runs
     try:  # the record is written even when a submission or a job fails: status and scancel need the ids
         if cluster == "slurm":
             submitted = _submit_slurm(exp, jobs, folder, record)
             if wait:
                 _write_record(exp, folder, record)
-                _wait_all(submitted, record, wait_timeout_s)
+                _wait_all(submitted, record, wait_timeout_s, lambda: _write_record(exp, folder, record))
         else:
             _run_in_order(exp, jobs, folder, record, cluster)
     finally:
         _write_record(exp, folder, record)
+        for literal in folder.glob("%j"):  # submitit makes the id-pattern folder itself; logs go to the real ids
+            if literal.is_dir() and not any(literal.iterdir()):
+                literal.rmdir()
     return record
 
 
@@ -550,33 +555,46 @@ def _run_in_order(exp: Experiment, jobs: list[JobPlan], folder: Path, record: di
         out = [ex.submit(fn) for fn in fns]  # local arrays: each task its own process, run side by side
         entry = _job_record(job, out, None)
         record["jobs"].append(entry)
-        _wait_job(job, out, entry, None)
+        _write_record(exp, folder, record)
+        _wait_job(job, out, entry, None, LiveStatus())
+        _write_record(exp, folder, record)
 
 
-def _wait_all(submitted: list[tuple], record: dict[str, Any], timeout_s: float | None) -> None:
+def _wait_all(submitted: list[tuple], record: dict[str, Any], timeout_s: float | None,
+              on_job_done: Callable[[], None]) -> None:
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     for (job, out), entry in zip(submitted, record["jobs"]):
-        _wait_job(job, out, entry, deadline)
+        _wait_job(job, out, entry, deadline, LiveStatus())
+        on_job_done()
 
 
-def _wait_job(job: JobPlan, out: list[Any], entry: dict[str, Any], deadline: float | None) -> None:
-    """Wait for every task; store results and states; a failure raises one line naming the job and its log."""
-    for task, sub in zip(entry["tasks"], out):
-        polls = 0
-        while not sub.done(force_check=polls % 10 == 9):  # sacct at least every 10 s: a killed job writes no result
-            polls += 1
-            if deadline is not None and time.monotonic() > deadline:
-                raise LaunchError(f"{job.key}: job {sub.job_id} not finished in time (state {sub.state}); "
-                                  f"log: {task['stdout']}")
-            time.sleep(1)
-        try:
-            results = sub.results()
-        except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the job's traceback
-            task["state"] = "FAILED"
-            raise LaunchError(f"{job.key}: job {sub.job_id} ({task['name']}) failed: {_last_line(str(err))}; "
-                              f"log: {task['stderr']}") from None
-        task["state"] = "COMPLETED"
-        task["result"] = results[0] if len(results) == 1 else results
+def _wait_job(job: JobPlan, out: list[Any], entry: dict[str, Any], deadline: float | None,
+              display: LiveStatus) -> None:
+    """Wait for every task, showing their progress; store results, states and the job's end time; a failure
+    raises one line naming the job and its log."""
+    entry.setdefault("started", time.time())
+    try:
+        for task, sub in zip(entry["tasks"], out):
+            polls = 0
+            while not sub.done(force_check=polls % 10 == 9):  # sacct at least every 10 s: a killed job writes no result
+                polls += 1
+                if deadline is not None and time.monotonic() > deadline:
+                    raise LaunchError(f"{job.key}: job {sub.job_id} not finished in time (state {sub.state}); "
+                                      f"log: {task['stdout']}")
+                display.update(entry)
+                time.sleep(1)
+            try:
+                results = sub.results()
+            except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the job's traceback
+                task["state"] = "FAILED"
+                raise LaunchError(f"{job.key}: job {sub.job_id} ({task['name']}) failed: {_last_line(str(err))}; "
+                                  f"log: {task['stderr']}") from None
+            task["state"] = "COMPLETED"
+            task["result"] = results[0] if len(results) == 1 else results
+    finally:
+        entry["finished"] = time.time()
+        display.update(entry)
+        display.close()
 
 
 def _last_line(text: str) -> str:
@@ -648,8 +666,10 @@ def status(exp_dir: str | Path) -> list[dict[str, Any]]:
             state = states.get(task["job_id"])
             if state in (None, "RUNNING", "COMPLETING"):  # the result file is written just before the step ends
                 state = _result_state(task) or state or task.get("state") or "UNKNOWN"
+            progress = describe(read_progress(task["run_dir"])) if job["kind"] != "evaluate" else "-"
             rows.append({"job": job["key"], "task": task["name"], "job_id": task["job_id"], "state": state,
-                         "run_dir": task["run_dir"], "log": task["stdout"], "tensorboard": task["tensorboard"]})
+                         "progress": progress, "run_dir": task["run_dir"], "log": task["stdout"],
+                         "tensorboard": task["tensorboard"]})
     return rows
 
 
@@ -694,7 +714,7 @@ def _result_state(task: dict[str, Any]) -> str | None:
 
 def format_status(rows: list[dict[str, Any]]) -> str:
     """A plain text table of `status()` rows."""
-    cols = ["job", "task", "job_id", "state", "log", "tensorboard"]
+    cols = ["job", "task", "job_id", "state", "progress", "log", "tensorboard"]
     table = [cols] + [[str(r[c] if r[c] is not None else "-") for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)

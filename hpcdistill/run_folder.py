@@ -7,6 +7,7 @@
     best.pt, last.pt                      exported weights: the writer (`export_weights`) and the reader
                                           (`load_exported`) of that format live side by side here
     config.yaml                           the resolved config the run uses (never values it ignores)
+    progress.json                         epoch, step and ETA, for `hpcdistill status` and a local launch
 
 A resume compares the new config with the one stored in the checkpoint it loads: keys in RESUMABLE are applied
 for real (a new lr is the optimizer's lr from the next step on), any other change is refused in one line.
@@ -30,6 +31,7 @@ from hpcdistill.config import resolve_path
 from hpcdistill.distributed import barrier
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
+from hpcdistill.progress import write_progress
 
 COMPLETE = "COMPLETE"  # written after every rank finished a save: a checkpoint without it is never loaded
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed (ZeRO 0): module weights + client state, from rank 0
@@ -149,6 +151,11 @@ class RunFolder:
         tmp = self.path / ".config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
         os.replace(tmp, self.path / "config.yaml")
+
+    def write_progress(self, progress: dict[str, Any]) -> None:
+        """progress.json (format and reader in hpcdistill.progress, which the launcher imports without torch)."""
+        if self.rank == 0:
+            write_progress(self.path, progress)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, engine: Any, step: int, client: dict[str, Any], config: dict[str, Any],

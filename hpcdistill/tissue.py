@@ -13,7 +13,7 @@ result), libvips PNG at a low compression level.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +31,20 @@ QC_PNG_COMPRESSION = 3
 
 @dataclass(frozen=True)
 class TissueParams:
-    thumb_size: int = 1024  # long side of the thumbnail the mask is computed on (px); QC PNG size
-    channel: str = "saturation"  # "saturation": coloured = tissue; "grey": dark = tissue
-    close_radius: int = 4  # thumbnail px; bridges gaps inside a tissue piece
-    open_radius: int = 2  # thumbnail px; removes dust and thin debris
-    min_area_frac: float = 0.0005  # components smaller than this fraction of the thumbnail are dropped
-    pad_frac: float = 0.02  # each box grows by this fraction of its long side on every side
-    min_contrast: float = 8.0  # channel range (0-255) below which the thumbnail is blank: no tissue
-    drop_ink: bool = True  # leave green/cyan and saturated blue pen marks out of the mask (see ink_mask)
+    # Each field's "help" is also its `--tissue-<name>` flag's help in the CLI.
+    thumb_size: int = field(default=1024, metadata={"help": "long side of the thumbnail the mask is computed on (px); "
+                                                             "the QC PNG's size"})
+    channel: str = field(default="saturation", metadata={"help": "saturation: coloured = tissue; grey: dark = tissue"})
+    close_radius: int = field(default=4, metadata={"help": "thumbnail px; bridges gaps inside a tissue piece"})
+    open_radius: int = field(default=2, metadata={"help": "thumbnail px; removes dust and thin debris"})
+    min_area_frac: float = field(default=0.0005, metadata={"help": "components smaller than this fraction of the "
+                                                                    "thumbnail are dropped"})
+    pad_frac: float = field(default=0.02, metadata={"help": "each box grows by this fraction of its long side on "
+                                                             "every side"})
+    min_contrast: float = field(default=8.0, metadata={"help": "channel range (0-255) below which the thumbnail is "
+                                                                "blank: no tissue"})
+    drop_ink: bool = field(default=True, metadata={"help": "leave green/cyan and saturated blue pen marks out of the "
+                                                            "mask and of the Otsu threshold"})
 
     def __post_init__(self) -> None:
         if self.channel not in ("saturation", "grey"):

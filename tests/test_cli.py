@@ -93,3 +93,21 @@ def test_help_lists_subcommands_and_tissue_flags(capsys):
     assert all(flag in text for flag in ("--tissue-channel", "--tissue-close-radius", "--max-size", "--strict"))
     parser = cli.build_parser()
     assert {"shard", "synth"} <= set(parser._subparsers._group_actions[0].choices)
+
+
+def test_every_subcommand_and_option_is_described_with_its_default():
+    import argparse
+
+    parser = cli.build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert len(subcommands) == len(cli.SUBCOMMANDS)
+    for name, sub in subcommands.items():
+        assert sub.description, f"{name}: no description"
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where}: no help text"
+            if action.option_strings and action.default not in (None, False) and not action.required:
+                assert "default" in formatter._get_help_string(action), f"{where}: default not shown"

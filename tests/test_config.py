@@ -84,3 +84,10 @@ def test_shipped_configs_load():
     assert ablations == {(), ("maxpool",), ("bicubic",), ("maxpool", "bicubic")}
     assert load_config(REPO / "configs/luad/teacher.yaml").model.num_classes == 5
     assert load_config(REPO / "configs/celiac/teacher.yaml").model.num_classes == 3
+    from hpcdistill.engine import build_ds_config
+
+    jsons = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+    assert [p.stem for p in jsons] == ["bf16", "fp16", "fp32"]
+    for path in jsons:  # every DeepSpeed file the configs can name is read and completed from the config
+        ds = build_ds_config(load_config(None, [f"deepspeed={path}"]), world=1, on_cpu=False)
+        assert ds["zero_optimization"]["stage"] == 0 and ds["gradient_accumulation_steps"] == 16

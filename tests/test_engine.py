@@ -48,6 +48,10 @@ def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
     assert blob["stats"] == manifest["stats"]["10x"]  # standardisation travels with the weights
     assert blob["arch_kwargs"]["arch"] == "resnet10" and blob["config"]["train"]["mode"] == "teacher"
     assert (tiny_teacher.parent / "config.yaml").is_file() and (tiny_teacher.parent / "last.pt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tiny_teacher.parent / "tb"), size_guidance={"images": 0}).Reload()
+    assert acc.Tags()["images"] == ["inputs/teacher_10x"]  # the teacher's own input, named as such
 
 
 def test_distill_on_aux_sets_then_finetune_and_tensorboard(tiny_dataset, tiny_teacher, tmp_path):

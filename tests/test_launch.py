@@ -146,12 +146,50 @@ def test_gpu_resources_give_one_task_per_gpu(tmp_path):
     assert evaluate.workers == 3  # the evaluation job's other CPUs decode shards
 
 
-def test_example_experiments_parse():
-    for name in ("celiac", "demo"):
-        exp = L.load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
-        assert L.plan_jobs(exp)[-1].key == "evaluate"
+def test_every_shipped_experiment_parses_and_dry_runs(capsys):
+    files = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+    assert [f.stem for f in files] == ["celiac", "demo"]
+    for path in files:
+        out = L.launch(path, cluster="slurm", dry_run=True)  # every task's training config is loaded and checked
+        assert out["dry_run"] and "#SBATCH" in out["text"] and list(out["graph"])[-1] == "evaluate", path
     celiac = L.load_experiment(REPO / "configs" / "experiments" / "celiac.yaml")
     assert celiac.resources_for("kd").partition == "YOUR_PARTITION" and celiac.mags == [5.0, 2.5, 1.25, 0.625]
+    demo = L.load_experiment(REPO / "configs" / "experiments" / "demo.yaml")
+    assert demo.exp_dir.name == "demo-experiment"  # not runs/demo, where `make demo` writes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_experiment_file_runs_end_to_end_locally_with_progress_and_status(tiny_dataset, tmp_path):
+    """configs/experiments/demo.yaml as shipped, shortened (tiny network, one epoch, one magnification), on the
+    sharder's real shards, through `hpcdistill launch --cluster local`; `status` is asked while it runs."""
+    exp = yaml.safe_load((REPO / "configs" / "experiments" / "demo.yaml").read_text())
+    short = TINY + ["data.epoch_samples=4"]
+    exp.update(out_dir=str(tmp_path / "runs"), shards=str(tiny_dataset["shards"]), mags=[2.5])
+    for job in [exp["teacher"], *exp["methods"].values()]:
+        job["overrides"] = job.get("overrides", []) + short
+    exp["evaluate"]["iterations"] = 50
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    exp_dir = tmp_path / "runs" / "demo-experiment"
+    proc = subprocess.Popen([sys.executable, "-m", "hpcdistill.cli", "launch", str(path), "--cluster", "local"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen_running = []
+    while proc.poll() is None:
+        if (exp_dir / "launch.json").is_file():
+            rows = L.status(exp_dir)  # during the run, as on SLURM
+            seen_running += [r for r in rows if r["state"] not in ("COMPLETED", "FAILED")]
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert seen_running, "status never saw a job still running"
+    rows = L.status(exp_dir)
+    assert [r["task"] for r in rows] == ["teacher", "baseline-2.5x", "kd-2.5x", "kd_adv1-2.5x", "kd_adv2-2.5x",
+                                         "ft_adv1-2.5x", "evaluate"]
+    assert all(r["state"] == "COMPLETED" for r in rows) and (exp_dir / "report" / "report.md").is_file()
+    assert rows[0]["progress"].startswith("done at step ")
+    assert "  teacher: teacher  " in stdout and "kd_adv2: kd_adv2-2.5x" in stdout  # progress lines, not a TTY
+    assert not list(exp_dir.rglob("%j")), "literal %j folders"
 
 
 def test_master_port_is_shared_by_a_jobs_tasks_and_differs_between_jobs():
@@ -165,7 +203,7 @@ def test_master_port_is_shared_by_a_jobs_tasks_and_differs_between_jobs():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = write_tiny_shards(tmp_path_factory.mktemp("launch") / "shards",
-                            {"train": [8], "val": [4], "test": [4], "aux": [4]}, low_size=(4, 4),
+                            {"train": [8], "val": [4], "test": [4], "aux1": [4]}, low_size=(4, 4),
                             labeled=("train", "val", "test"), mags=(10.0, 5.0, 2.5))
     # evaluation reads the labeled count from the manifest's class histogram, which write_tiny_shards leaves empty
     manifest = json.loads((out / "manifest.json").read_text())
