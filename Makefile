@@ -5,7 +5,7 @@ export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install test demo bench clean readme lock
+.PHONY: install test demo bench clean readme readme-demo lock
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test: install
 
 demo: install
 	$(VENV)/bin/hpcdistill demo --out runs/demo
+
+# The README's demo results (tables, ordering, times, versions, Figure 3) from the last `make demo` run.
+readme-demo: install
+	$(PY) -c "from hpcdistill.demo_record import update_readme; update_readme('runs/demo')"
 
 bench: install
 	$(PY) bench/bench_shard.py

@@ -97,6 +97,7 @@ def write_experiment(out: Path, shards: Path, plan: DemoPlan) -> Path:
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool = False, workers: int = 2,
              seed: int = 0) -> dict[str, Any]:
     """Run the whole demo; returns where everything is."""
+    from hpcdistill.demo_record import write_record
     from hpcdistill.launch import launch
     from hpcdistill.report import load_results, ordering_check
 
@@ -129,10 +130,12 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
         "minutes": round((time.monotonic() - started) / 60, 1),
         "phase_minutes": {name: round(seconds / 60, 1) for name, seconds in phases.items()},
     }
+    record = write_record(out, summary)
     print("\n".join(summary["ordering"]))
     print("\ntime per phase: " + ", ".join(f"{name} {m} min" for name, m in summary["phase_minutes"].items()))
     print(f"\nreport:      {summary['report']}\nfigure 3:    {summary['figure']}\nshards:      {shards}\n"
           f"experiment:  {experiment}  (rerun on SLURM: hpcdistill launch {experiment})\n"
           f"tensorboard: tensorboard --logdir {exp_dir}\n"
+          f"record:      {record}  (times, versions, machine; `make readme-demo` puts it in the README)\n"
           f"done in {summary['minutes']} min")
     return summary

@@ -190,7 +190,7 @@ def plot_accuracy_vs_gflops(results: list[EvalResult], path: Path, title: str) -
     ax.set_ylabel("Test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no bar hides behind it
     cis = sorted({r.ci for r in results})
     caption = "; ".join(f"{100 * level:g}% bootstrap CI ({n:,} resamples)" for level, n in cis)
     fig.text(0.01, 0.01, f"bars: {caption}", fontsize=8, color="dimgray")

@@ -46,3 +46,17 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     launch = json.loads((exp / "launch.json").read_text())
     assert [j["kind"] for j in launch["jobs"]][0] == "teacher" and len(launch["jobs"]) == 6
     assert "tensorboard --logdir" in proc.stdout and str(exp / "report" / "report.md") in proc.stdout
+    assert "time per phase: slides and shards " in proc.stdout
+    # the README's demo section is rendered from this run's record and evaluation records, tables as in the report
+    from hpcdistill.demo_record import update_readme
+
+    record = json.loads((out / "demo.json").read_text())
+    assert record["versions"]["torch"] and record["machine"]["cores"] and set(record["phase_minutes"]) >= {"Teacher"}
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo:start -->\nstale text\n<!-- demo:end -->\noutro\n")
+    (tmp_path / "docs").mkdir()
+    text = update_readme(out, readme).read_text()
+    assert text.startswith("intro\n<!-- demo:start -->\nResults of one `make demo` run at commit ") and "stale" not in text
+    teacher_table = report.split("## Teacher (Table 3 layout)\n\n")[1].split("\n\n")[0]
+    assert teacher_table in text and text.endswith("<!-- demo:end -->\noutro\n")
+    assert (tmp_path / "docs" / "demo-figure3.png").read_bytes() == (exp / "report" / "figure3.png").read_bytes()
