@@ -69,7 +69,7 @@ def write_record(out: Path, summary: dict[str, Any]) -> Path:
 
 def render_section(out: Path, figure: str) -> str:
     """The README's demo results from `<out>/demo.json` and the run's evaluation records."""
-    from hpcdistill.report import load_results, methods_table, ordering_check, teacher_table
+    from hpcdistill.report import load_results, methods_table, teacher_table
 
     try:
         record = json.loads((out / RECORD).read_text())
