@@ -132,7 +132,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     }
     record = write_record(out, summary)
     print("\n".join(summary["ordering"]))
-    print("\ntime per phase: " + ", ".join(f"{name} {m} min" for name, m in summary["phase_minutes"].items()))
+    print("\ntime per phase (jobs run side by side where the cores allow): "
+          + ", ".join(f"{name} {m} min" for name, m in summary["phase_minutes"].items()))
     print(f"\nreport:      {summary['report']}\nfigure 3:    {summary['figure']}\nshards:      {shards}\n"
           f"experiment:  {experiment}  (rerun on SLURM: hpcdistill launch {experiment})\n"
           f"tensorboard: tensorboard --logdir {exp_dir}\n"

@@ -86,7 +86,8 @@ def render_section(out: Path, figure: str) -> str:
     m, v = record["machine"], record["versions"]
     return "\n".join([
         f"Results of one `make demo` run at commit `{record['commit']}` on {m['cpu']} ({m['cores']} cores, no GPU): "
-        f"**{record['minutes']} minutes** after `make install` ({phases}). Splits: "
+        f"**{record['minutes']} minutes** after `make install` (per phase, where jobs overlap on the cores: "
+        f"{phases}). Splits: "
         + ", ".join(f"{name} {e['samples']} tissues ({e['slides']} slides)" for name, e in splits.items())
         + ". Percentages with 95% bootstrap CIs (10,000 resamples) on the synthetic test split; GFLOPs per forward "
         f"pass at the median tissue size. The students need {savings} fewer FLOPs than the teacher.",

@@ -195,6 +195,8 @@ class State:
     last_ckpt: str = ""
     last_save_time: float = field(default_factory=time.monotonic)  # for train.checkpoint_every_min
     started: tuple[float, int] = (0.0, 0)  # (monotonic time, global step) when this process began training: the ETA
+    teacher_val: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    teacher_val_bytes: int = 0
     last_val: dict[str, Any] = field(default_factory=dict)
     meter: dict[str, float] = field(default_factory=dict)
 
@@ -504,7 +506,7 @@ def validate(state: State) -> dict[str, Any]:
         if state.teacher is not None:
             from hpcdistill.losses import distill_loss
 
-            t_feat, t_logits = state.teacher(batch["t"].to(state.device, state.dtype))
+            t_feat, t_logits = teacher_val_outputs(state, batch)
             row["teacher_pred"] = int(t_logits.float().argmax(1)[0])
             row["loss"] = float(distill_loss(s_feat.float(), logits.float(), t_feat.float(), t_logits.float(),
                                              cfg.train.temperature, tuple(cfg.train.pixel_resize))["total"])
@@ -523,6 +525,24 @@ def validate(state: State) -> dict[str, Any]:
         torch.distributed.all_gather_object(gathered, rows)
     rows = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
     return val_metrics(rows, cfg.model.num_classes)
+
+
+TEACHER_VAL_CACHE_BYTES = 256 * 2**20
+
+
+def teacher_val_outputs(state: State, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's (features, logits) for a validation sample. Validation images are not augmented, so
+    these never change during a run: kept after the first validation (up to TEACHER_VAL_CACHE_BYTES; the rest is
+    recomputed) instead of recomputed every epoch, where the teacher's 10x forward is most of validation's cost."""
+    key = batch["key"][0]
+    if key in state.teacher_val:
+        return state.teacher_val[key]
+    outputs = state.teacher(batch["t"].to(state.device, state.dtype))
+    size = sum(t.numel() * t.element_size() for t in outputs)
+    if state.teacher_val_bytes + size <= TEACHER_VAL_CACHE_BYTES:
+        state.teacher_val[key] = outputs
+        state.teacher_val_bytes += size
+    return outputs
 
 
 def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:

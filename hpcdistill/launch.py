@@ -462,7 +462,7 @@ def launch(experiment_path: str | Path, cluster: Cluster = "slurm", dry_run: boo
     """Submit (slurm) or run (local/debug) an experiment; returns the launch record (also <exp dir>/launch.json).
 
     slurm: everything is submitted at once with dependencies; `wait=True` then waits for every job's result.
-    local/debug: submitit has no dependencies there, so stages run in order, each waited for.
+    local/debug: this process schedules the tasks by their dependencies on the machine's cores (local_runner).
     dry_run: print the sbatch scripts and the dependency graph; nothing is submitted or written.
     """
     if cluster not in ("slurm", "local", "debug"):
@@ -488,7 +488,7 @@ def launch(experiment_path: str | Path, cluster: Cluster = "slurm", dry_run: boo
                 _write_record(exp, folder, record)
                 _wait_all(submitted, record, wait_timeout_s, lambda: _write_record(exp, folder, record))
         else:
-            _run_in_order(exp, jobs, folder, record, cluster)
+            _run_local(exp, jobs, folder, record, cluster)
     finally:
         _write_record(exp, folder, record)
         for literal in folder.glob("%j"):  # submitit makes the id-pattern folder itself; logs go to the real ids
@@ -540,24 +540,11 @@ def _submit_slurm(exp: Experiment, jobs: list[JobPlan], folder: Path, record: di
     return submitted
 
 
-def _run_in_order(exp: Experiment, jobs: list[JobPlan], folder: Path, record: dict[str, Any], cluster: str) -> None:
-    import submitit
+def _run_local(exp: Experiment, jobs: list[JobPlan], folder: Path, record: dict[str, Any], cluster: str) -> None:
+    from hpcdistill.local_runner import LocalRunner
 
-    for job in jobs:
-        r = job.resources
-        if cluster == "debug":
-            ex: Any = submitit.DebugExecutor(folder=folder / "%j")
-        else:
-            ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=r.max_requeue)
-            ex.update_parameters(timeout_min=r.timeout_min, tasks_per_node=r.tasks, gpus_per_node=r.gpus_per_node,
-                                 signal_delay_s=r.signal_delay_s)
-        fns = callables_for(job, exp, jobs)
-        out = [ex.submit(fn) for fn in fns]  # local arrays: each task its own process, run side by side
-        entry = _job_record(job, out, None)
-        record["jobs"].append(entry)
-        _write_record(exp, folder, record)
-        _wait_job(job, out, entry, None, LiveStatus())
-        _write_record(exp, folder, record)
+    callables = {job.key: callables_for(job, exp, jobs) for job in jobs}
+    LocalRunner(jobs, callables, folder, cluster, record, lambda: _write_record(exp, folder, record)).run()
 
 
 def _wait_all(submitted: list[tuple], record: dict[str, Any], timeout_s: float | None,
@@ -581,7 +568,7 @@ def _wait_job(job: JobPlan, out: list[Any], entry: dict[str, Any], deadline: flo
                 if deadline is not None and time.monotonic() > deadline:
                     raise LaunchError(f"{job.key}: job {sub.job_id} not finished in time (state {sub.state}); "
                                       f"log: {task['stdout']}")
-                display.update(entry)
+                display.update([entry])
                 time.sleep(1)
             try:
                 results = sub.results()
@@ -593,7 +580,7 @@ def _wait_job(job: JobPlan, out: list[Any], entry: dict[str, Any], deadline: flo
             task["result"] = results[0] if len(results) == 1 else results
     finally:
         entry["finished"] = time.time()
-        display.update(entry)
+        display.update([entry])
         display.close()
 
 
@@ -664,8 +651,11 @@ def status(exp_dir: str | Path) -> list[dict[str, Any]]:
     for job in record["jobs"]:
         for task in job["tasks"]:
             state = states.get(task["job_id"])
-            if state in (None, "RUNNING", "COMPLETING"):  # the result file is written just before the step ends
-                state = _result_state(task) or state or task.get("state") or "UNKNOWN"
+            if task["job_id"] is None:  # a local launch has not started it yet
+                state = task.get("state") or "PENDING"
+            elif state in (None, "RUNNING", "COMPLETING"):  # the result file is written just before the step ends
+                running = "RUNNING" if record.get("cluster") != "slurm" else "UNKNOWN"  # local: started, no result
+                state = _result_state(task) or state or task.get("state") or running
             progress = describe(read_progress(task["run_dir"])) if job["kind"] != "evaluate" else "-"
             rows.append({"job": job["key"], "task": task["name"], "job_id": task["job_id"], "state": state,
                          "progress": progress, "run_dir": task["run_dir"], "log": task["stdout"],

@@ -56,43 +56,51 @@ def describe(progress: dict[str, Any] | None) -> str:
 
 
 class LiveStatus:
-    """Draws the tasks of the job being waited for; call `update(entry)` at each poll, `close()` at the end."""
+    """Draws the started tasks of the given jobs; call `update(entries)` at each poll, `close()` at the end."""
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.drawn = 0  # lines drawn last time (TTY): moved over and rewritten at the next update
-        self.printed: dict[str, str] = {}  # task -> its last printed state (not a TTY)
+        self.printed: dict[str, str] = {}  # task -> its last printed milestone (not a TTY)
 
-    def lines(self, entry: dict[str, Any]) -> list[tuple[str, str, str]]:
-        """(task name, what it is doing, the part that changes only on a new epoch or phase) per task."""
+    @staticmethod
+    def rows(entry: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """(job: task, what it is doing, a milestone that changes every 10% of its steps or on finishing) per
+        started task of one job's launch record."""
         elapsed = duration(time.time() - entry.get("started", time.time()))
         rows = []
         for task in entry["tasks"]:
+            label = f"{entry['key']}: {task['name']}"
+            if task.get("state") == "PENDING":
+                continue
             if task.get("state"):
-                rows.append((task["name"], task["state"].lower(), task["state"]))
+                rows.append((label, task["state"].lower(), task["state"]))
                 continue
             progress = read_progress(task["run_dir"]) if entry["kind"] != "evaluate" else None
-            text = describe(progress) if progress else f"running {elapsed}"
-            milestone = f"{progress['phase']}:{progress['epoch']}" if progress else "running"
-            rows.append((task["name"], text, milestone))
+            if not progress:
+                rows.append((label, f"running {elapsed}", "running"))
+                continue
+            tenth = "end" if progress["phase"] in ("done", "stopped") else str(10 * progress["step"] // max(1, progress["steps"]))
+            rows.append((label, describe(progress), tenth))
         return rows
 
-    def update(self, entry: dict[str, Any]) -> None:
-        rows = self.lines(entry)
+    def update(self, entries: list[dict[str, Any]]) -> None:
+        rows = [row for entry in entries for row in self.rows(entry)]
+        if not rows:
+            return
         if self.tty:
-            width = max(len(name) for name, _, _ in rows)
-            out = [f"  {entry['key']}: {name.ljust(width)}  {text}" for name, text, _ in rows]
+            width = max(len(label) for label, _, _ in rows)
             up = f"\x1b[{self.drawn}F" if self.drawn else ""
-            self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in out))
-            self.drawn = len(out)
+            self.stream.write(up + "".join(f"\x1b[2K  {label.ljust(width)}  {text}\n" for label, text, _ in rows))
+            self.drawn = len(rows)
         else:
-            for name, text, milestone in rows:
-                if self.printed.get(name) != milestone:
-                    self.printed[name] = milestone
-                    self.stream.write(f"  {entry['key']}: {name}  {text}\n")
+            for label, text, milestone in rows:
+                if self.printed.get(label) != milestone:
+                    self.printed[label] = milestone
+                    self.stream.write(f"  {label}  {text}\n")
         self.stream.flush()
 
     def close(self) -> None:
-        """The lines drawn stay as the job's final record; the next job draws below them."""
+        """The lines drawn stay as the final record; whatever is drawn next goes below them."""
         self.drawn = 0

@@ -46,7 +46,7 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     launch = json.loads((exp / "launch.json").read_text())
     assert [j["kind"] for j in launch["jobs"]][0] == "teacher" and len(launch["jobs"]) == 6
     assert "tensorboard --logdir" in proc.stdout and str(exp / "report" / "report.md") in proc.stdout
-    assert "time per phase: slides and shards " in proc.stdout
+    assert "time per phase (jobs run side by side where the cores allow): slides and shards " in proc.stdout
     # the README's demo section is rendered from this run's record and evaluation records, tables as in the report
     from hpcdistill.demo_record import update_readme
 
