@@ -11,7 +11,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# DeepSpeed compiles a small shm op on first init; cache it across tests and runs.
+# hpcdistill keeps DeepSpeed from JIT-building its CPU shm op (distributed.skip_shm_comm_build); should another op
+# ever be built, it is cached across tests and runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 import pytest  # noqa: E402  (after the environment above)

@@ -286,3 +286,17 @@ def test_two_ranks_match_one_rank_in_every_mode(tiny_dataset, tiny_teacher, tmp_
         overrides = common + [e.format(out=two) for e in runs[mode]]
         init = engine.build_student(load_config(None, overrides), tiny_dataset["manifest"]["classes"])
         assert any(not torch.equal(r0[k], v) for k, v in init.state_dict().items()), mode  # it really trained
+
+
+def test_first_train_outside_make_builds_no_op_and_warns_nothing(tiny_dataset, tmp_path):
+    """The README's `source .venv/bin/activate` route: no DS_ACCELERATOR, an empty extensions cache. DeepSpeed would
+    JIT-compile its CPU shm op (minutes, silently) and warn about the accelerator; neither may happen."""
+    cfg = load_config(None, tiny_train_overrides(tiny_dataset["shards"], tmp_path, "first", "baseline", 2.5))
+    env = clean_env()
+    env.pop("DS_ACCELERATOR", None)
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
+    proc = subprocess.run([sys.executable, "-m", "hpcdistill.cli", "train", str(cfg.save(tmp_path / "first.yaml"))],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "extensions").exists() and "built successfully" not in proc.stdout + proc.stderr
+    assert "WARNING" not in proc.stderr, proc.stderr[-2000:]
