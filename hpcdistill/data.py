@@ -76,6 +76,11 @@ class ShardSet:
     urls: list[str]  # concrete shard paths/URLs in a fixed order
     samples: int  # total samples in them
 
+    @staticmethod
+    def combine(sets: list[ShardSet]) -> ShardSet:
+        """Several sets read together, in the given order."""
+        return ShardSet([u for s in sets for u in s.urls], sum(s.samples for s in sets))
+
 
 def resolve_sets(shards_dir: str | Path, manifest: dict[str, Any], entries: list[str]) -> ShardSet:
     """Split names ("train", "aux1") via the manifest; anything else is a brace pattern, relative to shards_dir."""

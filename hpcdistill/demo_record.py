@@ -67,14 +67,17 @@ def write_record(out: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-def render_section(out: Path, figure: str) -> str:
-    """The README's demo results from `<out>/demo.json` and the run's evaluation records."""
-    from hpcdistill.report import load_results, methods_table, teacher_table
-
+def read_record(out: Path) -> dict[str, Any]:
     try:
-        record = json.loads((out / RECORD).read_text())
+        return json.loads((out / RECORD).read_text())
     except (OSError, ValueError):
         raise HpcdistillError(f"{out / RECORD}: no demo record; run `make demo` first") from None
+
+
+def render_section(record: dict[str, Any], figure: str) -> str:
+    """The README's demo results from a demo record and its run's evaluation records."""
+    from hpcdistill.report import load_results, methods_table, teacher_table
+
     results = load_results([Path(record["tensorboard"])])
     manifest = json.loads((Path(record["shards"]) / "manifest.json").read_text())
     splits = manifest["splits"]
@@ -107,8 +110,8 @@ def update_readme(out: str | Path, readme: str | Path = "README.md", figure: str
     text = readme.read_text()
     if START not in text or END not in text:
         raise HpcdistillError(f"{readme}: no {START} ... {END} markers")
-    section = render_section(out, figure)
-    record = json.loads((out / RECORD).read_text())
+    record = read_record(out)
+    section = render_section(record, figure)
     shutil.copyfile(record["figure"], readme.parent / figure)
     body = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{section}\n{END}", text, flags=re.S)
     readme.write_text(body)

@@ -122,14 +122,18 @@ def plan_data(cfg: Config, world: int) -> DataPlan:
     d, t = cfg.data, cfg.train
     shards = resolve_path(d.shards)
     manifest = read_manifest(shards)
-    keyed = [("data.train", e) for e in d.train] + ([("data.aux", e) for e in d.aux] if t.mode == "distill" else [])
-    keyed += [("data.val", e) for e in d.val]
-    for key, entry in keyed:  # an empty set would silently turn KD (ADv1) into plain KD, or skip validation
-        if resolve_sets(shards, manifest, [entry]).samples == 0:
-            raise TrainError(f"{key}: the set {entry!r} in {shards} holds no samples (splits: {split_summary(manifest)})")
-    entries = [e for key, e in keyed if key != "data.val"]
-    train = resolve_sets(shards, manifest, entries)
-    val = resolve_sets(shards, manifest, d.val) if d.val else None
+
+    def nonempty(key: str, entries: list[str]) -> list[ShardSet]:
+        """Each entry resolved once; an empty one would silently turn KD (ADv1) into plain KD, or skip validation."""
+        sets = [resolve_sets(shards, manifest, [entry]) for entry in entries]
+        for entry, found in zip(entries, sets):
+            if found.samples == 0:
+                raise TrainError(f"{key}: the set {entry!r} in {shards} holds no samples "
+                                 f"(splits: {split_summary(manifest)})")
+        return sets
+
+    train = ShardSet.combine(nonempty("data.train", d.train) + (nonempty("data.aux", d.aux) if t.mode == "distill" else []))
+    val = ShardSet.combine(nonempty("data.val", d.val)) if d.val else None
     mags = {mag_name(model_mag(cfg))}
     if t.mode == "distill":
         mags.add(mag_name(d.teacher_mag))

@@ -505,17 +505,21 @@ def _write_record(exp: Experiment, folder: Path, record: dict[str, Any]) -> None
     os.replace(tmp, exp.exp_dir / "launch.json")  # the latest launch; each launch's own copy stays in its folder
 
 
-def _job_record(job: JobPlan, jobs_out: list[Any], dependency: str | None) -> dict[str, Any]:
-    tasks = []
-    for plan, out in zip(job.tasks, jobs_out):
-        tasks.append({"name": plan.name, "mag": plan.mag, "run_dir": plan.run_dir, "job_id": out.job_id,
-                      "stdout": str(out.paths.stdout), "stderr": str(out.paths.stderr),
-                      "tensorboard": None if job.kind == "evaluate" else str(Path(plan.run_dir) / "tb"),
-                      "state": None})
-    first = jobs_out[0].job_id
-    return {"key": job.key, "kind": job.kind, "label": job.label, "array": job.is_array,
-            "slurm_id": first.split("_")[0], "ntasks": job.resources.nodes * job.resources.tasks,
-            "dependency": dependency, "after_ok": job.after_ok, "after_corr": job.after_corr, "tasks": tasks}
+def job_record(job: JobPlan) -> dict[str, Any]:
+    """A job's entry in launch.json before it is submitted; `record_submission` fills in each task's id and logs."""
+    tasks = [{"name": t.name, "mag": t.mag, "run_dir": t.run_dir, "job_id": None, "stdout": None, "stderr": None,
+              "tensorboard": None if job.kind == "evaluate" else str(Path(t.run_dir) / "tb"), "state": "PENDING"}
+             for t in job.tasks]
+    return {"key": job.key, "kind": job.kind, "label": job.label, "array": job.is_array, "slurm_id": None,
+            "ntasks": job.resources.nodes * job.resources.tasks, "dependency": None, "after_ok": job.after_ok,
+            "after_corr": job.after_corr, "tasks": tasks}
+
+
+def record_submission(entry: dict[str, Any], index: int, sub: Any) -> None:
+    """Task `index` of the job in `entry` was submitted as submitit job `sub`."""
+    entry["slurm_id"] = entry["slurm_id"] or str(sub.job_id).split("_")[0]
+    entry["tasks"][index].update(job_id=str(sub.job_id), stdout=str(sub.paths.stdout), stderr=str(sub.paths.stderr),
+                                 state=None)
 
 
 def _submit_slurm(exp: Experiment, jobs: list[JobPlan], folder: Path, record: dict[str, Any]) -> list[tuple]:
@@ -535,7 +539,11 @@ def _submit_slurm(exp: Experiment, jobs: list[JobPlan], folder: Path, record: di
             raise LaunchError(f"{job.key}: sbatch failed ({' '.join(str(err).split())[:300]}); "
                               f"already submitted: {done}") from None
         ids[job.key] = out[0].job_id.split("_")[0]
-        record["jobs"].append(_job_record(job, out, dependency))
+        entry = job_record(job)
+        entry["dependency"] = dependency
+        for index, sub in enumerate(out):
+            record_submission(entry, index, sub)
+        record["jobs"].append(entry)
         submitted.append((job, out))
     return submitted
 

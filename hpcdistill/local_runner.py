@@ -17,16 +17,6 @@ from typing import Any, Callable
 from hpcdistill.progress import LiveStatus
 
 
-def pending_record(job: Any) -> dict[str, Any]:
-    """The launch record of a job before any of its tasks is submitted (task ids and logs filled in on submit)."""
-    tasks = [{"name": t.name, "mag": t.mag, "run_dir": t.run_dir, "job_id": None, "stdout": None, "stderr": None,
-              "tensorboard": None if job.kind == "evaluate" else str(Path(t.run_dir) / "tb"), "state": "PENDING"}
-             for t in job.tasks]
-    return {"key": job.key, "kind": job.kind, "label": job.label, "array": job.is_array, "slurm_id": None,
-            "ntasks": job.resources.nodes * job.resources.tasks, "dependency": None, "after_ok": job.after_ok,
-            "after_corr": job.after_corr, "tasks": tasks}
-
-
 class LocalRunner:
     """One scheduling loop over (job, task index) pairs; `save()` persists the launch record after each change."""
 
@@ -35,7 +25,9 @@ class LocalRunner:
         import submitit
 
         self.jobs, self.callables, self.record, self.save = jobs, callables, record, save
-        self.entries = {job.key: pending_record(job) for job in jobs}
+        from hpcdistill.launch import job_record
+
+        self.entries = {job.key: job_record(job) for job in jobs}
         record["jobs"] = list(self.entries.values())
         self.pending = [(job, i) for job in jobs for i in range(len(job.tasks))]
         self.running: list[tuple[Any, int, Any]] = []
@@ -68,12 +60,11 @@ class LocalRunner:
         return busy + need <= self.cores and not (gpu_busy and job.resources.gpus_per_node)
 
     def start(self, job: Any, index: int) -> None:
+        from hpcdistill.launch import record_submission
+
         sub = self.executors[job.key].submit(self.callables[job.key][index])
-        entry = self.entries[job.key]
-        entry.setdefault("started", time.time())
-        entry["slurm_id"] = entry["slurm_id"] or str(sub.job_id)
-        entry["tasks"][index].update(job_id=str(sub.job_id), stdout=str(sub.paths.stdout),
-                                     stderr=str(sub.paths.stderr), state=None)
+        self.entries[job.key].setdefault("started", time.time())
+        record_submission(self.entries[job.key], index, sub)
         self.running.append((job, index, sub))
 
     def finish(self, job: Any, index: int, sub: Any) -> None:

@@ -103,12 +103,17 @@ def apply_resumable(engine: Any, train: Any) -> None:
         group["weight_decay"] = train.weight_decay
 
 
+def _refused(what: str, checkpoint: Path, err: pickle.UnpicklingError) -> RunFolderError:
+    """What weights_only=True refuses: a pickled object, not plain weights."""
+    reason = " ".join(str(err).split())[:200]
+    return RunFolderError(f"{what}: {checkpoint}: refused, it holds more than plain weights ({reason})")
+
+
 def _load_weights_only(path: Path, what: str) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:  # what weights_only=True refuses: a pickled object, not plain weights
-        reason = " ".join(str(err).split())[:200]
-        raise RunFolderError(f"{what}: {path.parent}: refused, it holds more than plain weights ({reason})") from None
+    except pickle.UnpicklingError as err:
+        raise _refused(what, path.parent, err) from None
     except (OSError, RuntimeError, EOFError) as err:
         raise RunFolderError(f"{what}: {path}: unreadable ({' '.join(str(err).split())[:200]})") from None
 
@@ -212,8 +217,7 @@ class RunFolder:
         try:
             path, client = engine.load_checkpoint(str(target.parent), tag=target.name)
         except pickle.UnpicklingError as err:
-            reason = " ".join(str(err).split())[:200]
-            raise RunFolderError(f"run.resume: {target}: refused, it holds more than plain weights ({reason})") from None
+            raise _refused("run.resume", target, err) from None
         if path is None or client is None:
             raise RunFolderError(f"run.resume: could not load {target}")
         return client
