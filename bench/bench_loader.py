@@ -31,7 +31,7 @@ from hpcdistill.sharding import append_sample, encode_image
 def tile(content: str, size: int, i: int, rng: np.random.Generator) -> np.ndarray:
     if content == "noise":
         return rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-    from hpcdistill.synthetic import make_scene, render_region
+    from hpcdistill.synthetic_tissue import make_scene, render_region
 
     # 10x of a 40x slide at 0.25 um/px: a 4x downsample of level 0
     scene = make_scene(size * 4, size * 4, mpp=0.25, class_id=i % 3, seed=i, n_tissues=1)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hpcdistill.errors import HpcdistillError
+from hpcdistill.errors import HpcdistillError, one_line
 
 
 class ConfigError(HpcdistillError):
@@ -24,16 +24,31 @@ class ConfigError(HpcdistillError):
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"  # configs/ as installed package data (pyproject.toml)
 
 
 def resolve_path(path: str) -> Path:
     """A path named in a config: as given (relative to the working directory), else relative to the repository
-    (configs/...)."""
+    (configs/...), else, for configs/..., the copy installed with the package: a `pip install .` works anywhere."""
     p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+    if p.is_absolute() or p.exists() or (REPO_ROOT / p).exists():
+        return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+    installed = PACKAGE_CONFIGS.joinpath(*p.parts[1:]) if p.parts[:1] == ("configs",) else None
+    return installed if installed is not None and installed.exists() else REPO_ROOT / p
 
 
+# The choices below are the one source of each list: models, losses and the CLI read them from here (this module
+# imports no torch, so the launcher can validate configs without it).
 Mode = Literal["teacher", "baseline", "distill", "finetune"]
+Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50"]
+Stem = Literal["standard", "halfres", "lowres"]
+Resize = Literal["maxpool", "bicubic"]  # the pixel loss's resize functions g (losses.pixel_loss)
+Precision = Literal["fp32", "bf16", "fp16"]
+# Validation metrics best.pt can be selected on (higher is better); agreement (with the teacher) only in distill.
+SelectMetric = Literal["auto", "accuracy", "f1", "precision", "recall", "top1", "agreement"]
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
+STEMS: tuple[str, ...] = typing.get_args(Stem)
+RESIZES: tuple[str, ...] = typing.get_args(Resize)
 
 
 @dataclass
@@ -79,10 +94,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"
+    arch: Arch = "resnet18"
     width: int = 64
     groups: int = 32  # GroupNorm groups (capped at channels): batch-size independent, so micro-batch 1 + accumulation is exact
-    stem: Literal["standard", "halfres", "lowres"] = "standard"  # lighter stems keep detail in small low-mag inputs at more FLOPs (models.py)
+    stem: Stem = "standard"  # lighter stems keep detail in small low-mag inputs at more FLOPs (models.py)
     num_classes: int = 3
     init: str = ""  # exported weights (best.pt) to start from: the distilled student for finetune
 
@@ -105,14 +120,14 @@ class TrainConfig:
     bucketed: bool = False
     bucket_window: int = 8  # micro-batches' worth of samples sorted by size together (bucketed mode)
     temperature: float = 4.0
-    pixel_resize: list[str] = field(default_factory=lambda: ["maxpool", "bicubic"])  # subset of maxpool/bicubic; [] = KD only
+    pixel_resize: list[Resize] = field(default_factory=lambda: list(RESIZES))  # a subset; [] = KD only
     checkpoint_every_steps: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = only at epoch ends
     # Minutes of training between mid-epoch checkpoints (rank 0's clock), however fast the steps: bounds the work a
     # preemption or time limit can lose on any GPU. Either cadence or both; 0 = off.
     checkpoint_every_min: float = 0.0
     keep_last: int = 3
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = run all epochs
-    select_metric: str = "auto"  # val metric for best.pt: "auto" = accuracy, or agreement with the teacher in distill
+    select_metric: SelectMetric = "auto"  # val metric for best.pt: "auto" = accuracy, or agreement with the teacher in distill
 
 
 @dataclass
@@ -131,8 +146,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherRef = field(default_factory=TeacherRef)
     train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: str = "configs/deepspeed/fp32.json"  # ZeRO stage 0 (= DDP) json; micro/accum/lr are filled in from here
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # "auto" = as the deepspeed json says
+    # DeepSpeed-only settings (optimizer betas/eps, clipping, fp16 loss scaling); what this tree sets (micro-batch,
+    # accumulation, lr, weight decay, precision) is refused there (ds_config.py), so the two never disagree.
+    deepspeed: str = "configs/deepspeed/zero0.json"
+    precision: Precision = "fp32"
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +164,19 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
+
+    @property
+    def select_metric(self) -> str:
+        """The val metric best.pt is chosen on: train.select_metric, where "auto" is agreement with the teacher in
+        distill mode (labels unused) and accuracy otherwise."""
+        if self.train.select_metric != "auto":
+            return self.train.select_metric
+        return "agreement" if self.train.mode == "distill" else "accuracy"
+
+    @property
+    def model_mag(self) -> float:
+        """The magnification the trained network sees."""
+        return self.data.teacher_mag if self.train.mode == "teacher" else self.data.mag
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -176,7 +206,7 @@ def read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+        raise ConfigError(f"{path}: invalid YAML ({one_line(err)})") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
@@ -309,9 +339,11 @@ def _check(cfg: Config) -> None:
     for mag_key in ("mag", "teacher_mag"):
         if not getattr(cfg.data, mag_key) > 0:
             raise ConfigError(f"data.{mag_key}: must be > 0, got {getattr(cfg.data, mag_key)}")
-    for i, name in enumerate(cfg.train.pixel_resize):
-        if name not in ("maxpool", "bicubic"):
-            raise ConfigError(f"train.pixel_resize[{i}]: expected maxpool or bicubic, got {name!r}")
+    if len(set(cfg.train.pixel_resize)) != len(cfg.train.pixel_resize):
+        raise ConfigError(f"train.pixel_resize: repeated entry in {cfg.train.pixel_resize}")
+    if cfg.train.select_metric == "agreement" and cfg.train.mode != "distill":
+        raise ConfigError(f"train.select_metric: agreement (with the teacher) exists only in distill mode, not "
+                          f"{cfg.train.mode}")
     aug = cfg.data.augment
     for name in ("brightness", "contrast", "saturation"):
         if not 0 <= getattr(aug, name) < 1:

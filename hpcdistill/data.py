@@ -19,360 +19,28 @@ the rest of the epoch exactly. The same draw (flips, rot90, one colour map) goes
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
-import os
 import random
-import re
 import signal
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
-from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-from braceexpand import braceexpand
 
+from hpcdistill.augment import AugmentDraw, Standardizer, finish_batch, uint8_planes
 from hpcdistill.config import AugmentConfig
-from hpcdistill.errors import HpcdistillError
+from hpcdistill.errors import DataError, HpcdistillError, traceback_line
 from hpcdistill.mags import mag_name
+from hpcdistill.shard_reader import decode_sample, raw_samples, sample_size
 
 DataMode = Literal["labeled", "unlabeled", "paired"]
-IMAGE_EXTS = ("jpg", "png")
-
-
-class DataError(HpcdistillError):
-    """Missing shards, a bad manifest, or a sample lacking what the mode needs."""
-
-
-# ---------------------------------------------------------------------------------------------- shards
-
-
-def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
-    path = Path(shards_dir) / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except OSError:
-        raise DataError(f"{path}: manifest not found (run `hpcdistill shard` first)") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
-
-
-def manifest_digest(shards_dir: str | Path) -> str | None:
-    """sha256 of manifest.json: the identity of a shard folder wherever it is copied (None: unreadable)."""
-    try:
-        return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    urls: list[str]  # concrete shard paths/URLs in a fixed order
-    samples: int  # total samples in them
-
-    @staticmethod
-    def combine(sets: list[ShardSet]) -> ShardSet:
-        """Several sets read together, in the given order."""
-        return ShardSet([u for s in sets for u in s.urls], sum(s.samples for s in sets))
-
-
-def resolve_sets(shards_dir: str | Path, manifest: dict[str, Any], entries: list[str]) -> ShardSet:
-    """Split names ("train", "aux1") via the manifest; anything else is a brace pattern, relative to shards_dir."""
-    urls: list[str] = []
-    samples = 0
-    splits = manifest.get("splits", {})
-    for entry in entries:
-        if entry in splits:
-            info = splits[entry]
-            urls += [str(Path(shards_dir) / name) for name in info.get("shards", [])]
-            samples += int(info.get("samples", 0))
-            continue
-        expanded = [u if "://" in u or Path(u).is_absolute() else str(Path(shards_dir) / u) for u in braceexpand(entry)]
-        for url in expanded:
-            if "://" not in url and not Path(url).exists():
-                raise DataError(f"{url}: shard not found (from set entry {entry!r}; known splits: {', '.join(splits)})")
-            samples += count_samples(url)
-        urls += expanded
-    return ShardSet(urls, samples)
-
-
-def split_summary(manifest: dict[str, Any]) -> str:
-    """'train (60), val (30), ...': the manifest's splits and their sample counts, for error messages."""
-    return ", ".join(f"{k} ({v.get('samples', 0)})" for k, v in manifest.get("splits", {}).items()) or "none"
-
-
-def count_samples(url: str) -> int:
-    """Distinct keys in a local tar, from its headers only (tarfile seeks past the data)."""
-    if "://" in url:
-        raise DataError(f"{url}: remote shards must be named by split in the manifest (their counts come from it)")
-    check_tar_end(url, None)
-    keys = set()
-    try:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.isfile():
-                    keys.add(member.name.split("/")[-1].split(".", 1)[0])
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise _shard_error(url, err, None) from None
-    return len(keys)
 
 
 def per_rank_samples(total: int, world: int, unit: int) -> int:
     """Samples each rank runs per epoch: ceil(total/world), rounded down to whole optimizer steps (>= 1 step)."""
     per_rank = math.ceil(total / world)
     return max(unit, per_rank // unit * unit)
-
-
-TAR_END = 1024  # a tar ends with two 512-byte zero blocks: a file cut anywhere, even between members, lacks them
-
-
-def _shard_error(url: str, err: BaseException | str, last_key: str | None) -> DataError:
-    reason = err
-    if not isinstance(err, str):  # webdataset appends the stream and url to the exception's args
-        first = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
-        reason = " ".join(first.split(" @ <")[0].split()) or type(err).__name__
-    return DataError(f"{url}: truncated or corrupt shard ({reason}); last good sample: {last_key or 'none'}. "
-                     "Restore the file, or shard the slides again into a new folder")
-
-
-def check_tar_end(url: str, last_key: str | None) -> None:
-    """Refuse a local tar without its end-of-archive blocks. tarfile's stream reader ends quietly when a file is
-    cut exactly between members, so without this check a truncated shard would read as a shorter one."""
-    if "://" in url:
-        return  # a remote stream has no size to check; its reader still fails on a cut inside a member
-    try:
-        size = os.path.getsize(url)
-        with open(url, "rb") as handle:
-            handle.seek(max(0, size - TAR_END))
-            tail = handle.read(TAR_END)
-    except OSError as err:
-        raise DataError(f"{url}: cannot read shard ({err.strerror or err})") from None
-    if size < TAR_END or size % 512 or tail.count(0) != TAR_END:
-        raise _shard_error(url, f"{size} bytes, no end-of-archive marker", last_key)
-
-
-def _raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    """Undecoded samples (bytes per extension) from tars, in order; a truncated or corrupt tar raises a DataError
-    naming it and its last good sample."""
-    for url in urls:
-        if "://" not in url and not os.path.isfile(url):
-            raise DataError(f"{url}: shard not found")
-        last_key, held = None, None
-        try:
-            for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}]))):
-                if held is not None:
-                    yield held
-                    last_key = held["__key__"]
-                held = sample
-        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-            raise _shard_error(url, err, last_key) from None
-        check_tar_end(url, last_key)  # before the last sample: a cut between its members leaves it incomplete
-        if held is not None:
-            yield held
-
-
-# ---------------------------------------------------------------------------------------------- decoding
-
-
-def decode_image(blob: bytes) -> Image.Image:
-    """A decoded RGB image (PIL: flips, rotations and channel splits stay in fast uint8 C code)."""
-    img = Image.open(io.BytesIO(blob))
-    img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def decode_sample(raw: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
-    """Decode only what is asked for: images as RGB PIL images, 'cls' as int, 'json' as a dict. Never unpickles.
-    A payload that does not decode is a DataError naming the shard, the sample and the payload."""
-    key = raw.get("__key__", "?")
-    out: dict[str, Any] = {"__key__": key}
-    for name in wanted:
-        try:
-            if name == "cls":
-                if "cls" in raw:
-                    out["cls"] = int(raw["cls"].decode("ascii").strip())
-                continue
-            if name == "json":
-                out["json"] = json.loads(raw["json"]) if "json" in raw else {}
-                continue
-            blob = next((raw[f"{name}.{ext}"] for ext in IMAGE_EXTS if f"{name}.{ext}" in raw), None)
-            if blob is None:
-                have = sorted(k for k in raw if not k.startswith("__"))
-                raise DataError(f"{raw.get('__url__', '?')}: sample {key} has no {name} image (has {', '.join(have)})")
-            out[name] = decode_image(blob)
-        except DataError:
-            raise
-        except Exception as err:  # noqa: BLE001 -- PIL and the codecs raise many types for corrupt bytes
-            raise DataError(f"{raw.get('__url__', '?')}: sample {key}: its {name} cannot be decoded "
-                            f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); the shard is corrupt") from None
-    return out
-
-
-def _sample_size(raw: dict[str, Any], mag: str) -> tuple[int, int]:
-    """(w, h) at `mag` from the json metadata, without decoding the image (for size bucketing)."""
-    try:
-        w, h = json.loads(raw["json"])["sizes"][mag]
-        return int(w), int(h)
-    except (KeyError, ValueError, TypeError):
-        return 0, 0
-
-
-# ---------------------------------------------------------------------------------------------- augmentation
-#
-# Throughput (bench/bench_loader.py): geometry is one PIL transpose of the uint8 image, and all of the colour
-# jitter plus standardisation is ONE affine map of RGB (brightness, contrast, saturation and a YIQ hue rotation
-# are each affine, so is their composition) and one clamp: a (3, 6) array per image, applied by finish_batch with
-# one batched matmul, in the loader (defer_colour=False) or on the training device (the engine).
-
-
-def _dihedral_ops() -> dict[tuple[bool, bool, int], Image.Transpose | None]:
-    """(hflip, vflip, rot90 k) -> the one PIL transpose doing all three (flip left-right, then top-bottom, then
-    np.rot90 k times, counter-clockwise); found by probing, so the table cannot disagree with the numpy meaning."""
-    probe = np.arange(6, dtype=np.uint8).reshape(2, 3)
-    ops: list[Image.Transpose | None] = [None, *Image.Transpose]
-    table = {}
-    for hflip in (False, True):
-        for vflip in (False, True):
-            for k in range(4):
-                want = np.rot90(probe[:: -1 if vflip else 1, :: -1 if hflip else 1], k)
-                for op in ops:
-                    got = probe if op is None else np.asarray(Image.fromarray(probe).transpose(op))
-                    if got.shape == want.shape and np.array_equal(got, want):
-                        table[(hflip, vflip, k)] = op
-                        break
-    return table
-
-
-_DIHEDRAL = _dihedral_ops()
-_GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L"
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
-# H0, H1, H2 (hue rotation = H0 + cos H1 + sin H2 in RGB) and 1 g^T (x -> grey(x) in every channel)
-_COLOUR_BASIS = np.stack([_YIQ_TO_RGB @ np.diag([1.0, 0.0, 0.0]) @ _RGB_TO_YIQ,
-                          _YIQ_TO_RGB @ np.diag([0.0, 1.0, 1.0]) @ _RGB_TO_YIQ,
-                          _YIQ_TO_RGB @ np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]) @ _RGB_TO_YIQ,
-                          np.outer(np.ones(3), _GREY)]).reshape(4, 9)
-
-
-@dataclass(frozen=True)
-class AugmentDraw:
-    """One random draw, applied identically to every image of a sample (the KD pair)."""
-
-    hflip: bool
-    vflip: bool
-    rot90: int
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
-
-    @staticmethod
-    def sample(aug: AugmentConfig, rng: random.Random) -> AugmentDraw:
-        jitter = lambda s: rng.uniform(1 - s, 1 + s) if s > 0 else 1.0  # noqa: E731
-        return AugmentDraw(
-            hflip=aug.flips and rng.random() < 0.5,
-            vflip=aug.flips and rng.random() < 0.5,
-            rot90=rng.randrange(4) if aug.rot90 else 0,
-            brightness=jitter(aug.brightness),
-            contrast=jitter(aug.contrast),
-            saturation=jitter(aug.saturation),
-            hue=rng.uniform(-aug.hue, aug.hue) if aug.hue > 0 else 0.0,
-        )
-
-    def geometry(self, img: Image.Image) -> Image.Image:
-        """Flips then rotation: exact pixel moves, the same k on both images keeps non-square pairs consistent."""
-        op = _DIHEDRAL[(self.hflip, self.vflip, self.rot90)]
-        return img if op is None else img.transpose(op)
-
-    def colour(self, mean_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(A, b) with jittered = A @ rgb + b on [0, 1]: brightness, contrast, saturation, hue in that order.
-        Contrast pulls towards the mean grey of the image whose channel means are `mean_rgb`; the caller passes
-        the same means for both images of a pair, so both get exactly the same map. Clamping to [0, 1] happens
-        once, after the whole map (per-step clamps would differ only for pixels pushed out of range midway)."""
-        # brightness x -> B x; contrast x -> C x + (1 - C) * grey(B mean); saturation S = s I + (1 - s) 1 g^T;
-        # hue H = a rotation of the YIQ chroma plane (luminance kept; ~10x cheaper than an HSV round trip).
-        # H 1 = S 1 = 1 and H 1 g^T = 1 g^T, so A = C B (s H + (1 - s) 1 g^T), H = H0 + cos H1 + sin H2, b ~ 1.
-        turn = 2 * math.pi * self.hue
-        scale = self.contrast * self.brightness
-        coef = np.array([scale * self.saturation, scale * self.saturation * math.cos(turn),
-                         scale * self.saturation * math.sin(turn), scale * (1 - self.saturation)])
-        offset = (1 - self.contrast) * self.brightness * float(_GREY @ mean_rgb)
-        return (coef @ _COLOUR_BASIS).reshape(3, 3), np.full(3, offset)
-
-
-def uint8_planes(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 (3, H, W). PIL packs one band per call in C: cheaper than an interleaved-to-planar
-    transpose in numpy or torch (which would otherwise fall to finish_batch on a CPU)."""
-    w, h = img.size
-    bands = [np.frombuffer(img.tobytes("raw", band), dtype=np.uint8) for band in "RGB"]
-    return torch.from_numpy(np.stack(bands).reshape(3, h, w))
-
-
-class Standardizer:
-    """The per-image colour map as a (3, 6) float32 array [A | b | low | high]: standardised = clamp(A @ rgb + b,
-    low, high) with rgb the raw 0..255 values. A and b fold the jitter map (on [0, 1]), /255 and (x - mean) / std;
-    low/high are the jittered image's [0, 1] clamp in standardised units."""
-
-    def __init__(self, stats: dict[str, list[float]]):
-        mean, std = np.asarray(stats["mean"], dtype=np.float64), np.asarray(stats["std"], dtype=np.float64)
-        self.degenerate = bool((std == 0).any())  # std 0 makes non-finite inputs; the engine names the step
-        with np.errstate(divide="ignore", invalid="ignore"):
-            self.scale, self.offset = 1.0 / std, -mean / std
-            self.bounds = np.stack([-mean / std, (1.0 - mean) / std], axis=1)
-        self.plain = self.map(np.eye(3), np.zeros(3))
-
-    def map(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        out = np.empty((3, 6), np.float32)
-        with np.errstate(invalid="ignore" if self.degenerate else "warn"):
-            out[:, :3] = a * (self.scale / 255.0)[:, None]
-            out[:, 3] = b * self.scale + self.offset
-        out[:, 4:] = self.bounds
-        return out
-
-
-def finish_batch(batch: dict[str, Any], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """uint8 images + colour maps -> standardised `dtype` images on `device`: one batched matmul and a clamp.
-    Run it where the batch lands (the GPU, in training) so loader workers only decode, flip and rotate; a batch that
-    is already finished passes through unchanged."""
-    out = dict(batch)
-    for slot in ("x", "t"):
-        maps = out.pop(f"{slot}_map", None)
-        if maps is None:
-            continue
-        images = out[slot].to(device, non_blocking=True)
-        n, c, h, w = images.shape
-        maps = maps.to(device, torch.float32, non_blocking=True)
-        y = torch.baddbmm(maps[:, :, 3:4], maps[:, :, :3], images.reshape(n, c, h * w).float())
-        if y.device.type == "cpu":  # scalar-bound clamps are the fast CPU kernel
-            bounds = maps[:, :, 4:].tolist()
-            for i, j in np.ndindex(n, c):
-                y[i, j].clamp_(*bounds[i][j])
-        else:
-            y = torch.clamp(y, maps[:, :, 4:5], maps[:, :, 5:6])
-        out[slot] = y.view(n, c, h, w).to(dtype)
-    return out
-
-
-def mag_stats(manifest: dict[str, Any], mag: float) -> dict[str, list[float]]:
-    name = mag_name(mag)
-    try:
-        stats = manifest["stats"][name]
-        return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
-    except (KeyError, TypeError):
-        raise DataError(f"manifest.json: no stats for {name} (have {', '.join(manifest.get('stats', {})) or 'none'}): "
-                        "they come from labeled train slides, and its train split has "
-                        f"{sum(manifest.get('splits', {}).get('train', {}).get('class_histogram', {}).values())} "
-                        "labeled samples") from None
-
-
-# ---------------------------------------------------------------------------------------------- the stream
 
 
 @dataclass
@@ -425,7 +93,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         local = 0
         while True:
             emitted_this_pass = False
-            for i, raw in enumerate(_raw_samples(s.urls)):
+            for i, raw in enumerate(raw_samples(s.urls)):
                 if i % s.world != s.rank:
                     continue
                 emitted_this_pass = True
@@ -447,7 +115,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         def draws() -> Iterator[dict[str, Any]]:
             while True:
-                yield from _raw_samples([s.urls[rng.randrange(len(s.urls))]])
+                yield from raw_samples([s.urls[rng.randrange(len(s.urls))]])
 
         for raw in draws():
             buffer.append(raw)
@@ -488,7 +156,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             window = [g for _, g in zip(range(s.bucket_window), groups)]
             if not window:
                 return
-            flat = sorted((x for g in window for x in g), key=lambda r: (math.prod(_sample_size(r, key)), r["__pos__"]))
+            flat = sorted((x for g in window for x in g), key=lambda r: (math.prod(sample_size(r, key)), r["__pos__"]))
             sizes = [len(g) for g in window]
             at = 0
             for n in sizes:
@@ -506,7 +174,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _make_sample(self, raw: dict[str, Any]) -> dict[str, Any]:
         s = self.spec
         low, high = mag_name(s.mag), mag_name(s.teacher_mag)
-        wanted = {"labeled": [low, "cls"], "unlabeled": [low], "paired": [high, low, "cls"]}[s.mode]
+        wanted = {"labeled": [low, "cls"], "unlabeled": [low], "paired": [high, low, "cls"]}[s.mode] + ["json"]
         dec = decode_sample(raw, wanted)
         if s.mode == "labeled" and "cls" not in dec:
             raise DataError(f"{raw.get('__url__', '?')}: sample {dec['__key__']} has no cls label (labeled mode)")
@@ -521,7 +189,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if s.augment is not None:
             # the model image's channel means fix the contrast pivot for the whole pair: one colour map for both
             jitter = draw.colour(pixels["x"].numpy().reshape(3, -1).mean(1) / 255.0)
-        out: dict[str, Any] = {"key": dec["__key__"], "y": dec.get("cls", -1)}
+        out: dict[str, Any] = {"key": dec["__key__"], "slide": dec["json"].get("slide", dec["__key__"]),
+                               "y": dec.get("cls", -1)}
         for slot, name in names.items():
             standardizer = self._standardizer(name)
             out[f"{slot}_map"] = standardizer.plain if jitter is None else standardizer.map(*jitter)
@@ -549,7 +218,8 @@ def collate(samples: list[dict[str, Any]], crop: bool) -> dict[str, Any]:
     """Stack a micro-batch of uint8 (3, H, W) images and their colour maps. With `crop` (bucketed mode) every image is
     centre-cropped to the batch's smallest size; the teacher crop is the student crop scaled by the magnification
     ratio, so pairs stay aligned."""
-    batch: dict[str, Any] = {"key": [s["key"] for s in samples], "y": torch.tensor([s["y"] for s in samples])}
+    batch: dict[str, Any] = {"key": [s["key"] for s in samples], "slide": [s["slide"] for s in samples],
+                             "y": torch.tensor([s["y"] for s in samples])}
     xs = [s["x"] for s in samples]
     if crop and len(samples) > 1:
         h = min(x.shape[-2] for x in xs)
@@ -585,15 +255,6 @@ def leave_requeue_to_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def worker_error_line(message: str) -> str:
-    """torch re-raises a loader worker's exception with the worker's traceback in its message; keep the one line
-    the worker raised (the traceback's last line, without the exception's type)."""
-    if "Traceback" not in message:
-        return message
-    last = [line for line in message.splitlines() if line.strip()][-1]
-    return re.sub(r"^[\w.]+: ", "", last.strip())
-
-
 class ShardLoader(torch.utils.data.DataLoader):
     """A DataLoader whose errors stay one line, whichever process (main or worker) raised them."""
 
@@ -602,7 +263,7 @@ class ShardLoader(torch.utils.data.DataLoader):
         try:
             yield from batches
         except HpcdistillError as err:
-            raise type(err)(worker_error_line(str(err))) from None
+            raise type(err)(traceback_line(str(err), keep_type=False, limit=None)) from None
 
 
 def make_loader(spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False) -> ShardLoader:

@@ -19,45 +19,34 @@ from typing import Any
 
 import yaml
 
+from hpcdistill.config import read_yaml, resolve_path
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
 
 
+DEMO_EXPERIMENT = "configs/experiments/demo.yaml"  # the one demo experiment: methods, epochs, resources
+
+
 @dataclass(frozen=True)
 class DemoPlan:
-    """The knobs of one demo run: the full demo, or the shortened one CI runs."""
+    """The demo's dataset, and what the shortened demo CI runs changes in the demo experiment."""
 
     slides: dict  # labeled slides per split
     aux1: int  # unlabeled slides in ADv1
     aux2: int  # extra unlabeled slides that make ADv2 = ADv1 + these
     size: tuple[int, int]  # slide size at 40x (20x slides cover the same area with half the pixels)
-    mags: tuple[float, ...]  # the two low magnifications the students see
-    teacher_epochs: int
-    student_epochs: int
-    iterations: int  # bootstrap resamples
-    epoch_samples: int = 64  # tissues drawn per epoch by every run (see below)
+    overrides: tuple[str, ...] = ()  # appended to every job's overrides (later ones win)
+    iterations: int | None = None  # bootstrap resamples, instead of the experiment's
 
 
-FULL = DemoPlan(slides={"train": 18, "val": 9, "test": 30}, aux1=24, aux2=36, size=(3072, 2304), mags=(2.5, 1.25),
-                teacher_epochs=40, student_epochs=80, iterations=10000)
-QUICK = DemoPlan(slides={"train": 3, "val": 3, "test": 3}, aux1=1, aux2=1, size=(1536, 1152), mags=(2.5, 1.25),
-                 teacher_epochs=1, student_epochs=1, iterations=200, epoch_samples=16)
-# epoch_samples: every run draws the same number of tissues per epoch (resampled from its shards), so all methods get
-# the same number of optimizer steps and KD with an auxiliary set sees more *distinct* tissues for the same compute,
-# as in the paper. Micro-batch 1 without accumulation: the demo's labeled set is small, so steps are what is scarce.
-
-# Methods of Table 4: (key, label, config, overrides). KD reads the labeled train tissues without their labels;
-# KD (ADv1) reads train + ADv1; KD (ADv2) reads train + ADv1 + ADv2.
-METHODS = (
-    ("baseline", "Baseline", "configs/demo/baseline.yaml", []),
-    ("kd", "KD", "configs/demo/distill.yaml", ["data.aux=[]"]),
-    ("kd_adv1", "KD (ADv1)", "configs/demo/distill.yaml", ["data.aux=[aux1]"]),
-    ("kd_adv2", "KD (ADv2)", "configs/demo/distill.yaml", ["data.aux=[aux1,aux2]"]),
-)
+FULL = DemoPlan(slides={"train": 18, "val": 9, "test": 30}, aux1=24, aux2=36, size=(3072, 2304))
+QUICK = DemoPlan(slides={"train": 3, "val": 3, "test": 3}, aux1=1, aux2=1, size=(1536, 1152),
+                 overrides=("train.epochs=1", "data.epoch_samples=16"), iterations=200)
 
 
-def prepare_data(root: Path, plan: DemoPlan, workers: int, seed: int) -> Path:
-    """Synthetic slides and their shards under root; reuses what a previous run finished."""
+def prepare_data(root: Path, plan: DemoPlan, mags: list[float], workers: int, seed: int) -> Path:
+    """Synthetic slides and their shards (10x and the experiment's magnifications) under root; reuses what a previous
+    run finished."""
     from hpcdistill.sharding import ShardParams, run_sharding
     from hpcdistill.synthetic import write_dataset
 
@@ -68,29 +57,26 @@ def prepare_data(root: Path, plan: DemoPlan, workers: int, seed: int) -> Path:
                       size=plan.size, seed=seed)
     shards = root / "shards"
     run_sharding([slides_dir], shards, labels_csv=str(labels),
-                 params=ShardParams(mags=(10.0, *plan.mags), seed=seed), workers=workers)
+                 params=ShardParams(mags=(10.0, *mags), seed=seed), workers=workers)
     return shards
 
 
+def demo_experiment() -> dict[str, Any]:
+    """configs/experiments/demo.yaml, as a mapping."""
+    return read_yaml(resolve_path(DEMO_EXPERIMENT), ())
+
+
 def write_experiment(out: Path, shards: Path, plan: DemoPlan) -> Path:
-    """The demo as an experiment file: exactly what `hpcdistill launch` takes."""
-    steps = [f"data.epoch_samples={plan.epoch_samples}", "train.grad_accum=1"]
-    epochs = [f"train.epochs={plan.student_epochs}", *steps]
-    experiment = {
-        "name": "experiment",
-        "out_dir": str(out.resolve()),
-        "shards": str(shards.resolve()),
-        "mags": list(plan.mags),
-        "teacher": {"config": "configs/demo/teacher.yaml", "overrides": [f"train.epochs={plan.teacher_epochs}", *steps]},
-        "methods": {key: {"config": config, "label": label, "overrides": overrides + epochs}
-                    for key, label, config, overrides in METHODS},
-        "evaluate": {"split": "test", "iterations": plan.iterations},
-        "resources": {"default": {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1,
-                                  "mem_gb": 4, "timeout_min": 60, "signal_delay_s": 30, "max_requeue": 3}},
-    }
+    """The demo experiment pointed at this demo's folders (and shortened for QUICK): what `hpcdistill launch` takes."""
+    experiment = demo_experiment()
+    experiment.update(name="experiment", out_dir=str(out.resolve()), shards=str(shards.resolve()))
+    for job in [experiment["teacher"], *experiment["methods"].values()]:
+        job["overrides"] = [*job.get("overrides", []), *plan.overrides]
+    if plan.iterations is not None:
+        experiment["evaluate"]["iterations"] = plan.iterations
     path = out / "experiment.yaml"
-    path.write_text("# Written by `hpcdistill demo`; rerun it with `hpcdistill launch " + str(path) + "`\n"
-                    + yaml.safe_dump(experiment, sort_keys=False))
+    path.write_text(f"# Written by `hpcdistill demo` from {DEMO_EXPERIMENT}; rerun it with `hpcdistill launch "
+                    f"{path}`\n" + yaml.safe_dump(experiment, sort_keys=False))
     return path
 
 
@@ -106,11 +92,11 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print(f"[1/3] synthetic slides and shards in {out / 'synthetic'}", flush=True)
-    shards = prepare_data(out / "synthetic", plan, workers, seed)
+    mags = [float(m) for m in demo_experiment()["mags"]]
+    shards = prepare_data(out / "synthetic", plan, mags, workers, seed)
     phases = {"slides and shards": time.monotonic() - started}
     experiment = write_experiment(out, shards, plan)
-    mags = ", ".join(mag_name(m) for m in plan.mags)
-    print(f"[2/3] teacher @ 10x, then baseline / KD / KD (ADv1) / KD (ADv2) @ {mags} "
+    print(f"[2/3] teacher @ 10x, then baseline / KD / KD (ADv1) / KD (ADv2) @ {', '.join(map(mag_name, mags))} "
           f"({'SLURM' if slurm else 'local processes'})", flush=True)
     record = launch(experiment, cluster="slurm" if slurm else "local", wait=slurm)
     exp_dir = Path(record["exp_dir"])

@@ -10,20 +10,20 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hpcdistill.data import StreamSpec, make_loader, mag_stats, read_manifest, resolve_sets, split_summary
+from hpcdistill.data import StreamSpec, make_loader
 from hpcdistill.errors import HpcdistillError
-from hpcdistill.inference import pick_device, require_finite
-from hpcdistill.run_folder import load_exported
+from hpcdistill.inference import model_outputs, pick_device, require_finite
 from hpcdistill.mags import mag_name
-from hpcdistill.metrics import bootstrap_ci, classification_metrics, forward_flops, gflops
-
-KEY_SLIDE = re.compile(r"^(?P<slide>.*)_t\d+_w\d+$")  # shard keys are <slide>_t<tissue>_w<window>
+from hpcdistill.manifest import mag_stats, read_manifest, split_summary
+from hpcdistill.methods import method_label
+from hpcdistill.metrics import METRICS, bootstrap_ci, classification_metrics, forward_flops, gflops
+from hpcdistill.run_folder import ExportedModel, load_exported
+from hpcdistill.shard_reader import resolve_sets
 FIXED_SIZE_10X = 512  # px at 10x for the fixed-size GFLOPs column; scaled by mag/10 at lower magnifications
 
 
@@ -31,24 +31,6 @@ def dataset_name(shards: str | Path) -> str:
     """The shard folder's name, or its parent's when the folder is just called 'shards' (e.g. data/celiac/shards)."""
     path = Path(shards).resolve()
     return path.parent.name if path.name == "shards" else path.name
-
-
-def method_label(config: dict[str, Any]) -> str:
-    """A readable method name from a run's resolved config, used when the caller gives none."""
-    train, data = config.get("train", {}), config.get("data", {})
-    mode = train.get("mode", "")
-    if mode == "teacher":
-        return "Teacher"
-    if mode == "baseline":
-        return "Baseline"
-    aux = "+".join(data.get("aux", []))
-    suffix = f" ({aux})" if aux else ""
-    if mode == "finetune":
-        return f"KD+FT{suffix}"
-    resize = set(train.get("pixel_resize", ["maxpool", "bicubic"]))
-    if resize == {"maxpool", "bicubic"}:
-        return f"KD{suffix}"
-    return "KD" + ("+MP" if "maxpool" in resize else "") + ("+INT" if "bicubic" in resize else "") + suffix
 
 
 def flops_at_sizes(model: torch.nn.Module, manifest: dict[str, Any] | None, mag: float) -> dict[str, Any]:
@@ -67,7 +49,6 @@ def flops_at_sizes(model: torch.nn.Module, manifest: dict[str, Any] | None, mag:
     return out
 
 
-@torch.no_grad()
 def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str, Any], split: str,
                   mag: float, workers: int = 0, checkpoint: str = "model") -> list[dict[str, Any]]:
     """(key, slide, label, prediction, probabilities) for every sample of the split, in shard order, on the model's
@@ -82,21 +63,37 @@ def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str
     spec = StreamSpec(urls=sets.urls, mode="labeled", mag=mag, teacher_mag=mag,
                       stats={mag_name(mag): mag_stats(manifest, mag)}, micro_batch=1, samples=-1, sampler="ordered")
     device = next(model.parameters()).device
+    loader = make_loader(spec, workers, pin_memory=device.type == "cuda")
     rows = []
-    for batch in make_loader(spec, workers, pin_memory=device.type == "cuda"):
-        try:
-            _, logits = model(batch["x"].to(device))
-        except torch.cuda.OutOfMemoryError:  # scoring needs every sample: stop, naming the one that did not fit
-            height, width = batch["x"].shape[-2:]
-            raise HpcdistillError(f"{batch['key'][0]} ({width}x{height} px at {mag_name(mag)}, split {split!r}): "
-                                  "does not fit in GPU memory; evaluate with --device cpu") from None
+    for batch, _, logits in model_outputs(model, loader, device, mag=mag,
+                                          remedy=f"evaluate with --device cpu (split {split!r})"):
         require_finite(logits, checkpoint, f"{batch['key'][0]} (split {split!r})")
         probs = torch.softmax(logits.float(), dim=1)[0].cpu()
-        key = batch["key"][0]
-        match = KEY_SLIDE.match(key)
-        rows.append({"key": key, "slide": match["slide"] if match else key, "y": int(batch["y"][0]),
+        rows.append({"key": batch["key"][0], "slide": batch["slide"][0], "y": int(batch["y"][0]),
                      "pred": int(probs.argmax()), "probs": probs.tolist()})
     return rows
+
+
+def _load_for(checkpoint: str | Path, shards: str | Path, manifest: dict[str, Any]) -> ExportedModel:
+    """The export, checked against the shards: same classes, and images at its magnification."""
+    classes = manifest.get("classes", [])
+    exported = load_exported(checkpoint, expect_classes=len(classes) or None)
+    if exported.classes and classes and exported.classes != classes:
+        raise HpcdistillError(f"{checkpoint}: trained on classes {exported.classes}, the shards have {classes}")
+    mags = [float(m) for m in manifest.get("mags", [])]
+    if not any(math.isclose(exported.mag, m) for m in mags):
+        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: no {mag_name(exported.mag)} images "
+                              f"(the model's magnification); shards have {', '.join(map(mag_name, mags))}")
+    return exported
+
+
+def _write_predictions(path: Path, rows: list[dict[str, Any]], classes: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["key", "slide", "label", "pred"] + [f"p_{c}" for c in classes])
+        for r in rows:
+            label = classes[r["y"]] if r["y"] >= 0 else ""
+            writer.writerow([r["key"], r["slide"], label, classes[r["pred"]], *(f"{p:.6f}" for p in r["probs"])])
 
 
 def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str = "test", *, method: str | None = None,
@@ -106,44 +103,27 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
     """Score `checkpoint` on `split` of the shards in `shards`; returns and writes the evaluation record.
 
     `device`: "auto" (a GPU if there is one), "cpu", "cuda" or "cuda:N"; inference runs in fp32 either way.
-
     `by_slide` resamples whole slides in the bootstrap (tissues of one slide are correlated); the default is the
     paper's plain resampling of test samples with replacement.
     """
     manifest = read_manifest(shards)
-    classes = manifest.get("classes", [])
-    exported = load_exported(checkpoint, expect_classes=len(classes) or None)
-    if exported.classes and classes and exported.classes != classes:
-        raise HpcdistillError(f"{checkpoint}: trained on classes {exported.classes}, the shards have {classes}")
-    mags = [float(m) for m in manifest.get("mags", [])]
-    if not any(math.isclose(exported.mag, m) for m in mags):
-        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: no {mag_name(exported.mag)} images "
-                              f"(the model's magnification); shards have {', '.join(map(mag_name, mags))}")
+    exported = _load_for(checkpoint, shards, manifest)
     exported.model.to(pick_device(device))
     rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers, str(checkpoint))
     labeled = [r for r in rows if r["y"] >= 0]
     if not labeled:
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
-    y_true = [r["y"] for r in labeled]
-    y_pred = [r["pred"] for r in labeled]
-    k = len(exported.classes)
+    y_true, y_pred, k = [r["y"] for r in labeled], [r["pred"] for r in labeled], len(exported.classes)
     point = classification_metrics(y_true, y_pred, k)
-    groups = [r["slide"] for r in labeled] if by_slide else None
-    ci = bootstrap_ci(y_true, y_pred, k, iterations=iterations, level=level, seed=seed, groups=groups)
+    ci = bootstrap_ci(y_true, y_pred, k, iterations=iterations, level=level, seed=seed,
+                      groups=[r["slide"] for r in labeled] if by_slide else None)
     record = {
-        "method": method or method_label(exported.config),
-        "study": study,
-        "dataset": dataset_name(shards),
-        "mag": exported.mag,
-        "split": split,
-        "samples": len(labeled),
-        "slides": len({r["slide"] for r in labeled}),
-        "classes": exported.classes,
-        "checkpoint": str(checkpoint),
-        "arch": exported.arch_kwargs,
+        "method": method or method_label(exported.config), "study": study, "dataset": dataset_name(shards),
+        "mag": exported.mag, "split": split, "samples": len(labeled), "slides": len({r["slide"] for r in labeled}),
+        "classes": exported.classes, "checkpoint": str(checkpoint), "arch": exported.arch_kwargs,
         "bootstrap": {"iterations": iterations, "level": level, "seed": seed,
                       "resample": "slides" if by_slide else "samples"},
-        "metrics": {m: list(ci[m]) for m in ("accuracy", "f1", "precision", "recall")},
+        "metrics": {m: list(ci[m]) for m in METRICS},
         "per_class": {m: [None if v != v else v for v in vals] for m, vals in point["per_class"].items()},
         "confusion": point["confusion"],
         "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
@@ -151,12 +131,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{split}.json").write_text(json.dumps(record, indent=1))
-    with open(out / f"{split}_predictions.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["key", "slide", "label", "pred"] + [f"p_{c}" for c in exported.classes])
-        for r in rows:
-            label = exported.classes[r["y"]] if r["y"] >= 0 else ""
-            writer.writerow([r["key"], r["slide"], label, exported.classes[r["pred"]], *(f"{p:.6f}" for p in r["probs"])])
+    _write_predictions(out / f"{split}_predictions.csv", rows, exported.classes)
     record["path"] = str(out / f"{split}.json")
     return record
 

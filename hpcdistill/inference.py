@@ -1,14 +1,17 @@
-"""Inference with an exported model (read by `run_folder.load_exported`): the device to run on, and tissue
-images standardised exactly as in training."""
+"""Running a model over tissues: the device to run on, tissue images standardised exactly as in training, and the
+one loop that feeds a stream of tissues to a model, shared by validation, evaluation and prediction (each sample's
+out-of-GPU-memory error names it; non-finite outputs are never turned into a class)."""
 
 from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from hpcdistill.data import Standardizer, finish_batch
+from hpcdistill.augment import Standardizer, finish_batch
 from hpcdistill.errors import HpcdistillError
-from hpcdistill.run_folder import ExportedModel
+from hpcdistill.mags import mag_name
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -48,9 +51,20 @@ def require_finite(logits: torch.Tensor, checkpoint: str, tissue: str) -> None:
                                    "the export of an earlier run)")
 
 
-@torch.no_grad()
-def predict_probabilities(exported: ExportedModel, image: np.ndarray, tissue: str) -> np.ndarray:
-    """Class probabilities for one whole-tissue image at the model's magnification; `tissue` names it in errors."""
-    _, logits = exported.model(standardise(image, exported.stats).to(exported.device))
-    require_finite(logits, exported.path, tissue)
-    return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+def model_outputs(model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device,
+                  dtype: torch.dtype = torch.float32, *, mag: float,
+                  remedy: str) -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
+    """(batch, features, logits) for each batch, its images standardised on `device` in `dtype`, without gradients.
+    A sample that does not fit in GPU memory stops the loop with one line naming it, its size at `mag` and `remedy`
+    (whole tissues vary in size, so which one matters). Eval/train mode is the caller's."""
+    for batch in batches:
+        batch = finish_batch(batch, device, dtype)
+        batch["x"] = batch["x"].to(device, dtype)
+        try:
+            with torch.no_grad():
+                features, logits = model(batch["x"])
+        except torch.cuda.OutOfMemoryError:
+            height, width = batch["x"].shape[-2:]
+            raise HpcdistillError(f"{batch['key'][0]} ({width}x{height} px at {mag_name(mag)}): does not fit in GPU "
+                                  f"memory; {remedy}") from None
+        yield batch, features, logits

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from hpcdistill.errors import LaunchError, traceback_line
+from hpcdistill.launch_record import job_record, record_submission
 from hpcdistill.progress import LiveStatus
 
 
@@ -25,7 +27,6 @@ class LocalRunner:
         import submitit
 
         self.jobs, self.callables, self.record, self.save = jobs, callables, record, save
-        from hpcdistill.launch import job_record
 
         self.entries = {job.key: job_record(job) for job in jobs}
         record["jobs"] = list(self.entries.values())
@@ -60,7 +61,6 @@ class LocalRunner:
         return busy + need <= self.cores and not (gpu_busy and job.resources.gpus_per_node)
 
     def start(self, job: Any, index: int) -> None:
-        from hpcdistill.launch import record_submission
 
         sub = self.executors[job.key].submit(self.callables[job.key][index])
         self.entries[job.key].setdefault("started", time.time())
@@ -69,7 +69,6 @@ class LocalRunner:
 
     def finish(self, job: Any, index: int, sub: Any) -> None:
         """Store a finished task's result; a failure cancels the running tasks and raises one line."""
-        from hpcdistill.launch import LaunchError, _last_line
 
         task = self.entries[job.key]["tasks"][index]
         try:
@@ -78,7 +77,7 @@ class LocalRunner:
             task["state"] = "FAILED"
             for _, _, other in self.running:
                 other.cancel(check=False)
-            raise LaunchError(f"{job.key}: job {sub.job_id} ({task['name']}) failed: {_last_line(str(err))}; "
+            raise LaunchError(f"{job.key}: job {sub.job_id} ({task['name']}) failed: {traceback_line(str(err))}; "
                               f"log: {task['stderr']}") from None
         task["state"] = "COMPLETED"
         task["result"] = results[0] if len(results) == 1 else results
@@ -101,7 +100,6 @@ class LocalRunner:
                         self.finish(*item)
                         changed = True
                 if not (changed or self.running):
-                    from hpcdistill.launch import LaunchError
 
                     waiting = ", ".join(sorted({job.key for job, _ in self.pending}))
                     raise LaunchError(f"{waiting}: waiting for jobs that can never finish (a dependency cycle)")

@@ -11,9 +11,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from hpcdistill.config import RESIZES
 from hpcdistill.errors import HpcdistillError
-
-RESIZES = ("maxpool", "bicubic")
 
 
 def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,27 +1,20 @@
-"""GroupNorm ResNets whose forward returns (final conv feature map, logits).
+"""GroupNorm ResNets whose forward returns (final conv feature map, logits), written here (no torchvision) so the
+normalisation, the stem and the returned feature map are ours to choose.
 
-Written in the project (no torchvision) so the normalisation, the stem and the returned feature map are
-ours to choose:
+GroupNorm replaces BatchNorm (paper §3.5): whole tissues train at micro-batch 1 with accumulation, where batch
+statistics mean nothing. The group count is capped at, and divides, the channel count, so narrow models build.
+`stem` trades a student's compute for the detail it keeps at low magnification (N x below the teacher's):
 
-* GroupNorm replaces BatchNorm (paper §3.5): whole-tissue inputs run at micro-batch 1 with gradient
-  accumulation, and BatchNorm statistics over one image are meaningless. The group count is capped at the
-  channel count and lowered to the largest divisor of it, so narrow models (``width=8``) still build.
-* ``stem`` trades a student's compute for the spatial detail it keeps. Per input pixel, relative to the
-  ImageNet stem, and what that means for a student at 1/N of the teacher's magnification (N^2 fewer pixels):
+  ============  ==========================================  ============  ===========================
+  stem          layers                                      total stride  student FLOPs / teacher's
+  ============  ==========================================  ============  ===========================
+  ``standard``  7x7 stride-2 conv + 3x3 stride-2 max-pool   32            ~1/N^2 (1/16 at 2.5x)
+  ``halfres``   3x3 stride-2 conv, no max-pool               16            ~4/N^2 (1/4 at 2.5x)
+  ``lowres``    3x3 stride-1 conv, no max-pool               8             ~16/N^2 (about 1 at 2.5x)
+  ============  ==========================================  ============  ===========================
 
-  ============  ==========================================  ===========  ===========================
-  stem          layers                                      total stride student FLOPs / teacher's
-  ============  ==========================================  ===========  ===========================
-  ``standard``  7x7 stride-2 conv + 3x3 stride-2 max-pool   32           ~1/N^2 (1/16 at 2.5x)
-  ``halfres``   3x3 stride-2 conv, no max-pool               16           ~4/N^2 (1/4 at 2.5x)
-  ``lowres``    3x3 stride-1 conv, no max-pool               8            ~16/N^2 (about 1 at 2.5x)
-  ============  ==========================================  ===========  ===========================
-
-  The standard stem throws away 4x4 of resolution before the first residual block: right for a 10x teacher,
-  but a 40 px tissue at 2.5x then enters layer 1 at 10x10 and leaves a 2x2 map, so little of the remaining fine
-  detail is learnable and the pixel loss matches only a global summary of the teacher's map. The lighter stems
-  keep that detail at a price the table makes explicit; the paper used the standard stem for both models, which
-  suits its large whole-tissue inputs.
+The paper used the standard stem for both models, which suits its large whole-tissue inputs; on small low-mag
+tissues it leaves a 1x1 or 2x2 map, and the pixel loss then matches only a global summary of the teacher's map.
 """
 
 from __future__ import annotations
@@ -30,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcdistill.config import ARCHS as ARCH_NAMES
+from hpcdistill.config import STEMS
 from hpcdistill.errors import HpcdistillError
-
-STEMS = ("standard", "halfres", "lowres")
 
 
 def group_count(groups: int, channels: int) -> int:
@@ -107,6 +100,7 @@ ARCHS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
 }
+assert tuple(ARCHS) == ARCH_NAMES, "config.Arch and this table must name the same architectures"
 
 
 class ResNet(nn.Module):
@@ -144,8 +138,8 @@ class ResNet(nn.Module):
     def init_weights(self) -> None:
         """He init (fan_out, ReLU) for convs; GroupNorm weight 1, bias 0; Linear keeps PyTorch's default.
 
-        Explicit about GroupNorm: init code copied from BatchNorm models (e.g. timm's `isinstance(m, BatchNorm2d)`
-        branch) silently skips it -- harmless only because GroupNorm's own default is also (1, 0).
+        Explicit about GroupNorm: init code written for BatchNorm models (an `isinstance(m, nn.BatchNorm2d)` branch)
+        would skip it, which is harmless only because GroupNorm's own default is also (1, 0).
         """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -1,9 +1,11 @@
 """Classify new slides with a trained (usually low-magnification) model: the point of the method.
 
-For each slide: find its tissues on a thumbnail, read every tissue at the model's magnification (Lanczos from
-level 0, as in training), and classify it whole. The slide-level call is the **area-weighted mean** of the tissue
-probabilities, then argmax: a larger tissue carries more evidence, and averaging probabilities (rather than voting)
-keeps an uncertain small fragment from flipping the call. Slides that cannot be read are reported, not fatal.
+For each slide: find its tissues on a thumbnail and cut them into the windows the model's training shards were cut
+into (windows.py, with the windowing stored in the export), read every window at the model's magnification (Lanczos
+from level 0, as in training) and classify it whole. A tissue's probabilities are the area-weighted mean of its
+windows', and the slide call is the **area-weighted mean** over all windows, then argmax: a larger tissue carries
+more evidence, and averaging probabilities (rather than voting) keeps an uncertain small fragment from flipping the
+call. Slides that cannot be read are reported, not fatal.
 """
 
 from __future__ import annotations
@@ -11,25 +13,57 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from hpcdistill.errors import HpcdistillError
-from hpcdistill.inference import NonFiniteOutputError, pick_device, predict_probabilities
-from hpcdistill.run_folder import ExportedModel, load_exported
+from hpcdistill.inference import NonFiniteOutputError, model_outputs, pick_device, require_finite, standardise
 from hpcdistill.mags import mag_name
-from hpcdistill.slides import open_slide, target_size
-from hpcdistill.tissue import TissueParams, find_tissue_boxes, write_qc_png
+from hpcdistill.run_folder import ExportedModel, load_exported
+from hpcdistill.slides import open_slide
+from hpcdistill.tissue import TissueParams, write_qc_png
+from hpcdistill.windows import TissueWindows, find_windows, window_sizes
 
 # Distinct, colour-blind-friendly class colours for the overlay (Okabe-Ito).
 CLASS_COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233)]
 
 
+def _window_batches(slide: Any, found: TissueWindows, exported: ExportedModel,
+                    slide_path: str | Path) -> Iterator[dict[str, Any]]:
+    """One batch per window, standardised as in training; the key names the slide, tissue and window."""
+    for t, windows in enumerate(found.windows):
+        for w, window in enumerate(windows):
+            size = window_sizes(window, slide.info.base_mag, [exported.mag])[exported.mag]
+            image = slide.read_at_mag(window, exported.mag, size)
+            yield {"key": [f"{slide_path} tissue {t} window {w}"], "x": standardise(image, exported.stats),
+                   "tissue": t, "window": w, "box_l0": list(window), "size": list(size)}
+
+
+def _area_mean(probs: list[list[float]], boxes: list[list[int]]) -> np.ndarray:
+    areas = np.array([b[2] * b[3] for b in boxes], dtype=np.float64)
+    return (np.array(probs) * (areas / areas.sum())[:, None]).sum(0)
+
+
+def _classify_windows(slide: Any, found: TissueWindows, exported: ExportedModel,
+                      slide_path: str | Path) -> list[dict[str, Any]]:
+    """Every window's probabilities, through the shared model-over-stream loop."""
+    rows = []
+    batches = _window_batches(slide, found, exported, slide_path)
+    for batch, _, logits in model_outputs(exported.model, batches, exported.device, mag=exported.mag,
+                                          remedy="rerun it with --device cpu"):
+        require_finite(logits, exported.path, batch["key"][0])
+        probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+        rows.append({"tissue": batch["tissue"], "window": batch["window"], "box_l0": batch["box_l0"],
+                     "size": batch["size"], "probs": probs.tolist(), "pred": exported.classes[int(probs.argmax())]})
+    return rows
+
+
 def predict_slide(exported: ExportedModel, slide_path: str | Path, out_dir: Path, *,
                   base_mag: float | None = None, tissue: TissueParams | None = None) -> dict:
-    """Per-tissue probabilities, the slide call and an overlay PNG for one slide."""
+    """Per-window and per-tissue probabilities, the slide call and an overlay PNG for one slide."""
     tissue = tissue or TissueParams()
     with open_slide(slide_path, base_mag=base_mag) as slide:
         info = slide.info
@@ -37,33 +71,25 @@ def predict_slide(exported: ExportedModel, slide_path: str | Path, out_dir: Path
             raise HpcdistillError(
                 f"{slide_path}: scanned at {mag_name(info.base_mag)}, below the model's {mag_name(exported.mag)}"
             )
-        thumb, scale = slide.thumbnail(tissue.thumb_size)
-        boxes = find_tissue_boxes(thumb, scale, tissue, slide_size=(info.width, info.height))
-        if not boxes:
+        found = find_windows(slide, tissue, exported.windowing)
+        if not found.boxes:
             raise HpcdistillError(f"{slide_path}: no tissue found on the thumbnail")
-        tissues = []
-        for index, box in enumerate(boxes):
-            size = target_size(box[2:], info.base_mag, exported.mag)
-            image = slide.read_at_mag(box, exported.mag, size)
-            try:
-                probs = predict_probabilities(exported, image, f"{slide_path} tissue {index}")
-            except torch.cuda.OutOfMemoryError:  # one huge tissue skips its slide, not the whole batch of slides
-                raise HpcdistillError(f"{slide_path}: tissue {index} ({size[0]}x{size[1]} px at "
-                                      f"{mag_name(exported.mag)}) does not fit in GPU memory; rerun it with "
-                                      "--device cpu") from None
-            tissues.append({"tissue": index, "box_l0": list(box), "size": list(size),
-                            "probs": probs.tolist(), "pred": exported.classes[int(probs.argmax())]})
-    areas = np.array([t["box_l0"][2] * t["box_l0"][3] for t in tissues], dtype=np.float64)
-    slide_probs = (np.array([t["probs"] for t in tissues]) * (areas / areas.sum())[:, None]).sum(0)
-    call = exported.classes[int(slide_probs.argmax())]
-    name = Path(slide_path).stem
-    overlay = out_dir / "overlays" / f"{name}.png"
+        windows = _classify_windows(slide, found, exported, slide_path)
+    tissues = []
+    for t, box in enumerate(found.boxes):
+        mine = [w for w in windows if w["tissue"] == t]
+        probs = _area_mean([w["probs"] for w in mine], [w["box_l0"] for w in mine])
+        tissues.append({"tissue": t, "box_l0": list(box), "windows": len(mine), "probs": probs.tolist(),
+                        "pred": exported.classes[int(probs.argmax())]})
+    slide_probs = _area_mean([w["probs"] for w in windows], [w["box_l0"] for w in windows])
+    overlay = out_dir / "overlays" / f"{Path(slide_path).stem}.png"
     overlay.parent.mkdir(parents=True, exist_ok=True)
     colours = [CLASS_COLOURS[exported.classes.index(t["pred"]) % len(CLASS_COLOURS)] for t in tissues]
     labels = [f"{t['tissue']}: {t['pred']} {max(t['probs']):.2f}" for t in tissues]
-    write_qc_png(overlay, thumb, [tuple(t["box_l0"]) for t in tissues], scale, labels=labels, colors=colours)
-    return {"slide": str(slide_path), "status": "ok", "call": call, "probs": slide_probs.tolist(),
-            "base_mag": info.base_mag, "tissues": tissues, "overlay": str(overlay)}
+    write_qc_png(overlay, found.thumb, [tuple(t["box_l0"]) for t in tissues], found.scale, labels=labels, colors=colours)
+    return {"slide": str(slide_path), "status": "ok", "call": exported.classes[int(slide_probs.argmax())],
+            "probs": slide_probs.tolist(), "base_mag": info.base_mag, "tissues": tissues, "windows": windows,
+            "overlay": str(overlay)}
 
 
 def predict_slides(model_path: str | Path, slides: list[str | Path], out_dir: str | Path, *,
@@ -95,7 +121,8 @@ def predict_slides(model_path: str | Path, slides: list[str | Path], out_dir: st
             probs = [f"{p:.6f}" for p in r.get("probs", [])] or [""] * len(exported.classes)
             writer.writerow([r["slide"], r["status"], r.get("call", ""), r.get("reason", ""), *probs])
     summary = {"model": str(model_path), "mag": exported.mag, "classes": exported.classes,
-               "slide_rule": "area-weighted mean of tissue probabilities, then argmax", "slides": results}
+               "windowing": exported.windowing.to_dict(),
+               "slide_rule": "area-weighted mean of window probabilities, then argmax", "slides": results}
     (out / "predictions.json").write_text(json.dumps(summary, indent=1))
     if not any(r["status"] == "ok" for r in results):
         raise HpcdistillError(f"{out}: no slide could be classified (see slides.csv)")

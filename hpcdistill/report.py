@@ -14,10 +14,10 @@ from pathlib import Path
 
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
+from hpcdistill.methods import ABLATION_ORDER, AUX_PREFIX, BASELINE, KD, TEACHER, method_order
 from hpcdistill.metrics import METRICS
 
 METRIC_TITLES = {"accuracy": "Accuracy", "f1": "F1-Score", "precision": "Precision", "recall": "Recall"}
-ABLATION_METHODS = ("KD", "KD+MP", "KD+INT", "KD+MP+INT")
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,6 @@ def format_ci(value: tuple[float, float, float]) -> str:
     return f"{100 * point:.2f} ({100 * low:.2f}-{100 * high:.2f})"
 
 
-def _method_order(method: str) -> tuple:
-    # Baseline, then plain KD, then KD with aux sets, then anything else (fine-tuned, ablations) alphabetically.
-    rank = {"Teacher": 0, "Baseline": 1, "KD": 2}.get(method, 3 if method.startswith("KD (") else 4)
-    return (rank, method)
-
-
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -90,7 +84,7 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def teacher_table(results: list[EvalResult]) -> str:
     """Table 3: the teacher's metrics with CIs, one column per dataset."""
-    teachers = sorted((r for r in results if r.method == "Teacher"), key=lambda r: r.dataset)
+    teachers = sorted((r for r in results if r.method == TEACHER), key=lambda r: r.dataset)
     if not teachers:
         return "_No teacher evaluation found._"
     header = ["Metric"] + [f"{r.dataset or 'dataset'} ({mag_name(r.mag)})" for r in teachers]
@@ -101,7 +95,7 @@ def teacher_table(results: list[EvalResult]) -> str:
 
 def methods_table(results: list[EvalResult], methods: list[str] | None = None) -> str:
     """Table 4: one block per magnification, one column per method, the best point estimate per row in bold."""
-    methods = methods or sorted({r.method for r in results if r.method != "Teacher"}, key=_method_order)
+    methods = methods or sorted({r.method for r in results if r.method != TEACHER}, key=method_order)
     by_key = {(r.method, r.mag): r for r in results}
     mags = sorted({r.mag for r in results if r.method in methods})
     if not mags:
@@ -133,24 +127,24 @@ def ordering_check(results: list[EvalResult]) -> list[str]:
     whether the 95% CIs overlap (then the points may line up by chance), so the report never claims more than
     the run shows. KD(aux) is the best of the auxiliary-set variants.
     """
-    teacher = next((r for r in results if r.method == "Teacher"), None)
+    teacher = next((r for r in results if r.method == TEACHER), None)
     lines = []
-    for mag in sorted({r.mag for r in results if r.method == "Baseline"}):
+    for mag in sorted({r.mag for r in results if r.method == BASELINE}):
         at = {r.method: r for r in results if r.mag == mag and r.study == "main"}
-        if "Baseline" not in at or "KD" not in at:
+        if BASELINE not in at or KD not in at:
             continue
-        aux = [r for m, r in at.items() if m.startswith("KD (")]
+        aux = [r for m, r in at.items() if m.startswith(AUX_PREFIX)]
         chain = ([teacher] if teacher else []) + ([max(aux, key=lambda r: r.metrics["accuracy"][0])] if aux else [])
-        chain += [at["KD"], at["Baseline"]]
+        chain += [at[KD], at[BASELINE]]
         acc = [r.metrics["accuracy"] for r in chain]
         broken = [f"{b.method} {100 * y[0]:.1f}% > {a.method} {100 * x[0]:.1f}%"
                   + (" (CIs overlap)" if y[1] <= x[2] else "")
                   for (a, x), (b, y) in zip(zip(chain, acc), zip(chain[1:], acc[1:]))
-                  if y[0] > x[0] or (b.method == "Baseline" and y[0] == x[0])]
+                  if y[0] > x[0] or (b.method == BASELINE and y[0] == x[0])]
         numbers = ", ".join(f"{r.method} {100 * a[0]:.1f}%" for r, a in zip(chain, acc))
         verdict = "holds" if not broken else "does NOT hold (" + "; ".join(broken) + ")"
-        best_kd = max((r for r in chain if r.method.startswith("KD")), key=lambda r: r.metrics["accuracy"][0])
-        base = at["Baseline"].metrics["accuracy"]
+        best_kd = max((r for r in chain if r.method.startswith(KD)), key=lambda r: r.metrics["accuracy"][0])
+        base = at[BASELINE].metrics["accuracy"]
         gain = "above" if best_kd.metrics["accuracy"][1] > base[2] else "overlapping"
         lines.append(f"- {mag_name(mag)}: the paper's ordering {verdict}: {numbers}. "
                      f"Best KD vs baseline: {100 * (best_kd.metrics['accuracy'][0] - base[0]):+.1f} points, "
@@ -169,7 +163,7 @@ def plot_accuracy_vs_gflops(results: list[EvalResult], path: Path, title: str) -
     from matplotlib.ticker import NullFormatter, NullLocator
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    methods = sorted({r.method for r in results}, key=_method_order)
+    methods = sorted({r.method for r in results}, key=method_order)
     for i, method in enumerate(methods):
         points = sorted((r for r in results if r.method == method), key=lambda r: r.gflops)
         shift = 1.035 ** (i - (len(methods) - 1) / 2)  # a few % on a log axis: side by side, still at their compute
@@ -177,7 +171,7 @@ def plot_accuracy_vs_gflops(results: list[EvalResult], path: Path, title: str) -
         ys = [100 * r.metrics["accuracy"][0] for r in points]
         lows = [100 * (r.metrics["accuracy"][0] - r.metrics["accuracy"][1]) for r in points]
         highs = [100 * (r.metrics["accuracy"][2] - r.metrics["accuracy"][0]) for r in points]
-        style = dict(marker="*", markersize=12, linestyle="none") if method == "Teacher" else dict(marker="o")
+        style = dict(marker="*", markersize=12, linestyle="none") if method == TEACHER else dict(marker="o")
         ax.errorbar(xs, ys, yerr=[lows, highs], capsize=3, label=method, **style)
     ax.set_xscale("log")
     ticks = sorted({(round(r.gflops, 12), r.mag) for r in results})
@@ -224,7 +218,7 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
         f"![accuracy vs GFLOPs]({plot_accuracy_vs_gflops(main, out / 'figure3.png', 'Accuracy vs compute').name})",
     ]
     if ablation:
-        methods = [m for m in ABLATION_METHODS if any(r.method == m for r in ablation)]
+        methods = [m for m in ABLATION_ORDER if any(r.method == m for r in ablation)]
         sections += [
             "## Pixel-loss ablation (KD, KD+MP, KD+INT, KD+MP+INT)",
             methods_table(ablation, methods),

@@ -32,6 +32,7 @@ from hpcdistill.distributed import barrier
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
 from hpcdistill.progress import write_progress
+from hpcdistill.windows import DEFAULT_WINDOWING, Windowing
 
 COMPLETE = "COMPLETE"  # written after every rank finished a save: a checkpoint without it is never loaded
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed (ZeRO 0): module weights + client state, from rank 0
@@ -240,7 +241,8 @@ class RunFolder:
 
     # ------------------------------------------------------------------------------------------- exports
     def export_weights(self, name: str, module: torch.nn.Module, *, mag: float, classes: list[str],
-                       stats: dict[str, list[float]], config: dict[str, Any], global_step: int) -> Path:
+                       stats: dict[str, list[float]], config: dict[str, Any], global_step: int,
+                       windowing: dict[str, Any]) -> Path:
         """Plain weights for inference: only tensors, dicts, lists, strings and numbers (torch.load weights_only),
         written atomically; `global_step` tells a resume whether best.pt belongs to the trajectory it continues."""
         path = self.path / name
@@ -249,7 +251,7 @@ class RunFolder:
         blob = {
             "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()},
             "arch_kwargs": dict(module.arch_kwargs), "mag": mag, "classes": list(classes), "config": config,
-            "stats": stats, "global_step": global_step,
+            "stats": stats, "global_step": global_step, "windowing": windowing,
         }
         tmp = path.with_suffix(".tmp")
         try:
@@ -290,6 +292,7 @@ class ExportedModel:
     arch_kwargs: dict
     path: str
     config: dict  # the run's resolved training config
+    windowing: Windowing  # how the training shards cut tissues into windows: prediction cuts the same way
 
     @property
     def device(self) -> torch.device:
@@ -329,4 +332,5 @@ def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_cl
     stats = stats.get(mag_name(mag), stats)  # a per-mag table or the stats of this mag only
     return ExportedModel(model=model, mag=mag, classes=list(blob["classes"]),
                          stats={"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]},
-                         arch_kwargs=dict(blob["arch_kwargs"]), path=str(path), config=dict(blob.get("config", {})))
+                         arch_kwargs=dict(blob["arch_kwargs"]), path=str(path), config=dict(blob.get("config", {})),
+                         windowing=Windowing.from_dict(blob.get("windowing") or DEFAULT_WINDOWING))

@@ -15,10 +15,46 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # ever be built, it is cached across tests and runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
-import pytest  # noqa: E402  (after the environment above)
+import numpy as np  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
+import tifffile  # noqa: E402
 
 
 TINY_MAGS = (10.0, 2.5, 1.25)
+TILE = 256
+
+
+def tiles(image: np.ndarray, tile: int = TILE):
+    """Row-major tiles, edge tiles padded with white (what tifffile expects from a tile iterator)."""
+    height, width = image.shape[:2]
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            block = np.full((tile, tile, 3), 255, np.uint8)
+            part = image[y : y + tile, x : x + tile]
+            block[: part.shape[0], : part.shape[1]] = part
+            yield block
+
+
+def write_svs(path: Path, image: np.ndarray, *, app_mag: float = 20, mpp: float = 0.499, level1=None,
+              level_subfiletype: int = 0) -> None:
+    """Aperio layout: tiled JPEG baseline, stripped thumbnail, tiled /4 level, stripped label and macro."""
+    height, width = image.shape[:2]
+    head = f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE})"
+    meta = f"|AppMag = {app_mag:g}|MPP = {mpp:.4f}"
+    level1 = image[::4, ::4].copy() if level1 is None else level1
+    common = dict(photometric="rgb", metadata=None)
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(tiles(image), shape=image.shape, dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",
+                 description=f"{head} JPEG/RGB Q=90{meta}", **common)
+        thumb = np.ascontiguousarray(image[::8, ::8])
+        tw.write(thumb, compression="jpeg", description=f"{head} -> {thumb.shape[1]}x{thumb.shape[0]} - {meta}", **common)
+        tw.write(tiles(level1), shape=level1.shape, dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",
+                 subfiletype=level_subfiletype, description=f"{head} -> {level1.shape[1]}x{level1.shape[0]} - {meta}",
+                 **common)
+        tw.write(np.full((60, 80, 3), 200, np.uint8), compression="lzw", subfiletype=1,
+                 description="Aperio Image Library v12.0.0\r\nlabel 80x60", **common)
+        tw.write(np.full((60, 160, 3), 180, np.uint8), compression="jpeg", subfiletype=9,
+                 description="Aperio Image Library v12.0.0\r\nmacro 160x60", **common)
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +77,16 @@ def tiny_train_overrides(shards: Path, out: Path, name: str, mode: str, mag: flo
         f"run.out_dir={out}", f"run.name={name}", f"data.shards={shards}", f"data.mag={mag}",
         "model.arch=resnet10", "model.width=8", "model.groups=4", "model.num_classes=3",
         "train.epochs=1", "train.grad_accum=2", f"train.mode={mode}", "log.progress=false",
-        "deepspeed=configs/deepspeed/fp32.json", "model.stem=" + ("standard" if mode == "teacher" else "lowres"),
+        "model.stem=" + ("standard" if mode == "teacher" else "lowres"),
     ]
+
+
+def cfg_for(dataset: dict, out: Path, name: str, mode: str, mag: float, *extra: str):
+    """The tiny training config for `dataset` (the tiny_dataset fixture), logging every step, plus `extra` overrides."""
+    from hpcdistill.config import load_config
+
+    overrides = tiny_train_overrides(dataset["shards"], out, name, mode, mag) + ["log.log_every=1"]
+    return load_config(None, overrides + list(extra))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_train_overrides
+from conftest import cfg_for, tiny_train_overrides
 from hpcdistill import engine
 from hpcdistill.config import load_config
 from hpcdistill.errors import HpcdistillError
@@ -25,11 +25,6 @@ from hpcdistill.run_folder import complete_checkpoints
 from test_data import write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cfg_for(dataset: dict, out: Path, name: str, mode: str, mag: float, *extra: str):
-    overrides = tiny_train_overrides(dataset["shards"], out, name, mode, mag) + ["log.log_every=1"]
-    return load_config(None, overrides + list(extra))
 
 
 def samples(dataset: dict, *splits: str) -> int:

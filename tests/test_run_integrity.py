@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_train_overrides
+from conftest import cfg_for, tiny_train_overrides
 from hpcdistill import cli, engine
 from hpcdistill.config import load_config
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.run_folder import MODEL_STATES, complete_checkpoints
-from test_engine import cfg_for
 
 STEPS = ("train.checkpoint_every_steps=1", "data.epoch_samples=12")  # 6 optimizer steps, a checkpoint after each
 

@@ -12,45 +12,14 @@ import pyvips
 import tifffile
 from PIL import Image
 
+from hpcdistill import resample
 from hpcdistill.errors import HpcdistillError
-from hpcdistill import slides
-from hpcdistill.slides import SlideError, lanczos_to_size, mag_from_mpp, open_slide, target_size
+from hpcdistill.resample import lanczos_to_size
+from hpcdistill.slide_metadata import mag_from_mpp
+from hpcdistill.slides import SlideError, open_slide, target_size
 
-TILE = 256
+from conftest import TILE, write_svs
 BACKGROUND = 240
-
-
-def tiles(image: np.ndarray, tile: int = TILE):
-    """Row-major tiles, edge tiles padded with white (what tifffile expects from a tile iterator)."""
-    height, width = image.shape[:2]
-    for y in range(0, height, tile):
-        for x in range(0, width, tile):
-            block = np.full((tile, tile, 3), 255, np.uint8)
-            part = image[y : y + tile, x : x + tile]
-            block[: part.shape[0], : part.shape[1]] = part
-            yield block
-
-
-def write_svs(path: Path, image: np.ndarray, *, app_mag: float = 20, mpp: float = 0.499, level1=None,
-              level_subfiletype: int = 0) -> None:
-    """Aperio layout: tiled JPEG baseline, stripped thumbnail, tiled /4 level, stripped label and macro."""
-    height, width = image.shape[:2]
-    head = f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE})"
-    meta = f"|AppMag = {app_mag:g}|MPP = {mpp:.4f}"
-    level1 = image[::4, ::4].copy() if level1 is None else level1
-    common = dict(photometric="rgb", metadata=None)
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(tiles(image), shape=image.shape, dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",
-                 description=f"{head} JPEG/RGB Q=90{meta}", **common)
-        thumb = np.ascontiguousarray(image[::8, ::8])
-        tw.write(thumb, compression="jpeg", description=f"{head} -> {thumb.shape[1]}x{thumb.shape[0]} - {meta}", **common)
-        tw.write(tiles(level1), shape=level1.shape, dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",
-                 subfiletype=level_subfiletype, description=f"{head} -> {level1.shape[1]}x{level1.shape[0]} - {meta}",
-                 **common)
-        tw.write(np.full((60, 80, 3), 200, np.uint8), compression="lzw", subfiletype=1,
-                 description="Aperio Image Library v12.0.0\r\nlabel 80x60", **common)
-        tw.write(np.full((60, 160, 3), 180, np.uint8), compression="jpeg", subfiletype=9,
-                 description="Aperio Image Library v12.0.0\r\nmacro 160x60", **common)
 
 
 def write_pyramid_tiff(path: Path, image: np.ndarray, *, mpp: float | None, subifds: bool) -> None:
@@ -327,7 +296,7 @@ def textured_slide(tmp_path_factory):
 @pytest.mark.parametrize("box", [(37, 51, 1400, 1050), (-90, 700, 700, 600)])  # inside; partly off the slide
 def test_read_at_mags_in_pieces_equals_each_mag_resampled_whole(textured_slide, monkeypatch, box):
     path, _ = textured_slide
-    monkeypatch.setattr(slides, "FETCH_WINDOW", 480)  # several pieces, so piece borders cross every filter
+    monkeypatch.setattr(resample, "FETCH_WINDOW", 480)  # several pieces, so piece borders cross every filter
     with open_slide(path) as slide:
         sizes = {mag: target_size(box[2:], slide.info.base_mag, mag) for mag in MAGS}
         together = slide.read_at_mags(box, sizes)
@@ -364,7 +333,7 @@ def test_read_at_mags_keeps_markers_aligned_across_pieces(tmp_path, monkeypatch)
         image[int(cy) - 15 : int(cy) + 17, int(cx) - 15 : int(cx) + 17] = 0
     path = tmp_path / "markers.tif"
     write_pyramid_tiff(path, image, mpp=0.25, subifds=False)
-    monkeypatch.setattr(slides, "FETCH_WINDOW", 320)
+    monkeypatch.setattr(resample, "FETCH_WINDOW", 320)
     box = (0, 0, 1280, 1280)
     with open_slide(path) as slide:
         sizes = {mag: target_size(box[2:], 40.0, mag) for mag in MAGS[:3]}

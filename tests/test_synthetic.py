@@ -16,6 +16,7 @@ import tifffile
 from scipy import ndimage
 
 from hpcdistill import synthetic as S
+from hpcdistill.synthetic_tissue import make_scene, render_region
 
 
 def _sha(path) -> str:
@@ -56,8 +57,8 @@ def test_svs_is_a_true_aperio_file(tmp_path, base_mag, mpp):
         # Level 1 is rendered separately from level 0; its colours must agree with level 0 downsampled.
         low = np.asarray(slide.read_region((cx - 256, cy - 256), 1, (128, 128)).convert("RGB"), np.float32)
         high = np.asarray(slide.read_region((cx - 256, cy - 256), 0, (512, 512)).convert("RGB"), np.float32)
-    scene = S.make_scene(2600, 2100, mpp=mpp, class_id=1, seed=3, n_tissues=2)
-    want = S.render_region(scene, cx - 128, cy - 128, 256, 256).astype(np.float32)
+    scene = make_scene(2600, 2100, mpp=mpp, class_id=1, seed=3, n_tissues=2)
+    want = render_region(scene, cx - 128, cy - 128, 256, 256).astype(np.float32)
     assert np.abs(got - want).mean() < 4  # only JPEG loss
     assert np.abs(low.mean((0, 1)) - high.mean((0, 1))).max() < 4
     image = pyvips.Image.new_from_file(str(path))
@@ -100,24 +101,24 @@ def test_same_seed_same_bytes_other_seed_other_pixels(tmp_path):
 
 @pytest.mark.parametrize("downsample", [1.0, 4.0])
 def test_regions_are_seamless_across_tile_boundaries(downsample):
-    scene = S.make_scene(3000, 3000, mpp=0.25, class_id=2, seed=4, n_tissues=1)
+    scene = make_scene(3000, 3000, mpp=0.25, class_id=2, seed=4, n_tissues=1)
     x0, y0 = (v // int(downsample) // 256 * 256 for v in _tissue_centre({"tissue_boxes": scene.tissue_boxes()}))
-    whole = S.render_region(scene, x0, y0, 512, 512, downsample)
+    whole = render_region(scene, x0, y0, 512, 512, downsample)
     def tile(i: int, j: int) -> np.ndarray:
-        return S.render_region(scene, x0 + 256 * i, y0 + 256 * j, 256, 256, downsample)
+        return render_region(scene, x0 + 256 * i, y0 + 256 * j, 256, 256, downsample)
 
     tiles = np.concatenate([np.concatenate([tile(i, j) for i in range(2)], axis=1) for j in range(2)], axis=0)
     assert np.array_equal(whole, tiles)
-    crossing = S.render_region(scene, x0 + 200, y0 + 150, 120, 130, downsample)
+    crossing = render_region(scene, x0 + 200, y0 + 150, 120, 130, downsample)
     assert np.array_equal(crossing, whole[150:280, 200:320])
     assert (whole.mean(2) < 150).mean() > 0.005  # really crosses tissue with nuclei
 
 
 def _nuclear_stats(class_id: int, seed: int) -> tuple[float, float, np.ndarray]:
     """(mean dark connected-component area px, mean elongation, mean RGB after a 16x box downsample)."""
-    scene = S.make_scene(3000, 3000, mpp=0.25, class_id=class_id, seed=seed, n_tissues=1)
+    scene = make_scene(3000, 3000, mpp=0.25, class_id=class_id, seed=seed, n_tissues=1)
     cx, cy = _tissue_centre({"tissue_boxes": scene.tissue_boxes()})
-    image = S.render_region(scene, cx - 384, cy - 384, 768, 768).astype(np.float32)
+    image = render_region(scene, cx - 384, cy - 384, 768, 768).astype(np.float32)
     labels, n = ndimage.label(image.mean(2) < 140)
     areas = np.bincount(labels.ravel())[1:]
     elongations = []
@@ -140,9 +141,9 @@ def test_class_signal_is_in_fine_detail_not_in_low_resolution_colour():
     assert colour_gap < 2.5  # grey levels: equal hematoxylin area fraction across classes
     assert np.abs(other_slide - normal[2]).max() > 2 * colour_gap  # stain variation between slides dominates
     # signal=0 makes classes indistinguishable even at full resolution.
-    a = S.render_region(S.make_scene(800, 800, mpp=0.25, class_id=0, seed=2, n_tissues=1, signal=0.0),
+    a = render_region(make_scene(800, 800, mpp=0.25, class_id=0, seed=2, n_tissues=1, signal=0.0),
                         0, 0, 800, 800)
-    b = S.render_region(S.make_scene(800, 800, mpp=0.25, class_id=1, seed=2, n_tissues=1, signal=0.0),
+    b = render_region(make_scene(800, 800, mpp=0.25, class_id=1, seed=2, n_tissues=1, signal=0.0),
                         0, 0, 800, 800)
     assert np.array_equal(a, b)
 
@@ -215,5 +216,5 @@ def test_lossless_svs_reads_back_exactly_the_rendered_pixels(tmp_path):
     with openslide.OpenSlide(str(path)) as slide:
         assert slide.properties["openslide.vendor"] == "aperio"
         got = np.asarray(slide.read_region((cx - 150, cy - 100), 0, (300, 200)).convert("RGB"))
-    scene = S.make_scene(1300, 900, mpp=0.25, class_id=3, seed=8, n_tissues=1)
-    assert np.array_equal(got, S.render_region(scene, cx - 150, cy - 100, 300, 200))
+    scene = make_scene(1300, 900, mpp=0.25, class_id=3, seed=8, n_tissues=1)
+    assert np.array_equal(got, render_region(scene, cx - 150, cy - 100, 300, 200))

@@ -12,7 +12,7 @@ from hpcdistill.slides import open_slide
 from hpcdistill.tissue import (TissueParams, disk, find_tissue_boxes, ink_mask, otsu_threshold, tissue_channel,
                                tissue_mask, write_qc_png)
 
-from test_slides import write_svs
+from conftest import write_svs
 
 PINK, PURPLE = (225, 150, 190), (120, 60, 150)
 

@@ -1,0 +1,213 @@
+"""The data subcommands: `synth` (synthetic slides), `shard` (slides -> shards, or its dry run) and `predict`
+(classify new slides). Each is an add_<name> (its argparse parser) and run_<name> (a thin call into the modules)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+from hpcdistill.errors import HpcdistillError
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+
+
+def _split_counts(text: str) -> dict[str, int]:
+    """'train=4,val=2,test=2,aux=4' -> {'train': 4, ...}."""
+    counts = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{part!r}: expected split=count, e.g. train=4,val=2")
+        counts[name.strip()] = int(value)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------- shard
+
+def _field_type(field: dataclasses.Field, default: object) -> Callable[[str], object]:
+    """int/float/str from the default, or from the annotation when the default is None (e.g. 'float | None')."""
+    if default is not None:
+        return type(default)
+    annotation = str(field.type)
+    return float if "float" in annotation else int if "int" in annotation else str
+
+
+def _add_tissue_flags(parser: argparse.ArgumentParser) -> None:
+    """One --tissue-<field> flag per tissue.TissueParams field, mirroring its name and default."""
+    from hpcdistill.tissue import TissueParams
+
+    group = parser.add_argument_group("tissue localization (hpcdistill.tissue.TissueParams)")
+    defaults = TissueParams()
+    for field in dataclasses.fields(TissueParams):
+        default = getattr(defaults, field.name)
+        flag, dest = f"--tissue-{field.name.replace('_', '-')}", f"tissue_{field.name}"
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                               help=field.metadata["help"])
+        else:
+            group.add_argument(flag, dest=dest, type=_field_type(field, default), default=default,
+                               help=field.metadata["help"])
+
+
+def _tissue_params(args: argparse.Namespace):
+    from hpcdistill.tissue import TissueParams
+
+    return TissueParams(**{f.name: getattr(args, f"tissue_{f.name}") for f in dataclasses.fields(TissueParams)})
+
+
+def add_shard(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("shard", help="slides -> aligned multi-magnification WebDataset shards",
+                              description="Cut every tissue of every slide at each magnification (Lanczos from "
+                                          "level 0) into {split}-NNNNNN.tar shards with a manifest.json.")
+    from hpcdistill.sharding import ShardParams
+
+    defaults = ShardParams()
+    p.add_argument("inputs", nargs="+", help="slide files, directories (searched recursively) or globs")
+    p.add_argument("--out", required=True, help="output folder for shards, manifest.json and qc/")
+    p.add_argument("--labels", help="labels CSV with columns slide,patient,label,split")
+    p.add_argument("--mags", type=float_list, default=list(defaults.mags),
+                   help=f"magnifications (default {','.join(f'{m:g}' for m in defaults.mags)})")
+    p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
+    p.add_argument("--max-size", type=int, default=defaults.max_size,
+                   help=f"split tissues larger than this many 10x px into aligned windows (default {defaults.max_size})")
+    p.add_argument("--format", choices=["jpg", "png"], default=defaults.image_format, dest="image_format",
+                   help="image encoding in the shards (png is lossless and several times larger)")
+    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality, help="JPEG quality, 1-100")
+    p.add_argument("--shard-size", default="1GB", help="cap per shard in bytes, e.g. 256MB (default 1GB)")
+    p.add_argument("--shard-max-samples", type=int, help="cap per shard in samples")
+    p.add_argument("--split-ratios", type=float_list, default=list(defaults.split_ratios),
+                   help="train,val,test ratios for labeled slides without a split (patient level, per class; "
+                        f"default {','.join(f'{r:g}' for r in defaults.split_ratios)})")
+    p.add_argument("--classes", type=lambda text: [c.strip() for c in text.split(",")],
+                   help="class order (= label ids), e.g. normal,duodenitis,celiac (default: labels sorted)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the patient-level split assignment")
+    p.add_argument("--workers", type=int, default=1, help="slides processed in parallel")
+    p.add_argument("--overwrite", action="store_true", help="delete earlier shards/manifest in --out first")
+    p.add_argument("--strict", action="store_true", help="fail (exit 2) if any slide is skipped")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan only: splits, labels, base mags, tissues and samples per slide, skips with reasons; "
+                        "writes just qc/*.png and plan.json to --out (check tissue finding before a long run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_tissue_flags(p)
+    p.set_defaults(func=run_shard)
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    from hpcdistill import sharding
+
+    tissue_params = _tissue_params(args)
+    params = sharding.ShardParams(
+        mags=tuple(args.mags), max_size=args.max_size, image_format=args.image_format,
+        jpeg_quality=args.jpeg_quality, shard_size=sharding.parse_size(args.shard_size),
+        shard_max_samples=args.shard_max_samples, base_mag=args.base_mag, split_ratios=tuple(args.split_ratios),
+        seed=args.seed, classes=tuple(args.classes) if args.classes else None, tissue=tissue_params)
+    if args.dry_run:
+        return print_shard_plan(sharding.preview_sharding(args.inputs, args.out, labels_csv=args.labels, params=params,
+                                                          workers=args.workers), args.out, args.strict)
+    manifest = sharding.run_sharding(args.inputs, args.out, labels_csv=args.labels, params=params,
+                                     workers=args.workers, overwrite=args.overwrite, strict=args.strict,
+                                     progress=False if args.no_progress else None)
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['samples']} samples, {entry['tissues']} tissues, {entry['slides']} slides, "
+              f"{entry['patients']} patients, {len(entry['shards'])} shards")
+    skipped = sum(1 for s in manifest["slides"].values() if s["status"] != "ok")
+    print(f"{args.out}/manifest.json: {len(manifest['slides']) - skipped} slides ok, {skipped} skipped")
+    return 0
+
+
+def print_shard_plan(plan: dict, out: str, strict: bool) -> int:
+    skipped = [row for row in plan["slides"] if row["status"] != "ok"]
+    for split, entry in plan["splits"].items():
+        classes = ", ".join(f"{c} {n}" for c, n in entry["class_slides"].items() if n)
+        print(f"{split}: {entry['samples']} samples, {entry['tissues']} tissues, {entry['slides']} slides, "
+              f"{entry['patients']} patients" + (f" (slides per class: {classes})" if classes else ""))
+    for row in skipped:
+        print(f"skipped: {row['reason']}")
+    print(f"{out}/plan.json: {len(plan['slides']) - len(skipped)} slides ok, {len(skipped)} would be skipped; "
+          f"QC images in {out}/qc/ (nothing sharded: --dry-run)")
+    return 2 if strict and skipped else 0
+
+
+# --------------------------------------------------------------------------------------------------------- synth
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 4096x3072")
+    return int(width), int(height)
+
+
+def _classes(text: str) -> int | list[str]:
+    return int(text) if text.isdigit() else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def add_synth(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("synth", help="write synthetic H&E-like slides and a labels CSV",
+                              description="Synthetic pyramidal TIFF / Aperio SVS slides (40x and 20x) whose class "
+                                          "lives in high-magnification detail, plus labels.csv.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--slides-per-split", type=_split_counts, default={"train": 9, "val": 3, "test": 3},
+                   help="labeled slides per split, e.g. train=9,val=3,test=3")
+    p.add_argument("--aux1", type=int, default=3, help="unlabeled slides in split aux1 (ADv1)")
+    p.add_argument("--aux2", type=int, default=3, help="more unlabeled slides in split aux2 (ADv2 = aux1 + aux2)")
+    p.add_argument("--classes", type=_classes, default=3, help="a count (2-5) or comma-separated class names")
+    p.add_argument("--size", type=_size, default=(4096, 3072), help="level-0 size of a 40x slide, WIDTHxHEIGHT")
+    p.add_argument("--tissues", type=float_list, default=[2, 4], help="min,max tissue pieces per slide")
+    p.add_argument("--signal", type=float, default=1.0, help="class signal strength (0 = indistinguishable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw: the same seed writes the same slides")
+    p.set_defaults(func=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from hpcdistill import synthetic
+
+    if len(args.tissues) != 2:
+        raise HpcdistillError(f"--tissues {args.tissues}: expected min,max")
+    paths, labels_csv = synthetic.write_dataset(
+        args.out, n_slides_per_split=args.slides_per_split, classes=args.classes, n_aux1=args.aux1,
+        n_aux2=args.aux2, size=args.size, n_tissues=(int(args.tissues[0]), int(args.tissues[1])),
+        signal=args.signal, seed=args.seed)
+    print(f"{args.out}: {len(paths)} slides and {Path(labels_csv).name}")
+    return 0
+
+
+
+# ---------------------------------------------------------------------------------------------------------- predict
+
+
+def add_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="classify the tissues of new slides (e.g. low-resolution scans)",
+                              description="Finds each slide's tissues, cuts them into the windows the model's training "
+                                          "shards used, reads each at the model's magnification (Lanczos from level 0, "
+                                          "as in training) and classifies it; the slide call is the area-weighted mean "
+                                          "of the window probabilities. Writes tissues.csv, slides.csv, "
+                                          "predictions.json and an overlay PNG per slide.")
+    p.add_argument("model", help="exported weights (best.pt)")
+    p.add_argument("slides", nargs="+", help="slide files, directories or globs")
+    p.add_argument("--out", required=True, help="folder for tissues.csv, slides.csv, predictions.json, overlays/")
+    p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
+    p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
+    _add_tissue_flags(p)
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from hpcdistill.predict import predict_slides
+    from hpcdistill.slide_catalog import collect_slides
+
+    summary = predict_slides(args.model, collect_slides(args.slides), args.out, base_mag=args.base_mag,
+                             tissue=_tissue_params(args), device=args.device)
+    ok = [s for s in summary["slides"] if s["status"] == "ok"]
+    for s in ok:
+        print(f"{s['slide']}: {s['call']} ({len(s['tissues'])} tissues)")
+    print(f"{len(ok)}/{len(summary['slides'])} slides classified; wrote {args.out}")
+    return 0
+
+

@@ -1,0 +1,217 @@
+"""The experiment file: one YAML naming the teacher, the methods (one SLURM array each over the magnifications),
+evaluation and per-job-kind resources. Parsed with config.py's builder, so a typo is the same one-line
+"key: unknown key (did you mean ...?)" error as in training configs. Paths (configs, shards, out_dir) resolve against
+the working directory, then the experiment file's folder, then the repository, and are made absolute at load, so
+jobs do not depend on where SLURM starts them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hpcdistill.config import REPO_ROOT, ConfigError, build_dataclass, merge_dicts, read_yaml
+from hpcdistill.errors import HpcdistillError, LaunchError
+from hpcdistill.mags import parse_mag
+
+RESERVED_KINDS = ("default", "teacher", "evaluate")  # job kinds that are not methods
+
+
+@dataclass
+class Resources:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    tasks_per_node: int = 0  # 0 = one task per GPU (gpus_per_node), or 1 without GPUs
+    cpus_per_task: int = 8
+    mem_gb: float = 64.0  # per node
+    timeout_min: int = 720
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    max_requeue: int = 3  # timeouts/preemptions after which a job is not requeued again
+    signal_delay_s: int = 120  # SLURM signals the job this long before its time limit, to requeue it
+    setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. "module load cuda"
+    sbatch: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {exclusive: true}
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+
+@dataclass
+class JobSpec:
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MethodSpec:
+    config: str = ""
+    label: str = ""  # the method name in the report ("Baseline", "KD", "KD (ADv1)"); default: the method key
+    overrides: list[str] = field(default_factory=list)
+    init_from: str = ""  # another method whose best.pt at the same magnification initialises this one (finetune)
+    study: Literal["main", "ablation"] = "main"
+
+
+@dataclass
+class EvaluateSpec:
+    enabled: bool = True
+    split: str = "test"
+    iterations: int = 10000
+
+
+@dataclass
+class Experiment:
+    name: str = ""
+    out_dir: str = "runs"
+    shards: str = ""
+    mags: list[float] = field(default_factory=list)
+    teacher: JobSpec = field(default_factory=JobSpec)
+    methods: dict[str, MethodSpec] = field(default_factory=dict)
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
+    resources: dict[str, Resources] = field(default_factory=dict)  # "default", "teacher", <method>, "evaluate"
+    path: str = ""  # the experiment file (set by the loader)
+
+    @property
+    def exp_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def resources_for(self, kind: str) -> Resources:
+        return self.resources.get(kind) or self.resources["default"]
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment YAML (it may inherit another by `base:`); errors are one line: file and key."""
+    path = Path(path)
+    try:
+        raw = read_yaml(path, ())  # config.py's reader: safe_load, one-line errors, `base:` inheritance
+    except ConfigError as err:
+        raise LaunchError(str(err)) from None
+    try:
+        return _experiment_from_dict(raw, path)
+    except ConfigError as err:
+        raise LaunchError(f"{path}: {err}") from None
+
+
+def _experiment_from_dict(raw: dict[str, Any], path: Path) -> Experiment:
+    raw = dict(raw)
+    methods_raw = raw.pop("methods", None)
+    resources_raw = raw.pop("resources", None) or {}
+    mags_raw = raw.pop("mags", None)
+    if "path" in raw:
+        raise ConfigError("path: unknown key")
+    exp: Experiment = build_dataclass(Experiment, raw, "")  # scalar fields, teacher, evaluate
+    for key in ("name", "shards"):
+        if not getattr(exp, key):
+            raise ConfigError(f"{key}: required")
+    if not exp.teacher.config:
+        raise ConfigError("teacher.config: required (the teacher's training config)")
+    exp.mags = _parse_mags(mags_raw)
+    exp.methods = _parse_methods({} if methods_raw is None else methods_raw)  # a teacher-only experiment is allowed
+    exp.resources = _parse_resources(resources_raw, list(exp.methods))
+    if exp.evaluate.iterations < 1:
+        raise ConfigError(f"evaluate.iterations: must be >= 1, got {exp.evaluate.iterations}")
+    base = path.parent
+    exp.path = str(path.resolve())
+    exp.out_dir = str(_locate(exp.out_dir, base, must_exist=False))
+    exp.shards = str(_locate(exp.shards, base, must_exist=False))
+    exp.teacher.config = str(_locate(exp.teacher.config, base, key="teacher.config"))
+    for name, method in exp.methods.items():
+        method.config = str(_locate(method.config, base, key=f"methods.{name}.config"))
+    return exp
+
+
+def _parse_mags(mags_raw: Any) -> list[float]:
+    if not isinstance(mags_raw, list) or not mags_raw:
+        raise ConfigError("mags: required, a list of magnifications like [5, 2.5]")
+    try:
+        mags = [parse_mag(m) for m in mags_raw]
+    except HpcdistillError as err:
+        raise ConfigError(f"mags: {err}") from None
+    if len(set(mags)) != len(mags):
+        raise ConfigError(f"mags: repeated magnification in {mags_raw}")
+    return mags
+
+
+def _parse_methods(methods_raw: Any) -> dict[str, MethodSpec]:
+    if not isinstance(methods_raw, dict):
+        raise ConfigError("methods: expected a mapping like {baseline: {config: ..., label: Baseline}}")
+    methods: dict[str, MethodSpec] = {}
+    for name, spec in methods_raw.items():
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"methods.{name}: method names are letters, digits, '_' or '-'")
+        if name in RESERVED_KINDS:
+            raise ConfigError(f"methods.{name}: reserved name (used for job kinds)")
+        method: MethodSpec = build_dataclass(MethodSpec, spec, f"methods.{name}.")
+        if not method.config:
+            raise ConfigError(f"methods.{name}.config: required")
+        method.label = method.label or name
+        methods[name] = method
+    for name, method in methods.items():
+        if method.init_from and method.init_from not in methods:
+            raise ConfigError(f"methods.{name}.init_from: {method.init_from!r} is not a method "
+                              f"(have {', '.join(methods)})")
+        if method.init_from == name:
+            raise ConfigError(f"methods.{name}.init_from: a method cannot start from itself")
+        if method.init_from and methods[method.init_from].init_from:
+            raise ConfigError(f"methods.{name}.init_from: {method.init_from} itself has init_from; one level only")
+    return methods
+
+
+def _parse_resources(raw: Any, methods: list[str]) -> dict[str, Resources]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"resources: expected a mapping of job kinds, got {raw!r}")
+    kinds = [*RESERVED_KINDS, *methods]
+    default_raw = raw.get("default") or {}
+    out: dict[str, Resources] = {}
+    for kind, part in raw.items():
+        if kind not in kinds:
+            raise ConfigError(f"resources.{kind}: unknown job kind (known: {', '.join(kinds)})")
+        if part is not None and not isinstance(part, dict):
+            raise ConfigError(f"resources.{kind}: expected a mapping, got {part!r}")
+    for kind in kinds:
+        if kind != "default" and kind not in raw:
+            continue
+        merged = merge_dicts(default_raw, raw.get(kind) or {}) if kind != "default" else dict(default_raw)
+        prefix = f"resources.{kind}."
+        sbatch = merged.pop("sbatch", None) or {}
+        res: Resources = build_dataclass(Resources, merged, prefix)
+        if not isinstance(sbatch, dict) or any(isinstance(v, (dict, list)) for v in sbatch.values()):
+            raise ConfigError(f"{prefix}sbatch: expected a mapping of sbatch options to values, got {sbatch!r}")
+        res.sbatch = dict(sbatch)
+        _check_resources(res, prefix)
+        out[kind] = res
+    return out
+
+
+def _check_resources(res: Resources, prefix: str) -> None:
+    for key in ("nodes", "cpus_per_task", "timeout_min"):
+        if getattr(res, key) < 1:
+            raise ConfigError(f"{prefix}{key}: must be >= 1, got {getattr(res, key)}")
+    for key in ("gpus_per_node", "tasks_per_node", "max_requeue", "signal_delay_s"):
+        if getattr(res, key) < 0:
+            raise ConfigError(f"{prefix}{key}: must be >= 0, got {getattr(res, key)}")
+    if not res.mem_gb > 0:
+        raise ConfigError(f"{prefix}mem_gb: must be > 0, got {res.mem_gb}")
+    if res.gpus_per_node and res.tasks_per_node and res.tasks_per_node != res.gpus_per_node:
+        raise ConfigError(f"{prefix}tasks_per_node: {res.tasks_per_node} != gpus_per_node {res.gpus_per_node}; "
+                          "one task per GPU (leave tasks_per_node out)")
+    if res.timeout_min * 60 <= res.signal_delay_s:
+        raise ConfigError(f"{prefix}timeout_min: {res.timeout_min} min must exceed signal_delay_s "
+                          f"({res.signal_delay_s} s), or a job is signalled to requeue as soon as it starts")
+
+
+def _locate(path: str, base: Path, *, must_exist: bool = True, key: str = "") -> Path:
+    """As given (cwd), else next to the experiment file, else in the repository; absolute."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = [Path.cwd() / p, base / p, REPO_ROOT / p]
+    for c in candidates:
+        if c.exists():
+            return c.resolve()
+    if must_exist:
+        raise ConfigError(f"{key}: {path}: no such file (looked in {', '.join(str(c.parent) for c in candidates)})")
+    return candidates[0].resolve()

@@ -1,0 +1,135 @@
+"""The job graph of an experiment, as plain data before anything is submitted: teacher -> one array per method over
+the magnifications -> evaluate + report, each job's dependencies, resources and submitted callables, and the sbatch
+options they become.
+
+Dependencies: each distillation array waits `afterok` on the teacher (a baseline, which never reads the teacher,
+starts at once); a method with `init_from` (finetune) waits `aftercorr` on that array instead, so the 2.5x finetune
+starts as soon as the 2.5x distillation is done. Evaluation waits `afterok` on every job. `--kill-on-invalid-dep=yes`
+makes SLURM cancel the dependants of a failed job instead of leaving them pending for ever. One task per GPU
+(tasks_per_node = gpus_per_node); CPU-only clusters give `tasks_per_node` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hpcdistill.config import load_config
+from hpcdistill.errors import HpcdistillError, LaunchError
+from hpcdistill.experiment import Experiment, Resources
+from hpcdistill.launch_tasks import EvaluateTask, TrainTask
+from hpcdistill.mags import mag_name
+
+
+@dataclass
+class TaskPlan:
+    name: str  # the run name, e.g. "kd-2.5x"
+    mag: float | None
+    run_dir: str
+    config: str
+    overrides: list[str]
+
+
+@dataclass
+class JobPlan:
+    key: str  # "teacher", a method name, or "evaluate"
+    kind: Literal["teacher", "method", "evaluate"]
+    resources: Resources
+    tasks: list[TaskPlan]
+    after_ok: list[str] = field(default_factory=list)  # job keys this job waits for (all tasks)
+    after_corr: list[str] = field(default_factory=list)  # array keys whose task i this job's task i waits for
+    label: str = ""
+    study: str = "main"
+
+    @property
+    def is_array(self) -> bool:
+        return self.kind == "method"
+
+
+def plan_jobs(exp: Experiment) -> list[JobPlan]:
+    """The graph in submission order: teacher, methods (those with init_from after their source), evaluate.
+
+    Every task's training config is loaded and validated here, so a bad override fails before anything is queued.
+    """
+    exp_dir = exp.exp_dir
+    common = [f"run.out_dir={exp_dir}", f"data.shards={exp.shards}"]
+    teacher_task = TaskPlan("teacher", None, str(exp_dir / "teacher"), exp.teacher.config,
+                            [*exp.teacher.overrides, *common, "run.name=teacher"])
+    _validate(teacher_task, "teacher")
+    jobs = [JobPlan("teacher", "teacher", exp.resources_for("teacher"), [teacher_task], label="Teacher")]
+    teacher_best = exp_dir / "teacher" / "best.pt"
+    needs_teacher: dict[str, bool] = {}
+    order = sorted(exp.methods, key=lambda n: bool(exp.methods[n].init_from))  # stable: sources first
+    for name in order:
+        method = exp.methods[name]
+        tasks = []
+        for mag in exp.mags:
+            run_name = f"{name}-{mag_name(mag)}"
+            extra = [*common, f"run.name={run_name}", f"data.mag={mag:g}", f"teacher.checkpoint={teacher_best}"]
+            if method.init_from:
+                extra.append(f"model.init={exp_dir / f'{method.init_from}-{mag_name(mag)}' / 'best.pt'}")
+            task = TaskPlan(run_name, mag, str(exp_dir / run_name), method.config, [*method.overrides, *extra])
+            needs_teacher[name] = _validate(task, f"methods.{name}") == "distill"
+            if not needs_teacher[name]:
+                task.overrides.remove(f"teacher.checkpoint={teacher_best}")
+            tasks.append(task)
+        # Only distillation reads the teacher; a baseline need not queue behind it.
+        job = JobPlan(name, "method", exp.resources_for(name), tasks,
+                      after_ok=["teacher"] if needs_teacher[name] else [], label=method.label, study=method.study)
+        if method.init_from:
+            job.after_corr = [method.init_from]
+        jobs.append(job)
+    if exp.evaluate.enabled:
+        res = exp.resources_for("evaluate")  # one process: evaluation is not distributed
+        res = dataclasses.replace(res, nodes=1, tasks_per_node=1, gpus_per_node=min(res.gpus_per_node, 1))
+        jobs.append(JobPlan("evaluate", "evaluate", res, [TaskPlan("evaluate", None, str(exp_dir / "report"), "", [])],
+                            after_ok=[j.key for j in jobs]))
+    return jobs
+
+
+def _validate(task: TaskPlan, key: str) -> str:
+    """Load the task's training config as the job will; returns its train.mode."""
+    try:
+        return load_config(task.config, task.overrides).train.mode
+    except HpcdistillError as err:
+        raise LaunchError(f"{key} ({task.name}): {err}") from None
+
+
+def callables_for(job: JobPlan, exp: Experiment, jobs: list[JobPlan]) -> list[Any]:
+    if job.kind == "evaluate":
+        runs = [{"run_dir": t.run_dir, "method": j.label, "study": j.study} for j in jobs if j.kind != "evaluate"
+                for t in j.tasks]
+        return [EvaluateTask(runs, exp.shards, exp.evaluate.split, exp.evaluate.iterations, job.tasks[0].run_dir,
+                             workers=job.resources.cpus_per_task - 1)]  # the job's other CPUs decode shards
+    return [TrainTask(t.config, t.overrides, job.resources.cpus_per_task) for t in job.tasks]
+
+
+def dependency_string(job: JobPlan, ids: dict[str, str]) -> str | None:
+    """SLURM --dependency value, e.g. 'afterok:12,aftercorr:13' (all must hold)."""
+    corr = "aftercorr" if len(job.tasks) > 1 else "afterok"  # one magnification: no array, plain afterok
+    parts = [f"afterok:{ids[k]}" for k in job.after_ok] + [f"{corr}:{ids[k]}" for k in job.after_corr]
+    return ",".join(parts) or None
+
+
+def slurm_parameters(job: JobPlan, exp: Experiment, dependency: str | None) -> dict[str, Any]:
+    """SlurmExecutor.update_parameters() keywords (sbatch names) for one job."""
+    r = job.resources
+    params: dict[str, Any] = {
+        "job_name": f"{exp.name}-{job.key}", "time": r.timeout_min, "nodes": r.nodes, "ntasks_per_node": r.tasks,
+        "cpus_per_task": r.cpus_per_task, "mem": f"{int(r.mem_gb)}GB" if r.mem_gb == int(r.mem_gb)
+        else f"{int(r.mem_gb * 1024)}MB", "signal_delay_s": r.signal_delay_s,
+        "additional_parameters": {"kill-on-invalid-dep": "yes", **r.sbatch},
+    }
+    if r.gpus_per_node:
+        params["gpus_per_node"] = r.gpus_per_node
+    if r.nodes * r.tasks > 1:  # data-parallel ranks wait on each other: one that dies must end the job, not leave the
+        params["srun_args"] = ["--kill-on-bad-exit=1"]  # others blocked in a collective until the NCCL timeout
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(r, key):
+            params[key] = getattr(r, key)
+    if r.setup:
+        params["setup"] = list(r.setup)
+    if dependency:
+        params["dependency"] = dependency
+    return params

@@ -1,0 +1,157 @@
+"""Reading shard tars safely: which tars a set names (split names via the manifest, or brace patterns), their
+sample counts, undecoded samples in order with truncation refused, and decoding that never unpickles."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from braceexpand import braceexpand
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from hpcdistill.errors import DataError, one_line
+
+IMAGE_EXTS = ("jpg", "png")
+TAR_BLOCK = 512
+TAR_END = 2 * TAR_BLOCK  # a tar ends with two zero blocks: a file cut anywhere, even between members, lacks them
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    urls: list[str]  # concrete shard paths/URLs in a fixed order
+    samples: int  # total samples in them
+
+    @staticmethod
+    def combine(sets: list[ShardSet]) -> ShardSet:
+        """Several sets read together, in the given order."""
+        return ShardSet([u for s in sets for u in s.urls], sum(s.samples for s in sets))
+
+
+def resolve_sets(shards_dir: str | Path, manifest: dict[str, Any], entries: list[str]) -> ShardSet:
+    """Split names ("train", "aux1") via the manifest; anything else is a brace pattern, relative to shards_dir."""
+    urls: list[str] = []
+    samples = 0
+    splits = manifest.get("splits", {})
+    for entry in entries:
+        if entry in splits:
+            info = splits[entry]
+            urls += [str(Path(shards_dir) / name) for name in info.get("shards", [])]
+            samples += int(info.get("samples", 0))
+            continue
+        expanded = [u if "://" in u or Path(u).is_absolute() else str(Path(shards_dir) / u) for u in braceexpand(entry)]
+        for url in expanded:
+            if "://" not in url and not Path(url).exists():
+                raise DataError(f"{url}: shard not found (from set entry {entry!r}; known splits: {', '.join(splits)})")
+            samples += count_samples(url)
+        urls += expanded
+    return ShardSet(urls, samples)
+
+
+def count_samples(url: str) -> int:
+    """Distinct keys in a local tar, from its headers only (tarfile seeks past the data)."""
+    if "://" in url:
+        raise DataError(f"{url}: remote shards must be named by split in the manifest (their counts come from it)")
+    check_tar_end(url, None)
+    keys = set()
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.isfile():
+                    keys.add(member.name.split("/")[-1].split(".", 1)[0])
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise _shard_error(url, err, None) from None
+    return len(keys)
+
+
+def _shard_error(url: str, err: BaseException | str, last_key: str | None) -> DataError:
+    reason = err
+    if not isinstance(err, str):  # webdataset appends the stream and url to the exception's args
+        first = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+        reason = one_line(first.split(" @ <")[0]) or type(err).__name__
+    return DataError(f"{url}: truncated or corrupt shard ({reason}); last good sample: {last_key or 'none'}. "
+                     "Restore the file, or shard the slides again into a new folder")
+
+
+def check_tar_end(url: str, last_key: str | None) -> None:
+    """Refuse a local tar without its end-of-archive blocks. tarfile's stream reader ends quietly when a file is
+    cut exactly between members, so without this check a truncated shard would read as a shorter one."""
+    if "://" in url:
+        return  # a remote stream has no size to check; its reader still fails on a cut inside a member
+    try:
+        size = os.path.getsize(url)
+        with open(url, "rb") as handle:
+            handle.seek(max(0, size - TAR_END))
+            tail = handle.read(TAR_END)
+    except OSError as err:
+        raise DataError(f"{url}: cannot read shard ({err.strerror or err})") from None
+    if size < TAR_END or size % TAR_BLOCK or tail.count(0) != TAR_END:
+        raise _shard_error(url, f"{size} bytes, no end-of-archive marker", last_key)
+
+
+def raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """Undecoded samples (bytes per extension) from tars, in order; a truncated or corrupt tar raises a DataError
+    naming it and its last good sample."""
+    for url in urls:
+        if "://" not in url and not os.path.isfile(url):
+            raise DataError(f"{url}: shard not found")
+        last_key, held = None, None
+        try:
+            for sample in group_by_keys(tar_file_expander(url_opener([{"url": url}]))):
+                if held is not None:
+                    yield held
+                    last_key = held["__key__"]
+                held = sample
+        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+            raise _shard_error(url, err, last_key) from None
+        check_tar_end(url, last_key)  # before the last sample: a cut between its members leaves it incomplete
+        if held is not None:
+            yield held
+
+
+def decode_image(blob: bytes) -> Image.Image:
+    """A decoded RGB image (PIL: flips, rotations and channel splits stay in fast uint8 C code)."""
+    img = Image.open(io.BytesIO(blob))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_sample(raw: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
+    """Decode only what is asked for: images as RGB PIL images, 'cls' as int, 'json' as a dict. Never unpickles.
+    A payload that does not decode is a DataError naming the shard, the sample and the payload."""
+    key = raw.get("__key__", "?")
+    out: dict[str, Any] = {"__key__": key}
+    for name in wanted:
+        try:
+            if name == "cls":
+                if "cls" in raw:
+                    out["cls"] = int(raw["cls"].decode("ascii").strip())
+                continue
+            if name == "json":
+                out["json"] = json.loads(raw["json"]) if "json" in raw else {}
+                continue
+            blob = next((raw[f"{name}.{ext}"] for ext in IMAGE_EXTS if f"{name}.{ext}" in raw), None)
+            if blob is None:
+                have = sorted(k for k in raw if not k.startswith("__"))
+                raise DataError(f"{raw.get('__url__', '?')}: sample {key} has no {name} image (has {', '.join(have)})")
+            out[name] = decode_image(blob)
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- PIL and the codecs raise many types for corrupt bytes
+            raise DataError(f"{raw.get('__url__', '?')}: sample {key}: its {name} cannot be decoded "
+                            f"({type(err).__name__}: {one_line(err, 200)}); the shard is corrupt") from None
+    return out
+
+
+def sample_size(raw: dict[str, Any], mag: str) -> tuple[int, int]:
+    """(w, h) at `mag` from the json metadata, without decoding the image (for size bucketing)."""
+    try:
+        w, h = json.loads(raw["json"])["sizes"][mag]
+        return int(w), int(h)
+    except (KeyError, ValueError, TypeError):
+        return 0, 0

@@ -1,0 +1,265 @@
+"""Atomic, resumable shard writing: samples streamed into size-capped `{split}-{NNNNNN}.tar` files (written as
+`.name.tmp`, renamed when complete), the journal of completed shards, and the checks on an output folder a rerun
+resumes into. Equal inputs give equal bytes."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from hpcdistill.errors import ShardingError
+from hpcdistill.manifest import MANIFEST
+from hpcdistill.shard_cut import SPOOL, Sample, SlideResult
+from hpcdistill.shard_plan import ShardParams
+
+JOURNAL = ".progress.json"
+_TAR_BLOCK = 512
+
+
+_TAR_END = 2 * _TAR_BLOCK
+
+
+def _tar_member_size(payload_len: int) -> int:
+    return _TAR_BLOCK + math.ceil(payload_len / _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _tar_file_size(members_bytes: int) -> int:
+    """tarfile ends an archive with two zero blocks and pads it to whole 10240-byte records."""
+    return math.ceil((members_bytes + _TAR_END) / tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def sample_tar_size(sample: Sample) -> int:
+    return sum(_tar_member_size(length) for _, _, length in sample.files)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `.{name}.tmp`, fsync, rename over `path`: readers see the old file or the whole new one, never a part."""
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def append_sample(archive: tarfile.TarFile, key: str, payloads: list[tuple[str, bytes]]) -> None:
+    """One sample as tar members with fixed mtime/uid/gid/names/mode, so equal inputs give equal bytes."""
+    for ext, data in payloads:
+        member = tarfile.TarInfo(f"{key}.{ext}")
+        member.size, member.mtime, member.mode = len(data), 0, 0o644
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+        archive.addfile(member, io.BytesIO(data))
+
+
+class _OpenShard:
+    """A shard being written straight to `.{name}.tmp` (so memory holds one sample); renamed when complete."""
+
+    def __init__(self, out: Path, split: str, index: int):
+        self.split, self.name = split, f"{split}-{index:06d}.tar"
+        self.path = out / self.name
+        self.keys: list[str] = []
+        self.nbytes = 0  # tar member bytes so far
+        self.slides_ending_here: list[str] = []
+        self._handle = open(_tmp_path(self.path), "wb")
+        self._archive = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, sample: Sample, spool: io.BufferedReader) -> None:
+        payloads = []
+        for ext, offset, length in sample.files:
+            spool.seek(offset)
+            payloads.append((ext, spool.read(length)))
+        append_sample(self._archive, sample.key, payloads)
+        self.keys.append(sample.key)
+        self.nbytes += sample_tar_size(sample)
+
+    def commit(self) -> int:
+        """Finish the tar, fsync, rename into place; returns its size."""
+        self._archive.close()
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(_tmp_path(self.path), self.path)
+        _fsync_dir(self.path.parent)
+        return self.path.stat().st_size
+
+    def discard(self) -> None:
+        """Drop the partial shard. Closing flushes buffered bytes, which fails again on a full disk: that is
+        expected here and must not mask the error being handled."""
+        try:
+            self._handle.close()
+        except OSError:
+            pass
+        _tmp_path(self.path).unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Packs samples into size-capped shards per split, in arrival order; journals every completed shard.
+
+    The journal (`.progress.json`) names each completed shard with its keys, and the slides whose samples are all
+    in completed shards (with their manifest records). A rerun skips those slides and those keys and continues with
+    the next shard index of each split, so the final shards equal those of an uninterrupted run.
+    """
+
+    def __init__(self, out: Path, params: ShardParams, fingerprint: dict[str, Any], journal: dict[str, Any] | None):
+        self.out, self.params = out, params
+        self.journal = journal or {"params": fingerprint, "shards": {}, "slides": {}}
+        self.done_keys = {k for entry in self.journal["shards"].values() for k in entry["keys"]}
+        self.open: dict[str, _OpenShard] = {}
+        self.pending_records: dict[str, dict[str, Any]] = {}
+
+    def _new_shard(self, split: str) -> _OpenShard:
+        index = sum(1 for entry in self.journal["shards"].values() if entry["split"] == split)
+        return self.open.setdefault(split, _OpenShard(self.out, split, index))
+
+    def add_slide(self, result: SlideResult, record: dict[str, Any]) -> None:
+        todo = [s for s in result.samples if s.key not in self.done_keys]
+        if not todo:  # nothing (left) to write: done as soon as seen
+            if result.spool:
+                Path(result.spool).unlink(missing_ok=True)
+            self.journal["slides"][result.slide] = record
+            return
+        split = result.split
+        assert split is not None and result.spool is not None
+        shard = self.open.get(split)
+        try:
+            with open(result.spool, "rb") as spool:
+                for sample in todo:
+                    size = sample_tar_size(sample)
+                    if shard is not None and shard.keys and (
+                            _tar_file_size(shard.nbytes + size) > self.params.shard_size
+                            or len(shard.keys) >= (self.params.shard_max_samples or math.inf)):
+                        self._close(split)
+                        shard = None
+                    shard = shard or self._new_shard(split)
+                    shard.add(sample, spool)
+        except OSError as exc:
+            raise disk_error(exc, self.out, shard.name if shard else result.spool) from None
+        Path(result.spool).unlink()
+        self.pending_records[result.slide] = record
+        shard.slides_ending_here.append(result.slide)
+
+    def _close(self, split: str) -> None:
+        shard = self.open.pop(split)
+        try:
+            nbytes = shard.commit()
+        except OSError as exc:
+            shard.discard()
+            raise disk_error(exc, self.out, shard.name) from None
+        self.journal["shards"][shard.name] = {"split": split, "bytes": nbytes, "keys": shard.keys}
+        for slide in shard.slides_ending_here:
+            self.journal["slides"][slide] = self.pending_records.pop(slide)
+        self.done_keys.update(shard.keys)
+        self.save_journal()
+
+    def save_journal(self) -> None:
+        try:
+            atomic_write_bytes(self.out / JOURNAL, json.dumps(self.journal, sort_keys=True).encode("utf-8"))
+        except OSError as exc:
+            raise disk_error(exc, self.out, JOURNAL) from None
+
+    def finish(self) -> None:
+        for split in sorted(self.open):
+            self._close(split)
+        self.save_journal()
+
+    def abandon(self) -> None:
+        """After an error: drop the partial shards (completed ones and the journal stay)."""
+        for shard in self.open.values():
+            shard.discard()
+        self.open.clear()
+
+
+def disk_error(exc: OSError, out: Path, name: str) -> ShardingError:
+    if exc.errno == errno.ENOSPC:
+        return ShardingError(f"{out}: disk full while writing {name}; completed shards are kept, "
+                             "free some space and rerun the same command to resume")
+    return ShardingError(f"{out / name}: cannot write ({exc.strerror or exc})")
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new))
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")] if old != new else []
+    return [prefix.rstrip(".")] if old != new else []
+
+
+def create_output_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShardingError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+
+
+def remove_partial_files(out: Path) -> None:
+    """Temporaries of an interrupted run (killed, or stopped by a full disk): never complete by construction."""
+    for stale in [*out.glob(".*.tmp"), *((out / "qc").glob("*.partial") if (out / "qc").is_dir() else [])]:
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(out / SPOOL, ignore_errors=True)
+
+
+def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> tuple[dict | None, dict | None]:
+    """Check the folder: returns (journal to resume, finished manifest) -- at most one is not None.
+
+    Folders made with other parameters are refused (one line naming the folder and the differing parameters).
+    """
+    create_output_folder(out)
+    if overwrite:
+        for path in [*out.glob("*.tar"), *out.glob(".*.tmp"), out / JOURNAL, out / MANIFEST]:
+            path.unlink(missing_ok=True)
+        for path in (out / "qc").glob("*.png") if (out / "qc").is_dir() else []:
+            path.unlink()
+    remove_partial_files(out)
+    for name in (JOURNAL, MANIFEST):
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            previous = json.loads(path.read_text())
+            old_params = previous["params"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ShardingError(f"{path}: unreadable; use a new --out folder or --overwrite") from None
+        diff = _differences(old_params, fingerprint)
+        if diff:
+            raise ShardingError(f"{out}: holds shards made with different parameters ({', '.join(diff)}); "
+                                "use a new --out folder or --overwrite")
+        if name == JOURNAL:
+            for shard, entry in previous["shards"].items():
+                if not (out / shard).is_file() or (out / shard).stat().st_size != entry["bytes"]:
+                    raise ShardingError(f"{out / shard}: missing or changed since it was journalled; "
+                                        "use --overwrite to start again")
+            return previous, None
+        return None, previous
+    if any(out.glob("*.tar")):
+        raise ShardingError(f"{out}: holds shards with no {JOURNAL} or {MANIFEST} (unknown parameters); "
+                            "use a new --out folder or --overwrite")
+    return None, None

@@ -1,0 +1,98 @@
+"""Validation during training: every val sample once, split across ranks, through the shared model-over-stream loop;
+the frozen teacher's outputs kept between epochs; the metrics best.pt is selected on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hpcdistill.data import make_loader
+from hpcdistill.distributed import any_rank
+from hpcdistill.divergence import stop_on_divergence
+from hpcdistill.inference import model_outputs
+from hpcdistill.train_data import stream_spec
+from hpcdistill.train_state import State
+
+TEACHER_VAL_CACHE_BYTES = 256 * 2**20
+
+
+def teacher_val_outputs(state: State, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's (features, logits) for a validation sample. Validation images are not augmented, so
+    these never change during a run: kept after the first validation (up to TEACHER_VAL_CACHE_BYTES; the rest is
+    recomputed) instead of recomputed every epoch, where the teacher's 10x forward is most of validation's cost."""
+    key = batch["key"][0]
+    if key in state.teacher_val:
+        return state.teacher_val[key]
+    outputs = state.teacher(batch["t"].to(state.device, state.dtype))
+    size = sum(t.numel() * t.element_size() for t in outputs)
+    if state.teacher_val_bytes + size <= TEACHER_VAL_CACHE_BYTES:
+        state.teacher_val[key] = outputs
+        state.teacher_val_bytes += size
+    return outputs
+
+
+def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
+    from hpcdistill.metrics import classification_metrics
+
+    out: dict[str, Any] = {"samples": len(rows)}
+    labeled = [r for r in rows if r["y"] >= 0]
+    if labeled:
+        m = classification_metrics([r["y"] for r in labeled], [r["pred"] for r in labeled], num_classes)
+        out.update({k: m[k] for k in ("accuracy", "f1", "precision", "recall")})
+        out["top1"] = sum(r["y"] == r["pred"] for r in labeled) / len(labeled)  # plain accuracy, beside OvR accuracy
+    if rows and "teacher_pred" in rows[0]:
+        out["agreement"] = sum(r["pred"] == r["teacher_pred"] for r in rows) / len(rows)  # collapse shows here
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if losses:
+        out["loss"] = sum(losses) / len(losses)
+    return out
+
+
+def _val_row(state: State, batch: dict[str, Any], s_feat: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
+    """One sample's prediction, label and loss (and the teacher's prediction in distill mode)."""
+    cfg = state.cfg
+    row = {"key": batch["key"][0], "y": int(batch["y"][0]), "pred": int(logits.float().argmax(1)[0])}
+    if state.teacher is not None:
+        from hpcdistill.losses import distill_loss
+
+        t_feat, t_logits = teacher_val_outputs(state, batch)
+        row["teacher_pred"] = int(t_logits.float().argmax(1)[0])
+        row["loss"] = float(distill_loss(s_feat.float(), logits.float(), t_feat.float(), t_logits.float(),
+                                         cfg.train.temperature, tuple(cfg.train.pixel_resize))["total"])
+    elif row["y"] >= 0:
+        row["loss"] = float(F.cross_entropy(logits.float(), batch["y"].to(state.device)))
+    return row
+
+
+@torch.no_grad()
+def validate(state: State) -> dict[str, Any]:
+    """Every val sample exactly once, split across ranks; predictions gathered to all ranks for the metrics."""
+    if state.plan.val is None:
+        return {}
+    cfg = state.cfg
+    spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=0, start_batch=0, val=True)
+    module = state.engine.module
+    module.eval()
+    loader = make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda")
+    remedy = (f"reshard with a smaller --max-size (tissues are cut into aligned windows). Last checkpoint: "
+              f"{state.last_ckpt or 'none'}")
+    rows, first_bad = [], None
+    for batch, s_feat, logits in model_outputs(module, loader, state.device, state.dtype, mag=cfg.model_mag,
+                                               remedy=remedy):
+        if first_bad is None and not torch.isfinite(logits).all():
+            first_bad = batch  # an argmax of NaN logits would be scored as class 0
+        rows.append(_val_row(state, batch, s_feat, logits))
+    module.train()
+    if any_rank(first_bad is not None, state.device):
+        where = f" on {first_bad['key'][0]}" if first_bad is not None else " on another rank"
+        stop_on_divergence(state, [first_bad] if first_bad is not None else [],
+                           f"validation after step {state.global_step} (epoch {state.epoch}): outputs are not "
+                           f"finite{where}")
+    gathered: list[list[dict[str, Any]]] = [rows]
+    if state.world > 1:
+        gathered = [None] * state.world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, rows)
+    rows = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
+    return val_metrics(rows, cfg.model.num_classes)
