@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Callable
 
 from hpcdistill.errors import HpcdistillError
+
+
+def command(subparsers: argparse._SubParsersAction, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """The subparser of `run_<name>`: its docstring's first line is the one-line help, the rest the description."""
+    summary, _, description = inspect.cleandoc(run.__doc__ or "").partition("\n\n")
+    parser = subparsers.add_parser(run.__name__.removeprefix("run_"), help=summary,
+                                   description=" ".join(description.split()))
+    parser.set_defaults(func=run)
+    return parser
 
 
 def float_list(text: str) -> list[float]:
@@ -28,8 +38,6 @@ def _split_counts(text: str) -> dict[str, int]:
         counts[name.strip()] = int(value)
     return counts
 
-
-# --------------------------------------------------------------------------------------------------------- shard
 
 def _field_type(field: dataclasses.Field, default: object) -> Callable[[str], object]:
     """int/float/str from the default, or from the annotation when the default is None (e.g. 'float | None')."""
@@ -63,10 +71,8 @@ def _tissue_params(args: argparse.Namespace):
 
 
 def add_shard(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("shard", help="slides -> aligned multi-magnification WebDataset shards",
-                              description="Cut every tissue of every slide at each magnification (Lanczos from "
-                                          "level 0) into {split}-NNNNNN.tar shards with a manifest.json.")
-    from hpcdistill.sharding import ShardParams
+    p = command(subparsers, run_shard)
+    from hpcdistill.shard_plan import ShardParams
 
     defaults = ShardParams()
     p.add_argument("inputs", nargs="+", help="slide files, directories (searched recursively) or globs")
@@ -96,16 +102,21 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
                         "writes just qc/*.png and plan.json to --out (check tissue finding before a long run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_tissue_flags(p)
-    p.set_defaults(func=run_shard)
 
 
 def run_shard(args: argparse.Namespace) -> int:
+    """slides -> aligned multi-magnification WebDataset shards
+
+    Cut every tissue of every slide at each magnification (Lanczos from level 0) into {split}-NNNNNN.tar shards
+    with a manifest.json.
+    """
     from hpcdistill import sharding
+    from hpcdistill.shard_plan import ShardParams, parse_size
 
     tissue_params = _tissue_params(args)
-    params = sharding.ShardParams(
+    params = ShardParams(
         mags=tuple(args.mags), max_size=args.max_size, image_format=args.image_format,
-        jpeg_quality=args.jpeg_quality, shard_size=sharding.parse_size(args.shard_size),
+        jpeg_quality=args.jpeg_quality, shard_size=parse_size(args.shard_size),
         shard_max_samples=args.shard_max_samples, base_mag=args.base_mag, split_ratios=tuple(args.split_ratios),
         seed=args.seed, classes=tuple(args.classes) if args.classes else None, tissue=tissue_params)
     if args.dry_run:
@@ -135,8 +146,6 @@ def print_shard_plan(plan: dict, out: str, strict: bool) -> int:
     return 2 if strict and skipped else 0
 
 
-# --------------------------------------------------------------------------------------------------------- synth
-
 def _size(text: str) -> tuple[int, int]:
     width, sep, height = text.lower().partition("x")
     if not (sep and width.isdigit() and height.isdigit()):
@@ -149,9 +158,7 @@ def _classes(text: str) -> int | list[str]:
 
 
 def add_synth(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("synth", help="write synthetic H&E-like slides and a labels CSV",
-                              description="Synthetic pyramidal TIFF / Aperio SVS slides (40x and 20x) whose class "
-                                          "lives in high-magnification detail, plus labels.csv.")
+    p = command(subparsers, run_synth)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--slides-per-split", type=_split_counts, default={"train": 9, "val": 3, "test": 3},
                    help="labeled slides per split, e.g. train=9,val=3,test=3")
@@ -162,10 +169,14 @@ def add_synth(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tissues", type=float_list, default=[2, 4], help="min,max tissue pieces per slide")
     p.add_argument("--signal", type=float, default=1.0, help="class signal strength (0 = indistinguishable)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw: the same seed writes the same slides")
-    p.set_defaults(func=run_synth)
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    """write synthetic H&E-like slides and a labels CSV
+
+    Synthetic pyramidal TIFF / Aperio SVS slides (40x and 20x) whose class lives in high-magnification detail,
+    plus labels.csv.
+    """
     from hpcdistill import synthetic
 
     if len(args.tissues) != 2:
@@ -178,27 +189,24 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-
-# ---------------------------------------------------------------------------------------------------------- predict
-
-
 def add_predict(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("predict", help="classify the tissues of new slides (e.g. low-resolution scans)",
-                              description="Finds each slide's tissues, cuts them into the windows the model's training "
-                                          "shards used, reads each at the model's magnification (Lanczos from level 0, "
-                                          "as in training) and classifies it; the slide call is the area-weighted mean "
-                                          "of the window probabilities. Writes tissues.csv, slides.csv, "
-                                          "predictions.json and an overlay PNG per slide.")
+    p = command(subparsers, run_predict)
     p.add_argument("model", help="exported weights (best.pt)")
     p.add_argument("slides", nargs="+", help="slide files, directories or globs")
     p.add_argument("--out", required=True, help="folder for tissues.csv, slides.csv, predictions.json, overlays/")
     p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
     p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
     _add_tissue_flags(p)
-    p.set_defaults(func=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """classify the tissues of new slides (e.g. low-resolution scans)
+
+    Finds each slide's tissues, cuts them into the windows the model's training shards used, reads each at the
+    model's magnification (Lanczos from level 0, as in training) and classifies it; the slide call is the area-
+    weighted mean of the window probabilities. Writes tissues.csv, slides.csv, predictions.json and an overlay
+    PNG per slide.
+    """
     from hpcdistill.predict import predict_slides
     from hpcdistill.slide_catalog import collect_slides
 

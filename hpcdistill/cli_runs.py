@@ -6,37 +6,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hpcdistill.cli_data import float_list
+from hpcdistill.cli_data import command, float_list
 from hpcdistill.config import ARCHS, STEMS
 from hpcdistill.windows import DEFAULT_MAGS
 
 
-# ---------------------------------------------------------------------------------------------------------- train
-
-
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train", help="train a teacher, baseline, KD student or fine-tune (DeepSpeed; torchrun for several ranks)",
-        description="Train from shards. Precedence: key=value overrides > CONFIG file (and its base:) > defaults. "
-                    "Single process as is; several ranks under `torchrun --nproc-per-node N -m hpcdistill.cli train ...`.")
+    p = command(subparsers, run_train)
     p.add_argument("config", help="YAML config, e.g. configs/celiac/distill.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.mag=1.25 train.lr=5e-4")
-    p.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """train a teacher, baseline, KD student or fine-tune (DeepSpeed; torchrun for several ranks)
+
+    Train from shards. Precedence: key=value overrides > CONFIG file (and its base:) > defaults. Single process
+    as is; several ranks under `torchrun --nproc-per-node N -m hpcdistill.cli train ...`.
+    """
     from hpcdistill.engine import main_train
 
     return main_train([args.config, *args.overrides])
 
 
-# ---------------------------------------------------------------------------------------------------------- evaluate
-
-
 def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("evaluate", help="metrics with bootstrap CIs and GFLOPs of an exported model on a split",
-                              description="Writes <run>/eval/<split>.json and <split>_predictions.csv. The "
-                                          "magnification comes from the checkpoint.")
+    p = command(subparsers, run_evaluate)
     p.add_argument("checkpoint", help="exported weights, e.g. runs/x/distill-2.5x/best.pt")
     p.add_argument("--shards", required=True, help="shard folder with manifest.json")
     p.add_argument("--split", default="test", help="the manifest split to score")
@@ -49,10 +42,13 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (default <checkpoint folder>/eval)")
     p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=0, help="loader processes decoding the shards")
-    p.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """metrics with bootstrap CIs and GFLOPs of an exported model on a split
+
+    Writes <run>/eval/<split>.json and <split>_predictions.csv. The magnification comes from the checkpoint.
+    """
     from hpcdistill.evaluation import evaluate_checkpoint
     from hpcdistill.report import format_ci
 
@@ -67,20 +63,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------- report
-
-
 def add_report(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("report", help="Table 3/4 markdown and the Figure 3 plot from evaluated runs",
-                              description="Reads every eval/*.json under the given run folders (written by `hpcdistill "
-                                          "evaluate`) and writes report.md (the paper's Table 3/4 layouts, the "
-                                          "ordering check) and figure3.png (accuracy against GFLOPs).")
+    p = command(subparsers, run_report)
     p.add_argument("runs", nargs="+", help="run folders (their eval/*.json) or evaluation JSON files")
     p.add_argument("--out", required=True, help="folder for report.md, figure3.png (and ablation.png)")
-    p.set_defaults(func=run_report)
 
 
 def run_report(args: argparse.Namespace) -> int:
+    """Table 3/4 markdown and the Figure 3 plot from evaluated runs
+
+    Reads every eval/*.json under the given run folders (written by `hpcdistill evaluate`) and writes report.md
+    (the paper's Table 3/4 layouts, the ordering check) and figure3.png (accuracy against GFLOPs).
+    """
     from hpcdistill.report import load_results, write_report
 
     path = write_report(load_results(args.runs), args.out)
@@ -88,13 +82,8 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------- flops
-
-
 def add_flops(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("flops", help="GFLOPs per forward pass per magnification (FLOPs = 2 x multiply-adds)",
-                              description="GFLOPs of one forward pass at a fixed field of view per magnification, and "
-                                          "at the shards' median and mean tissue sizes with --manifest.")
+    p = command(subparsers, run_flops)
     p.add_argument("--arch", default="resnet18", choices=ARCHS,
                    help="GroupNorm ResNet depth")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = the standard ResNet)")
@@ -105,10 +94,14 @@ def add_flops(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated magnifications (default 10,5,2.5,1.25,0.625)")
     p.add_argument("--manifest", help="shard folder or manifest.json: adds median/mean tissue sizes")
     p.add_argument("--checkpoint", help="exported weights: use its architecture instead of --arch/--width/--stem")
-    p.set_defaults(func=run_flops)
 
 
 def run_flops(args: argparse.Namespace) -> int:
+    """GFLOPs per forward pass per magnification (FLOPs = 2 x multiply-adds)
+
+    GFLOPs of one forward pass at a fixed field of view per magnification, and at the shards' median and mean
+    tissue sizes with --manifest.
+    """
     from hpcdistill.manifest import read_manifest
     from hpcdistill.evaluation import FIXED_SIZE_10X, flops_per_mag
     from hpcdistill.models import build_model
@@ -136,23 +129,21 @@ def run_flops(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------- launch
-
-
 def add_launch(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("launch", help="submit an experiment's job graph through submitit (SLURM arrays per method)",
-                              description="Teacher -> one array per method (a task per magnification) -> evaluation "
-                                          "and report, with afterok dependencies. Records every job in <exp "
-                                          "dir>/launch.json (read by `hpcdistill status`).")
+    p = command(subparsers, run_launch)
     p.add_argument("experiment", help="experiment YAML, e.g. configs/experiments/celiac.yaml")
     p.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
                    help="slurm: sbatch through submitit; local: processes on this machine; debug: in this process")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and dependency graph only")
     p.add_argument("--wait", action="store_true", help="slurm: wait for every job and fail if one fails")
-    p.set_defaults(func=run_launch)
 
 
 def run_launch(args: argparse.Namespace) -> int:
+    """submit an experiment's job graph through submitit (SLURM arrays per method)
+
+    Teacher -> one array per method (a task per magnification) -> evaluation and report, with afterok
+    dependencies. Records every job in <exp dir>/launch.json (read by `hpcdistill status`).
+    """
     from hpcdistill.launch import launch
 
     record = launch(args.experiment, cluster=args.cluster, dry_run=args.dry_run, wait=args.wait)
@@ -162,36 +153,37 @@ def run_launch(args: argparse.Namespace) -> int:
 
 
 def add_status(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("status", help="jobs of a launch: states, logs, TensorBoard folders",
-                              description="Reads <exp dir>/launch.json: each job's state (from SLURM, or from the "
-                                          "local processes), its training progress, logs and TensorBoard folder.")
+    p = command(subparsers, run_status)
     p.add_argument("exp_dir", help="experiment folder (holds launch.json)")
-    p.set_defaults(func=run_status)
 
 
 def run_status(args: argparse.Namespace) -> int:
+    """jobs of a launch: states, logs, TensorBoard folders
+
+    Reads <exp dir>/launch.json: each job's state (from SLURM, or from the local processes), its training
+    progress, logs and TensorBoard folder.
+    """
     from hpcdistill.launch import format_status, status
 
     print(format_status(status(args.exp_dir)))
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------- demo
-
-
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="the paper's experiment end to end on an embedded synthetic dataset",
-                              description="synth -> shard -> teacher, baseline, KD and KD with two aux sets at two "
-                                          "low magnifications -> evaluation with CIs and GFLOPs -> report. Resumable.")
+    p = command(subparsers, run_demo)
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a shortened run (CI): fewer slides, one epoch")
     p.add_argument("--slurm", action="store_true", help="run the jobs through `hpcdistill launch` on SLURM")
     p.add_argument("--workers", type=int, default=2, help="sharding processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic slides, the splits and every run")
-    p.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """the paper's experiment end to end on an embedded synthetic dataset
+
+    synth -> shard -> teacher, baseline, KD and KD with two aux sets at two low magnifications -> evaluation
+    with CIs and GFLOPs -> report. Resumable.
+    """
     from hpcdistill.demo import run_demo as demo
 
     demo(args.out, quick=args.quick, slurm=args.slurm, workers=args.workers, seed=args.seed)

@@ -101,6 +101,32 @@ def bootstrap_indices(n: int, iterations: int, seed: int, chunk_elems: int | Non
         yield rng.integers(0, n, size=(min(rows, iterations - start), n))
 
 
+def _resampled_confusions(t: np.ndarray, p: np.ndarray, num_classes: int, iterations: int, seed: int,
+                          groups: Sequence | np.ndarray | None) -> Iterator[np.ndarray]:
+    """Blocks of (rows, K, K) confusion matrices, one per resample: of samples, or of whole groups when given."""
+    kk = num_classes**2
+    codes = t * num_classes + p
+    if groups is None:
+        for idx in bootstrap_indices(codes.size, iterations, seed):
+            rows = idx.shape[0]
+            flat = (np.arange(rows)[:, None] * kk + codes[idx]).ravel()
+            yield np.bincount(flat, minlength=rows * kk).reshape(rows, num_classes, num_classes)
+        return
+    g = np.asarray(groups)
+    if g.shape != t.shape:
+        raise HpcdistillError(f"groups: need one group id per sample, got {g.shape} for {t.shape}")
+    _, gid = np.unique(g, return_inverse=True)
+    n_units = int(gid.max()) + 1
+    # (groups, K*K): each group's confusion counts; a resample's confusion is a count-weighted sum.
+    unit_conf = np.zeros((n_units, kk), dtype=np.float64)
+    np.add.at(unit_conf, (gid, codes), 1.0)
+    for idx in bootstrap_indices(n_units, iterations, seed):
+        rows = idx.shape[0]
+        counts = np.bincount((np.arange(rows)[:, None] * n_units + idx).ravel(),
+                             minlength=rows * n_units).reshape(rows, n_units)
+        yield (counts @ unit_conf).reshape(rows, num_classes, num_classes)
+
+
 def bootstrap_ci(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, num_classes: int,
                  iterations: int = 10000, level: float = 0.95, seed: int = 0,
                  groups: Sequence | np.ndarray | None = None) -> dict[str, tuple[float, float, float]]:
@@ -122,30 +148,8 @@ def bootstrap_ci(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.
         raise HpcdistillError(f"level: must be in (0, 1), got {level!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise HpcdistillError(f"iterations: must be a positive integer, got {iterations!r}")
-    kk = num_classes**2
-    codes = t * num_classes + p
-    if groups is None:
-        unit_conf = None
-        n_units = codes.size
-    else:
-        g = np.asarray(groups)
-        if g.shape != t.shape:
-            raise HpcdistillError(f"groups: need one group id per sample, got {g.shape} for {t.shape}")
-        _, gid = np.unique(g, return_inverse=True)
-        n_units = int(gid.max()) + 1
-        # (groups, K*K): each group's confusion counts; a resample's confusion is a count-weighted sum.
-        unit_conf = np.zeros((n_units, kk), dtype=np.float64)
-        np.add.at(unit_conf, (gid, codes), 1.0)
     stats = {name: [] for name in METRICS}
-    for idx in bootstrap_indices(n_units, iterations, seed):
-        rows = idx.shape[0]
-        if unit_conf is None:
-            flat = (np.arange(rows)[:, None] * kk + codes[idx]).ravel()
-            conf = np.bincount(flat, minlength=rows * kk).reshape(rows, num_classes, num_classes)
-        else:
-            counts = np.bincount((np.arange(rows)[:, None] * n_units + idx).ravel(),
-                                 minlength=rows * n_units).reshape(rows, n_units)
-            conf = (counts @ unit_conf).reshape(rows, num_classes, num_classes)
+    for conf in _resampled_confusions(t, p, num_classes, iterations, seed, groups):
         m = metrics_from_confusions(conf)
         for name in METRICS:
             stats[name].append(m[name])

@@ -53,45 +53,44 @@ def shortcut(cin: int, cout: int, stride: int, groups: int) -> nn.Module:
     return nn.Sequential(conv1x1(cin, cout, stride), group_norm(cout, groups))
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """conv -> GroupNorm layers (ReLU between them), added to the shortcut, then ReLU. Layers are named conv1, gn1,
+    conv2, ... as in torchvision, so state dicts read naturally."""
+
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, groups: int) -> None:
+    def __init__(self, convs: list[nn.Conv2d], cin: int, stride: int, groups: int) -> None:
         super().__init__()
-        cout = planes * self.expansion
-        self.conv1 = conv3x3(cin, planes, stride)
-        self.gn1 = group_norm(planes, groups)
-        self.conv2 = conv3x3(planes, cout)
-        self.gn2 = group_norm(cout, groups)
-        self.shortcut = shortcut(cin, cout, stride, groups)
+        self.depth = len(convs)
+        for i, conv in enumerate(convs, 1):
+            setattr(self, f"conv{i}", conv)
+            setattr(self, f"gn{i}", group_norm(conv.out_channels, groups))
+        self.shortcut = shortcut(cin, convs[-1].out_channels, stride, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.gn1(self.conv1(x)))
-        out = self.gn2(self.conv2(out))
+        out = x
+        for i in range(1, self.depth + 1):
+            out = getattr(self, f"gn{i}")(getattr(self, f"conv{i}")(out))
+            if i < self.depth:
+                out = F.relu(out)
         return F.relu(out + self.shortcut(x))
 
 
-class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv."""
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convs (ResNet-10/18/34)."""
+
+    def __init__(self, cin: int, planes: int, stride: int, groups: int) -> None:
+        super().__init__([conv3x3(cin, planes, stride), conv3x3(planes, planes)], cin, stride, groups)
+
+
+class Bottleneck(ResidualBlock):
+    """ResNet v1.5 bottleneck (ResNet-50): 1x1, 3x3 carrying the stride, 1x1 expanding 4x."""
 
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int, groups: int) -> None:
-        super().__init__()
-        cout = planes * self.expansion
-        self.conv1 = conv1x1(cin, planes)
-        self.gn1 = group_norm(planes, groups)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.gn2 = group_norm(planes, groups)
-        self.conv3 = conv1x1(planes, cout)
-        self.gn3 = group_norm(cout, groups)
-        self.shortcut = shortcut(cin, cout, stride, groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.gn1(self.conv1(x)))
-        out = F.relu(self.gn2(self.conv2(out)))
-        out = self.gn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        super().__init__([conv1x1(cin, planes), conv3x3(planes, planes, stride), conv1x1(planes, planes * 4)],
+                         cin, stride, groups)
 
 
 ARCHS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {

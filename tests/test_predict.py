@@ -25,9 +25,10 @@ def test_predict_svs_and_tiff(tiny_teacher, tmp_path):
         result = slides[str(path)]
         assert result["call"] in summary["classes"]
         assert abs(sum(result["probs"]) - 1) < 1e-5 and len(result["tissues"]) >= 1
-        # the slide call is the area-weighted mean of its tissues' probabilities
-        areas = [t["box_l0"][2] * t["box_l0"][3] for t in result["tissues"]]
-        mean0 = sum(a * t["probs"][0] for a, t in zip(areas, result["tissues"])) / sum(areas)
+        # the slide call is the area-weighted mean of its windows' probabilities (here each tissue is one window)
+        assert [w["box_l0"] for w in result["windows"]] == [t["box_l0"] for t in result["tissues"]]
+        areas = [w["box_l0"][2] * w["box_l0"][3] for w in result["windows"]]
+        mean0 = sum(a * w["probs"][0] for a, w in zip(areas, result["windows"])) / sum(areas)
         assert result["probs"][0] == pytest.approx(mean0, abs=1e-6)
         with Image.open(result["overlay"]) as img:
             assert img.size[0] > 50
@@ -54,29 +55,67 @@ def test_a_tissue_too_big_for_the_gpu_skips_its_slide_only(tiny_teacher, tmp_pat
     import torch
 
     from hpcdistill import predict
+    from hpcdistill.run_folder import load_exported
 
     big, small = tmp_path / "big.svs", tmp_path / "small.svs"
     write_slide(big, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, n_tissues=1)
     write_slide(small, 1536, 1152, fmt="svs", base_mag=40, class_id=1, seed=12, n_tissues=1)
-    real = predict.predict_probabilities
-
-    def run_out_of_memory_on_big(exported, image, tissue):  # unit test of the error path: no GPU here
-        if calls[-1] == str(big):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real(exported, image, tissue)
-
     calls = []
+
+    class OutOfMemoryOnBig(torch.nn.Module):  # unit test of the error path: no GPU here
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            if calls[-1] == str(big):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return self.inner(x)
+
+    def load_wrapped(path, **kwargs):
+        exported = load_exported(path, **kwargs)
+        exported.model = OutOfMemoryOnBig(exported.model)
+        return exported
+
     real_slide = predict.predict_slide
 
     def remember(exported, path, *args, **kwargs):
         calls.append(str(path))
         return real_slide(exported, path, *args, **kwargs)
 
-    monkeypatch.setattr(predict, "predict_probabilities", run_out_of_memory_on_big)
+    monkeypatch.setattr(predict, "load_exported", load_wrapped)
     monkeypatch.setattr(predict, "predict_slide", remember)
     summary = predict_slides(tiny_teacher, [big, small], tmp_path / "out")
     status = {s["slide"]: s for s in summary["slides"]}
     assert status[str(small)]["status"] == "ok"
     reason = status[str(big)]["reason"]
     assert status[str(big)]["status"] == "skipped" and "\n" not in reason
-    assert reason.startswith(f"{big}: tissue 0 (") and "px at 10x) does not fit in GPU memory" in reason
+    assert reason.startswith(f"{big} tissue 0 window 0 (") and "px at 10x): does not fit in GPU memory" in reason
+
+
+def test_prediction_cuts_tissues_into_the_training_windows(tiny_teacher, tmp_path):
+    """A tissue larger than the training shards' --max-size is classified window by window, as it was sharded."""
+    import torch
+
+    from hpcdistill.windows import Windowing, split_windows
+
+    blob = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
+    assert Windowing.from_dict(blob["windowing"]).max_size == 8192  # the tiny shards' default, from their manifest
+    blob["windowing"] = {"mags": [10.0, 2.5, 1.25], "max_size": 96}
+    model = tmp_path / "small_windows.pt"
+    torch.save(blob, model)
+    slide = tmp_path / "wide.svs"
+    write_slide(slide, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=21, n_tissues=1)
+    summary = predict_slides(model, [slide], tmp_path / "out")
+    result = summary["slides"][0]
+    assert summary["windowing"] == blob["windowing"]
+    windowing = Windowing.from_dict(blob["windowing"])
+    expected = [w for t in result["tissues"]
+                for w in split_windows(tuple(t["box_l0"]), (1536, 1152), 40.0, windowing)]
+    assert [tuple(w["box_l0"]) for w in result["windows"]] == expected and len(expected) > len(result["tissues"])
+    assert all(max(w["size"]) <= 96 for w in result["windows"])  # at 10x, the model's magnification
+    for t in result["tissues"]:  # a tissue's probabilities: the area-weighted mean of its windows'
+        mine = [w for w in result["windows"] if w["tissue"] == t["tissue"]]
+        areas = [w["box_l0"][2] * w["box_l0"][3] for w in mine]
+        mean0 = sum(a * w["probs"][0] for a, w in zip(areas, mine)) / sum(areas)
+        assert t["probs"][0] == pytest.approx(mean0, abs=1e-6) and t["windows"] == len(mine)

@@ -205,7 +205,7 @@ def test_shard_cut_between_members_is_not_read_as_a_shorter_one(tiny_dataset, ti
 
 
 def test_distill_with_an_empty_aux_set_is_an_error_naming_it(tiny_dataset, tiny_teacher, tmp_path):
-    from hpcdistill.sharding import _OpenShard
+    from hpcdistill.shard_writer import _OpenShard
 
     shards = copy_shards(tiny_dataset, tmp_path)
     _OpenShard(shards, "aux9", 0).commit()  # the sharder's own writer, given no samples

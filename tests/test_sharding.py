@@ -19,8 +19,9 @@ import tifffile
 import webdataset as wds
 from PIL import Image
 
-from hpcdistill import cli, sharding, synthetic
+from hpcdistill import cli, shard_cut, shard_plan, shard_writer, slide_catalog, synthetic, tissue
 from hpcdistill.sharding import ShardingError, ShardParams, run_sharding
+from hpcdistill.windows import split_windows, window_alignment
 
 MAGS = ("10x", "5x", "2.5x", "1.25x", "0.625x")
 SMALL = dict(shard_size=150_000)  # several shards per split from a few small slides
@@ -94,47 +95,47 @@ def read_samples(folder: Path) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------------------ units
 
 def test_parse_size():
-    assert sharding.parse_size("256MB") == 256_000_000
-    assert sharding.parse_size("1GiB") == 2**30
-    assert sharding.parse_size(4096) == 4096
+    assert shard_plan.parse_size("256MB") == 256_000_000
+    assert shard_plan.parse_size("1GiB") == 2**30
+    assert shard_plan.parse_size(4096) == 4096
     with pytest.raises(ShardingError, match="'12 parsecs'"):
-        sharding.parse_size("12 parsecs")
+        shard_plan.parse_size("12 parsecs")
 
 
 def test_keys_have_no_dots():
-    assert sharding.sample_key("case.01 b", 3, 12) == "case-01-b_t003_w012"
+    assert shard_cut.sample_key("case.01 b", 3, 12) == "case-01-b_t003_w012"
 
 
 def test_windows_are_aligned_and_cover_the_box():
     params = ShardParams(max_size=500)
     box = (1000, 700, 7000, 2100)
-    windows = sharding.split_windows(box, (20000, 20000), 40.0, params)
+    windows = split_windows(box, (20000, 20000), 40.0, params.windowing)
     assert len(windows) == 4 * 2
     for x, y, w, h in windows:
         assert w % 64 == 0 and h % 64 == 0 and w <= 2000 and h <= 2000
     assert min(x for x, *_ in windows) <= 1000 and max(x + w for x, _, w, _ in windows) >= 8000
-    assert sharding.split_windows((5, 5, 300, 300), (20000, 20000), 40.0, params) == [(5, 5, 300, 300)]
-    assert sharding.window_alignment(20.0, params.mags) == 32
+    assert split_windows((5, 5, 300, 300), (20000, 20000), 40.0, params.windowing) == [(5, 5, 300, 300)]
+    assert window_alignment(20.0, params.mags) == 32
 
 
 def test_inputs_from_directories_globs_and_files(dataset):
     good = dataset["good"]
     (good / "readme.txt").write_text("ignored: not a slide extension")
-    from_dir = sharding.collect_slides([good])
+    from_dir = slide_catalog.collect_slides([good])
     assert [p.name for p in from_dir] == sorted(["s40a.tiff", "s40b.svs", "s40c.tiff", "s40d.tiff", "s20.svs",
                                                  "u1.tiff"])
-    assert [p.name for p in sharding.collect_slides([f"{good}/*.svs", good / "s40a.tiff"])] == [
+    assert [p.name for p in slide_catalog.collect_slides([f"{good}/*.svs", good / "s40a.tiff"])] == [
         "s20.svs", "s40a.tiff", "s40b.svs"]
     with pytest.raises(ShardingError, match="matches no files"):
-        sharding.collect_slides([f"{good}/*.ndpi"])
+        slide_catalog.collect_slides([f"{good}/*.ndpi"])
 
 
 def test_patient_level_stratified_split_is_deterministic():
-    rows = [sharding.LabelRow(f"s{i}", f"p{i // 2}", "ab"[i % 2] if i < 40 else "", "", i, Path(f"s{i}"))
+    rows = [slide_catalog.LabelRow(f"s{i}", f"p{i // 2}", "ab"[i % 2] if i < 40 else "", "", i, Path(f"s{i}"))
             for i in range(44)]
-    first = sharding.assign_splits(rows, (0.7, 0.15, 0.15), seed=3)
-    assert first == sharding.assign_splits(rows, (0.7, 0.15, 0.15), seed=3)
-    assert first != sharding.assign_splits(rows, (0.7, 0.15, 0.15), seed=4)
+    first = slide_catalog.assign_splits(rows, (0.7, 0.15, 0.15), seed=3)
+    assert first == slide_catalog.assign_splits(rows, (0.7, 0.15, 0.15), seed=3)
+    assert first != slide_catalog.assign_splits(rows, (0.7, 0.15, 0.15), seed=4)
     by_patient: dict[str, set] = {}
     for r in rows:
         by_patient.setdefault(r.patient, set()).add(first[r.slide])
@@ -154,17 +155,17 @@ def test_labels_csv_errors_name_file_line_and_reason(dataset, tmp_path, body, li
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text(body)
     with pytest.raises(ShardingError) as err:
-        sharding.make_plan(sharding.collect_slides([dataset["good"]]), csv_path, ShardParams())
+        shard_plan.make_plan(slide_catalog.collect_slides([dataset["good"]]), csv_path, ShardParams())
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{csv_path}:{line}: ") and reason in message
 
 
 def test_slide_missing_from_csv_is_skipped(dataset):
-    jobs, classes = sharding.make_plan(sharding.collect_slides([dataset["good"]]), dataset["labels"], ShardParams())
+    jobs, classes = shard_plan.make_plan(slide_catalog.collect_slides([dataset["good"]]), dataset["labels"], ShardParams())
     assert classes == ["normal", "tumor"]
     csv_path = dataset["root"] / "partial.csv"
     csv_path.write_text("slide,patient,label\ns40a,p1,normal\n")
-    jobs, _ = sharding.make_plan(sharding.collect_slides([dataset["good"]]), csv_path, ShardParams())
+    jobs, _ = shard_plan.make_plan(slide_catalog.collect_slides([dataset["good"]]), csv_path, ShardParams())
     skipped = {j.slide: j.skip_reason for j in jobs if j.skip_reason}
     assert skipped.keys() == {"s40b", "s40c", "s40d", "s20", "u1"}
     assert all(reason == f"{dataset['good'] / name}: not in labels CSV" for name, reason in  # names the slide file
@@ -208,7 +209,7 @@ def test_tars_are_webdataset_with_dotless_keys(dataset):
             assert {f"{m}.jpg" for m in MAGS} | {"json"} <= names
         total += len(keys)
         members_bytes = sum(512 + -(-m.size // 512) * 512 for m in members)
-        assert path.stat().st_size == sharding._tar_file_size(members_bytes)  # the cap is checked on exact sizes
+        assert path.stat().st_size == shard_writer._tar_file_size(members_bytes)  # the cap is checked on exact sizes
         assert path.stat().st_size <= 150_000 or len(keys) == 1
     samples = read_samples(ref)
     assert len(samples) == total == sum(s["samples"] for s in manifest["splits"].values())
@@ -367,7 +368,7 @@ def test_folder_with_different_params_is_refused(dataset, tmp_path, capsys):
 
 
 def test_disk_full_keeps_completed_shards_and_resumes(dataset, tmp_path, monkeypatch):
-    real_append, calls = sharding.append_sample, []
+    real_append, calls = shard_writer.append_sample, []
 
     def append_until_disk_full(archive, key, payloads):
         calls.append(key)
@@ -375,16 +376,16 @@ def test_disk_full_keeps_completed_shards_and_resumes(dataset, tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         real_append(archive, key, payloads)
 
-    monkeypatch.setattr(sharding, "append_sample", append_until_disk_full)
+    monkeypatch.setattr(shard_writer, "append_sample", append_until_disk_full)
     with pytest.raises(ShardingError) as err:
         run_sharding([dataset["good"]], tmp_path, labels_csv=str(dataset["labels"]), params=ShardParams(**SMALL),
                      progress=False)
     assert "\n" not in str(err.value) and "disk full" in str(err.value) and str(tmp_path) in str(err.value)
-    journal = json.loads((tmp_path / sharding.JOURNAL).read_text())
+    journal = json.loads((tmp_path / shard_writer.JOURNAL).read_text())
     assert journal["shards"] and sorted(journal["shards"]) == sorted(tar_bytes(tmp_path))
     assert all(tar_bytes(tmp_path)[name] == tar_bytes(dataset["ref"])[name] for name in journal["shards"])
-    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / sharding.SPOOL).exists()
-    monkeypatch.setattr(sharding, "append_sample", real_append)
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / shard_cut.SPOOL).exists()
+    monkeypatch.setattr(shard_writer, "append_sample", real_append)
     manifest = run_sharding([dataset["good"]], tmp_path, labels_csv=str(dataset["labels"]),
                             params=ShardParams(**SMALL), progress=False)
     assert tar_bytes(tmp_path) == tar_bytes(dataset["ref"]) and manifest == dataset["manifest"]
@@ -401,7 +402,7 @@ def test_resume_after_kill_gives_the_uninterrupted_output(dataset, tmp_path):
                  params=ShardParams(**SMALL, shard_max_samples=1), progress=False)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    journal = out / sharding.JOURNAL
+    journal = out / shard_writer.JOURNAL
     while time.monotonic() < deadline and proc.poll() is None:
         if journal.exists() and json.loads(journal.read_text() or "{}").get("shards"):
             break
@@ -409,7 +410,7 @@ def test_resume_after_kill_gives_the_uninterrupted_output(dataset, tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / sharding.MANIFEST).exists()
+    assert not (out / shard_writer.MANIFEST).exists()
     done_before = json.loads(journal.read_text())["shards"]
     assert 1 <= len(done_before) < len(tar_bytes(ref))
     (out / ".train-000099.tar.tmp").write_bytes(b"partial")  # what a kill mid-write leaves behind
@@ -442,7 +443,7 @@ def inject_full_disk(monkeypatch) -> None:
     """The fallback: libvips fails the third QC PNG as it does on a full disk (its own error type, the OS text)."""
     import pyvips
 
-    real, calls = sharding.tissue.write_qc_png, []
+    real, calls = tissue.write_qc_png, []
 
     def write_until_full(*args, **kwargs):
         calls.append(args[0])
@@ -450,7 +451,7 @@ def inject_full_disk(monkeypatch) -> None:
             raise pyvips.Error("unable to call pngsave_target", "write failed: No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sharding.tissue, "write_qc_png", write_until_full)
+    monkeypatch.setattr(tissue, "write_qc_png", write_until_full)
 
 
 def test_full_disk_while_sharding_is_one_line_leaves_no_partials_and_resumes(dataset, small_disk, tmp_path, capsys,
@@ -466,7 +467,7 @@ def test_full_disk_while_sharding_is_one_line_leaves_no_partials_and_resumes(dat
     assert len(ours) == 1 and "Traceback" not in err, err[-3000:]  # no slide was logged as skipped for it
     assert ours[0].startswith(f"hpcdistill: error: {out}: disk full while writing ")
     assert ours[0].endswith("free some space and rerun the same command to resume")
-    leftovers = [*out.glob(".*.tmp"), *out.glob(sharding.SPOOL), *(out / "qc").glob("*.partial")]
+    leftovers = [*out.glob(".*.tmp"), *out.glob(shard_cut.SPOOL), *(out / "qc").glob("*.partial")]
     assert not leftovers, leftovers
     if small_disk:  # space freed: the same command completes
         subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
