@@ -20,7 +20,7 @@ for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MA
     os.environ.setdefault(key, value)
 
 from hpcdistill.distributed import setup_distributed  # noqa: E402
-from hpcdistill.engine import skip_single_rank_allreduce  # noqa: E402
+from hpcdistill.train_state import skip_single_rank_allreduce  # noqa: E402
 from hpcdistill.models import build_model  # noqa: E402
 
 

@@ -25,7 +25,8 @@ from PIL import Image
 
 from hpcdistill.config import AugmentConfig
 from hpcdistill.data import ShardStream, StreamSpec
-from hpcdistill.sharding import append_sample, encode_image
+from hpcdistill.shard_cut import encode_image
+from hpcdistill.shard_writer import append_sample
 
 
 def tile(content: str, size: int, i: int, rng: np.random.Generator) -> np.ndarray:

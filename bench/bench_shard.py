@@ -37,6 +37,7 @@ import pyvips  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from hpcdistill import sharding, slides, synthetic, tissue  # noqa: E402
+from hpcdistill.windows import split_windows  # noqa: E402
 
 MAGS = (10.0, 5.0, 2.5, 1.25, 0.625)
 BASE_MAG = 40.0
@@ -72,7 +73,7 @@ def tissue_regions(path: Path, params: sharding.ShardParams) -> list[tuple[int, 
         thumb, scale = slide.thumbnail(params.tissue.thumb_size)
         boxes = tissue.find_tissue_boxes(thumb, scale, params.tissue, slide_size=size)
         for box in boxes:
-            if sharding.split_windows(box, size, slide.info.base_mag, params) != [box]:
+            if split_windows(box, size, slide.info.base_mag, params.windowing) != [box]:
                 raise SystemExit(f"box {box} is split into windows: raise --max-size so regions are whole boxes")
     return boxes
 

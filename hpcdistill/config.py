@@ -184,7 +184,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file (following `base:`), then `a.b=value` overrides; all validated."""
-    raw: dict[str, Any] = read_yaml(Path(path), ()) if path is not None else {}
+    raw: dict[str, Any] = read_yaml(resolve_path(str(path)), ()) if path is not None else {}
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)

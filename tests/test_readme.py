@@ -27,3 +27,14 @@ def test_readme_opens_with_the_two_commands_and_names_real_subcommands():
     known = set(next(a for a in parser._actions if a.dest == "command").choices)
     used = set(re.findall(r"^hpcdistill (\w+)", text, re.M))
     assert used and used <= known, f"README uses unknown subcommands {used - known}"
+
+
+def test_architecture_table_names_every_module_once():
+    """The README's module table and hpcdistill/*.py are the same set: a new or renamed module must be described."""
+    block = re.search(r"<!-- modules:start -->\n(.*)\n<!-- modules:end -->", README.read_text(), re.S)
+    assert block, "README lacks the <!-- modules:start --> ... <!-- modules:end --> table"
+    named = re.findall(r"`(\w+)\.py`", "\n".join(row.split("|")[1] for row in block.group(1).splitlines()
+                                                  if row.startswith("| `")))
+    files = {p.stem for p in (README.parent / "hpcdistill").glob("*.py") if p.stem != "__init__"}
+    assert sorted(named) == sorted(set(named)), "a module is named twice"
+    assert set(named) == files, f"missing from the table: {files - set(named)}; not a module: {set(named) - files}"
