@@ -1,4 +1,5 @@
-"""WebDataset input pipelines: per-rank/per-worker splitting, safe decoding, paired augmentation, batching.
+"""The training and evaluation streams: per-rank/per-worker splitting, sample order, bucketing and batching (reading
+tars is shard_reader.py, the per-image transforms augment.py).
 
 One stream per rank yields micro-batches. Its length is fixed in advance (`per_rank_samples`), so every rank runs
 the same number of steps per epoch however unevenly the shards are sized: a rank that runs dry would otherwise hang

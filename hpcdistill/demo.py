@@ -12,6 +12,7 @@ something to teach.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,9 @@ def demo_experiment() -> dict[str, Any]:
     return read_yaml(resolve_path(DEMO_EXPERIMENT), ())
 
 
-def write_experiment(out: Path, shards: Path, plan: DemoPlan) -> Path:
+def write_experiment(out: Path, shards: Path, plan: DemoPlan, experiment: dict[str, Any]) -> Path:
     """The demo experiment pointed at this demo's folders (and shortened for QUICK): what `hpcdistill launch` takes."""
-    experiment = demo_experiment()
+    experiment = copy.deepcopy(experiment)  # the caller's mapping stays as read
     experiment.update(name="experiment", out_dir=str(out.resolve()), shards=str(shards.resolve()))
     for job in [experiment["teacher"], *experiment["methods"].values()]:
         job["overrides"] = [*job.get("overrides", []), *plan.overrides]
@@ -92,11 +93,13 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print(f"[1/3] synthetic slides and shards in {out / 'synthetic'}", flush=True)
-    mags = [float(m) for m in demo_experiment()["mags"]]
+    spec = demo_experiment()
+    mags = [float(m) for m in spec["mags"]]
     shards = prepare_data(out / "synthetic", plan, mags, workers, seed)
     phases = {"slides and shards": time.monotonic() - started}
-    experiment = write_experiment(out, shards, plan)
-    print(f"[2/3] teacher @ 10x, then baseline / KD / KD (ADv1) / KD (ADv2) @ {', '.join(map(mag_name, mags))} "
+    experiment = write_experiment(out, shards, plan, spec)
+    labels = " / ".join(m.get("label", key) for key, m in spec["methods"].items())
+    print(f"[2/3] teacher @ 10x, then {labels} @ {', '.join(map(mag_name, mags))} "
           f"({'SLURM' if slurm else 'local processes'})", flush=True)
     record = launch(experiment, cluster="slurm" if slurm else "local", wait=slurm)
     exp_dir = Path(record["exp_dir"])

@@ -26,10 +26,14 @@ class LaunchError(HpcdistillError):
     """A bad experiment file, a failed submission or a failed job."""
 
 
-def one_line(err: BaseException | str, limit: int | None = None) -> str:
+def one_line(err: BaseException | str, limit: int | None = None, *, first_line: bool = False) -> str:
     """An error message (possibly multi-line, e.g. from libvips or a traceback) collapsed to one line of at most
-    `limit` characters; an exception with an empty message is named by its type."""
-    line = " ".join(str(err).split()) or (type(err).__name__ if isinstance(err, BaseException) else "")
+    `limit` characters, or only its first line (`first_line`, for libraries that append pages of detail); an
+    exception with an empty message is named by its type."""
+    text = str(err).strip()
+    if first_line and text:
+        text = text.splitlines()[0]
+    line = " ".join(text.split()) or (type(err).__name__ if isinstance(err, BaseException) else "")
     return line[:limit] if limit else line
 
 

@@ -29,7 +29,7 @@ import yaml
 
 from hpcdistill.config import resolve_path
 from hpcdistill.distributed import barrier
-from hpcdistill.errors import HpcdistillError
+from hpcdistill.errors import HpcdistillError, one_line
 from hpcdistill.mags import mag_name
 from hpcdistill.progress import write_progress
 from hpcdistill.windows import DEFAULT_WINDOWING, Windowing
@@ -106,7 +106,7 @@ def apply_resumable(engine: Any, train: Any) -> None:
 
 def _refused(what: str, checkpoint: Path, err: pickle.UnpicklingError) -> RunFolderError:
     """What weights_only=True refuses: a pickled object, not plain weights."""
-    reason = " ".join(str(err).split())[:200]
+    reason = one_line(err, 200)
     return RunFolderError(f"{what}: {checkpoint}: refused, it holds more than plain weights ({reason})")
 
 
@@ -116,7 +116,7 @@ def _load_weights_only(path: Path, what: str) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         raise _refused(what, path.parent, err) from None
     except (OSError, RuntimeError, EOFError) as err:
-        raise RunFolderError(f"{what}: {path}: unreadable ({' '.join(str(err).split())[:200]})") from None
+        raise RunFolderError(f"{what}: {path}: unreadable ({one_line(err, 200)})") from None
 
 
 def use_weights_only_loads(engine: Any) -> None:
@@ -309,8 +309,7 @@ def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_cl
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 -- torch raises many types for corrupt or pickled files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunFolderError(f"{path}: not a loadable weights file ({reason})") from None
+        raise RunFolderError(f"{path}: not a loadable weights file ({one_line(err, first_line=True)})") from None
     missing = [k for k in EXPORT_KEYS if not isinstance(blob, dict) or k not in blob]
     if missing:
         raise RunFolderError(f"{path}: not an hpcdistill export (missing {', '.join(missing)})")
@@ -324,8 +323,8 @@ def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_cl
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise RunFolderError(f"{path}: weights do not fit {arch} with {num_classes} classes ({first})") from None
+        raise RunFolderError(f"{path}: weights do not fit {arch} with {num_classes} classes "
+                             f"({one_line(err, first_line=True)})") from None
     model.eval()
     mag = float(blob["mag"])
     stats = blob["stats"]
