@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hpcdistill.config import load_config
+from hpcdistill.ds_config import read_ds_json
 from hpcdistill.errors import HpcdistillError, LaunchError
 from hpcdistill.experiment import Experiment, Resources
 from hpcdistill.launch_tasks import EvaluateTask, TrainTask
@@ -89,9 +90,11 @@ def plan_jobs(exp: Experiment) -> list[JobPlan]:
 
 
 def _validate(task: TaskPlan, key: str) -> str:
-    """Load the task's training config as the job will; returns its train.mode."""
+    """Load the task's training config as the job will, and its DeepSpeed JSON; returns its train.mode."""
     try:
-        return load_config(task.config, task.overrides).train.mode
+        cfg = load_config(task.config, task.overrides)
+        read_ds_json(cfg.deepspeed)  # a JSON setting a key the config owns fails here, not on the cluster
+        return cfg.train.mode
     except HpcdistillError as err:
         raise LaunchError(f"{key} ({task.name}): {err}") from None
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,28 @@ def tiny_dataset(tmp_path_factory) -> dict:
                                    n_aux1=2, n_aux2=2, size=(1536, 1152), seed=0)
     manifest = run_sharding([root / "slides"], root / "shards", labels_csv=str(labels),
                             params=ShardParams(mags=TINY_MAGS), workers=1, progress=False)
+    return {"root": root, "slides": slides, "labels": labels, "shards": root / "shards", "manifest": manifest}
+
+
+SMALL_MAGS = (10.0, 5.0, 2.5)
+SMALL_SHARD_SAMPLES = 4
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> dict:
+    """A smaller real dataset, for jobs run many times (launches, SLURM) and loader tests that need several shards
+    per split: 3/3/3 labeled slides + 1 aux1 at 768x576 (40x), mags 10, 5 and 2.5 (the launcher tests' [5, 2.5]),
+    the real sharder capped at SMALL_SHARD_SAMPLES samples per shard, so splits span uneven shards. Same dict as
+    `tiny_dataset`."""
+    from hpcdistill.sharding import ShardParams, run_sharding
+    from hpcdistill.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("small_dataset")
+    slides, labels = write_dataset(root / "slides", n_slides_per_split={"train": 3, "val": 3, "test": 3},
+                                   n_aux1=1, n_aux2=0, size=(768, 576), seed=0)
+    params = ShardParams(mags=SMALL_MAGS, shard_max_samples=SMALL_SHARD_SAMPLES)
+    manifest = run_sharding([root / "slides"], root / "shards", labels_csv=str(labels), params=params, workers=1,
+                            progress=False)
     return {"root": root, "slides": slides, "labels": labels, "shards": root / "shards", "manifest": manifest}
 
 
@@ -190,3 +213,32 @@ def slurm_cluster():
             started_by_tests.unlink(missing_ok=True)
             stopped = _cluster("stop", env)
             print(stopped.stdout.strip(), stopped.stderr.strip(), file=sys.stderr)
+
+
+# ---- sacct, shared by the SLURM tests (test_slurm_cluster.py, test_launch.py) ----
+SLURM_FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                                "PREEMPTED", "BOOT_FAIL", "DEADLINE"})
+
+
+def sacct_runs(job_id: str | int) -> list[tuple[str, str]]:
+    """(State, ExitCode) of every run of one job ("12", or an array task "12_0"), oldest first: sacct keeps each
+    requeued run as a duplicate record. "CANCELLED by 0" reads CANCELLED."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "--duplicates", "-j", str(job_id), "-o", "JobID,State,ExitCode"],
+                         check=True, text=True, capture_output=True, timeout=30).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    return [(state.split()[0], code) for jid, state, code in rows if jid == str(job_id)]
+
+
+def sacct_wait_final(job_id: str | int, timeout: float) -> list[tuple[str, str]]:
+    """sacct_runs once the job's latest run is in a final state (sacct lags the job's own end a moment); fails the
+    test with the job's history and `scontrol show job` on timeout."""
+    deadline = time.monotonic() + timeout
+    history: list[tuple[str, str]] = []
+    while time.monotonic() < deadline:
+        history = sacct_runs(job_id)
+        if history and history[-1][0] in SLURM_FINAL_STATES:
+            return history
+        time.sleep(0.5)
+    show = subprocess.run(["scontrol", "show", "job", str(job_id)], text=True, capture_output=True, timeout=30)
+    pytest.fail(f"job {job_id} not finished after {timeout:.0f}s; sacct says {history}; scontrol says:\n{show.stdout}",
+                pytrace=False)

@@ -1,84 +1,126 @@
-"""Data pipelines: pair alignment under augmentation, equal steps per rank, exact validation split, safe decoding."""
+"""Data pipelines: pair alignment under augmentation, equal steps per rank, exact validation split, safe decoding.
+
+Real shards (conftest's `tiny_dataset` and `small_dataset`, cut by the sharder from synthetic slides) wherever the
+test needs no special samples. Hand-made shards only where it does (exactly aligned pairs: the sharder resamples
+with Lanczos; pickled payloads), and those are written by the sharder's own pieces: its tar member layout
+(shard_writer.append_sample), its per-slide records (shard_cut.SlideResult) and its manifest builder.
+"""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import signal
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from PIL import Image
 
+from hpcdistill.augment import AugmentDraw, finish_batch
 from hpcdistill.config import AugmentConfig
-from hpcdistill.data import (AugmentDraw, ShardStream, StreamSpec, finish_batch, make_loader, per_rank_samples,
-                             read_manifest, resolve_sets)
+from hpcdistill.data import ShardStream, StreamSpec, make_loader, per_rank_samples
 from hpcdistill.errors import HpcdistillError
+from hpcdistill.mags import mag_name
+from hpcdistill.manifest import MANIFEST, build_manifest, read_manifest
+from hpcdistill.shard_cut import Sample, SlideResult, _add_pixel_sums, encode_image, sample_key
+from hpcdistill.shard_plan import ShardParams, SlideJob, params_fingerprint
+from hpcdistill.shard_reader import count_samples, decode_sample, raw_samples, resolve_sets
+from hpcdistill.shard_writer import append_sample, atomic_write_bytes
 
-CLASSES = ["normal", "duodenitis", "celiac"]
+CLASSES = ["celiac", "duodenitis", "normal"]
 STATS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
-def write_tiny_shards(out: Path, splits: dict[str, list[int]], *, low_size=(8, 8), vary=False, labeled=("train", "val"),
-                      mags=(10.0, 2.5), seed=0, stats=None, marker=False, extra=None) -> Path:
-    """Shards in the sharder's format (shards/README.md): {split}-NNNNNN.tar holding 10x.png + low-mag png(s) + cls + json, and a
-    manifest. The 10x image is the low-mag image upsampled by nearest neighbour, so the pair is exactly aligned.
-    `splits` maps split -> samples per shard. `marker` puts one white low-mag pixel at a random place.
-    Hand-made only for what the sharder cannot give on purpose: exactly aligned pairs (it resamples with Lanczos),
-    chosen shard sizes, pickles and missing members, zero std stats. Real shards: conftest's `tiny_dataset`."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    manifest = {"tool": "hpcdistill", "version": "test", "params": {}, "mags": list(mags), "image_format": "png",
-                "classes": CLASSES, "splits": {}, "stats": {f"{m:g}x": dict(stats or STATS) for m in mags}, "sizes": {},
-                "slides": {}}
-    for split, counts in splits.items():
-        names, n = [], 0
-        for s, count in enumerate(counts):
-            name = f"{split}-{s:06d}.tar"
-            names.append(name)
-            with wds.TarWriter(str(out / name)) as sink:
-                for i in range(count):
-                    w, h = low_size
-                    if vary:
-                        w, h = w + int(rng.integers(0, 3)) * 2, h + int(rng.integers(0, 3)) * 2
-                    label = int(rng.integers(len(CLASSES)))
-                    low = (rng.random((h, w, 3)) * 120 + 40 + 40 * label).astype(np.uint8)
-                    if marker:
-                        low[rng.integers(h), rng.integers(w)] = 255
-                    sample = {"__key__": f"{split}_s{s}_t{i:03d}_w000", "json": None}
-                    sizes = {}
-                    for m in mags:
-                        f = int(round(m / min(mags)))
-                        img = low.repeat(f, 0).repeat(f, 1)
-                        sizes[f"{m:g}x"] = [img.shape[1], img.shape[0]]
-                        buf = io.BytesIO()
-                        Image.fromarray(img).save(buf, format="PNG")
-                        sample[f"{m:g}x.png"] = buf.getvalue()
-                    if split in labeled:
-                        sample["cls"] = str(label).encode()
-                    sample["json"] = json.dumps({"slide": f"{split}{s}", "patient": "p", "tissue": i, "window": 0,
-                                                 "box_l0": [0, 0, 1, 1], "base_mag": 40.0, "mpp": 0.25, "sizes": sizes,
-                                                 "label": CLASSES[label] if split in labeled else None,
-                                                 "split": split}).encode()
-                    sample.update(extra or {})
-                    sink.write(sample)
-                    n += 1
-        manifest["splits"][split] = {"samples": n, "tissues": n, "slides": len(counts), "patients": 1, "shards": names,
-                                     "class_histogram": {}}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+# ---------------------------------------------------------------------------------------------- hand-made shards
+
+
+def aligned_samples(n: int, rng: np.random.Generator, label: int | None, *, low_size=(8, 8), vary=False,
+                    marker=False, mags=(10.0, 2.5)) -> list[dict]:
+    """One slide's samples (class id `label`, None = unlabeled) whose higher-mag images are the lowest-mag image
+    upsampled by nearest neighbour: exactly aligned pairs. `marker` puts one white low-mag pixel at a random place;
+    `vary` draws sizes (w, h) + {0, 2, 4}."""
+    out = []
+    for _ in range(n):
+        w, h = low_size
+        if vary:
+            w, h = w + int(rng.integers(0, 3)) * 2, h + int(rng.integers(0, 3)) * 2
+        low = (rng.random((h, w, 3)) * 120 + 40 + 40 * (label or 0)).astype(np.uint8)
+        if marker:
+            low[rng.integers(h), rng.integers(w)] = 255
+        images = {}
+        for m in mags:
+            f = int(round(m / min(mags)))
+            images[m] = low.repeat(f, 0).repeat(f, 1)
+        out.append({"images": images, "label": label, "extra": {}})
     return out
 
 
+def write_handmade_shards(out: Path, shards: dict[str, list[list[dict]]], mags=(10.0, 2.5)) -> Path:
+    """`shards`: split -> its shards, each a list of samples {"images": {mag: HxWx3 uint8}, "label": class id or None,
+    "extra": {ext: bytes}}; one slide per shard, one tissue per sample. The bytes, names and metadata are laid out as
+    the sharder lays them out (PNG payloads); the manifest is the sharder's, built from per-slide records."""
+    out.mkdir(parents=True, exist_ok=True)
+    params = ShardParams(mags=mags, image_format="png")
+    jobs: list[SlideJob] = []
+    records: dict[str, dict] = {}
+    written: dict[str, dict] = {}
+    for split, shard_list in shards.items():
+        for index, samples in enumerate(shard_list):
+            slide, name = f"{split}{index}", f"{split}-{index:06d}.tar"
+            (class_id,) = {s["label"] for s in samples}  # one label per slide, as in a labels CSV
+            label = CLASSES[class_id] if class_id is not None else None
+            job = SlideJob(f"/slides/{slide}.svs", slide, f"patient-{slide}", label, class_id, split)
+            result = SlideResult(slide, "ok", None, split, 40.0, "test", tissues=len(samples))
+            with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as archive:
+                for tissue, s in enumerate(samples):
+                    key = sample_key(slide, tissue, 0)
+                    payloads, sizes = [], {}
+                    for mag in params.mags:
+                        pixels = s["images"][mag]
+                        sizes[mag_name(mag)] = [pixels.shape[1], pixels.shape[0]]
+                        if split == "train" and s["label"] is not None:  # the sharder's stats: labeled train only
+                            _add_pixel_sums(result.pixel_sums.setdefault(mag_name(mag), [0.0] * 7), pixels)
+                        payloads.append((f"{mag_name(mag)}.png", encode_image(pixels, "png", params.jpeg_quality)))
+                    if s["label"] is not None:
+                        payloads.append(("cls", str(s["label"]).encode("ascii")))
+                    meta = {"slide": slide, "patient": job.patient, "tissue": tissue, "window": 0,
+                            "box_l0": [0, 0, 1, 1], "base_mag": 40.0, "mpp": 0.25, "sizes": sizes,
+                            "label": CLASSES[s["label"]] if s["label"] is not None else None, "split": split}
+                    payloads.append(("json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()))
+                    payloads += list(s["extra"].items())
+                    append_sample(archive, key, payloads)
+                    result.samples.append(Sample(key, [], sizes, tissue))
+            jobs.append(job)
+            records[slide] = result.record(job)
+            written[name] = {"split": split, "bytes": (out / name).stat().st_size,
+                             "keys": [x.key for x in result.samples]}
+    jobs.sort(key=lambda j: j.slide)
+    fingerprint = params_fingerprint(params, [Path(j.path) for j in jobs], None)
+    manifest = build_manifest(params, fingerprint, CLASSES, jobs, records, written)
+    atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return out
+
+
+def handmade(out: Path, splits: dict[str, list[int]], seed: int = 0, **kw) -> Path:
+    """Shards of aligned samples: split -> samples per shard (one slide per shard, its class drawn at random)."""
+    rng = np.random.default_rng(seed)
+    return write_handmade_shards(out, {split: [aligned_samples(n, rng, int(rng.integers(len(CLASSES))), **kw)
+                                               for n in counts] for split, counts in splits.items()})
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
 def spec(shards: Path, split: str, **kw) -> StreamSpec:
+    """An ordered, unaugmented paired 2.5x/10x stream over a split, standardised with the manifest's stats."""
     manifest = read_manifest(shards)
     base = dict(urls=resolve_sets(shards, manifest, [split]).urls, mode="paired", mag=2.5, teacher_mag=10.0,
-                stats={"10x": STATS, "2.5x": STATS}, micro_batch=1, samples=-1, sampler="ordered")
+                stats=manifest["stats"], micro_batch=1, samples=-1, sampler="ordered")
     base.update(kw)
     return StreamSpec(**base)
 
@@ -87,11 +129,53 @@ def keys(stream) -> list[list[str]]:
     return [b["key"] for b in stream]
 
 
+def split_keys(shards: Path, split: str) -> list[str]:
+    """The split's sample keys in shard order, read straight from the tars."""
+    urls = resolve_sets(shards, read_manifest(shards), [split]).urls
+    return [raw["__key__"] for raw in raw_samples(urls)]
+
+
+def shard_counts(shards: Path, split: str) -> list[int]:
+    return [count_samples(url) for url in resolve_sets(shards, read_manifest(shards), [split]).urls]
+
+
+# ---------------------------------------------------------------------------------------------- the hand-made shards
+
+
+def test_handmade_shards_are_laid_out_like_the_sharders(small_dataset, tmp_path):
+    """The hand-made shards below must not drift from the real format: same manifest fields, member names and
+    sample metadata as the sharder's own output, and counts that agree with the tars."""
+    mine = handmade(tmp_path, {"train": [3, 2], "val": [2]})
+    real_manifest, manifest = small_dataset["manifest"], read_manifest(mine)
+    assert set(manifest) == set(real_manifest)
+    assert set(manifest["splits"]["train"]) == set(real_manifest["splits"]["train"])
+    assert set(manifest["slides"]["train0"]) == set(next(iter(real_manifest["slides"].values())))
+    for split, counts in (("train", [3, 2]), ("val", [2])):
+        entry = manifest["splits"][split]
+        assert shard_counts(mine, split) == counts and entry["samples"] == sum(counts)
+        assert sum(entry["class_histogram"].values()) == sum(counts)  # labeled samples are counted by class
+    assert set(manifest["stats"]) == {"10x", "2.5x"}  # colour statistics from the labeled train slides
+
+    def layout(shards: Path) -> tuple[set, set]:
+        raw = next(raw_samples(resolve_sets(shards, read_manifest(shards), ["train"]).urls))
+        members = {k.replace(".png", ".img").replace(".jpg", ".img") for k in raw if not k.startswith("__")}
+        return members, set(json.loads(raw["json"]))
+
+    real_members, real_meta = layout(small_dataset["shards"])
+    members, meta = layout(mine)
+    assert meta == real_meta and members == real_members - {"5x.img"}  # the hand-made ones hold 10x and 2.5x only
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+
 def test_pair_stays_aligned_under_augmentation(tmp_path):
-    shards = write_tiny_shards(tmp_path, {"train": [40]}, low_size=(6, 10), marker=True)
+    shards = handmade(tmp_path, {"train": [40]}, low_size=(6, 10), marker=True)
     aug = AugmentConfig(flips=True, rot90=True, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2)
-    batches = list(ShardStream(spec(shards, "train", augment=aug, seed=3)))
-    plain = list(ShardStream(spec(shards, "train")))
+    stats = {"10x": STATS, "2.5x": STATS}
+    batches = list(ShardStream(spec(shards, "train", augment=aug, seed=3, stats=stats)))
+    plain = list(ShardStream(spec(shards, "train", stats=stats)))
+    assert len(batches) == len(plain) == 40
     rotated = 0
     for b, p in zip(batches, plain):
         x, t = b["x"][0] * 0.25 + 0.5, b["t"][0] * 0.25 + 0.5
@@ -130,15 +214,17 @@ def test_real_shard_pairs_stay_aligned_under_augmentation(tiny_dataset):
     assert max(aligned) < 0.06 and sum(aligned) < 0.5 * sum(flipped)
 
 
-def test_deferred_colour_finished_later_equals_the_finished_stream(tmp_path):
-    shards = write_tiny_shards(tmp_path, {"train": [6]}, vary=True)
+def test_deferred_colour_finished_later_equals_the_finished_stream(small_dataset):
+    shards = small_dataset["shards"]
     kw = dict(samples=6, micro_batch=2, bucketed=True, augment=AugmentConfig(hue=0.2), seed=4)
     finished = list(ShardStream(spec(shards, "train", **kw)))
     deferred = list(ShardStream(spec(shards, "train", defer_colour=True, **kw)))
+    assert len(finished) == len(deferred) == 3
     assert deferred[0]["x"].dtype == torch.uint8 and deferred[0]["x_map"].shape == (2, 3, 6)
     for f, d in zip(finished, deferred):
         later = finish_batch(d, "cpu", torch.float32)
-        assert set(later) == set(f) == {"key", "y", "x", "t"}
+        assert set(later) == set(f) == {"key", "slide", "y", "x", "t"}
+        assert later["key"] == f["key"] and later["slide"] == f["slide"]
         assert torch.equal(later["x"], f["x"]) and torch.equal(later["t"], f["t"])
     again = finish_batch(finished[0])
     assert all(again[k] is v for k, v in finished[0].items())  # finished batches pass through
@@ -169,29 +255,62 @@ def test_geometry_is_flip_then_rot90_on_every_draw():
                 assert np.array_equal(np.asarray(draw.geometry(img)), np.rot90(want, k))
 
 
-def test_equal_steps_per_rank_with_unequal_shards(tmp_path):
-    shards = write_tiny_shards(tmp_path, {"train": [7, 2, 1]})  # 10 samples, very uneven shards
-    per_rank = per_rank_samples(10, 3, unit=2)  # ceil(10/3)=4 -> 2 steps of 2 per rank
-    assert per_rank == 4
-    for sampler in ("resampled", "ordered"):
-        counts = [len(keys(ShardStream(spec(shards, "train", micro_batch=2, samples=per_rank, rank=r, world=3,
-                                            sampler=sampler, shuffle_buffer=4)))) for r in range(3)]
-        assert counts == [2, 2, 2], sampler
+# ---------------------------------------------------------------------------------------------- order and ranks
 
 
-def test_ordered_stream_is_world_size_invariant_and_val_is_exact(tmp_path):
-    shards = write_tiny_shards(tmp_path, {"train": [5, 4], "val": [4, 1, 2]})
+def test_equal_steps_per_rank_with_unequal_shards(small_dataset):
+    shards = small_dataset["shards"]
+    total = small_dataset["manifest"]["splits"]["train"]["samples"]
+    counts = shard_counts(shards, "train")
+    assert sum(counts) == total and len(set(counts)) > 1  # the sharder's cap leaves a shorter last shard
+    for world in (3, 4):
+        per_rank = per_rank_samples(total, world, unit=2)
+        for sampler in ("resampled", "ordered"):
+            steps = [len(keys(ShardStream(spec(shards, "train", micro_batch=2, samples=per_rank, rank=r, world=world,
+                                               sampler=sampler, shuffle_buffer=4, bucketed=True))))
+                     for r in range(world)]  # bucketed: real tissues differ in size
+            assert steps == [per_rank // 2] * world, (world, sampler)
+
+
+def test_per_rank_samples_rounds_to_whole_steps():
+    assert per_rank_samples(10, 3, unit=2) == 4  # ceil(10/3) = 4
+    assert per_rank_samples(11, 2, unit=4) == 4  # ceil(11/2) = 6 -> 4 (whole steps of 4)
+    assert per_rank_samples(3, 8, unit=4) == 4  # at least one step, however few samples
+    assert per_rank_samples(64, 1, unit=16) == 64
+
+
+def test_ordered_stream_is_world_size_invariant_and_val_is_exact(small_dataset):
+    shards = small_dataset["shards"]
     one = sum(keys(ShardStream(spec(shards, "train", samples=8))), [])
     two = [sum(keys(ShardStream(spec(shards, "train", samples=4, rank=r, world=2))), []) for r in range(2)]
     assert one == [k for pair in zip(*two) for k in pair]  # global sample i -> rank i % world
-    # validation: every sample exactly once across ranks, no duplication, no cycling
+    assert one == split_keys(shards, "train")[:8]  # the global order is the shards' order
+    # validation: every sample exactly once across ranks, no duplication, no cycling, over uneven shards
+    val_keys = split_keys(shards, "val")
+    assert len(shard_counts(shards, "val")) > 1
+    assert len(val_keys) == small_dataset["manifest"]["splits"]["val"]["samples"]
     val = [sum(keys(ShardStream(spec(shards, "val", rank=r, world=3))), []) for r in range(3)]
+    assert [len(v) for v in val] == [len(val_keys[r::3]) for r in range(3)]
+    assert val == [val_keys[r::3] for r in range(3)]
     flat = sum(val, [])
-    assert len(flat) == len(set(flat)) == 7
+    assert len(flat) == len(set(flat)) == len(val_keys)
 
 
-def test_workers_and_resume_skip_reproduce_the_sequence(tmp_path):
-    shards = write_tiny_shards(tmp_path, {"train": [6, 5]})
+def test_batches_carry_each_samples_slide(small_dataset):
+    shards, manifest = small_dataset["shards"], small_dataset["manifest"]
+    urls = resolve_sets(shards, manifest, ["test"]).urls
+    slide_of = {raw["__key__"]: decode_sample(raw, ["json"])["json"]["slide"] for raw in raw_samples(urls)}
+    # bucketing regroups samples by size: each slide must travel with its own sample
+    batches = list(ShardStream(spec(shards, "test", mode="labeled", micro_batch=2, samples=-1, bucketed=True)))
+    assert max(len(b["slide"]) for b in batches) == 2
+    seen = {k: s for b in batches for k, s in zip(b["key"], b["slide"])}
+    assert seen == slide_of
+    test_slides = {name for name, s in manifest["slides"].items() if s["split"] == "test" and s["status"] == "ok"}
+    assert set(seen.values()) == test_slides and len(test_slides) == manifest["splits"]["test"]["slides"] > 1
+
+
+def test_workers_and_resume_skip_reproduce_the_sequence(small_dataset):
+    shards = small_dataset["shards"]
     aug = AugmentConfig()
     for sampler in ("ordered", "resampled"):
         kw = dict(samples=8, sampler=sampler, augment=aug, shuffle_buffer=3, seed=1, epoch=2)
@@ -199,11 +318,15 @@ def test_workers_and_resume_skip_reproduce_the_sequence(tmp_path):
         two = list(make_loader(spec(shards, "train", **kw), num_workers=2))
         if sampler == "ordered":  # resampled draws per worker: a different, equally valid, stream
             assert [b["key"] for b in two] == [b["key"] for b in ref]
+            for a, b in zip(two, ref):
+                assert torch.equal(a["x"], b["x"]) and torch.equal(a["t"], b["t"])
         assert len(two) == len(ref) == 8
         tail = list(make_loader(spec(shards, "train", start_batch=5, **kw), num_workers=0))
         assert [b["key"] for b in tail] == [b["key"] for b in ref[5:]]
         for a, b in zip(tail, ref[5:]):
             assert torch.equal(a["x"], b["x"]) and torch.equal(a["t"], b["t"])  # same augmentation draws
+        other_epoch = list(make_loader(spec(shards, "train", **{**kw, "epoch": 3}), num_workers=0))
+        assert any(not torch.equal(a["x"], b["x"]) for a, b in zip(other_epoch, ref))  # draws depend on the epoch
 
 
 def ignored_signals(pid: int) -> int:
@@ -211,9 +334,9 @@ def ignored_signals(pid: int) -> int:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
 
 
-def test_loader_workers_leave_the_requeue_signal_to_the_main_process(tmp_path):
+def test_loader_workers_leave_the_requeue_signal_to_the_main_process(small_dataset):
     # SLURM signals every process of a job step; a forked worker would otherwise run the trainer's requeue handler.
-    shards = write_tiny_shards(tmp_path, {"train": [6]})
+    shards = small_dataset["shards"]
     usr2 = 1 << (signal.SIGUSR2 - 1)
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
     before = set(children.read_text().split())
@@ -225,14 +348,25 @@ def test_loader_workers_leave_the_requeue_signal_to_the_main_process(tmp_path):
     assert len(list(batches)) == 5
 
 
+# ---------------------------------------------------------------------------------------------- batching and decoding
+
+
 def test_bucketed_batches_crop_pairs_consistently(tmp_path):
-    shards = write_tiny_shards(tmp_path, {"train": [12]}, vary=True)
-    for b in ShardStream(spec(shards, "train", micro_batch=3, samples=12, bucketed=True, bucket_window=4)):
+    shards = handmade(tmp_path, {"train": [12]}, vary=True)
+    stats = {"10x": STATS, "2.5x": STATS}
+    batches = list(ShardStream(spec(shards, "train", micro_batch=3, samples=12, bucketed=True, bucket_window=4,
+                                    stats=stats)))
+    assert len(batches) == 4
+    assert sorted(k for b in batches for k in b["key"]) == sorted(split_keys(shards, "train"))
+    cropped = 0
+    for b in batches:
         assert b["x"].shape[0] == 3
         assert b["t"].shape[2:] == (b["x"].shape[2] * 4, b["x"].shape[3] * 4)
         torch.testing.assert_close(F.avg_pool2d(b["t"], 4), b["x"], atol=2e-4, rtol=0)
+        cropped += b["x"].shape[2:] != (8, 8)
+    assert cropped  # sorted by size: larger tissues are batched together instead of all cropped to the smallest
     with pytest.raises(HpcdistillError, match="different image sizes"):
-        list(ShardStream(spec(shards, "train", micro_batch=3, samples=12)))
+        list(ShardStream(spec(shards, "train", micro_batch=3, samples=12, stats=stats)))
 
 
 def test_pickles_in_shards_are_never_decoded(tmp_path):
@@ -243,23 +377,32 @@ def test_pickles_in_shards_are_never_decoded(tmp_path):
             return (os.makedirs, (str(marker),))
 
     blob = pickle.dumps(Evil())
-    shards = write_tiny_shards(tmp_path / "s", {"train": [3]}, extra={"pyd": blob, "pth": blob, "pickle": blob})
+    samples = aligned_samples(3, np.random.default_rng(0), 1)
+    for s in samples:
+        s["extra"] = {"pyd": blob, "pth": blob, "pickle": blob}
+    shards = write_handmade_shards(tmp_path / "s", {"train": [samples]})
+    raw = next(raw_samples(resolve_sets(shards, read_manifest(shards), ["train"]).urls))
+    assert raw["pyd"] == raw["pth"] == raw["pickle"] == blob  # the payloads really are in the shard
     batches = list(ShardStream(spec(shards, "train", mode="labeled")))
     assert len(batches) == 3 and not marker.exists()
-    assert set(batches[0]) == {"key", "y", "x"}
+    assert set(batches[0]) == {"key", "slide", "y", "x"}
 
 
-def test_missing_pieces_are_named(tmp_path):
-    shards = write_tiny_shards(tmp_path, {"aux": [2]}, labeled=())
-    with pytest.raises(HpcdistillError, match=r"aux_s0_t000_w000 has no cls label"):
-        list(ShardStream(spec(shards, "aux", mode="labeled")))
-    with pytest.raises(HpcdistillError, match=r"has no 5x image"):
-        list(ShardStream(spec(shards, "aux", mode="unlabeled", mag=5.0)))
-    with pytest.raises(HpcdistillError, match=r"nope-000000.tar: shard not found"):
-        resolve_sets(shards, read_manifest(shards), ["nope-{000000..000001}.tar"])
+def test_missing_pieces_are_named(small_dataset, tmp_path):
+    shards, manifest = small_dataset["shards"], small_dataset["manifest"]
+    aux = manifest["splits"]["aux1"]
+    with pytest.raises(HpcdistillError, match=r"aux1-000000\.tar: sample \S+_t\d{3}_w\d{3} has no cls label"):
+        list(ShardStream(spec(shards, "aux1", mode="labeled")))
+    with pytest.raises(HpcdistillError, match=r"has no 1\.25x image \(has 10x\.jpg, 2\.5x\.jpg, 5x\.jpg, json\)"):
+        list(ShardStream(spec(shards, "aux1", mode="unlabeled", mag=1.25)))
+    with pytest.raises(HpcdistillError, match=r"nope-000000\.tar: shard not found"):
+        resolve_sets(shards, manifest, ["nope-{000000..000001}.tar"])
     with pytest.raises(HpcdistillError, match="manifest not found"):
         read_manifest(tmp_path / "empty")
     # unlabeled paired samples carry y = -1
-    assert [int(b["y"][0]) for b in ShardStream(spec(shards, "aux"))] == [-1, -1]
-    # a brace pattern counts its samples from the tar headers
-    assert resolve_sets(shards, read_manifest(shards), ["aux-{000000..000000}.tar"]).samples == 2
+    assert [int(b["y"][0]) for b in ShardStream(spec(shards, "aux1"))] == [-1] * aux["samples"]
+    # a brace pattern counts its samples from the tar headers, as the manifest counted them
+    assert resolve_sets(shards, manifest, ["aux1-{000000..000000}.tar"]).samples == aux["samples"]
+    train = manifest["splits"]["train"]
+    pattern = f"train-{{000000..{len(train['shards']) - 1:06d}}}.tar"
+    assert resolve_sets(shards, manifest, [pattern]).samples == train["samples"]

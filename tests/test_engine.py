@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,11 +20,12 @@ import pytest
 import torch
 
 from conftest import cfg_for, tiny_train_overrides
-from hpcdistill import engine
+from hpcdistill import engine, train_state
 from hpcdistill.config import load_config
 from hpcdistill.errors import HpcdistillError
+from hpcdistill.manifest import read_manifest
 from hpcdistill.run_folder import complete_checkpoints
-from test_data import write_tiny_shards
+from hpcdistill.shard_reader import raw_samples, resolve_sets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,9 +41,12 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
     blob = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
     manifest = tiny_dataset["manifest"]
-    assert set(blob) == {"state_dict", "arch_kwargs", "mag", "classes", "config", "stats", "global_step"}
+    assert set(blob) == {"state_dict", "arch_kwargs", "mag", "classes", "config", "stats", "global_step", "windowing"}
     assert blob["mag"] == 10.0 and blob["classes"] == manifest["classes"]
     assert blob["stats"] == manifest["stats"]["10x"]  # standardisation travels with the weights
+    # and so does the way the training shards cut tissues into windows, for prediction to cut alike
+    assert blob["windowing"] == {"mags": manifest["params"]["mags"], "max_size": manifest["params"]["max_size"]}
+    assert blob["windowing"]["mags"] == [10.0, 2.5, 1.25]
     assert blob["arch_kwargs"]["arch"] == "resnet10" and blob["config"]["train"]["mode"] == "teacher"
     assert (tiny_teacher.parent / "config.yaml").is_file() and (tiny_teacher.parent / "last.pt").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -82,7 +88,8 @@ def test_baseline_at_lowest_mag_bf16_and_fp16_rejected(tiny_dataset, tmp_path):
     blob = torch.load(summary["last_path"], map_location="cpu", weights_only=True)
     assert blob["mag"] == 1.25 and all(v.dtype == torch.float32 for v in blob["state_dict"].values())
     with pytest.raises(HpcdistillError, match="precision: fp16 is not supported on CPU"):
-        engine.run(cfg_for(tiny_dataset, tmp_path, "fp16", "baseline", 2.5, "deepspeed=configs/deepspeed/fp16.json"))
+        engine.run(cfg_for(tiny_dataset, tmp_path, "fp16", "baseline", 2.5, "precision=fp16"))
+    assert not complete_checkpoints(tmp_path / "fp16" / "checkpoints")  # refused before any training
 
 
 def clean_env() -> dict[str, str]:
@@ -173,14 +180,24 @@ def test_resume_loads_checkpoints_weights_only(tiny_dataset, tmp_path):
     assert "\n" not in message and message.startswith(f"run.resume: {ckpt}: refused, it holds more than plain weights")
 
 
-def test_nonfinite_input_stops_naming_the_sample_and_blames_no_checkpoint(tmp_path):
-    # hand-made shards: the sharder computes the stats from pixels, so it never writes std 0 (-> inf inputs)
-    bad = write_tiny_shards(tmp_path / "bad", {"train": [4], "val": [2]}, low_size=(4, 4),
-                            stats={"mean": [0.5] * 3, "std": [0.0] * 3})
+def test_nonfinite_input_stops_naming_the_sample_and_blames_no_checkpoint(tiny_dataset, tmp_path):
+    # a copy of the real shards with corrupted stats: the sharder computes them from pixels, so it never writes
+    # std 0 (-> inf inputs); that corruption is what this test is about
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dataset["shards"], bad)
+    manifest = read_manifest(bad)
+    manifest["stats"]["2.5x"]["std"] = [0.0] * 3
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     cfg = load_config(None, tiny_train_overrides(bad, tmp_path, "nan", "baseline", 2.5))
-    with pytest.raises(HpcdistillError, match=r"^step 1 \(epoch 0\): loss is nan on 1 rank\(s\): non-finite input "
-                                              r"image in sample \S+ \(check the manifest's mean/std"):
+    with pytest.raises(HpcdistillError) as err:
         engine.run(cfg)
+    message = str(err.value)
+    assert re.match(r"^step 1 \(epoch 0\): loss is nan on 1 rank\(s\): non-finite input image in sample (\S+) "
+                    r"\(check the manifest's mean/std and the shards\); stopped, no checkpoint was set aside$", message)
+    train_keys = {raw["__key__"] for raw in raw_samples(resolve_sets(bad, manifest, ["train"]).urls)}
+    assert message.split(" in sample ")[1].split()[0] in train_keys  # the named sample is a real one
+    assert not list((tmp_path / "nan").rglob("*.diverged")) and not (tmp_path / "nan" / "last.pt").exists()
+    assert read_manifest(tiny_dataset["shards"])["stats"]["2.5x"]["std"] != [0.0] * 3  # the shared data is intact
 
 
 def test_out_of_gpu_memory_names_the_tissue_and_its_size(tiny_dataset, tiny_teacher, tmp_path, monkeypatch):
@@ -210,7 +227,7 @@ def test_out_of_gpu_memory_names_the_tissue_and_its_size(tiny_dataset, tiny_teac
 
 RANK_SCRIPT = """
     import os, sys, torch
-    from hpcdistill import engine
+    from hpcdistill import engine, train_state
     from hpcdistill.config import load_config
     # several runs in one launch, separated by "--": the process group is set up once and reused
     runs, args = [], []
@@ -222,7 +239,7 @@ RANK_SCRIPT = """
             args.append(arg)
     for overrides in runs:
         cfg = load_config(None, overrides)
-        state = engine.build_state(cfg)
+        state = train_state.build_state(cfg)
         engine.fit(state)
         torch.save(state.engine.module.state_dict(), cfg.run_dir / f"rank{state.rank}.pt")
 """
@@ -279,7 +296,7 @@ def test_two_ranks_match_one_rank_in_every_mode(tiny_dataset, tiny_teacher, tmp_
             assert moved == {"fc.weight", "fc.bias"}, moved  # everything but the FC layer stayed frozen
             continue
         overrides = common + [e.format(out=two) for e in runs[mode]]
-        init = engine.build_student(load_config(None, overrides), tiny_dataset["manifest"]["classes"])
+        init = train_state.build_student(load_config(None, overrides), tiny_dataset["manifest"]["classes"])
         assert any(not torch.equal(r0[k], v) for k, v in init.state_dict().items()), mode  # it really trained
 
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import pytest
 import torch
 
 from hpcdistill.errors import HpcdistillError
-from hpcdistill.evaluation import evaluate_checkpoint, method_label
+from hpcdistill.evaluation import evaluate_checkpoint, predict_split
+from hpcdistill.manifest import read_manifest
+from hpcdistill.methods import ABLATION_ORDER, method_label, method_order
 from hpcdistill.report import load_results
+from hpcdistill.shard_reader import decode_sample, raw_samples, resolve_sets
+
+
+def split_slides(manifest: dict, split: str) -> set[str]:
+    return {name for name, s in manifest["slides"].items() if s["split"] == split and s["status"] == "ok"}
 
 
 def test_evaluate_writes_record_and_predictions(tiny_dataset, tiny_teacher):
@@ -26,7 +32,18 @@ def test_evaluate_writes_record_and_predictions(tiny_dataset, tiny_teacher):
     assert flops["median"] > 0 and flops["fixed"] > flops["median"]  # 512 px fixed > ~80 px median tissue
     with open(tiny_teacher.parent / "eval" / "test_predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == record["samples"] and all(r["slide"] and "." not in r["key"] for r in rows)
+    assert len(rows) == record["samples"] and all("." not in r["key"] for r in rows)
+    # each row's slide is its sample's own (from the sample's json, never parsed from the key), label likewise
+    shards, manifest = tiny_dataset["shards"], tiny_dataset["manifest"]
+    meta = {raw["__key__"]: decode_sample(raw, ["json"])["json"]
+            for raw in raw_samples(resolve_sets(shards, manifest, ["test"]).urls)}
+    assert [r["key"] for r in rows] == list(meta)  # shard order
+    assert all(r["slide"] == meta[r["key"]]["slide"] and r["label"] == meta[r["key"]]["label"] for r in rows)
+    slides = split_slides(manifest, "test")
+    assert {r["slide"] for r in rows} == slides and record["slides"] == len(slides) > 1
+    assert all(r["pred"] in record["classes"] for r in rows)
+    assert [[sum(1 for r in rows if (r["label"], r["pred"]) == (a, b)) for b in record["classes"]]
+            for a in record["classes"]] == record["confusion"]  # the record scores exactly these predictions
     # the report reads exactly this record back
     (result,) = load_results([tiny_teacher.parent])
     assert result.method == "Teacher" and result.metrics["accuracy"] == tuple(record["metrics"]["accuracy"])
@@ -38,8 +55,17 @@ def test_evaluate_by_slide_bootstrap_differs_from_plain(tiny_dataset, tiny_teach
     plain = evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", iterations=300, out_dir=tmp_path / "a")
     slides = evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", iterations=300, by_slide=True,
                                  out_dir=tmp_path / "b")
-    assert plain["metrics"]["accuracy"][0] == slides["metrics"]["accuracy"][0]
-    assert slides["bootstrap"]["resample"] == "slides"
+    assert plain["bootstrap"]["resample"] == "samples" and slides["bootstrap"]["resample"] == "slides"
+    assert plain["slides"] == slides["slides"] > 1 and plain["samples"] == slides["samples"] > plain["slides"]
+    for metric in ("accuracy", "f1", "precision", "recall"):
+        assert plain["metrics"][metric][0] == slides["metrics"][metric][0], metric  # the same point estimate
+    # tissues of one slide share its label: resampling whole slides gives another (here wider) interval
+    (_, plain_low, plain_high), (_, slide_low, slide_high) = plain["metrics"]["accuracy"], slides["metrics"]["accuracy"]
+    assert (plain_low, plain_high) != (slide_low, slide_high)
+    assert slide_high - slide_low > plain_high - plain_low
+    again = evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", iterations=300, by_slide=True,
+                                out_dir=tmp_path / "c")
+    assert again["metrics"] == slides["metrics"]  # seeded: the same interval again
 
 
 def test_evaluate_with_loader_workers_and_explicit_device_gives_the_same_predictions(tiny_dataset, tiny_teacher,
@@ -60,32 +86,29 @@ def test_bad_device_is_one_line(tiny_dataset, tiny_teacher, tmp_path, device, re
 
 
 def test_a_tissue_too_big_for_the_gpu_is_named(tiny_dataset):
-    from hpcdistill.data import read_manifest
-    from hpcdistill.evaluation import predict_split
-
     class OutOfMemory(torch.nn.Linear):  # unit test of the error path: no GPU here
         def forward(self, x):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     manifest = read_manifest(tiny_dataset["shards"])
-    with pytest.raises(HpcdistillError, match=r"^\S+_t\d+_w\d+ \(\d+x\d+ px at 10x, split 'test'\): does not fit in "
-                                              r"GPU memory; evaluate with --device cpu$"):
+    with pytest.raises(HpcdistillError, match=r"^\S+_t\d{3}_w\d{3} \(\d+x\d+ px at 10x\): does not fit in GPU memory; "
+                                              r"evaluate with --device cpu \(split 'test'\)$"):
         predict_split(OutOfMemory(1, 1), tiny_dataset["shards"], manifest, "test", 10.0)
 
 
-def test_evaluate_bad_inputs(tiny_dataset, tiny_teacher, tmp_path):
+def test_evaluate_bad_inputs(tiny_dataset, small_dataset, tiny_teacher, tmp_path):
+    from hpcdistill.sharding import ShardParams, run_sharding
+
     shards = tiny_dataset["shards"]
     with pytest.raises(HpcdistillError, match="split 'nope' is empty or absent"):
         evaluate_checkpoint(tiny_teacher, shards, "nope", iterations=10, out_dir=tmp_path)
     with pytest.raises(HpcdistillError, match="split 'aux1' has no labeled samples"):
         evaluate_checkpoint(tiny_teacher, shards, "aux1", iterations=10, out_dir=tmp_path)
-    # shards without the model's magnification
-    manifest = json.loads((shards / "manifest.json").read_text())
+    # real shards cut without the model's magnification
     other = tmp_path / "other"
-    shutil.copytree(shards, other)
-    manifest["mags"] = [2.5, 1.25]
-    (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(HpcdistillError, match=r"no 10x images \(the model's magnification\)"):
+    run_sharding([small_dataset["root"] / "slides"], other, labels_csv=str(small_dataset["labels"]),
+                 params=ShardParams(mags=(5.0, 2.5)), workers=1, progress=False)
+    with pytest.raises(HpcdistillError, match=r"no 10x images \(the model's magnification\); shards have 5x, 2\.5x$"):
         evaluate_checkpoint(tiny_teacher, other, "test", iterations=10, out_dir=tmp_path)
     # a checkpoint for a different number of classes
     blob = torch.load(tiny_teacher, weights_only=True)
@@ -98,11 +121,24 @@ def test_evaluate_bad_inputs(tiny_dataset, tiny_teacher, tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(HpcdistillError, match="garbage.pt: not a loadable weights file"):
         evaluate_checkpoint(garbage, shards, "test", iterations=10, out_dir=tmp_path)
+    assert not list(tmp_path.glob("*.json"))  # no failed evaluation left a record behind
 
 
 def test_method_labels_from_config():
+    assert method_label({"train": {"mode": "teacher"}}) == "Teacher"
     assert method_label({"train": {"mode": "baseline"}}) == "Baseline"
+    assert method_label({"train": {"mode": "finetune"}, "data": {"aux": ["aux1", "aux2"]}}) == "KD+FT (aux1+aux2)"
+    assert method_label({"train": {"mode": "distill", "pixel_resize": ["maxpool"]}, "data": {}}) == "KD+MP"
+    # the order of the resize list does not change the method
+    assert method_label({"train": {"mode": "distill", "pixel_resize": ["bicubic", "maxpool"]}, "data": {}}) == "KD"
     assert method_label({"train": {"mode": "distill", "pixel_resize": ["maxpool", "bicubic"]}, "data": {"aux": []}}) == "KD"
     assert method_label({"train": {"mode": "distill"}, "data": {"aux": ["aux1"]}}) == "KD (aux1)"
     assert method_label({"train": {"mode": "distill", "pixel_resize": ["bicubic"]}, "data": {}}) == "KD+INT"
     assert method_label({"train": {"mode": "distill", "pixel_resize": []}, "data": {}}) == "KD"
+
+
+def test_methods_are_listed_teacher_baseline_kd_aux_then_the_rest():
+    shuffled = ["KD+FT", "KD (aux1)", "Teacher", "KD+MP", "KD", "Baseline", "KD (aux1+aux2)"]
+    assert sorted(shuffled, key=method_order) == ["Teacher", "Baseline", "KD", "KD (aux1)", "KD (aux1+aux2)", "KD+FT",
+                                                  "KD+MP"]
+    assert ABLATION_ORDER == ("KD", "KD+MP", "KD+INT", "KD+MP+INT")

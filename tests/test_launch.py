@@ -1,5 +1,7 @@
-"""The experiment launcher: parsing errors, the job graph, dry-run sbatch scripts (no SLURM), then real runs on the
-local SLURM from slurm/cluster.sh: an experiment end to end, 2 ranks, a time-limit requeue with resume, a crash."""
+"""The experiment launcher: parsing errors, the job graph, dry-run sbatch scripts (no SLURM), then real runs on
+shards cut by the real sharder (conftest's `small_dataset` and `tiny_dataset`): laptop launches, and on the local
+SLURM from slurm/cluster.sh an experiment end to end, 2 ranks, a time-limit requeue with resume, a preemption, a
+crash."""
 
 from __future__ import annotations
 
@@ -13,11 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 import yaml
 
-from hpcdistill import launch as L
-from test_data import write_tiny_shards
+from conftest import sacct_wait_final
+from hpcdistill.config import load_config
+from hpcdistill.data import per_rank_samples
+from hpcdistill.errors import LaunchError
+from hpcdistill.experiment import load_experiment
+from hpcdistill.job_graph import callables_for, dependency_string, plan_jobs, slurm_parameters
+from hpcdistill.launch import launch
+from hpcdistill.launch_status import format_status, status
+from hpcdistill.launch_tasks import master_port
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny network, few steps, CPU fp32; every phase of configs/demo runs in seconds.
@@ -48,8 +56,8 @@ def write_experiment(tmp: Path, name: str = "exp", **over) -> Path:
 
 
 def error_of(tmp: Path, **over) -> str:
-    with pytest.raises(L.LaunchError) as info:
-        L.load_experiment(write_experiment(tmp, **over))
+    with pytest.raises(LaunchError) as info:
+        load_experiment(write_experiment(tmp, **over))
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -81,20 +89,32 @@ def test_experiment_errors_name_the_key(tmp_path):
 def test_bad_training_override_fails_before_submitting(tmp_path):
     path = write_experiment(tmp_path, methods={"kd": {"config": "configs/demo/distill.yaml",
                                                       "overrides": ["train.lr=fast"]}})
-    with pytest.raises(L.LaunchError, match=r"methods\.kd \(kd-5x\): train\.lr: expected float"):
-        L.launch(path, cluster="slurm", dry_run=True)
+    with pytest.raises(LaunchError, match=r"methods\.kd \(kd-5x\): train\.lr: expected float"):
+        launch(path, cluster="slurm", dry_run=True)
+
+
+def test_a_deepspeed_json_setting_a_config_key_fails_before_submitting(tmp_path):
+    """The typed config owns lr, micro-batch, accumulation and precision: a JSON that sets one is refused by
+    `launch --dry-run`, before anything is queued, not by the job on the cluster."""
+    ds = tmp_path / "my_ds.json"
+    ds.write_text('{"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}')
+    path = write_experiment(tmp_path, methods={"kd": {"config": "configs/demo/distill.yaml",
+                                                      "overrides": [f"deepspeed={ds}"]}})
+    with pytest.raises(LaunchError, match=r"methods\.kd \(kd-5x\): deepspeed: .*my_ds\.json: sets optimizer\.params\.lr, "
+                                          r"which the config owns \(train\.lr\)"):
+        launch(path, cluster="slurm", dry_run=True)
 
 
 def test_graph_dependencies_and_task_overrides(tmp_path):
-    exp = L.load_experiment(write_experiment(tmp_path))
-    jobs = {j.key: j for j in L.plan_jobs(exp)}
+    exp = load_experiment(write_experiment(tmp_path))
+    jobs = {j.key: j for j in plan_jobs(exp)}
     assert list(jobs) == ["teacher", "baseline", "kd", "kd_ft", "evaluate"]  # sources before init_from
     assert jobs["baseline"].after_ok == []  # never reads the teacher: starts at once
     assert jobs["kd"].after_ok == ["teacher"] and jobs["kd_ft"].after_corr == ["kd"]
     assert jobs["evaluate"].after_ok == ["teacher", "baseline", "kd", "kd_ft"]
     ids = {"teacher": "11", "baseline": "12", "kd": "13", "kd_ft": "14"}
-    assert L.dependency_string(jobs["kd_ft"], ids) == "aftercorr:13"
-    assert L.dependency_string(jobs["evaluate"], ids) == "afterok:11,afterok:12,afterok:13,afterok:14"
+    assert dependency_string(jobs["kd_ft"], ids) == "aftercorr:13"
+    assert dependency_string(jobs["evaluate"], ids) == "afterok:11,afterok:12,afterok:13,afterok:14"
     exp_dir = Path(exp.out_dir) / "exp"
     ft = jobs["kd_ft"].tasks[1]
     assert (ft.name, ft.mag, ft.run_dir) == ("kd_ft-2.5x", 2.5, str(exp_dir / "kd_ft-2.5x"))
@@ -105,12 +125,12 @@ def test_graph_dependencies_and_task_overrides(tmp_path):
     assert jobs["teacher"].resources.nodes == 2 and jobs["teacher"].resources.tasks == 2
     assert jobs["evaluate"].resources.tasks == 1 and jobs["evaluate"].resources.nodes == 1
     # the launcher's overrides come last, so they win over the method's own
-    cfg = L.load_config(kd.config, kd.overrides)
+    cfg = load_config(kd.config, kd.overrides)
     assert (cfg.run_dir, cfg.data.mag, cfg.model.width) == (exp_dir / "kd-5x", 5.0, 8)
 
 
 def test_dry_run_prints_sbatch_scripts_and_graph(tmp_path, capsys):
-    out = L.launch(write_experiment(tmp_path), cluster="slurm", dry_run=True)
+    out = launch(write_experiment(tmp_path), cluster="slurm", dry_run=True)
     text = capsys.readouterr().out
     assert text.strip() == out["text"].strip()
     assert not (tmp_path / "runs").exists()  # nothing written, nothing submitted
@@ -137,12 +157,12 @@ def test_dry_run_prints_sbatch_scripts_and_graph(tmp_path, capsys):
 
 def test_gpu_resources_give_one_task_per_gpu(tmp_path):
     res = {"default": dict(CPU, gpus_per_node=4, tasks_per_node=0), "evaluate": {"gpus_per_node": 0, "cpus_per_task": 4}}
-    exp = L.load_experiment(write_experiment(tmp_path, resources=res))
-    jobs = {j.key: j for j in L.plan_jobs(exp)}
-    params = L.slurm_parameters(jobs["kd"], exp, "afterok:1")
+    exp = load_experiment(write_experiment(tmp_path, resources=res))
+    jobs = {j.key: j for j in plan_jobs(exp)}
+    params = slurm_parameters(jobs["kd"], exp, "afterok:1")
     assert (params["gpus_per_node"], params["ntasks_per_node"], params["dependency"]) == (4, 4, "afterok:1")
-    assert "gpus_per_node" not in L.slurm_parameters(jobs["evaluate"], exp, None)
-    (evaluate,) = L.callables_for(jobs["evaluate"], exp, list(jobs.values()))
+    assert "gpus_per_node" not in slurm_parameters(jobs["evaluate"], exp, None)
+    (evaluate,) = callables_for(jobs["evaluate"], exp, list(jobs.values()))
     assert evaluate.workers == 3  # the evaluation job's other CPUs decode shards
 
 
@@ -150,11 +170,11 @@ def test_every_shipped_experiment_parses_and_dry_runs(capsys):
     files = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
     assert [f.stem for f in files] == ["celiac", "demo"]
     for path in files:
-        out = L.launch(path, cluster="slurm", dry_run=True)  # every task's training config is loaded and checked
+        out = launch(path, cluster="slurm", dry_run=True)  # every task's training config is loaded and checked
         assert out["dry_run"] and "#SBATCH" in out["text"] and list(out["graph"])[-1] == "evaluate", path
-    celiac = L.load_experiment(REPO / "configs" / "experiments" / "celiac.yaml")
+    celiac = load_experiment(REPO / "configs" / "experiments" / "celiac.yaml")
     assert celiac.resources_for("kd").partition == "YOUR_PARTITION" and celiac.mags == [5.0, 2.5, 1.25, 0.625]
-    demo = L.load_experiment(REPO / "configs" / "experiments" / "demo.yaml")
+    demo = load_experiment(REPO / "configs" / "experiments" / "demo.yaml")
     assert demo.exp_dir.name == "demo-experiment"  # not runs/demo, where `make demo` writes
 
 
@@ -177,42 +197,39 @@ def test_demo_experiment_file_runs_end_to_end_locally_with_progress_and_status(t
     seen_running = []
     while proc.poll() is None:
         if (exp_dir / "launch.json").is_file():
-            rows = L.status(exp_dir)  # during the run, as on SLURM
+            rows = status(exp_dir)  # during the run, as on SLURM
             seen_running += [r for r in rows if r["state"] not in ("COMPLETED", "FAILED")]
         time.sleep(0.5)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
     assert seen_running, "status never saw a job still running"
-    rows = L.status(exp_dir)
+    rows = status(exp_dir)
+    assert list(exp["methods"]) == ["baseline", "kd", "kd_adv1", "kd_adv2"]  # the shipped demo experiment
     assert [r["task"] for r in rows] == ["teacher", "baseline-2.5x", "kd-2.5x", "kd_adv1-2.5x", "kd_adv2-2.5x",
-                                         "ft_adv1-2.5x", "evaluate"]
+                                         "evaluate"]
     assert all(r["state"] == "COMPLETED" for r in rows) and (exp_dir / "report" / "report.md").is_file()
+    report = (exp_dir / "report" / "report.md").read_text()
+    for name, method in exp["methods"].items():
+        record = json.loads((exp_dir / f"{name}-2.5x" / "eval" / "test.json").read_text())
+        assert record["method"] == method["label"] and method["label"] in report
+        assert record["samples"] == tiny_dataset["manifest"]["splits"]["test"]["samples"]
     assert rows[0]["progress"].startswith("done at step ")
     assert "  teacher: teacher  " in stdout and "kd_adv2: kd_adv2-2.5x" in stdout  # progress lines, not a TTY
     assert not list(exp_dir.rglob("%j")), "literal %j folders"
 
 
 def test_master_port_is_shared_by_a_jobs_tasks_and_differs_between_jobs():
-    assert L.master_port("1234") == L.master_port("1234") != L.master_port("1235")
-    assert 20000 <= L.master_port("abc-uuid") < 40000
+    assert master_port("1234") == master_port("1234") != master_port("1235")
+    assert 20000 <= master_port("abc-uuid") < 40000
 
 
 # ---------------------------------------------------------------------------------------------- real runs
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = write_tiny_shards(tmp_path_factory.mktemp("launch") / "shards",
-                            {"train": [8], "val": [4], "test": [4], "aux1": [4]}, low_size=(4, 4),
-                            labeled=("train", "val", "test"), mags=(10.0, 5.0, 2.5))
-    # evaluation reads the labeled count from the manifest's class histogram, which write_tiny_shards leaves empty
-    manifest = json.loads((out / "manifest.json").read_text())
-    for split, entry in manifest["splits"].items():
-        labels = [int(s["cls"]) for shard in entry["shards"] for s in wds.WebDataset(str(out / shard), shardshuffle=False)
-                  if "cls" in s]
-        entry["class_histogram"] = {c: labels.count(i) for i, c in enumerate(manifest["classes"]) if labels}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+def shards(small_dataset) -> Path:
+    """The real sharder's output on small synthetic slides (mags 10, 5 and 2.5; several uneven shards per split)."""
+    return small_dataset["shards"]
 
 
 def tiny_experiment(tmp: Path, shards: Path, name: str, methods: dict, **over) -> Path:
@@ -226,31 +243,22 @@ def tiny_experiment(tmp: Path, shards: Path, name: str, methods: dict, **over) -
 def test_laptop_clusters_run_the_stages_in_order(tmp_path, shards, cluster):
     methods = {"kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": TINY}}
     path = tiny_experiment(tmp_path, shards, "dbg", methods, mags=[2.5], resources={"default": CPU})
-    record = L.launch(path, cluster=cluster)
+    record = launch(path, cluster=cluster)
     exp_dir = tmp_path / "runs" / "dbg"
     assert [j["key"] for j in record["jobs"]] == ["teacher", "kd", "evaluate"]
     assert record["jobs"][1]["tasks"][0]["result"]["mode"] == "distill"
     assert (exp_dir / "kd-2.5x" / "eval" / "test.json").is_file() and (exp_dir / "report" / "report.md").is_file()
-    rows = L.status(exp_dir)
+    rows = status(exp_dir)
     assert [r["state"] for r in rows] == ["COMPLETED"] * 3
-    assert "kd-2.5x" in L.format_status(rows) and json.loads((exp_dir / "launch.json").read_text())["cluster"] == cluster
+    assert "kd-2.5x" in format_status(rows) and json.loads((exp_dir / "launch.json").read_text())["cluster"] == cluster
     if cluster == "debug":  # relaunching a finished experiment retrains nothing: each run returns from its checkpoint
         from hpcdistill.run_folder import complete_checkpoints
 
         run_dir = exp_dir / "kd-2.5x"
         before = (sorted(complete_checkpoints(run_dir / "checkpoints")), (run_dir / "best.pt").read_bytes())
-        again = L.launch(path, cluster=cluster)
+        again = launch(path, cluster=cluster)
         assert again["jobs"][1]["tasks"][0]["result"] == record["jobs"][1]["tasks"][0]["result"]
         assert (sorted(complete_checkpoints(run_dir / "checkpoints")), (run_dir / "best.pt").read_bytes()) == before
-
-
-
-
-
-def sacct_history(job_id: str) -> list[str]:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id, "-o", "JobID,State"],
-                         check=True, text=True, capture_output=True, timeout=30).stdout
-    return [line.split("|")[1].split()[0] for line in out.splitlines() if line.split("|")[0] == job_id]
 
 
 @pytest.fixture(scope="module")
@@ -261,14 +269,14 @@ def slurm_experiment(slurm_cluster, shards, tmp_path_factory):
     resources = {"default": CPU, "teacher": {"tasks_per_node": 2}}
     path = tiny_experiment(tmp, shards, "e2e", methods, resources=resources)
     t0 = time.monotonic()
-    record = L.launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
+    record = launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
     return record, tmp / "runs" / "e2e", time.monotonic() - t0
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_slurm_experiment_end_to_end(slurm_experiment):
+def test_slurm_experiment_end_to_end(slurm_experiment, small_dataset):
     record, exp_dir, seconds = slurm_experiment
     jobs = {j["key"]: j for j in record["jobs"]}
     assert list(jobs) == ["teacher", "kd", "evaluate"]
@@ -279,11 +287,12 @@ def test_slurm_experiment_end_to_end(slurm_experiment):
     for mag in ("5x", "2.5x"):
         rec = json.loads((exp_dir / f"kd-{mag}" / "eval" / "test.json").read_text())
         assert rec["method"] == "KD" and rec["mag"] == float(mag[:-1])
+        assert rec["samples"] == small_dataset["manifest"]["splits"]["test"]["samples"]  # every test tissue scored
         assert list((exp_dir / f"kd-{mag}" / "tb").glob("events.out.tfevents.*"))
     report = (exp_dir / "report" / "report.md").read_text()
     assert "KD" in report and jobs["evaluate"]["tasks"][0]["result"]["report"] == str(exp_dir / "report" / "report.md")
     assert Path(kd["tasks"][1]["stdout"]).is_file() and f"{kd['slurm_id']}_1" in kd["tasks"][1]["stdout"]
-    rows = L.status(exp_dir)
+    rows = status(exp_dir)
     assert [r["state"] for r in rows] == ["COMPLETED"] * 4
     print(f"end-to-end experiment on SLURM: {seconds:.0f}s")
 
@@ -291,14 +300,17 @@ def test_slurm_experiment_end_to_end(slurm_experiment):
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_slurm_two_task_job_trains_with_two_ranks(slurm_experiment):
+def test_slurm_two_task_job_trains_with_two_ranks(slurm_experiment, small_dataset):
     record, exp_dir, _ = slurm_experiment
     teacher = record["jobs"][0]
     assert teacher["ntasks"] == 2
     results = teacher["tasks"][0]["result"]
     assert isinstance(results, list) and len(results) == 2  # one result per rank
-    # 8 train samples over world size 2 at 1 sample per step: 4 steps per rank (8 with one rank)
-    assert [r["global_step"] for r in results] == [4, 4]
+    # the train samples over world size 2 at 1 sample per step: half the steps of one rank, the same on both
+    train = small_dataset["manifest"]["splits"]["train"]["samples"]
+    steps = per_rank_samples(train, 2, 1)
+    assert steps == -(-train // 2) and [r["global_step"] for r in results] == [steps, steps]
+    assert results[0]["best"] == results[1]["best"]  # validated together: both ranks agree on the best epoch
     log = Path(teacher["tasks"][0]["stdout"]).read_text()
     assert "rank 0/2" in log
     assert "rank 1/2" in Path(teacher["tasks"][0]["stdout"].replace("_0_log.out", "_1_log.out")).read_text()
@@ -317,12 +329,9 @@ def logged_steps(tb_dir: Path) -> list[list[int]]:
     return runs
 
 
-def final_history(job_id: str, timeout_s: float = 30) -> list[str]:
-    """sacct's states for every run of a job, once the last one is final (sacct lags the result file a moment)."""
-    deadline = time.monotonic() + timeout_s
-    while (history := sacct_history(job_id))[-1] not in L.FINAL_STATES and time.monotonic() < deadline:
-        time.sleep(1)
-    return history
+def final_history(job_id: str, timeout_s: float = 60) -> list[str]:
+    """sacct's states for every run of a job, once the last one is final."""
+    return [state for state, _ in sacct_wait_final(job_id, timeout_s)]
 
 
 def check_resumed_runs(task: dict, every: int, runs_expected: int) -> tuple[list[int], list[list[int]]]:
@@ -353,8 +362,8 @@ def test_slurm_time_limit_requeues_resumes_and_bounds_the_requeues(slurm_cluster
     resources = {"default": dict(CPU, timeout_min=1, signal_delay_s=5, max_requeue=1)}
     path = tiny_experiment(tmp_path, shards, "timelimit", {}, resources=resources, evaluate={"enabled": False},
                            teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides})
-    with pytest.raises(L.LaunchError) as info:
-        L.launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
+    with pytest.raises(LaunchError) as info:
+        launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
     message = str(info.value)
     assert message.startswith("teacher: job ") and "timed-out too many times" in message and "\n" not in message
     task = json.loads((tmp_path / "runs" / "timelimit" / "launch.json").read_text())["jobs"][0]["tasks"][0]
@@ -369,7 +378,9 @@ def test_slurm_time_limit_requeues_resumes_and_bounds_the_requeues(slurm_cluster
 def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, shards, tmp_path):
     # Preemption with PreemptMode=REQUEUE kills the job and queues it again, with no signal to catch first:
     # `scontrol requeue` does exactly that, here as soon as the first checkpoint is complete. The rerun resumes.
-    steps, every = 6000, 300
+    # On the small real shards a step takes ~10 ms on one core: the first checkpoint comes ~1.5 s into training,
+    # the whole run takes ~30 s, so the requeue always lands in between.
+    steps, every = 3000, 150
     overrides = [*TINY, f"data.epoch_samples={steps}", f"train.checkpoint_every_steps={every}", "data.val=[]"]
     path = tiny_experiment(tmp_path, shards, "preempt", {}, resources={"default": CPU}, evaluate={"enabled": False},
                            teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides})
@@ -377,7 +388,7 @@ def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, shards, tmp_pa
 
     exp_dir = tmp_path / "runs" / "preempt"
     with ThreadPoolExecutor(1) as pool:
-        launched = pool.submit(L.launch, path, cluster="slurm", wait=True, wait_timeout_s=240)
+        launched = pool.submit(launch, path, cluster="slurm", wait=True, wait_timeout_s=240)
         deadline = time.monotonic() + 120
         while not complete_checkpoints(exp_dir / "teacher" / "checkpoints") and time.monotonic() < deadline:
             assert not launched.done(), launched.exception()
@@ -400,9 +411,9 @@ def test_slurm_multi_task_job_ends_when_one_rank_dies(slurm_cluster, tmp_path):
     # minutes (as in a collective): the job must end FAILED right away, rank 0 killed.
     import submitit
 
-    exp = L.load_experiment(write_experiment(tmp_path, resources={"default": dict(CPU, tasks_per_node=2)}))
+    exp = load_experiment(write_experiment(tmp_path, resources={"default": dict(CPU, tasks_per_node=2)}))
     ex = submitit.SlurmExecutor(folder=tmp_path / "%j", max_num_timeout=0)
-    ex.update_parameters(**L.slurm_parameters(L.plan_jobs(exp)[0], exp, None))
+    ex.update_parameters(**slurm_parameters(plan_jobs(exp)[0], exp, None))
     marker = tmp_path / "rank0-finished"
     job = ex.submit(submitit.helpers.CommandFunction(
         ["bash", "-c", f'if [ "$SLURM_PROCID" = 1 ]; then exit 3; fi; sleep 300; touch {marker}']))
@@ -417,7 +428,7 @@ def test_finished_task_ignores_a_late_time_limit_signal(tmp_path):
     # to its default action (terminate): the job's result is written, yet SLURM would record FAILED.
     script = textwrap.dedent("""
         import os, signal, sys
-        from hpcdistill.launch import ignore_requeue_signal
+        from hpcdistill.launch_tasks import ignore_requeue_signal
         signal.signal(signal.SIGUSR2, lambda *_: print("requeue", flush=True))  # as submitit's handler
         ignore_requeue_signal()
         os.kill(os.getpid(), signal.SIGUSR2)
@@ -435,15 +446,15 @@ def test_slurm_crashing_job_is_reported_failed(slurm_cluster, shards, tmp_path):
     teacher = {"config": "configs/demo/teacher.yaml", "overrides": [*TINY, "model.num_classes=5"]}  # manifest has 3
     path = tiny_experiment(tmp_path, shards, "crash", methods, teacher=teacher, resources={"default": CPU})
     t0 = time.monotonic()
-    with pytest.raises(L.LaunchError) as info:
-        L.launch(path, cluster="slurm", wait=True, wait_timeout_s=150)
+    with pytest.raises(LaunchError) as info:
+        launch(path, cluster="slurm", wait=True, wait_timeout_s=150)
     message = str(info.value)
     assert message.startswith("teacher: job ") and "failed" in message and "model.num_classes: 5" in message
     assert "\n" not in message and time.monotonic() - t0 < 150
     exp_dir = tmp_path / "runs" / "crash"
     deadline = time.monotonic() + 60
     while True:  # SLURM cancels the dependants (kill-on-invalid-dep) instead of leaving them pending
-        states = {r["task"]: r["state"] for r in L.status(exp_dir)}
+        states = {r["task"]: r["state"] for r in status(exp_dir)}
         # every dependant, evaluate included: SLURM may cancel them in different scheduler passes
         if "PENDING" not in states.values() or time.monotonic() > deadline:
             break

@@ -1,4 +1,5 @@
-"""Losses against independent references: float64 numpy KL, loop max-pool, hand-built Keys bicubic."""
+"""Losses against independent references: float64 numpy KL, loop max-pool, hand-built Keys bicubic, and the
+documented torch resize each term uses."""
 
 from __future__ import annotations
 
@@ -128,14 +129,38 @@ def test_resize_functions_match_references(sizes: tuple[tuple[int, int], tuple[i
         assert got == pytest.approx(pixel_reference(s.numpy(), t.numpy(), (name,)), rel=1e-5), name
 
 
-def test_bicubic_reference_is_sane() -> None:
-    """The hand-built kernel is an interpolator: weights sum to 1, identity at equal size, exact on ramps."""
-    for n_in, n_out in [(12, 5), (9, 3), (3, 7), (6, 6)]:
-        np.testing.assert_allclose(bicubic_matrix(n_in, n_out).sum(axis=1), 1.0, atol=1e-12)
-    np.testing.assert_allclose(bicubic_matrix(6, 6), np.eye(6), atol=1e-12)
-    ramp = np.arange(16.0)
-    m = bicubic_matrix(16, 8)
-    np.testing.assert_allclose((m @ ramp)[1:-1], ((np.arange(8) + 0.5) * 2 - 0.5)[1:-1], atol=1e-12)
+@pytest.mark.parametrize("sizes", [((12, 10), (3, 5)), ((9, 9), (4, 4)), ((4, 6), (7, 9)), ((16, 8), (5, 2))])
+def test_bicubic_term_is_torch_bicubic_with_half_pixel_centres(sizes: tuple[tuple[int, int], tuple[int, int]]) -> None:
+    """As documented: g = F.interpolate(mode="bicubic", align_corners=False), no antialias, then the mean squared error,
+    down- and upsampling alike; not the corner-aligned or antialiased variants, and not max-pool."""
+    (th, tw), (sh, sw) = sizes
+    g = torch.Generator().manual_seed(10)
+    t = torch.randn(2, 3, th, tw, generator=g)
+    s = torch.randn(2, 3, sh, sw, generator=g)
+
+    def mse_against(**kw) -> float:
+        return torch.mean((torch.nn.functional.interpolate(t, size=(sh, sw), mode="bicubic", **kw) - s) ** 2).item()
+
+    got = pixel_loss(s, t, ("bicubic",)).item()
+    assert got == pytest.approx(mse_against(align_corners=False), rel=1e-6)
+    assert got != pytest.approx(mse_against(align_corners=True), rel=1e-3)
+    if sh < th and sw < tw:
+        assert got != pytest.approx(mse_against(align_corners=False, antialias=True), rel=1e-3)
+    assert got != pytest.approx(pixel_loss(s, t, ("maxpool",)).item(), rel=1e-3)
+
+
+def test_bicubic_and_maxpool_differ_where_a_student_matches_only_one() -> None:
+    """A student equal to the max-pooled teacher map costs nothing under maxpool but not under bicubic, and the
+    reverse; the combined loss is then exactly half of the other term."""
+    g = torch.Generator().manual_seed(11)
+    t = torch.randn(1, 4, 8, 8, generator=g)
+    pooled = torch.nn.functional.adaptive_max_pool2d(t, (2, 2))
+    smooth = torch.nn.functional.interpolate(t, size=(2, 2), mode="bicubic", align_corners=False)
+    assert pixel_loss(pooled, t, ("maxpool",)).item() == 0.0
+    assert pixel_loss(pooled, t, ("bicubic",)).item() > 0.1
+    assert pixel_loss(smooth, t, ("bicubic",)).item() == 0.0
+    assert pixel_loss(smooth, t, ("maxpool",)).item() > 0.1
+    assert pixel_loss(pooled, t).item() == pytest.approx(pixel_loss(pooled, t, ("bicubic",)).item() / 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("resize", [r for k in range(3) for r in itertools.permutations(("maxpool", "bicubic"), k)])

@@ -1,48 +1,36 @@
-"""Tests against a real single-node SLURM started by slurm/cluster.sh (root only; CI installs the packages)."""
+"""Tests against a real single-node SLURM started by slurm/cluster.sh (root only; CI installs the packages): the
+cluster's own behaviour the launcher relies on (states, exit codes, srun tasks, time-limit signals and requeues,
+submitit), and an `hpcdistill train` job on shards cut by the real sharder (conftest's `small_dataset`)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}
+from conftest import sacct_runs, sacct_wait_final, tiny_train_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
 
 # ---- tests ----
 
 
-def _sbatch(*args: str) -> int:
-    out = subprocess.run(["sbatch", "--parsable", *args], check=True, text=True, capture_output=True, timeout=30)
+def _sbatch(*args: str, env: dict[str, str] | None = None) -> int:
+    out = subprocess.run(["sbatch", "--parsable", *args], check=True, text=True, capture_output=True, timeout=30,
+                         env=env)
     return int(out.stdout.strip().split(";")[0])
 
 
-def _sacct_states(job_id: int) -> list[tuple[str, str]]:
-    """(State, ExitCode) of every run of the job's allocation, oldest first (requeued runs appear as duplicates)."""
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "--duplicates", "-j", str(job_id), "-o", "State,ExitCode"],
-        check=True, text=True, capture_output=True, timeout=30,
-    ).stdout
-    rows = [line.split("|") for line in out.splitlines() if line.strip()]
-    return [(state.split()[0], code) for state, code in rows]
-
-
 def _wait_final(job_id: int, timeout: float) -> tuple[str, str]:
-    """Poll sacct until the job's latest run reaches a final state; fail with its history on timeout."""
-    deadline = time.monotonic() + timeout
-    history: list[tuple[str, str]] = []
-    while time.monotonic() < deadline:
-        history = _sacct_states(job_id)
-        if history and history[-1][0] in FINAL_STATES:
-            return history[-1]
-        time.sleep(0.5)
-    show = subprocess.run(["scontrol", "show", "job", str(job_id)], text=True, capture_output=True, timeout=30)
-    pytest.fail(f"job {job_id} not finished after {timeout:.0f}s; sacct says {history}; scontrol says:\n{show.stdout}",
-                pytrace=False)
+    """(State, ExitCode) of the job's latest run once it is final; fails with its history on timeout."""
+    return sacct_wait_final(job_id, timeout)[-1]
 
 
 @pytest.mark.timeout(120)
@@ -92,7 +80,7 @@ def test_time_limited_job_requeues_itself_and_runs_again(slurm_cluster, tmp_path
     )
     assert _wait_final(job, timeout=170) == ("COMPLETED", "0:0")
     # sacct keeps the requeued run as a duplicate record before the final one.
-    assert [state for state, _ in _sacct_states(job)] == ["REQUEUED", "COMPLETED"]
+    assert [state for state, _ in sacct_runs(job)] == ["REQUEUED", "COMPLETED"]
     lines = out.read_text().splitlines()
     assert lines[0] == "run restart=0" and lines[-1] == "run restart=1", lines
     assert (tmp_path / "got-usr1").exists()
@@ -165,4 +153,32 @@ def test_submitit_checkpointable_job_is_requeued_at_its_time_limit(slurm_cluster
     job = executor.submit(job_functions.SleepUntilRequeued(), str(log))
     assert job.result() == 1
     assert log.read_text().splitlines() == ["run restart=0", "run restart=1"]
-    assert [state for state, _ in _sacct_states(int(job.job_id))][0] == "REQUEUED"
+    assert [state for state, _ in sacct_runs(int(job.job_id))][0] == "REQUEUED"
+
+
+@pytest.mark.timeout(200)
+def test_sbatch_job_trains_on_real_shards(slurm_cluster, small_dataset, tmp_path):
+    """`hpcdistill train` as a plain batch job (no submitit, no launcher) on the sharder's real shards: the package
+    runs in SLURM's job environment, and its run folder and summary are what an interactive run writes."""
+    from hpcdistill.config import load_config
+    from hpcdistill.data import per_rank_samples
+
+    cfg = load_config(None, tiny_train_overrides(small_dataset["shards"], tmp_path, "job", "baseline", 2.5))
+    config = cfg.save(tmp_path / "job.yaml")
+    # sbatch passes this environment on: none of the rendezvous variables an in-process run may have set here
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    out, err = tmp_path / "train.out", tmp_path / "train.err"
+    job = _sbatch(f"--chdir={REPO}", f"--output={out}", f"--error={err}", "--cpus-per-task=1", "--time=5",
+                  "--wrap", f"{sys.executable} -m hpcdistill.cli train {config}", env=env)
+    state = _wait_final(job, timeout=180)
+    assert state == ("COMPLETED", "0:0"), err.read_text()[-3000:]
+    text = out.read_text()
+    summary = json.loads(text[text.rindex('{\n  "run_dir"'):])  # the summary `hpcdistill train` prints last
+    train = small_dataset["manifest"]["splits"]["train"]["samples"]
+    steps = per_rank_samples(train, 1, cfg.train.grad_accum) // cfg.train.grad_accum
+    assert summary["run_dir"] == str(tmp_path / "job") and summary["global_step"] == steps and steps > 0
+    assert summary["val"]["samples"] == small_dataset["manifest"]["splits"]["val"]["samples"]
+    blob = torch.load(tmp_path / "job" / "last.pt", map_location="cpu", weights_only=True)
+    assert blob["mag"] == 2.5 and blob["global_step"] == steps and (tmp_path / "job" / "best.pt").is_file()
