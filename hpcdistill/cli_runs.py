@@ -163,7 +163,7 @@ def run_status(args: argparse.Namespace) -> int:
     Reads <exp dir>/launch.json: each job's state (from SLURM, or from the local processes), its training
     progress, logs and TensorBoard folder.
     """
-    from hpcdistill.launch import format_status, status
+    from hpcdistill.launch_status import format_status, status
 
     print(format_status(status(args.exp_dir)))
     return 0

@@ -214,6 +214,11 @@ def test_demo_experiment_file_runs_end_to_end_locally_with_progress_and_status(t
         assert record["method"] == method["label"] and method["label"] in report
         assert record["samples"] == tiny_dataset["manifest"]["splits"]["test"]["samples"]
     assert rows[0]["progress"].startswith("done at step ")
+    shown = subprocess.run([sys.executable, "-m", "hpcdistill.cli", "status", str(exp_dir)], cwd=REPO,
+                           capture_output=True, text=True)  # the command users type
+    assert shown.returncode == 0, shown.stderr
+    table = [line.split() for line in shown.stdout.splitlines()[1:]]
+    assert [(cells[1], cells[3]) for cells in table] == [(r["task"], "COMPLETED") for r in rows]
     assert "  teacher: teacher  " in stdout and "kd_adv2: kd_adv2-2.5x" in stdout  # progress lines, not a TTY
     assert not list(exp_dir.rglob("%j")), "literal %j folders"
 
