@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from hpcdistill.cli_cluster import add_cluster_flags, cluster_resources, run_array
 
 from hpcdistill.errors import HpcdistillError
 
@@ -99,8 +102,10 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any slide is skipped")
     p.add_argument("--dry-run", action="store_true",
                    help="plan only: splits, labels, base mags, tissues and samples per slide, skips with reasons; "
-                        "writes just qc/*.png and plan.json to --out (check tissue finding before a long run)")
+                        "writes just qc/*.png and plan.json to --out (check tissue finding before a long run). "
+                        "With --cluster: the slides per task and the sbatch scripts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cluster_flags(p, "cutting")
     _add_tissue_flags(p)
 
 
@@ -113,23 +118,63 @@ def run_shard(args: argparse.Namespace) -> int:
     from hpcdistill import sharding
     from hpcdistill.shard_plan import ShardParams, parse_size
 
-    tissue_params = _tissue_params(args)
     params = ShardParams(
         mags=tuple(args.mags), max_size=args.max_size, image_format=args.image_format,
         jpeg_quality=args.jpeg_quality, shard_size=parse_size(args.shard_size),
         shard_max_samples=args.shard_max_samples, base_mag=args.base_mag, split_ratios=tuple(args.split_ratios),
-        seed=args.seed, classes=tuple(args.classes) if args.classes else None, tissue=tissue_params)
+        seed=args.seed, classes=tuple(args.classes) if args.classes else None, tissue=_tissue_params(args))
+    if args.cluster:
+        return _shard_array(args, params)
     if args.dry_run:
         return print_shard_plan(sharding.preview_sharding(args.inputs, args.out, labels_csv=args.labels, params=params,
                                                           workers=args.workers), args.out, args.strict)
     manifest = sharding.run_sharding(args.inputs, args.out, labels_csv=args.labels, params=params,
                                      workers=args.workers, overwrite=args.overwrite, strict=args.strict,
                                      progress=False if args.no_progress else None)
+    return print_manifest(manifest, args.out)
+
+
+def _shard_array(args: argparse.Namespace, params: Any) -> int:
+    """`shard --cluster`: the array of tasks and its merge, through the launcher."""
+    from hpcdistill.job_graph import shard_jobs
+    from hpcdistill.manifest import read_manifest
+    from hpcdistill.shard_tasks import describe_plan, plan_array
+
+    plan = plan_array(args.inputs, args.out, labels_csv=args.labels, params=params, tasks=args.tasks,
+                      overwrite=args.overwrite and not args.dry_run)
+    jobs = shard_jobs(plan, cluster_resources(args), args.workers, args.strict)
+    if args.dry_run:
+        print(describe_plan(plan))
+    if not jobs:
+        print(f"hpcdistill: {args.out}: already complete with these parameters; nothing to do", file=sys.stderr)
+    elif run_array(f"shard-{Path(args.out).name}", args.out, jobs, args) is None:
+        return 0
+    return 0 if args.dry_run else print_manifest(read_manifest(args.out), args.out, list_skipped=True)
+
+
+def _predict_array(args: argparse.Namespace, slides: list[Path]) -> dict[str, Any] | None:
+    """`predict --cluster`: the array and its merge; the merged predictions.json, or None when not waited for."""
+    import json
+
+    from hpcdistill.job_graph import predict_jobs
+    from hpcdistill.predict_tasks import plan_predictions
+
+    plan = plan_predictions(args.model, slides, args.out, args.tasks, base_mag=args.base_mag,
+                            tissue=_tissue_params(args), device=args.device)
+    if run_array(f"predict-{Path(args.out).name}", args.out, predict_jobs(plan, cluster_resources(args)), args) is None:
+        return None
+    return json.loads((Path(args.out) / "predictions.json").read_text())
+
+
+def print_manifest(manifest: dict[str, Any], out: str, list_skipped: bool = False) -> int:
+    """The manifest's splits; the skipped slides' reasons too when the tasks' own logs are not on this terminal."""
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['samples']} samples, {entry['tissues']} tissues, {entry['slides']} slides, "
               f"{entry['patients']} patients, {len(entry['shards'])} shards")
-    skipped = sum(1 for s in manifest["slides"].values() if s["status"] != "ok")
-    print(f"{args.out}/manifest.json: {len(manifest['slides']) - skipped} slides ok, {skipped} skipped")
+    skipped = [s["reason"] for s in manifest["slides"].values() if s["status"] != "ok"]
+    for reason in skipped if list_skipped else []:
+        print(f"skipped: {reason}")
+    print(f"{out}/manifest.json: {len(manifest['slides']) - len(skipped)} slides ok, {len(skipped)} skipped")
     return 0
 
 
@@ -196,6 +241,8 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for tissues.csv, slides.csv, predictions.json, overlays/")
     p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
     p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
+    p.add_argument("--dry-run", action="store_true", help="with --cluster: print the array and its sbatch scripts only")
+    add_cluster_flags(p, "classifying")
     _add_tissue_flags(p)
 
 
@@ -203,15 +250,21 @@ def run_predict(args: argparse.Namespace) -> int:
     """classify the tissues of new slides (e.g. low-resolution scans)
 
     Finds each slide's tissues, cuts them into the windows the model's training shards used, reads each at the
-    model's magnification (Lanczos from level 0, as in training) and classifies it; the slide call is the area-
-    weighted mean of the window probabilities. Writes tissues.csv, slides.csv, predictions.json and an overlay
-    PNG per slide.
+    model's magnification (Lanczos from level 0, as in training) and classifies it; the slide call is the
+    area-weighted mean of the window probabilities. Writes tissues.csv, slides.csv, predictions.json and an
+    overlay PNG per slide. With --cluster, the slides are split over an array of tasks and merged in slide order.
     """
     from hpcdistill.predict import predict_slides
     from hpcdistill.slide_catalog import collect_slides
 
-    summary = predict_slides(args.model, collect_slides(args.slides), args.out, base_mag=args.base_mag,
-                             tissue=_tissue_params(args), device=args.device)
+    slides = collect_slides(args.slides)
+    if args.cluster:
+        summary = _predict_array(args, slides)
+        if summary is None:
+            return 0
+    else:
+        summary = predict_slides(args.model, slides, args.out, base_mag=args.base_mag, tissue=_tissue_params(args),
+                                 device=args.device)
     ok = [s for s in summary["slides"] if s["status"] == "ok"]
     for s in ok:
         print(f"{s['slide']}: {s['call']} ({len(s['tissues'])} tissues)")

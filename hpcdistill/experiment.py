@@ -14,7 +14,7 @@ from hpcdistill.config import REPO_ROOT, ConfigError, build_dataclass, merge_dic
 from hpcdistill.errors import HpcdistillError, LaunchError
 from hpcdistill.mags import parse_mag
 
-RESERVED_KINDS = ("default", "teacher", "evaluate")  # job kinds that are not methods
+RESERVED_KINDS = ("default", "teacher", "evaluate", "shard", "merge")  # job kinds that are not methods
 
 
 @dataclass
@@ -62,6 +62,21 @@ class EvaluateSpec:
 
 
 @dataclass
+class ShardStage:
+    """Shard the slides first, into the experiment's `shards` folder, as an array of `tasks` (then a merge job)."""
+
+    slides: list[str] = field(default_factory=list)  # slide files, folders or globs
+    labels: str = ""  # labels CSV (slide, patient, label, split); "" = every slide unlabeled (aux)
+    classes: list[str] = field(default_factory=list)  # class order; [] = sorted labels
+    mags: list[float] = field(default_factory=list)  # [] = the teacher's and the experiment's magnifications
+    tasks: int = 1
+    workers: int = 1  # processes inside each task
+    max_size: int = 8192  # 10x px; larger tissues are cut into aligned windows
+    seed: int = 0
+    strict: bool = False  # any skipped slide fails the merge
+
+
+@dataclass
 class Experiment:
     name: str = ""
     out_dir: str = "runs"
@@ -70,7 +85,8 @@ class Experiment:
     teacher: JobSpec = field(default_factory=JobSpec)
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
-    resources: dict[str, Resources] = field(default_factory=dict)  # "default", "teacher", <method>, "evaluate"
+    resources: dict[str, Resources] = field(default_factory=dict)  # "default", "teacher", <method>, "evaluate", ...
+    shard: ShardStage | None = None  # optional first stage: slides -> `shards`
     path: str = ""  # the experiment file (set by the loader)
 
     @property
@@ -117,9 +133,22 @@ def _experiment_from_dict(raw: dict[str, Any], path: Path) -> Experiment:
     exp.out_dir = str(_locate(exp.out_dir, base, must_exist=False))
     exp.shards = str(_locate(exp.shards, base, must_exist=False))
     exp.teacher.config = str(_locate(exp.teacher.config, base, key="teacher.config"))
+    if exp.shard is not None:
+        _check_shard_stage(exp.shard, base)
     for name, method in exp.methods.items():
         method.config = str(_locate(method.config, base, key=f"methods.{name}.config"))
     return exp
+
+
+def _check_shard_stage(stage: ShardStage, base: Path) -> None:
+    if not stage.slides:
+        raise ConfigError("shard.slides: required, slide files, folders or globs")
+    if stage.tasks < 1 or stage.workers < 1:
+        raise ConfigError("shard.tasks / shard.workers: must be >= 1")
+    stage.slides = [entry if any(c in entry for c in "*?[") else str(_locate(entry, base, key="shard.slides"))
+                    for entry in stage.slides]
+    if stage.labels:
+        stage.labels = str(_locate(stage.labels, base, key="shard.labels"))
 
 
 def _parse_mags(mags_raw: Any) -> list[float]:
@@ -180,12 +209,12 @@ def _parse_resources(raw: Any, methods: list[str]) -> dict[str, Resources]:
         if not isinstance(sbatch, dict) or any(isinstance(v, (dict, list)) for v in sbatch.values()):
             raise ConfigError(f"{prefix}sbatch: expected a mapping of sbatch options to values, got {sbatch!r}")
         res.sbatch = dict(sbatch)
-        _check_resources(res, prefix)
+        check_resources(res, prefix)
         out[kind] = res
     return out
 
 
-def _check_resources(res: Resources, prefix: str) -> None:
+def check_resources(res: Resources, prefix: str) -> None:
     for key in ("nodes", "cpus_per_task", "timeout_min"):
         if getattr(res, key) < 1:
             raise ConfigError(f"{prefix}{key}: must be >= 1, got {getattr(res, key)}")

@@ -32,20 +32,24 @@ class TaskPlan:
     overrides: list[str]
 
 
+ARRAY_KINDS = ("method", "shard", "predict")  # one task per magnification, per slice of the slides
+
+
 @dataclass
 class JobPlan:
-    key: str  # "teacher", a method name, or "evaluate"
-    kind: Literal["teacher", "method", "evaluate"]
+    key: str  # "teacher", a method name, "evaluate", "shard", "merge", "predict"
+    kind: Literal["teacher", "method", "evaluate", "shard", "merge", "predict"]
     resources: Resources
     tasks: list[TaskPlan]
     after_ok: list[str] = field(default_factory=list)  # job keys this job waits for (all tasks)
     after_corr: list[str] = field(default_factory=list)  # array keys whose task i this job's task i waits for
     label: str = ""
     study: str = "main"
+    callables: list[Any] = field(default_factory=list, repr=False)  # what each task runs (submitit pickles them)
 
     @property
     def is_array(self) -> bool:
-        return self.kind == "method"
+        return self.kind in ARRAY_KINDS
 
 
 def plan_jobs(exp: Experiment) -> list[JobPlan]:
@@ -86,7 +90,50 @@ def plan_jobs(exp: Experiment) -> list[JobPlan]:
         res = dataclasses.replace(res, nodes=1, tasks_per_node=1, gpus_per_node=min(res.gpus_per_node, 1))
         jobs.append(JobPlan("evaluate", "evaluate", res, [TaskPlan("evaluate", None, str(exp_dir / "report"), "", [])],
                             after_ok=[j.key for j in jobs]))
-    return jobs
+    for job in jobs:
+        job.callables = callables_for(job, exp, jobs)
+    data_jobs = experiment_shard_jobs(exp, jobs[0].tasks[0])
+    for job in jobs if data_jobs else []:
+        job.after_ok = ["merge", *job.after_ok]  # everything reads the shards
+    return data_jobs + jobs
+
+
+def experiment_shard_jobs(exp: Experiment, teacher: TaskPlan) -> list[JobPlan]:
+    """The experiment's `shard:` stage as an array and its merge ([] without one, or once the shards are complete):
+    every magnification the runs need must be cut."""
+    if exp.shard is None:
+        return []
+    from hpcdistill.shard_plan import ShardParams
+    from hpcdistill.shard_tasks import plan_array
+
+    stage = exp.shard
+    teacher_mag = load_config(teacher.config, teacher.overrides).data.teacher_mag
+    mags = tuple(stage.mags) or tuple(sorted({teacher_mag, *exp.mags}, reverse=True))
+    missing = sorted({teacher_mag, *exp.mags} - set(mags), reverse=True)
+    if missing:
+        raise LaunchError(f"shard.mags: {', '.join(map(mag_name, missing))} needed by the runs but not cut")
+    try:
+        params = ShardParams(mags=mags, max_size=stage.max_size, seed=stage.seed, classes=tuple(stage.classes) or None)
+        plan = plan_array(stage.slides, exp.shards, labels_csv=stage.labels or None, params=params, tasks=stage.tasks)
+    except HpcdistillError as err:
+        raise LaunchError(f"shard: {err}") from None
+    return shard_jobs(plan, exp.resources_for("shard"), stage.workers, stage.strict)
+
+
+def shard_jobs(plan: Any, resources: Resources, workers: int, strict: bool) -> list[JobPlan]:
+    """A sharding run's array over its unfinished tasks and the merge after it; [] when the folder is complete."""
+    from hpcdistill.shard_tasks import MergeTask, ShardTask, task_dir, task_name
+
+    if plan.complete():
+        return []
+    todo = plan.unfinished()
+    one = dataclasses.replace(resources, nodes=1, tasks_per_node=1, gpus_per_node=0)
+    tasks = [TaskPlan(f"shard-{task_name(i)}", None, str(task_dir(plan.out, i)), "", []) for i in todo]
+    jobs = [JobPlan("shard", "shard", one, tasks, label="Shard", callables=[ShardTask(plan, i, workers) for i in todo])]
+    merge = JobPlan("merge", "merge", dataclasses.replace(one, cpus_per_task=1),
+                    [TaskPlan("merge", None, plan.out, "", [])], after_ok=["shard"] if todo else [], label="Merge",
+                    callables=[MergeTask(plan, strict)])
+    return (jobs if todo else []) + [merge]
 
 
 def _validate(task: TaskPlan, key: str) -> str:
@@ -115,11 +162,11 @@ def dependency_string(job: JobPlan, ids: dict[str, str]) -> str | None:
     return ",".join(parts) or None
 
 
-def slurm_parameters(job: JobPlan, exp: Experiment, dependency: str | None) -> dict[str, Any]:
+def slurm_parameters(job: JobPlan, name: str, dependency: str | None) -> dict[str, Any]:
     """SlurmExecutor.update_parameters() keywords (sbatch names) for one job."""
     r = job.resources
     params: dict[str, Any] = {
-        "job_name": f"{exp.name}-{job.key}", "time": r.timeout_min, "nodes": r.nodes, "ntasks_per_node": r.tasks,
+        "job_name": f"{name}-{job.key}", "time": r.timeout_min, "nodes": r.nodes, "ntasks_per_node": r.tasks,
         "cpus_per_task": r.cpus_per_task, "mem": f"{int(r.mem_gb)}GB" if r.mem_gb == int(r.mem_gb)
         else f"{int(r.mem_gb * 1024)}MB", "signal_delay_s": r.signal_delay_s,
         "additional_parameters": {"kill-on-invalid-dep": "yes", **r.sbatch},
@@ -136,3 +183,18 @@ def slurm_parameters(job: JobPlan, exp: Experiment, dependency: str | None) -> d
     if dependency:
         params["dependency"] = dependency
     return params
+
+
+def predict_jobs(plan: Any, resources: Resources) -> list[JobPlan]:
+    """A prediction run's array over its unfinished tasks and the merge after it."""
+    from hpcdistill.predict_tasks import MergePredictionsTask, PredictTask
+    from hpcdistill.shard_tasks import task_dir, task_name
+
+    todo = [i for i in range(plan.tasks) if plan.finished(i) is None]
+    one = dataclasses.replace(resources, nodes=1, tasks_per_node=1)
+    tasks = [TaskPlan(f"predict-{task_name(i)}", None, str(task_dir(plan.out, i)), "", []) for i in todo]
+    jobs = [JobPlan("predict", "predict", one, tasks, label="Predict", callables=[PredictTask(plan, i) for i in todo])]
+    merge = JobPlan("merge", "merge", dataclasses.replace(one, cpus_per_task=1, gpus_per_node=0),
+                    [TaskPlan("merge", None, plan.out, "", [])], after_ok=["predict"] if todo else [], label="Merge",
+                    callables=[MergePredictionsTask(plan)])
+    return (jobs if todo else []) + [merge]

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from hpcdistill.errors import LaunchError, one_line, traceback_line
-from hpcdistill.experiment import Experiment, load_experiment
-from hpcdistill.job_graph import JobPlan, callables_for, dependency_string, plan_jobs, slurm_parameters
+from hpcdistill.experiment import load_experiment
+from hpcdistill.job_graph import JobPlan, dependency_string, plan_jobs, slurm_parameters
 from hpcdistill.launch_record import job_record, record_submission, write_record
 from hpcdistill.launch_render import render_dry_run
 from hpcdistill.progress import LiveStatus
@@ -35,39 +35,48 @@ def launch(experiment_path: str | Path, cluster: Cluster = "slurm", dry_run: boo
     local/debug: this process schedules the tasks by their dependencies on the machine's cores (local_runner).
     dry_run: print the sbatch scripts and the dependency graph; nothing is submitted or written.
     """
+    exp = load_experiment(experiment_path)
+    return launch_graph(exp.name, exp.exp_dir, plan_jobs(exp), cluster, dry_run=dry_run, wait=wait,
+                        wait_timeout_s=wait_timeout_s, source=exp.path)
+
+
+def launch_graph(name: str, exp_dir: Path, jobs: list[JobPlan], cluster: Cluster = "slurm", *, dry_run: bool = False,
+                 wait: bool = False, wait_timeout_s: float | None = None, source: str = "") -> dict[str, Any]:
+    """Submit or run a job graph (an experiment's, a sharding or prediction array's) with its record in
+    `exp_dir`/launch.json; `source` is what it came from (the experiment file, or the command)."""
     if cluster not in ("slurm", "local", "debug"):
         raise LaunchError(f"cluster: expected slurm, local or debug, got {cluster!r}")
-    exp = load_experiment(experiment_path)
-    jobs = plan_jobs(exp)
     if dry_run:
-        text = render_dry_run(exp, jobs)
+        text = render_dry_run(name, exp_dir, jobs)
         print(text)
-        return {"name": exp.name, "exp_dir": str(exp.exp_dir), "dry_run": True, "text": text,
+        return {"name": name, "exp_dir": str(exp_dir), "dry_run": True, "text": text,
                 "graph": {j.key: {"after_ok": j.after_ok, "after_corr": j.after_corr} for j in jobs}}
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    folder = exp.exp_dir / "slurm" / stamp
+    folder = Path(exp_dir) / "slurm" / stamp
     folder.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"name": exp.name, "experiment": exp.path, "exp_dir": str(exp.exp_dir),
-                              "cluster": cluster, "folder": str(folder), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                              "jobs": []}
-    write_record(exp, folder, record)  # from the start: `hpcdistill status` works while a local launch runs
+    record: dict[str, Any] = {"name": name, "experiment": source, "exp_dir": str(exp_dir), "cluster": cluster,
+                              "folder": str(folder), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": []}
+    save = lambda: write_record(Path(exp_dir), folder, record)  # noqa: E731
+    save()  # from the start: `hpcdistill status` works while a local launch runs
     try:  # the record is written even when a submission or a job fails: status and scancel need the ids
         if cluster == "slurm":
-            submitted = _submit_slurm(exp, jobs, folder, record)
+            submitted = _submit_slurm(name, jobs, folder, record)
             if wait:
-                write_record(exp, folder, record)
-                _wait_all(submitted, record, wait_timeout_s, lambda: write_record(exp, folder, record))
+                save()
+                _wait_all(submitted, record, wait_timeout_s, save)
         else:
-            _run_local(exp, jobs, folder, record, cluster)
+            from hpcdistill.local_runner import LocalRunner
+
+            LocalRunner(jobs, {job.key: job.callables for job in jobs}, folder, cluster, record, save).run()
     finally:
-        write_record(exp, folder, record)
+        save()
         for literal in folder.glob("%j"):  # submitit makes the id-pattern folder itself; logs go to the real ids
             if literal.is_dir() and not any(literal.iterdir()):
                 literal.rmdir()
     return record
 
 
-def _submit_slurm(exp: Experiment, jobs: list[JobPlan], folder: Path, record: dict[str, Any]) -> list[tuple]:
+def _submit_slurm(name: str, jobs: list[JobPlan], folder: Path, record: dict[str, Any]) -> list[tuple]:
     import submitit
 
     ids: dict[str, str] = {}
@@ -76,8 +85,8 @@ def _submit_slurm(exp: Experiment, jobs: list[JobPlan], folder: Path, record: di
         dependency = dependency_string(job, ids)
         ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=job.resources.max_requeue)
         try:
-            ex.update_parameters(**slurm_parameters(job, exp, dependency))
-            fns = callables_for(job, exp, jobs)
+            ex.update_parameters(**slurm_parameters(job, name, dependency))
+            fns = job.callables
             out = ex.submit_array(fns) if job.is_array else [ex.submit(fns[0])]
         except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError, ValueError) as err:
             done = ", ".join(f"{k}={v}" for k, v in ids.items()) or "none"
@@ -91,13 +100,6 @@ def _submit_slurm(exp: Experiment, jobs: list[JobPlan], folder: Path, record: di
         record["jobs"].append(entry)
         submitted.append((job, out))
     return submitted
-
-
-def _run_local(exp: Experiment, jobs: list[JobPlan], folder: Path, record: dict[str, Any], cluster: str) -> None:
-    from hpcdistill.local_runner import LocalRunner
-
-    callables = {job.key: callables_for(job, exp, jobs) for job in jobs}
-    LocalRunner(jobs, callables, folder, cluster, record, lambda: write_record(exp, folder, record)).run()
 
 
 def _wait_all(submitted: list[tuple], record: dict[str, Any], timeout_s: float | None,

@@ -8,22 +8,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hpcdistill.experiment import Experiment
 from hpcdistill.job_graph import JobPlan
 
 
-def write_record(exp: Experiment, folder: Path, record: dict[str, Any]) -> None:
+def write_record(exp_dir: Path, folder: Path, record: dict[str, Any]) -> None:
     text = json.dumps(record, indent=2, default=str)
     (folder / "launch.json").write_text(text)
-    tmp = exp.exp_dir / "launch.json.tmp"
+    tmp = exp_dir / "launch.json.tmp"
     tmp.write_text(text)
-    os.replace(tmp, exp.exp_dir / "launch.json")  # the latest launch; each launch's own copy stays in its folder
+    os.replace(tmp, exp_dir / "launch.json")  # the latest launch; each launch's own copy stays in its folder
 
 
 def job_record(job: JobPlan) -> dict[str, Any]:
     """A job's entry in launch.json before it is submitted; `record_submission` fills in each task's id and logs."""
     tasks = [{"name": t.name, "mag": t.mag, "run_dir": t.run_dir, "job_id": None, "stdout": None, "stderr": None,
-              "tensorboard": None if job.kind == "evaluate" else str(Path(t.run_dir) / "tb"), "state": "PENDING"}
+              "tensorboard": str(Path(t.run_dir) / "tb") if job.kind in ("teacher", "method") else None,
+              "state": "PENDING"}
              for t in job.tasks]
     return {"key": job.key, "kind": job.kind, "label": job.label, "array": job.is_array, "slurm_id": None,
             "ntasks": job.resources.nodes * job.resources.tasks, "dependency": None, "after_ok": job.after_ok,

@@ -8,26 +8,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hpcdistill.experiment import Experiment
 from hpcdistill.job_graph import JobPlan, dependency_string, slurm_parameters
 
 
-def render_dry_run(exp: Experiment, jobs: list[JobPlan]) -> str:
+def render_dry_run(name: str, exp_dir: Path, jobs: list[JobPlan]) -> str:
     """The dependency graph and each job's sbatch script, ids shown as <key>."""
     ids = {j.key: f"<{j.key}>" for j in jobs}
-    lines = [f"# experiment {exp.name}: {exp.exp_dir}", "# dependency graph"]
+    lines = [f"# {name}: {exp_dir}", "# dependency graph"]
     for job in jobs:
         dep = dependency_string(job, ids) or "none"
         what = f"array[{len(job.tasks)}] " + ", ".join(t.name for t in job.tasks) if job.is_array else job.tasks[0].name
         lines.append(f"{job.key:<12} {what}  <- {dep}")
-    folder = exp.exp_dir / "slurm" / "<launch>" / "%j"
+    folder = Path(exp_dir) / "slurm" / "<launch>" / "%j"
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     for job in jobs:
-        params = slurm_parameters(job, exp, dependency_string(job, ids))
+        params = slurm_parameters(job, name, dependency_string(job, ids))
         lines += ["", f"# ---- sbatch script: {job.key} ----", sbatch_script(command, folder, params,
                                                                           len(job.tasks) if job.is_array else None)]
         for task in job.tasks:
-            lines.append(f"# {task.name}: {task.config} {' '.join(shlex.quote(o) for o in task.overrides)}".rstrip())
+            what = f"{task.config} {' '.join(shlex.quote(o) for o in task.overrides)}" if task.config else task.run_dir
+            lines.append(f"# {task.name}: {what}".rstrip())
     return "\n".join(lines)
 
 

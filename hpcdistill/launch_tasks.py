@@ -30,7 +30,26 @@ def ignore_requeue_signal() -> None:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SIG_IGN survives interpreter shutdown; handlers do not
 
 
-class TrainTask:
+class Resubmitting:
+    """A submitted callable: `run()` is its work. On timeout or preemption submitit calls `checkpoint()`, which
+    resubmits the same callable; each task's work resumes from what it saved (checkpoints, journals) or, when it is
+    idempotent, is redone whole. Requeues are bounded by the executor's max_num_timeout (`max_requeue`)."""
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def __call__(self) -> Any:
+        result = self.run()
+        ignore_requeue_signal()
+        return result
+
+    def checkpoint(self) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class TrainTask(Resubmitting):
     """`engine.run(load_config(config, overrides))` with rank/world/master from submitit's JobEnvironment."""
 
     def __init__(self, config_path: str, overrides: list[str], cpus_per_task: int = 1) -> None:
@@ -38,7 +57,7 @@ class TrainTask:
         self.overrides = list(overrides)
         self.cpus_per_task = cpus_per_task
 
-    def __call__(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         import submitit
 
         env = submitit.JobEnvironment()
@@ -56,18 +75,10 @@ class TrainTask:
         start = f"resuming from {found[-1]}" if found and cfg.run.resume == "auto" else "starting fresh"
         print(f"hpcdistill launch: {cfg.run_dir} rank {env.global_rank}/{env.num_tasks} on {env.hostname}: {start}",
               flush=True)
-        result = engine.run(cfg)
-        ignore_requeue_signal()
-        return result
-
-    def checkpoint(self) -> Any:
-        """Called by submitit on timeout/preemption: resubmit as is; the engine resumes from its last checkpoint."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self)
+        return engine.run(cfg)
 
 
-class EvaluateTask:
+class EvaluateTask(Resubmitting):
     """Evaluate every trained run's best.pt, then write the report from all evaluation records."""
 
     def __init__(self, runs: list[dict[str, Any]], shards: str, split: str, iterations: int, report_dir: str,
@@ -79,7 +90,7 @@ class EvaluateTask:
         self.report_dir = report_dir
         self.workers = workers
 
-    def __call__(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         from hpcdistill.evaluation import evaluate_checkpoint
         from hpcdistill.report import load_results, write_report
 
@@ -87,11 +98,5 @@ class EvaluateTask:
             evaluate_checkpoint(Path(run["run_dir"]) / "best.pt", self.shards, self.split, method=run["method"],
                                 study=run["study"], iterations=self.iterations, workers=self.workers)
         run_dirs = [run["run_dir"] for run in self.runs]
-        report = write_report(load_results(run_dirs), self.report_dir)
-        ignore_requeue_signal()
+        report = write_report(load_results(run_dirs), self.report_dir)  # idempotent: a requeue redoes it whole
         return {"report": str(report), "evaluated": run_dirs}
-
-    def checkpoint(self) -> Any:
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self)  # evaluation is idempotent: rerun it whole

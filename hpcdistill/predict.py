@@ -82,7 +82,7 @@ def predict_slide(exported: ExportedModel, slide_path: str | Path, out_dir: Path
         tissues.append({"tissue": t, "box_l0": list(box), "windows": len(mine), "probs": probs.tolist(),
                         "pred": exported.classes[int(probs.argmax())]})
     slide_probs = _area_mean([w["probs"] for w in windows], [w["box_l0"] for w in windows])
-    overlay = out_dir / "overlays" / f"{Path(slide_path).stem}.png"
+    overlay = Path(out_dir).resolve() / "overlays" / f"{Path(slide_path).stem}.png"  # readable from anywhere
     overlay.parent.mkdir(parents=True, exist_ok=True)
     colours = [CLASS_COLOURS[exported.classes.index(t["pred"]) % len(CLASS_COLOURS)] for t in tissues]
     labels = [f"{t['tissue']}: {t['pred']} {max(t['probs']):.2f}" for t in tissues]
@@ -92,15 +92,12 @@ def predict_slide(exported: ExportedModel, slide_path: str | Path, out_dir: Path
             "overlay": str(overlay)}
 
 
-def predict_slides(model_path: str | Path, slides: list[str | Path], out_dir: str | Path, *,
-                   base_mag: float | None = None, tissue: TissueParams | None = None, device: str = "auto") -> dict:
-    """Predict many slides; writes tissues.csv, slides.csv and predictions.json into out_dir."""
-    exported = load_exported(model_path)
-    exported.model.to(pick_device(device))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def classify_slides(exported: ExportedModel, slides: list[str | Path], out: Path, *, base_mag: float | None = None,
+                    tissue: TissueParams | None = None, progress: bool | None = None) -> list[dict]:
+    """Each slide's result (or why it was skipped), in the given order; overlays go to `out`/overlays."""
     results = []
-    for path in tqdm(slides, desc=f"predict @ {mag_name(exported.mag)}", unit="slide"):
+    for path in tqdm(slides, desc=f"predict @ {mag_name(exported.mag)}", unit="slide",
+                     disable=None if progress is None else not progress):
         try:
             results.append(predict_slide(exported, path, out, base_mag=base_mag, tissue=tissue))
         except NonFiniteOutputError:
@@ -108,22 +105,44 @@ def predict_slides(model_path: str | Path, slides: list[str | Path], out_dir: st
         except HpcdistillError as err:
             print(f"hpcdistill: skipped: {err}")
             results.append({"slide": str(path), "status": "skipped", "reason": str(err)})
+    return results
+
+
+def summarise(model_path: str | Path, exported: ExportedModel) -> dict[str, Any]:
+    """What predictions.json says about the model, before its per-slide results."""
+    return {"model": str(model_path), "mag": exported.mag, "classes": exported.classes,
+            "windowing": exported.windowing.to_dict(),
+            "slide_rule": "area-weighted mean of window probabilities, then argmax"}
+
+
+def write_predictions(out: Path, summary: dict[str, Any], results: list[dict]) -> dict[str, Any]:
+    """tissues.csv, slides.csv and predictions.json for `results` (one per slide, in slide order)."""
+    classes = summary["classes"]
     with open(out / "tissues.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["slide", "tissue", "x", "y", "w", "h", "pred"] + [f"p_{c}" for c in exported.classes])
+        writer.writerow(["slide", "tissue", "x", "y", "w", "h", "pred"] + [f"p_{c}" for c in classes])
         for r in results:
             for t in r.get("tissues", []):
                 writer.writerow([r["slide"], t["tissue"], *t["box_l0"], t["pred"], *(f"{p:.6f}" for p in t["probs"])])
     with open(out / "slides.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["slide", "status", "call", "reason"] + [f"p_{c}" for c in exported.classes])
+        writer.writerow(["slide", "status", "call", "reason"] + [f"p_{c}" for c in classes])
         for r in results:
-            probs = [f"{p:.6f}" for p in r.get("probs", [])] or [""] * len(exported.classes)
+            probs = [f"{p:.6f}" for p in r.get("probs", [])] or [""] * len(classes)
             writer.writerow([r["slide"], r["status"], r.get("call", ""), r.get("reason", ""), *probs])
-    summary = {"model": str(model_path), "mag": exported.mag, "classes": exported.classes,
-               "windowing": exported.windowing.to_dict(),
-               "slide_rule": "area-weighted mean of window probabilities, then argmax", "slides": results}
+    summary = {**summary, "slides": results}
     (out / "predictions.json").write_text(json.dumps(summary, indent=1))
     if not any(r["status"] == "ok" for r in results):
         raise HpcdistillError(f"{out}: no slide could be classified (see slides.csv)")
     return summary
+
+
+def predict_slides(model_path: str | Path, slides: list[str | Path], out_dir: str | Path, *,
+                   base_mag: float | None = None, tissue: TissueParams | None = None, device: str = "auto") -> dict:
+    """Predict many slides in this process; writes tissues.csv, slides.csv and predictions.json into out_dir."""
+    exported = load_exported(model_path)
+    exported.model.to(pick_device(device))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = classify_slides(exported, slides, out, base_mag=base_mag, tissue=tissue)
+    return write_predictions(out, summarise(model_path, exported), results)

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-PROGRESS = "progress.json"  # {"mode", "phase", "epoch", "epochs", "step", "steps", "eta_s", "updated"}
+# {"mode", "phase", "epoch", "epochs", "step", "steps", "eta_s", "updated"}; array tasks give "unit" (e.g. "slide")
+# instead of epochs, and count units in step/steps
+PROGRESS = "progress.json"
 
 
 def write_progress(run_dir: Path, progress: dict[str, Any]) -> None:
@@ -47,6 +49,10 @@ def describe(progress: dict[str, Any] | None) -> str:
     """'epoch 3/40, step 120/2560, ETA 4m05s' from a progress.json; '-' before training has reported."""
     if not progress:
         return "-"
+    if "unit" in progress:  # sharding and prediction tasks count slides, not epochs and steps
+        if progress["phase"] == "done":
+            return f"done: {progress['step']}/{progress['steps']} {progress['unit']}s"
+        return f"{progress['unit']} {progress['step']}/{progress['steps']}"
     where = f"epoch {min(progress['epoch'] + 1, progress['epochs'])}/{progress['epochs']}, " \
             f"step {progress['step']}/{progress['steps']}"
     if progress["phase"] in ("done", "stopped"):

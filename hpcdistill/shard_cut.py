@@ -72,14 +72,15 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def shard_slide(job: SlideJob, params: ShardParams, out: str, collect_stats: bool) -> SlideResult:
-    """Open one slide, find its tissue, cut and encode every window at every mag into `out`/.spool/<slide>.
+def shard_slide(job: SlideJob, params: ShardParams, out: str, collect_stats: bool, spool_dir: str) -> SlideResult:
+    """Open one slide, find its tissue, cut and encode every window at every mag into `spool_dir`/<slide>.bin (its QC
+    image into `out`/qc).
 
     Never raises for a bad slide (only for a full disk): the result is then 'skipped' with a one-line reason.
     """
     if job.skip_reason:
         return SlideResult(job.slide, "skipped", job.skip_reason, job.split)
-    spool = Path(out) / SPOOL / f"{job.slide}.bin"
+    spool = Path(spool_dir) / f"{job.slide}.bin"
     try:
         with open(spool, "wb") as handle:
             result = _shard_slide_or_skip(job, params, Path(out) / "qc", collect_stats, handle)
@@ -154,7 +155,7 @@ def preview_slide(job: SlideJob, params: ShardParams, qc_dir: str) -> dict[str, 
                        vendor=info.vendor)
             found, row["reason"] = survey_slide(slide, job, params, qc_dir)
             if found is not None:
-                row.update(tissues=len(found.boxes), samples=found.count)
+                row.update(tissues=len(found.boxes), samples=found.count, tissue_area=found.area)
     except Exception as exc:  # noqa: BLE001 -- as in sharding: one bad file is reported, the others go on
         row["reason"] = _skip_reason(exc, job.path)
     row["status"] = "skipped" if row["reason"] else "ok"

@@ -20,6 +20,7 @@ from hpcdistill.shard_cut import SPOOL, Sample, SlideResult
 from hpcdistill.shard_plan import ShardParams
 
 JOURNAL = ".progress.json"
+TASKS = "tasks"  # an array run's per-task folders: journal, partial manifest, progress, spool
 _TAR_BLOCK = 512
 
 
@@ -84,8 +85,8 @@ def append_sample(archive: tarfile.TarFile, key: str, payloads: list[tuple[str, 
 class _OpenShard:
     """A shard being written straight to `.{name}.tmp` (so memory holds one sample); renamed when complete."""
 
-    def __init__(self, out: Path, split: str, index: int):
-        self.split, self.name = split, f"{split}-{index:06d}.tar"
+    def __init__(self, out: Path, split: str, index: int, tag: str = ""):
+        self.split, self.name = split, f"{split}-{tag}{index:06d}.tar"
         self.path = out / self.name
         self.keys: list[str] = []
         self.nbytes = 0  # tar member bytes so far
@@ -130,8 +131,12 @@ class ShardWriter:
     the next shard index of each split, so the final shards equal those of an uninterrupted run.
     """
 
-    def __init__(self, out: Path, params: ShardParams, fingerprint: dict[str, Any], journal: dict[str, Any] | None):
-        self.out, self.params = out, params
+    def __init__(self, out: Path, params: ShardParams, fingerprint: dict[str, Any], journal: dict[str, Any] | None,
+                 journal_path: Path | None = None, tag: str = ""):
+        """`tag` goes into shard names (`train-t003-000000.tar`) and `journal_path` (default `out`/.progress.json)
+        is where this writer's journal lives: several writers (array tasks) can share one output folder."""
+        self.out, self.params, self.tag = out, params, tag
+        self.journal_path = journal_path or out / JOURNAL
         self.journal = journal or {"params": fingerprint, "shards": {}, "slides": {}}
         self.done_keys = {k for entry in self.journal["shards"].values() for k in entry["keys"]}
         self.open: dict[str, _OpenShard] = {}
@@ -139,7 +144,7 @@ class ShardWriter:
 
     def _new_shard(self, split: str) -> _OpenShard:
         index = sum(1 for entry in self.journal["shards"].values() if entry["split"] == split)
-        return self.open.setdefault(split, _OpenShard(self.out, split, index))
+        return self.open.setdefault(split, _OpenShard(self.out, split, index, self.tag))
 
     def add_slide(self, result: SlideResult, record: dict[str, Any]) -> None:
         todo = [s for s in result.samples if s.key not in self.done_keys]
@@ -183,9 +188,9 @@ class ShardWriter:
 
     def save_journal(self) -> None:
         try:
-            atomic_write_bytes(self.out / JOURNAL, json.dumps(self.journal, sort_keys=True).encode("utf-8"))
+            atomic_write_bytes(self.journal_path, json.dumps(self.journal, sort_keys=True).encode("utf-8"))
         except OSError as exc:
-            raise disk_error(exc, self.out, JOURNAL) from None
+            raise disk_error(exc, self.out, self.journal_path.name) from None
 
     def finish(self) -> None:
         for split in sorted(self.open):
@@ -220,45 +225,69 @@ def create_output_folder(out: Path) -> None:
         raise ShardingError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
 
 
-def remove_partial_files(out: Path) -> None:
-    """Temporaries of an interrupted run (killed, or stopped by a full disk): never complete by construction."""
-    for stale in [*out.glob(".*.tmp"), *((out / "qc").glob("*.partial") if (out / "qc").is_dir() else [])]:
-        stale.unlink(missing_ok=True)
-    shutil.rmtree(out / SPOOL, ignore_errors=True)
+def remove_partial_files(out: Path, spool_dir: Path, tag: str | None = None, slides: list[str] | None = None) -> None:
+    """Temporaries of an interrupted run (killed, or stopped by a full disk): never complete by construction. An
+    array task (`tag`, its `slides`) removes only its own: the other tasks write into the same folder meanwhile."""
+    if tag is None:
+        stale = [*out.glob(".*.tmp"), *((out / "qc").glob("*.partial") if (out / "qc").is_dir() else [])]
+    else:
+        stale = [*out.glob(f".*-{tag}*.tar.tmp"), *[out / "qc" / f"{slide}.png.partial" for slide in slides or []]]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(spool_dir, ignore_errors=True)
+
+
+def read_matching(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """A journal, partial manifest or manifest written with these parameters; None if absent. One written with other
+    parameters, or unreadable, is refused in one line naming the folder and the differing parameters."""
+    if not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+        old_params = previous["params"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ShardingError(f"{path}: unreadable; use a new --out folder or --overwrite") from None
+    diff = _differences(old_params, fingerprint)
+    if diff:
+        raise ShardingError(f"{path.parent}: holds shards made with different parameters ({', '.join(diff)}); "
+                            "use a new --out folder or --overwrite")
+    return previous
+
+
+def check_journalled(out: Path, journal: dict[str, Any]) -> dict[str, Any]:
+    """The journal, once every shard it names is in `out` with the size it had when journalled."""
+    for shard, entry in journal["shards"].items():
+        if not (out / shard).is_file() or (out / shard).stat().st_size != entry["bytes"]:
+            raise ShardingError(f"{out / shard}: missing or changed since it was journalled; "
+                                "use --overwrite to start again")
+    return journal
+
+
+def clear_output(out: Path) -> None:
+    """--overwrite: every shard, journal, task folder, manifest and QC image of an earlier run goes."""
+    for path in [*out.glob("*.tar"), *out.glob(".*.tmp"), out / JOURNAL, out / MANIFEST]:
+        path.unlink(missing_ok=True)
+    for path in (out / "qc").glob("*.png") if (out / "qc").is_dir() else []:
+        path.unlink()
+    shutil.rmtree(out / TASKS, ignore_errors=True)
 
 
 def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> tuple[dict | None, dict | None]:
-    """Check the folder: returns (journal to resume, finished manifest) -- at most one is not None.
-
-    Folders made with other parameters are refused (one line naming the folder and the differing parameters).
-    """
+    """Check the folder for a single-process run: returns (journal to resume, finished manifest), at most one not
+    None. Folders made with other parameters, or by an array of tasks still unmerged, are refused."""
     create_output_folder(out)
     if overwrite:
-        for path in [*out.glob("*.tar"), *out.glob(".*.tmp"), out / JOURNAL, out / MANIFEST]:
-            path.unlink(missing_ok=True)
-        for path in (out / "qc").glob("*.png") if (out / "qc").is_dir() else []:
-            path.unlink()
-    remove_partial_files(out)
-    for name in (JOURNAL, MANIFEST):
-        path = out / name
-        if not path.exists():
-            continue
-        try:
-            previous = json.loads(path.read_text())
-            old_params = previous["params"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ShardingError(f"{path}: unreadable; use a new --out folder or --overwrite") from None
-        diff = _differences(old_params, fingerprint)
-        if diff:
-            raise ShardingError(f"{out}: holds shards made with different parameters ({', '.join(diff)}); "
-                                "use a new --out folder or --overwrite")
-        if name == JOURNAL:
-            for shard, entry in previous["shards"].items():
-                if not (out / shard).is_file() or (out / shard).stat().st_size != entry["bytes"]:
-                    raise ShardingError(f"{out / shard}: missing or changed since it was journalled; "
-                                        "use --overwrite to start again")
-            return previous, None
-        return None, previous
+        clear_output(out)
+    remove_partial_files(out, out / SPOOL)
+    journal = read_matching(out / JOURNAL, fingerprint)
+    if journal is not None:
+        return check_journalled(out, journal), None
+    manifest = read_matching(out / MANIFEST, fingerprint)
+    if manifest is not None:
+        return None, manifest
+    if (out / TASKS).is_dir():
+        raise ShardingError(f"{out}: holds the shards of an unfinished array of tasks ({TASKS}/); rerun it with the "
+                            "same --cluster/--tasks, or use --overwrite")
     if any(out.glob("*.tar")):
         raise ShardingError(f"{out}: holds shards with no {JOURNAL} or {MANIFEST} (unknown parameters); "
                             "use a new --out folder or --overwrite")

@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import hpcdistill
 from hpcdistill.errors import ShardingError
@@ -81,18 +81,18 @@ def _wants_stats(job: SlideJob) -> bool:
     return job.split == "train" and job.class_id is not None
 
 
-def _results_in_order(jobs: list[SlideJob], params: ShardParams, out: str, workers: int,
+def _results_in_order(jobs: list[SlideJob], params: ShardParams, out: str, workers: int, spool: str,
                       ) -> Iterator[tuple[SlideJob, SlideResult]]:
     """Slides run in parallel, results come back in plan order, at most 2*workers in flight (bounded memory)."""
     if workers <= 1:
         for job in jobs:
-            yield job, shard_slide(job, params, out, _wants_stats(job))
+            yield job, shard_slide(job, params, out, _wants_stats(job), spool)
         return
     with _spawn_pool(workers) as pool:
         queue: collections.deque = collections.deque()
         remaining = iter(jobs)
         for job in remaining:
-            queue.append((job, pool.submit(shard_slide, job, params, out, _wants_stats(job))))
+            queue.append((job, pool.submit(shard_slide, job, params, out, _wants_stats(job), spool)))
             if len(queue) >= 2 * workers:
                 break
         try:
@@ -100,7 +100,8 @@ def _results_in_order(jobs: list[SlideJob], params: ShardParams, out: str, worke
                 job, future = queue.popleft()
                 next_job = next(remaining, None)
                 if next_job is not None:
-                    queue.append((next_job, pool.submit(shard_slide, next_job, params, out, _wants_stats(next_job))))
+                    queue.append((next_job, pool.submit(shard_slide, next_job, params, out, _wants_stats(next_job),
+                                                        spool)))
                 try:
                     result = future.result()
                 except concurrent.futures.process.BrokenProcessPool:
@@ -112,25 +113,28 @@ def _results_in_order(jobs: list[SlideJob], params: ShardParams, out: str, worke
                 future.cancel()
 
 
-def _write_shards(out: Path, writer: ShardWriter, jobs: list[SlideJob], params: ShardParams, workers: int,
-                  progress: bool | None) -> None:
-    """Cut the slides the journal does not hold yet and stream them into shards. Whatever stops it, completed
-    shards and the journal stay; partial shards, spool files and QC partials go."""
+def write_slides(out: Path, writer: ShardWriter, jobs: list[SlideJob], params: ShardParams, workers: int,
+                 progress: bool | None, spool: Path, clean_up: Callable[[], None],
+                 on_slide: Callable[[int, int], None] | None = None) -> None:
+    """Cut the slides the journal does not hold yet and stream them into shards (`on_slide(done, total)` after
+    each). Whatever stops it, completed shards and the journal stay; `clean_up` removes the partial files."""
     from tqdm import tqdm
 
     todo = [job for job in jobs if job.slide not in writer.journal["slides"]]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="slide", desc="shard",
                disable=None if progress is None else not progress, file=sys.stderr)
-    results = _results_in_order(todo, params, str(out), workers)
+    results = _results_in_order(todo, params, str(out), workers, str(spool))
     try:
-        (out / SPOOL).mkdir()
+        spool.mkdir(parents=True)
         (out / "qc").mkdir(exist_ok=True)
         with bar:
-            for job, result in results:
+            for done, (job, result) in enumerate(results, len(jobs) - len(todo) + 1):
                 if result.status != "ok":
                     bar.write(f"hpcdistill: skipped {result.reason}", file=sys.stderr)
                 writer.add_slide(result, result.record(job))
                 bar.update(1)
+                if on_slide is not None:
+                    on_slide(done, len(jobs))
         writer.finish()
     except OSError as exc:  # from a worker (spool, QC image); the writer's own errors are already ShardingErrors
         if exc.errno != errno.ENOSPC:
@@ -139,10 +143,10 @@ def _write_shards(out: Path, writer: ShardWriter, jobs: list[SlideJob], params: 
     finally:
         results.close()  # waits for the slides in flight, so none writes after the clean-up
         writer.abandon()
-        remove_partial_files(out)
+        clean_up()
 
 
-def _check_skipped(out: Path, manifest: dict[str, Any], strict: bool) -> None:
+def check_skipped(out: Path, manifest: dict[str, Any], strict: bool) -> None:
     skipped = [(name, s["reason"]) for name, s in manifest["slides"].items() if s["status"] != "ok"]
     if len(skipped) == len(manifest["slides"]):
         raise ShardingError(f"{out}: nothing could be sharded: all {len(skipped)} slide(s) skipped "
@@ -167,7 +171,8 @@ def run_sharding(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *,
         manifest = finished
     else:
         writer = ShardWriter(out, params, fingerprint, journal)
-        _write_shards(out, writer, jobs, params, workers, progress)
+        write_slides(out, writer, jobs, params, workers, progress, out / SPOOL,
+                     lambda: remove_partial_files(out, out / SPOOL))
         manifest = build_manifest(params, fingerprint, classes, jobs, writer.journal["slides"],
                                   writer.journal["shards"])
         try:
@@ -175,5 +180,5 @@ def run_sharding(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *,
         except OSError as exc:
             raise disk_error(exc, out, MANIFEST) from None
         (out / JOURNAL).unlink(missing_ok=True)
-    _check_skipped(out, manifest, strict)
+    check_skipped(out, manifest, strict)
     return manifest

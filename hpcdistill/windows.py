@@ -90,6 +90,11 @@ class TissueWindows:
     def count(self) -> int:
         return sum(map(len, self.windows))
 
+    @property
+    def area(self) -> int:
+        """Level-0 pixels of all windows: what cutting the slide costs (balances array tasks)."""
+        return sum(w[2] * w[3] for windows in self.windows for w in windows)
+
 
 def find_windows(slide: Any, tissue_params: Any, windowing: Windowing) -> TissueWindows:
     """Tissue boxes on the slide's thumbnail (tissue.TissueParams), each cut into windows."""

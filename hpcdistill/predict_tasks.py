@@ -1,0 +1,121 @@
+"""Prediction as an array of tasks (SLURM, or local processes): the slides balanced by file size over the tasks, each
+task's results kept under `tasks/tNNN/` (overlays go straight to the shared `overlays/`), and the merge job that
+writes tissues.csv, slides.csv and predictions.json in slide order, exactly as a single process would."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcdistill.errors import HpcdistillError
+from hpcdistill.launch_tasks import Resubmitting
+from hpcdistill.progress import write_progress
+from hpcdistill.shard_tasks import balance, task_dir, task_name
+from hpcdistill.shard_writer import atomic_write_bytes
+
+PART = "predictions.part.json"
+
+
+@dataclass
+class PredictArrayPlan:
+    model: str
+    slides: list[str]  # in output order
+    out: str
+    assignment: list[list[int]]  # slide indices per task
+    base_mag: float | None = None
+    tissue: Any = None  # tissue.TissueParams
+    device: str = "auto"
+
+    @property
+    def tasks(self) -> int:
+        return len(self.assignment)
+
+    def key(self, index: int) -> dict[str, Any]:
+        """What a task's results must have been computed for, to be reused by a rerun."""
+        tissue = dataclasses.asdict(self.tissue) if self.tissue is not None else None
+        return {"model": self.model, "model_mtime": os.path.getmtime(self.model), "task": index, "tasks": self.tasks,
+                "slides": [self.slides[i] for i in self.assignment[index]], "base_mag": self.base_mag, "tissue": tissue}
+
+    def finished(self, index: int) -> dict[str, Any] | None:
+        try:
+            part = json.loads((task_dir(self.out, index) / PART).read_text())
+        except (OSError, ValueError):
+            return None
+        return part if part.get("key") == self.key(index) else None
+
+
+def plan_predictions(model: str | Path, slides: list[str | Path], out: str | Path, tasks: int, **options: Any
+                     ) -> PredictArrayPlan:
+    if not 1 <= tasks <= len(slides):
+        raise HpcdistillError(f"--tasks {tasks}: must be between 1 and the number of slides ({len(slides)})")
+    model = Path(model).resolve()
+    if not model.is_file():
+        raise HpcdistillError(f"{model}: no such checkpoint file")
+    paths = [str(Path(s).resolve()) for s in slides]
+    weights = [float(os.path.getsize(p)) for p in paths]
+    return PredictArrayPlan(str(model), paths, str(Path(out).resolve()), balance(weights, tasks), **options)
+
+
+def run_prediction_task(plan: PredictArrayPlan, index: int) -> dict[str, Any]:
+    """Classify task `index`'s slides; its results are kept for the merge (a rerun reuses finished tasks)."""
+    from hpcdistill.inference import pick_device
+    from hpcdistill.predict import classify_slides, summarise
+    from hpcdistill.run_folder import load_exported
+
+    folder = task_dir(plan.out, index)
+    if plan.finished(index) is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        exported = load_exported(plan.model)
+        exported.model.to(pick_device(plan.device))
+        mine = [plan.slides[i] for i in plan.assignment[index]]
+        write_progress(folder, {"mode": "predict", "phase": "predict", "unit": "slide", "step": 0,
+                                "steps": len(mine), "updated": time.time()})
+        results = classify_slides(exported, mine, Path(plan.out), base_mag=plan.base_mag, tissue=plan.tissue,
+                                  progress=False)
+        part = {"key": plan.key(index), "summary": summarise(plan.model, exported), "results": results}
+        atomic_write_bytes(folder / PART, json.dumps(part).encode("utf-8"))
+        write_progress(folder, {"mode": "predict", "phase": "done", "unit": "slide", "step": len(mine),
+                                "steps": len(mine), "updated": time.time()})
+    return {"task": index, "slides": len(plan.assignment[index])}
+
+
+def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
+    """The tasks' results in slide order, written as one single-process prediction would write them."""
+    from hpcdistill.predict import write_predictions
+
+    by_slide: dict[str, dict] = {}
+    summary: dict[str, Any] = {}
+    for index in range(plan.tasks):
+        part = plan.finished(index)
+        if part is None:
+            raise HpcdistillError(f"{task_dir(plan.out, index)}: task {task_name(index)} has not finished; rerun the "
+                                  "same command: only unfinished tasks run again")
+        summary = part["summary"]
+        by_slide.update({r["slide"]: r for r in part["results"]})
+    results = [by_slide[slide] for slide in plan.slides]
+    summary["model"] = plan.model
+    write_predictions(Path(plan.out), summary, results)
+    return {"slides": len(results), "ok": sum(r["status"] == "ok" for r in results)}
+
+
+class PredictTask(Resubmitting):
+    """Array task `index` of a prediction run (idempotent per task: a requeue redoes its slides)."""
+
+    def __init__(self, plan: PredictArrayPlan, index: int) -> None:
+        self.plan, self.index = plan, index
+
+    def run(self) -> dict[str, Any]:
+        return run_prediction_task(self.plan, self.index)
+
+
+class MergePredictionsTask(Resubmitting):
+    def __init__(self, plan: PredictArrayPlan) -> None:
+        self.plan = plan
+
+    def run(self) -> dict[str, Any]:
+        return merge_predictions(self.plan)
