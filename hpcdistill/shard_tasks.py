@@ -39,7 +39,7 @@ def slide_weights(jobs: list[SlideJob], out: Path) -> tuple[list[float], str]:
     with the same slides) when that covers every slide, else its file size."""
     try:
         rows = json.loads((out / "plan.json").read_text())["slides"]
-        areas = {row["slide"]: float(row["tissue_area"]) for row in rows if "tissue_area" in row}
+        areas = {row["slide"]: float(row.get("tissue_area", 0.0)) for row in rows}  # a skipped slide costs ~0
     except (OSError, ValueError, KeyError, TypeError):
         areas = {}
     if all(job.slide in areas or job.skip_reason for job in jobs):
@@ -128,7 +128,7 @@ def describe_plan(plan: ShardArrayPlan) -> str:
     """`--dry-run`: slides, weight and expected samples per task (samples from plan.json when it has them)."""
     try:
         rows = json.loads((Path(plan.out) / "plan.json").read_text())["slides"]
-        samples = {row["slide"]: row.get("samples") for row in rows}
+        samples = {row["slide"]: row.get("samples", 0) for row in rows}
     except (OSError, ValueError, KeyError, TypeError):
         samples = {}
     lines = [f"# {plan.tasks} tasks over {len(plan.jobs)} slides, balanced by {plan.basis}",

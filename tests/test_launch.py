@@ -159,9 +159,9 @@ def test_gpu_resources_give_one_task_per_gpu(tmp_path):
     res = {"default": dict(CPU, gpus_per_node=4, tasks_per_node=0), "evaluate": {"gpus_per_node": 0, "cpus_per_task": 4}}
     exp = load_experiment(write_experiment(tmp_path, resources=res))
     jobs = {j.key: j for j in plan_jobs(exp)}
-    params = slurm_parameters(jobs["kd"], exp, "afterok:1")
+    params = slurm_parameters(jobs["kd"], exp.name, "afterok:1")
     assert (params["gpus_per_node"], params["ntasks_per_node"], params["dependency"]) == (4, 4, "afterok:1")
-    assert "gpus_per_node" not in slurm_parameters(jobs["evaluate"], exp, None)
+    assert "gpus_per_node" not in slurm_parameters(jobs["evaluate"], exp.name, None)
     (evaluate,) = callables_for(jobs["evaluate"], exp, list(jobs.values()))
     assert evaluate.workers == 3  # the evaluation job's other CPUs decode shards
 
@@ -418,7 +418,7 @@ def test_slurm_multi_task_job_ends_when_one_rank_dies(slurm_cluster, tmp_path):
 
     exp = load_experiment(write_experiment(tmp_path, resources={"default": dict(CPU, tasks_per_node=2)}))
     ex = submitit.SlurmExecutor(folder=tmp_path / "%j", max_num_timeout=0)
-    ex.update_parameters(**slurm_parameters(plan_jobs(exp)[0], exp, None))
+    ex.update_parameters(**slurm_parameters(plan_jobs(exp)[0], exp.name, None))
     marker = tmp_path / "rank0-finished"
     job = ex.submit(submitit.helpers.CommandFunction(
         ["bash", "-c", f'if [ "$SLURM_PROCID" = 1 ]; then exit 3; fi; sleep 300; touch {marker}']))

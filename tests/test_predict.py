@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -119,3 +120,22 @@ def test_prediction_cuts_tissues_into_the_training_windows(tiny_teacher, tmp_pat
         areas = [w["box_l0"][2] * w["box_l0"][3] for w in mine]
         mean0 = sum(a * w["probs"][0] for a, w in zip(areas, mine)) / sum(areas)
         assert t["probs"][0] == pytest.approx(mean0, abs=1e-6) and t["windows"] == len(mine)
+
+
+def test_predict_as_two_local_tasks_equals_one_process(tiny_teacher, tiny_dataset, tmp_path, capsys):
+    """`predict --cluster local --tasks 2` writes, row for row, what one process writes (slides in sorted order)."""
+    from hpcdistill import cli
+
+    slides = [str(p) for p in tiny_dataset["slides"][:5]]
+    assert cli.main(["predict", str(tiny_teacher), *slides, "--out", str(tmp_path / "one")]) == 0
+    assert cli.main(["predict", str(tiny_teacher), *slides, "--out", str(tmp_path / "two"), "--cluster", "local",
+                     "--tasks", "2"]) == 0
+    for name in ("tissues.csv", "slides.csv"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+    one, two = (json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("one", "two"))
+    for a, b in zip(one["slides"], two["slides"], strict=True):  # each overlay lies in its own --out
+        assert a.pop("overlay").replace("/one/", "/two/") == b.pop("overlay") and a == b
+    assert [s["slide"] for s in one["slides"]] == sorted(slides)
+    record = json.loads((tmp_path / "two" / "launch.json").read_text())
+    assert [len(j["tasks"]) for j in record["jobs"]] == [2, 1]
+    assert all((tmp_path / "two" / "overlays" / f"{Path(s).stem}.png").is_file() for s in slides)
