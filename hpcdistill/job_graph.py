@@ -129,7 +129,7 @@ def shard_jobs(plan: Any, resources: Resources, workers: int, strict: bool) -> l
     todo = plan.unfinished()
     one = dataclasses.replace(resources, nodes=1, tasks_per_node=1, gpus_per_node=0)
     tasks = [TaskPlan(f"shard-{task_name(i)}", None, str(task_dir(plan.out, i)), "", []) for i in todo]
-    jobs = [JobPlan("shard", "shard", one, tasks, label="Shard", callables=[ShardTask(plan, i, workers) for i in todo])]
+    jobs = [JobPlan("shard", "shard", one, tasks, label="Shard", callables=[ShardTask(plan.share(i), workers) for i in todo])]
     merge = JobPlan("merge", "merge", dataclasses.replace(one, cpus_per_task=1),
                     [TaskPlan("merge", None, plan.out, "", [])], after_ok=["shard"] if todo else [], label="Merge",
                     callables=[MergeTask(plan, strict)])
@@ -193,7 +193,7 @@ def predict_jobs(plan: Any, resources: Resources) -> list[JobPlan]:
     todo = [i for i in range(plan.tasks) if plan.finished(i) is None]
     one = dataclasses.replace(resources, nodes=1, tasks_per_node=1)
     tasks = [TaskPlan(f"predict-{task_name(i)}", None, str(task_dir(plan.out, i)), "", []) for i in todo]
-    jobs = [JobPlan("predict", "predict", one, tasks, label="Predict", callables=[PredictTask(plan, i) for i in todo])]
+    jobs = [JobPlan("predict", "predict", one, tasks, label="Predict", callables=[PredictTask(plan.share(i)) for i in todo])]
     merge = JobPlan("merge", "merge", dataclasses.replace(one, cpus_per_task=1, gpus_per_node=0),
                     [TaskPlan("merge", None, plan.out, "", [])], after_ok=["predict"] if todo else [], label="Merge",
                     callables=[MergePredictionsTask(plan)])

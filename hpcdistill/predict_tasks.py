@@ -22,6 +22,33 @@ PART = "predictions.part.json"
 
 
 @dataclass
+class PredictShare:
+    """One task's slides and the settings they are classified with (submitit pickles one per task)."""
+
+    model: str
+    slides: list[str]
+    out: str
+    index: int
+    tasks: int
+    base_mag: float | None = None
+    tissue: Any = None  # tissue.TissueParams
+    device: str = "auto"
+
+    def key(self) -> dict[str, Any]:
+        """What a task's results must have been computed for, to be reused by a rerun."""
+        tissue = dataclasses.asdict(self.tissue) if self.tissue is not None else None
+        return {"model": self.model, "model_mtime": os.path.getmtime(self.model), "task": self.index,
+                "tasks": self.tasks, "slides": self.slides, "base_mag": self.base_mag, "tissue": tissue}
+
+    def finished(self) -> dict[str, Any] | None:
+        try:
+            part = json.loads((task_dir(self.out, self.index) / PART).read_text())
+        except (OSError, ValueError):
+            return None
+        return part if part.get("key") == self.key() else None
+
+
+@dataclass
 class PredictArrayPlan:
     model: str
     slides: list[str]  # in output order
@@ -35,18 +62,12 @@ class PredictArrayPlan:
     def tasks(self) -> int:
         return len(self.assignment)
 
-    def key(self, index: int) -> dict[str, Any]:
-        """What a task's results must have been computed for, to be reused by a rerun."""
-        tissue = dataclasses.asdict(self.tissue) if self.tissue is not None else None
-        return {"model": self.model, "model_mtime": os.path.getmtime(self.model), "task": index, "tasks": self.tasks,
-                "slides": [self.slides[i] for i in self.assignment[index]], "base_mag": self.base_mag, "tissue": tissue}
+    def share(self, index: int) -> PredictShare:
+        return PredictShare(self.model, [self.slides[i] for i in self.assignment[index]], self.out, index, self.tasks,
+                            self.base_mag, self.tissue, self.device)
 
     def finished(self, index: int) -> dict[str, Any] | None:
-        try:
-            part = json.loads((task_dir(self.out, index) / PART).read_text())
-        except (OSError, ValueError):
-            return None
-        return part if part.get("key") == self.key(index) else None
+        return self.share(index).finished()
 
 
 def plan_predictions(model: str | Path, slides: list[str | Path], out: str | Path, tasks: int, **options: Any
@@ -61,27 +82,27 @@ def plan_predictions(model: str | Path, slides: list[str | Path], out: str | Pat
     return PredictArrayPlan(str(model), paths, str(Path(out).resolve()), balance(weights, tasks), **options)
 
 
-def run_prediction_task(plan: PredictArrayPlan, index: int) -> dict[str, Any]:
-    """Classify task `index`'s slides; its results are kept for the merge (a rerun reuses finished tasks)."""
+def run_prediction_task(share: PredictShare) -> dict[str, Any]:
+    """Classify one task's slides; its results are kept for the merge (a rerun reuses finished tasks)."""
     from hpcdistill.inference import pick_device
     from hpcdistill.predict import classify_slides, summarise
     from hpcdistill.run_folder import load_exported
 
-    folder = task_dir(plan.out, index)
-    if plan.finished(index) is None:
+    folder = task_dir(share.out, share.index)
+    if share.finished() is None:
         folder.mkdir(parents=True, exist_ok=True)
-        exported = load_exported(plan.model)
-        exported.model.to(pick_device(plan.device))
-        mine = [plan.slides[i] for i in plan.assignment[index]]
-        write_progress(folder, {"mode": "predict", "phase": "predict", "unit": "slide", "step": 0,
-                                "steps": len(mine), "updated": time.time()})
-        results = classify_slides(exported, mine, Path(plan.out), base_mag=plan.base_mag, tissue=plan.tissue,
-                                  progress=False)
-        part = {"key": plan.key(index), "summary": summarise(plan.model, exported), "results": results}
+        exported = load_exported(share.model)
+        exported.model.to(pick_device(share.device))
+        count = len(share.slides)
+        write_progress(folder, {"mode": "predict", "phase": "predict", "unit": "slide", "step": 0, "steps": count,
+                                "updated": time.time()})
+        results = classify_slides(exported, share.slides, Path(share.out), base_mag=share.base_mag,
+                                  tissue=share.tissue, progress=False)
+        part = {"key": share.key(), "summary": summarise(share.model, exported), "results": results}
         atomic_write_bytes(folder / PART, json.dumps(part).encode("utf-8"))
-        write_progress(folder, {"mode": "predict", "phase": "done", "unit": "slide", "step": len(mine),
-                                "steps": len(mine), "updated": time.time()})
-    return {"task": index, "slides": len(plan.assignment[index])}
+        write_progress(folder, {"mode": "predict", "phase": "done", "unit": "slide", "step": count, "steps": count,
+                                "updated": time.time()})
+    return {"task": share.index, "slides": len(share.slides)}
 
 
 def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
@@ -104,13 +125,13 @@ def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
 
 
 class PredictTask(Resubmitting):
-    """Array task `index` of a prediction run (idempotent per task: a requeue redoes its slides)."""
+    """One array task of a prediction run (a requeue redoes its slides: the results are written at the end)."""
 
-    def __init__(self, plan: PredictArrayPlan, index: int) -> None:
-        self.plan, self.index = plan, index
+    def __init__(self, share: PredictShare) -> None:
+        self.share = share
 
     def run(self) -> dict[str, Any]:
-        return run_prediction_task(self.plan, self.index)
+        return run_prediction_task(self.share)
 
 
 class MergePredictionsTask(Resubmitting):

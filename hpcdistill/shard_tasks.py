@@ -58,6 +58,24 @@ def balance(weights: list[float], tasks: int) -> list[list[int]]:
 
 
 @dataclass
+class TaskShare:
+    """What one array task needs: its own slides, not the whole plan (submitit pickles one per task)."""
+
+    out: str
+    params: ShardParams
+    fingerprint: dict[str, Any]
+    tasks: int
+    index: int
+    jobs: list[SlideJob]
+
+    @property
+    def task_fingerprint(self) -> dict[str, Any]:
+        """A task's journal and partial manifest must match the run's parameters and its own share of the slides."""
+        return {**self.fingerprint, "task": self.index, "tasks": self.tasks,
+                "task_slides": [job.slide for job in self.jobs]}
+
+
+@dataclass
 class ShardArrayPlan:
     """Everything the tasks and the merge need, fixed before submission (pickled into each job by submitit)."""
 
@@ -74,13 +92,12 @@ class ShardArrayPlan:
     def tasks(self) -> int:
         return len(self.assignment)
 
-    def task_jobs(self, index: int) -> list[SlideJob]:
-        return [self.jobs[i] for i in self.assignment[index]]
+    def share(self, index: int) -> TaskShare:
+        return TaskShare(self.out, self.params, self.fingerprint, self.tasks, index,
+                         [self.jobs[i] for i in self.assignment[index]])
 
     def task_fingerprint(self, index: int) -> dict[str, Any]:
-        """A task's journal and partial manifest must match the run's parameters and its own share of the slides."""
-        return {**self.fingerprint, "task": index, "tasks": self.tasks,
-                "task_slides": [job.slide for job in self.task_jobs(index)]}
+        return self.share(index).task_fingerprint
 
     def finished(self, index: int) -> bool:
         return read_matching(task_dir(self.out, index) / PART, self.task_fingerprint(index)) is not None
@@ -142,12 +159,12 @@ def describe_plan(plan: ShardArrayPlan) -> str:
     return "\n".join(lines)
 
 
-def run_task(plan: ShardArrayPlan, index: int, workers: int) -> dict[str, Any]:
-    """Cut task `index`'s slides into its own shards, resuming from its journal; writes its partial manifest."""
+def run_task(share: TaskShare, workers: int) -> dict[str, Any]:
+    """Cut one task's slides into its own shards, resuming from its journal; writes its partial manifest."""
     from hpcdistill.sharding import write_slides
 
-    out, folder, jobs = Path(plan.out), task_dir(plan.out, index), plan.task_jobs(index)
-    fingerprint = plan.task_fingerprint(index)
+    index, out, jobs = share.index, Path(share.out), share.jobs
+    folder, fingerprint = task_dir(out, index), share.task_fingerprint
     folder.mkdir(parents=True, exist_ok=True)
     if read_matching(folder / PART, fingerprint) is None:
         tag = f"{task_name(index)}-"
@@ -162,9 +179,9 @@ def run_task(plan: ShardArrayPlan, index: int, workers: int) -> dict[str, Any]:
 
         clean_up()
         journal = read_matching(folder / JOURNAL, fingerprint)
-        writer = ShardWriter(out, plan.params, fingerprint, journal and check_journalled(out, journal),
+        writer = ShardWriter(out, share.params, fingerprint, journal and check_journalled(out, journal),
                              folder / JOURNAL, tag)
-        write_slides(out, writer, jobs, plan.params, workers, False, spool, clean_up, report)
+        write_slides(out, writer, jobs, share.params, workers, False, spool, clean_up, report)
         part = {"params": fingerprint, "slides": writer.journal["slides"], "shards": writer.journal["shards"]}
         atomic_write_bytes(folder / PART, json.dumps(part, sort_keys=True).encode("utf-8"))
         (folder / JOURNAL).unlink(missing_ok=True)
@@ -195,13 +212,13 @@ def merge_parts(plan: ShardArrayPlan, strict: bool) -> dict[str, Any]:
 
 
 class ShardTask(Resubmitting):
-    """Array task `index` of a sharding run; a requeued task resumes from its own journal."""
+    """One array task of a sharding run; a requeued task resumes from its own journal."""
 
-    def __init__(self, plan: ShardArrayPlan, index: int, workers: int = 1) -> None:
-        self.plan, self.index, self.workers = plan, index, workers
+    def __init__(self, share: TaskShare, workers: int = 1) -> None:
+        self.share, self.workers = share, workers
 
     def run(self) -> dict[str, Any]:
-        return run_task(self.plan, self.index, self.workers)
+        return run_task(self.share, self.workers)
 
 
 class MergeTask(Resubmitting):
