@@ -152,6 +152,13 @@ def _shard_array(args: argparse.Namespace, params: Any) -> int:
     return 0 if args.dry_run else print_manifest(read_manifest(args.out), args.out, list_skipped=True)
 
 
+def _predict_options(args: argparse.Namespace) -> Any:
+    from hpcdistill.predict import PredictOptions
+
+    return PredictOptions(base_mag=args.base_mag, tissue=_tissue_params(args), heatmap=args.heatmap,
+                          heatmap_class=args.heatmap_class, slide_rule=args.slide_rule)
+
+
 def _predict_array(args: argparse.Namespace, slides: list[Path]) -> dict[str, Any] | None:
     """`predict --cluster`: the array and its merge; the merged predictions.json, or None when not waited for."""
     import json
@@ -159,8 +166,11 @@ def _predict_array(args: argparse.Namespace, slides: list[Path]) -> dict[str, An
     from hpcdistill.job_graph import predict_jobs
     from hpcdistill.predict_tasks import plan_predictions
 
-    plan = plan_predictions(args.model, slides, args.out, args.tasks, base_mag=args.base_mag,
-                            tissue=_tissue_params(args), device=args.device)
+    from hpcdistill.predict import check_options
+    from hpcdistill.run_folder import load_exported
+
+    options = check_options(_predict_options(args), load_exported(args.model).classes)  # before anything is queued
+    plan = plan_predictions(args.model, slides, args.out, args.tasks, options, args.device)
     if run_array(f"predict-{Path(args.out).name}", args.out, predict_jobs(plan, cluster_resources(args)), args) is None:
         return None
     return json.loads((Path(args.out) / "predictions.json").read_text())
@@ -241,6 +251,12 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for tissues.csv, slides.csv, predictions.json, overlays/")
     p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
     p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
+    p.add_argument("--slide-rule", choices=["mean", "max"], default="mean",
+                   help="slide call: mean = tissue-area-weighted mean probability; max = per class the highest tissue "
+                        "probability")
+    p.add_argument("--heatmap", action="store_true",
+                   help="also write class-activation heat maps (overlay PNG, .npy arrays) and CAM cells in the GeoJSON")
+    p.add_argument("--heatmap-class", help="the class whose probability the heat map shows (default: the slide's call)")
     p.add_argument("--dry-run", action="store_true", help="with --cluster: print the array and its sbatch scripts only")
     add_cluster_flags(p, "classifying")
     _add_tissue_flags(p)
@@ -263,8 +279,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if summary is None:
             return 0
     else:
-        summary = predict_slides(args.model, slides, args.out, base_mag=args.base_mag, tissue=_tissue_params(args),
-                                 device=args.device)
+        summary = predict_slides(args.model, slides, args.out, device=args.device, options=_predict_options(args))
     ok = [s for s in summary["slides"] if s["status"] == "ok"]
     for s in ok:
         print(f"{s['slide']}: {s['call']} ({len(s['tissues'])} tissues)")

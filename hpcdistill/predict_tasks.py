@@ -30,15 +30,13 @@ class PredictShare:
     out: str
     index: int
     tasks: int
-    base_mag: float | None = None
-    tissue: Any = None  # tissue.TissueParams
+    options: Any  # predict.PredictOptions
     device: str = "auto"
 
     def key(self) -> dict[str, Any]:
         """What a task's results must have been computed for, to be reused by a rerun."""
-        tissue = dataclasses.asdict(self.tissue) if self.tissue is not None else None
         return {"model": self.model, "model_mtime": os.path.getmtime(self.model), "task": self.index,
-                "tasks": self.tasks, "slides": self.slides, "base_mag": self.base_mag, "tissue": tissue}
+                "tasks": self.tasks, "slides": self.slides, "options": dataclasses.asdict(self.options)}
 
     def finished(self) -> dict[str, Any] | None:
         try:
@@ -54,8 +52,7 @@ class PredictArrayPlan:
     slides: list[str]  # in output order
     out: str
     assignment: list[list[int]]  # slide indices per task
-    base_mag: float | None = None
-    tissue: Any = None  # tissue.TissueParams
+    options: Any  # predict.PredictOptions
     device: str = "auto"
 
     @property
@@ -64,14 +61,14 @@ class PredictArrayPlan:
 
     def share(self, index: int) -> PredictShare:
         return PredictShare(self.model, [self.slides[i] for i in self.assignment[index]], self.out, index, self.tasks,
-                            self.base_mag, self.tissue, self.device)
+                            self.options, self.device)
 
     def finished(self, index: int) -> dict[str, Any] | None:
         return self.share(index).finished()
 
 
-def plan_predictions(model: str | Path, slides: list[str | Path], out: str | Path, tasks: int, **options: Any
-                     ) -> PredictArrayPlan:
+def plan_predictions(model: str | Path, slides: list[str | Path], out: str | Path, tasks: int, options: Any,
+                     device: str = "auto") -> PredictArrayPlan:
     if not 1 <= tasks <= len(slides):
         raise HpcdistillError(f"--tasks {tasks}: must be between 1 and the number of slides ({len(slides)})")
     model = Path(model).resolve()
@@ -79,7 +76,7 @@ def plan_predictions(model: str | Path, slides: list[str | Path], out: str | Pat
         raise HpcdistillError(f"{model}: no such checkpoint file")
     paths = [str(Path(s).resolve()) for s in slides]
     weights = [float(os.path.getsize(p)) for p in paths]
-    return PredictArrayPlan(str(model), paths, str(Path(out).resolve()), balance(weights, tasks), **options)
+    return PredictArrayPlan(str(model), paths, str(Path(out).resolve()), balance(weights, tasks), options, device)
 
 
 def run_prediction_task(share: PredictShare) -> dict[str, Any]:
@@ -96,9 +93,8 @@ def run_prediction_task(share: PredictShare) -> dict[str, Any]:
         count = len(share.slides)
         write_progress(folder, {"mode": "predict", "phase": "predict", "unit": "slide", "step": 0, "steps": count,
                                 "updated": time.time()})
-        results = classify_slides(exported, share.slides, Path(share.out), base_mag=share.base_mag,
-                                  tissue=share.tissue, progress=False)
-        part = {"key": share.key(), "summary": summarise(share.model, exported), "results": results}
+        results = classify_slides(exported, share.slides, Path(share.out), share.options, progress=False)
+        part = {"key": share.key(), "summary": summarise(share.model, exported, share.options), "results": results}
         atomic_write_bytes(folder / PART, json.dumps(part).encode("utf-8"))
         write_progress(folder, {"mode": "predict", "phase": "done", "unit": "slide", "step": count, "steps": count,
                                 "updated": time.time()})

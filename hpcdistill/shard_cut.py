@@ -137,8 +137,11 @@ def survey_slide(slide: Any, job: SlideJob, params: ShardParams,
         return None, (f"{job.path}: magnification {mag_name(max(too_high))} is above the slide's base magnification "
                       f"{mag_name(info.base_mag)} ({info.mag_source})")
     found = find_windows(slide, params.tissue, params.windowing)
-    tissue.write_qc_png(Path(qc_dir) / f"{job.slide}.png", found.thumb, found.boxes, found.scale,
-                        labels=[f"t{i:03d}" for i in range(len(found.boxes))])
+    names = [f"t{i:03d}" for i in range(len(found.boxes))]
+    tissue.write_qc_png(Path(qc_dir) / f"{job.slide}.png", found.thumb, found.boxes, found.scale, labels=names,
+                        title=f"{job.slide}: {len(found.boxes)} tissues, {found.count} windows "
+                              f"(base {mag_name(info.base_mag)}, split {job.split or '-'})",
+                        legend=[(name, tissue.QC_PALETTE[i % len(tissue.QC_PALETTE)]) for i, name in enumerate(names)])
     return found, None if found.boxes else f"{job.path}: no tissue found on the thumbnail"
 
 

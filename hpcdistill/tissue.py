@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pyvips
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from hpcdistill.errors import HpcdistillError
 
 # Box colours for the QC image when none are given (distinct on white and on H&E pink/purple).
 QC_PALETTE = ((0, 160, 0), (0, 90, 255), (255, 140, 0), (220, 0, 0), (0, 180, 180), (140, 0, 200))
+# Class colours of prediction overlays, heat maps and QuPath classifications: distinct, colour-blind-friendly (Okabe-Ito)
+CLASS_COLOURS = ((0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233))
 # zlib level of the QC PNG: 3 is ~3x faster than the default 6 for ~20% more bytes on a noisy thumbnail.
 QC_PNG_COMPRESSION = 3
 
@@ -142,14 +144,17 @@ def tissue_mask(thumb: np.ndarray, params: TissueParams) -> np.ndarray:
     return keep[labels]
 
 
-def find_tissue_boxes(
-    thumb: np.ndarray,
-    scale: float,
-    params: TissueParams,
-    slide_size: tuple[int, int] | None = None,
-) -> list[tuple[int, int, int, int]]:
+def find_tissue_boxes(thumb: np.ndarray, scale: float, params: TissueParams,
+                      slide_size: tuple[int, int] | None = None) -> list[tuple[int, int, int, int]]:
     """Level-0 boxes (x, y, w, h) of the tissue pieces, padded, clipped to the slide, sorted top-to-bottom then
     left-to-right. `scale` is level-0 px per thumbnail px; `slide_size` (w, h) defaults to thumbnail * scale."""
+    return find_tissues(thumb, scale, params, slide_size)[0]
+
+
+def find_tissues(thumb: np.ndarray, scale: float, params: TissueParams, slide_size: tuple[int, int] | None = None
+                 ) -> tuple[list[tuple[int, int, int, int]], np.ndarray, list[int]]:
+    """The boxes as find_tissue_boxes gives them, the thumbnail's labelled tissue mask (0 = background), and each
+    box's label in it: the tissue's own outline, for polygons and heat maps."""
     if thumb.ndim != 3 or thumb.shape[2] < 3 or thumb.dtype != np.uint8:
         raise HpcdistillError(f"tissue thumbnail: expected (H, W, 3) uint8, got {thumb.shape} {thumb.dtype}")
     if not scale > 0:
@@ -157,8 +162,8 @@ def find_tissue_boxes(
     thumb_h, thumb_w = thumb.shape[:2]
     slide_w, slide_h = slide_size if slide_size is not None else (round(thumb_w * scale), round(thumb_h * scale))
     labels, _ = ndimage.label(tissue_mask(thumb, params), structure=np.ones((3, 3), dtype=bool))
-    boxes = []
-    for found in ndimage.find_objects(labels):
+    boxes, owners = [], []
+    for label, found in enumerate(ndimage.find_objects(labels), 1):
         if found is None:
             continue
         rows, cols = found
@@ -169,7 +174,36 @@ def find_tissue_boxes(
         y1 = min(slide_h, int(np.ceil((rows.stop + pad) * scale)))
         if x1 > x0 and y1 > y0:
             boxes.append((x0, y0, x1 - x0, y1 - y0))
-    return sorted(boxes, key=lambda box: (box[1], box[0], box[3], box[2]))
+            owners.append(label)
+    order = sorted(range(len(boxes)), key=lambda i: (boxes[i][1], boxes[i][0], boxes[i][3], boxes[i][2]))
+    return [boxes[i] for i in order], labels, [owners[i] for i in order]
+
+
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """A scalable font (Pillow's own), so labels stay readable at 100% zoom whatever the thumbnail size."""
+    return ImageFont.load_default(size=size)
+
+
+def text_size(image: Image.Image) -> int:
+    return max(14, round(max(image.size) / 90))
+
+
+def draw_legend(image: Image.Image, title: str, entries: list[tuple[str, tuple[int, int, int] | str]]) -> Image.Image:
+    """The image with a white band below it: a title line, then one coloured swatch and name per entry."""
+    size = text_size(image)
+    face = font(size)
+    per_row = max(1, image.width // (size * 12))
+    rows = 1 + (len(entries) + per_row - 1) // per_row
+    out = Image.new("RGB", (image.width, image.height + rows * (size + 8) + 8), (255, 255, 255))
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    top = image.height + 6
+    draw.text((8, top), title, fill=(0, 0, 0), font=face)
+    for i, (name, colour) in enumerate(entries):
+        x, y = 8 + (i % per_row) * size * 12, top + (1 + i // per_row) * (size + 8)
+        draw.rectangle((x, y + 2, x + size, y + size + 2), fill=colour)
+        draw.text((x + size + 6, y), name, fill=(0, 0, 0), font=face)
+    return out
 
 
 def write_qc_png(
@@ -179,27 +213,37 @@ def write_qc_png(
     scale: float,
     labels: list[str] | None = None,
     colors: list[tuple[int, int, int] | str] | None = None,
+    title: str | None = None,
+    legend: list[tuple[str, tuple[int, int, int] | str]] | None = None,
 ) -> None:
-    """Draw the level-0 boxes (and optional labels) on the thumbnail and write it as PNG (atomically, fast zlib)."""
+    """Draw the level-0 boxes (and their labels, in text readable at 100% zoom) on the thumbnail, with a title and
+    legend band below it, and write it as PNG (atomically, fast zlib)."""
     if labels is not None and len(labels) != len(boxes_l0):
         raise HpcdistillError(f"{path}: {len(labels)} labels for {len(boxes_l0)} boxes")
     if colors is not None and len(colors) != len(boxes_l0):
         raise HpcdistillError(f"{path}: {len(colors)} colours for {len(boxes_l0)} boxes")
     image = Image.fromarray(np.ascontiguousarray(thumb[..., :3]), mode="RGB")
     draw = ImageDraw.Draw(image)
-    line = max(1, round(max(image.size) / 400))
+    line = max(2, round(max(image.size) / 400))
+    face = font(text_size(image))
     for index, (x, y, w, h) in enumerate(boxes_l0):
         colour = colors[index] if colors is not None else QC_PALETTE[index % len(QC_PALETTE)]
         corners = (x / scale, y / scale, (x + w) / scale - 1, (y + h) / scale - 1)
         draw.rectangle(corners, outline=colour, width=line)
         if labels is not None:
-            text_at = (corners[0] + line + 1, corners[1] + line + 1)
-            draw.text(text_at, labels[index], fill=colour, stroke_width=1, stroke_fill=(255, 255, 255))
+            text_at = (corners[0] + line + 2, corners[1] + line + 2)
+            draw.text(text_at, labels[index], fill=colour, font=face, stroke_width=2, stroke_fill=(255, 255, 255))
+    if title is not None or legend:
+        image = draw_legend(image, title or "", legend or [])
+    _save_png(path, np.asarray(image))
+
+
+def _save_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial = f"{path}.partial"
     try:
-        pyvips.Image.new_from_array(np.asarray(image)).pngsave(partial, compression=QC_PNG_COMPRESSION, filter="sub")
+        pyvips.Image.new_from_array(pixels).pngsave(partial, compression=QC_PNG_COMPRESSION, filter="sub")
         os.replace(partial, path)
     except BaseException:  # a full disk: no half-written PNG stays behind
         Path(partial).unlink(missing_ok=True)

@@ -85,6 +85,13 @@ class TissueWindows:
     scale: float  # level-0 px per thumbnail px
     boxes: list[Box]
     windows: list[list[Box]]  # windows[t]: the windows of tissue t
+    labels: np.ndarray | None = None  # the thumbnail's labelled tissue mask (tissue.find_tissues)
+    box_labels: list[int] | None = None  # box t's label in it
+
+    def mask(self, t: int | None = None) -> np.ndarray:
+        """The tissue mask on the thumbnail: of tissue t, or of every tissue."""
+        assert self.labels is not None and self.box_labels is not None
+        return self.labels == self.box_labels[t] if t is not None else np.isin(self.labels, self.box_labels)
 
     @property
     def count(self) -> int:
@@ -102,6 +109,6 @@ def find_windows(slide: Any, tissue_params: Any, windowing: Windowing) -> Tissue
 
     info = slide.info
     thumb, scale = slide.thumbnail(tissue_params.thumb_size)
-    boxes = tissue.find_tissue_boxes(thumb, scale, tissue_params, slide_size=(info.width, info.height))
+    boxes, labels, box_labels = tissue.find_tissues(thumb, scale, tissue_params, slide_size=(info.width, info.height))
     windows = [split_windows(box, (info.width, info.height), info.base_mag, windowing) for box in boxes]
-    return TissueWindows(thumb, scale, boxes, windows)
+    return TissueWindows(thumb, scale, boxes, windows, labels, box_labels)

@@ -133,8 +133,10 @@ def test_predict_as_two_local_tasks_equals_one_process(tiny_teacher, tiny_datase
     for name in ("tissues.csv", "slides.csv"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
     one, two = (json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("one", "two"))
-    for a, b in zip(one["slides"], two["slides"], strict=True):  # each overlay lies in its own --out
-        assert a.pop("overlay").replace("/one/", "/two/") == b.pop("overlay") and a == b
+    for a, b in zip(one["slides"], two["slides"], strict=True):  # each overlay and GeoJSON lies in its own --out
+        for key in ("overlay", "geojson"):
+            assert a.pop(key).replace("/one/", "/two/") == b.pop(key)
+        assert a == b
     assert [s["slide"] for s in one["slides"]] == sorted(slides)
     record = json.loads((tmp_path / "two" / "launch.json").read_text())
     assert [len(j["tasks"]) for j in record["jobs"]] == [2, 1]
