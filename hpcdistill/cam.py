@@ -15,6 +15,7 @@ import torch
 STEM_STRIDE = {"standard": 32, "halfres": 16, "lowres": 8}  # input px per feature-map cell (models.py stems)
 
 
+@torch.no_grad()
 def cam_logits(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
     """(N, classes, h, w) logits per location, in fp32: the FC layer on each feature vector."""
     weight, bias = model.fc.weight.float(), model.fc.bias.float()

@@ -181,6 +181,25 @@ DATASET_FORMATS = (("svs", 40.0), ("svs", 20.0), ("tiff", 40.0), ("svs", 40.0), 
 LABELS_CSV_COLUMNS = ("slide", "patient", "label", "split")
 
 
+def write_two_class_slide(path: str | os.PathLike, width: int, height: int, left_class: int, right_class: int, *,
+                          base_mag: float = 40.0, seed: int = 0) -> dict:
+    """A generic pyramidal TIFF whose left half holds one tissue of `left_class` and right half one of
+    `right_class` (two scenes side by side): a slide on which a heat map must change class halfway."""
+    path, mpp, half = Path(path), 10.0 / base_mag, width // 2
+    scenes = [make_scene(half, height, mpp=mpp, class_id=left_class, seed=seed, n_tissues=1),
+              make_scene(width - half, height, mpp=mpp, class_id=right_class, seed=seed + 1, n_tissues=1)]
+    level = np.concatenate([render_image(s, s.width, s.height, 1.0) for s in scenes], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(path) as tif:
+        for k, (f, lw, lh) in enumerate(_level_shapes(width, height)):
+            pixels = level if k == 0 else level[: lh * f : f, : lw * f : f][:lh, :lw]
+            tif.write(np.ascontiguousarray(pixels), tile=(TILE, TILE), photometric="rgb", compression="jpeg",
+                      compressionargs={"level": JPEG_QUALITY}, resolution=(1e4 / (mpp * f), 1e4 / (mpp * f)),
+                      resolutionunit="CENTIMETER", subfiletype=1 if k else 0, metadata=None, software=False)
+    (x, y, w, h), (rx, ry, rw, rh) = scenes[0].tissue_boxes()[0], scenes[1].tissue_boxes()[0]
+    return {"path": str(path), "classes": (left_class, right_class), "tissue_boxes": [(x, y, w, h), (rx + half, ry, rw, rh)]}
+
+
 def dataset_classes(classes: Sequence[str] | int) -> list[str]:
     """Class names: an int n picks CLASS_NAMES[:n]; names map in order onto the per-class nuclei table."""
     names = list(CLASS_NAMES[:classes]) if isinstance(classes, int) else [str(c) for c in classes]

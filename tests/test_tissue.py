@@ -141,6 +141,22 @@ def test_qc_png_draws_the_boxes(tmp_path):
         write_qc_png(path, thumb, boxes, 4.0, labels=["only one"])
 
 
+def test_qc_png_has_a_title_and_legend_in_readable_text(tmp_path):
+    from hpcdistill.tissue import find_tissues, text_size
+
+    thumb = slide_thumb()
+    boxes, labels, owners = find_tissues(thumb, 4.0, TissueParams())
+    assert len(owners) == len(boxes) and all((labels == o).any() for o in owners)  # each box has its own mask
+    path = tmp_path / "legend.png"
+    write_qc_png(path, thumb, boxes, 4.0, labels=["t0", "t1"], title="slide: 2 tissues",
+                 legend=[("t0", (0, 160, 0)), ("t1", (0, 90, 255))])
+    drawn = np.asarray(Image.open(path).convert("RGB"))
+    band = drawn[thumb.shape[0]:]
+    assert drawn.shape[1] == thumb.shape[1] and band.shape[0] >= 2 * text_size(Image.fromarray(thumb))
+    assert (band == (0, 160, 0)).all(axis=2).sum() > 100 and (band < 60).all(axis=2).sum() > 20  # swatch, text
+    assert text_size(Image.fromarray(thumb)) >= 14
+
+
 def test_tissue_on_a_real_svs(tmp_path):
     image = np.full((1200, 1600, 3), 238, np.uint8)
     image[100:500, 200:700] = PINK
