@@ -116,11 +116,14 @@ def test_geojson_is_what_qupath_imports(predicted):
         assert max(c[2][0] - c[0][0] for c in cells) <= meta["cell_l0"] + 1 and meta["stride_px"] == 16
 
 
-def test_without_heatmap_the_outputs_keep_their_form_and_the_rule_is_written(two_class_teacher, tmp_path):
+def test_without_heatmap_the_outputs_keep_their_form_and_the_rule_is_written(two_class_teacher, predicted,
+                                                                               tmp_path):
     from hpcdistill.predict import predict_slides
 
     slide = two_class_teacher["slide"]["path"]
     mean = predict_slides(two_class_teacher["model"], [slide], tmp_path / "mean")
+    for name in ("tissues.csv", "slides.csv"):  # the heat map changes no number
+        assert (tmp_path / "mean" / name).read_text() == (predicted["out"] / name).read_text()
     best = predict_slides(two_class_teacher["model"], [slide], tmp_path / "max", slide_rule="max")
     assert not (tmp_path / "mean" / "heatmaps").exists()
     with open(tmp_path / "mean" / "slides.csv") as fh:
