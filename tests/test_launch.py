@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import sacct_wait_final
+from conftest import SLURM_FINAL_STATES, sacct_wait_final
 from hpcdistill.config import load_config
 from hpcdistill.data import per_rank_samples
 from hpcdistill.errors import LaunchError
@@ -460,8 +460,9 @@ def test_slurm_crashing_job_is_reported_failed(slurm_cluster, shards, tmp_path):
     deadline = time.monotonic() + 60
     while True:  # SLURM cancels the dependants (kill-on-invalid-dep) instead of leaving them pending
         states = {r["task"]: r["state"] for r in status(exp_dir)}
-        # every dependant, evaluate included: SLURM may cancel them in different scheduler passes
-        if "PENDING" not in states.values() or time.monotonic() > deadline:
+        # every dependant, evaluate included: SLURM may cancel them in different scheduler passes, and a job sacct
+        # has not recorded yet reads UNKNOWN
+        if set(states.values()) <= SLURM_FINAL_STATES or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert states == {"teacher": "FAILED", "kd-5x": "CANCELLED", "kd-2.5x": "CANCELLED", "evaluate": "CANCELLED"}
