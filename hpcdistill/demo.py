@@ -86,6 +86,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     """Run the whole demo; returns where everything is."""
     from hpcdistill.demo_record import write_record
     from hpcdistill.launch import launch
+    from hpcdistill.comparisons import paired_comparisons
     from hpcdistill.report import load_results, ordering_check
 
     plan = QUICK if quick else FULL
@@ -115,7 +116,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
         "tensorboard": str(exp_dir),
         "shards": str(shards),
         "experiment": str(experiment),
-        "ordering": ordering_check(results),
+        "ordering": ordering_check(results, paired_comparisons(results)),
         "minutes": round((time.monotonic() - started) / 60, 1),
         "phase_minutes": {name: round(seconds / 60, 1) for name, seconds in phases.items()},
     }

@@ -119,6 +119,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
                       groups=[r["slide"] for r in labeled] if by_slide else None)
     record = {
         "method": method or method_label(exported.config), "study": study, "dataset": dataset_name(shards),
+        "seed": exported.config.get("run", {}).get("seed"),
         "mag": exported.mag, "split": split, "samples": len(labeled), "slides": len({r["slide"] for r in labeled}),
         "classes": exported.classes, "checkpoint": str(checkpoint), "arch": exported.arch_kwargs,
         "bootstrap": {"iterations": iterations, "level": level, "seed": seed,

@@ -162,6 +162,42 @@ def bootstrap_ci(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.
     return out
 
 
+def paired_differences(y_true: Sequence[int] | np.ndarray, pred_a: Sequence[int] | np.ndarray,
+                       pred_b: Sequence[int] | np.ndarray, num_classes: int, iterations: int = 10000, seed: int = 0,
+                       groups: Sequence | np.ndarray | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Method a minus method b on the same samples: ({metric: difference on all samples}, {metric: the difference
+    on each resample}). Both are scored on the same resampled index sets (of samples, or of whole `groups`), so the
+    spread is that of the difference itself, without the shared difficulty of the samples."""
+    t, a = _labels(y_true, pred_a, num_classes)
+    _, b = _labels(y_true, pred_b, num_classes)
+    diffs: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
+    for conf_a, conf_b in zip(_resampled_confusions(t, a, num_classes, iterations, seed, groups),
+                              _resampled_confusions(t, b, num_classes, iterations, seed, groups)):
+        ma, mb = metrics_from_confusions(conf_a), metrics_from_confusions(conf_b)
+        for name in METRICS:
+            diffs[name].append(ma[name] - mb[name])
+    full_a = metrics_from_confusions(confusion_matrix(t, a, num_classes))
+    full_b = metrics_from_confusions(confusion_matrix(t, b, num_classes))
+    return ({name: float(full_a[name] - full_b[name]) for name in METRICS},
+            {name: np.concatenate(diffs[name]) for name in METRICS})
+
+
+def difference_ci(point: float, resampled: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float]:
+    """(difference, low, high, fraction of resamples with difference <= 0: a one-sided bootstrap p-value)."""
+    low, high = np.percentile(resampled, [50 * (1 - level), 50 * (1 + level)])
+    return float(point), float(low), float(high), float(np.mean(resampled <= 0))
+
+
+def paired_bootstrap(y_true: Sequence[int] | np.ndarray, pred_a: Sequence[int] | np.ndarray,
+                     pred_b: Sequence[int] | np.ndarray, num_classes: int, iterations: int = 10000,
+                     level: float = 0.95, seed: int = 0,
+                     groups: Sequence | np.ndarray | None = None) -> dict[str, tuple[float, float, float, float]]:
+    """{metric: (a - b, low, high, P(a - b <= 0))}: the paired-bootstrap CI of the difference between two methods
+    scored on the same samples."""
+    point, resampled = paired_differences(y_true, pred_a, pred_b, num_classes, iterations, seed, groups)
+    return {name: difference_ci(point[name], resampled[name], level) for name in METRICS}
+
+
 def forward_flops(model: torch.nn.Module, input_size: tuple[int, int], in_chans: int = 3) -> int:
     """FLOPs (1 multiply-add = 2 FLOPs) of one forward pass on a (1, in_chans, h, w) input.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
+from hpcdistill.comparisons import Comparison, format_difference, paired_comparisons
 from hpcdistill.methods import ABLATION_ORDER, AUX_PREFIX, BASELINE, KD, TEACHER, method_order
 from hpcdistill.metrics import METRICS
 
@@ -32,6 +33,10 @@ class EvalResult:
     study: str = "main"  # "main" (Table 4) or "ablation" (pixel-loss resize ablation)
     source: str = ""
     ci: tuple[float, int] = (0.95, 10000)  # the bootstrap's (level, resamples)
+    classes: tuple[str, ...] = ()
+    seed: int | None = None  # the training seed (run.seed)
+    resample: str = "samples"  # what the bootstrap resampled: samples or slides
+    predictions: str = ""  # the per-sample predictions CSV beside the record (paired comparisons read it)
 
 
 def load_results(paths: list[str | Path]) -> list[EvalResult]:
@@ -65,6 +70,10 @@ def _read_result(path: Path) -> EvalResult:
             source=str(path),
             ci=(float(record.get("bootstrap", {}).get("level", 0.95)),
                 int(record.get("bootstrap", {}).get("iterations", 10000))),
+            classes=tuple(record.get("classes", ())),
+            seed=record.get("seed"),
+            resample=str(record.get("bootstrap", {}).get("resample", "samples")),
+            predictions=str(path.with_name(f"{record.get('split', path.stem)}_predictions.csv")),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise HpcdistillError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
@@ -120,12 +129,13 @@ def methods_table(results: list[EvalResult], methods: list[str] | None = None) -
     return _markdown_table(["Metric"] + methods, rows)
 
 
-def ordering_check(results: list[EvalResult]) -> list[str]:
+def ordering_check(results: list[EvalResult], comparisons: list[Comparison] | None = None) -> list[str]:
     """Per low magnification, does the paper's ordering teacher >= KD(aux) >= KD > baseline hold on accuracy?
 
     Returns one honest sentence per magnification with the numbers: which link breaks, and for each comparison
     whether the 95% CIs overlap (then the points may line up by chance), so the report never claims more than
-    the run shows. KD(aux) is the best of the auxiliary-set variants.
+    the run shows. KD(aux) is the best of the auxiliary-set variants. The best KD's gain over the baseline is
+    called significant only when its paired-bootstrap CI (`comparisons`) excludes 0.
     """
     teacher = next((r for r in results if r.method == TEACHER), None)
     lines = []
@@ -145,11 +155,28 @@ def ordering_check(results: list[EvalResult]) -> list[str]:
         verdict = "holds" if not broken else "does NOT hold (" + "; ".join(broken) + ")"
         best_kd = max((r for r in chain if r.method.startswith(KD)), key=lambda r: r.metrics["accuracy"][0])
         base = at[BASELINE].metrics["accuracy"]
-        gain = "above" if best_kd.metrics["accuracy"][1] > base[2] else "overlapping"
+        paired = next((c for c in comparisons or [] if c.mag == mag and c.a == best_kd.method and c.b == BASELINE),
+                      None)
+        if paired is not None:
+            point, low, high, p_value = paired.metrics["accuracy"]
+            gain = (f"paired 95% CI {100 * low:+.1f} to {100 * high:+.1f}, P(gain <= 0) = {p_value:.3f}: "
+                    + ("significant" if paired.significant else "not significant"))
+        else:
+            gain = "CIs " + ("above" if best_kd.metrics["accuracy"][1] > base[2] else "overlapping")
         lines.append(f"- {mag_name(mag)}: the paper's ordering {verdict}: {numbers}. "
-                     f"Best KD vs baseline: {100 * (best_kd.metrics['accuracy'][0] - base[0]):+.1f} points, "
-                     f"CIs {gain}.")
+                     f"Best KD vs baseline: {100 * (best_kd.metrics['accuracy'][0] - base[0]):+.1f} points, {gain}.")
     return lines
+
+
+def paired_table(comparisons: list[Comparison]) -> str:
+    """Each comparison's accuracy and F1 difference with its paired-bootstrap CI and one-sided p-value."""
+    if not comparisons:
+        return "_No paired comparison (it needs each run's predictions CSV beside its evaluation)._"
+    rows = [[mag_name(c.mag), f"{c.a} − {c.b}", str(c.seeds), format_difference(c.metrics["accuracy"]),
+             format_difference(c.metrics["f1"]), f"{c.metrics['accuracy'][3]:.3f}",
+             "yes" if c.significant else "no"] for c in comparisons]
+    return _markdown_table(["Mag", "Comparison", "Seeds", "Δ Accuracy (95% paired CI)", "Δ F1 (95% paired CI)",
+                            "P(Δ acc ≤ 0)", "Significant"], rows)
 
 
 def plot_accuracy_vs_gflops(results: list[EvalResult], path: Path, title: str) -> Path:
@@ -202,6 +229,7 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main = [r for r in results if r.study == "main"]
+    comparisons = paired_comparisons([r for r in main if Path(r.predictions).is_file()])
     ablation = [r for r in results if r.study == "ablation"]
     sections = [
         "# hpcdistill report",
@@ -212,8 +240,12 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
         teacher_table(main),
         "## Baseline and distillation per magnification (Table 4 layout)",
         methods_table(main),
+        "### Paired differences on the same test tissues",
+        "The same 10,000 resampled index sets score both methods (their sample keys checked), so each CI is that of "
+        "the difference itself; P(Δ ≤ 0) is the share of resamples where the first method does not win.",
+        paired_table(comparisons),
         "### Does the paper's ordering hold?",
-        "\n".join(ordering_check(main)) or "_Not enough runs to check._",
+        "\n".join(ordering_check(main, comparisons)) or "_Not enough runs to check._",
         "## Accuracy against compute (Figure 3 layout)",
         f"![accuracy vs GFLOPs]({plot_accuracy_vs_gflops(main, out / 'figure3.png', 'Accuracy vs compute').name})",
     ]

@@ -195,3 +195,44 @@ def test_flops_scale_with_area(stem: str) -> None:
         assert flops[0] / flops[k] == pytest.approx(4**k, rel=0.03 * k)
     odd = forward_flops(model, (250, 130)) / forward_flops(model, (125, 65))
     assert odd == pytest.approx(4, rel=0.1)  # odd sizes: strided padding rounds up, close to 4
+
+
+def test_paired_bootstrap_equals_a_direct_per_resample_computation():
+    from hpcdistill.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 300)
+    a = np.where(rng.random(300) < 0.8, y, rng.integers(0, 3, 300))
+    b = np.where(rng.random(300) < 0.7, y, rng.integers(0, 3, 300))
+    got = paired_bootstrap(y, a, b, 3, iterations=400, level=0.9, seed=5)
+    diffs = {m: [] for m in METRICS}
+    for block in bootstrap_indices(300, 400, 5):  # the same index sets, replayed: one resample at a time
+        for idx in block:
+            ma, mb = classification_metrics(y[idx], a[idx], 3), classification_metrics(y[idx], b[idx], 3)
+            for m in METRICS:
+                diffs[m].append(ma[m] - mb[m])
+    full_a, full_b = classification_metrics(y, a, 3), classification_metrics(y, b, 3)
+    for m in METRICS:
+        point, low, high, p_value = got[m]
+        assert point == pytest.approx(full_a[m] - full_b[m], abs=1e-12)
+        assert (low, high) == pytest.approx(tuple(np.percentile(diffs[m], [5, 95])), abs=1e-12)
+        assert p_value == pytest.approx(np.mean(np.asarray(diffs[m]) <= 0), abs=1e-12)
+
+
+def test_paired_ci_is_tighter_than_marginal_cis_on_correlated_predictions():
+    """Two methods that agree on most samples: their marginal CIs overlap widely, the paired CI of the difference
+    is narrow and excludes 0."""
+    from hpcdistill.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 400)
+    b = np.where(rng.random(400) < 0.75, y, (y + 1) % 3)  # 75% right
+    a = b.copy()
+    fix = np.flatnonzero(b != y)[:24]  # a = b, plus 24 of b's errors corrected (+6 points)
+    a[fix] = y[fix]
+    marginal_a = bootstrap_ci(y, a, 3, iterations=2000, seed=0)["accuracy"]
+    marginal_b = bootstrap_ci(y, b, 3, iterations=2000, seed=0)["accuracy"]
+    point, low, high, p_value = paired_bootstrap(y, a, b, 3, iterations=2000, seed=0)["accuracy"]
+    assert marginal_a[1] < marginal_b[2]  # the marginal intervals overlap: they would call it "not significant"
+    assert 0 < low and high - low < 0.75 * min(marginal_a[2] - marginal_a[1], marginal_b[2] - marginal_b[1])
+    assert point > 0 and p_value == 0.0

@@ -59,3 +59,19 @@ def test_report_bad_inputs_name_the_file(tmp_path):
     bad.write_text("{}")
     with pytest.raises(HpcdistillError, match="bad.json: not an evaluation record"):
         load_results([bad])
+
+
+def test_report_pairs_methods_scored_on_the_same_tissues(tiny_dataset, tiny_teacher, tmp_path):
+    """Two real evaluations of one model under two method names: the paired difference is exactly 0 with a zero
+    CI; runs scored on different samples are refused, not paired."""
+    from hpcdistill.evaluation import evaluate_checkpoint
+
+    for method, run in (("Baseline", "a"), ("KD", "b")):
+        evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", method=method, iterations=200,
+                            out_dir=tmp_path / run / "eval")
+    report = write_report(load_results([tmp_path / "a", tmp_path / "b"]), tmp_path / "report").read_text()
+    assert "| 10x | KD − Baseline | 1 | +0.00 (+0.00 to +0.00) | +0.00 (+0.00 to +0.00) | 1.000 | no |" in report
+    evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "val", method="KD", iterations=200,
+                        out_dir=tmp_path / "c" / "eval")
+    with pytest.raises(HpcdistillError, match="not scored on the same samples"):
+        write_report(load_results([tmp_path / "a", tmp_path / "c"]), tmp_path / "report2")
