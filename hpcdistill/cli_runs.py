@@ -175,7 +175,9 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a shortened run (CI): fewer slides, one epoch")
     p.add_argument("--slurm", action="store_true", help="run the jobs through `hpcdistill launch` on SLURM")
     p.add_argument("--workers", type=int, default=2, help="sharding processes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic slides, the splits and every run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic slides and the splits")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds: every run is repeated for seeds 0..N-1 and the report pools them")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -186,7 +188,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """
     from hpcdistill.demo import run_demo as demo
 
-    demo(args.out, quick=args.quick, slurm=args.slurm, workers=args.workers, seed=args.seed)
+    demo(args.out, quick=args.quick, slurm=args.slurm, workers=args.workers, seed=args.seed, seeds=args.seeds)
     return 0
 
 

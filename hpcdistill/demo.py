@@ -67,7 +67,7 @@ def demo_experiment() -> dict[str, Any]:
     return read_yaml(resolve_path(DEMO_EXPERIMENT), ())
 
 
-def write_experiment(out: Path, shards: Path, plan: DemoPlan, experiment: dict[str, Any]) -> Path:
+def write_experiment(out: Path, shards: Path, plan: DemoPlan, experiment: dict[str, Any], seeds: int = 1) -> Path:
     """The demo experiment pointed at this demo's folders (and shortened for QUICK): what `hpcdistill launch` takes."""
     experiment = copy.deepcopy(experiment)  # the caller's mapping stays as read
     experiment.update(name="experiment", out_dir=str(out.resolve()), shards=str(shards.resolve()))
@@ -75,6 +75,8 @@ def write_experiment(out: Path, shards: Path, plan: DemoPlan, experiment: dict[s
         job["overrides"] = [*job.get("overrides", []), *plan.overrides]
     if plan.iterations is not None:
         experiment["evaluate"]["iterations"] = plan.iterations
+    if seeds > 1:  # every run repeated per training seed; the report pools them
+        experiment["seeds"] = list(range(seeds))
     path = out / "experiment.yaml"
     path.write_text(f"# Written by `hpcdistill demo` from {DEMO_EXPERIMENT}; rerun it with `hpcdistill launch "
                     f"{path}`\n" + yaml.safe_dump(experiment, sort_keys=False))
@@ -82,13 +84,15 @@ def write_experiment(out: Path, shards: Path, plan: DemoPlan, experiment: dict[s
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool = False, workers: int = 2,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, seeds: int = 1) -> dict[str, Any]:
     """Run the whole demo; returns where everything is."""
     from hpcdistill.demo_record import write_record
-    from hpcdistill.launch import launch
     from hpcdistill.comparisons import paired_comparisons
+    from hpcdistill.launch import launch
     from hpcdistill.report import load_results, ordering_check
 
+    if seeds < 1:
+        raise HpcdistillError(f"--seeds {seeds}: must be at least 1")
     plan = QUICK if quick else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +102,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
     mags = [float(m) for m in spec["mags"]]
     shards = prepare_data(out / "synthetic", plan, mags, workers, seed)
     phases = {"slides and shards": time.monotonic() - started}
-    experiment = write_experiment(out, shards, plan, spec)
+    experiment = write_experiment(out, shards, plan, spec, seeds)
     labels = " / ".join(m.get("label", key) for key, m in spec["methods"].items())
     print(f"[2/3] teacher @ 10x, then {labels} @ {', '.join(map(mag_name, mags))} "
           f"({'SLURM' if slurm else 'local processes'})", flush=True)
@@ -120,13 +124,16 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, slurm: bool 
         "minutes": round((time.monotonic() - started) / 60, 1),
         "phase_minutes": {name: round(seconds / 60, 1) for name, seconds in phases.items()},
     }
-    record = write_record(out, summary)
+    _print_summary(summary, write_record(out, summary))
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], record: Path) -> None:
     print("\n".join(summary["ordering"]))
     print("\ntime per phase (jobs run side by side where the cores allow): "
           + ", ".join(f"{name} {m} min" for name, m in summary["phase_minutes"].items()))
-    print(f"\nreport:      {summary['report']}\nfigure 3:    {summary['figure']}\nshards:      {shards}\n"
-          f"experiment:  {experiment}  (rerun on SLURM: hpcdistill launch {experiment})\n"
-          f"tensorboard: tensorboard --logdir {exp_dir}\n"
+    print(f"\nreport:      {summary['report']}\nfigure 3:    {summary['figure']}\nshards:      {summary['shards']}\n"
+          f"experiment:  {summary['experiment']}  (rerun on SLURM: hpcdistill launch {summary['experiment']})\n"
+          f"tensorboard: tensorboard --logdir {summary['tensorboard']}\n"
           f"record:      {record}  (times, versions, machine; `make readme-demo` puts it in the README)\n"
           f"done in {summary['minutes']} min")
-    return summary

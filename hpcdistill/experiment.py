@@ -82,6 +82,7 @@ class Experiment:
     out_dir: str = "runs"
     shards: str = ""
     mags: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # [] = one run per task with the config's run.seed
     teacher: JobSpec = field(default_factory=JobSpec)
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
@@ -126,6 +127,8 @@ def _experiment_from_dict(raw: dict[str, Any], path: Path) -> Experiment:
     exp.mags = _parse_mags(mags_raw)
     exp.methods = _parse_methods({} if methods_raw is None else methods_raw)  # a teacher-only experiment is allowed
     exp.resources = _parse_resources(resources_raw, list(exp.methods))
+    if len(set(exp.seeds)) != len(exp.seeds):
+        raise ConfigError(f"seeds: repeated seed in {exp.seeds}")
     if exp.evaluate.iterations < 1:
         raise ConfigError(f"evaluate.iterations: must be >= 1, got {exp.evaluate.iterations}")
     base = path.parent

@@ -49,46 +49,62 @@ class JobPlan:
 
     @property
     def is_array(self) -> bool:
-        return self.kind in ARRAY_KINDS
+        return self.kind in ARRAY_KINDS or len(self.tasks) > 1  # a teacher per seed is an array too
+
+
+def _suffix(seed: int | None) -> str:
+    """A seed enters the run name (`kd-2.5x-s1`); without `seeds:` names stay as they were."""
+    return "" if seed is None else f"-s{seed}"
+
+
+def _teacher_job(exp: Experiment, common: list[str]) -> JobPlan:
+    tasks = []
+    for seed in exp.seeds or [None]:
+        name = f"teacher{_suffix(seed)}"
+        seeded = [] if seed is None else [f"run.seed={seed}"]
+        task = TaskPlan(name, None, str(exp.exp_dir / name), exp.teacher.config,
+                        [*exp.teacher.overrides, *common, f"run.name={name}", *seeded])
+        _validate(task, "teacher")
+        tasks.append(task)
+    return JobPlan("teacher", "teacher", exp.resources_for("teacher"), tasks, label="Teacher")
+
+
+def _method_job(exp: Experiment, name: str, common: list[str]) -> JobPlan:
+    """One array per method: a task per (magnification, seed); a distillation task reads its seed's teacher."""
+    method, tasks, distills = exp.methods[name], [], False
+    for mag in exp.mags:
+        for seed in exp.seeds or [None]:
+            run_name = f"{name}-{mag_name(mag)}{_suffix(seed)}"
+            teacher_best = f"teacher.checkpoint={exp.exp_dir / f'teacher{_suffix(seed)}' / 'best.pt'}"
+            extra = [*common, f"run.name={run_name}", f"data.mag={mag:g}", teacher_best]
+            extra += [] if seed is None else [f"run.seed={seed}"]
+            if method.init_from:
+                extra.append(f"model.init={exp.exp_dir / f'{method.init_from}-{mag_name(mag)}{_suffix(seed)}' / 'best.pt'}")
+            task = TaskPlan(run_name, mag, str(exp.exp_dir / run_name), method.config, [*method.overrides, *extra])
+            distills = _validate(task, f"methods.{name}") == "distill"
+            if not distills:
+                task.overrides.remove(teacher_best)
+            tasks.append(task)
+    # Only distillation reads the teacher; a baseline need not queue behind it.
+    job = JobPlan(name, "method", exp.resources_for(name), tasks, after_ok=["teacher"] if distills else [],
+                  label=method.label, study=method.study)
+    job.after_corr = [method.init_from] if method.init_from else []
+    return job
 
 
 def plan_jobs(exp: Experiment) -> list[JobPlan]:
-    """The graph in submission order: teacher, methods (those with init_from after their source), evaluate.
-
-    Every task's training config is loaded and validated here, so a bad override fails before anything is queued.
-    """
-    exp_dir = exp.exp_dir
-    common = [f"run.out_dir={exp_dir}", f"data.shards={exp.shards}"]
-    teacher_task = TaskPlan("teacher", None, str(exp_dir / "teacher"), exp.teacher.config,
-                            [*exp.teacher.overrides, *common, "run.name=teacher"])
-    _validate(teacher_task, "teacher")
-    jobs = [JobPlan("teacher", "teacher", exp.resources_for("teacher"), [teacher_task], label="Teacher")]
-    teacher_best = exp_dir / "teacher" / "best.pt"
-    needs_teacher: dict[str, bool] = {}
-    order = sorted(exp.methods, key=lambda n: bool(exp.methods[n].init_from))  # stable: sources first
-    for name in order:
-        method = exp.methods[name]
-        tasks = []
-        for mag in exp.mags:
-            run_name = f"{name}-{mag_name(mag)}"
-            extra = [*common, f"run.name={run_name}", f"data.mag={mag:g}", f"teacher.checkpoint={teacher_best}"]
-            if method.init_from:
-                extra.append(f"model.init={exp_dir / f'{method.init_from}-{mag_name(mag)}' / 'best.pt'}")
-            task = TaskPlan(run_name, mag, str(exp_dir / run_name), method.config, [*method.overrides, *extra])
-            needs_teacher[name] = _validate(task, f"methods.{name}") == "distill"
-            if not needs_teacher[name]:
-                task.overrides.remove(f"teacher.checkpoint={teacher_best}")
-            tasks.append(task)
-        # Only distillation reads the teacher; a baseline need not queue behind it.
-        job = JobPlan(name, "method", exp.resources_for(name), tasks,
-                      after_ok=["teacher"] if needs_teacher[name] else [], label=method.label, study=method.study)
-        if method.init_from:
-            job.after_corr = [method.init_from]
-        jobs.append(job)
+    """The graph in submission order: [shard, merge,] teacher, methods (those with init_from after their source),
+    evaluate. Every task's training config is loaded and validated here, so a bad override fails before anything
+    is queued."""
+    common = [f"run.out_dir={exp.exp_dir}", f"data.shards={exp.shards}"]
+    jobs = [_teacher_job(exp, common)]
+    for name in sorted(exp.methods, key=lambda n: bool(exp.methods[n].init_from)):  # stable: sources first
+        jobs.append(_method_job(exp, name, common))
     if exp.evaluate.enabled:
         res = exp.resources_for("evaluate")  # one process: evaluation is not distributed
         res = dataclasses.replace(res, nodes=1, tasks_per_node=1, gpus_per_node=min(res.gpus_per_node, 1))
-        jobs.append(JobPlan("evaluate", "evaluate", res, [TaskPlan("evaluate", None, str(exp_dir / "report"), "", [])],
+        jobs.append(JobPlan("evaluate", "evaluate", res,
+                            [TaskPlan("evaluate", None, str(exp.exp_dir / "report"), "", [])],
                             after_ok=[j.key for j in jobs]))
     for job in jobs:
         job.callables = callables_for(job, exp, jobs)

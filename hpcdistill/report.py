@@ -8,9 +8,12 @@ records, so the report can be rebuilt at any time from finished runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
@@ -93,10 +96,11 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def teacher_table(results: list[EvalResult]) -> str:
     """Table 3: the teacher's metrics with CIs, one column per dataset."""
-    teachers = sorted((r for r in results if r.method == TEACHER), key=lambda r: r.dataset)
+    teachers = sorted((r for r in results if r.method == TEACHER), key=lambda r: (r.dataset, r.seed or 0))
     if not teachers:
         return "_No teacher evaluation found._"
-    header = ["Metric"] + [f"{r.dataset or 'dataset'} ({mag_name(r.mag)})" for r in teachers]
+    header = ["Metric"] + [f"{r.dataset or 'dataset'} ({mag_name(r.mag)})" + (f" s{r.seed}" if len(teachers) > 1 else "")
+                           for r in teachers]
     rows = [[METRIC_TITLES[m]] + [format_ci(r.metrics[m]) for r in teachers] for m in METRICS]
     rows.append(["GFLOPs"] + [f"{r.gflops:.3g}" for r in teachers])
     return _markdown_table(header, rows)
@@ -105,7 +109,7 @@ def teacher_table(results: list[EvalResult]) -> str:
 def methods_table(results: list[EvalResult], methods: list[str] | None = None) -> str:
     """Table 4: one block per magnification, one column per method, the best point estimate per row in bold."""
     methods = methods or sorted({r.method for r in results if r.method != TEACHER}, key=method_order)
-    by_key = {(r.method, r.mag): r for r in results}
+    by_key = {(r.method, r.mag): r for r in sorted(results, key=lambda r: -(r.seed or 0))}  # the lowest seed
     mags = sorted({r.mag for r in results if r.method in methods})
     if not mags:
         return "_No student or baseline evaluations found._"
@@ -137,6 +141,7 @@ def ordering_check(results: list[EvalResult], comparisons: list[Comparison] | No
     the run shows. KD(aux) is the best of the auxiliary-set variants. The best KD's gain over the baseline is
     called significant only when its paired-bootstrap CI (`comparisons`) excludes 0.
     """
+    results = seed_means(results)
     teacher = next((r for r in results if r.method == TEACHER), None)
     lines = []
     for mag in sorted({r.mag for r in results if r.method == BASELINE}):
@@ -166,6 +171,37 @@ def ordering_check(results: list[EvalResult], comparisons: list[Comparison] | No
         lines.append(f"- {mag_name(mag)}: the paper's ordering {verdict}: {numbers}. "
                      f"Best KD vs baseline: {100 * (best_kd.metrics['accuracy'][0] - base[0]):+.1f} points, {gain}.")
     return lines
+
+
+def _by_run(results: list[EvalResult]) -> dict[tuple[str, float, str], list[EvalResult]]:
+    groups: dict[tuple[str, float, str], list[EvalResult]] = {}
+    for r in results:
+        groups.setdefault((r.method, r.mag, r.study), []).append(r)
+    return groups
+
+
+def seed_means(results: list[EvalResult]) -> list[EvalResult]:
+    """One result per method, magnification and study: with several seeds, each metric's point and bounds are
+    their means over the seeds (the ordering check reads these; significance comes from the pooled paired CIs)."""
+    out = []
+    for runs in _by_run(results).values():
+        metrics = {m: tuple(float(np.mean([r.metrics[m][i] for r in runs])) for i in range(3)) for m in METRICS}
+        out.append(dataclasses.replace(runs[0], metrics=metrics))
+    return out
+
+
+def seeds_table(results: list[EvalResult]) -> str:
+    """Per method and magnification: mean ± sd over seeds, and each seed's value (accuracy and F1, %)."""
+    rows = []
+    for (method, mag, _), runs in sorted(_by_run(results).items(), key=lambda item: (item[0][1], method_order(item[0][0]))):
+        runs = sorted(runs, key=lambda r: (r.seed is None, r.seed))
+        cells = []
+        for m in ("accuracy", "f1"):
+            values = np.array([100 * r.metrics[m][0] for r in runs])
+            cells.append(f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.2f}")
+        per_seed = ", ".join(f"s{r.seed}: {100 * r.metrics['accuracy'][0]:.2f}" for r in runs)
+        rows.append([mag_name(mag), method, str(len(runs)), *cells, per_seed])
+    return _markdown_table(["Mag", "Method", "Seeds", "Accuracy mean ± sd", "F1 mean ± sd", "Accuracy per seed"], rows)
 
 
 def paired_table(comparisons: list[Comparison]) -> str:
@@ -256,6 +292,10 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
             methods_table(ablation, methods),
             f"![ablation]({plot_accuracy_vs_gflops(ablation, out / 'ablation.png', 'Pixel-loss ablation').name})",
         ]
+    if any(len(runs) > 1 for runs in _by_run(main).values()):
+        sections[4:4] = ["## Over training seeds", "Mean ± sd over the seeds (sample sd), and each seed's value. The "
+                         "tables show the lowest seed's run; the paired differences below pool every seed "
+                         "(each seed's resampled differences concatenated).", seeds_table(main)]
     sections.append("Sources: " + ", ".join(f"`{r.source}`" for r in results))
     path = out / "report.md"
     path.write_text("\n\n".join(sections) + "\n")

@@ -60,3 +60,21 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     teacher_table = report.split("## Teacher (Table 3 layout)\n\n")[1].split("\n\n")[0]
     assert teacher_table in text and text.endswith("<!-- demo:end -->\noutro\n")
     assert (tmp_path / "docs" / "demo-figure3.png").read_bytes() == (exp / "report" / "figure3.png").read_bytes()
+
+
+def test_demo_seeds_repeat_every_run_of_the_demo_experiment(tmp_path):
+    """`hpcdistill demo --seeds 3` launches configs/experiments/demo.yaml with every run repeated per seed."""
+    from hpcdistill.demo import QUICK, demo_experiment, write_experiment
+    from hpcdistill.experiment import load_experiment
+    from hpcdistill.job_graph import plan_jobs
+
+    path = write_experiment(tmp_path, tmp_path / "shards", QUICK, demo_experiment(), seeds=3)
+    exp = load_experiment(path)
+    assert exp.seeds == [0, 1, 2]
+    jobs = {j.key: j for j in plan_jobs(exp)}
+    assert [t.name for t in jobs["teacher"].tasks] == ["teacher-s0", "teacher-s1", "teacher-s2"]
+    assert len(jobs["kd_adv1"].tasks) == 2 * 3 and jobs["kd_adv1"].tasks[-1].name == "kd_adv1-1.25x-s2"
+    assert "run.seed=2" in jobs["kd_adv1"].tasks[-1].overrides
+    (tmp_path / "one").mkdir()
+    single = load_experiment(write_experiment(tmp_path / "one", tmp_path / "shards", QUICK, demo_experiment()))
+    assert single.seeds == [] and [t.name for t in plan_jobs(single)[0].tasks] == ["teacher"]

@@ -466,3 +466,28 @@ def test_slurm_crashing_job_is_reported_failed(slurm_cluster, shards, tmp_path):
             break
         time.sleep(1)
     assert states == {"teacher": "FAILED", "kd-5x": "CANCELLED", "kd-2.5x": "CANCELLED", "evaluate": "CANCELLED"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_seeds_repeat_every_run_and_the_report_pools_them(tiny_dataset, tmp_path):
+    """`seeds: [0, 1]` with --cluster local: a teacher, a baseline and a KD run per seed, seed in each run name and
+    config; the report gives mean ± sd over seeds and the seed-pooled paired differences."""
+    import yaml
+
+    short = [*TINY, "data.epoch_samples=4", "model.arch=resnet10"]
+    methods = {"baseline": {"config": "configs/demo/baseline.yaml", "label": "Baseline", "overrides": short},
+               "kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": short}}
+    path = tiny_experiment(tmp_path, tiny_dataset["shards"], "seeded", methods, mags=[2.5], seeds=[0, 1],
+                           teacher={"config": "configs/demo/teacher.yaml", "overrides": short},
+                           evaluate={"split": "test", "iterations": 100}, resources={"default": CPU})
+    jobs = {j.key: j for j in plan_jobs(load_experiment(path))}
+    assert [t.name for t in jobs["kd"].tasks] == ["kd-2.5x-s0", "kd-2.5x-s1"] and jobs["teacher"].is_array
+    assert any(o.endswith("teacher-s1/best.pt") for o in jobs["kd"].tasks[1].overrides)
+    launch(path, cluster="local")
+    exp_dir = tmp_path / "runs" / "seeded"
+    for run in ("teacher-s0", "teacher-s1", "baseline-2.5x-s1", "kd-2.5x-s0"):
+        assert yaml.safe_load((exp_dir / run / "config.yaml").read_text())["run"]["seed"] == int(run[-1])
+    report = (exp_dir / "report" / "report.md").read_text()
+    assert "## Over training seeds" in report and "| 2.5x | Baseline | 2 |" in report and "s0: " in report
+    assert "| 2.5x | KD − Baseline | 2 |" in report  # the paired difference pooled over both seeds
