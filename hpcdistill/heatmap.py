@@ -13,7 +13,7 @@ import numpy as np
 
 from hpcdistill.cam import TissueMap
 from hpcdistill.mags import mag_name
-from hpcdistill.tissue import CLASS_COLOURS
+from hpcdistill.tissue import class_colour
 
 
 def paint(shape: tuple[int, int], scale: float, maps: list[TissueMap], class_index: int) -> np.ndarray:
@@ -48,7 +48,7 @@ def write_overlay(path: Path, found: Any, maps: list[TissueMap], tissues: list[d
     fig, ax = plt.subplots(figsize=(max(6.0, width / 110), max(4.0, height / 110) + 0.8), dpi=110)
     ax.imshow(found.thumb)
     shown = ax.imshow(np.ma.masked_invalid(heat), cmap="magma", vmin=0, vmax=1, alpha=0.55, interpolation="nearest")
-    colours = [tuple(c / 255 for c in CLASS_COLOURS[i % len(CLASS_COLOURS)]) for i in range(len(classes))]
+    colours = [tuple(c / 255 for c in class_colour(i)) for i in range(len(classes))]
     for t in tissues:
         x, y, w, h = (v / found.scale for v in t["box_l0"])
         colour = colours[classes.index(t["pred"])]

@@ -26,9 +26,9 @@ from hpcdistill.heatmap import heatmap_title, write_arrays, write_overlay
 from hpcdistill.inference import NonFiniteOutputError, model_outputs, pick_device, require_finite, standardise
 from hpcdistill.mags import mag_name
 from hpcdistill.qupath import write_geojson
-from hpcdistill.run_folder import ExportedModel, load_exported
+from hpcdistill.run_folder import ExportedModel, load_exported, say
 from hpcdistill.slides import open_slide
-from hpcdistill.tissue import CLASS_COLOURS, TissueParams, write_qc_png
+from hpcdistill.tissue import TissueParams, class_colour, write_qc_png
 from hpcdistill.windows import TissueWindows, find_windows, window_sizes
 
 SLIDE_RULES = {
@@ -102,9 +102,9 @@ def _tissue_calls(found: TissueWindows, windows: list[dict], classes: list[str])
 
 
 def _write_overlay(path: Path, found: TissueWindows, tissues: list[dict], classes: list[str], title: str) -> None:
-    colours = [CLASS_COLOURS[classes.index(t["pred"]) % len(CLASS_COLOURS)] for t in tissues]
+    colours = [class_colour(classes.index(t["pred"])) for t in tissues]
     labels = [f"t{t['tissue']}: {t['pred']} {max(t['probs']):.2f}" for t in tissues]
-    legend = [(c, CLASS_COLOURS[i % len(CLASS_COLOURS)]) for i, c in enumerate(classes)]
+    legend = [(c, class_colour(i)) for i, c in enumerate(classes)]
     write_qc_png(path, found.thumb, [tuple(t["box_l0"]) for t in tissues], found.scale, labels=labels, colors=colours,
                  title=title, legend=legend)
 
@@ -215,6 +215,9 @@ def predict_slides(model_path: str | Path, slides: list[str | Path], out_dir: st
     exported = load_exported(model_path)
     fields = {k: v for k, v in fields.items() if not (k == "tissue" and v is None)}
     opts = check_options(options or PredictOptions(**fields), exported.classes)
+    if not exported.windowing_recorded:  # said, not silently assumed
+        say(f"{model_path}: written before exports recorded their shards' windowing; tissues are cut with the "
+            f"sharder's defaults ({exported.windowing.to_dict()})")
     exported.model.to(pick_device(device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,9 @@ from typing import Any
 import numpy as np
 
 from hpcdistill.cam import TissueMap
-from hpcdistill.tissue import CLASS_COLOURS
+from hpcdistill.tissue import class_colour
 
 
-def class_colour(classes: list[str], name: str) -> list[int]:
-    return list(CLASS_COLOURS[classes.index(name) % len(CLASS_COLOURS)])
 
 
 def outline(mask: np.ndarray, scale: float, slide_wh: tuple[int, int]) -> list[list[float]]:
@@ -43,7 +41,7 @@ def _feature(ring: list[list[float]], object_type: str, name: str, classes: list
              probs: list[float]) -> dict[str, Any]:
     return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {"objectType": object_type, "name": name,
-                           "classification": {"name": call, "color": class_colour(classes, call)},
+                           "classification": {"name": call, "color": list(class_colour(classes.index(call)))},
                            "measurements": {f"p_{c}": float(p) for c, p in zip(classes, probs)}}}
 
 

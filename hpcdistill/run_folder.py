@@ -293,6 +293,7 @@ class ExportedModel:
     path: str
     config: dict  # the run's resolved training config
     windowing: Windowing  # how the training shards cut tissues into windows: prediction cuts the same way
+    windowing_recorded: bool = True  # False: an export older than the record, read with the sharder's defaults
 
     @property
     def device(self) -> torch.device:
@@ -332,4 +333,5 @@ def load_exported(path: str | Path, *, expect_arch: str | None = None, expect_cl
     return ExportedModel(model=model, mag=mag, classes=list(blob["classes"]),
                          stats={"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]},
                          arch_kwargs=dict(blob["arch_kwargs"]), path=str(path), config=dict(blob.get("config", {})),
-                         windowing=Windowing.from_dict(blob.get("windowing") or DEFAULT_WINDOWING))
+                         windowing=Windowing.from_dict(blob.get("windowing") or DEFAULT_WINDOWING),
+                         windowing_recorded="windowing" in blob)

@@ -27,6 +27,11 @@ from hpcdistill.errors import HpcdistillError
 QC_PALETTE = ((0, 160, 0), (0, 90, 255), (255, 140, 0), (220, 0, 0), (0, 180, 180), (140, 0, 200))
 # Class colours of prediction overlays, heat maps and QuPath classifications: distinct, colour-blind-friendly (Okabe-Ito)
 CLASS_COLOURS = ((0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233))
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """The colour of class `index` (the palette repeats past six classes)."""
+    return CLASS_COLOURS[index % len(CLASS_COLOURS)]
 # zlib level of the QC PNG: 3 is ~3x faster than the default 6 for ~20% more bytes on a noisy thumbnail.
 QC_PNG_COMPRESSION = 3
 
