@@ -44,8 +44,11 @@ Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50"]
 Stem = Literal["standard", "halfres", "lowres"]
 Resize = Literal["maxpool", "bicubic"]  # the pixel loss's resize functions g (losses.pixel_loss)
 Precision = Literal["fp32", "bf16", "fp16"]
-# Validation metrics best.pt can be selected on (higher is better); agreement (with the teacher) only in distill.
-SelectMetric = Literal["auto", "accuracy", "f1", "precision", "recall", "top1", "agreement"]
+# Validation metrics an export can be selected on (selection.py): kl and loss lower-is-better, the rest higher;
+# agreement and kl (with the teacher) exist only in distill; ema_* score the EMA weights (train.ema_decay > 0).
+SelectMetric = Literal["auto", "accuracy", "f1", "precision", "recall", "top1", "agreement", "kl", "loss",
+                       "ema_accuracy", "ema_f1", "ema_precision", "ema_recall", "ema_top1", "ema_agreement", "ema_kl",
+                       "ema_loss"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
 STEMS: tuple[str, ...] = typing.get_args(Stem)
 RESIZES: tuple[str, ...] = typing.get_args(Resize)
@@ -119,6 +122,11 @@ class TrainConfig:
     # images per kernel launch (GPU efficiency) at the cost of losing tissue borders of the larger crops.
     bucketed: bool = False
     bucket_window: int = 8  # micro-batches' worth of samples sorted by size together (bucketed mode)
+    # NHWC memory format for the model and its inputs: the layout GPU convolution kernels (tensor cores) run fastest.
+    channels_last: bool = False
+    # torch.compile the student (and the frozen teacher) with dynamic shapes: whole tissues differ in size, so one
+    # graph serves every H x W (README "The GPU path": when it recompiles).
+    compile: bool = False
     temperature: float = 4.0
     pixel_resize: list[Resize] = field(default_factory=lambda: list(RESIZES))  # a subset; [] = KD only
     checkpoint_every_steps: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = only at epoch ends
@@ -127,7 +135,12 @@ class TrainConfig:
     checkpoint_every_min: float = 0.0
     keep_last: int = 3
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = run all epochs
-    select_metric: SelectMetric = "auto"  # val metric for best.pt: "auto" = accuracy, or agreement with the teacher in distill
+    select_metric: SelectMetric = "auto"  # val metric for best.pt; "auto": Config.select_metric
+    # Keep an exponential moving average of the weights (decay per optimizer step, warmed up over the first steps):
+    # validation then also scores it (the ema_* metrics), and last-ema.pt holds it at the end. 0 = off.
+    ema_decay: float = 0.0
+    # More selections, each exported as best-<metric>.pt beside best.pt: compare picks without retraining.
+    export_also: list[SelectMetric] = field(default_factory=list)
 
 
 @dataclass
@@ -167,11 +180,14 @@ class Config:
 
     @property
     def select_metric(self) -> str:
-        """The val metric best.pt is chosen on: train.select_metric, where "auto" is agreement with the teacher in
-        distill mode (labels unused) and accuracy otherwise."""
+        """The val metric best.pt is chosen on: train.select_metric, where "auto" is the steadiest pick measured on
+        the demo over 3 seeds (README "Choosing the export"): in distill the val distillation loss (continuous,
+        label-free); otherwise the EMA weights' val accuracy when train.ema_decay keeps them, else val accuracy."""
         if self.train.select_metric != "auto":
             return self.train.select_metric
-        return "agreement" if self.train.mode == "distill" else "accuracy"
+        if self.train.mode == "distill":
+            return "loss"
+        return "ema_accuracy" if self.train.ema_decay else "accuracy"
 
     @property
     def model_mag(self) -> float:
@@ -271,7 +287,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}; got {value!r}")
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}; got {value!r}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -281,7 +299,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _coerce(inner[0], value, key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp is str:
+        one = item_tp is str or typing.get_origin(item_tp) is Literal
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and one:
             value = [value] if value != "" else []  # `train=aux1` on the CLI means a one-element list
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -310,6 +329,24 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return str(value)  # e.g. run.name=42
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported config type {tp!r}")  # pragma: no cover - a bug in this file
+
+
+def _check_selection(cfg: Config) -> None:
+    """train.select_metric and train.export_also name metrics this run's validation will have."""
+    train = cfg.train
+    if not 0 <= train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no EMA), got {train.ema_decay}")
+    if "auto" in train.export_also:
+        raise ConfigError("train.export_also: name metrics; auto is what best.pt already uses")
+    if len(set(train.export_also)) != len(train.export_also):
+        raise ConfigError(f"train.export_also: repeated entry in {train.export_also}")
+    named = [("train.select_metric", train.select_metric)] + [("train.export_also", m) for m in train.export_also]
+    for key, metric in named:
+        base = metric.removeprefix("ema_")
+        if base in ("agreement", "kl") and train.mode != "distill":
+            raise ConfigError(f"{key}: {metric} (with the teacher) exists only in distill mode, not {train.mode}")
+        if metric != base and not train.ema_decay:
+            raise ConfigError(f"{key}: {metric} scores the EMA weights; set train.ema_decay (e.g. 0.998)")
 
 
 def _check(cfg: Config) -> None:
@@ -341,9 +378,7 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"data.{mag_key}: must be > 0, got {getattr(cfg.data, mag_key)}")
     if len(set(cfg.train.pixel_resize)) != len(cfg.train.pixel_resize):
         raise ConfigError(f"train.pixel_resize: repeated entry in {cfg.train.pixel_resize}")
-    if cfg.train.select_metric == "agreement" and cfg.train.mode != "distill":
-        raise ConfigError(f"train.select_metric: agreement (with the teacher) exists only in distill mode, not "
-                          f"{cfg.train.mode}")
+    _check_selection(cfg)
     aug = cfg.data.augment
     for name in ("brightness", "contrast", "saturation"):
         if not 0 <= getattr(aug, name) < 1:

@@ -11,7 +11,8 @@ the others in the gradient all-reduce. Two samplers:
   i goes to rank i % world). Optimizer step s then sees global samples [s*A*W, (s+1)*A*W) for any world size W,
   which makes a 2-rank run comparable to a 1-rank run; every rank reads all shards, so it costs W times the I/O.
 
-Validation uses the ordered stream without cycling: every sample exactly once, split across ranks.
+Validation and evaluation use the ordered stream without cycling: every sample exactly once, each shard read by one
+(rank, worker) where there are at least as many shards (`single_pass_share`).
 
 Augmentation draws come from a generator seeded by (seed, epoch, the sample's position in the global order, or in
 the rank's and worker's stream when resampled), never from global state, so skipping samples on resume reproduces
@@ -87,21 +88,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self._standardizers[name]
 
     # -- sample order ------------------------------------------------------------------------------------
-    def _ordered(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        """Global order strided across ranks: rank-local index k <-> global sample k*world + rank."""
+    def _ordered(self, urls: list[str], world: int, rank: int) -> Iterator[dict[str, Any]]:
+        """Global order over `urls` strided across ranks: rank-local index k <-> global sample k*world + rank."""
         s = self.spec
         cycle = s.samples >= 0
         local = 0
         while True:
             emitted_this_pass = False
-            for i, raw in enumerate(raw_samples(s.urls)):
-                if i % s.world != s.rank:
+            for i, raw in enumerate(raw_samples(urls)):
+                if i % world != rank:
                     continue
                 emitted_this_pass = True
                 if s.samples >= 0 and local >= s.samples:
                     return
                 raw["__pos__"] = local
-                raw["__draw__"] = str(local * s.world + s.rank)  # the global index: world-size invariant
+                raw["__draw__"] = str(local * world + rank)  # the global index: world-size invariant
                 local += 1
                 yield raw
             if not cycle or not emitted_this_pass:
@@ -139,8 +140,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             source = self._resampled(worker, workers)
             groups = _chunks(source, s.micro_batch, drop_last=True)
             pairs = zip(mine, self._bucket_iter(g for _, g in zip(mine, groups)))
+        elif s.samples < 0:  # one pass (validation, evaluation): each shard is read by one (rank, worker) if it can
+            urls, world, rank, own = single_pass_share(s.urls, s.rank, s.world, worker, workers)
+            groups = _chunks(self._ordered(urls, world, rank), s.micro_batch, drop_last=False)
+            pairs = ((j, g) for j, g in enumerate(self._bucket_iter(groups)) if own or j % workers == worker)
         else:
-            groups = _chunks(self._ordered(worker, workers), s.micro_batch, drop_last=s.samples >= 0)
+            groups = _chunks(self._ordered(s.urls, s.world, s.rank), s.micro_batch, drop_last=True)
             pairs = ((j, g) for j, g in enumerate(self._bucket_iter(groups)) if j % workers == worker)
         for j, group in pairs:
             if j >= s.start_batch:
@@ -197,6 +202,21 @@ class ShardStream(torch.utils.data.IterableDataset):
             out[f"{slot}_map"] = standardizer.plain if jitter is None else standardizer.map(*jitter)
             out[slot] = pixels[slot]
         return out
+
+
+def single_pass_share(urls: list[str], rank: int, world: int, worker: int,
+                      workers: int) -> tuple[list[str], int, int, bool]:
+    """What one (rank, worker) reads in a single pass over `urls`, every sample exactly once: (shards, stride, offset,
+    own). With at least as many shards as ranks, each rank reads only its own shards (urls[rank::world]); otherwise
+    every rank reads them all and keeps every world-th sample. Then with at least as many of those shards as workers,
+    each worker reads only its own (own=True); otherwise every worker reads them all and keeps every workers-th
+    micro-batch. Shards are read once where there are enough of them, instead of once per worker and rank."""
+    stride, offset = world, rank
+    if len(urls) >= world:
+        urls, stride, offset = urls[rank::world], 1, 0
+    if stride == 1 and len(urls) >= workers:
+        return urls[worker::workers], 1, 0, True
+    return urls, stride, offset, False
 
 
 def _chunks(items: Iterator[Any], n: int, drop_last: bool) -> Iterator[list[Any]]:

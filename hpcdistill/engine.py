@@ -10,7 +10,6 @@ Building the run is train_state.py, its data train_data.py, validation validatio
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -27,17 +26,18 @@ from hpcdistill.divergence import check_finite
 from hpcdistill.errors import HpcdistillError, TrainError
 from hpcdistill.mags import mag_name
 from hpcdistill.train_data import stream_spec
-from hpcdistill.train_state import State, build_state, export_weights, save_checkpoint, scalars
+from hpcdistill.train_state import (State, build_state, export_selection, export_weights, model_input, save_checkpoint,
+                                   scalars)
 from hpcdistill.validation import validate
 
 
 def forward_loss(state: State, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    x = batch["x"].to(state.device, state.dtype)
+    x = model_input(state, batch["x"])
     if state.teacher is not None:
         from hpcdistill.losses import distill_loss
 
         with torch.no_grad():
-            t_feat, t_logits = state.teacher(batch["t"].to(state.device, state.dtype))
+            t_feat, t_logits = state.teacher(model_input(state, batch["t"]))
         s_feat, s_logits = state.engine(x)
         t = state.cfg.train
         return distill_loss(s_feat.float(), s_logits.float(), t_feat.float(), t_logits.float(),
@@ -71,6 +71,8 @@ def train_step(state: State, batches: list[dict[str, Any]]) -> dict[str, float]:
             sums[k] = sums[k] + v if k in sums else v
     means = {k: v / len(batches) for k, v in sums.items()}
     check_finite(state, means["total"], batches)
+    if state.ema is not None:  # after the finiteness check: a diverged step never enters the average
+        state.ema.update(state.engine.module)
     values = torch.stack(list(means.values())).tolist()
     state.global_step += 1
     state.batch += len(batches)
@@ -184,15 +186,14 @@ def end_epoch(state: State) -> None:
     state.last_val = metrics
     for k, v in scalars(metrics).items():
         state.writer.add_scalar(f"val/{k}", v, state.global_step)
-    name = state.cfg.select_metric
-    if metrics and name not in metrics:
-        raise TrainError(f"train.select_metric: {name!r} is not a val metric (have {', '.join(scalars(metrics))})")
-    value = metrics.get(name)
-    loss = metrics.get("loss", math.inf)
-    # A small val set saturates (e.g. accuracy 1.0 at several epochs): among tied epochs keep the lowest val loss.
-    if value is None or state.best is None or value > state.best or (value == state.best and loss < state.best_loss):
-        state.best, state.best_step, state.best_loss = value, state.global_step, loss
-        export_weights(state, "best.pt")
+    for sel in state.selections:
+        if metrics and sel.metric not in metrics:
+            key = "train.select_metric" if sel.file == "best.pt" else "train.export_also"
+            raise TrainError(f"{key}: {sel.metric!r} is not a val metric (have "
+                             f"{', '.join(scalars(metrics))})")
+        if not metrics or sel.improves(metrics):
+            sel.take(metrics, state.global_step)
+            export_selection(state, sel)
     state.epoch += 1
     state.batch = 0
     save_checkpoint(state)
@@ -221,6 +222,8 @@ def fit(state: State) -> dict[str, Any]:
                 stopped = bool(cfg.train.max_steps and state.global_step >= cfg.train.max_steps)
         if not done_before:
             export_weights(state, "last.pt")
+            if state.ema is not None:
+                export_weights(state, "last-ema.pt", ema=True)
         report_progress(state, "stopped" if stopped else "done")
         barrier()
         if not stopped and not done_before:
@@ -233,8 +236,8 @@ def fit(state: State) -> dict[str, Any]:
         state.writer.close()
     return {
         "run_dir": str(cfg.run_dir), "mode": cfg.train.mode, "epoch": state.epoch, "global_step": state.global_step,
-        "stopped_early": stopped, "select_metric": cfg.select_metric, "best": state.best, "best_step": state.best_step,
-        "best_path": str(cfg.run_dir / "best.pt"), "last_path": str(cfg.run_dir / "last.pt"),
+        "stopped_early": stopped, "select_metric": cfg.select_metric, "best": state.selections[0].value,
+        "best_step": state.selections[0].step, "best_path": str(cfg.run_dir / "best.pt"), "last_path": str(cfg.run_dir / "last.pt"),
         "last_checkpoint": state.last_ckpt, "val": scalars(state.last_val),
     }
 

@@ -42,6 +42,7 @@ EXPORT_KEYS = ("state_dict", "arch_kwargs", "mag", "classes", "stats")
 # after its state is loaded; the loop reads the others from the config at every use; run.out_dir/run.name only say
 # where the (moved) run folder is. A key ending in "." is a prefix.
 RESUMABLE = ("train.epochs", "train.max_steps", "train.lr", "train.weight_decay", "train.checkpoint_every_steps",
+             "train.channels_last", "train.compile",  # speed only: the same computation in another layout or kernel
              "train.checkpoint_every_min", "train.keep_last", "data.num_workers", "run.resume", "run.out_dir",
              "run.name", "log.")
 
@@ -76,18 +77,20 @@ def resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
 
 
-def config_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(dotted key, stored value, new value) for every key whose value differs, in key order."""
-    old, now = flatten(stored), flatten(new)
+def config_changes(stored: dict[str, Any], new: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, new value) for every key whose value differs, in key order. A key the stored
+    config lacks (written before the key existed) reads as its value in `defaults`: the behaviour it had then."""
+    old, now = {**flatten(defaults or {}), **flatten(stored)}, flatten(new)
     return [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
 
 
 def check_resume_config(stored: dict[str, Any], new: dict[str, Any], checkpoint: Path, run_name: str,
-                        same_shards: bool = False) -> list[str]:
+                        same_shards: bool = False, defaults: dict[str, Any] | None = None) -> list[str]:
     """The allowed changes as 'key: old -> new'; any other change stops the resume in one line naming each key.
     `same_shards`: the shard folder's manifest is byte-identical to the one the run started on, so a moved
     `data.shards` (e.g. copied to node-local scratch) is the same data."""
-    changes = config_changes(stored, new)
+    changes = config_changes(stored, new, defaults)
     refused = [f"{k}: {a} -> {b}" for k, a, b in changes if not resumable(k) and not (same_shards and k == "data.shards")]
     if refused:
         raise RunFolderError(

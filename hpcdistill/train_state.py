@@ -21,7 +21,9 @@ from hpcdistill.mags import mag_name
 from hpcdistill.manifest import manifest_digest
 from hpcdistill.run_folder import (RunFolder, apply_resumable, check_resume_config, load_exported, say,
                                    use_weights_only_loads)
+from hpcdistill.selection import Selection, restore_selections, selections_for, uses_ema
 from hpcdistill.train_data import DataPlan, plan_data
+from hpcdistill.weight_average import WeightAverage
 from hpcdistill.windows import DEFAULT_WINDOWING
 
 
@@ -44,6 +46,24 @@ def build_student(cfg: Config, classes: list[str]) -> torch.nn.Module:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("fc."))  # the paper freezes everything but the fully connected layer
     return model
+
+
+def memory_format(cfg: Config) -> torch.memory_format:
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+
+def model_input(state: State, images: torch.Tensor) -> torch.Tensor:
+    """A batch of images on the training device, in its dtype and the model's memory format."""
+    return images.to(state.device, state.dtype).contiguous(memory_format=memory_format(state.cfg))
+
+
+def compile_modules(cfg: Config, *modules: torch.nn.Module | None) -> None:
+    """train.compile: each module's forward compiled in place (Module.compile keeps parameter names, so checkpoints
+    and exports are the same as without), with dynamic shapes for whole tissues of any size."""
+    if cfg.train.compile:
+        for module in modules:
+            if module is not None:
+                module.compile(dynamic=True)
 
 
 def build_teacher(cfg: Config) -> torch.nn.Module:
@@ -90,9 +110,8 @@ class State:
     epoch: int = 0
     batch: int = 0  # micro-batches consumed in the current epoch
     global_step: int = 0  # optimizer steps
-    best: float | None = None
-    best_step: int = -1
-    best_loss: float = math.inf  # val loss of the best export: breaks ties of the selection metric
+    selections: list[Selection] = field(default_factory=list)  # best.pt first, then train.export_also's
+    ema: WeightAverage | None = None  # train.ema_decay > 0
     last_ckpt: str = ""
     last_save_time: float = field(default_factory=time.monotonic)  # for train.checkpoint_every_min
     started: tuple[float, int] = (0.0, 0)  # (monotonic time, global step) when this process began training: the ETA
@@ -125,18 +144,24 @@ def build_state(cfg: Config) -> State:
     stored, manifest_sha256 = folder.stored_config(target) if target is not None else (None, None)
     if target is not None and stored is not None:
         same_shards = manifest_sha256 is not None and manifest_sha256 == manifest_digest(resolve_path(cfg.data.shards))
-        changes = check_resume_config(stored, cfg.to_dict(), target, cfg.run.name, same_shards)
+        changes = check_resume_config(stored, cfg.to_dict(), target, cfg.run.name, same_shards,
+                                      defaults=Config().to_dict())
     device = device_for(local)
     ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu")
     plan = plan_data(cfg, world)
     model = build_student(cfg, plan.classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    engine.module.to(memory_format=memory_format(cfg))  # after initialize: its broadcast views weights as bytes
     skip_single_rank_allreduce(engine, world)
     use_weights_only_loads(engine)
     dtype = next(engine.module.parameters()).dtype
-    teacher = build_teacher(cfg).to(device, dtype=dtype) if cfg.train.mode == "distill" else None
-    state = State(cfg, rank, world, device, engine, teacher, plan, NullWriter(), dtype, folder)
+    teacher = (build_teacher(cfg).to(device, dtype=dtype, memory_format=memory_format(cfg))
+               if cfg.train.mode == "distill" else None)
+    state = State(cfg, rank, world, device, engine, teacher, plan, NullWriter(), dtype, folder,
+                  selections=selections_for(cfg.select_metric, cfg.train.export_also),
+                  ema=WeightAverage(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None)
+    compile_modules(cfg, engine.module, teacher)  # after the EMA copy: a copied compiled forward calls the original
     if target is not None:
         resume(state, target, changes)
     state.writer = build_writer(cfg, rank)
@@ -147,10 +172,12 @@ def build_state(cfg: Config) -> State:
 def save_checkpoint(state: State) -> str:
     client = {
         "epoch": state.epoch, "batch": state.batch, "global_step": state.global_step,
-        "best": state.best, "best_step": state.best_step, "best_loss": state.best_loss, "last_val": scalars(state.last_val),
+        "selections": [sel.to_dict() for sel in state.selections], "last_val": scalars(state.last_val),
         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         "manifest_sha256": state.plan.manifest_sha256,  # the data's identity, whatever path it is read from
     }
+    if state.ema is not None:
+        client["ema"] = state.ema.state_dict()
     path = state.folder.save_checkpoint(state.engine, state.global_step, client, state.cfg.to_dict(),
                                         state.cfg.train.keep_last)
     state.last_ckpt = str(path)
@@ -168,24 +195,23 @@ def resume(state: State, target: Path, changes: list[str]) -> None:
     if newer:  # run.resume named an older checkpoint: a later requeue must not jump back to the abandoned future
         state.folder.set_aside(newer, f"superseded: the run was resumed from {target}", ".superseded")
     state.epoch, state.batch, state.global_step = client["epoch"], client["batch"], client["global_step"]
-    state.best, state.best_step, state.last_val = client["best"], client["best_step"], client.get("last_val", {})
-    state.best_loss = client.get("best_loss", math.inf)
+    state.last_val = client.get("last_val", {})
+    if state.ema is not None:
+        state.ema.load_state_dict(client["ema"])  # present: ema_decay cannot change on resume
     torch.set_rng_state(client["torch_rng"])
     random.setstate(client["python_rng"])
     state.last_ckpt = str(target)
     note = f"; changed on resume: {', '.join(changes)}" if changes else ""
-    best_step = state.folder.export_step("best.pt")
-    if state.best is not None and best_step is not None and best_step != state.best_step:
-        # best.pt comes from a trajectory this resume discards (a diverged or explicitly skipped stretch)
-        state.best, state.best_step, state.best_loss = None, -1, math.inf
-        note += f"; best.pt (step {best_step}) is not from this trajectory and will be re-selected"
+    note += "".join(f"; {stale}" for stale in restore_selections(state.selections, client, state.folder.export_step))
     say(f"resuming from {target} (step {state.global_step}, epoch {state.epoch}, micro-batch {state.batch} of the "
         f"epoch){note}")
 
 
-def export_weights(state: State, name: str) -> None:
+def export_weights(state: State, name: str, ema: bool = False) -> None:
+    """The training weights (or with `ema`, their moving average) as a plain export in the run folder."""
     mag = state.cfg.model_mag
-    state.folder.export_weights(name, state.engine.module, mag=mag, classes=state.plan.classes,
+    module = state.ema.module if ema and state.ema is not None else state.engine.module
+    state.folder.export_weights(name, module, mag=mag, classes=state.plan.classes,
                                 stats=state.plan.stats[mag_name(mag)], config=state.cfg.to_dict(),
                                 global_step=state.global_step, windowing=training_windowing(state.plan.manifest))
 
@@ -194,6 +220,10 @@ def training_windowing(manifest: dict[str, Any]) -> dict[str, Any]:
     """How the training shards cut tissues (from their manifest), stored in exports for prediction."""
     params = manifest.get("params") or {}
     return {key: params.get(key, default) for key, default in DEFAULT_WINDOWING.items()}
+
+
+def export_selection(state: State, sel: Selection) -> None:
+    export_weights(state, sel.file, ema=uses_ema(sel.metric))
 
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:

@@ -13,7 +13,7 @@ from hpcdistill.distributed import any_rank
 from hpcdistill.divergence import stop_on_divergence
 from hpcdistill.inference import model_outputs
 from hpcdistill.train_data import stream_spec
-from hpcdistill.train_state import State
+from hpcdistill.train_state import State, model_input
 
 TEACHER_VAL_CACHE_BYTES = 256 * 2**20
 
@@ -25,7 +25,7 @@ def teacher_val_outputs(state: State, batch: dict[str, Any]) -> tuple[torch.Tens
     key = batch["key"][0]
     if key in state.teacher_val:
         return state.teacher_val[key]
-    outputs = state.teacher(batch["t"].to(state.device, state.dtype))
+    outputs = state.teacher(model_input(state, batch["t"]))
     size = sum(t.numel() * t.element_size() for t in outputs)
     if state.teacher_val_bytes + size <= TEACHER_VAL_CACHE_BYTES:
         state.teacher_val[key] = outputs
@@ -44,9 +44,10 @@ def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
         out["top1"] = sum(r["y"] == r["pred"] for r in labeled) / len(labeled)  # plain accuracy, beside OvR accuracy
     if rows and "teacher_pred" in rows[0]:
         out["agreement"] = sum(r["pred"] == r["teacher_pred"] for r in rows) / len(rows)  # collapse shows here
-    losses = [r["loss"] for r in rows if "loss" in r]
-    if losses:
-        out["loss"] = sum(losses) / len(losses)
+    for name in ("kl", "loss"):  # continuous: they move with every sample, where accuracy moves in 1/n steps
+        values = [r[name] for r in rows if name in r]
+        if values:
+            out[name] = sum(values) / len(values)
     return out
 
 
@@ -59,8 +60,9 @@ def _val_row(state: State, batch: dict[str, Any], s_feat: torch.Tensor, logits: 
 
         t_feat, t_logits = teacher_val_outputs(state, batch)
         row["teacher_pred"] = int(t_logits.float().argmax(1)[0])
-        row["loss"] = float(distill_loss(s_feat.float(), logits.float(), t_feat.float(), t_logits.float(),
-                                         cfg.train.temperature, tuple(cfg.train.pixel_resize))["total"])
+        losses = distill_loss(s_feat.float(), logits.float(), t_feat.float(), t_logits.float(),
+                              cfg.train.temperature, tuple(cfg.train.pixel_resize))
+        row["loss"], row["kl"] = float(losses["total"]), float(losses["soft"])  # kl: the soft term, KL·T²
     elif row["y"] >= 0:
         row["loss"] = float(F.cross_entropy(logits.float(), batch["y"].to(state.device)))
     return row
@@ -68,27 +70,35 @@ def _val_row(state: State, batch: dict[str, Any], s_feat: torch.Tensor, logits: 
 
 @torch.no_grad()
 def validate(state: State) -> dict[str, Any]:
-    """Every val sample exactly once, split across ranks; predictions gathered to all ranks for the metrics."""
+    """The val metrics of the training weights, and with train.ema_decay those of their average as ema_*."""
     if state.plan.val is None:
         return {}
+    metrics = score_weights(state, state.engine.module, state.dtype, "")
+    if state.ema is not None:
+        averaged = score_weights(state, state.ema.module, torch.float32, "EMA weights: ")
+        metrics.update({f"ema_{k}": v for k, v in averaged.items() if k != "samples"})
+    return metrics
+
+
+def score_weights(state: State, module: torch.nn.Module, dtype: torch.dtype, whose: str) -> dict[str, Any]:
+    """Every val sample exactly once through `module`, split across ranks; predictions gathered to all ranks."""
     cfg = state.cfg
     spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=0, start_batch=0, val=True)
-    module = state.engine.module
+    was_training = module.training
     module.eval()
     loader = make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda")
     remedy = (f"reshard with a smaller --max-size (tissues are cut into aligned windows). Last checkpoint: "
               f"{state.last_ckpt or 'none'}")
     rows, first_bad = [], None
-    for batch, s_feat, logits in model_outputs(module, loader, state.device, state.dtype, mag=cfg.model_mag,
-                                               remedy=remedy):
+    for batch, s_feat, logits in model_outputs(module, loader, state.device, dtype, mag=cfg.model_mag, remedy=remedy):
         if first_bad is None and not torch.isfinite(logits).all():
             first_bad = batch  # an argmax of NaN logits would be scored as class 0
         rows.append(_val_row(state, batch, s_feat, logits))
-    module.train()
+    module.train(was_training)
     if any_rank(first_bad is not None, state.device):
         where = f" on {first_bad['key'][0]}" if first_bad is not None else " on another rank"
         stop_on_divergence(state, [first_bad] if first_bad is not None else [],
-                           f"validation after step {state.global_step} (epoch {state.epoch}): outputs are not "
+                           f"validation after step {state.global_step} (epoch {state.epoch}): {whose}outputs are not "
                            f"finite{where}")
     gathered: list[list[dict[str, Any]]] = [rows]
     if state.world > 1:

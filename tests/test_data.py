@@ -289,11 +289,30 @@ def test_ordered_stream_is_world_size_invariant_and_val_is_exact(small_dataset):
     val_keys = split_keys(shards, "val")
     assert len(shard_counts(shards, "val")) > 1
     assert len(val_keys) == small_dataset["manifest"]["splits"]["val"]["samples"]
-    val = [sum(keys(ShardStream(spec(shards, "val", rank=r, world=3))), []) for r in range(3)]
-    assert [len(v) for v in val] == [len(val_keys[r::3]) for r in range(3)]
-    assert val == [val_keys[r::3] for r in range(3)]
-    flat = sum(val, [])
-    assert len(flat) == len(set(flat)) == len(val_keys)
+    for world in (2, len(shard_counts(shards, "val")) + 1):  # by shard, and (more ranks than shards) by sample
+        val = [sum(keys(ShardStream(spec(shards, "val", rank=r, world=world))), []) for r in range(world)]
+        flat = sum(val, [])
+        assert sorted(flat) == sorted(val_keys) and len(flat) == len(set(flat)), world
+
+
+def test_single_pass_reads_each_shard_once(small_dataset, monkeypatch):
+    """Validation and evaluation: each (rank, worker) reads only its own shards where there are enough of them."""
+    from hpcdistill import data
+
+    shards = small_dataset["shards"]
+    urls = resolve_sets(shards, small_dataset["manifest"], ["val"]).urls
+    assert len(urls) >= 2
+    opened: list[str] = []
+    real = data.raw_samples
+    monkeypatch.setattr(data, "raw_samples", lambda us: (opened.extend(us), real(us))[1])
+    stream = ShardStream(spec(shards, "val"))
+    seen = [raw["__key__"] for w in range(2) for _, group in stream._raw_batches(w, 2) for raw in group]
+    assert sorted(opened) == sorted(urls)  # every shard opened once over both workers, not once per worker
+    assert sorted(seen) == sorted(split_keys(shards, "val")) and len(seen) == len(set(seen))
+    assert data.single_pass_share(urls[:2], 0, 1, 1, 3) == (urls[:2], 1, 0, False)  # 3 workers, 2 shards: stride
+    assert data.single_pass_share(urls[:2], 1, 2, 0, 2) == ([urls[1]], 1, 0, False)  # its 1 shard, 2 workers
+    assert data.single_pass_share(urls[:2], 1, 2, 0, 1) == ([urls[1]], 1, 0, True)
+    assert data.single_pass_share(urls[:1], 1, 2, 0, 1) == (urls[:1], 2, 1, False)  # 2 ranks, 1 shard: by sample
 
 
 def test_batches_carry_each_samples_slide(small_dataset):
