@@ -27,6 +27,8 @@ from hpcdistill.launch import launch  # noqa: E402
 BASELINE_PICKS = ["accuracy", "loss", "ema_accuracy", "ema_loss"]
 DISTILL_PICKS = ["agreement", "kl", "loss", "accuracy", "ema_agreement", "ema_kl", "ema_loss", "ema_accuracy"]
 FINAL = {"last": "last.pt", "ema_last": "last-ema.pt"}
+PICK_ORDER = ["accuracy", "agreement", "kl", "loss", "ema_accuracy", "ema_agreement", "ema_kl", "ema_loss", "last",
+              "ema_last"]
 
 
 def study_methods(ema_decay: float) -> dict[str, dict]:
@@ -47,23 +49,26 @@ def export_files(run_dir: Path, select_metric: str) -> dict[str, Path]:
 
 
 def table(scores: list[dict], runs: dict[str, tuple[str, float]]) -> tuple[str, dict]:
-    """Per pick: mean test accuracy, and the seed-to-seed sd averaged over the (method, mag) cells it exists in."""
-    cells: dict[str, dict[tuple[str, float], list[float]]] = {}
+    """Per pick and per kind of run (baseline; the KD methods): the mean test accuracy, and the seed-to-seed sd of
+    test accuracy in each (method, mag) cell, averaged over the cells (and its largest)."""
+    cells: dict[tuple[str, str], dict[tuple[str, float], list[float]]] = {}
     for s in scores:
         method, mag = runs[s["run"]]
-        cells.setdefault(s["pick"], {}).setdefault((method, mag), []).append(s["accuracy"])
-    kd_cells = {cell for c in cells.values() for cell in c if cell[0] != "baseline"}
-    summary, lines = {}, ["| pick | cells | mean test acc | mean sd over seeds | max sd | mean sd, KD cells |",
-                          "|---|---|---|---|---|---|"]
-    for pick, by_cell in sorted(cells.items(), key=lambda kv: statistics.fmean(mean_sd(v)[1] for v in kv[1].values())):
-        sds = {cell: mean_sd(v)[1] for cell, v in by_cell.items()}
-        means = [mean_sd(v)[0] for v in by_cell.values()]
-        kd = [sd for cell, sd in sds.items() if cell in kd_cells]
-        summary[pick] = {"cells": len(sds), "mean_acc": statistics.fmean(means), "mean_sd": statistics.fmean(sds.values()),
-                         "max_sd": max(sds.values()), "mean_sd_kd": statistics.fmean(kd) if kd else None}
-        row = summary[pick]
-        lines.append(f"| {pick} | {row['cells']} | {pct(row['mean_acc'])} | {pct(row['mean_sd'])} | "
-                     f"{pct(row['max_sd'])} | {pct(row['mean_sd_kd']) if kd else '-'} |")
+        kind = "Baseline" if method == "baseline" else "KD"
+        cells.setdefault((s["pick"], kind), {}).setdefault((method, mag), []).append(s["accuracy"])
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for (pick, kind), by_cell in cells.items():
+        sds = [mean_sd(v)[1] for v in by_cell.values()]
+        summary.setdefault(pick, {})[kind] = {"cells": len(sds), "mean_acc": statistics.fmean(
+            mean_sd(v)[0] for v in by_cell.values()), "mean_sd": statistics.fmean(sds), "max_sd": max(sds)}
+    lines = ["| pick | Baseline: mean test acc | Baseline: sd over seeds, mean (max) | KD: mean test acc | "
+             "KD: sd over seeds, mean (max) |", "|---|---|---|---|---|"]
+    for pick in PICK_ORDER:
+        if pick in summary:
+            row = [f"| `{pick}` "] + [
+                f"| {pct(k['mean_acc'])} | {pct(k['mean_sd'])} ({pct(k['max_sd'])}) " if (k := summary[pick].get(kind))
+                else "| - | - " for kind in ("Baseline", "KD")]
+            lines.append("".join(row) + "|")
     return "\n".join(lines), summary
 
 
@@ -75,10 +80,15 @@ def main() -> None:
     ap.add_argument("--ema-decay", type=float, default=0.998)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the shortened demo's data and epochs: a smoke run")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from <out>/selection.json")
     args = ap.parse_args()
     plan = plan_for(args.quick)
     started = time.monotonic()
     out = Path(args.out)
+    if args.table_only:
+        saved = json.loads((out / "selection.json").read_text())
+        print(table(saved["scores"], {r: tuple(v) for r, v in saved["runs"].items()})[0])
+        return
     shards = demo_shards(Path(args.data), args.workers, plan)
     experiment = write_study_experiment(out, shards, plan, args.seeds, study_methods(args.ema_decay), evaluate=True)
     record = launch(experiment, cluster="local")
@@ -92,10 +102,11 @@ def main() -> None:
     text, summary = table(scores, runs)
     minutes = (time.monotonic() - started) / 60
     header = (f"Selection study: {args.seeds} seeds, EMA decay {args.ema_decay}, demo data; test accuracy = macro "
-              f"one-vs-rest accuracy (%), sd over seeds per (method, magnification) cell; {minutes:.0f} min.\n\n")
+              f"one-vs-rest accuracy (%); sd over seeds per (method, magnification) cell, averaged over the cells of "
+              f"each kind (largest in brackets); {minutes:.0f} min.\n\n")
     if not args.quick:
         Path(__file__).with_name("results_selection.md").write_text(header + text + "\n")
-    (out / "selection.json").write_text(json.dumps({"scores": scores, "summary": summary}, indent=1))
+    (out / "selection.json").write_text(json.dumps({"scores": scores, "runs": runs, "summary": summary}, indent=1))
     print(header + text)
 
 
