@@ -5,7 +5,7 @@ export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install test demo bench clean readme readme-demo lock
+.PHONY: install test demo bench clean readme readme-demo lock gpu-check-prep
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,19 @@ test: install
 
 demo: install
 	$(VENV)/bin/hpcdistill demo --out runs/demo
+
+# For bench/gpu_check.sh on a GPU machine without a package registry: its slides and shards (gpu-check-data/) and the
+# wheels it lacks (.whl/), both ignored; copy the checkout with them and run `bash bench/gpu_check.sh` there.
+gpu-check-prep: install
+	$(PY) bench/gpu_check.py data gpu-check-data
+	sed -n '/^# binary/,/^# pure/{/^[a-z]/p}' bench/gpu_wheels.txt > .whl-binary.txt
+	sed -n '/^# pure/,$${/^[a-z]/p}' bench/gpu_wheels.txt > .whl-pure.txt
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl -r .whl-binary.txt
+	PYVIPS_BUILD_MODE=abi $(PY) -m pip wheel -q --no-deps -w .whl -r .whl-pure.txt
+	rm -f .whl-binary.txt .whl-pure.txt
+	ls .whl | grep -v -e '-none-any.whl$$' -e 'cp312' -e 'abi3' && { echo "gpu-check-prep: a wheel above is not for CPython 3.12"; exit 1; } || true
 
 # The README's demo results (tables, ordering, times, versions, Figure 3) from the last `make demo` run.
 readme-demo: install
