@@ -51,7 +51,7 @@ def flops_at_sizes(model: torch.nn.Module, manifest: dict[str, Any] | None, mag:
 
 def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str, Any], split: str,
                   mag: float, workers: int = 0, checkpoint: str = "model") -> list[dict[str, Any]]:
-    """(key, slide, label, prediction, probabilities) for every sample of the split, in shard order, on the model's
+    """(key, slide, label, prediction, probabilities) for every sample of the split, by sample key, on the model's
     device; `workers` loader processes decode the shards in parallel (whole tissues at 10x decode slowly)."""
     splits = manifest.get("splits", {})
     sets = resolve_sets(shards, manifest, [split]) if split in splits else None
@@ -72,7 +72,7 @@ def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str
         probs = torch.softmax(logits.float(), dim=1)[0].cpu()
         rows.append({"key": batch["key"][0], "slide": batch["slide"][0], "y": int(batch["y"][0]),
                      "pred": int(probs.argmax()), "probs": probs.tolist()})
-    return rows
+    return sorted(rows, key=lambda r: r["key"])  # workers interleave their own shards: one order for any count
 
 
 def _load_for(checkpoint: str | Path, shards: str | Path, manifest: dict[str, Any]) -> ExportedModel:
