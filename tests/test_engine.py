@@ -61,12 +61,15 @@ def test_distill_on_aux_sets_then_finetune_and_tensorboard(tiny_dataset, tiny_te
     summary = engine.run(cfg_for(tiny_dataset, tmp_path, "kd", "distill", 2.5, f"teacher.checkpoint={tiny_teacher}",
                                  "data.aux=[aux1,aux2]", "log.images_every=4"))
     assert summary["global_step"] == samples(tiny_dataset, "train", "aux1", "aux2") // 2  # ADv2 = aux1 + aux2 + train
-    assert summary["select_metric"] == "agreement" and 0 <= summary["val"]["agreement"] <= 1
+    logged = EventAccumulator(str(tmp_path / "kd" / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert summary["select_metric"] == "loss"  # the distill default: best.pt has the lowest val distillation loss
+    assert summary["best"] == pytest.approx(min(e.value for e in logged.Scalars("val/loss")), rel=1e-6)
+    assert 0 <= summary["val"]["agreement"] <= 1 and summary["val"]["kl"] >= 0
     assert summary["val"]["samples"] == samples(tiny_dataset, "val")
     acc = EventAccumulator(str(tmp_path / "kd" / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/total", "loss/soft", "loss/pixel", "lr", "throughput/images_per_s", "val/agreement",
-            "val/accuracy", "val/f1", "val/loss"} <= scalars
+            "val/accuracy", "val/f1", "val/loss", "val/kl"} <= scalars
     assert {"inputs/teacher_10x", "inputs/student_2.5x"} <= set(acc.Tags()["images"])
     assert "config/text_summary" in acc.Tags()["tensors"]
     assert any(e.value > 0 for e in acc.Scalars("loss/pixel"))
