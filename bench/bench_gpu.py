@@ -203,7 +203,8 @@ def loader_ratio(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 def markdown(result: dict) -> str:
     lines = [f"{result['machine']}; {result['device']}, {result['dtype']}, {result['arch']} width {result['width']}; "
              f"matmul peak {result['peak_tflops']:.2f} TFLOP/s", "",
-             "| case | px | batch | channels_last | compile | images/s | TFLOP/s | of peak |", "|---|---|---|---|---|---|---|---|"]
+             "| case | px | batch | channels_last | compile | images/s | TFLOP/s | of peak |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["train"]:
         lines.append(f"| {r['case']} | {r['px']} | {r['batch']} | {r['channels_last']} | {r['compile']} | "
                      f"{r['images_s']:.1f} | {r['tflops']:.3f} | {100 * r['of_peak']:.1f}% |")

@@ -237,7 +237,8 @@ def fit(state: State) -> dict[str, Any]:
     return {
         "run_dir": str(cfg.run_dir), "mode": cfg.train.mode, "epoch": state.epoch, "global_step": state.global_step,
         "stopped_early": stopped, "select_metric": cfg.select_metric, "best": state.selections[0].value,
-        "best_step": state.selections[0].step, "best_path": str(cfg.run_dir / "best.pt"), "last_path": str(cfg.run_dir / "last.pt"),
+        "best_step": state.selections[0].step, "best_path": str(cfg.run_dir / "best.pt"),
+        "last_path": str(cfg.run_dir / "last.pt"),
         "last_checkpoint": state.last_ckpt, "val": scalars(state.last_val),
     }
 
