@@ -146,20 +146,6 @@ def engine_ratio(args: argparse.Namespace, device: torch.device, dtype: torch.dt
             "ratio": statistics.median(t_engine) / statistics.median(t_torch)}
 
 
-def make_shards(root: Path, quick: bool) -> Path:
-    """Small real shards at 10x from synthetic slides, written by the sharder (reused when present)."""
-    from hpcdistill.sharding import ShardParams, run_sharding
-    from hpcdistill.synthetic import write_dataset
-
-    slides, shards = root / "slides", root / "shards"
-    if not (shards / "manifest.json").is_file():
-        n = 2 if quick else 6
-        write_dataset(slides, n_slides_per_split={"train": n, "val": 1, "test": 1}, n_aux1=0, n_aux2=0,
-                      size=(1536, 1152) if quick else (3072, 2304), seed=0)
-        run_sharding([slides], shards, labels_csv=str(slides / "labels.csv"), params=ShardParams(mags=(10.0,)))
-    return shards
-
-
 def loader_ratio(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     """Teacher train steps at 10x fed by the real loader (decode on CPU workers, colour on the device) against the
     same batches already on the device: 1.0 means the loader keeps up."""
@@ -169,7 +155,9 @@ def loader_ratio(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     from hpcdistill.manifest import mag_stats, read_manifest
     from hpcdistill.shard_reader import resolve_sets
 
-    shards = Path(args.shards) if args.shards else make_shards(Path(args.out) / "data", args.quick)
+    from gpu_check import write_data
+
+    shards = Path(args.shards) if args.shards else write_data(Path(args.out) / "data", args.quick)
     manifest = read_manifest(shards)
     samples = 16 if args.quick else 256
     spec = StreamSpec(urls=resolve_sets(shards, manifest, ["train"]).urls, mode="labeled", mag=10.0, teacher_mag=10.0,

@@ -13,18 +13,19 @@ import sys
 from pathlib import Path
 
 
-def write_data(root: Path) -> None:
-    from hpcdistill.sharding import ShardParams, run_sharding
-    from hpcdistill.synthetic import write_dataset
+# The check's dataset: big enough for a few epochs and a test split, small enough to travel with the checkout.
+GPU_CHECK_PLAN = {"slides": {"train": 6, "val": 3, "test": 3}, "aux1": 3, "aux2": 0, "size": (3072, 2304)}
 
-    slides = root / "slides"
-    if not (slides / "labels.csv").is_file():
-        write_dataset(slides, n_slides_per_split={"train": 6, "val": 3, "test": 3}, n_aux1=3, n_aux2=0,
-                      size=(3072, 2304), seed=0)
-    run_sharding([slides], root / "shards", labels_csv=str(slides / "labels.csv"),
-                 params=ShardParams(mags=(10.0, 2.5)), workers=2)
+
+def write_data(root: Path, quick: bool = False) -> Path:
+    """Synthetic slides and their shards at 10x and 2.5x under root, through the demo's own data step (reused when
+    present); `quick`: the shortened demo's dataset."""
+    from hpcdistill.demo import QUICK, DemoPlan, prepare_data
+
+    shards = prepare_data(root, QUICK if quick else DemoPlan(**GPU_CHECK_PLAN), [2.5], workers=2, seed=0)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     print(f"{root}: {size / 2**20:.1f} MiB of slides and shards")
+    return shards
 
 
 def read_json(path: Path) -> dict | None:

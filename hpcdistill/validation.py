@@ -70,39 +70,57 @@ def _val_row(state: State, batch: dict[str, Any], s_feat: torch.Tensor, logits: 
 
 @torch.no_grad()
 def validate(state: State) -> dict[str, Any]:
-    """The val metrics of the training weights, and with train.ema_decay those of their average as ema_*."""
+    """The val metrics of the training weights, and with train.ema_decay those of their average as ema_*; one read
+    of the val shards scores both."""
     if state.plan.val is None:
         return {}
-    metrics = score_weights(state, state.engine.module, state.dtype, "")
+    scored = [("", state.engine.module, state.dtype)]
     if state.ema is not None:
-        averaged = score_weights(state, state.ema.module, torch.float32, "EMA weights: ")
-        metrics.update({f"ema_{k}": v for k, v in averaged.items() if k != "samples"})
+        scored.append(("ema_", state.ema.module, torch.float32))
+    rows = val_rows(state, scored)
+    metrics: dict[str, Any] = {}
+    for prefix, _, _ in scored:
+        m = val_metrics(gather_rows(state, rows[prefix]), state.cfg.model.num_classes)
+        metrics.update({f"{prefix}{k}": v for k, v in m.items() if not (prefix and k == "samples")})
     return metrics
 
 
-def score_weights(state: State, module: torch.nn.Module, dtype: torch.dtype, whose: str) -> dict[str, Any]:
-    """Every val sample exactly once through `module`, split across ranks; predictions gathered to all ranks."""
+def val_rows(state: State, scored: list[tuple[str, torch.nn.Module, torch.dtype]]) -> dict[str, list[dict[str, Any]]]:
+    """Every val sample of this rank once, through each (prefix, module, dtype); stops every rank together if any
+    module's outputs are not finite."""
     cfg = state.cfg
     spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=0, start_batch=0, val=True)
-    was_training = module.training
-    module.eval()
+    modes = [module.training for _, module, _ in scored]
+    for _, module, _ in scored:
+        module.eval()
     loader = make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda")
     remedy = (f"reshard with a smaller --max-size (tissues are cut into aligned windows). Last checkpoint: "
               f"{state.last_ckpt or 'none'}")
-    rows, first_bad = [], None
-    for batch, s_feat, logits in model_outputs(module, loader, state.device, dtype, mag=cfg.model_mag, remedy=remedy):
-        if first_bad is None and not torch.isfinite(logits).all():
-            first_bad = batch  # an argmax of NaN logits would be scored as class 0
-        rows.append(_val_row(state, batch, s_feat, logits))
-    module.train(was_training)
-    if any_rank(first_bad is not None, state.device):
-        where = f" on {first_bad['key'][0]}" if first_bad is not None else " on another rank"
-        stop_on_divergence(state, [first_bad] if first_bad is not None else [],
-                           f"validation after step {state.global_step} (epoch {state.epoch}): {whose}outputs are not "
-                           f"finite{where}")
+    rows: dict[str, list[dict[str, Any]]] = {prefix: [] for prefix, _, _ in scored}
+    first_bad: dict[str, dict[str, Any]] = {}
+    for raw in loader:
+        for prefix, module, dtype in scored:
+            for batch, s_feat, logits in model_outputs(module, [raw], state.device, dtype, mag=cfg.model_mag,
+                                                       remedy=remedy):
+                if prefix not in first_bad and not torch.isfinite(logits).all():
+                    first_bad[prefix] = batch  # an argmax of NaN logits would be scored as class 0
+                rows[prefix].append(_val_row(state, batch, s_feat, logits))
+    for (_, module, _), mode in zip(scored, modes):
+        module.train(mode)
+    for prefix, _, _ in scored:  # the same order on every rank: any_rank is a collective
+        bad = first_bad.get(prefix)
+        if any_rank(bad is not None, state.device):
+            where = f" on {bad['key'][0]}" if bad is not None else " on another rank"
+            whose = "EMA weights: " if prefix else ""
+            stop_on_divergence(state, [bad] if bad is not None else [], f"validation after step {state.global_step} "
+                               f"(epoch {state.epoch}): {whose}outputs are not finite{where}")
+    return rows
+
+
+def gather_rows(state: State, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's rows on every rank, by sample key."""
     gathered: list[list[dict[str, Any]]] = [rows]
     if state.world > 1:
         gathered = [None] * state.world  # type: ignore[list-item]
         torch.distributed.all_gather_object(gathered, rows)
-    rows = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
-    return val_metrics(rows, cfg.model.num_classes)
+    return sorted((r for part in gathered for r in part), key=lambda r: r["key"])
