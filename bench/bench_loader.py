@@ -109,7 +109,7 @@ def main() -> None:
         stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
         spec = StreamSpec(urls=[str(shard)], mode="paired", mag=2.5, teacher_mag=10.0,
                           stats={"10x": stats, "2.5x": stats}, micro_batch=1, samples=args.samples,
-                          sampler="ordered", augment=AugmentConfig(), defer_colour=True)
+                          sampler="ordered", augment=AugmentConfig(), finish_on_device=True)
         evaluation = dataclasses.replace(spec, mode="labeled", mag=10.0, augment=None, samples=-1)
         streams = {"training loader": (ShardStream(spec), "bare pair"),
                    "evaluation loader": (ShardStream(evaluation), "bare 10x")}

@@ -1,10 +1,11 @@
 """Per-image transforms between a decoded sample and the model: the paired augmentation draw (one dihedral move
 and one colour map for both images of a KD pair) and standardisation with the manifest's statistics.
 
-Geometry is one PIL transpose of the uint8 image; all of the colour jitter plus standardisation is ONE affine map
-of RGB (brightness, contrast, saturation and a YIQ hue rotation are each affine, so is their composition) and one
-clamp: a (3, 6) array per image, applied by `finish_batch` with one batched matmul, in the loader or on the
-training device. Speed: bench/bench_loader.py.
+Geometry is flips then rot90, exact pixel moves done where the batch lands (device_batch.py); all of the colour
+jitter plus standardisation is ONE affine map of RGB (brightness, contrast, saturation and a YIQ hue rotation are
+each affine, so is their composition) and one clamp: a (3, 6) array per image. Only its offset depends on the image
+(contrast pulls towards the image's mean grey), so the loader draws the map and the device adds that term
+(`Standardizer.pivot`), after decoding. Speed: bench/bench_loader.py.
 """
 
 from __future__ import annotations
@@ -12,42 +13,21 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from hpcdistill.config import AugmentConfig
 
 
-def _dihedral_ops() -> dict[tuple[bool, bool, int], Image.Transpose | None]:
-    """(hflip, vflip, rot90 k) -> the one PIL transpose doing all three (flip left-right, then top-bottom, then
-    np.rot90 k times, counter-clockwise); found by probing, so the table cannot disagree with the numpy meaning."""
-    probe = np.arange(6, dtype=np.uint8).reshape(2, 3)
-    ops: list[Image.Transpose | None] = [None, *Image.Transpose]
-    table = {}
-    for hflip in (False, True):
-        for vflip in (False, True):
-            for k in range(4):
-                want = np.rot90(probe[:: -1 if vflip else 1, :: -1 if hflip else 1], k)
-                for op in ops:
-                    got = probe if op is None else np.asarray(Image.fromarray(probe).transpose(op))
-                    if got.shape == want.shape and np.array_equal(got, want):
-                        table[(hflip, vflip, k)] = op
-                        break
-    return table
-
-
-_DIHEDRAL = _dihedral_ops()
-_GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L"
+GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L"
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 # H0, H1, H2 (hue rotation = H0 + cos H1 + sin H2 in RGB) and 1 g^T (x -> grey(x) in every channel)
 _COLOUR_BASIS = np.stack([_YIQ_TO_RGB @ np.diag([1.0, 0.0, 0.0]) @ _RGB_TO_YIQ,
                           _YIQ_TO_RGB @ np.diag([0.0, 1.0, 1.0]) @ _RGB_TO_YIQ,
                           _YIQ_TO_RGB @ np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]) @ _RGB_TO_YIQ,
-                          np.outer(np.ones(3), _GREY)]).reshape(4, 9)
+                          np.outer(np.ones(3), GREY)]).reshape(4, 9)
 
 
 @dataclass(frozen=True)
@@ -75,16 +55,21 @@ class AugmentDraw:
             hue=rng.uniform(-aug.hue, aug.hue) if aug.hue > 0 else 0.0,
         )
 
-    def geometry(self, img: Image.Image) -> Image.Image:
-        """Flips then rotation: exact pixel moves, the same k on both images keeps non-square pairs consistent."""
-        op = _DIHEDRAL[(self.hflip, self.vflip, self.rot90)]
-        return img if op is None else img.transpose(op)
+    @property
+    def moves(self) -> tuple[int, int, int]:
+        """(hflip, vflip, rot90 k) for `apply_moves`: the same k on both images keeps non-square pairs consistent."""
+        return int(self.hflip), int(self.vflip), self.rot90
 
     def colour(self, mean_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(A, b) with jittered = A @ rgb + b on [0, 1]: brightness, contrast, saturation, hue in that order.
-        Contrast pulls towards the mean grey of the image whose channel means are `mean_rgb`; the caller passes
-        the same means for both images of a pair, so both get exactly the same map. Clamping to [0, 1] happens
-        once, after the whole map (per-step clamps would differ only for pixels pushed out of range midway)."""
+        Contrast pulls towards the mean grey of the image whose channel means are `mean_rgb`; both images of a pair
+        get the model image's, so exactly the same map. Clamping to [0, 1] happens once, after the whole map
+        (per-step clamps would differ only for pixels pushed out of range midway)."""
+        a, pivot = self.colour_linear()
+        return a, np.full(3, pivot * float(GREY @ mean_rgb))
+
+    def colour_linear(self) -> tuple[np.ndarray, float]:
+        """(A, p): the map is A @ rgb + p * grey(mean rgb) in every channel; A and p need no pixels."""
         # brightness x -> B x; contrast x -> C x + (1 - C) * grey(B mean); saturation S = s I + (1 - s) 1 g^T;
         # hue H = a rotation of the YIQ chroma plane (luminance kept; ~10x cheaper than an HSV round trip).
         # H 1 = S 1 = 1 and H 1 g^T = 1 g^T, so A = C B (s H + (1 - s) 1 g^T), H = H0 + cos H1 + sin H2, b ~ 1.
@@ -92,16 +77,16 @@ class AugmentDraw:
         scale = self.contrast * self.brightness
         coef = np.array([scale * self.saturation, scale * self.saturation * math.cos(turn),
                          scale * self.saturation * math.sin(turn), scale * (1 - self.saturation)])
-        offset = (1 - self.contrast) * self.brightness * float(_GREY @ mean_rgb)
-        return (coef @ _COLOUR_BASIS).reshape(3, 3), np.full(3, offset)
+        return (coef @ _COLOUR_BASIS).reshape(3, 3), (1 - self.contrast) * self.brightness
 
 
-def uint8_planes(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 (3, H, W). PIL packs one band per call in C: cheaper than an interleaved-to-planar
-    transpose in numpy or torch (which would otherwise fall to finish_batch on a CPU)."""
-    w, h = img.size
-    bands = [np.frombuffer(img.tobytes("raw", band), dtype=np.uint8) for band in "RGB"]
-    return torch.from_numpy(np.stack(bands).reshape(3, h, w))
+def apply_moves(image: torch.Tensor, hflip: int, vflip: int, k: int) -> torch.Tensor:
+    """(..., H, W) image: flip left-right, then top-bottom, then rotate k quarter turns counter-clockwise, as
+    np.rot90(img[::-1 if vflip, ::-1 if hflip], k) on an (H, W) array."""
+    dims = [d for d, flip in ((-1, hflip), (-2, vflip)) if flip]
+    if dims:
+        image = torch.flip(image, dims)
+    return torch.rot90(image, k, dims=(-2, -1)) if k % 4 else image
 
 
 class Standardizer:
@@ -125,26 +110,6 @@ class Standardizer:
         out[:, 4:] = self.bounds
         return out
 
-
-def finish_batch(batch: dict[str, Any], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """uint8 images + colour maps -> standardised `dtype` images on `device`: one batched matmul and a clamp.
-    Run it where the batch lands (the GPU, in training) so loader workers only decode, flip and rotate; a batch that
-    is already finished passes through unchanged."""
-    out = dict(batch)
-    for slot in ("x", "t"):
-        maps = out.pop(f"{slot}_map", None)
-        if maps is None:
-            continue
-        images = out[slot].to(device, non_blocking=True)
-        n, c, h, w = images.shape
-        maps = maps.to(device, torch.float32, non_blocking=True)
-        y = torch.baddbmm(maps[:, :, 3:4], maps[:, :, :3], images.reshape(n, c, h * w).float())
-        if y.device.type == "cpu":  # scalar-bound clamps are the fast CPU kernel
-            bounds = maps[:, :, 4:].tolist()
-            for i, j in np.ndindex(n, c):
-                y[i, j].clamp_(*bounds[i][j])
-        else:
-            y = torch.clamp(y, maps[:, :, 4:5], maps[:, :, 5:6])
-        out[slot] = y.view(n, c, h, w).to(dtype)
-    return out
+    def pivot(self, p: float) -> np.ndarray:
+        """(3,) float64: what b gains per unit of the model image's mean grey level, in standardised units."""
+        return p * self.scale

@@ -93,6 +93,9 @@ class DataConfig:
     shuffle_buffer: int = 64  # samples buffered for shuffling within the streamed shards (resampled mode)
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Where JPEGs are decoded: "cpu", by the loader workers (PIL, libjpeg-turbo); "gpu", on the training GPU with
+    # nvJPEG (needs `pip install hpcdistill[gpu]`: torchvision), the workers then only read bytes. Refused on a CPU run.
+    decode: Literal["cpu", "gpu"] = "cpu"
 
 
 @dataclass

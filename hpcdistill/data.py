@@ -1,5 +1,5 @@
 """The training and evaluation streams: per-rank/per-worker splitting, sample order, bucketing and batching (reading
-tars is shard_reader.py, the per-image transforms augment.py).
+tars is shard_reader.py, the augmentation draw augment.py, the per-pixel work where the batch lands device_batch.py).
 
 One stream per rank yields micro-batches. Its length is fixed in advance (`per_rank_samples`), so every rank runs
 the same number of steps per epoch however unevenly the shards are sized: a rank that runs dry would otherwise hang
@@ -30,8 +30,9 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from hpcdistill.augment import AugmentDraw, Standardizer, finish_batch, uint8_planes
+from hpcdistill.augment import AugmentDraw, Standardizer
 from hpcdistill.config import AugmentConfig
+from hpcdistill.device_batch import finish_batch
 from hpcdistill.errors import DataError, HpcdistillError, traceback_line
 from hpcdistill.mags import mag_name
 from hpcdistill.shard_reader import decode_sample, raw_samples, sample_size
@@ -66,9 +67,12 @@ class StreamSpec:
     bucketed: bool = False
     bucket_window: int = 8
     start_batch: int = 0  # micro-batches already consumed this epoch (resume)
-    # True: yield uint8 NCHW images plus per-image colour maps ("x_map", "t_map") for finish_batch() on the device, so
-    # the loader's CPU work stays near bare decoding; False: finished float32 images (the loader runs finish_batch)
-    defer_colour: bool = False
+    # True: yield loader batches (decoded uint8 images, their moves and colour maps; device_batch.py) for
+    # finish_batch() where the model runs, so the loader's CPU work stays near bare decoding; False: finished float32
+    # images (the loader runs finish_batch on its CPU)
+    finish_on_device: bool = False
+    # True (data.decode: gpu): yield the JPEG bytes undecoded; finish_batch decodes them on the device
+    decode_on_device: bool = False
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -79,6 +83,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         if not spec.urls:
             raise DataError("data: no shards selected for this stream")
+        if spec.decode_on_device and not spec.finish_on_device:
+            raise ValueError("StreamSpec: decode_on_device needs finish_on_device")
         self.spec = spec
         self._standardizers: dict[str, Standardizer] = {}
 
@@ -173,34 +179,35 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for _, group in self._raw_batches(worker, workers):
-            batch = collate([self._make_sample(raw) for raw in group], self.spec.bucketed)
-            yield batch if self.spec.defer_colour else finish_batch(batch)
+            batch = collate([self._make_sample(raw) for raw in group], self.spec)
+            yield batch if self.spec.finish_on_device else finish_batch(batch)
 
     # -- one sample ----------------------------------------------------------------------------------------
     def _make_sample(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Decode (or, decode_on_device, only check) the images and draw the augmentation; nothing per pixel."""
         s = self.spec
         low, high = mag_name(s.mag), mag_name(s.teacher_mag)
         wanted = {"labeled": [low, "cls"], "unlabeled": [low], "paired": [high, low, "cls"]}[s.mode] + ["json"]
-        dec = decode_sample(raw, wanted)
+        dec = decode_sample(raw, wanted, encoded=s.decode_on_device)
         if s.mode == "labeled" and "cls" not in dec:
             raise DataError(f"{raw.get('__url__', '?')}: sample {dec['__key__']} has no cls label (labeled mode)")
+        out: dict[str, Any] = {"key": dec["__key__"], "slide": dec["json"].get("slide", dec["__key__"]),
+                               "y": dec.get("cls", -1)}
         names = {"x": low, "t": high} if s.mode == "paired" else {"x": low}
-        images = {slot: dec[name] for slot, name in names.items()}
+        draw = None
         if s.augment is not None:
             rng = random.Random(f"{s.seed}/{s.epoch}/{raw['__draw__']}/{dec['__key__']}/aug")
             draw = AugmentDraw.sample(s.augment, rng)
-            images = {slot: draw.geometry(img) for slot, img in images.items()}
-        pixels = {slot: uint8_planes(img) for slot, img in images.items()}
-        jitter = None
-        if s.augment is not None:
-            # the model image's channel means fix the contrast pivot for the whole pair: one colour map for both
-            jitter = draw.colour(pixels["x"].numpy().reshape(3, -1).mean(1) / 255.0)
-        out: dict[str, Any] = {"key": dec["__key__"], "slide": dec["json"].get("slide", dec["__key__"]),
-                               "y": dec.get("cls", -1)}
+            out["moves"] = draw.moves
         for slot, name in names.items():
             standardizer = self._standardizer(name)
-            out[f"{slot}_map"] = standardizer.plain if jitter is None else standardizer.map(*jitter)
-            out[slot] = pixels[slot]
+            out[slot] = dec[name]
+            if draw is None:
+                out[f"{slot}_map"] = standardizer.plain
+            else:  # the model image's mean grey pivots contrast for the whole pair: added where the pixels are
+                linear, pivot = draw.colour_linear()
+                out[f"{slot}_map"] = standardizer.map(linear, np.zeros(3))
+                out[f"{slot}_pivot"] = standardizer.pivot(pivot)
         return out
 
 
@@ -230,43 +237,17 @@ def _chunks(items: Iterator[Any], n: int, drop_last: bool) -> Iterator[list[Any]
         yield chunk
 
 
-def center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-    return x[..., top : top + h, left : left + w]
-
-
-def collate(samples: list[dict[str, Any]], crop: bool) -> dict[str, Any]:
-    """Stack a micro-batch of uint8 (3, H, W) images and their colour maps. With `crop` (bucketed mode) every image is
-    centre-cropped to the batch's smallest size; the teacher crop is the student crop scaled by the magnification
-    ratio, so pairs stay aligned."""
+def collate(samples: list[dict[str, Any]], spec: StreamSpec) -> dict[str, Any]:
+    """A loader batch (device_batch.py): images stay per sample, since rotations and bucket crops happen where the
+    batch lands; the small per-sample arrays are stacked."""
     batch: dict[str, Any] = {"key": [s["key"] for s in samples], "slide": [s["slide"] for s in samples],
-                             "y": torch.tensor([s["y"] for s in samples])}
-    xs = [s["x"] for s in samples]
-    if crop and len(samples) > 1:
-        h = min(x.shape[-2] for x in xs)
-        w = min(x.shape[-1] for x in xs)
-        xs = [center_crop(x, h, w) for x in xs]
-        if "t" in samples[0]:
-            ratios = [(s["t"].shape[-2] / s["x"].shape[-2], s["t"].shape[-1] / s["x"].shape[-1]) for s in samples]
-            th = min(round(h * r[0]) for r in ratios)
-            tw = min(round(w * r[1]) for r in ratios)
-            for s in samples:
-                s["t"] = center_crop(s["t"], th, tw)
-    shapes = {tuple(x.shape) for x in xs}
-    if len(shapes) > 1:
-        raise DataError(f"data: micro-batch of {len(xs)} has different image sizes {sorted(shapes)}; "
-                        "use train.micro_batch=1 for whole tissues or train.bucketed=true")
-    if len(samples) == 1:  # micro-batch 1 (whole tissues): views, no copies
-        batch["x"] = xs[0][None]
-        if "t" in samples[0]:
-            batch["t"] = samples[0]["t"][None]
-    else:
-        batch["x"] = torch.stack(xs)
-        if "t" in samples[0]:
-            batch["t"] = torch.stack([s["t"] for s in samples])
-    for name in ("x_map", "t_map"):
-        if name in samples[0]:
-            batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]))
+                             "y": torch.tensor([s["y"] for s in samples]), "encoded": spec.decode_on_device,
+                             "crop": spec.bucketed}
+    for name in samples[0]:
+        if name in ("x", "t"):
+            batch[name] = [s[name] for s in samples]
+        elif name.endswith(("_map", "_pivot")) or name == "moves":
+            batch[name] = torch.from_numpy(np.stack([np.asarray(s[name]) for s in samples]))
     return batch
 
 

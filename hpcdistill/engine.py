@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpcdistill.augment import finish_batch
 from hpcdistill.config import Config, load_config
 from hpcdistill.data import make_loader
+from hpcdistill.device_batch import finish_batch
 from hpcdistill.distributed import barrier
 from hpcdistill.divergence import check_finite
 from hpcdistill.errors import HpcdistillError, TrainError

@@ -62,7 +62,7 @@ def predict_split(model: torch.nn.Module, shards: str | Path, manifest: dict[str
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
     spec = StreamSpec(urls=sets.urls, mode="labeled", mag=mag, teacher_mag=mag,
                       stats={mag_name(mag): mag_stats(manifest, mag)}, micro_batch=1, samples=-1, sampler="ordered",
-                      defer_colour=True)  # standardised where the model runs (model_outputs), as in training
+                      finish_on_device=True)  # standardised where the model runs (model_outputs), as in training
     device = next(model.parameters()).device
     loader = make_loader(spec, workers, pin_memory=device.type == "cuda")
     rows = []

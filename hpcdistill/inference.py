@@ -9,7 +9,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from hpcdistill.augment import Standardizer, finish_batch
+from hpcdistill.augment import Standardizer
+from hpcdistill.device_batch import finish_batch
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
 
@@ -34,9 +35,10 @@ def pick_device(name: str = "auto") -> torch.device:
 def standardise(image: np.ndarray, stats: dict) -> torch.Tensor:
     """HxWx3 uint8 RGB -> 1x3xHxW float32 through the loader's own Standardizer and finish_batch, so prediction
     preprocesses a tissue exactly as training and evaluation do."""
-    planes = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()[None]
     colour_map = torch.from_numpy(Standardizer(stats).plain)[None]
-    return finish_batch({"x": planes, "x_map": colour_map})["x"]
+    batch = {"key": ["image"], "slide": ["image"], "y": torch.tensor([-1]), "x_map": colour_map,
+             "x": [torch.from_numpy(np.ascontiguousarray(image))]}
+    return finish_batch(batch)["x"]
 
 
 class NonFiniteOutputError(HpcdistillError):

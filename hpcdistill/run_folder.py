@@ -42,7 +42,7 @@ EXPORT_KEYS = ("state_dict", "arch_kwargs", "mag", "classes", "stats")
 # after its state is loaded; the loop reads the others from the config at every use; run.out_dir/run.name only say
 # where the (moved) run folder is. A key ending in "." is a prefix.
 RESUMABLE = ("train.epochs", "train.max_steps", "train.lr", "train.weight_decay", "train.checkpoint_every_steps",
-             "train.channels_last", "train.compile",  # speed only: the same computation in another layout or kernel
+             "train.channels_last", "train.compile", "data.decode",  # speed only: the same computation elsewhere
              "train.checkpoint_every_min", "train.keep_last", "data.num_workers", "run.resume", "run.out_dir",
              "run.name", "log.")
 

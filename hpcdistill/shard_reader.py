@@ -7,10 +7,13 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+import torch
 from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
@@ -114,16 +117,32 @@ def raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
             yield held
 
 
-def decode_image(blob: bytes) -> Image.Image:
-    """A decoded RGB image (PIL: flips, rotations and channel splits stay in fast uint8 C code)."""
+def decode_image(blob: bytes | memoryview | np.ndarray) -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 (H, W, 3) RGB with PIL (libjpeg-turbo): one pixel copy, as bare WebDataset decoding
+    makes; flips, rotations and standardisation happen where the batch lands (device_batch.py)."""
     img = Image.open(io.BytesIO(blob))
     img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = img.size
+    pixels = np.frombuffer(img.tobytes(), np.uint8).reshape(h, w, 3)
+    with warnings.catch_warnings():  # read-only bytes: nothing writes into a loader image in place
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(pixels)
 
 
-def decode_sample(raw: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
-    """Decode only what is asked for: images as RGB PIL images, 'cls' as int, 'json' as a dict. Never unpickles.
-    A payload that does not decode is a DataError naming the shard, the sample and the payload."""
+def check_jpeg(blob: bytes, where: str) -> None:
+    """The only check of bytes the loader does not decode (`data.decode: gpu`): a JPEG starts with SOI and ends
+    with EOI. A payload cut short fails here, in one line, instead of decoding to a partly grey tissue."""
+    if blob[:2] != b"\xff\xd8" or blob[-2:] != b"\xff\xd9":
+        raise DataError(f"{where}: not a complete JPEG (no start or end marker); the shard is corrupt "
+                        "(data.decode: gpu reads JPEG shards only)")
+
+
+def decode_sample(raw: dict[str, Any], wanted: list[str], encoded: bool = False) -> dict[str, Any]:
+    """Decode only what is asked for: images as uint8 (H, W, 3) tensors (or, `encoded`, their checked JPEG bytes as
+    a 1-D uint8 tensor, for decoding on the GPU), 'cls' as int, 'json' as a dict. Never unpickles. A payload that
+    does not decode is a DataError naming the shard, the sample and the payload."""
     key = raw.get("__key__", "?")
     out: dict[str, Any] = {"__key__": key}
     for name in wanted:
@@ -139,7 +158,11 @@ def decode_sample(raw: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
             if blob is None:
                 have = sorted(k for k in raw if not k.startswith("__"))
                 raise DataError(f"{raw.get('__url__', '?')}: sample {key} has no {name} image (has {', '.join(have)})")
-            out[name] = decode_image(blob)
+            if encoded:
+                check_jpeg(blob, f"{raw.get('__url__', '?')}: sample {key}: its {name}")
+                out[name] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            else:
+                out[name] = decode_image(blob)
         except DataError:
             raise
         except Exception as err:  # noqa: BLE001 -- PIL and the codecs raise many types for corrupt bytes

@@ -61,5 +61,6 @@ def stream_spec(cfg: Config, plan: DataPlan, rank: int, world: int, *, epoch: in
         stats=plan.stats, micro_batch=1 if val else t.micro_batch, samples=-1 if val else plan.per_rank,
         rank=rank, world=world, seed=cfg.run.seed, epoch=epoch, sampler="ordered" if val else d.sampler,
         augment=None if val else d.augment, shuffle_buffer=d.shuffle_buffer, bucketed=t.bucketed and not val,
-        bucket_window=t.bucket_window, start_batch=start_batch, defer_colour=True,  # colour maps run on the device
+        bucket_window=t.bucket_window, start_batch=start_batch,
+        finish_on_device=True, decode_on_device=d.decode == "gpu",  # the loader only decodes, or only reads
     )

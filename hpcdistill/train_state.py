@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from hpcdistill.config import Config, resolve_path
+from hpcdistill.device_batch import require_device_decode
 from hpcdistill.distributed import device_for, setup_distributed
 from hpcdistill.ds_config import build_ds_config
 from hpcdistill.errors import TrainError
@@ -147,6 +148,8 @@ def build_state(cfg: Config) -> State:
         changes = check_resume_config(stored, cfg.to_dict(), target, cfg.run.name, same_shards,
                                       defaults=Config().to_dict())
     device = device_for(local)
+    if cfg.data.decode == "gpu":
+        require_device_decode(device)
     ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu")
     plan = plan_data(cfg, world)
     model = build_student(cfg, plan.classes).to(device)

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from hpcdistill.augment import AugmentDraw, finish_batch
+from hpcdistill.augment import AugmentDraw, apply_moves
 from hpcdistill.config import AugmentConfig
 from hpcdistill.data import ShardStream, StreamSpec, make_loader, per_rank_samples
+from hpcdistill.device_batch import finish_batch, require_device_decode
 from hpcdistill.errors import HpcdistillError
 from hpcdistill.mags import mag_name
 from hpcdistill.manifest import MANIFEST, build_manifest, read_manifest
@@ -214,20 +214,56 @@ def test_real_shard_pairs_stay_aligned_under_augmentation(tiny_dataset):
     assert max(aligned) < 0.06 and sum(aligned) < 0.5 * sum(flipped)
 
 
-def test_deferred_colour_finished_later_equals_the_finished_stream(small_dataset):
+def test_finished_on_the_device_later_equals_the_finished_stream(small_dataset):
     shards = small_dataset["shards"]
     kw = dict(samples=6, micro_batch=2, bucketed=True, augment=AugmentConfig(hue=0.2), seed=4)
     finished = list(ShardStream(spec(shards, "train", **kw)))
-    deferred = list(ShardStream(spec(shards, "train", defer_colour=True, **kw)))
-    assert len(finished) == len(deferred) == 3
-    assert deferred[0]["x"].dtype == torch.uint8 and deferred[0]["x_map"].shape == (2, 3, 6)
-    for f, d in zip(finished, deferred):
+    loose = list(ShardStream(spec(shards, "train", finish_on_device=True, **kw)))
+    assert len(finished) == len(loose) == 3
+    assert [img.dtype for img in loose[0]["x"]] == [torch.uint8] * 2 and loose[0]["x_map"].shape == (2, 3, 6)
+    assert loose[0]["x"][0].shape[-1] == 3  # decoded (H, W, 3): the loader's only per-pixel work is the decode
+    for f, d in zip(finished, loose):
         later = finish_batch(d, "cpu", torch.float32)
         assert set(later) == set(f) == {"key", "slide", "y", "x", "t"}
         assert later["key"] == f["key"] and later["slide"] == f["slide"]
         assert torch.equal(later["x"], f["x"]) and torch.equal(later["t"], f["t"])
     again = finish_batch(finished[0])
     assert all(again[k] is v for k, v in finished[0].items())  # finished batches pass through
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_decode_on_device_reads_the_bytes_and_finishes_to_identical_tensors(small_dataset, bucketed):
+    """data.decode: gpu on a CPU rehearsal: the loader ships each JPEG's bytes unchanged, and finishing decodes them
+    (PIL off a GPU, nvJPEG on one) into exactly the default path's tensors: augmentation, crops and pivot included."""
+    shards = small_dataset["shards"]
+    kw = dict(samples=8, micro_batch=2 if bucketed else 1, bucketed=bucketed, seed=7, finish_on_device=True,
+              augment=AugmentConfig(brightness=0.3, contrast=0.4, saturation=0.3, hue=0.1))
+    default = list(ShardStream(spec(shards, "train", **kw)))
+    encoded = list(ShardStream(spec(shards, "train", decode_on_device=True, **kw)))
+    jpeg = {raw["__key__"]: raw["10x.jpg"] for raw in raw_samples(spec(shards, "train").urls)}
+    assert len(default) == len(encoded) == 8 // kw["micro_batch"]
+    for d, e in zip(default, encoded):
+        assert e["encoded"] and all(blob.dim() == 1 for blob in e["t"])
+        assert [bytes(blob.numpy()) for blob in e["t"]] == [jpeg[k] for k in e["key"]]  # identical bytes in
+        a, b = finish_batch(d), finish_batch(e)
+        assert a["key"] == b["key"] and torch.equal(a["x"], b["x"]) and torch.equal(a["t"], b["t"])  # identical out
+    moved = sum(bool(b["moves"].any()) for b in encoded)
+    assert moved >= len(encoded) // 2  # flips and rotations were drawn, so the comparison covers them
+
+
+def test_decode_on_device_refuses_a_cut_jpeg_in_the_loader(small_dataset):
+    raw = next(raw_samples(spec(small_dataset["shards"], "train").urls))
+    raw["10x.jpg"] = raw["10x.jpg"][: len(raw["10x.jpg"]) // 2]
+    with pytest.raises(HpcdistillError, match=r"train-000000\.tar: sample \S+: its 10x: not a complete JPEG"):
+        decode_sample(raw, ["10x"], encoded=True)
+    with pytest.raises(HpcdistillError, match="its 10x cannot be decoded"):  # the loader's own decode refuses it too
+        decode_sample(raw, ["10x"])
+
+
+def test_decode_gpu_is_refused_on_a_cpu_run():
+    with pytest.raises(HpcdistillError, match=r"^data\.decode: gpu decodes JPEGs with nvJPEG on the training GPU, "
+                                              r"but this run trains on cpu; set data\.decode=cpu$"):
+        require_device_decode(torch.device("cpu"))
 
 
 def test_folded_colour_map_matches_the_stepwise_definition():
@@ -245,14 +281,15 @@ def test_folded_colour_map_matches_the_stepwise_definition():
         np.testing.assert_allclose(a @ x + b[:, None], y, atol=1e-12)
 
 
-def test_geometry_is_flip_then_rot90_on_every_draw():
-    img = Image.fromarray(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
+def test_moves_are_flip_then_rot90_on_every_draw():
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)  # (H, W, C)
+    chw = torch.from_numpy(img).permute(2, 0, 1)
     for hflip in (False, True):
         for vflip in (False, True):
             for k in range(4):
                 draw = AugmentDraw(hflip, vflip, k, 1.0, 1.0, 1.0, 0.0)
-                want = np.asarray(img)[:: -1 if vflip else 1, :: -1 if hflip else 1]
-                assert np.array_equal(np.asarray(draw.geometry(img)), np.rot90(want, k))
+                want = np.rot90(img[:: -1 if vflip else 1, :: -1 if hflip else 1], k)
+                assert np.array_equal(apply_moves(chw, *draw.moves).permute(1, 2, 0).numpy(), want)
 
 
 # ---------------------------------------------------------------------------------------------- order and ranks
