@@ -100,14 +100,19 @@ class Standardizer:
         with np.errstate(divide="ignore", invalid="ignore"):
             self.scale, self.offset = 1.0 / std, -mean / std
             self.bounds = np.stack([-mean / std, (1.0 - mean) / std], axis=1)
-        self.plain = self.map(np.eye(3), np.zeros(3))
+        self._template = np.empty((3, 6), np.float32)  # [. | b | low | high] of a map whose b is 0 on [0, 1]
+        self._template[:, 3], self._template[:, 4:] = self.offset, self.bounds
+        self._a_scale = (self.scale / 255.0)[:, None]
+        self.plain = self.map(np.eye(3))
 
-    def map(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        out = np.empty((3, 6), np.float32)
-        with np.errstate(invalid="ignore" if self.degenerate else "warn"):
-            out[:, :3] = a * (self.scale / 255.0)[:, None]
-            out[:, 3] = b * self.scale + self.offset
-        out[:, 4:] = self.bounds
+    def map(self, a: np.ndarray) -> np.ndarray:
+        """The (3, 6) map of jittered = a @ rgb on [0, 1]; the image-dependent offset comes from `pivot`."""
+        out = self._template.copy()
+        if self.degenerate:
+            with np.errstate(invalid="ignore"):
+                out[:, :3] = a * self._a_scale
+        else:
+            out[:, :3] = a * self._a_scale
         return out
 
     def pivot(self, p: float) -> np.ndarray:

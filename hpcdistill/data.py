@@ -199,14 +199,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             rng = random.Random(f"{s.seed}/{s.epoch}/{raw['__draw__']}/{dec['__key__']}/aug")
             draw = AugmentDraw.sample(s.augment, rng)
             out["moves"] = draw.moves
+        linear, pivot = draw.colour_linear() if draw is not None else (None, 0.0)
         for slot, name in names.items():
             standardizer = self._standardizer(name)
             out[slot] = dec[name]
-            if draw is None:
+            if linear is None:
                 out[f"{slot}_map"] = standardizer.plain
             else:  # the model image's mean grey pivots contrast for the whole pair: added where the pixels are
-                linear, pivot = draw.colour_linear()
-                out[f"{slot}_map"] = standardizer.map(linear, np.zeros(3))
+                out[f"{slot}_map"] = standardizer.map(linear)
                 out[f"{slot}_pivot"] = standardizer.pivot(pivot)
         return out
 
@@ -241,13 +241,14 @@ def collate(samples: list[dict[str, Any]], spec: StreamSpec) -> dict[str, Any]:
     """A loader batch (device_batch.py): images stay per sample, since rotations and bucket crops happen where the
     batch lands; the small per-sample arrays are stacked."""
     batch: dict[str, Any] = {"key": [s["key"] for s in samples], "slide": [s["slide"] for s in samples],
-                             "y": torch.tensor([s["y"] for s in samples]), "encoded": spec.decode_on_device,
-                             "crop": spec.bucketed}
+                             "y": torch.from_numpy(np.array([s["y"] for s in samples], np.int64)),
+                             "encoded": spec.decode_on_device, "crop": spec.bucketed}
     for name in samples[0]:
         if name in ("x", "t"):
             batch[name] = [s[name] for s in samples]
         elif name.endswith(("_map", "_pivot")) or name == "moves":
-            batch[name] = torch.from_numpy(np.stack([np.asarray(s[name]) for s in samples]))
+            parts = [np.asarray(s[name]) for s in samples]
+            batch[name] = torch.from_numpy(parts[0][None] if len(parts) == 1 else np.stack(parts))
     return batch
 
 
