@@ -108,17 +108,18 @@ def ink_mask(thumb: np.ndarray) -> np.ndarray:
     (~225-230), at saturation up to 0.70 on the 119 demo slides' thumbnails (stain and scanner vary). So ink is
     green/cyan (hue 70-190) at any clear saturation, or blue (190-235) only above saturation 0.75: pale blue ink is
     missed (an extra box in the QC PNG) rather than nuclei cut out of the tissue."""
-    rgb = thumb[..., :3].astype(np.float32)
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    high, low = rgb.max(axis=2), rgb.min(axis=2)
-    delta = high - low
-    safe = np.maximum(delta, 1.0)
-    hue = np.where(high == red, 60 * ((green - blue) / safe % 6),
-                   np.where(high == green, 60 * ((blue - red) / safe + 2), 60 * ((red - green) / safe + 4)))
-    saturation = delta / np.maximum(high, 1.0)
-    clear = (delta >= 24) & (saturation > 0.15)  # glass noise and grey debris have no reliable hue
-    green_cyan = (hue >= 70) & (hue < 190)
-    strong_blue = (hue >= 190) & (hue <= 235) & (saturation > 0.75)
+    # In exact integer arithmetic: with d = max - min, hue = 60 * ((g - b) / d mod 6) where red is the max, else
+    # 60 * ((b - r) / d + 2) where green is, else 60 * ((r - g) / d + 4); each hue bound is a linear inequality.
+    red, green, blue = (thumb[..., c].astype(np.int16) for c in range(3))
+    high = np.maximum(np.maximum(red, green), blue)
+    delta = high - np.minimum(np.minimum(red, green), blue)
+    clear = (delta >= 24) & (20 * delta > 3 * high)  # saturation > 0.15: glass noise and grey debris have no hue
+    red_max = high == red
+    green_max = ~red_max & (high == green)
+    blue_max = ~red_max & ~green_max
+    rg = 6 * (red - green)
+    green_cyan = (green_max & (6 * (blue - red) >= -5 * delta)) | (blue_max & (rg < -5 * delta))  # hue 70-190
+    strong_blue = blue_max & (rg >= -5 * delta) & (2 * rg <= -delta) & (4 * delta > 3 * high)  # 190-235, sat > 0.75
     return clear & (green_cyan | strong_blue)
 
 
