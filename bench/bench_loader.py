@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import describe, ratio_line  # noqa: E402
+from bench_env import describe, median_spread  # noqa: E402
 
 from hpcdistill.config import AugmentConfig
 from hpcdistill.data import ShardStream, StreamSpec
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--content", choices=("he", "noise"), default="he")
     ap.add_argument("--workers", type=int, default=8, help="loader workers for the reading comparison")
+    ap.add_argument("--markdown", default="bench/results_loader.md", help="where the table goes ('' = nowhere)")
     args = ap.parse_args()
     print(describe())
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,16 +128,27 @@ def main() -> None:
             shutil.copyfile(shard, path)
         single = dataclasses.replace(evaluation, urls=[str(p) for p in shards])
         now, before = reading(single, args.workers, False), reading(single, args.workers, True)
-    print(f"{args.samples} pairs, 10x {args.size}px + 2.5x {args.size // 4}px jpg ({args.content}), 1 process, "
-          f"{args.rounds} interleaved rounds; samples/s, median over rounds, and the ratio to bare decode of the same "
-          f"images (target: training >= 0.85, evaluation >= 0.8)")
-    print("  training loader = decode both images, paired flips/rot90, colour maps (applied on the training device)")
-    print("  evaluation loader = decode the model's image; standardised where the model runs, as in training")
+    lines = ["## Loader benchmark (`bench/bench_loader.py`)", "", f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
+             f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_loader.py --rounds {args.rounds}`. "
+             f"{args.samples} pairs, 10x {args.size} px + 2.5x {args.size // 4} px JPEG ({args.content}), one process, "
+             f"{args.rounds} interleaved rounds: median samples/s, and the median (lowest-highest) of the per-round "
+             "ratios to bare WebDataset decode (`.decode(\"rgb8\")`) of the same images.", "",
+             "| loader | samples/s | vs bare decode |", "|---|---:|---:|"]
+    targets = {"training loader": 0.85, "evaluation loader": 0.8}
+    what = {"training loader": "training loader: decode both images, draw flips/rot90 and the colour map",
+            "evaluation loader": "evaluation loader: decode the model's image"}
     for name, (_, reference) in streams.items():
-        print("  " + ratio_line(name, runs[name], runs[reference]) + f" vs {reference} "
-              f"{statistics.median(runs[reference]):.1f}/s")
-    print(f"single pass over {args.workers} shards with {args.workers} workers: {before / 2**20:.1f} MiB read when "
-          f"every worker reads every shard, {now / 2**20:.1f} MiB with a shard per worker ({before / now:.1f}x less)")
+        med, low, high = median_spread([v / r for v, r in zip(runs[name], runs[reference])])
+        lines += [f"| {reference} | {statistics.median(runs[reference]):.0f} | 1 |",
+                  f"| {what[name]} | {statistics.median(runs[name]):.0f} | {med:.2f}x ({low:.2f}-{high:.2f}); "
+                  f"target >= {targets[name]} |"]
+    lines += ["", f"A single pass over {args.workers} shards with {args.workers} workers reads {now / 2**20:.1f} MiB "
+              f"(a shard per worker) where every worker reading every shard read {before / 2**20:.1f} MiB: "
+              f"{before / now:.1f}x less."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
 
 
 if __name__ == "__main__":

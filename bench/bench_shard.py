@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -39,9 +40,14 @@ from PIL import Image  # noqa: E402
 from hpcdistill import sharding, slides, synthetic, tissue  # noqa: E402
 from hpcdistill.windows import split_windows  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import describe, median_spread  # noqa: E402
+
 MAGS = (10.0, 5.0, 2.5, 1.25, 0.625)
 BASE_MAG = 40.0
 NOTES_MARKER = "<!-- notes: hand-written, kept when the tables above are regenerated -->"
+LABELS = {"a": "(a)", "a_once": "(a')", "b": "(b)"}
+TARGETS = {"a": " (target >= 0.7)", "a_once": " (target >= 0.8)", "b": " (target >= 2.5)"}
 
 
 def ensure_slide(path: Path, width: int, height: int, n_tissues: int, seed: int) -> Path:
@@ -146,7 +152,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="bench/out")
     parser.add_argument("--size", default="20480x16384", help="throughput slide, WIDTHxHEIGHT at 40x")
     parser.add_argument("--markdown", default="bench/results_shard.md")
-    parser.add_argument("--repeat", type=int, default=3, help="timing repeats, interleaved (best of N per measure)")
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (medians and ranges over them)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS runs (quick check)")
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,33 +165,33 @@ def main() -> None:
     params = sharding.ShardParams(mags=MAGS)
     regions = tissue_regions(slide, params)
     mpix = sum(w * h for *_, w, h in regions) / 1e6
+    print(describe())
     print(f"{slide.name}: {len(regions)} tissue regions, {mpix:.0f} level-0 Mpix, mags {MAGS}", flush=True)
 
     pipelines = {"shard": lambda: run_shard(slide, work / "shards", params),
                  "a": lambda: run_vips(slide, regions),
                  "a_once": lambda: run_vips_decode_once(slide, regions),
                  "b": lambda: run_openslide_pil(slide, regions)}
-    wall = dict.fromkeys(pipelines, float("inf"))
-    cpu = dict.fromkeys(pipelines, float("inf"))
-    fixed: dict[str, float] = {}
-    for _ in range(args.repeat):  # interleaved, best of N per measure: the machine is shared
+    rounds: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in pipelines}, "cpu": {n: [] for n in pipelines}}
+    fixed_rounds: list[dict[str, float]] = []
+    for _ in range(args.repeat):  # interleaved rounds: machine noise hits every pipeline alike
         for name, run in pipelines.items():
             seconds, cpu_s = measured(run)
-            wall[name], cpu[name] = min(wall[name], seconds), min(cpu[name], cpu_s)
-        costs = fixed_costs(slide, params, work / "qc_fixed_cost.png")
-        fixed = costs if not fixed or costs["total"] < fixed["total"] else fixed
-    wall_rate = {name: mpix / s for name, s in wall.items()}
-    cpu_rate = {name: mpix / s for name, s in cpu.items()}
+            rounds["wall"][name].append(seconds)
+            rounds["cpu"][name].append(cpu_s)
+        fixed_rounds.append(fixed_costs(slide, params, work / "qc_fixed_cost.png"))
+    fixed = {k: statistics.median(r[k] for r in fixed_rounds) for k in fixed_rounds[0]}
+    seconds = {m: {n: statistics.median(v) for n, v in by.items()} for m, by in rounds.items()}
+    # per-round ratios of rates (round i of shard with round i of the reference), then their median and range
+    ratios = {(m, ref): median_spread([r / s for s, r in zip(by["shard"], by[ref])])
+              for m, by in rounds.items() for ref in ("a", "a_once", "b")}
     for name in pipelines:
-        print(f"{name:6s} wall {wall[name]:6.2f} s {wall_rate[name]:6.1f} Mpix/s   "
-              f"CPU {cpu[name]:6.2f} s {cpu_rate[name]:6.1f} Mpix/CPU-s", flush=True)
-    ratios = {(measure, ref): rate["shard"] / rate[ref]
-              for measure, rate in (("wall", wall_rate), ("cpu", cpu_rate)) for ref in ("a", "a_once", "b")}
+        print(f"{name:6s} wall {seconds['wall'][name]:6.2f} s {mpix / seconds['wall'][name]:6.1f} Mpix/s   "
+              f"CPU {seconds['cpu'][name]:6.2f} s {mpix / seconds['cpu'][name]:6.1f} Mpix/CPU-s (medians)", flush=True)
     for measure in ("wall", "cpu"):
-        print(f"{measure}: shard / (a) = {ratios[measure, 'a']:.2f}x (target >= 0.7)   "
-              f"shard / (a') = {ratios[measure, 'a_once']:.2f}x   "
-              f"shard / (b) = {ratios[measure, 'b']:.2f}x (target >= 2.5)", flush=True)
-    print("fixed per-slide CPU s: " + ", ".join(f"{k} {v:.3f}" for k, v in fixed.items()), flush=True)
+        print(f"{measure}: " + "   ".join(f"shard / {LABELS[ref]} = {spread_text(ratios[measure, ref])}{TARGETS[ref]}"
+                                          for ref in ("a", "a_once", "b")), flush=True)
+    print("fixed per-slide CPU s (medians): " + ", ".join(f"{k} {v:.3f}" for k, v in fixed.items()), flush=True)
 
     rss: dict[str, tuple[int, float]] = {}
     if not args.no_rss:
@@ -194,41 +200,44 @@ def main() -> None:
         rss_slides = [ensure_slide(work / f"rss_{side}x{side}_t{n}.svs", side, side, n_tissues=n, seed=12)
                       for side, n in ((20000, 4), (60000, 36), (60000, 3))]
         rss = {p.name: peak_rss(p, work / f"shards_{p.stem}") for p in rss_slides}
-        for name, (peak, seconds) in rss.items():
-            print(f"peak RSS {name}: {peak / 2**30:.2f} GiB ({seconds:.0f} s, CLI defaults)", flush=True)
+        for name, (peak, took) in rss.items():
+            print(f"peak RSS {name}: {peak / 2**30:.2f} GiB ({took:.0f} s, CLI defaults)", flush=True)
     if args.markdown:
         target = Path(args.markdown)
         old = target.read_text() if target.exists() else ""
         notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
-        target.write_text(markdown(args, slide, width, height, regions, mpix, wall, cpu, wall_rate, cpu_rate,
-                                   ratios, fixed, rss) + notes)
+        target.write_text(markdown(args, slide, width, height, regions, mpix, seconds, ratios, fixed, rss) + notes)
         print(f"wrote {args.markdown}")
 
 
-def markdown(args, slide, width, height, regions, mpix, wall, cpu, wall_rate, cpu_rate, ratios, fixed, rss) -> str:
+def spread_text(stat: tuple[float, float, float]) -> str:
+    return f"{stat[0]:.2f}x ({stat[1]:.2f}-{stat[2]:.2f})"
+
+
+def markdown(args, slide, width, height, regions, mpix, seconds, ratios, fixed, rss) -> str:
     names = {"shard": "`hpcdistill shard` end to end (thumbnail, tissue, QC, 5 mags, JPEG q90, tars, manifest)",
              "a": "(a) bare pyvips: crop + `reduce` lanczos3 per region per mag (ceiling)",
-             "a_once": "(a') as (a), each region decoded once into memory first (stricter; informative)",
+             "a_once": "(a') as (a), each region decoded once into memory first (decode-once bare pipeline)",
              "b": "(b) OpenSlide read_region per region + PIL LANCZOS per mag (peers)"}
 
     def ratio(name: str, measure: str) -> str:
-        if name == "shard":
-            return "1"
-        target = {"a": " (target >= 0.7)", "b": " (target >= 2.5)"}.get(name, "")
-        return f"{ratios[measure, name]:.2f}x{target}"
+        return "1" if name == "shard" else spread_text(ratios[measure, name]) + TARGETS[name]
 
+    wall, cpu = seconds["wall"], seconds["cpu"]
     lines = [
         "## Sharding benchmark (`bench/bench_shard.py`)", "",
-        f"Command: `.venv/bin/python bench/bench_shard.py` (VIPS_CONCURRENCY={os.environ['VIPS_CONCURRENCY']} "
-        f"for shard and (a); one process each; best of {args.repeat} interleaved runs per measure).",
+        f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
+        f"Command: `.venv/bin/python bench/bench_shard.py --repeat {args.repeat}` (VIPS_CONCURRENCY="
+        f"{os.environ['VIPS_CONCURRENCY']} for shard and (a); one process each; {args.repeat} interleaved rounds: "
+        "median seconds, and the median (lowest-highest) of the per-round ratios).",
         f"Slide: synthetic 40x Aperio SVS {width}x{height} ({slide.name}), {len(regions)} tissue regions "
         f"(the boxes `hpcdistill shard` finds, one window each), {mpix:.0f} level-0 Mpix, "
         f"mags {', '.join(f'{m:g}' for m in MAGS)}.", "",
         "| pipeline | wall s | Mpix/s | shard ratio (wall) | CPU s | Mpix/CPU-s | shard ratio (CPU) |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        *[f"| {names[n]} | {wall[n]:.2f} | {wall_rate[n]:.1f} | {ratio(n, 'wall')} | {cpu[n]:.2f} | "
-          f"{cpu_rate[n]:.1f} | {ratio(n, 'cpu')} |" for n in names], "",
-        "Per-slide fixed costs inside `shard` (CPU s, best run): "
+        *[f"| {names[n]} | {wall[n]:.2f} | {mpix / wall[n]:.1f} | {ratio(n, 'wall')} | {cpu[n]:.2f} | "
+          f"{mpix / cpu[n]:.1f} | {ratio(n, 'cpu')} |" for n in names], "",
+        "Per-slide fixed costs inside `shard` (CPU s, medians): "
         + ", ".join(f"{k} {v:.3f}" for k, v in fixed.items()) + ".", "",
     ]
     if rss:
