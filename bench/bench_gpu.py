@@ -200,7 +200,9 @@ def loader_ratio(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         train(finish_batch(batch, device, dtype))
     sync(device)
     t_loader = time.perf_counter() - start
-    return {"samples": spec.samples, "workers": args.workers, "decode": "gpu" if spec.decode_on_device else "cpu",
+    where = ("gpu (nvJPEG)" if device.type == "cuda" else "the device (CPU rehearsal: PIL)") if spec.decode_on_device \
+        else "cpu workers"
+    return {"samples": spec.samples, "workers": args.workers, "decode": where,
             "resident_s": t_resident, "loader_s": t_loader, "ratio": t_resident / t_loader}
 
 
