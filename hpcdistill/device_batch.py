@@ -60,9 +60,11 @@ def decoded(batch: dict[str, Any], slot: str, device: torch.device) -> list[torc
         return [decode_image(blob.numpy()).permute(2, 0, 1) for blob in images]
     try:
         return nvjpeg_decoder()(list(images), device)
-    except RuntimeError as err:
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as err:  # the loader checked the markers: a JPEG nvJPEG refuses is damaged or unusual
         raise DataError(f"{', '.join(batch['key'])}: its {slot} images cannot be decoded on {device} "
-                        f"({one_line(err, 200)}); the shard is corrupt") from None
+                        f"({one_line(err, 200)}); check the shard, or train with data.decode=cpu") from None
 
 
 def center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
