@@ -4,6 +4,7 @@ library versions the figures depend on, and the median with the spread of interl
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 from hpcdistill.demo_record import machine, versions
 
@@ -16,6 +17,13 @@ def describe() -> str:
     jpeg = features.version("libjpeg_turbo") or "absent"
     return (f"{m['cpu']} ({m['cores']} cores); libvips {v['libvips']}, Pillow {v['pillow']} with libjpeg-turbo "
             f"{jpeg}, pyvips {v['pyvips']}, torch {v['torch']}")
+
+
+def publish(text: str, path: str) -> None:
+    """Print a script's markdown table and write it to `path` ('' = print only)."""
+    print(text)
+    if path:
+        Path(path).write_text(text)
 
 
 def median_spread(values: list[float]) -> tuple[float, float, float]:

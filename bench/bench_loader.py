@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import describe, median_spread  # noqa: E402
+from bench_env import describe, median_spread, publish  # noqa: E402
 
 from hpcdistill.config import AugmentConfig
 from hpcdistill.data import ShardStream, StreamSpec
@@ -145,10 +145,7 @@ def main() -> None:
     lines += ["", f"A single pass over {args.workers} shards with {args.workers} workers reads {now / 2**20:.1f} MiB "
               f"(a shard per worker) where every worker reading every shard read {before / 2**20:.1f} MiB: "
               f"{before / now:.1f}x less."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
+    publish("\n".join(lines) + "\n", args.markdown)
 
 
 if __name__ == "__main__":

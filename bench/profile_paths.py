@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("VIPS_CONCURRENCY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import describe  # noqa: E402
+from bench_env import describe, publish  # noqa: E402
 from bench_loader import write_bench_shard  # noqa: E402
 from bench_shard import MAGS, ensure_slide, run_shard  # noqa: E402
 
@@ -108,10 +108,7 @@ def main() -> None:
                     stage_seconds(loader_stats, LOADER_STAGES), loader_total),
              "Flips/rot90, bucket crops, the colour map and standardisation are not in the loader: they run where the "
              "batch lands (`device_batch.finish_batch`)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
+    publish("\n".join(lines) + "\n", args.markdown)
 
 
 if __name__ == "__main__":

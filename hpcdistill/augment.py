@@ -108,10 +108,7 @@ class Standardizer:
     def map(self, a: np.ndarray) -> np.ndarray:
         """The (3, 6) map of jittered = a @ rgb on [0, 1]; the image-dependent offset comes from `pivot`."""
         out = self._template.copy()
-        if self.degenerate:
-            with np.errstate(invalid="ignore"):
-                out[:, :3] = a * self._a_scale
-        else:
+        with np.errstate(invalid="ignore" if self.degenerate else "warn"):
             out[:, :3] = a * self._a_scale
         return out
 

@@ -6,7 +6,7 @@ The loader's workers only read and decode (or only read, with `data.decode: gpu`
 decode runs here, on the training device, so a CPU core feeds the GPU at close to bare JPEG-decode speed.
 
 A loader batch ("loose": per-sample images, not yet stacked) holds, for n samples:
-    key, slide, url: lists; y: (n,) int64
+    key, slide: lists; y: (n,) int64
     x (and t in distillation): n uint8 images, each (H, W, 3) decoded or (bytes,) JPEG when `encoded`
     x_map, t_map: (n, 3, 6) float32 colour maps [A | b | low | high] without the contrast pivot (augment.Standardizer)
     x_pivot, t_pivot: (n, 3) float64: b += pivot * the mean grey level of the model image x, on [0, 1]
@@ -95,7 +95,7 @@ def mean_grey(images: torch.Tensor) -> torch.Tensor:
     """(n,) float64 mean ITU-R 601 grey level of uint8 (n, 3, H, W) images, on [0, 1]: exact integer sums."""
     n, c, h, w = images.shape
     means = images.sum((2, 3), dtype=torch.int64).double() / (h * w * 255.0)
-    return means @ torch.tensor(GREY, dtype=torch.float64, device=images.device)
+    return means[:, 0] * GREY[0] + means[:, 1] * GREY[1] + means[:, 2] * GREY[2]  # scalars: no copy to the device
 
 
 def standardised(images: torch.Tensor, maps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
