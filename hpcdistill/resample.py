@@ -22,10 +22,20 @@ pyvips.cache_set_max_files(20)
 
 # vips `reduce` builds a kernel of ~6*shrink taps and refuses large shrinks; beyond this a box pre-shrink is used.
 MAX_LANCZOS_SHRINK = 256.0
-# Undo the gain of vips' fixed-point Lanczos masks (see lanczos_to_size); False: raw vips 8-bit output.
+# Undo the gain of vips' fixed-point Lanczos masks with an exact second pass (see lanczos_block); False: raw vips
+# 8-bit output.
 PRECISE_RESAMPLE = True
-# Tile (w, h) of the cache between the vertical and horizontal Lanczos passes (5 rows of them are kept).
+# Tile (w, h) of the cache between vips' own vertical and horizontal Lanczos passes (5 rows of them are kept).
 PASS_CACHE_TILE = (512, 32)
+# Exact second pass: output pixels per GEMM block (fewer waste fewer multiply-adds on the block's zero weights),
+# weight fixed point (integer weights x uint8 stay exact in float32: 255 * 1.3 * 2**15 < 2**24), rows per GEMM.
+H_BLOCK = 4
+WEIGHT_SCALE = 1 << 15
+ROW_CHUNK = 128
+# First-pass rows are cached in tiles of PASS1_TILE (w, h) when one output row's taps span more than this many
+# bytes: vips then filters narrow columns that stay in cache (3x faster at 64x), not whole rows.
+PASS1_CACHE_BYTES = 2 << 20
+PASS1_TILE = (512, 16)
 # ushort level of the constant line the per-pixel filter gain is measured on (read to ~1e-5).
 GAIN_PROBE = 32768
 # Largest level-0 piece side (px) read_at_mags decodes into memory at once (plus filter margins): bounds memory.
@@ -42,54 +52,151 @@ def _reducev_gain(length: int, shrink: float) -> np.ndarray:
     return gain
 
 
-def lanczos_to_size(image: pyvips.Image, size: tuple[int, int], precise: bool = PRECISE_RESAMPLE) -> pyvips.Image:
-    """Lanczos3-resample `image` to exactly `size` (w, h), lazily (nothing is computed until pixels are asked for).
+def _lanczos3(x: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
 
-    vips `resize` box-pre-shrinks before its Lanczos pass, so reducev + reduceh are used for downsampling; each
-    output length is round(in / shrink), and any float off-by-one is fixed by copying/cropping the edge pixel.
 
-    `precise` (8-bit input): vips' 8-bit darkening is not rounding but a pure gain: its integer masks sum to
-    less than 1, more so the larger the shrink. Dividing the gain out of an 8-bit result cannot work (the output
-    was already rounded, so small corrections round back to the same value). So the costly first pass (reducev
-    over all level-0 rows) runs in vips' fast 8-bit fixed point, its gain is measured once per (length, shrink)
-    on a constant column; the second pass, over shrink-times fewer pixels, runs in float, and the first-pass
-    gain is divided out before the single final rounding. Unbiased against PIL LANCZOS at a fraction of the
-    cost of an all-float filter (figures in bench/README.md). precise=False: vips' plain 8-bit path.
+def _fixed_point(weights: np.ndarray) -> np.ndarray:
+    """Rows of float weights that sum to 1 -> integers that sum to exactly WEIGHT_SCALE (largest remainders)."""
+    scaled = weights * WEIGHT_SCALE
+    whole = np.floor(scaled)
+    short = np.rint(WEIGHT_SCALE - whole.sum(axis=1)).astype(np.int64)  # 0 .. taps
+    rank = np.argsort(np.argsort(whole - scaled, axis=1, kind="stable"), axis=1, kind="stable")
+    return whole + (rank < short[:, None])
+
+
+def tap_weights(in_len: int, out_len: int, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lanczos3 taps of output pixels first..stop-1 when `in_len` pixels shrink to `out_len` (>= 1x): the first
+    input index of each (may be < 0 or run past the end: edges are extended) and (outputs, taps) integer weights
+    summing to WEIGHT_SCALE. Pixel centres map as PIL's: output j samples input (j + 0.5) * shrink - 0.5."""
+    shrink = in_len / out_len
+    centre = (np.arange(first, stop) + 0.5) * shrink - 0.5
+    start = np.floor(centre - 3.0 * shrink).astype(np.int64) + 1
+    taps = int(6.0 * shrink) + 2  # every x with |x - centre| < 3 * shrink
+    weights = _lanczos3((start[:, None] + np.arange(taps) - centre[:, None]) / shrink)
+    return start, _fixed_point(weights / weights.sum(axis=1, keepdims=True))
+
+
+def _horizontal_plan(in_w: int, out_w: int, first: int, stop: int, bands: int
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Output pixels first..stop-1 in blocks of H_BLOCK, as one dense GEMM operand per block:
+    (start input column of each block, (blocks, span*bands, H_BLOCK*bands) float32 weights, span)."""
+    start, weights = tap_weights(in_w, out_w, first, stop)
+    n_out, taps = weights.shape
+    blocks = -(-n_out // H_BLOCK)
+    pad = blocks * H_BLOCK - n_out  # the last block's missing outputs: zero weights, sliced off after the GEMM
+    start = np.concatenate([start, np.full(pad, start[-1])])
+    weights = np.concatenate([weights, np.zeros((pad, taps))])
+    block_start = start[::H_BLOCK]
+    span = int((start.reshape(blocks, H_BLOCK).max(axis=1) - block_start).max()) + taps
+    kernels = np.zeros((blocks, span * bands, H_BLOCK * bands), np.float32)
+    out_index = np.arange(blocks * H_BLOCK)
+    block = (out_index // H_BLOCK)[:, None]
+    row = (start - block_start[block[:, 0]])[:, None] + np.arange(taps)
+    col = (out_index % H_BLOCK)[:, None]
+    for band in range(bands):  # channels stay interleaved: each band's weights on its own rows and columns
+        kernels[block, row * bands + band, col * bands + band] = weights
+    return block_start, kernels, span
+
+
+def lanczos_block(image: pyvips.Image, size: tuple[int, int], block: tuple[int, int, int, int] | None = None,
+                  precise: bool = PRECISE_RESAMPLE) -> np.ndarray:
+    """Lanczos3-resample `image` to exactly `size` (w, h) and return the output pixels in `block` (x0, y0, x1, y1;
+    default all) as an (h, w, bands) array; only the level-0 pixels under the block are read.
+
+    vips `resize` box-pre-shrinks before its Lanczos pass, so the two passes are done here. The costly first
+    pass (reducev over all level-0 rows) runs in vips' fast 8-bit fixed point. `precise` (8-bit input): vips'
+    8-bit darkening is not rounding but a pure gain (its integer masks sum to less than 1, more so the larger
+    the shrink), and dividing a gain out of an 8-bit result cannot work (small corrections round back to the
+    same value). So the first pass's gain is measured once per (length, shrink) on a constant column and divided
+    out after the second pass, which is an exact integer-weighted GEMM (_horizontal_gemm): one rounding, no
+    bias against PIL LANCZOS, at 8-bit speed (figures: bench/README.md). precise=False: vips' plain 8-bit path.
     """
     out_w, out_h = size
+    x0, y0, x1, y1 = block or (0, 0, out_w, out_h)
     hshrink, vshrink = image.width / out_w, image.height / out_h
     if hshrink < 1.0 or vshrink < 1.0:
         # Only from rounding at mag == base_mag (a pixel or two); reduce cannot enlarge.
         image = image.resize(1.0 / hshrink, vscale=1.0 / vshrink, kernel="lanczos3")
-    else:
-        if hshrink > MAX_LANCZOS_SHRINK or vshrink > MAX_LANCZOS_SHRINK:
-            pre_h = max(1, math.ceil(hshrink / MAX_LANCZOS_SHRINK))
-            pre_v = max(1, math.ceil(vshrink / MAX_LANCZOS_SHRINK))
-            image = image.shrink(pre_h, pre_v)
-            hshrink, vshrink = image.width / out_w, image.height / out_h
-        correct = precise and image.format == "uchar"
-        gain = None
-        if vshrink > 1.0:
-            if correct:
-                gain = _reducev_gain(image.height, vshrink)
-            image = image.reducev(vshrink, kernel="lanczos3")
-            if hshrink > 1.0:  # reduceh asks for overlapping strips: uncached, reducev recomputes them (4x at 64x)
-                across = math.ceil(image.width / PASS_CACHE_TILE[0]) + 1
-                image = image.tilecache(tile_width=PASS_CACHE_TILE[0], tile_height=PASS_CACHE_TILE[1],
-                                        max_tiles=5 * across, threaded=True)
-        if correct:
-            image = image.cast("float")
-        if hshrink > 1.0:
-            image = image.reduceh(hshrink, kernel="lanczos3")
-        if correct:
-            if gain is not None and gain.min() == gain.max():  # every integer shrink: one gain for all rows
-                image = image.linear(1.0 / float(gain[0]), 0.0)
-            elif gain is not None:
-                image = image * pyvips.Image.new_from_array((1.0 / gain)[:, None]).replicate(image.width, 1)
-            image = image.rint().cast("uchar")  # cast clips ringing to 0..255
-    if (image.width, image.height) != (out_w, out_h):
-        image = image.embed(0, 0, out_w, out_h, extend="copy")
+        return _vips_block(image, size, (x0, y0, x1, y1))
+    if hshrink > MAX_LANCZOS_SHRINK or vshrink > MAX_LANCZOS_SHRINK:
+        image = image.shrink(max(1, math.ceil(hshrink / MAX_LANCZOS_SHRINK)),
+                             max(1, math.ceil(vshrink / MAX_LANCZOS_SHRINK)))
+        vshrink = image.height / out_h
+    if not (precise and image.format == "uchar"):
+        return _vips_block(_vips_lanczos(image, size), size, (x0, y0, x1, y1))
+    vertical, gain = image, np.ones(out_h, np.float32)
+    if vshrink > 1.0:
+        vertical, gain = image.reducev(vshrink, kernel="lanczos3"), _reducev_gain(image.height, vshrink)
+        if 6 * vshrink * (x1 - x0) * hshrink * image.bands > PASS1_CACHE_BYTES:  # bytes one output row reads
+            vertical = vertical.tilecache(tile_width=PASS1_TILE[0], tile_height=PASS1_TILE[1], threaded=True,
+                                          max_tiles=5 * (math.ceil(vertical.width / PASS1_TILE[0]) + 1))
+    return _horizontal_gemm(vertical, out_w, (x0, y0, x1, y1), 1.0 / (WEIGHT_SCALE * gain))
+
+
+def lanczos_to_size(image: pyvips.Image, size: tuple[int, int], precise: bool = PRECISE_RESAMPLE) -> np.ndarray:
+    """Lanczos3-resample `image` to exactly `size` (w, h) -> (h, w, bands) array (see lanczos_block)."""
+    return lanczos_block(image, size, precise=precise)
+
+
+def _vips_lanczos(image: pyvips.Image, size: tuple[int, int]) -> pyvips.Image:
+    """vips' own 8-bit two-pass Lanczos3 to `size` (lazy), with a tile cache between the passes."""
+    out_w, out_h = size
+    hshrink, vshrink = image.width / out_w, image.height / out_h
+    if vshrink > 1.0:
+        image = image.reducev(vshrink, kernel="lanczos3")
+        if hshrink > 1.0:  # reduceh asks for overlapping strips: uncached, reducev recomputes them (4x at 64x)
+            across = math.ceil(image.width / PASS_CACHE_TILE[0]) + 1
+            image = image.tilecache(tile_width=PASS_CACHE_TILE[0], tile_height=PASS_CACHE_TILE[1],
+                                    max_tiles=5 * across, threaded=True)
+    if hshrink > 1.0:
+        image = image.reduceh(hshrink, kernel="lanczos3")
     return image
+
+
+def _vips_block(image: pyvips.Image, size: tuple[int, int], block: tuple[int, int, int, int]) -> np.ndarray:
+    """The block (x0, y0, x1, y1) of a lazy image that should be `size`, any float off-by-one fixed by copying
+    the edge pixel."""
+    if (image.width, image.height) != size:
+        image = image.embed(0, 0, size[0], size[1], extend="copy")
+    x0, y0, x1, y1 = block
+    return image.crop(x0, y0, x1 - x0, y1 - y0).numpy().reshape(y1 - y0, x1 - x0, image.bands)
+
+
+def _horizontal_gemm(vertical: pyvips.Image, out_w: int, block: tuple[int, int, int, int],
+                     row_scale: np.ndarray) -> np.ndarray:
+    """Second (horizontal) pass of the block: exact Lanczos3 over the 8-bit first-pass rows, each row times its
+    row_scale, one rounding to uint8.
+
+    Integer weights (sum WEIGHT_SCALE) times uint8 pixels give integer sums below 2**24, exact in float32 in any
+    order: BLAS blocking cannot change a bit, so any block of the output equals the same pixels of the whole.
+    """
+    x0, y0, x1, y1 = block
+    bands = vertical.bands
+    block_start, kernels, span = _horizontal_plan(vertical.width, out_w, x0, x1, bands)
+    left, right = int(block_start[0]), int(block_start[-1]) + span  # input columns read; edges extend
+    pad_left, pad_right = max(0, -left), max(0, right - vertical.width)
+    if pad_left or pad_right:
+        vertical = vertical.embed(pad_left, 0, vertical.width + pad_left + pad_right, vertical.height,
+                                  extend="copy")
+    offsets = (block_start - left) * bands
+    step = H_BLOCK * bands
+    out = np.empty((y1 - y0, x1 - x0, bands), np.uint8)
+    # Buffers reused across row chunks: fresh multi-MB arrays cost a page fault per 4 KiB (10x the conversion).
+    pixels = np.empty((min(ROW_CHUNK, y1 - y0), (right - left) * bands), np.float32)
+    sums = np.empty((len(pixels), len(offsets) * step), np.float32)
+    for top in range(y0, y1, ROW_CHUNK):
+        rows = min(ROW_CHUNK, y1 - top)
+        data = vertical.crop(left + pad_left, top, right - left, rows).write_to_memory()
+        np.copyto(pixels[:rows], np.frombuffer(data, np.uint8).reshape(rows, -1))
+        for index, offset in enumerate(offsets):
+            np.matmul(pixels[:rows, offset:offset + span * bands], kernels[index],
+                      out=sums[:rows, index * step:(index + 1) * step])
+        result = sums[:rows, :(x1 - x0) * bands]
+        np.multiply(result, row_scale[top:top + rows, None], out=result)
+        np.clip(np.rint(result, out=result), 0, 255, out=result)  # clips ringing, as PIL's uint8 passes do
+        out[top - y0:top - y0 + rows] = result.reshape(rows, x1 - x0, bands)
+    return out
 
 
 def _even_steps(length: int, most: int) -> list[tuple[int, int]]:
@@ -123,11 +230,14 @@ def resample_together(source: pyvips.Image, sizes: Mapping[float, tuple[int, int
         for x, x_end in _even_steps(box_w, window):
             x0, y0 = max(0, x - margin), max(0, y - margin)
             x1, y1 = min(box_w, x_end + margin), min(box_h, y_end + margin)
-            frame = source.crop(x0, y0, x1 - x0, y1 - y0).copy_memory().embed(x0, y0, box_w, box_h)
+            # Decoded into a buffer vips wraps, not copy_memory(): vips' reducev reads a copy_memory() image up to
+            # 2x slower here (libvips 8.18; bench/results_shard.md).
+            pixels = source.crop(x0, y0, x1 - x0, y1 - y0).write_to_memory()
+            piece = pyvips.Image.new_from_memory(pixels, x1 - x0, y1 - y0, source.bands, source.format)
+            frame = piece.embed(x0, y0, box_w, box_h)
             for key, (w, h) in sizes.items():
                 ox0, ox1 = _output_span(x, x_end, box_w, w)
                 oy0, oy1 = _output_span(y, y_end, box_h, h)
                 if ox1 > ox0 and oy1 > oy0:  # vips' own sink: small cache-friendly tiles, VIPS_CONCURRENCY threads
-                    data = lanczos_to_size(frame, (w, h)).crop(ox0, oy0, ox1 - ox0, oy1 - oy0).write_to_memory()
-                    outs[key][oy0:oy1, ox0:ox1] = np.frombuffer(data, np.uint8).reshape(oy1 - oy0, ox1 - ox0, -1)
+                    outs[key][oy0:oy1, ox0:ox1] = lanczos_block(frame, (w, h), (ox0, oy0, ox1, oy1))
     return outs

@@ -90,7 +90,7 @@ class VipsTiffSlide(Slide):
             pre = int(1.0 / scale) // 2
             if pre >= 2:
                 image = image.shrink(pre, pre)
-            image = lanczos_to_size(image, out, precise=False)
+            return lanczos_to_size(image, out, precise=False)
         return image.numpy()
 
 
