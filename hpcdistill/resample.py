@@ -53,7 +53,14 @@ def _reducev_gain(length: int, shrink: float) -> np.ndarray:
 
 
 def _lanczos3(x: np.ndarray) -> np.ndarray:
-    return np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+    """sinc(x) sinc(x / 3) on |x| < 3, else 0 (one sine each, not np.sinc's two divisions)."""
+    x = np.where(np.abs(x) < 3.0, x, 3.0)  # sin(pi * 3) == 0 up to rounding: zeroed below
+    near = np.abs(x) < 1e-8
+    angle = np.pi * np.where(near, 1.0, x)
+    out = 3.0 * np.sin(angle) * np.sin(angle / 3.0) / (angle * angle)
+    out[near] = 1.0
+    out[np.abs(x) >= 3.0] = 0.0
+    return out
 
 
 def _fixed_point(weights: np.ndarray) -> np.ndarray:
@@ -61,8 +68,10 @@ def _fixed_point(weights: np.ndarray) -> np.ndarray:
     scaled = weights * WEIGHT_SCALE
     whole = np.floor(scaled)
     short = np.rint(WEIGHT_SCALE - whole.sum(axis=1)).astype(np.int64)  # 0 .. taps
-    rank = np.argsort(np.argsort(whole - scaled, axis=1, kind="stable"), axis=1, kind="stable")
-    return whole + (rank < short[:, None])
+    order = np.argsort(whole - scaled, axis=1, kind="stable")  # largest remainder first
+    bump = np.empty(whole.shape, bool)
+    np.put_along_axis(bump, order, np.arange(whole.shape[1]) < short[:, None], axis=1)
+    return whole + bump
 
 
 def tap_weights(in_len: int, out_len: int, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
