@@ -25,17 +25,16 @@ MAX_LANCZOS_SHRINK = 256.0
 # Undo the gain of vips' fixed-point Lanczos masks with an exact second pass (see lanczos_block); False: raw vips
 # 8-bit output.
 PRECISE_RESAMPLE = True
-# Tile (w, h) of the cache between vips' own vertical and horizontal Lanczos passes (5 rows of them are kept).
+# Tile (w, h) of the cache on first-pass (reducev) output (5 rows of them are kept): between vips' own passes, and
+# before the exact second pass when one output row's taps span more than PASS1_CACHE_BYTES (vips then filters
+# narrow columns that stay in cache: 3x faster at 64x than whole rows).
 PASS_CACHE_TILE = (512, 32)
+PASS1_CACHE_BYTES = 2 << 20
 # Exact second pass: output pixels per GEMM block (fewer waste fewer multiply-adds on the block's zero weights),
 # weight fixed point (integer weights x uint8 stay exact in float32: 255 * 1.3 * 2**15 < 2**24), rows per GEMM.
 H_BLOCK = 4
 WEIGHT_SCALE = 1 << 15
 ROW_CHUNK = 128
-# First-pass rows are cached in tiles of PASS1_TILE (w, h) when one output row's taps span more than this many
-# bytes: vips then filters narrow columns that stay in cache (3x faster at 64x), not whole rows.
-PASS1_CACHE_BYTES = 2 << 20
-PASS1_TILE = (512, 16)
 # ushort level of the constant line the per-pixel filter gain is measured on (read to ~1e-5).
 GAIN_PROBE = 32768
 # Largest level-0 piece side (px) read_at_mags decodes into memory at once (plus filter margins): bounds memory.
@@ -131,15 +130,14 @@ def lanczos_block(image: pyvips.Image, size: tuple[int, int], block: tuple[int, 
     if hshrink > MAX_LANCZOS_SHRINK or vshrink > MAX_LANCZOS_SHRINK:
         image = image.shrink(max(1, math.ceil(hshrink / MAX_LANCZOS_SHRINK)),
                              max(1, math.ceil(vshrink / MAX_LANCZOS_SHRINK)))
-        vshrink = image.height / out_h
+        hshrink, vshrink = image.width / out_w, image.height / out_h
     if not (precise and image.format == "uchar"):
         return _vips_block(_vips_lanczos(image, size), size, (x0, y0, x1, y1))
     vertical, gain = image, np.ones(out_h, np.float32)
     if vshrink > 1.0:
         vertical, gain = image.reducev(vshrink, kernel="lanczos3"), _reducev_gain(image.height, vshrink)
         if 6 * vshrink * (x1 - x0) * hshrink * image.bands > PASS1_CACHE_BYTES:  # bytes one output row reads
-            vertical = vertical.tilecache(tile_width=PASS1_TILE[0], tile_height=PASS1_TILE[1], threaded=True,
-                                          max_tiles=5 * (math.ceil(vertical.width / PASS1_TILE[0]) + 1))
+            vertical = _pass_cache(vertical)
     return _horizontal_gemm(vertical, out_w, (x0, y0, x1, y1), 1.0 / (WEIGHT_SCALE * gain))
 
 
@@ -155,12 +153,16 @@ def _vips_lanczos(image: pyvips.Image, size: tuple[int, int]) -> pyvips.Image:
     if vshrink > 1.0:
         image = image.reducev(vshrink, kernel="lanczos3")
         if hshrink > 1.0:  # reduceh asks for overlapping strips: uncached, reducev recomputes them (4x at 64x)
-            across = math.ceil(image.width / PASS_CACHE_TILE[0]) + 1
-            image = image.tilecache(tile_width=PASS_CACHE_TILE[0], tile_height=PASS_CACHE_TILE[1],
-                                    max_tiles=5 * across, threaded=True)
+            image = _pass_cache(image)
     if hshrink > 1.0:
         image = image.reduceh(hshrink, kernel="lanczos3")
     return image
+
+
+def _pass_cache(image: pyvips.Image) -> pyvips.Image:
+    across = math.ceil(image.width / PASS_CACHE_TILE[0]) + 1
+    return image.tilecache(tile_width=PASS_CACHE_TILE[0], tile_height=PASS_CACHE_TILE[1], max_tiles=5 * across,
+                           threaded=True)
 
 
 def _vips_block(image: pyvips.Image, size: tuple[int, int], block: tuple[int, int, int, int]) -> np.ndarray:
@@ -224,11 +226,12 @@ def resample_together(source: pyvips.Image, sizes: Mapping[float, tuple[int, int
     """Lanczos3-resample one lazy uchar image (a level-0 box) to every size in {key: (w, h)}, decoding it once.
 
     The box is cut into near-equal pieces of at most `window` (default FETCH_WINDOW) px a side. Each piece,
-    grown by the widest filter's support (4 x the largest shrink), is decoded into memory once and embedded at
-    its place in an otherwise black box-size frame; every size is then resampled from that frame by the same
-    whole-box pipeline (lanczos_to_size) and only the output block whose pixel centres lie in the piece is
-    computed. An output pixel reads only level-0 pixels within its filter support, all of which are real here,
-    so the blocks are exactly the whole-box result and tile without seams; memory is bounded by the piece size.
+    grown by the widest filter's support (3 x the largest shrink, + 4), is decoded into memory once and embedded
+    at its place in an otherwise black box-size frame; for every size, lanczos_block then computes from that
+    frame only the output block whose pixel centres lie in the piece. An output pixel reads only level-0 pixels
+    within its filter support, all of which are real here, and its value does not depend on the block it is
+    computed in, so the blocks are exactly the whole-box result and tile without seams; memory is bounded by
+    the piece size.
     """
     window = window or FETCH_WINDOW
     box_w, box_h = source.width, source.height
@@ -247,6 +250,6 @@ def resample_together(source: pyvips.Image, sizes: Mapping[float, tuple[int, int
             for key, (w, h) in sizes.items():
                 ox0, ox1 = _output_span(x, x_end, box_w, w)
                 oy0, oy1 = _output_span(y, y_end, box_h, h)
-                if ox1 > ox0 and oy1 > oy0:  # vips' own sink: small cache-friendly tiles, VIPS_CONCURRENCY threads
+                if ox1 > ox0 and oy1 > oy0:
                     outs[key][oy0:oy1, ox0:ox1] = lanczos_block(frame, (w, h), (ox0, oy0, ox1, oy1))
     return outs

@@ -374,3 +374,29 @@ def test_precise_resample_undoes_the_vips_fixed_point_gain_at_large_shrinks():
     ours = lanczos_to_size(source, (16, 16)).astype(int)[2:-2, 2:-2]
     assert (raw - pil).mean() < -2  # 64x: vips' integer masks sum to ~0.966 (what precise=True corrects)
     assert abs((ours - pil).mean()) < 0.1 and np.abs(ours - pil).max() <= 1
+
+
+@pytest.mark.parametrize("size", [(250, 200), (303, 241), (31, 23)])  # shrink 4, ~3.3 (non-integer), ~32
+def test_precise_second_pass_rounds_the_exact_float_sum_once(size):
+    """The horizontal pass (integer-weight GEMM) against float64 Lanczos3 over the same 8-bit first pass."""
+    rng = np.random.default_rng(4)
+    pixels = np.asarray(Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)).resize((1000, 800)))
+    source = pyvips.Image.new_from_array(pixels)
+    out_w, out_h = size
+    first = source.reducev(800 / out_h, kernel="lanczos3").numpy().astype(float)  # vips' 8-bit first pass
+    first /= resample._reducev_gain(800, 800 / out_h)[:, None, None]
+    shrink = 1000 / out_w
+    centre = (np.arange(out_w) + 0.5) * shrink - 0.5
+    taps = np.arange(-int(3 * shrink) - 2, int(3 * shrink) + 3)
+    x = np.floor(centre)[:, None] + taps  # (out_w, taps) input columns
+    weights = np.where(np.abs(x - centre[:, None]) < 3 * shrink,
+                       np.sinc((x - centre[:, None]) / shrink) * np.sinc((x - centre[:, None]) / shrink / 3), 0)
+    weights /= weights.sum(axis=1, keepdims=True)
+    exact = np.einsum("rjkc,jk->rjc", first[:, np.clip(x, 0, 999).astype(int)], weights)  # edges extended
+    exact = np.clip(exact, 0, 255)
+    ours = lanczos_to_size(source, size).astype(float)
+    assert np.abs(ours - exact).max() < 0.55  # one rounding of (nearly) the exact sum, never two
+    assert abs((ours - exact).mean()) < 0.01
+    start, fixed = resample.tap_weights(1000, out_w, 0, out_w)
+    assert (fixed.sum(axis=1) == resample.WEIGHT_SCALE).all()
+    assert (np.abs(fixed).sum(axis=1) * 255 < 2**24).all()  # integer sums stay exact in float32
