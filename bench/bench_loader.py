@@ -60,11 +60,12 @@ def write_bench_shard(path: Path, samples: int, size: int, content: str = "he") 
                                                   ("json", meta)])
 
 
-def rates(iterable) -> tuple[float, float]:
-    """(samples per wall second, samples per CPU second of this process)."""
+def rates(make, passes: int) -> tuple[float, float]:
+    """(samples per wall second, samples per CPU second of this process) over `passes` passes of make()."""
     wall, cpu, n = time.perf_counter(), time.process_time(), 0
-    for _ in iterable:
-        n += 1
+    for _ in range(passes):
+        for _ in make():
+            n += 1
     return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
 
 
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--passes", type=int, default=5, help="passes over the shard per round (longer rounds: steadier)")
     ap.add_argument("--content", choices=("he", "noise"), default="he")
     ap.add_argument("--workers", type=int, default=8, help="loader workers for the reading comparison")
     ap.add_argument("--markdown", default="bench/results_loader.md", help="where the table goes ('' = nowhere)")
@@ -120,18 +122,18 @@ def main() -> None:
         runs: dict[str, list[float]] = {name: [] for name in [*bare, *streams]}
         for _ in range(args.rounds):
             for name, make in bare.items():
-                runs[name].append(rates(make())[0])
+                runs[name].append(rates(make, args.passes)[0])
             for name, (stream, _) in streams.items():
-                runs[name].append(rates(stream)[0])
+                runs[name].append(rates(lambda: stream, args.passes)[0])
         shards = [Path(tmp) / f"val-{i:06d}.tar" for i in range(args.workers)]
         for path in shards:
             shutil.copyfile(shard, path)
         single = dataclasses.replace(evaluation, urls=[str(p) for p in shards])
         now, before = reading(single, args.workers, False), reading(single, args.workers, True)
     lines = ["## Loader benchmark (`bench/bench_loader.py`)", "", f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
-             f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_loader.py --rounds {args.rounds}`. "
-             f"{args.samples} pairs, 10x {args.size} px + 2.5x {args.size // 4} px JPEG ({args.content}), one process, "
-             f"{args.rounds} interleaved rounds: median samples/s, and the median (lowest-highest) of the per-round "
+             f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_loader.py --rounds {args.rounds} --passes "
+             f"{args.passes}`. {args.samples} pairs, 10x {args.size} px + 2.5x {args.size // 4} px JPEG ({args.content}), "
+             f"one process, {args.rounds} interleaved rounds of {args.passes} passes each: median samples/s, and the median (lowest-highest) of the per-round "
              "ratios to bare WebDataset decode (`.decode(\"rgb8\")`) of the same images.", "",
              "| loader | samples/s | vs bare decode |", "|---|---:|---:|"]
     targets = {"training loader": 0.85, "evaluation loader": 0.8}

@@ -12,6 +12,8 @@ import json
 import os
 import pickle
 import signal
+import gzip
+import io
 import tarfile
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from hpcdistill.mags import mag_name
 from hpcdistill.manifest import MANIFEST, build_manifest, read_manifest
 from hpcdistill.shard_cut import Sample, SlideResult, _add_pixel_sums, encode_image, sample_key
 from hpcdistill.shard_plan import ShardParams, SlideJob, params_fingerprint
-from hpcdistill.shard_reader import count_samples, decode_sample, raw_samples, resolve_sets
+from hpcdistill.shard_reader import count_samples, decode_sample, raw_samples, resolve_sets, tar_members
 from hpcdistill.shard_writer import append_sample, atomic_write_bytes
 
 CLASSES = ["celiac", "duodenitis", "normal"]
@@ -462,3 +464,64 @@ def test_missing_pieces_are_named(small_dataset, tmp_path):
     train = manifest["splits"]["train"]
     pattern = f"train-{{000000..{len(train['shards']) - 1:06d}}}.tar"
     assert resolve_sets(shards, manifest, [pattern]).samples == train["samples"]
+
+
+# ------------------------------------------------------------------------------------------------- reading the tars
+
+
+def webdataset_members(path: Path) -> list[tuple]:
+    from webdataset.tariterators import tar_file_expander, url_opener
+
+    return [(m["fname"], m["data"], m["__url__"]) for m in tar_file_expander(url_opener([{"url": str(path)}])) if m]
+
+
+def test_tar_members_read_the_sharders_tars_as_webdataset_does(small_dataset):
+    for url in resolve_sets(small_dataset["shards"], small_dataset["manifest"], ["train", "val"]).urls:
+        ours = [(m["fname"], m["data"], m["__url__"]) for m in tar_members(url)]
+        assert ours and ours == webdataset_members(Path(url))
+
+
+def test_tar_members_hand_other_tar_layouts_to_tarfile(small_dataset, tmp_path):
+    """pax headers (a long name), a gzipped tar and a directory member: the same members as webdataset reads."""
+    url = resolve_sets(small_dataset["shards"], small_dataset["manifest"], ["train"]).urls[0]
+    with tarfile.open(url) as source:
+        members = [(m, source.extractfile(m).read()) for m in source.getmembers()]
+    pax = tmp_path / "pax.tar"
+    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as out:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        out.addfile(folder)
+        for index, (member, data) in enumerate(members):
+            info = tarfile.TarInfo(("long/" * 30 if index >= 4 else "") + member.name)  # pax from the 5th on
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    zipped = tmp_path / "zipped.tar.gz"
+    zipped.write_bytes(gzip.compress(Path(url).read_bytes()))
+    for path in (pax, zipped):
+        ours = [(m["fname"], m["data"], m["__url__"]) for m in tar_members(str(path))]
+        assert len(ours) == len(members) and ours == webdataset_members(path)
+
+
+def test_a_corrupt_member_header_is_one_line_naming_the_shard(small_dataset, tmp_path):
+    url = resolve_sets(small_dataset["shards"], small_dataset["manifest"], ["train"]).urls[0]
+    with tarfile.open(url) as source:
+        members = source.getmembers()
+    keys = [m.name.split(".")[0] for m in members]
+    middle = members[keys.index(keys[-1])].offset  # the last sample's first header: whole samples before it
+    bad = tmp_path / "bad.tar"
+    raw = bytearray(Path(url).read_bytes())
+    raw[middle + 130] ^= 0x04  # one flipped bit in the size field: the header checksum no longer matches
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(HpcdistillError, match=rf"^{bad}: truncated or corrupt shard \(.*\); last good sample: ") as err:
+        list(raw_samples([str(bad)]))
+    assert "last good sample: none" not in str(err.value)  # the samples before the bad header were read
+
+
+def test_a_shard_cut_inside_a_member_header_is_refused(small_dataset, tmp_path):
+    url = resolve_sets(small_dataset["shards"], small_dataset["manifest"], ["train"]).urls[0]
+    with tarfile.open(url) as source:
+        second = source.getmembers()[1].offset
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(Path(url).read_bytes()[:second + 100])
+    with pytest.raises(HpcdistillError, match=r"truncated or corrupt shard \(unexpected end of data\)"):
+        list(raw_samples([str(cut)]))
