@@ -27,40 +27,53 @@ from hpcdistill import sharding  # noqa: E402
 from hpcdistill.config import AugmentConfig  # noqa: E402
 from hpcdistill.data import ShardStream, StreamSpec  # noqa: E402
 
-# stage -> the functions whose cumulative time makes it up: (file suffix, exact name), or ("~", part of a C name)
-SHARD_STAGES = {
-    "level-0 decode (JPEG tiles into memory)": [("~", "vips_image_copy_memory")],
-    "Lanczos3 resampling, every magnification": [("~", "vips_image_write_to_memory")],
-    "vips operation set-up (masks, pipelines)": [("~", "vips_cache_operation_build")],
-    "thumbnail": [("slides.py", "thumbnail")],
-    "tissue finding": [("tissue.py", "find_tissues")],
-    "QC PNG": [("tissue.py", "write_qc_png")],
-    "JPEG encode": [("shard_cut.py", "encode_image")],
-    "tar write (members, fsync, rename)": [("shard_writer.py", "add"), ("shard_writer.py", "commit")],
-    "colour statistics for the manifest (labeled train slides; none here)": [("shard_cut.py", "_add_pixel_sums")],
-}
-LOADER_STAGES = {
-    "tar read (members, grouping)": [("shard_reader.py", "raw_samples")],
-    "JPEG decode (libjpeg-turbo)": [("~", "'decode' of 'ImagingDecoder'")],
-    "JPEG header parse (PIL open)": [("Image.py", "open")],
-    "pixel copy out of PIL (tobytes)": [("Image.py", "tobytes")],
-    "augmentation draw (flips, rot90, colour map)": [("augment.py", "sample"), ("augment.py", "colour_linear"),
-                                                     ("augment.py", "map"), ("augment.py", "pivot")],
-    "collate (per-sample arrays into a batch)": [("data.py", "collate")],
-}
+class Seconds:
+    """Cumulative CPU seconds out of a cProfile table: of a Python function (file suffix, name), of a C function
+    (part of its name), or of a Python function in its calls from one caller."""
+
+    def __init__(self, stats: pstats.Stats):
+        self.table = stats.stats  # type: ignore[attr-defined]
+
+    def of(self, suffix: str, name: str) -> float:
+        return sum(row[3] for (file, _, func), row in self.table.items() if file.endswith(suffix) and func == name)
+
+    def c_call(self, part: str) -> float:
+        return sum(row[3] for (file, _, func), row in self.table.items() if file == "~" and part in func)
+
+    def called(self, suffix: str, name: str, caller: str) -> float:
+        """Cumulative seconds of a Python function in its calls from `caller` only."""
+        return sum(ct for (file, _, func), row in self.table.items() if file.endswith(suffix) and func == name
+                   for (_, _, by), (_, _, _, ct) in row[4].items() if by == caller)
 
 
-def stage_seconds(stats: pstats.Stats, stages: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
-    table = stats.stats  # type: ignore[attr-defined]
-    out = {}
-    for stage, wanted in stages.items():
-        total = 0.0
-        for suffix, name in wanted:
-            for (file, _, func), (_, _, _, cumulative, _) in table.items():
-                if file.endswith(suffix) and (func == name or (suffix == "~" and name in func)):
-                    total += cumulative
-        out[stage] = total
-    return out
+def shard_stages(t: Seconds) -> dict[str, float]:
+    first_pass = t.called("vimage.py", "write_to_memory", "_horizontal_gemm")
+    return {
+        "level-0 decode (JPEG tiles into memory)": t.called("vimage.py", "write_to_memory", "resample_together"),
+        "Lanczos3 first pass (vips 8-bit reducev, every magnification)": first_pass,
+        "Lanczos3 second pass (exact integer-weight GEMM, gain, rounding)":
+            t.of("resample.py", "_horizontal_gemm") - first_pass,
+        "Lanczos3 tap weights (per block and magnification)": t.of("resample.py", "_horizontal_plan"),
+        "vips operation set-up (masks, pipelines)": t.c_call("vips_cache_operation_build"),
+        "thumbnail": t.of("slides.py", "thumbnail"),
+        "tissue finding": t.of("tissue.py", "find_tissues"),
+        "QC PNG": t.of("tissue.py", "write_qc_png"),
+        "JPEG encode": t.of("shard_cut.py", "encode_image"),
+        "tar write (members, fsync, rename)": t.of("shard_writer.py", "add") + t.of("shard_writer.py", "commit"),
+        "colour statistics for the manifest (labeled train slides; none here)": t.of("shard_cut.py", "_add_pixel_sums"),
+    }
+
+
+def loader_stages(t: Seconds) -> dict[str, float]:
+    return {
+        "tar read (members, grouping)": t.of("shard_reader.py", "raw_samples"),
+        "JPEG decode (libjpeg-turbo)": t.c_call("'decode' of 'ImagingDecoder'"),
+        "JPEG header parse (PIL open)": t.of("Image.py", "open"),
+        "pixel copy out of PIL (tobytes)": t.of("Image.py", "tobytes"),
+        "augmentation draw (flips, rot90, colour map)": sum(t.of("augment.py", name) for name in
+                                                            ("sample", "colour_linear", "map", "pivot")),
+        "collate (per-sample arrays into a batch)": t.of("data.py", "collate"),
+    }
 
 
 def profiled(run) -> tuple[pstats.Stats, float]:
@@ -103,9 +116,9 @@ def main() -> None:
     lines = ["## Stage profiles (`bench/profile_paths.py`)", "", f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
              "Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/profile_paths.py` (VIPS_CONCURRENCY=1).", "",
              *table(f"`hpcdistill shard`, {slide.name} (4 tissues, 87 level-0 Mpix, 5 magnifications)",
-                    stage_seconds(shard_stats, SHARD_STAGES), shard_total),
+                    shard_stages(Seconds(shard_stats)), shard_total),
              *table("training loader, 3 passes over 200 pairs (10x 256 px + 2.5x 64 px JPEG), augmented",
-                    stage_seconds(loader_stats, LOADER_STAGES), loader_total),
+                    loader_stages(Seconds(loader_stats)), loader_total),
              "Flips/rot90, bucket crops, the colour map and standardisation are not in the loader: they run where the "
              "batch lands (`device_batch.finish_batch`)."]
     publish("\n".join(lines) + "\n", args.markdown)
