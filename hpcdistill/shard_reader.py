@@ -152,9 +152,10 @@ def tar_members(path: str) -> Iterator[dict[str, Any]]:
 
 
 def _ustar_header(header: bytes) -> tuple[str, int, bool] | None:
-    """(name, data size, is a regular file) of a plain USTAR member header; None for anything tarfile must read."""
+    """(name, data size, is a regular file) of a plain USTAR member header, a file or a folder; None for anything
+    tarfile must read (pax and GNU headers, links, sparse files, base-256 sizes, a bad checksum, no magic)."""
     kind = header[156:157]
-    if header[257:262] != b"ustar" or kind in b"xgLK" or header[124] & 0x80:  # pax, GNU long name, base-256 size
+    if header[257:263] != b"ustar\0" or kind not in (b"0", b"\0", b"7", b"5") or header[124] & 0x80:
         return None
     try:
         stored, size = int(header[148:156].strip(b"\0 ") or b"-1", 8), int(header[124:136].strip(b"\0 ") or b"0", 8)
@@ -165,7 +166,7 @@ def _ustar_header(header: bytes) -> tuple[str, int, bool] | None:
     name = header[:100].split(b"\0", 1)[0]
     prefix = header[345:500].split(b"\0", 1)[0]
     full = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")  # tarfile's decoding
-    return full, size, kind in (b"0", b"\0", b"7")
+    return full, size, kind != b"5"
 
 
 def decode_image(blob: bytes | memoryview | np.ndarray) -> torch.Tensor:

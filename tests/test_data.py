@@ -482,24 +482,27 @@ def test_tar_members_read_the_sharders_tars_as_webdataset_does(small_dataset):
 
 
 def test_tar_members_hand_other_tar_layouts_to_tarfile(small_dataset, tmp_path):
-    """pax headers (a long name), a gzipped tar and a directory member: the same members as webdataset reads."""
+    """pax and GNU tars (long names from the 5th member on, a folder first) and a gzipped tar: the same members as
+    webdataset reads."""
     url = resolve_sets(small_dataset["shards"], small_dataset["manifest"], ["train"]).urls[0]
     with tarfile.open(url) as source:
         members = [(m, source.extractfile(m).read()) for m in source.getmembers()]
-    pax = tmp_path / "pax.tar"
-    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as out:
-        folder = tarfile.TarInfo("folder")
-        folder.type = tarfile.DIRTYPE
-        out.addfile(folder)
-        for index, (member, data) in enumerate(members):
-            info = tarfile.TarInfo(("long/" * 30 if index >= 4 else "") + member.name)  # pax from the 5th on
-            info.size = len(data)
-            out.addfile(info, io.BytesIO(data))
-    zipped = tmp_path / "zipped.tar.gz"
-    zipped.write_bytes(gzip.compress(Path(url).read_bytes()))
-    for path in (pax, zipped):
+    layouts = []
+    for name, form in (("pax.tar", tarfile.PAX_FORMAT), ("gnu.tar", tarfile.GNU_FORMAT)):
+        layouts.append(tmp_path / name)
+        with tarfile.open(layouts[-1], "w", format=form) as out:
+            folder = tarfile.TarInfo("folder")
+            folder.type = tarfile.DIRTYPE
+            out.addfile(folder)
+            for index, (member, data) in enumerate(members):
+                info = tarfile.TarInfo(("long/" * 30 if index >= 4 else "") + member.name)
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+    layouts.append(tmp_path / "zipped.tar.gz")
+    layouts[-1].write_bytes(gzip.compress(Path(url).read_bytes()))
+    for path in layouts:
         ours = [(m["fname"], m["data"], m["__url__"]) for m in tar_members(str(path))]
-        assert len(ours) == len(members) and ours == webdataset_members(path)
+        assert len(ours) == len(members) and ours == webdataset_members(path), path.name
 
 
 def test_a_corrupt_member_header_is_one_line_naming_the_shard(small_dataset, tmp_path):
