@@ -132,9 +132,10 @@ def main() -> None:
         now, before = reading(single, args.workers, False), reading(single, args.workers, True)
     lines = ["## Loader benchmark (`bench/bench_loader.py`)", "", f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
              f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_loader.py --rounds {args.rounds} --passes "
-             f"{args.passes}`. {args.samples} pairs, 10x {args.size} px + 2.5x {args.size // 4} px JPEG ({args.content}), "
-             f"one process, {args.rounds} interleaved rounds of {args.passes} passes each: median samples/s, and the median (lowest-highest) of the per-round "
-             "ratios to bare WebDataset decode (`.decode(\"rgb8\")`) of the same images.", "",
+             f"{args.passes}`. {args.samples} pairs, 10x {args.size} px + 2.5x {args.size // 4} px JPEG "
+             f"({args.content}), one process, {args.rounds} interleaved rounds of {args.passes} passes each: median "
+             "samples/s, and the median (lowest-highest) of the per-round ratios to bare WebDataset decode "
+             "(`.decode(\"rgb8\")`) of the same images.", "",
              "| loader | samples/s | vs bare decode |", "|---|---:|---:|"]
     targets = {"training loader": 0.85, "evaluation loader": 0.8}
     what = {"training loader": "training loader: decode both images, draw flips/rot90 and the colour map",

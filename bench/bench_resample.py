@@ -71,10 +71,8 @@ def main() -> None:
     slide = ensure_slide(work / "bench_20480x16384.svs", 20480, 16384, n_tissues=4, seed=11)
     x, y, w, h = max(tissue_regions(slide, sharding.ShardParams()), key=lambda box: box[2] * box[3])
     left, top = x + max(0, (w - SIDE) // 2), y + max(0, (h - SIDE) // 2)
-    crop = pyvips.Image.new_from_file(str(slide)).crop(left, top, SIDE, SIDE)
-    buffer = crop.write_to_memory()  # decoded once, into a buffer vips wraps (as `shard` does)
-    region = pyvips.Image.new_from_memory(buffer, SIDE, SIDE, crop.bands, crop.format)
-    pixels = np.frombuffer(buffer, np.uint8).reshape(SIDE, SIDE, crop.bands)
+    region = resample.decoded(pyvips.Image.new_from_file(str(slide)).crop(left, top, SIDE, SIDE))  # as `shard`
+    pixels = region.numpy()
     print(describe())
     pipelines = {"vips 8-bit": vips_8bit, "float pass 2": float_second_pass, "shard": shard_path,
                  "PIL": lambda _, size: np.asarray(Image.fromarray(pixels).resize(size, Image.LANCZOS))}

@@ -39,7 +39,7 @@ import openslide  # noqa: E402
 import pyvips  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from hpcdistill import sharding, slides, synthetic, tissue  # noqa: E402
+from hpcdistill import resample, sharding, slides, synthetic, tissue  # noqa: E402
 from hpcdistill.windows import split_windows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -111,9 +111,7 @@ def run_vips_decode_to_buffer(path: Path, regions: list) -> None:
     a copy_memory() image up to 2x slower, so this is the stricter ceiling."""
     level0 = pyvips.Image.new_from_file(str(path))
     for x, y, w, h in regions:
-        crop = level0.crop(x, y, w, h)
-        pixels = crop.write_to_memory()
-        region = pyvips.Image.new_from_memory(pixels, w, h, crop.bands, crop.format)
+        region = resample.decoded(level0.crop(x, y, w, h))
         for out_w, out_h in sizes_for((x, y, w, h)):
             region.reduce(w / out_w, h / out_h, kernel="lanczos3").numpy()
 

@@ -118,7 +118,7 @@ def lanczos_block(image: pyvips.Image, size: tuple[int, int], block: tuple[int, 
     the shrink), and dividing a gain out of an 8-bit result cannot work (small corrections round back to the
     same value). So the first pass's gain is measured once per (length, shrink) on a constant column and divided
     out after the second pass, which is an exact integer-weighted GEMM (_horizontal_gemm): one rounding, no
-    bias against PIL LANCZOS, at 8-bit speed (figures: bench/README.md). precise=False: vips' plain 8-bit path.
+    bias against PIL LANCZOS, at 1.5-2x vips' 8-bit time (figures: bench/README.md). precise=False: vips' plain 8-bit path.
     """
     out_w, out_h = size
     x0, y0, x1, y1 = block or (0, 0, out_w, out_h)
@@ -210,6 +210,13 @@ def _horizontal_gemm(vertical: pyvips.Image, out_w: int, block: tuple[int, int, 
     return out
 
 
+def decoded(image: pyvips.Image) -> pyvips.Image:
+    """`image`'s pixels computed once, into a buffer vips wraps (the image keeps it alive). Not copy_memory(): vips'
+    reducev reads a copy_memory() image up to 2x slower (libvips 8.18; bench/results_shard.md)."""
+    return pyvips.Image.new_from_memory(image.write_to_memory(), image.width, image.height, image.bands,
+                                        image.format)
+
+
 def _even_steps(length: int, most: int) -> list[tuple[int, int]]:
     """[start, stop) pieces of 0..length, as few as keep each <= most, of near-equal size (margins cost less)."""
     count = math.ceil(length / most)
@@ -242,11 +249,7 @@ def resample_together(source: pyvips.Image, sizes: Mapping[float, tuple[int, int
         for x, x_end in _even_steps(box_w, window):
             x0, y0 = max(0, x - margin), max(0, y - margin)
             x1, y1 = min(box_w, x_end + margin), min(box_h, y_end + margin)
-            # Decoded into a buffer vips wraps, not copy_memory(): vips' reducev reads a copy_memory() image up to
-            # 2x slower here (libvips 8.18; bench/results_shard.md).
-            pixels = source.crop(x0, y0, x1 - x0, y1 - y0).write_to_memory()
-            piece = pyvips.Image.new_from_memory(pixels, x1 - x0, y1 - y0, source.bands, source.format)
-            frame = piece.embed(x0, y0, box_w, box_h)
+            frame = decoded(source.crop(x0, y0, x1 - x0, y1 - y0)).embed(x0, y0, box_w, box_h)
             for key, (w, h) in sizes.items():
                 ox0, ox1 = _output_span(x, x_end, box_w, w)
                 oy0, oy1 = _output_span(y, y_end, box_h, h)
