@@ -5,7 +5,7 @@ export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install test demo bench clean readme readme-demo lock gpu-check-prep
+.PHONY: install test lint demo bench clean readme readme-demo lock gpu-check-prep
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,14 @@ lock: install
 	{ sed -n '1,/^[^#]/p' constraints.txt | grep '^#'; $(VENV)/bin/pip freeze --exclude-editable | grep -v '^#' \
 	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
-test: install
+# The lint gate first (format, lint, the import layers in pyproject.toml), then every test.
+test: install lint
 	$(PY) -m pytest --durations=15
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 demo: install
 	$(VENV)/bin/hpcdistill demo --out runs/demo
@@ -44,7 +50,7 @@ gpu-check-prep: install
 
 # The README's demo results (tables, ordering, times, versions, Figure 3) from the last `make demo` run.
 readme-demo: install
-	$(PY) -c "from hpcdistill.demo_record import update_readme; update_readme('runs/demo')"
+	$(PY) -c "from hpcdistill.experiment.demo_record import update_readme; update_readme('runs/demo')"
 
 bench: install
 	$(PY) bench/bench_shard.py
@@ -55,5 +61,5 @@ clean:
 
 # Regenerate the README's CLI reference from the parser (tests/test_readme.py checks it).
 readme: install
-	$(PY) -c "import re, pathlib; from hpcdistill.cli import reference_markdown as r; p = pathlib.Path('README.md'); \
+	$(PY) -c "import re, pathlib; from hpcdistill.cli.main import reference_markdown as r; p = pathlib.Path('README.md'); \
 	p.write_text(re.sub(r'<!-- cli:start -->\n.*?<!-- cli:end -->', lambda m: '<!-- cli:start -->\n' + r() + '\n<!-- cli:end -->', p.read_text(), flags=re.S))"

@@ -19,19 +19,25 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
     os.environ.setdefault(key, value)
 
-from hpcdistill.distributed import setup_distributed  # noqa: E402
-from hpcdistill.train_state import skip_single_rank_allreduce  # noqa: E402
-from hpcdistill.models import build_model  # noqa: E402
+from hpcdistill.models.resnet import build_model  # noqa: E402
+from hpcdistill.train.distributed import setup_distributed  # noqa: E402
+from hpcdistill.train.state import skip_single_rank_allreduce  # noqa: E402
 
 
 def ds_engine(model: torch.nn.Module, lr: float):
     import deepspeed
 
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
-              "optimizer": {"type": "Adam", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
-              "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 1,
+        "optimizer": {"type": "Adam", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 10**9,
+    }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    skip_single_rank_allreduce(engine, 1)  # as hpcdistill.engine sets it up
+    skip_single_rank_allreduce(engine, 1)  # as hpcdistill.train.loop sets it up
     return engine
 
 
@@ -74,7 +80,10 @@ def main() -> None:
         t_engine.append(timed(engine_step, x, y, args.steps))
     tp, te = min(t_plain), min(t_engine)
     print(f"{args.arch} w{args.width} {args.size}px, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"plain torch step {tp * 1e3:8.1f} ms | deepspeed step {te * 1e3:8.1f} ms | ratio {te / tp:.3f} (target <= 1.05)")
+    print(
+        f"plain torch step {tp * 1e3:8.1f} ms | deepspeed step {te * 1e3:8.1f} ms | "
+        f"ratio {te / tp:.3f} (target <= 1.05)"
+    )
     for mag in (10.0, 5.0, 2.5, 1.25, 0.625):
         side = max(8, round(args.size * mag / 10))
         x = torch.randn(1, 3, side, side)

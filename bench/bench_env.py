@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from hpcdistill.demo_record import machine, versions
+from hpcdistill.experiment.demo_record import machine, versions
 
 
 def describe() -> str:
@@ -15,8 +15,10 @@ def describe() -> str:
 
     m, v = machine(), versions()
     jpeg = features.version("libjpeg_turbo") or "absent"
-    return (f"{m['cpu']} ({m['cores']} cores); libvips {v['libvips']}, Pillow {v['pillow']} with libjpeg-turbo "
-            f"{jpeg}, pyvips {v['pyvips']}, torch {v['torch']}")
+    return (
+        f"{m['cpu']} ({m['cores']} cores); libvips {v['libvips']}, Pillow {v['pillow']} with libjpeg-turbo "
+        f"{jpeg}, pyvips {v['pyvips']}, torch {v['torch']}"
+    )
 
 
 def publish(text: str, path: str) -> None:

@@ -5,7 +5,7 @@ same images, in one process, rounds interleaved so machine noise hits all alike;
 
     OMP_NUM_THREADS=1 python bench/bench_loader.py [--samples 200 --size 256 --rounds 7 --content he --workers 8]
 
-`--content he` (default) renders H&E-like tissue with hpcdistill.synthetic, which JPEG-decodes about as fast as
+`--content he` (default) renders H&E-like tissue with hpcdistill.synthetic.dataset, which JPEG-decodes about as fast as
 real tiles; `--content noise` is uniform noise, slow to decode, so the augmentation's share (and the gap) looks
 smaller. Prints the median of the per-round ratios and their range.
 """
@@ -30,16 +30,16 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import describe, median_spread, publish  # noqa: E402
 
-from hpcdistill.config import AugmentConfig
-from hpcdistill.data import ShardStream, StreamSpec
-from hpcdistill.shard_cut import encode_image
-from hpcdistill.shard_writer import append_sample
+from hpcdistill.common.config import AugmentConfig
+from hpcdistill.data.streams import ShardStream, StreamSpec
+from hpcdistill.shards.sample_format import encode_image
+from hpcdistill.shards.writer import append_sample
 
 
 def tile(content: str, size: int, i: int, rng: np.random.Generator) -> np.ndarray:
     if content == "noise":
         return rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-    from hpcdistill.synthetic_tissue import make_scene, render_region
+    from hpcdistill.synthetic.scene import make_scene, render_region
 
     # 10x of a 40x slide at 0.25 um/px: a 4x downsample of level 0
     scene = make_scene(size * 4, size * 4, mpp=0.25, class_id=i % 3, seed=i, n_tissues=1)
@@ -55,9 +55,16 @@ def write_bench_shard(path: Path, samples: int, size: int, content: str = "he") 
             hi = tiles[i % len(tiles)]
             lo = np.asarray(Image.fromarray(hi).resize((size // 4, size // 4), Image.LANCZOS))
             meta = json.dumps({"sizes": {"10x": [size, size], "2.5x": [size // 4] * 2}}).encode()
-            append_sample(archive, f"s{i:05d}", [("10x.jpg", encode_image(hi, "jpg", 90)),
-                                                  ("2.5x.jpg", encode_image(lo, "jpg", 90)), ("cls", b"1"),
-                                                  ("json", meta)])
+            append_sample(
+                archive,
+                f"s{i:05d}",
+                [
+                    ("10x.jpg", encode_image(hi, "jpg", 90)),
+                    ("2.5x.jpg", encode_image(lo, "jpg", 90)),
+                    ("cls", b"1"),
+                    ("json", meta),
+                ],
+            )
 
 
 def rates(make, passes: int) -> tuple[float, float]:
@@ -77,7 +84,7 @@ def only(keys: tuple[str, ...]):
 def reading(spec: StreamSpec, workers: int, shared: bool) -> int:
     """Bytes of shard files one single pass opens over `workers` loader workers: each worker reading only its own
     shards (the loader now), or `shared`, every worker reading every shard and keeping its share (before)."""
-    import hpcdistill.data as data
+    import hpcdistill.data.streams as data
 
     share = data.single_pass_share
     if shared:
@@ -110,15 +117,29 @@ def main() -> None:
         shard = Path(tmp) / "train-000000.tar"
         write_bench_shard(shard, args.samples, args.size, args.content)
         stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
-        spec = StreamSpec(urls=[str(shard)], mode="paired", mag=2.5, teacher_mag=10.0,
-                          stats={"10x": stats, "2.5x": stats}, micro_batch=1, samples=args.samples,
-                          sampler="ordered", augment=AugmentConfig(), finish_on_device=True)
+        spec = StreamSpec(
+            urls=[str(shard)],
+            mode="paired",
+            mag=2.5,
+            teacher_mag=10.0,
+            stats={"10x": stats, "2.5x": stats},
+            micro_batch=1,
+            samples=args.samples,
+            sampler="ordered",
+            augment=AugmentConfig(),
+            finish_on_device=True,
+        )
         evaluation = dataclasses.replace(spec, mode="labeled", mag=10.0, augment=None, samples=-1)
-        streams = {"training loader": (ShardStream(spec), "bare pair"),
-                   "evaluation loader": (ShardStream(evaluation), "bare 10x")}
-        bare = {"bare pair": lambda: wds.WebDataset(str(shard), shardshuffle=False).decode("rgb8"),
-                "bare 10x": lambda: wds.WebDataset(str(shard), shardshuffle=False).map(
-                    only(("10x.jpg", "cls"))).decode("rgb8")}
+        streams = {
+            "training loader": (ShardStream(spec), "bare pair"),
+            "evaluation loader": (ShardStream(evaluation), "bare 10x"),
+        }
+        bare = {
+            "bare pair": lambda: wds.WebDataset(str(shard), shardshuffle=False).decode("rgb8"),
+            "bare 10x": lambda: (
+                wds.WebDataset(str(shard), shardshuffle=False).map(only(("10x.jpg", "cls"))).decode("rgb8")
+            ),
+        }
         runs: dict[str, list[float]] = {name: [] for name in [*bare, *streams]}
         for _ in range(args.rounds):
             for name, make in bare.items():
@@ -130,24 +151,37 @@ def main() -> None:
             shutil.copyfile(shard, path)
         single = dataclasses.replace(evaluation, urls=[str(p) for p in shards])
         now, before = reading(single, args.workers, False), reading(single, args.workers, True)
-    lines = ["## Loader benchmark (`bench/bench_loader.py`)", "", f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
-             f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_loader.py --rounds {args.rounds} --passes "
-             f"{args.passes}`. {args.samples} pairs, 10x {args.size} px + 2.5x {args.size // 4} px JPEG "
-             f"({args.content}), one process, {args.rounds} interleaved rounds of {args.passes} passes each: median "
-             "samples/s, and the median (lowest-highest) of the per-round ratios to bare WebDataset decode "
-             "(`.decode(\"rgb8\")`) of the same images.", "",
-             "| loader | samples/s | vs bare decode |", "|---|---:|---:|"]
+    lines = [
+        "## Loader benchmark (`bench/bench_loader.py`)",
+        "",
+        f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
+        f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_loader.py --rounds {args.rounds} --passes "
+        f"{args.passes}`. {args.samples} pairs, 10x {args.size} px + 2.5x {args.size // 4} px JPEG "
+        f"({args.content}), one process, {args.rounds} interleaved rounds of {args.passes} passes each: median "
+        "samples/s, and the median (lowest-highest) of the per-round ratios to bare WebDataset decode "
+        '(`.decode("rgb8")`) of the same images.',
+        "",
+        "| loader | samples/s | vs bare decode |",
+        "|---|---:|---:|",
+    ]
     targets = {"training loader": 0.85, "evaluation loader": 0.8}
-    what = {"training loader": "training loader: decode both images, draw flips/rot90 and the colour map",
-            "evaluation loader": "evaluation loader: decode the model's image"}
+    what = {
+        "training loader": "training loader: decode both images, draw flips/rot90 and the colour map",
+        "evaluation loader": "evaluation loader: decode the model's image",
+    }
     for name, (_, reference) in streams.items():
         med, low, high = median_spread([v / r for v, r in zip(runs[name], runs[reference])])
-        lines += [f"| {reference} | {statistics.median(runs[reference]):.0f} | 1 |",
-                  f"| {what[name]} | {statistics.median(runs[name]):.0f} | {med:.2f}x ({low:.2f}-{high:.2f}); "
-                  f"target >= {targets[name]} |"]
-    lines += ["", f"A single pass over {args.workers} shards with {args.workers} workers reads {now / 2**20:.1f} MiB "
-              f"(a shard per worker) where every worker reading every shard read {before / 2**20:.1f} MiB: "
-              f"{before / now:.1f}x less."]
+        lines += [
+            f"| {reference} | {statistics.median(runs[reference]):.0f} | 1 |",
+            f"| {what[name]} | {statistics.median(runs[name]):.0f} | {med:.2f}x ({low:.2f}-{high:.2f}); "
+            f"target >= {targets[name]} |",
+        ]
+    lines += [
+        "",
+        f"A single pass over {args.workers} shards with {args.workers} workers reads {now / 2**20:.1f} MiB "
+        f"(a shard per worker) where every worker reading every shard read {before / 2**20:.1f} MiB: "
+        f"{before / now:.1f}x less.",
+    ]
     publish("\n".join(lines) + "\n", args.markdown)
 
 

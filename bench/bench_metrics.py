@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from hpcdistill.metrics import METRICS, bootstrap_ci, bootstrap_indices, classification_metrics
+from hpcdistill.evaluate.metrics import METRICS, bootstrap_ci, bootstrap_indices, classification_metrics
 
 
 def loop_bootstrap(y_true: np.ndarray, y_pred: np.ndarray, k: int, iterations: int, seed: int) -> None:
@@ -51,8 +51,11 @@ def main() -> None:
         loop_bootstrap(y_true, y_pred, args.classes, args.loop_iterations, seed=0)
         t3 = time.perf_counter()
         scale = args.iterations / args.loop_iterations
-        for name, seconds in (("vectorised", t1 - t0), ("vectorised, by slide", t2 - t1),
-                              ("per-resample loop", (t3 - t2) * scale)):
+        for name, seconds in (
+            ("vectorised", t1 - t0),
+            ("vectorised, by slide", t2 - t1),
+            ("per-resample loop", (t3 - t2) * scale),
+        ):
             best[name] = min(best[name], seconds)
     print(f"{args.iterations} resamples of {args.samples} samples, {args.classes} classes, best of {args.rounds}")
     print("| bootstrap | seconds | vs loop |\n|---|---:|---:|")

@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 import pyvips  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from hpcdistill import resample, sharding  # noqa: E402
+from hpcdistill.shards import sharding
+from hpcdistill.slides import resample  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import describe, publish  # noqa: E402
@@ -49,8 +50,9 @@ def float_second_pass(region: pyvips.Image, size: tuple[int, int]) -> np.ndarray
     vshrink, hshrink = region.height / size[1], region.width / size[0]
     gain = resample._reducev_gain(region.height, vshrink)
     image = region.reducev(vshrink, kernel="lanczos3")
-    image = image.tilecache(tile_width=512, tile_height=32, max_tiles=5 * (math.ceil(image.width / 512) + 1),
-                            threaded=True)
+    image = image.tilecache(
+        tile_width=512, tile_height=32, max_tiles=5 * (math.ceil(image.width / 512) + 1), threaded=True
+    )
     image = image.cast("float").reduceh(hshrink, kernel="lanczos3")
     image = image * pyvips.Image.new_from_array((1.0 / gain)[:, None]).replicate(image.width, 1)
     return image.rint().cast("uchar").numpy()
@@ -74,8 +76,12 @@ def main() -> None:
     region = resample.decoded(pyvips.Image.new_from_file(str(slide)).crop(left, top, SIDE, SIDE))  # as `shard`
     pixels = region.numpy()
     print(describe())
-    pipelines = {"vips 8-bit": vips_8bit, "float pass 2": float_second_pass, "shard": shard_path,
-                 "PIL": lambda _, size: np.asarray(Image.fromarray(pixels).resize(size, Image.LANCZOS))}
+    pipelines = {
+        "vips 8-bit": vips_8bit,
+        "float pass 2": float_second_pass,
+        "shard": shard_path,
+        "PIL": lambda _, size: np.asarray(Image.fromarray(pixels).resize(size, Image.LANCZOS)),
+    }
     rows = []
     for shrink in SHRINKS:
         size = (SIDE // shrink, SIDE // shrink)
@@ -94,19 +100,29 @@ def main() -> None:
                 cells.append(f"{ms:.0f} ms")
                 continue
             diff = (outputs[name].astype(int) - reference)[3:-3, 3:-3]
-            cells.append(f"{ms:.0f} ms, {diff.mean():+.2f} / {np.abs(diff).mean():.2f} / "
-                         f"{np.quantile(np.abs(diff), 0.99):.0f}")
+            cells.append(
+                f"{ms:.0f} ms, {diff.mean():+.2f} / {np.abs(diff).mean():.2f} / {np.quantile(np.abs(diff), 0.99):.0f}"
+            )
         rows.append(f"| {shrink} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
-    publish("\n".join([
-        "## Lanczos3 precision and cost (`bench/bench_resample.py`)", "",
-        f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
-        f"Command: `.venv/bin/python bench/bench_resample.py --rounds {args.rounds}` (one thread; "
-        f"{SIDE}x{SIDE} level-0 crop of {slide.name}; median of {args.rounds} interleaved rounds).",
-        "Each cell: time, then against PIL LANCZOS on the same pixels bias / mean abs / p99 abs (grey levels).", "",
-        "| shrink | " + " | ".join(pipelines) + " |",
-        "|---:|" + "---|" * len(pipelines),
-        *rows, ""]), args.markdown)
+    publish(
+        "\n".join(
+            [
+                "## Lanczos3 precision and cost (`bench/bench_resample.py`)",
+                "",
+                f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
+                f"Command: `.venv/bin/python bench/bench_resample.py --rounds {args.rounds}` (one thread; "
+                f"{SIDE}x{SIDE} level-0 crop of {slide.name}; median of {args.rounds} interleaved rounds).",
+                "Each cell: time, then against PIL LANCZOS on the same pixels bias / mean abs / p99 abs (grey levels).",
+                "",
+                "| shrink | " + " | ".join(pipelines) + " |",
+                "|---:|" + "---|" * len(pipelines),
+                *rows,
+                "",
+            ]
+        ),
+        args.markdown,
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,15 @@ import openslide  # noqa: E402
 import pyvips  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from hpcdistill import resample, sharding, slides, synthetic, tissue  # noqa: E402
-from hpcdistill.windows import split_windows  # noqa: E402
+from hpcdistill.shards import sharding
+from hpcdistill.slides import (
+    resample,  # noqa: E402
+    tissue,
+)
+from hpcdistill.slides.factory import open_slide
+from hpcdistill.slides.slide import target_size
+from hpcdistill.slides.windows import split_windows  # noqa: E402
+from hpcdistill.synthetic import dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import describe, median_spread  # noqa: E402
@@ -49,15 +56,20 @@ MAGS = (10.0, 5.0, 2.5, 1.25, 0.625)
 BASE_MAG = 40.0
 NOTES_MARKER = "<!-- notes: hand-written, kept when the tables above are regenerated -->"
 LABELS = {"a": "(a)", "a_once": "(a')", "a_buffer": "(a'')", "b": "(b)"}
-TARGETS = {"a": " (target >= 0.7)", "a_once": " (target >= 0.8)", "a_buffer": " (no target: a stricter ceiling)",
-           "b": " (target >= 2.5)"}
+TARGETS = {
+    "a": " (target >= 0.7)",
+    "a_once": " (target >= 0.8)",
+    "a_buffer": " (no target: a stricter ceiling)",
+    "b": " (target >= 2.5)",
+}
 
 
 def ensure_slide(path: Path, width: int, height: int, n_tissues: int, seed: int) -> Path:
     if not path.exists():
         t0 = time.perf_counter()
-        synthetic.write_slide(path, width, height, fmt="svs", base_mag=BASE_MAG, class_id=1, seed=seed,
-                              n_tissues=n_tissues)
+        dataset.write_slide(
+            path, width, height, fmt="svs", base_mag=BASE_MAG, class_id=1, seed=seed, n_tissues=n_tissues
+        )
         print(f"wrote {path.name} ({width}x{height}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return path
 
@@ -77,7 +89,7 @@ def measured(run: Callable[[], object]) -> tuple[float, float]:
 
 def tissue_regions(path: Path, params: sharding.ShardParams) -> list[tuple[int, int, int, int]]:
     """The tissue boxes `hpcdistill shard` finds; at these params each box is one window (checked)."""
-    with slides.open_slide(path) as slide:
+    with open_slide(path) as slide:
         size = (slide.info.width, slide.info.height)
         thumb, scale = slide.thumbnail(params.tissue.thumb_size)
         boxes = tissue.find_tissue_boxes(thumb, scale, params.tissue, slide_size=size)
@@ -88,7 +100,7 @@ def tissue_regions(path: Path, params: sharding.ShardParams) -> list[tuple[int, 
 
 
 def sizes_for(region: tuple[int, int, int, int]) -> list[tuple[int, int]]:
-    return [slides.target_size((region[2], region[3]), BASE_MAG, mag) for mag in MAGS]
+    return [target_size((region[2], region[3]), BASE_MAG, mag) for mag in MAGS]
 
 
 def run_vips(path: Path, regions: list) -> None:
@@ -132,7 +144,7 @@ def run_shard(path: Path, out: Path, params: sharding.ShardParams) -> None:
 def fixed_costs(path: Path, params: sharding.ShardParams, qc_path: Path) -> dict[str, float]:
     """CPU seconds of the per-slide work the ceiling does not do: open, thumbnail, tissue boxes, QC PNG."""
     t0 = cpu_seconds()
-    with slides.open_slide(path) as slide:
+    with open_slide(path) as slide:
         t1 = cpu_seconds()
         thumb, scale = slide.thumbnail(params.tissue.thumb_size)
         t2 = cpu_seconds()
@@ -155,8 +167,9 @@ def peak_rss_child(path: Path, out: Path) -> None:
 
 def peak_rss(path: Path, out: Path) -> tuple[int, float]:
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, __file__, "--rss-child", str(path), str(out)], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(path), str(out)], capture_output=True, text=True, check=True
+    )
     return int(result.stdout.split()[-1]), time.perf_counter() - t0
 
 
@@ -181,11 +194,13 @@ def main() -> None:
     print(describe())
     print(f"{slide.name}: {len(regions)} tissue regions, {mpix:.0f} level-0 Mpix, mags {MAGS}", flush=True)
 
-    pipelines = {"shard": lambda: run_shard(slide, work / "shards", params),
-                 "a": lambda: run_vips(slide, regions),
-                 "a_once": lambda: run_vips_decode_once(slide, regions),
-                 "a_buffer": lambda: run_vips_decode_to_buffer(slide, regions),
-                 "b": lambda: run_openslide_pil(slide, regions)}
+    pipelines = {
+        "shard": lambda: run_shard(slide, work / "shards", params),
+        "a": lambda: run_vips(slide, regions),
+        "a_once": lambda: run_vips_decode_once(slide, regions),
+        "a_buffer": lambda: run_vips_decode_to_buffer(slide, regions),
+        "b": lambda: run_openslide_pil(slide, regions),
+    }
     rounds: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in pipelines}, "cpu": {n: [] for n in pipelines}}
     fixed_rounds: list[dict[str, float]] = []
     for _ in range(args.repeat):  # interleaved rounds: machine noise hits every pipeline alike
@@ -197,29 +212,42 @@ def main() -> None:
     fixed = {k: statistics.median(r[k] for r in fixed_rounds) for k in fixed_rounds[0]}
     seconds = {m: {n: statistics.median(v) for n, v in by.items()} for m, by in rounds.items()}
     # per-round ratios of rates (round i of shard with round i of the reference), then their median and range
-    ratios = {(m, ref): median_spread([r / s for s, r in zip(by["shard"], by[ref])])
-              for m, by in rounds.items() for ref in LABELS}
+    ratios = {
+        (m, ref): median_spread([r / s for s, r in zip(by["shard"], by[ref])])
+        for m, by in rounds.items()
+        for ref in LABELS
+    }
     for name in pipelines:
-        print(f"{name:6s} wall {seconds['wall'][name]:6.2f} s {mpix / seconds['wall'][name]:6.1f} Mpix/s   "
-              f"CPU {seconds['cpu'][name]:6.2f} s {mpix / seconds['cpu'][name]:6.1f} Mpix/CPU-s (medians)", flush=True)
+        print(
+            f"{name:6s} wall {seconds['wall'][name]:6.2f} s {mpix / seconds['wall'][name]:6.1f} Mpix/s   "
+            f"CPU {seconds['cpu'][name]:6.2f} s {mpix / seconds['cpu'][name]:6.1f} Mpix/CPU-s (medians)",
+            flush=True,
+        )
     for measure in ("wall", "cpu"):
-        print(f"{measure}: " + "   ".join(f"shard / {LABELS[ref]} = {spread_text(ratios[measure, ref])}{TARGETS[ref]}"
-                                          for ref in LABELS), flush=True)
+        print(
+            f"{measure}: "
+            + "   ".join(
+                f"shard / {LABELS[ref]} = {spread_text(ratios[measure, ref])}{TARGETS[ref]}" for ref in LABELS
+            ),
+            flush=True,
+        )
     print("fixed per-slide CPU s (medians): " + ", ".join(f"{k} {v:.3f}" for k, v in fixed.items()), flush=True)
 
     rss: dict[str, tuple[int, float]] = {}
     if not args.no_rss:
         # Equal tissue sizes (synthetic tissues fill a grid of 10000-px slots) on slides of 9x the area, then the
         # same big slide with 3 tissues 3x larger a side, whose windows --max-size caps.
-        rss_slides = [ensure_slide(work / f"rss_{side}x{side}_t{n}.svs", side, side, n_tissues=n, seed=12)
-                      for side, n in ((20000, 4), (60000, 36), (60000, 3))]
+        rss_slides = [
+            ensure_slide(work / f"rss_{side}x{side}_t{n}.svs", side, side, n_tissues=n, seed=12)
+            for side, n in ((20000, 4), (60000, 36), (60000, 3))
+        ]
         rss = {p.name: peak_rss(p, work / f"shards_{p.stem}") for p in rss_slides}
         for name, (peak, took) in rss.items():
             print(f"peak RSS {name}: {peak / 2**30:.2f} GiB ({took:.0f} s, CLI defaults)", flush=True)
     if args.markdown:
         target = Path(args.markdown)
         old = target.read_text() if target.exists() else ""
-        notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
+        notes = old[old.index(NOTES_MARKER) :] if NOTES_MARKER in old else NOTES_MARKER + "\n"
         target.write_text(markdown(args, slide, width, height, regions, mpix, seconds, ratios, fixed, rss) + notes)
         print(f"wrote {args.markdown}")
 
@@ -229,37 +257,49 @@ def spread_text(stat: tuple[float, float, float]) -> str:
 
 
 def markdown(args, slide, width, height, regions, mpix, seconds, ratios, fixed, rss) -> str:
-    names = {"shard": "`hpcdistill shard` end to end (thumbnail, tissue, QC, 5 mags, JPEG q90, tars, manifest)",
-             "a": "(a) bare pyvips: crop + `reduce` lanczos3 per region per mag (ceiling)",
-             "a_once": "(a') as (a), each region decoded once into memory first (decode-once bare pipeline)",
-             "a_buffer": "(a'') as (a'), decoded into a buffer vips wraps, as `shard` decodes (stricter ceiling)",
-             "b": "(b) OpenSlide read_region per region + PIL LANCZOS per mag (peers)"}
+    names = {
+        "shard": "`hpcdistill shard` end to end (thumbnail, tissue, QC, 5 mags, JPEG q90, tars, manifest)",
+        "a": "(a) bare pyvips: crop + `reduce` lanczos3 per region per mag (ceiling)",
+        "a_once": "(a') as (a), each region decoded once into memory first (decode-once bare pipeline)",
+        "a_buffer": "(a'') as (a'), decoded into a buffer vips wraps, as `shard` decodes (stricter ceiling)",
+        "b": "(b) OpenSlide read_region per region + PIL LANCZOS per mag (peers)",
+    }
 
     def ratio(name: str, measure: str) -> str:
         return "1" if name == "shard" else spread_text(ratios[measure, name]) + TARGETS[name]
 
     wall, cpu = seconds["wall"], seconds["cpu"]
     lines = [
-        "## Sharding benchmark (`bench/bench_shard.py`)", "",
+        "## Sharding benchmark (`bench/bench_shard.py`)",
+        "",
         f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
         f"Command: `.venv/bin/python bench/bench_shard.py --repeat {args.repeat}` (VIPS_CONCURRENCY="
         f"{os.environ['VIPS_CONCURRENCY']} for shard and (a); one process each; {args.repeat} interleaved rounds: "
         "median seconds, and the median (lowest-highest) of the per-round ratios).",
         f"Slide: synthetic 40x Aperio SVS {width}x{height} ({slide.name}), {len(regions)} tissue regions "
         f"(the boxes `hpcdistill shard` finds, one window each), {mpix:.0f} level-0 Mpix, "
-        f"mags {', '.join(f'{m:g}' for m in MAGS)}.", "",
+        f"mags {', '.join(f'{m:g}' for m in MAGS)}.",
+        "",
         "| pipeline | wall s | Mpix/s | shard ratio (wall) | CPU s | Mpix/CPU-s | shard ratio (CPU) |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        *[f"| {names[n]} | {wall[n]:.2f} | {mpix / wall[n]:.1f} | {ratio(n, 'wall')} | {cpu[n]:.2f} | "
-          f"{mpix / cpu[n]:.1f} | {ratio(n, 'cpu')} |" for n in names], "",
+        *[
+            f"| {names[n]} | {wall[n]:.2f} | {mpix / wall[n]:.1f} | {ratio(n, 'wall')} | {cpu[n]:.2f} | "
+            f"{mpix / cpu[n]:.1f} | {ratio(n, 'cpu')} |"
+            for n in names
+        ],
+        "",
         "Per-slide fixed costs inside `shard` (CPU s, medians): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in fixed.items()) + ".", "",
+        + ", ".join(f"{k} {v:.3f}" for k, v in fixed.items())
+        + ".",
+        "",
     ]
     if rss:
-        lines += ["| slide `rss_<side>_t<tissues>` (CLI defaults, 1 worker) | peak RSS (VmHWM) | wall s |",
-                  "|---|---:|---:|",
-                  *[f"| {name} | {peak / 2**30:.2f} GiB | {seconds:.0f} |" for name, (peak, seconds) in rss.items()],
-                  ""]
+        lines += [
+            "| slide `rss_<side>_t<tissues>` (CLI defaults, 1 worker) | peak RSS (VmHWM) | wall s |",
+            "|---|---:|---:|",
+            *[f"| {name} | {peak / 2**30:.2f} GiB | {seconds:.0f} |" for name, (peak, seconds) in rss.items()],
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -30,11 +30,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hpcdistill.manifest import build_manifest  # noqa: E402
-from hpcdistill.shard_plan import ShardParams, SlideJob  # noqa: E402
-from hpcdistill.shard_tasks import balance  # noqa: E402
-from hpcdistill.sharding import preview_sharding, run_sharding  # noqa: E402
-from hpcdistill.synthetic import write_slide  # noqa: E402
+from hpcdistill.cluster.task_array import balance  # noqa: E402
+from hpcdistill.shards.manifest import build_manifest  # noqa: E402
+from hpcdistill.shards.plan import ShardParams, SlideJob  # noqa: E402
+from hpcdistill.shards.sharding import preview_sharding, run_sharding  # noqa: E402
+from hpcdistill.synthetic.dataset import write_slide  # noqa: E402
 
 MAGS = (10.0, 5.0, 2.5, 1.25, 0.625)
 
@@ -59,7 +59,7 @@ def measure_slides(sizes: list[tuple[int, int]], root: Path) -> tuple[float, flo
 
 def measure_task_start() -> float:
     """Seconds for a fresh interpreter to import what an array task runs (best of 3)."""
-    code = "import hpcdistill.shard_tasks, hpcdistill.sharding, hpcdistill.launch_tasks, submitit"
+    code = "import hpcdistill.shards.array, hpcdistill.shards.sharding, hpcdistill.cluster.resubmitting, submitit"
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -78,18 +78,30 @@ def measure_merge(slides: int, samples_per_slide: int) -> float:
         name = f"slide{i:05d}"
         jobs.append(SlideJob(f"/data/{name}.svs", name, f"p{i}", "a", 0, "train"))
         sizes = [{m: [int(v) for v in rng.integers(50, 900, 2)] for m in names} for _ in range(samples_per_slide)]
-        records[name] = {"status": "ok", "reason": None, "split": "train", "patient": f"p{i}", "label": "a",
-                         "file": f"{name}.svs", "tissues": samples_per_slide, "samples": samples_per_slide,
-                         "base_mag": 40.0, "mag_source": "objective-power", "sample_tissues": list(range(samples_per_slide)),
-                         "sizes": sizes, "pixel_sums": {m: [float(v) for v in rng.random(7)] for m in names}}
+        records[name] = {
+            "status": "ok",
+            "reason": None,
+            "split": "train",
+            "patient": f"p{i}",
+            "label": "a",
+            "file": f"{name}.svs",
+            "tissues": samples_per_slide,
+            "samples": samples_per_slide,
+            "base_mag": 40.0,
+            "mag_source": "objective-power",
+            "sample_tissues": list(range(samples_per_slide)),
+            "sizes": sizes,
+            "pixel_sums": {m: [float(v) for v in rng.random(7)] for m in names},
+        }
     text = json.dumps(records)
     start = time.perf_counter()
     build_manifest(params, {"params": "x"}, ["a"], jobs, json.loads(text), {})
     return time.perf_counter() - start
 
 
-def project(args: argparse.Namespace, fixed: float, rate: float, bytes_per_mpix: float, task_start: float,
-            merge: float) -> list[dict]:
+def project(
+    args: argparse.Namespace, fixed: float, rate: float, bytes_per_mpix: float, task_start: float, merge: float
+) -> list[dict]:
     cost = slide_costs(args, fixed, rate)
     total_bytes = float(((cost - fixed - args.metadata_s) * rate).sum() * bytes_per_mpix)
     rows = []
@@ -98,11 +110,23 @@ def project(args: argparse.Namespace, fixed: float, rate: float, bytes_per_mpix:
         compute = max(loads) + task_start + args.scheduler_s
         io = total_bytes / (args.write_gbps * 1e9)
         wall = max(compute, io) + merge
-        bound = ("write bandwidth" if io > compute else "the largest slide" if max(loads) <= 1.05 * cost.max()
-                 else "slowest task")
-        rows.append({"tasks": tasks, "hours": wall / 3600, "compute_h": compute / 3600, "io_h": io / 3600,
-                     "bound": bound,
-                     "efficiency": cost.sum() / tasks / (wall - merge) if tasks else 1.0})
+        bound = (
+            "write bandwidth"
+            if io > compute
+            else "the largest slide"
+            if max(loads) <= 1.05 * cost.max()
+            else "slowest task"
+        )
+        rows.append(
+            {
+                "tasks": tasks,
+                "hours": wall / 3600,
+                "compute_h": compute / 3600,
+                "io_h": io / 3600,
+                "bound": bound,
+                "efficiency": cost.sum() / tasks / (wall - merge) if tasks else 1.0,
+            }
+        )
     return rows
 
 
@@ -132,18 +156,24 @@ def main() -> None:
         fixed, rate, bytes_per_mpix = measure_slides(sizes, Path(tmp))
     task_start = measure_task_start()
     merge = measure_merge(args.slides, samples_per_slide=4)
-    print(f"measured: {rate:.1f} level-0 tissue Mpix/s per core, {fixed:.2f} s fixed per slide, "
-          f"{bytes_per_mpix / 1e3:.1f} kB of shards per tissue Mpix, {task_start:.2f} s to start a task, "
-          f"{merge:.2f} s to merge {args.slides} slides")
-    print(f"stated: {args.slides} slides, tissue area log-normal (median {args.median_gpix:g} Gpix, sigma "
-          f"{args.sigma:g}), {args.write_gbps:g} GB/s shared write, {args.metadata_s:g} s metadata per slide, "
-          f"{args.scheduler_s:g} s scheduler start-up per task; the largest slide alone takes "
-          f"{largest_slide_s(args, fixed, rate) / 60:.1f} min\n")
+    print(
+        f"measured: {rate:.1f} level-0 tissue Mpix/s per core, {fixed:.2f} s fixed per slide, "
+        f"{bytes_per_mpix / 1e3:.1f} kB of shards per tissue Mpix, {task_start:.2f} s to start a task, "
+        f"{merge:.2f} s to merge {args.slides} slides"
+    )
+    print(
+        f"stated: {args.slides} slides, tissue area log-normal (median {args.median_gpix:g} Gpix, sigma "
+        f"{args.sigma:g}), {args.write_gbps:g} GB/s shared write, {args.metadata_s:g} s metadata per slide, "
+        f"{args.scheduler_s:g} s scheduler start-up per task; the largest slide alone takes "
+        f"{largest_slide_s(args, fixed, rate) / 60:.1f} min\n"
+    )
     print("| tasks | wall (h) | slowest task (h) | writing all bytes (h) | bound by | efficiency |")
     print("|---:|---:|---:|---:|---|---:|")
     for r in project(args, fixed, rate, bytes_per_mpix, task_start, merge):
-        print(f"| {r['tasks']} | {r['hours']:.2f} | {r['compute_h']:.2f} | {r['io_h']:.2f} | {r['bound']} | "
-              f"{100 * r['efficiency']:.0f}% |")
+        print(
+            f"| {r['tasks']} | {r['hours']:.2f} | {r['compute_h']:.2f} | {r['io_h']:.2f} | {r['bound']} | "
+            f"{100 * r['efficiency']:.0f}% |"
+        )
 
 
 if __name__ == "__main__":

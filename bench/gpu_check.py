@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-
 # The check's dataset: big enough for a few epochs and a test split, small enough to travel with the checkout.
 GPU_CHECK_PLAN = {"slides": {"train": 6, "val": 3, "test": 3}, "aux1": 3, "aux2": 0, "size": (3072, 2304)}
 
@@ -20,7 +19,7 @@ GPU_CHECK_PLAN = {"slides": {"train": 6, "val": 3, "test": 3}, "aux1": 3, "aux2"
 def write_data(root: Path, quick: bool = False) -> Path:
     """Synthetic slides and their shards at 10x and 2.5x under root, through the demo's own data step (reused when
     present); `quick`: the shortened demo's dataset."""
-    from hpcdistill.demo import QUICK, DemoPlan, prepare_data
+    from hpcdistill.experiment.demo import QUICK, DemoPlan, prepare_data
 
     shards = prepare_data(root, QUICK if quick else DemoPlan(**GPU_CHECK_PLAN), [2.5], workers=2, seed=0)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
@@ -37,9 +36,12 @@ def read_json(path: Path) -> dict | None:
 
 def summarise(out: Path) -> dict:
     steps = [line.split() for line in (out / "steps.txt").read_text().splitlines() if line.strip()]
-    result = {"steps": {name: {"status": status, "seconds": int(seconds)} for name, status, seconds in steps},
-              "evaluate": read_json(out / "eval" / "test.json"), "bench": read_json(out / "bench" / "gpu.json"),
-              "train": {name: read_json(out / f"{name}.json") for name in ("teacher", "distill")}}
+    result = {
+        "steps": {name: {"status": status, "seconds": int(seconds)} for name, status, seconds in steps},
+        "evaluate": read_json(out / "eval" / "test.json"),
+        "bench": read_json(out / "bench" / "gpu.json"),
+        "train": {name: read_json(out / f"{name}.json") for name in ("teacher", "distill")},
+    }
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -49,8 +51,7 @@ def markdown(result: dict, out: Path) -> str:
     lines += [f"| {name} | {s['status']} | {s['seconds']} |" for name, s in result["steps"].items()]
     ev = result["evaluate"]
     if ev:
-        lines += ["", f"evaluate: accuracy {100 * ev['metrics']['accuracy'][0]:.2f} on "
-                      f"{ev['samples']} test tissues"]
+        lines += ["", f"evaluate: accuracy {100 * ev['metrics']['accuracy'][0]:.2f} on {ev['samples']} test tissues"]
     bench = out / "bench" / "gpu.md"
     if bench.is_file():
         lines += ["", bench.read_text()]

@@ -40,7 +40,7 @@ step() {  # name, command...: runs it, logs its output, records status and secon
 RUNS=$OUT/runs
 COMMON=(run.out_dir="$RUNS" data.shards="$DATA/shards" precision=$PRECISION log.progress=false data.num_workers=4
         data.epoch_samples=64 train.grad_accum=1)
-train() { $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m hpcdistill.cli train "$@"; }
+train() { $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m hpcdistill train "$@"; }
 summary_to() { local file=$1; shift; train "$@" > "$file"; }
 
 kill_and_resume() {  # the teacher killed (SIGKILL, torchrun and its worker) once a checkpoint is complete, resumed
@@ -62,10 +62,10 @@ kill_and_resume() {  # the teacher killed (SIGKILL, torchrun and its worker) onc
 step teacher_kill_resume kill_and_resume
 step distill summary_to "$OUT/distill.json" configs/demo/distill.yaml "${COMMON[@]}" train.epochs=2 \
   teacher.checkpoint="$RUNS/teacher/best.pt" data.mag=2.5
-step evaluate $PY -m hpcdistill.cli evaluate "$RUNS/distill-2.5x/best.pt" --shards "$DATA/shards" --device $DEVICE \
+step evaluate $PY -m hpcdistill evaluate "$RUNS/distill-2.5x/best.pt" --shards "$DATA/shards" --device $DEVICE \
   --iterations 1000 --out "$OUT/eval"
 TEST_SLIDES=$(tr -d '\r' < "$DATA/slides/labels.csv" | awk -F, -v d="$DATA/slides" '$4 == "test" {print d "/" $1}')
-step predict $PY -m hpcdistill.cli predict "$RUNS/distill-2.5x/best.pt" $TEST_SLIDES --device $DEVICE \
+step predict $PY -m hpcdistill predict "$RUNS/distill-2.5x/best.pt" $TEST_SLIDES --device $DEVICE \
   --out "$OUT/predict" --heatmap
 QUICK=(); [ "$DEVICE" = cuda ] || QUICK=(--quick)
 step bench $PY bench/bench_gpu.py "${QUICK[@]}" --out "$OUT/bench" --shards "$DATA/shards"

@@ -23,9 +23,10 @@ from bench_env import describe, publish  # noqa: E402
 from bench_loader import write_bench_shard  # noqa: E402
 from bench_shard import MAGS, ensure_slide, run_shard  # noqa: E402
 
-from hpcdistill import sharding  # noqa: E402
-from hpcdistill.config import AugmentConfig  # noqa: E402
-from hpcdistill.data import ShardStream, StreamSpec  # noqa: E402
+from hpcdistill.common.config import AugmentConfig  # noqa: E402
+from hpcdistill.data.streams import ShardStream, StreamSpec  # noqa: E402
+from hpcdistill.shards import sharding  # noqa: E402
+
 
 class Seconds:
     """Cumulative CPU seconds out of a cProfile table: of a Python function (file suffix, name), of a C function
@@ -42,8 +43,13 @@ class Seconds:
 
     def called(self, suffix: str, name: str, caller: str) -> float:
         """Cumulative seconds of a Python function in its calls from `caller` only."""
-        return sum(ct for (file, _, func), row in self.table.items() if file.endswith(suffix) and func == name
-                   for (_, _, by), (_, _, _, ct) in row[4].items() if by == caller)
+        return sum(
+            ct
+            for (file, _, func), row in self.table.items()
+            if file.endswith(suffix) and func == name
+            for (_, _, by), (_, _, _, ct) in row[4].items()
+            if by == caller
+        )
 
 
 def shard_stages(t: Seconds) -> dict[str, float]:
@@ -51,28 +57,29 @@ def shard_stages(t: Seconds) -> dict[str, float]:
     return {
         "level-0 decode (JPEG tiles into memory)": t.called("vimage.py", "write_to_memory", "resample_together"),
         "Lanczos3 first pass (vips 8-bit reducev, every magnification)": first_pass,
-        "Lanczos3 second pass (exact integer-weight GEMM, gain, rounding)":
-            t.of("resample.py", "_horizontal_gemm") - first_pass,
+        "Lanczos3 second pass (exact integer-weight GEMM, gain, rounding)": t.of("resample.py", "_horizontal_gemm")
+        - first_pass,
         "Lanczos3 tap weights (per block and magnification)": t.of("resample.py", "_horizontal_plan"),
         "vips operation set-up (masks, pipelines)": t.c_call("vips_cache_operation_build"),
-        "thumbnail": t.of("slides.py", "thumbnail"),
+        "thumbnail": t.of("slide.py", "thumbnail"),
         "tissue finding": t.of("tissue.py", "find_tissues"),
         "QC PNG": t.of("tissue.py", "write_qc_png"),
-        "JPEG encode": t.of("shard_cut.py", "encode_image"),
-        "tar write (members, fsync, rename)": t.of("shard_writer.py", "add") + t.of("shard_writer.py", "commit"),
-        "colour statistics for the manifest (labeled train slides; none here)": t.of("shard_cut.py", "_add_pixel_sums"),
+        "JPEG encode": t.of("sample_format.py", "encode_image"),
+        "tar write (members, fsync, rename)": t.of("writer.py", "add") + t.of("writer.py", "commit"),
+        "colour statistics for the manifest (labeled train slides; none here)": t.of("cut.py", "_add_pixel_sums"),
     }
 
 
 def loader_stages(t: Seconds) -> dict[str, float]:
     return {
-        "tar read (members, grouping)": t.of("shard_reader.py", "raw_samples"),
+        "tar read (members, grouping)": t.of("reader.py", "raw_samples"),
         "JPEG decode (libjpeg-turbo)": t.c_call("'decode' of 'ImagingDecoder'"),
         "JPEG header parse (PIL open)": t.of("Image.py", "open"),
         "pixel copy out of PIL (tobytes)": t.of("Image.py", "tobytes"),
-        "augmentation draw (flips, rot90, colour map)": sum(t.of("augment.py", name) for name in
-                                                            ("sample", "colour_linear", "map", "pivot")),
-        "collate (per-sample arrays into a batch)": t.of("data.py", "collate"),
+        "augmentation draw (flips, rot90, colour map)": sum(
+            t.of("augment.py", name) for name in ("sample", "colour_linear", "map", "pivot")
+        ),
+        "collate (per-sample arrays into a batch)": t.of("streams.py", "collate"),
     }
 
 
@@ -89,7 +96,10 @@ def table(title: str, seconds: dict[str, float], total: float) -> list[str]:
     lines = [f"### {title}", "", f"Total {total:.2f} CPU s (profiled).", "", "| stage | s | share |", "|---|---:|---:|"]
     lines += [f"| {stage} | {s:.3f} | {100 * s / total:.0f}% |" for stage, s in seconds.items()]
     rest = total - sum(seconds.values())
-    return lines + [f"| everything else (Python glue, generators, small numpy) | {rest:.3f} | {100 * rest / total:.0f}% |", ""]
+    return lines + [
+        f"| everything else (Python glue, generators, small numpy) | {rest:.3f} | {100 * rest / total:.0f}% |",
+        "",
+    ]
 
 
 def main() -> None:
@@ -107,20 +117,40 @@ def main() -> None:
         shard = Path(tmp) / "train-000000.tar"
         write_bench_shard(shard, 200, 256)
         stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
-        spec = StreamSpec(urls=[str(shard)], mode="paired", mag=2.5, teacher_mag=10.0,
-                          stats={"10x": stats, "2.5x": stats}, micro_batch=1, samples=200, sampler="ordered",
-                          augment=AugmentConfig(), finish_on_device=True)
+        spec = StreamSpec(
+            urls=[str(shard)],
+            mode="paired",
+            mag=2.5,
+            teacher_mag=10.0,
+            stats={"10x": stats, "2.5x": stats},
+            micro_batch=1,
+            samples=200,
+            sampler="ordered",
+            augment=AugmentConfig(),
+            finish_on_device=True,
+        )
         stream = ShardStream(spec)
         list(stream)
         loader_stats, loader_total = profiled(lambda: [list(stream) for _ in range(3)])
-    lines = ["## Stage profiles (`bench/profile_paths.py`)", "", f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
-             "Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/profile_paths.py` (VIPS_CONCURRENCY=1).", "",
-             *table(f"`hpcdistill shard`, {slide.name} (4 tissues, 87 level-0 Mpix, 5 magnifications)",
-                    shard_stages(Seconds(shard_stats)), shard_total),
-             *table("training loader, 3 passes over 200 pairs (10x 256 px + 2.5x 64 px JPEG), augmented",
-                    loader_stages(Seconds(loader_stats)), loader_total),
-             "Flips/rot90, bucket crops, the colour map and standardisation are not in the loader: they run where the "
-             "batch lands (`device_batch.finish_batch`)."]
+    lines = [
+        "## Stage profiles (`bench/profile_paths.py`)",
+        "",
+        f"Run {time.strftime('%Y-%m-%d')} on {describe()}.",
+        "Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/profile_paths.py` (VIPS_CONCURRENCY=1).",
+        "",
+        *table(
+            f"`hpcdistill shard`, {slide.name} (4 tissues, 87 level-0 Mpix, 5 magnifications)",
+            shard_stages(Seconds(shard_stats)),
+            shard_total,
+        ),
+        *table(
+            "training loader, 3 passes over 200 pairs (10x 256 px + 2.5x 64 px JPEG), augmented",
+            loader_stages(Seconds(loader_stats)),
+            loader_total,
+        ),
+        "Flips/rot90, bucket crops, the colour map and standardisation are not in the loader: they run where the "
+        "batch lands (`device_batch.finish_batch`).",
+    ]
     publish("\n".join(lines) + "\n", args.markdown)
 
 

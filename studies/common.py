@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from hpcdistill.demo import FULL, QUICK, DemoPlan, demo_experiment, prepare_data, write_experiment
+from hpcdistill.experiment.demo import FULL, QUICK, DemoPlan, demo_experiment, prepare_data, write_experiment
 
 
 def plan_for(quick: bool) -> DemoPlan:
@@ -23,8 +23,9 @@ def demo_shards(data: Path, workers: int, plan: DemoPlan) -> Path:
     return prepare_data(data, plan, mags, workers, seed=0)
 
 
-def write_study_experiment(out: Path, shards: Path, plan: DemoPlan, seeds: int, methods: dict[str, dict[str, Any]],
-                           evaluate: bool) -> Path:
+def write_study_experiment(
+    out: Path, shards: Path, plan: DemoPlan, seeds: int, methods: dict[str, dict[str, Any]], evaluate: bool
+) -> Path:
     """The demo experiment with `methods` (key -> {label, config, overrides}) in place of the demo's methods."""
     spec = demo_experiment()
     spec["methods"] = methods
@@ -37,9 +38,9 @@ def score_export(job: tuple[str, str, str]) -> dict[str, Any]:
     """(export, shards, split) -> the export's macro OvR accuracy and F1 on the split, with its predictions."""
     import torch
 
-    from hpcdistill.evaluation import _load_for, predict_split
-    from hpcdistill.manifest import read_manifest
-    from hpcdistill.metrics import classification_metrics
+    from hpcdistill.evaluate.evaluation import _load_for, predict_split
+    from hpcdistill.evaluate.metrics import classification_metrics
+    from hpcdistill.shards.manifest import read_manifest
 
     torch.set_num_threads(1)
     export, shards, split = job
@@ -47,9 +48,17 @@ def score_export(job: tuple[str, str, str]) -> dict[str, Any]:
     model = _load_for(export, shards, manifest)
     rows = predict_split(model.model, shards, manifest, split, model.mag)
     m = classification_metrics([r["y"] for r in rows], [r["pred"] for r in rows], len(model.classes))
-    return {"export": export, "accuracy": float(m["accuracy"]), "f1": float(m["f1"]), "mag": model.mag,
-            "seed": model.config["run"]["seed"], "classes": len(model.classes), "keys": [r["key"] for r in rows],
-            "y": [r["y"] for r in rows], "pred": [r["pred"] for r in rows]}
+    return {
+        "export": export,
+        "accuracy": float(m["accuracy"]),
+        "f1": float(m["f1"]),
+        "mag": model.mag,
+        "seed": model.config["run"]["seed"],
+        "classes": len(model.classes),
+        "keys": [r["key"] for r in rows],
+        "y": [r["y"] for r in rows],
+        "pred": [r["pred"] for r in rows],
+    }
 
 
 def score_exports(exports: list[Path], shards: Path, split: str, workers: int) -> list[dict[str, Any]]:

@@ -20,23 +20,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_shards, mean_sd, pct, plan_for, score_exports, write_study_experiment  # noqa: E402
 
-from hpcdistill.demo import demo_experiment  # noqa: E402
-from hpcdistill.launch import launch  # noqa: E402
+from hpcdistill.experiment.demo import demo_experiment  # noqa: E402
+from hpcdistill.experiment.launch import launch  # noqa: E402
 
 # Candidate picks per mode: the metric each best-<metric>.pt is chosen on, plus the final weights.
 BASELINE_PICKS = ["accuracy", "loss", "ema_accuracy", "ema_loss"]
 DISTILL_PICKS = ["agreement", "kl", "loss", "accuracy", "ema_agreement", "ema_kl", "ema_loss", "ema_accuracy"]
 FINAL = {"last": "last.pt", "ema_last": "last-ema.pt"}
-PICK_ORDER = ["accuracy", "agreement", "kl", "loss", "ema_accuracy", "ema_agreement", "ema_kl", "ema_loss", "last",
-              "ema_last"]
+PICK_ORDER = [
+    "accuracy",
+    "agreement",
+    "kl",
+    "loss",
+    "ema_accuracy",
+    "ema_agreement",
+    "ema_kl",
+    "ema_loss",
+    "last",
+    "ema_last",
+]
 
 
 def study_methods(ema_decay: float) -> dict[str, dict]:
     methods = demo_experiment()["methods"]
     for key, method in methods.items():
         picks = BASELINE_PICKS if key == "baseline" else DISTILL_PICKS
-        method["overrides"] = [*method.get("overrides", []), f"train.ema_decay={ema_decay}",
-                               f"train.export_also=[{','.join(picks)}]"]
+        method["overrides"] = [
+            *method.get("overrides", []),
+            f"train.ema_decay={ema_decay}",
+            f"train.export_also=[{','.join(picks)}]",
+        ]
     return methods
 
 
@@ -59,15 +72,25 @@ def table(scores: list[dict], runs: dict[str, tuple[str, float]]) -> tuple[str, 
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for (pick, kind), by_cell in cells.items():
         sds = [mean_sd(v)[1] for v in by_cell.values()]
-        summary.setdefault(pick, {})[kind] = {"cells": len(sds), "mean_acc": statistics.fmean(
-            mean_sd(v)[0] for v in by_cell.values()), "mean_sd": statistics.fmean(sds), "max_sd": max(sds)}
-    lines = ["| pick | Baseline: mean test acc | Baseline: sd over seeds, mean (max) | KD: mean test acc | "
-             "KD: sd over seeds, mean (max) |", "|---|---|---|---|---|"]
+        summary.setdefault(pick, {})[kind] = {
+            "cells": len(sds),
+            "mean_acc": statistics.fmean(mean_sd(v)[0] for v in by_cell.values()),
+            "mean_sd": statistics.fmean(sds),
+            "max_sd": max(sds),
+        }
+    lines = [
+        "| pick | Baseline: mean test acc | Baseline: sd over seeds, mean (max) | KD: mean test acc | "
+        "KD: sd over seeds, mean (max) |",
+        "|---|---|---|---|---|",
+    ]
     for pick in PICK_ORDER:
         if pick in summary:
             row = [f"| `{pick}` "] + [
-                f"| {pct(k['mean_acc'])} | {pct(k['mean_sd'])} ({pct(k['max_sd'])}) " if (k := summary[pick].get(kind))
-                else "| - | - " for kind in ("Baseline", "KD")]
+                f"| {pct(k['mean_acc'])} | {pct(k['mean_sd'])} ({pct(k['max_sd'])}) "
+                if (k := summary[pick].get(kind))
+                else "| - | - "
+                for kind in ("Baseline", "KD")
+            ]
             lines.append("".join(row) + "|")
     return "\n".join(lines), summary
 
@@ -94,16 +117,23 @@ def main() -> None:
     record = launch(experiment, cluster="local")
     tasks = [(job["key"], t) for job in record["jobs"] if job["kind"] == "method" for t in job["tasks"]]
     runs = {t["run_dir"]: (key, t["mag"]) for key, t in tasks}
-    exports = [(t["run_dir"], pick, path) for _, t in tasks
-               for pick, path in export_files(Path(t["run_dir"]), t["result"]["select_metric"]).items()]
+    exports = [
+        (t["run_dir"], pick, path)
+        for _, t in tasks
+        for pick, path in export_files(Path(t["run_dir"]), t["result"]["select_metric"]).items()
+    ]
     scored = score_exports([p for _, _, p in exports], shards, "test", args.workers)
-    scores = [{"run": run, "pick": pick, **{k: s[k] for k in ("accuracy", "f1", "seed", "mag")}}
-              for (run, pick, _), s in zip(exports, scored)]
+    scores = [
+        {"run": run, "pick": pick, **{k: s[k] for k in ("accuracy", "f1", "seed", "mag")}}
+        for (run, pick, _), s in zip(exports, scored)
+    ]
     text, summary = table(scores, runs)
     minutes = (time.monotonic() - started) / 60
-    header = (f"Selection study: {args.seeds} seeds, EMA decay {args.ema_decay}, demo data; test accuracy = macro "
-              f"one-vs-rest accuracy (%); sd over seeds per (method, magnification) cell, averaged over the cells of "
-              f"each kind (largest in brackets); {minutes:.0f} min.\n\n")
+    header = (
+        f"Selection study: {args.seeds} seeds, EMA decay {args.ema_decay}, demo data; test accuracy = macro "
+        f"one-vs-rest accuracy (%); sd over seeds per (method, magnification) cell, averaged over the cells of "
+        f"each kind (largest in brackets); {minutes:.0f} min.\n\n"
+    )
     if not args.quick:
         Path(__file__).with_name("results_selection.md").write_text(header + text + "\n")
     (out / "selection.json").write_text(json.dumps({"scores": scores, "runs": runs, "summary": summary}, indent=1))

@@ -25,16 +25,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_shards, pct, plan_for, score_exports, write_study_experiment  # noqa: E402
 
-from hpcdistill.demo import demo_experiment  # noqa: E402
-from hpcdistill.launch import launch  # noqa: E402
-from hpcdistill.metrics import difference_ci, paired_differences  # noqa: E402
-from hpcdistill.selection import uses_ema  # noqa: E402
+from hpcdistill.evaluate.metrics import difference_ci, paired_differences  # noqa: E402
+from hpcdistill.experiment.demo import demo_experiment  # noqa: E402
+from hpcdistill.experiment.launch import launch  # noqa: E402
+from hpcdistill.train.selection import uses_ema  # noqa: E402
 
 VARIANTS = {  # name -> (what changes, overrides on top of the demo's KD (ADv1))
     "t4": ("temperature 4 (demo: 2)", ["train.temperature=4.0"]),
     "nopixel": ("no pixel loss (KL·T² only)", ["train.pixel_resize=[]"]),
-    "nojitter": ("no colour jitter (flips and rot90 only)", ["data.augment.brightness=0", "data.augment.contrast=0",
-                                                            "data.augment.saturation=0", "data.augment.hue=0"]),
+    "nojitter": (
+        "no colour jitter (flips and rot90 only)",
+        ["data.augment.brightness=0", "data.augment.contrast=0", "data.augment.saturation=0", "data.augment.hue=0"],
+    ),
     "epochs160": ("160 epochs (demo: 80)", ["train.epochs=160"]),
 }
 # Settings the selection study already trained (same seeds and teachers): their exports on the pick are reused.
@@ -44,9 +46,14 @@ FROM_STUDY = {"kd_adv2": "aux set ADv1+ADv2 (60 slides; demo: ADv1, 24)"}
 def variant_methods(pick: str, ema_decay: float, names: list[str]) -> dict[str, dict]:
     base = demo_experiment()["methods"]["kd_adv1"]
     pick_overrides = [f"train.select_metric={pick}"] + ([f"train.ema_decay={ema_decay}"] if uses_ema(pick) else [])
-    return {f"kd_adv1_{name}": {**base, "label": f"KD (ADv1) {name}",
-                                "overrides": [*base["overrides"], *pick_overrides, *VARIANTS[name][1]]}
-            for name in names}
+    return {
+        f"kd_adv1_{name}": {
+            **base,
+            "label": f"KD (ADv1) {name}",
+            "overrides": [*base["overrides"], *pick_overrides, *VARIANTS[name][1]],
+        }
+        for name in names
+    }
 
 
 def reuse_teachers(study_exp: Path, exp_dir: Path) -> None:
@@ -72,8 +79,10 @@ def fmt(d: tuple[float, float, float, float]) -> str:
 
 
 def table(scores: dict[tuple[str, float], list[dict]], rows: list[tuple[str, str]], mags: list[float]) -> str:
-    lines = ["| variant | mag | val acc (mean of seeds) | − Baseline, paired CI | − KD (ADv1), paired CI |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| variant | mag | val acc (mean of seeds) | − Baseline, paired CI | − KD (ADv1), paired CI |",
+        "|---|---|---|---|---|",
+    ]
     for key, label in rows:
         for mag in mags:
             runs = scores[(key, mag)]
@@ -101,8 +110,9 @@ def main() -> None:
     plan, out, study_exp = plan_for(args.quick), Path(args.out), Path(args.study) / "experiment"
     shards = demo_shards(Path(args.data), args.workers, plan)
     names = args.variants.split(",")
-    experiment = write_study_experiment(out, shards, plan, args.seeds, variant_methods(args.pick, args.ema_decay, names),
-                                        evaluate=False)
+    experiment = write_study_experiment(
+        out, shards, plan, args.seeds, variant_methods(args.pick, args.ema_decay, names), evaluate=False
+    )
     reuse_teachers(study_exp, out / "experiment")
     record = launch(experiment, cluster="local")
     mags = sorted({t["mag"] for job in record["jobs"] if job["kind"] == "method" for t in job["tasks"]}, reverse=True)
@@ -121,9 +131,11 @@ def main() -> None:
     rows = [("baseline", "Baseline"), ("kd_adv1", "KD (ADv1), demo settings")]
     rows += [*FROM_STUDY.items(), *((f"kd_adv1_{n}", VARIANTS[n][0]) for n in names)]
     text = table(scores, rows, mags)
-    header = (f"Tuning KD (ADv1) on validation: {args.seeds} seeds, picks {args.pick} (KD) / {args.baseline_pick} "
-              f"(baseline); macro one-vs-rest accuracy on the val split (%); paired differences pooled over seeds "
-              f"(10,000 resamples each), with P(difference <= 0); {(time.monotonic() - started) / 60:.0f} min.\n\n")
+    header = (
+        f"Tuning KD (ADv1) on validation: {args.seeds} seeds, picks {args.pick} (KD) / {args.baseline_pick} "
+        f"(baseline); macro one-vs-rest accuracy on the val split (%); paired differences pooled over seeds "
+        f"(10,000 resamples each), with P(difference <= 0); {(time.monotonic() - started) / 60:.0f} min.\n\n"
+    )
     if not args.quick:
         Path(__file__).with_name("results_tuning.md").write_text(header + text + "\n")
     (out / "tuning.json").write_text(json.dumps({str(k): v for k, v in scores.items()}, indent=1))

@@ -20,7 +20,6 @@ import numpy as np  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 import tifffile  # noqa: E402
 
-
 TINY_MAGS = (10.0, 2.5, 1.25)
 TILE = 256
 
@@ -36,8 +35,9 @@ def tiles(image: np.ndarray, tile: int = TILE):
             yield block
 
 
-def write_svs(path: Path, image: np.ndarray, *, app_mag: float = 20, mpp: float = 0.499, level1=None,
-              level_subfiletype: int = 0) -> None:
+def write_svs(
+    path: Path, image: np.ndarray, *, app_mag: float = 20, mpp: float = 0.499, level1=None, level_subfiletype: int = 0
+) -> None:
     """Aperio layout: tiled JPEG baseline, stripped thumbnail, tiled /4 level, stripped label and macro."""
     height, width = image.shape[:2]
     head = f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE})"
@@ -45,30 +45,68 @@ def write_svs(path: Path, image: np.ndarray, *, app_mag: float = 20, mpp: float 
     level1 = image[::4, ::4].copy() if level1 is None else level1
     common = dict(photometric="rgb", metadata=None)
     with tifffile.TiffWriter(path) as tw:
-        tw.write(tiles(image), shape=image.shape, dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",
-                 description=f"{head} JPEG/RGB Q=90{meta}", **common)
+        tw.write(
+            tiles(image),
+            shape=image.shape,
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            compression="jpeg",
+            description=f"{head} JPEG/RGB Q=90{meta}",
+            **common,
+        )
         thumb = np.ascontiguousarray(image[::8, ::8])
-        tw.write(thumb, compression="jpeg", description=f"{head} -> {thumb.shape[1]}x{thumb.shape[0]} - {meta}", **common)
-        tw.write(tiles(level1), shape=level1.shape, dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",
-                 subfiletype=level_subfiletype, description=f"{head} -> {level1.shape[1]}x{level1.shape[0]} - {meta}",
-                 **common)
-        tw.write(np.full((60, 80, 3), 200, np.uint8), compression="lzw", subfiletype=1,
-                 description="Aperio Image Library v12.0.0\r\nlabel 80x60", **common)
-        tw.write(np.full((60, 160, 3), 180, np.uint8), compression="jpeg", subfiletype=9,
-                 description="Aperio Image Library v12.0.0\r\nmacro 160x60", **common)
+        tw.write(
+            thumb, compression="jpeg", description=f"{head} -> {thumb.shape[1]}x{thumb.shape[0]} - {meta}", **common
+        )
+        tw.write(
+            tiles(level1),
+            shape=level1.shape,
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            compression="jpeg",
+            subfiletype=level_subfiletype,
+            description=f"{head} -> {level1.shape[1]}x{level1.shape[0]} - {meta}",
+            **common,
+        )
+        tw.write(
+            np.full((60, 80, 3), 200, np.uint8),
+            compression="lzw",
+            subfiletype=1,
+            description="Aperio Image Library v12.0.0\r\nlabel 80x60",
+            **common,
+        )
+        tw.write(
+            np.full((60, 160, 3), 180, np.uint8),
+            compression="jpeg",
+            subfiletype=9,
+            description="Aperio Image Library v12.0.0\r\nmacro 160x60",
+            **common,
+        )
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> dict:
     """Real synthetic slides (SVS 40x/20x and pyramidal TIFF) sharded by the real sharder: the shared test data."""
-    from hpcdistill.sharding import ShardParams, run_sharding
-    from hpcdistill.synthetic import write_dataset
+    from hpcdistill.shards.sharding import ShardParams, run_sharding
+    from hpcdistill.synthetic.dataset import write_dataset
 
     root = tmp_path_factory.mktemp("tiny_dataset")
-    slides, labels = write_dataset(root / "slides", n_slides_per_split={"train": 6, "val": 3, "test": 3},
-                                   n_aux1=2, n_aux2=2, size=(1536, 1152), seed=0)
-    manifest = run_sharding([root / "slides"], root / "shards", labels_csv=str(labels),
-                            params=ShardParams(mags=TINY_MAGS), workers=1, progress=False)
+    slides, labels = write_dataset(
+        root / "slides",
+        n_slides_per_split={"train": 6, "val": 3, "test": 3},
+        n_aux1=2,
+        n_aux2=2,
+        size=(1536, 1152),
+        seed=0,
+    )
+    manifest = run_sharding(
+        [root / "slides"],
+        root / "shards",
+        labels_csv=str(labels),
+        params=ShardParams(mags=TINY_MAGS),
+        workers=1,
+        progress=False,
+    )
     return {"root": root, "slides": slides, "labels": labels, "shards": root / "shards", "manifest": manifest}
 
 
@@ -82,31 +120,47 @@ def small_dataset(tmp_path_factory) -> dict:
     per split: 3/3/3 labeled slides + 1 aux1 at 768x576 (40x), mags 10, 5 and 2.5 (the launcher tests' [5, 2.5]),
     the real sharder capped at SMALL_SHARD_SAMPLES samples per shard, so splits span uneven shards. Same dict as
     `tiny_dataset`."""
-    from hpcdistill.sharding import ShardParams, run_sharding
-    from hpcdistill.synthetic import write_dataset
+    from hpcdistill.shards.sharding import ShardParams, run_sharding
+    from hpcdistill.synthetic.dataset import write_dataset
 
     root = tmp_path_factory.mktemp("small_dataset")
-    slides, labels = write_dataset(root / "slides", n_slides_per_split={"train": 3, "val": 3, "test": 3},
-                                   n_aux1=1, n_aux2=0, size=(768, 576), seed=0)
+    slides, labels = write_dataset(
+        root / "slides",
+        n_slides_per_split={"train": 3, "val": 3, "test": 3},
+        n_aux1=1,
+        n_aux2=0,
+        size=(768, 576),
+        seed=0,
+    )
     params = ShardParams(mags=SMALL_MAGS, shard_max_samples=SMALL_SHARD_SAMPLES)
-    manifest = run_sharding([root / "slides"], root / "shards", labels_csv=str(labels), params=params, workers=1,
-                            progress=False)
+    manifest = run_sharding(
+        [root / "slides"], root / "shards", labels_csv=str(labels), params=params, workers=1, progress=False
+    )
     return {"root": root, "slides": slides, "labels": labels, "shards": root / "shards", "manifest": manifest}
 
 
 def tiny_train_overrides(shards: Path, out: Path, name: str, mode: str, mag: float = 10.0) -> list[str]:
     """A few-second CPU training run on the tiny dataset."""
     return [
-        f"run.out_dir={out}", f"run.name={name}", f"data.shards={shards}", f"data.mag={mag}",
-        "model.arch=resnet10", "model.width=8", "model.groups=4", "model.num_classes=3",
-        "train.epochs=1", "train.grad_accum=2", f"train.mode={mode}", "log.progress=false",
+        f"run.out_dir={out}",
+        f"run.name={name}",
+        f"data.shards={shards}",
+        f"data.mag={mag}",
+        "model.arch=resnet10",
+        "model.width=8",
+        "model.groups=4",
+        "model.num_classes=3",
+        "train.epochs=1",
+        "train.grad_accum=2",
+        f"train.mode={mode}",
+        "log.progress=false",
         "model.stem=" + ("standard" if mode == "teacher" else "lowres"),
     ]
 
 
 def cfg_for(dataset: dict, out: Path, name: str, mode: str, mag: float, *extra: str):
     """The tiny training config for `dataset` (the tiny_dataset fixture), logging every step, plus `extra` overrides."""
-    from hpcdistill.config import load_config
+    from hpcdistill.common.config import load_config
 
     overrides = tiny_train_overrides(dataset["shards"], out, name, mode, mag) + ["log.log_every=1"]
     return load_config(None, overrides + list(extra))
@@ -115,11 +169,11 @@ def cfg_for(dataset: dict, out: Path, name: str, mode: str, mag: float, *extra: 
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_dataset, tmp_path_factory) -> Path:
     """A teacher trained by the real engine on the real tiny shards; returns its exported best.pt."""
-    from hpcdistill import engine
-    from hpcdistill.config import load_config
+    from hpcdistill.common.config import load_config
+    from hpcdistill.train import loop
 
     out = tmp_path_factory.mktemp("tiny_runs")
-    summary = engine.run(load_config(None, tiny_train_overrides(tiny_dataset["shards"], out, "teacher", "teacher")))
+    summary = loop.run(load_config(None, tiny_train_overrides(tiny_dataset["shards"], out, "teacher", "teacher")))
     return Path(summary["best_path"])
 
 
@@ -216,15 +270,21 @@ def slurm_cluster():
 
 
 # ---- sacct, shared by the SLURM tests (test_slurm_cluster.py, test_launch.py) ----
-SLURM_FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-                                "PREEMPTED", "BOOT_FAIL", "DEADLINE"})
+SLURM_FINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+)
 
 
 def sacct_runs(job_id: str | int) -> list[tuple[str, str]]:
     """(State, ExitCode) of every run of one job ("12", or an array task "12_0"), oldest first: sacct keeps each
     requeued run as a duplicate record. "CANCELLED by 0" reads CANCELLED."""
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "--duplicates", "-j", str(job_id), "-o", "JobID,State,ExitCode"],
-                         check=True, text=True, capture_output=True, timeout=30).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "--duplicates", "-j", str(job_id), "-o", "JobID,State,ExitCode"],
+        check=True,
+        text=True,
+        capture_output=True,
+        timeout=30,
+    ).stdout
     rows = [line.split("|") for line in out.splitlines() if line.strip()]
     return [(state.split()[0], code) for jid, state, code in rows if jid == str(job_id)]
 
@@ -240,5 +300,7 @@ def sacct_wait_final(job_id: str | int, timeout: float) -> list[tuple[str, str]]
             return history
         time.sleep(0.5)
     show = subprocess.run(["scontrol", "show", "job", str(job_id)], text=True, capture_output=True, timeout=30)
-    pytest.fail(f"job {job_id} not finished after {timeout:.0f}s; sacct says {history}; scontrol says:\n{show.stdout}",
-                pytrace=False)
+    pytest.fail(
+        f"job {job_id} not finished after {timeout:.0f}s; sacct says {history}; scontrol says:\n{show.stdout}",
+        pytrace=False,
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdistill import cli
+from hpcdistill.cli import main
 
 HPCDISTILL = str(Path(sys.executable).parent / "hpcdistill")
 
@@ -24,8 +24,25 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    result = run("synth", "--out", str(out), "--slides-per-split", "train=3,val=1,test=1", "--aux1", "1",
-                 "--aux2", "1", "--classes", "2", "--size", "2048x1536", "--tissues", "1,2", "--seed", "3")
+    result = run(
+        "synth",
+        "--out",
+        str(out),
+        "--slides-per-split",
+        "train=3,val=1,test=1",
+        "--aux1",
+        "1",
+        "--aux2",
+        "1",
+        "--classes",
+        "2",
+        "--size",
+        "2048x1536",
+        "--tissues",
+        "1,2",
+        "--seed",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -35,8 +52,22 @@ def test_synth_then_shard_end_to_end(synth, tmp_path):
     rows = list(csv.DictReader(open(synth / "labels.csv")))
     assert len(rows) == 7 and {r["split"] for r in rows} == {"train", "val", "test", "aux1", "aux2"}
     out = tmp_path / "shards"
-    result = run("shard", str(synth), "--labels", str(synth / "labels.csv"), "--out", str(out), "--workers", "2",
-                 "--shard-size", "64KB", "--mags", "10,2.5,0.625", "--tissue-close-radius", "3")
+    result = run(
+        "shard",
+        str(synth),
+        "--labels",
+        str(synth / "labels.csv"),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--shard-size",
+        "64KB",
+        "--mags",
+        "10,2.5,0.625",
+        "--tissue-close-radius",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["splits"]) == {"train", "val", "test", "aux1", "aux2"}
@@ -50,8 +81,9 @@ def test_synth_then_shard_end_to_end(synth, tmp_path):
                 names = tar.getnames()
             assert shard.startswith(f"{split}-") and names
             allowed = {"10x.jpg", "2.5x.jpg", "0.625x.jpg", "cls", "json"}
-            assert all(re.fullmatch(r"[A-Za-z0-9_-]+", n.split(".", 1)[0]) and n.split(".", 1)[1] in allowed
-                       for n in names)
+            assert all(
+                re.fullmatch(r"[A-Za-z0-9_-]+", n.split(".", 1)[0]) and n.split(".", 1)[1] in allowed for n in names
+            )
             assert any(n.endswith(".0.625x.jpg") for n in names)
             assert any(n.endswith(".cls") for n in names) == (not split.startswith("aux"))
 
@@ -64,8 +96,23 @@ def test_patient_level_split_without_split_column(synth, tmp_path):
         writer.writerow(["slide", "patient", "label"])
         writer.writerows([r["slide"], r["patient"], r["label"]] for r in rows)
     out = tmp_path / "shards"
-    code = cli.main(["shard", str(synth), "--labels", str(labels), "--out", str(out), "--mags", "10,1.25",
-                     "--split-ratios", "0.5,0.25,0.25", "--seed", "1", "--no-progress"])
+    code = main.main(
+        [
+            "shard",
+            str(synth),
+            "--labels",
+            str(labels),
+            "--out",
+            str(out),
+            "--mags",
+            "10,1.25",
+            "--split-ratios",
+            "0.5,0.25,0.25",
+            "--seed",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     slides = json.loads((out / "manifest.json").read_text())["slides"]
     by_patient: dict[str, set] = {}
@@ -87,20 +134,20 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
 
 def test_help_lists_subcommands_and_tissue_flags(capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["shard", "--help"])
+        main.main(["shard", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert all(flag in text for flag in ("--tissue-channel", "--tissue-close-radius", "--max-size", "--strict"))
-    parser = cli.build_parser()
+    parser = main.build_parser()
     assert {"shard", "synth"} <= set(parser._subparsers._group_actions[0].choices)
 
 
 def test_every_subcommand_and_option_is_described_with_its_default():
     import argparse
 
-    parser = cli.build_parser()
+    parser = main.build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert len(subcommands) == len(cli.SUBCOMMANDS)
+    assert len(subcommands) == len(main.SUBCOMMANDS)
     for name, sub in subcommands.items():
         assert sub.description, f"{name}: no description"
         formatter = sub._get_formatter()

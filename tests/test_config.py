@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpcdistill.config import Config, load_config
-from hpcdistill.ds_config import OWNED_KEYS, build_ds_config, read_ds_json
-from hpcdistill.errors import HpcdistillError, TrainError
+from hpcdistill.common.config import Config, load_config
+from hpcdistill.common.errors import HpcdistillError, TrainError
+from hpcdistill.train.ds_config import OWNED_KEYS, build_ds_config, read_ds_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,32 +41,42 @@ def test_base_inheritance_deep_merges(tmp_path):
     assert (cfg.train.lr, cfg.train.epochs, cfg.run.name) == (0.01, 5, "parent")
 
 
-@pytest.mark.parametrize("override, message", [
-    (["train.lr=abc"], "train.lr: expected float, got 'abc'"),
-    (["train.lrr=0.1"], "train.lrr: unknown key (did you mean train.lr?)"),
-    (["train.mode=student"], "train.mode: expected one of teacher, baseline, distill, finetune; got 'student'"),
-    (["precision=fp8"], "precision: expected one of fp32, bf16, fp16; got 'fp8'"),
-    (["precision=auto"], "precision: expected one of fp32, bf16, fp16; got 'auto'"),  # no longer a choice
-    (["train.epochs=1.5"], "train.epochs: expected int, got 1.5"),
-    (["log.tensorboard=maybe"], "log.tensorboard: expected true/false, got 'maybe'"),
-    (["train.pixel_resize=[maxpool, nearest]"],
-     "train.pixel_resize[1]: expected one of maxpool, bicubic; got 'nearest'"),
-    (["data.augment.hue=0.7"], "data.augment.hue: must be in [0, 0.5]"),
-    (["train.mode=distill"], "teacher.checkpoint: required in distill mode"),
-    (["train.select_metric=acuracy"],
-     "got 'acuracy' (did you mean accuracy?)"),
-    (["train.select_metric=ema_kl", "train.mode=distill", "teacher.checkpoint=t.pt"],
-     "train.select_metric: ema_kl scores the EMA weights; set train.ema_decay"),
-    (["train.export_also=kl"], "train.export_also: kl (with the teacher) exists only in distill mode, not teacher"),
-    (["train.export_also=[loss,loss]"], "train.export_also: repeated entry in ['loss', 'loss']"),
-    (["train.export_also=auto"], "train.export_also: name metrics; auto is what best.pt already uses"),
-    (["train.ema_decay=1.0"], "train.ema_decay: must be in [0, 1) (0 = no EMA), got 1.0"),
-    (["train.select_metric=agreement"],
-     "train.select_metric: agreement (with the teacher) exists only in distill mode, not teacher"),
-    (["train.mode=baseline", "train.select_metric=agreement"],
-     "train.select_metric: agreement (with the teacher) exists only in distill mode, not baseline"),
-    (["nokey"], "override 'nokey': expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["train.lr=abc"], "train.lr: expected float, got 'abc'"),
+        (["train.lrr=0.1"], "train.lrr: unknown key (did you mean train.lr?)"),
+        (["train.mode=student"], "train.mode: expected one of teacher, baseline, distill, finetune; got 'student'"),
+        (["precision=fp8"], "precision: expected one of fp32, bf16, fp16; got 'fp8'"),
+        (["precision=auto"], "precision: expected one of fp32, bf16, fp16; got 'auto'"),  # no longer a choice
+        (["train.epochs=1.5"], "train.epochs: expected int, got 1.5"),
+        (["log.tensorboard=maybe"], "log.tensorboard: expected true/false, got 'maybe'"),
+        (
+            ["train.pixel_resize=[maxpool, nearest]"],
+            "train.pixel_resize[1]: expected one of maxpool, bicubic; got 'nearest'",
+        ),
+        (["data.augment.hue=0.7"], "data.augment.hue: must be in [0, 0.5]"),
+        (["train.mode=distill"], "teacher.checkpoint: required in distill mode"),
+        (["train.select_metric=acuracy"], "got 'acuracy' (did you mean accuracy?)"),
+        (
+            ["train.select_metric=ema_kl", "train.mode=distill", "teacher.checkpoint=t.pt"],
+            "train.select_metric: ema_kl scores the EMA weights; set train.ema_decay",
+        ),
+        (["train.export_also=kl"], "train.export_also: kl (with the teacher) exists only in distill mode, not teacher"),
+        (["train.export_also=[loss,loss]"], "train.export_also: repeated entry in ['loss', 'loss']"),
+        (["train.export_also=auto"], "train.export_also: name metrics; auto is what best.pt already uses"),
+        (["train.ema_decay=1.0"], "train.ema_decay: must be in [0, 1) (0 = no EMA), got 1.0"),
+        (
+            ["train.select_metric=agreement"],
+            "train.select_metric: agreement (with the teacher) exists only in distill mode, not teacher",
+        ),
+        (
+            ["train.mode=baseline", "train.select_metric=agreement"],
+            "train.select_metric: agreement (with the teacher) exists only in distill mode, not baseline",
+        ),
+        (["nokey"], "override 'nokey': expected key=value"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(HpcdistillError) as err:
         load_config(None, override)
@@ -80,28 +90,36 @@ def test_select_metric_typo_in_a_file_is_refused_at_load(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("overrides, metric", [
-    ([], "accuracy"),
-    (["train.mode=distill", "teacher.checkpoint=t.pt"], "loss"),
-    (["train.mode=baseline", "train.ema_decay=0.998"], "ema_accuracy"),
-    (["train.mode=distill", "teacher.checkpoint=t.pt", "train.ema_decay=0.998"], "loss"),
-    (["train.mode=distill", "teacher.checkpoint=t.pt", "train.select_metric=f1"], "f1"),
-    (["train.mode=distill", "teacher.checkpoint=t.pt", "train.select_metric=agreement"], "agreement"),
-    (["train.mode=baseline", "train.select_metric=recall"], "recall"),
-])
+@pytest.mark.parametrize(
+    "overrides, metric",
+    [
+        ([], "accuracy"),
+        (["train.mode=distill", "teacher.checkpoint=t.pt"], "loss"),
+        (["train.mode=baseline", "train.ema_decay=0.998"], "ema_accuracy"),
+        (["train.mode=distill", "teacher.checkpoint=t.pt", "train.ema_decay=0.998"], "loss"),
+        (["train.mode=distill", "teacher.checkpoint=t.pt", "train.select_metric=f1"], "f1"),
+        (["train.mode=distill", "teacher.checkpoint=t.pt", "train.select_metric=agreement"], "agreement"),
+        (["train.mode=baseline", "train.select_metric=recall"], "recall"),
+    ],
+)
 def test_select_metric_resolves_auto_by_mode(overrides, metric):
     assert load_config(None, overrides).select_metric == metric
 
 
 def test_model_mag_is_the_teacher_mag_only_in_teacher_mode():
     assert load_config(None, ["data.mag=1.25", "data.teacher_mag=20"]).model_mag == 20.0
-    for mode in (["train.mode=baseline"], ["train.mode=distill", "teacher.checkpoint=t.pt"],
-                 ["train.mode=finetune", "model.init=s.pt"]):
+    for mode in (
+        ["train.mode=baseline"],
+        ["train.mode=distill", "teacher.checkpoint=t.pt"],
+        ["train.mode=finetune", "model.init=s.pt"],
+    ):
         assert load_config(None, mode + ["data.mag=1.25", "data.teacher_mag=20"]).model_mag == 1.25, mode
 
 
 def test_unknown_key_in_file_and_unsafe_yaml(tmp_path):
-    with pytest.raises(HpcdistillError, match=r"data\.augment\.flipz: unknown key \(did you mean data\.augment\.flips\?\)"):
+    with pytest.raises(
+        HpcdistillError, match=r"data\.augment\.flipz: unknown key \(did you mean data\.augment\.flips\?\)"
+    ):
         load_config(write(tmp_path, "a.yaml", "data: {augment: {flipz: true}}\n"))
     # safe_load refuses Python object tags instead of constructing them
     with pytest.raises(HpcdistillError, match="invalid YAML"):
@@ -112,10 +130,23 @@ def test_unknown_key_in_file_and_unsafe_yaml(tmp_path):
 
 def test_save_round_trips(tmp_path):
     # away from every default that could hide a lossy save: nested lists, literals, a numeric-looking name, floats
-    changed = ["train.lr=0.005", "run.name=42", "train.mode=distill", "teacher.checkpoint=runs/t/best.pt",
-               "data.train=[]", "data.aux=[aux1, aux2]", "data.val=[val, 'extra-{000000..000002}.tar']",
-               "train.pixel_resize=[bicubic]", "precision=bf16", "data.augment.hue=0.125", "data.augment.rot90=false",
-               "train.select_metric=f1", "model.stem=lowres", "data.mag=1.25", "train.checkpoint_every_min=0.5"]
+    changed = [
+        "train.lr=0.005",
+        "run.name=42",
+        "train.mode=distill",
+        "teacher.checkpoint=runs/t/best.pt",
+        "data.train=[]",
+        "data.aux=[aux1, aux2]",
+        "data.val=[val, 'extra-{000000..000002}.tar']",
+        "train.pixel_resize=[bicubic]",
+        "precision=bf16",
+        "data.augment.hue=0.125",
+        "data.augment.rot90=false",
+        "train.select_metric=f1",
+        "model.stem=lowres",
+        "data.mag=1.25",
+        "train.checkpoint_every_min=0.5",
+    ]
     cfg = load_config(None, changed)
     default = Config().to_dict()
     path = cfg.save(tmp_path / "run" / "config.yaml")
@@ -160,8 +191,16 @@ def test_shipped_configs_load():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_ds_config_takes_every_owned_value_from_the_typed_config(precision):
-    cfg = load_config(None, [f"precision={precision}", "train.micro_batch=2", "train.grad_accum=3",
-                             "train.lr=0.0025", "train.weight_decay=0.01"])
+    cfg = load_config(
+        None,
+        [
+            f"precision={precision}",
+            "train.micro_batch=2",
+            "train.grad_accum=3",
+            "train.lr=0.0025",
+            "train.weight_decay=0.01",
+        ],
+    )
     ds = build_ds_config(cfg, world=4, on_cpu=False)
     batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
     assert batch == (2, 3, 24)  # 2 x 3 x 4 ranks
@@ -177,16 +216,19 @@ def test_ds_config_takes_every_owned_value_from_the_typed_config(precision):
         assert build_ds_config(cfg, world=1, on_cpu=True)["train_batch_size"] == 6
 
 
-@pytest.mark.parametrize("ds_json, key", [
-    ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu"),
-    ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps"),
-    ({"train_batch_size": 64}, "train_batch_size"),
-    ({"optimizer": {"type": "Adam", "params": {"lr": 0.1, "betas": [0.9, 0.99]}}}, "optimizer.params.lr"),
-    ({"optimizer": {"type": "Adam", "params": {"weight_decay": 0.1}}}, "optimizer.params.weight_decay"),
-    ({"bf16": {"enabled": True}}, "bf16.enabled"),
-    ({"fp16": {"enabled": True, "loss_scale": 0}}, "fp16.enabled"),
-    ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
-])
+@pytest.mark.parametrize(
+    "ds_json, key",
+    [
+        ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu"),
+        ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps"),
+        ({"train_batch_size": 64}, "train_batch_size"),
+        ({"optimizer": {"type": "Adam", "params": {"lr": 0.1, "betas": [0.9, 0.99]}}}, "optimizer.params.lr"),
+        ({"optimizer": {"type": "Adam", "params": {"weight_decay": 0.1}}}, "optimizer.params.weight_decay"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled"),
+        ({"fp16": {"enabled": True, "loss_scale": 0}}, "fp16.enabled"),
+        ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
+    ],
+)
 def test_deepspeed_json_setting_an_owned_key_is_refused_in_one_line(tmp_path, ds_json, key):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 0}, **ds_json}))
@@ -195,18 +237,33 @@ def test_deepspeed_json_setting_an_owned_key_is_refused_in_one_line(tmp_path, ds
         build_ds_config(cfg, world=1, on_cpu=True)
     message = str(err.value)
     assert "\n" not in message
-    assert message == (f"deepspeed: {path}: sets {key}, which the config owns ({OWNED_KEYS[key]}); "
-                       "remove it from the JSON and set it in the config")
-    owner = {"train_micro_batch_size_per_gpu": "train.micro_batch", "gradient_accumulation_steps": "train.grad_accum",
-             "optimizer.params.lr": "train.lr", "optimizer.params.weight_decay": "train.weight_decay",
-             "bf16.enabled": "precision", "fp16.enabled": "precision"}.get(key)
+    assert message == (
+        f"deepspeed: {path}: sets {key}, which the config owns ({OWNED_KEYS[key]}); "
+        "remove it from the JSON and set it in the config"
+    )
+    owner = {
+        "train_micro_batch_size_per_gpu": "train.micro_batch",
+        "gradient_accumulation_steps": "train.grad_accum",
+        "optimizer.params.lr": "train.lr",
+        "optimizer.params.weight_decay": "train.weight_decay",
+        "bf16.enabled": "precision",
+        "fp16.enabled": "precision",
+    }.get(key)
     assert owner is None or f"({owner})" in message  # the config key to set instead, by name
 
 
 def test_deepspeed_json_keeps_its_own_keys_and_refuses_bad_files(tmp_path):
     own = tmp_path / "own.json"
-    own.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"eps": 1e-6}}, "gradient_clipping": 1.0,
-                               "bf16": {"immediate_grad_update": True}, "zero_optimization": {"stage": 0}}))
+    own.write_text(
+        json.dumps(
+            {
+                "optimizer": {"type": "Adam", "params": {"eps": 1e-6}},
+                "gradient_clipping": 1.0,
+                "bf16": {"immediate_grad_update": True},
+                "zero_optimization": {"stage": 0},
+            }
+        )
+    )
     ds = build_ds_config(load_config(None, [f"deepspeed={own}", "precision=bf16"]), world=1, on_cpu=True)
     assert ds["optimizer"]["params"]["eps"] == 1e-6 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"] == {"immediate_grad_update": True, "enabled": True}

@@ -8,12 +8,12 @@ with Lanczos; pickled payloads), and those are written by the sharder's own piec
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import pickle
 import signal
-import gzip
-import io
 import tarfile
 from pathlib import Path
 
@@ -22,17 +22,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpcdistill.augment import AugmentDraw, apply_moves
-from hpcdistill.config import AugmentConfig
-from hpcdistill.data import ShardStream, StreamSpec, make_loader, per_rank_samples
-from hpcdistill.device_batch import finish_batch, require_device_decode
-from hpcdistill.errors import HpcdistillError
-from hpcdistill.mags import mag_name
-from hpcdistill.manifest import MANIFEST, build_manifest, read_manifest
-from hpcdistill.shard_cut import Sample, SlideResult, _add_pixel_sums, encode_image, sample_key
-from hpcdistill.shard_plan import ShardParams, SlideJob, params_fingerprint
-from hpcdistill.shard_reader import count_samples, decode_sample, raw_samples, resolve_sets, tar_members
-from hpcdistill.shard_writer import append_sample, atomic_write_bytes
+from hpcdistill.common.config import AugmentConfig
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.files import atomic_write_bytes
+from hpcdistill.common.mags import mag_name
+from hpcdistill.data.augment import AugmentDraw, apply_moves
+from hpcdistill.data.device_batch import finish_batch, require_device_decode
+from hpcdistill.data.streams import ShardStream, StreamSpec, make_loader, per_rank_samples
+from hpcdistill.shards.cut import Sample, SlideResult, _add_pixel_sums
+from hpcdistill.shards.manifest import MANIFEST, build_manifest, read_manifest
+from hpcdistill.shards.plan import ShardParams, SlideJob, params_fingerprint
+from hpcdistill.shards.reader import count_samples, decode_sample, raw_samples, resolve_sets, tar_members
+from hpcdistill.shards.sample_format import image_member, label_members, sample_key, sample_meta
+from hpcdistill.shards.writer import append_sample
 
 CLASSES = ["celiac", "duodenitis", "normal"]
 STATS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -41,8 +43,9 @@ STATS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 # ---------------------------------------------------------------------------------------------- hand-made shards
 
 
-def aligned_samples(n: int, rng: np.random.Generator, label: int | None, *, low_size=(8, 8), vary=False,
-                    marker=False, mags=(10.0, 2.5)) -> list[dict]:
+def aligned_samples(
+    n: int, rng: np.random.Generator, label: int | None, *, low_size=(8, 8), vary=False, marker=False, mags=(10.0, 2.5)
+) -> list[dict]:
     """One slide's samples (class id `label`, None = unlabeled) whose higher-mag images are the lowest-mag image
     upsampled by nearest neighbour: exactly aligned pairs. `marker` puts one white low-mag pixel at a random place;
     `vary` draws sizes (w, h) + {0, 2, 4}."""
@@ -64,8 +67,8 @@ def aligned_samples(n: int, rng: np.random.Generator, label: int | None, *, low_
 
 def write_handmade_shards(out: Path, shards: dict[str, list[list[dict]]], mags=(10.0, 2.5)) -> Path:
     """`shards`: split -> its shards, each a list of samples {"images": {mag: HxWx3 uint8}, "label": class id or None,
-    "extra": {ext: bytes}}; one slide per shard, one tissue per sample. The bytes, names and metadata are laid out as
-    the sharder lays them out (PNG payloads); the manifest is the sharder's, built from per-slide records."""
+    "extra": {ext: bytes}}; one slide per shard, one tissue per sample. Samples are encoded by the sharder's own
+    `shards.sample_format` (PNG payloads); the manifest is the sharder's, built from per-slide records."""
     out.mkdir(parents=True, exist_ok=True)
     params = ShardParams(mags=mags, image_format="png")
     jobs: list[SlideJob] = []
@@ -87,20 +90,30 @@ def write_handmade_shards(out: Path, shards: dict[str, list[list[dict]]], mags=(
                         sizes[mag_name(mag)] = [pixels.shape[1], pixels.shape[0]]
                         if split == "train" and s["label"] is not None:  # the sharder's stats: labeled train only
                             _add_pixel_sums(result.pixel_sums.setdefault(mag_name(mag), [0.0] * 7), pixels)
-                        payloads.append((f"{mag_name(mag)}.png", encode_image(pixels, "png", params.jpeg_quality)))
-                    if s["label"] is not None:
-                        payloads.append(("cls", str(s["label"]).encode("ascii")))
-                    meta = {"slide": slide, "patient": job.patient, "tissue": tissue, "window": 0,
-                            "box_l0": [0, 0, 1, 1], "base_mag": 40.0, "mpp": 0.25, "sizes": sizes,
-                            "label": CLASSES[s["label"]] if s["label"] is not None else None, "split": split}
-                    payloads.append(("json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()))
+                        payloads.append(image_member(mag, pixels, "png", params.jpeg_quality))
+                    meta = sample_meta(
+                        slide=slide,
+                        patient=job.patient,
+                        tissue=tissue,
+                        window=0,
+                        box_l0=[0, 0, 1, 1],
+                        base_mag=40.0,
+                        mpp=0.25,
+                        sizes=sizes,
+                        split=split,
+                        label=CLASSES[s["label"]] if s["label"] is not None else None,
+                    )
+                    payloads += label_members(s["label"], meta)
                     payloads += list(s["extra"].items())
                     append_sample(archive, key, payloads)
                     result.samples.append(Sample(key, [], sizes, tissue))
             jobs.append(job)
             records[slide] = result.record(job)
-            written[name] = {"split": split, "bytes": (out / name).stat().st_size,
-                             "keys": [x.key for x in result.samples]}
+            written[name] = {
+                "split": split,
+                "bytes": (out / name).stat().st_size,
+                "keys": [x.key for x in result.samples],
+            }
     jobs.sort(key=lambda j: j.slide)
     fingerprint = params_fingerprint(params, [Path(j.path) for j in jobs], None)
     manifest = build_manifest(params, fingerprint, CLASSES, jobs, records, written)
@@ -111,8 +124,13 @@ def write_handmade_shards(out: Path, shards: dict[str, list[list[dict]]], mags=(
 def handmade(out: Path, splits: dict[str, list[int]], seed: int = 0, **kw) -> Path:
     """Shards of aligned samples: split -> samples per shard (one slide per shard, its class drawn at random)."""
     rng = np.random.default_rng(seed)
-    return write_handmade_shards(out, {split: [aligned_samples(n, rng, int(rng.integers(len(CLASSES))), **kw)
-                                               for n in counts] for split, counts in splits.items()})
+    return write_handmade_shards(
+        out,
+        {
+            split: [aligned_samples(n, rng, int(rng.integers(len(CLASSES))), **kw) for n in counts]
+            for split, counts in splits.items()
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -121,8 +139,16 @@ def handmade(out: Path, splits: dict[str, list[int]], seed: int = 0, **kw) -> Pa
 def spec(shards: Path, split: str, **kw) -> StreamSpec:
     """An ordered, unaugmented paired 2.5x/10x stream over a split, standardised with the manifest's stats."""
     manifest = read_manifest(shards)
-    base = dict(urls=resolve_sets(shards, manifest, [split]).urls, mode="paired", mag=2.5, teacher_mag=10.0,
-                stats=manifest["stats"], micro_batch=1, samples=-1, sampler="ordered")
+    base = dict(
+        urls=resolve_sets(shards, manifest, [split]).urls,
+        mode="paired",
+        mag=2.5,
+        teacher_mag=10.0,
+        stats=manifest["stats"],
+        micro_batch=1,
+        samples=-1,
+        sampler="ordered",
+    )
     base.update(kw)
     return StreamSpec(**base)
 
@@ -198,8 +224,19 @@ def test_real_shard_pairs_stay_aligned_under_augmentation(tiny_dataset):
     shards, manifest = tiny_dataset["shards"], tiny_dataset["manifest"]
     stats = {name: manifest["stats"][name] for name in ("10x", "2.5x")}
     aug = AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)
-    stream = ShardStream(StreamSpec(urls=resolve_sets(shards, manifest, ["train"]).urls, mode="paired", mag=2.5,
-                                    teacher_mag=10.0, stats=stats, micro_batch=1, samples=-1, augment=aug, seed=5))
+    stream = ShardStream(
+        StreamSpec(
+            urls=resolve_sets(shards, manifest, ["train"]).urls,
+            mode="paired",
+            mag=2.5,
+            teacher_mag=10.0,
+            stats=stats,
+            micro_batch=1,
+            samples=-1,
+            augment=aug,
+            seed=5,
+        )
+    )
 
     def unstandardize(x, s):
         return x * torch.tensor(s["std"]).view(3, 1, 1) + torch.tensor(s["mean"]).view(3, 1, 1)
@@ -235,11 +272,17 @@ def test_finished_on_the_device_later_equals_the_finished_stream(small_dataset):
 
 @pytest.mark.parametrize("bucketed", [False, True])
 def test_decode_on_device_reads_the_bytes_and_finishes_to_identical_tensors(small_dataset, bucketed):
-    """data.decode: gpu on a CPU rehearsal: the loader ships each JPEG's bytes unchanged, and finishing decodes them
+    """streams.decode: gpu on a CPU rehearsal: the loader ships each JPEG's bytes unchanged, and finishing decodes them
     (PIL off a GPU, nvJPEG on one) into exactly the default path's tensors: augmentation, crops and pivot included."""
     shards = small_dataset["shards"]
-    kw = dict(samples=8, micro_batch=2 if bucketed else 1, bucketed=bucketed, seed=7, finish_on_device=True,
-              augment=AugmentConfig(brightness=0.3, contrast=0.4, saturation=0.3, hue=0.1))
+    kw = dict(
+        samples=8,
+        micro_batch=2 if bucketed else 1,
+        bucketed=bucketed,
+        seed=7,
+        finish_on_device=True,
+        augment=AugmentConfig(brightness=0.3, contrast=0.4, saturation=0.3, hue=0.1),
+    )
     default = list(ShardStream(spec(shards, "train", **kw)))
     encoded = list(ShardStream(spec(shards, "train", decode_on_device=True, **kw)))
     jpeg = {raw["__key__"]: raw["10x.jpg"] for raw in raw_samples(spec(shards, "train").urls)}
@@ -263,8 +306,11 @@ def test_decode_on_device_refuses_a_cut_jpeg_in_the_loader(small_dataset):
 
 
 def test_decode_gpu_is_refused_on_a_cpu_run():
-    with pytest.raises(HpcdistillError, match=r"^data\.decode: gpu decodes JPEGs with nvJPEG on the training GPU, "
-                                              r"but this run trains on cpu; set data\.decode=cpu$"):
+    with pytest.raises(
+        HpcdistillError,
+        match=r"^data\.decode: gpu decodes JPEGs with nvJPEG on the training GPU, "
+        r"but this run trains on cpu; set data\.decode=cpu$",
+    ):
         require_device_decode(torch.device("cpu"))
 
 
@@ -305,9 +351,26 @@ def test_equal_steps_per_rank_with_unequal_shards(small_dataset):
     for world in (3, 4):
         per_rank = per_rank_samples(total, world, unit=2)
         for sampler in ("resampled", "ordered"):
-            steps = [len(keys(ShardStream(spec(shards, "train", micro_batch=2, samples=per_rank, rank=r, world=world,
-                                               sampler=sampler, shuffle_buffer=4, bucketed=True))))
-                     for r in range(world)]  # bucketed: real tissues differ in size
+            steps = [
+                len(
+                    keys(
+                        ShardStream(
+                            spec(
+                                shards,
+                                "train",
+                                micro_batch=2,
+                                samples=per_rank,
+                                rank=r,
+                                world=world,
+                                sampler=sampler,
+                                shuffle_buffer=4,
+                                bucketed=True,
+                            )
+                        )
+                    )
+                )
+                for r in range(world)
+            ]  # bucketed: real tissues differ in size
             assert steps == [per_rank // 2] * world, (world, sampler)
 
 
@@ -336,22 +399,22 @@ def test_ordered_stream_is_world_size_invariant_and_val_is_exact(small_dataset):
 
 def test_single_pass_reads_each_shard_once(small_dataset, monkeypatch):
     """Validation and evaluation: each (rank, worker) reads only its own shards where there are enough of them."""
-    from hpcdistill import data
+    from hpcdistill.data import streams
 
     shards = small_dataset["shards"]
     urls = resolve_sets(shards, small_dataset["manifest"], ["val"]).urls
     assert len(urls) >= 2
     opened: list[str] = []
-    real = data.raw_samples
-    monkeypatch.setattr(data, "raw_samples", lambda us: (opened.extend(us), real(us))[1])
+    real = streams.raw_samples
+    monkeypatch.setattr(streams, "raw_samples", lambda us: (opened.extend(us), real(us))[1])
     stream = ShardStream(spec(shards, "val"))
     seen = [raw["__key__"] for w in range(2) for _, group in stream._raw_batches(w, 2) for raw in group]
     assert sorted(opened) == sorted(urls)  # every shard opened once over both workers, not once per worker
     assert sorted(seen) == sorted(split_keys(shards, "val")) and len(seen) == len(set(seen))
-    assert data.single_pass_share(urls[:2], 0, 1, 1, 3) == (urls[:2], 1, 0, False)  # 3 workers, 2 shards: stride
-    assert data.single_pass_share(urls[:2], 1, 2, 0, 2) == ([urls[1]], 1, 0, False)  # its 1 shard, 2 workers
-    assert data.single_pass_share(urls[:2], 1, 2, 0, 1) == ([urls[1]], 1, 0, True)
-    assert data.single_pass_share(urls[:1], 1, 2, 0, 1) == (urls[:1], 2, 1, False)  # 2 ranks, 1 shard: by sample
+    assert streams.single_pass_share(urls[:2], 0, 1, 1, 3) == (urls[:2], 1, 0, False)  # 3 workers, 2 shards: stride
+    assert streams.single_pass_share(urls[:2], 1, 2, 0, 2) == ([urls[1]], 1, 0, False)  # its 1 shard, 2 workers
+    assert streams.single_pass_share(urls[:2], 1, 2, 0, 1) == ([urls[1]], 1, 0, True)
+    assert streams.single_pass_share(urls[:1], 1, 2, 0, 1) == (urls[:1], 2, 1, False)  # 2 ranks, 1 shard: by sample
 
 
 def test_batches_carry_each_samples_slide(small_dataset):
@@ -412,8 +475,9 @@ def test_loader_workers_leave_the_requeue_signal_to_the_main_process(small_datas
 def test_bucketed_batches_crop_pairs_consistently(tmp_path):
     shards = handmade(tmp_path, {"train": [12]}, vary=True)
     stats = {"10x": STATS, "2.5x": STATS}
-    batches = list(ShardStream(spec(shards, "train", micro_batch=3, samples=12, bucketed=True, bucket_window=4,
-                                    stats=stats)))
+    batches = list(
+        ShardStream(spec(shards, "train", micro_batch=3, samples=12, bucketed=True, bucket_window=4, stats=stats))
+    )
     assert len(batches) == 4
     assert sorted(k for b in batches for k in b["key"]) == sorted(split_keys(shards, "train"))
     cropped = 0
@@ -494,10 +558,10 @@ def test_tar_members_hand_other_tar_layouts_to_tarfile(small_dataset, tmp_path):
             folder = tarfile.TarInfo("folder")
             folder.type = tarfile.DIRTYPE
             out.addfile(folder)
-            for index, (member, data) in enumerate(members):
+            for index, (member, streams) in enumerate(members):
                 info = tarfile.TarInfo(("long/" * 30 if index >= 4 else "") + member.name)
-                info.size = len(data)
-                out.addfile(info, io.BytesIO(data))
+                info.size = len(streams)
+                out.addfile(info, io.BytesIO(streams))
     layouts.append(tmp_path / "zipped.tar.gz")
     layouts[-1].write_bytes(gzip.compress(Path(url).read_bytes()))
     for path in layouts:
@@ -525,6 +589,6 @@ def test_a_shard_cut_inside_a_member_header_is_refused(small_dataset, tmp_path):
     with tarfile.open(url) as source:
         second = source.getmembers()[1].offset
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(Path(url).read_bytes()[:second + 100])
+    cut.write_bytes(Path(url).read_bytes()[: second + 100])
     with pytest.raises(HpcdistillError, match=r"truncated or corrupt shard \(unexpected end of data\)"):
         list(raw_samples([str(cut)]))

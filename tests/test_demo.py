@@ -19,8 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quick_demo_produces_every_artefact(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    proc = subprocess.run([sys.executable, "-m", "hpcdistill.cli", "demo", "--quick", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcdistill.cli.main", "demo", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=880,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "synthetic" / "shards" / "manifest.json").read_text())
     assert manifest["mags"] == [10.0, 2.5, 1.25]
@@ -38,8 +44,15 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     flops = {run: json.loads((exp / run / "eval" / "test.json").read_text())["gflops"]["fixed"] for run in runs}
     assert flops["teacher"] > flops["kd-2.5x"] > flops["kd-1.25x"]
     report = (exp / "report" / "report.md").read_text()
-    for needle in ("Table 3 layout", "Table 4 layout", "mag = 2.5x", "mag = 1.25x", "KD (ADv1)", "KD (ADv2)",
-                   "paper's ordering"):
+    for needle in (
+        "Table 3 layout",
+        "Table 4 layout",
+        "mag = 2.5x",
+        "mag = 1.25x",
+        "KD (ADv1)",
+        "KD (ADv2)",
+        "paper's ordering",
+    ):
         assert needle in report, needle
     with Image.open(exp / "report" / "figure3.png") as img:
         assert min(img.size) > 200
@@ -48,7 +61,7 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     assert "tensorboard --logdir" in proc.stdout and str(exp / "report" / "report.md") in proc.stdout
     assert "time per phase (jobs run side by side where the cores allow): slides and shards " in proc.stdout
     # the README's demo section is rendered from this run's record and evaluation records, tables as in the report
-    from hpcdistill.demo_record import update_readme
+    from hpcdistill.experiment.demo_record import update_readme
 
     record = json.loads((out / "demo.json").read_text())
     assert record["versions"]["torch"] and record["machine"]["cores"] and set(record["phase_minutes"]) >= {"Teacher"}
@@ -56,7 +69,9 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     readme.write_text("intro\n<!-- demo:start -->\nstale text\n<!-- demo:end -->\noutro\n")
     (tmp_path / "docs").mkdir()
     text = update_readme(out, readme).read_text()
-    assert text.startswith("intro\n<!-- demo:start -->\nResults of one `make demo` run at commit ") and "stale" not in text
+    assert (
+        text.startswith("intro\n<!-- demo:start -->\nResults of one `make demo` run at commit ") and "stale" not in text
+    )
     teacher_table = report.split("## Teacher (Table 3 layout)\n\n")[1].split("\n\n")[0]
     assert teacher_table in text and text.endswith("<!-- demo:end -->\noutro\n")
     assert (tmp_path / "docs" / "demo-figure3.png").read_bytes() == (exp / "report" / "figure3.png").read_bytes()
@@ -64,9 +79,9 @@ def test_quick_demo_produces_every_artefact(tmp_path):
 
 def test_demo_seeds_repeat_every_run_of_the_demo_experiment(tmp_path):
     """`hpcdistill demo --seeds 3` launches configs/experiments/demo.yaml with every run repeated per seed."""
-    from hpcdistill.demo import QUICK, demo_experiment, write_experiment
-    from hpcdistill.experiment import load_experiment
-    from hpcdistill.job_graph import plan_jobs
+    from hpcdistill.experiment.demo import QUICK, demo_experiment, write_experiment
+    from hpcdistill.experiment.experiment_file import load_experiment
+    from hpcdistill.experiment.graph import plan_jobs
 
     path = write_experiment(tmp_path, tmp_path / "shards", QUICK, demo_experiment(), seeds=3)
     exp = load_experiment(path)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdistill.cam import STEM_STRIDE, WindowMap, cam_logits, cell_edges, tissue_map
-from hpcdistill.config import STEMS
-from hpcdistill.models import build_model
+from hpcdistill.common.config import STEMS
+from hpcdistill.models.resnet import build_model
+from hpcdistill.predict.cam import STEM_STRIDE, WindowMap, cam_logits, cell_edges, tissue_map
 
 HALF = 768  # the two-class slide is 1536 px wide: left tissue one class, right tissue another
 
@@ -44,27 +44,44 @@ def test_cells_tile_the_window_and_overlapping_windows_blend():
 @pytest.fixture(scope="module")
 def two_class_teacher(tmp_path_factory) -> dict:
     """A demo teacher (halfres stem) trained on two synthetic classes, and a slide with one of each side by side."""
-    from hpcdistill import engine
-    from hpcdistill.config import load_config
-    from hpcdistill.sharding import ShardParams, run_sharding
-    from hpcdistill.synthetic import write_dataset, write_two_class_slide
+    from hpcdistill.common.config import load_config
+    from hpcdistill.shards.sharding import ShardParams, run_sharding
+    from hpcdistill.synthetic.dataset import write_dataset, write_two_class_slide
+    from hpcdistill.train import loop
 
     root = tmp_path_factory.mktemp("two_class")
-    _, labels = write_dataset(root / "slides", n_slides_per_split={"train": 8, "val": 2, "test": 0}, classes=2,
-                              n_aux1=0, n_aux2=0, size=(1536, 1152), seed=5)
-    run_sharding([root / "slides"], root / "shards", labels_csv=str(labels), params=ShardParams(mags=(10.0,)),
-                 progress=False)
-    cfg = load_config("configs/demo/teacher.yaml", [f"data.shards={root / 'shards'}", f"run.out_dir={root}",
-                                                    "model.num_classes=2", "train.epochs=20", "data.epoch_samples=32",
-                                                    "train.grad_accum=1", "log.progress=false"])
-    summary = engine.run(cfg)
+    _, labels = write_dataset(
+        root / "slides",
+        n_slides_per_split={"train": 8, "val": 2, "test": 0},
+        classes=2,
+        n_aux1=0,
+        n_aux2=0,
+        size=(1536, 1152),
+        seed=5,
+    )
+    run_sharding(
+        [root / "slides"], root / "shards", labels_csv=str(labels), params=ShardParams(mags=(10.0,)), progress=False
+    )
+    cfg = load_config(
+        "configs/demo/teacher.yaml",
+        [
+            f"data.shards={root / 'shards'}",
+            f"run.out_dir={root}",
+            "model.num_classes=2",
+            "train.epochs=20",
+            "data.epoch_samples=32",
+            "train.grad_accum=1",
+            "log.progress=false",
+        ],
+    )
+    summary = loop.run(cfg)
     slide = write_two_class_slide(root / "two.tiff", 2 * HALF, 768, 0, 1, seed=9)  # normal | duodenitis nuclei
     return {"model": Path(summary["best_path"]), "slide": slide, "root": root}
 
 
 @pytest.fixture(scope="module")
 def predicted(two_class_teacher, tmp_path_factory) -> dict:
-    from hpcdistill.predict import predict_slides
+    from hpcdistill.predict.prediction import predict_slides
 
     out = tmp_path_factory.mktemp("heat")
     summary = predict_slides(two_class_teacher["model"], [two_class_teacher["slide"]["path"]], out, heatmap=True)
@@ -109,16 +126,17 @@ def test_geojson_is_what_qupath_imports(predicted):
         assert annotation["properties"]["classification"]["name"] == tissue["pred"]
     meta = json.loads(Path(result["heatmap_arrays"]).read_text())
     for t, entry in enumerate(meta["tissues"]):  # detections tile each tissue's map at the model's stride
-        cells = [f["geometry"]["coordinates"][0] for f in detections if f["properties"]["name"].startswith(f"tissue {t} ")]
+        cells = [
+            f["geometry"]["coordinates"][0] for f in detections if f["properties"]["name"].startswith(f"tissue {t} ")
+        ]
         x0, y0, w, h = entry["box_l0"]
         assert sum((c[2][0] - c[0][0]) * (c[2][1] - c[0][1]) for c in cells) == w * h
         assert len(cells) == entry["shape"][1] * entry["shape"][2]
         assert max(c[2][0] - c[0][0] for c in cells) <= meta["cell_l0"] + 1 and meta["stride_px"] == 16
 
 
-def test_without_heatmap_the_outputs_keep_their_form_and_the_rule_is_written(two_class_teacher, predicted,
-                                                                               tmp_path):
-    from hpcdistill.predict import predict_slides
+def test_without_heatmap_the_outputs_keep_their_form_and_the_rule_is_written(two_class_teacher, predicted, tmp_path):
+    from hpcdistill.predict.prediction import predict_slides
 
     slide = two_class_teacher["slide"]["path"]
     mean = predict_slides(two_class_teacher["model"], [slide], tmp_path / "mean")
@@ -139,9 +157,14 @@ def test_without_heatmap_the_outputs_keep_their_form_and_the_rule_is_written(two
 
 
 def test_heatmap_class_must_be_a_model_class(two_class_teacher, tmp_path):
-    from hpcdistill.errors import HpcdistillError
-    from hpcdistill.predict import predict_slides
+    from hpcdistill.common.errors import HpcdistillError
+    from hpcdistill.predict.prediction import predict_slides
 
     with pytest.raises(HpcdistillError, match="--heatmap-class 'celiac': not a class of the model"):
-        predict_slides(two_class_teacher["model"], [two_class_teacher["slide"]["path"]], tmp_path, heatmap=True,
-                       heatmap_class="celiac")
+        predict_slides(
+            two_class_teacher["model"],
+            [two_class_teacher["slide"]["path"]],
+            tmp_path,
+            heatmap=True,
+            heatmap_class="celiac",
+        )

@@ -16,38 +16,63 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import SLURM_FINAL_STATES, sacct_wait_final
-from hpcdistill.config import load_config
-from hpcdistill.data import per_rank_samples
-from hpcdistill.errors import LaunchError
-from hpcdistill.experiment import load_experiment
-from hpcdistill.job_graph import callables_for, dependency_string, plan_jobs, slurm_parameters
-from hpcdistill.launch import launch
-from hpcdistill.launch_status import format_status, status
-from hpcdistill.launch_tasks import master_port
+
+from hpcdistill.cluster.job_plan import dependency_string, slurm_parameters
+from hpcdistill.cluster.resubmitting import master_port
+from hpcdistill.cluster.status import format_status, status
+from hpcdistill.common.config import load_config
+from hpcdistill.common.errors import LaunchError
+from hpcdistill.data.streams import per_rank_samples
+from hpcdistill.experiment.experiment_file import load_experiment
+from hpcdistill.experiment.graph import callables_for, plan_jobs
+from hpcdistill.experiment.launch import launch
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny network, few steps, CPU fp32; every phase of configs/demo runs in seconds.
-TINY = ["model.width=8", "model.groups=4", "train.epochs=1", "train.grad_accum=1", "log.progress=false",
-        "data.sampler=ordered", "log.log_every=1"]
-CPU = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10,
-       "signal_delay_s": 30, "max_requeue": 3}
+TINY = [
+    "model.width=8",
+    "model.groups=4",
+    "train.epochs=1",
+    "train.grad_accum=1",
+    "log.progress=false",
+    "data.sampler=ordered",
+    "log.log_every=1",
+]
+CPU = {
+    "nodes": 1,
+    "gpus_per_node": 0,
+    "tasks_per_node": 1,
+    "cpus_per_task": 1,
+    "mem_gb": 2,
+    "timeout_min": 10,
+    "signal_delay_s": 30,
+    "max_requeue": 3,
+}
 
 
 def write_experiment(tmp: Path, name: str = "exp", **over) -> Path:
     exp = {
-        "name": name, "out_dir": str(tmp / "runs"), "shards": str(tmp / "shards"), "mags": [5, 2.5],
+        "name": name,
+        "out_dir": str(tmp / "runs"),
+        "shards": str(tmp / "shards"),
+        "mags": [5, 2.5],
         "teacher": {"config": "configs/demo/teacher.yaml", "overrides": list(TINY)},
         "methods": {
             "baseline": {"config": "configs/demo/baseline.yaml", "label": "Baseline", "overrides": list(TINY)},
             "kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": list(TINY)},
-            "kd_ft": {"config": "configs/demo/finetune.yaml", "label": "KD+FT", "init_from": "kd",
-                      "overrides": list(TINY)},
+            "kd_ft": {
+                "config": "configs/demo/finetune.yaml",
+                "label": "KD+FT",
+                "init_from": "kd",
+                "overrides": list(TINY),
+            },
         },
         "evaluate": {"split": "test", "iterations": 100},
-        "resources": {"default": dict(CPU, partition="gpu-long", account="lab42", sbatch={"exclusive": True}),
-                      "teacher": {"nodes": 2, "tasks_per_node": 2}},
+        "resources": {
+            "default": dict(CPU, partition="gpu-long", account="lab42", sbatch={"exclusive": True}),
+            "teacher": {"nodes": 2, "tasks_per_node": 2},
+        },
     }
     exp.update(over)
     path = tmp / f"{name}.yaml"
@@ -87,8 +112,9 @@ def test_experiment_errors_name_the_key(tmp_path):
 
 
 def test_bad_training_override_fails_before_submitting(tmp_path):
-    path = write_experiment(tmp_path, methods={"kd": {"config": "configs/demo/distill.yaml",
-                                                      "overrides": ["train.lr=fast"]}})
+    path = write_experiment(
+        tmp_path, methods={"kd": {"config": "configs/demo/distill.yaml", "overrides": ["train.lr=fast"]}}
+    )
     with pytest.raises(LaunchError, match=r"methods\.kd \(kd-5x\): train\.lr: expected float"):
         launch(path, cluster="slurm", dry_run=True)
 
@@ -98,10 +124,14 @@ def test_a_deepspeed_json_setting_a_config_key_fails_before_submitting(tmp_path)
     `launch --dry-run`, before anything is queued, not by the job on the cluster."""
     ds = tmp_path / "my_ds.json"
     ds.write_text('{"optimizer": {"type": "Adam", "params": {"lr": 0.1}}}')
-    path = write_experiment(tmp_path, methods={"kd": {"config": "configs/demo/distill.yaml",
-                                                      "overrides": [f"deepspeed={ds}"]}})
-    with pytest.raises(LaunchError, match=r"methods\.kd \(kd-5x\): deepspeed: .*my_ds\.json: sets optimizer\.params\.lr, "
-                                          r"which the config owns \(train\.lr\)"):
+    path = write_experiment(
+        tmp_path, methods={"kd": {"config": "configs/demo/distill.yaml", "overrides": [f"deepspeed={ds}"]}}
+    )
+    with pytest.raises(
+        LaunchError,
+        match=r"methods\.kd \(kd-5x\): deepspeed: .*my_ds\.json: sets optimizer\.params\.lr, "
+        r"which the config owns \(train\.lr\)",
+    ):
         launch(path, cluster="slurm", dry_run=True)
 
 
@@ -149,14 +179,19 @@ def test_dry_run_prints_sbatch_scripts_and_graph(tmp_path, capsys):
     assert "%A_%a/%A_%a_0_log.out" in scripts["kd"]  # logs under the launch folder by SLURM's array convention
     assert "#SBATCH --dependency='aftercorr:<kd>'" in scripts["kd_ft"]
     assert "--dependency" not in scripts["baseline"]
-    assert ("#SBATCH --dependency='afterok:<teacher>,afterok:<baseline>,afterok:<kd>,afterok:<kd_ft>'"
-            in scripts["evaluate"])  # ids shown as <job>
+    assert (
+        "#SBATCH --dependency='afterok:<teacher>,afterok:<baseline>,afterok:<kd>,afterok:<kd_ft>'"
+        in scripts["evaluate"]
+    )  # ids shown as <job>
     assert re.search(r"^kd_ft\s+array\[2\] kd_ft-5x, kd_ft-2\.5x\s+<- aftercorr:<kd>$", text, re.M)
     assert out["graph"]["evaluate"]["after_ok"] == ["teacher", "baseline", "kd", "kd_ft"]
 
 
 def test_gpu_resources_give_one_task_per_gpu(tmp_path):
-    res = {"default": dict(CPU, gpus_per_node=4, tasks_per_node=0), "evaluate": {"gpus_per_node": 0, "cpus_per_task": 4}}
+    res = {
+        "default": dict(CPU, gpus_per_node=4, tasks_per_node=0),
+        "evaluate": {"gpus_per_node": 0, "cpus_per_task": 4},
+    }
     exp = load_experiment(write_experiment(tmp_path, resources=res))
     jobs = {j.key: j for j in plan_jobs(exp)}
     params = slurm_parameters(jobs["kd"], exp.name, "afterok:1")
@@ -192,8 +227,13 @@ def test_demo_experiment_file_runs_end_to_end_locally_with_progress_and_status(t
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(exp))
     exp_dir = tmp_path / "runs" / "demo-experiment"
-    proc = subprocess.Popen([sys.executable, "-m", "hpcdistill.cli", "launch", str(path), "--cluster", "local"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpcdistill.cli.main", "launch", str(path), "--cluster", "local"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen_running = []
     while proc.poll() is None:
         if (exp_dir / "launch.json").is_file():
@@ -205,8 +245,14 @@ def test_demo_experiment_file_runs_end_to_end_locally_with_progress_and_status(t
     assert seen_running, "status never saw a job still running"
     rows = status(exp_dir)
     assert list(exp["methods"]) == ["baseline", "kd", "kd_adv1", "kd_adv2"]  # the shipped demo experiment
-    assert [r["task"] for r in rows] == ["teacher", "baseline-2.5x", "kd-2.5x", "kd_adv1-2.5x", "kd_adv2-2.5x",
-                                         "evaluate"]
+    assert [r["task"] for r in rows] == [
+        "teacher",
+        "baseline-2.5x",
+        "kd-2.5x",
+        "kd_adv1-2.5x",
+        "kd_adv2-2.5x",
+        "evaluate",
+    ]
     assert all(r["state"] == "COMPLETED" for r in rows) and (exp_dir / "report" / "report.md").is_file()
     report = (exp_dir / "report" / "report.md").read_text()
     for name, method in exp["methods"].items():
@@ -214,8 +260,9 @@ def test_demo_experiment_file_runs_end_to_end_locally_with_progress_and_status(t
         assert record["method"] == method["label"] and method["label"] in report
         assert record["samples"] == tiny_dataset["manifest"]["splits"]["test"]["samples"]
     assert rows[0]["progress"].startswith("done at step ")
-    shown = subprocess.run([sys.executable, "-m", "hpcdistill.cli", "status", str(exp_dir)], cwd=REPO,
-                           capture_output=True, text=True)  # the command users type
+    shown = subprocess.run(
+        [sys.executable, "-m", "hpcdistill.cli.main", "status", str(exp_dir)], cwd=REPO, capture_output=True, text=True
+    )  # the command users type
     assert shown.returncode == 0, shown.stderr
     table = [line.split() for line in shown.stdout.splitlines()[1:]]
     assert [(cells[1], cells[3]) for cells in table] == [(r["task"], "COMPLETED") for r in rows]
@@ -257,7 +304,7 @@ def test_laptop_clusters_run_the_stages_in_order(tmp_path, shards, cluster):
     assert [r["state"] for r in rows] == ["COMPLETED"] * 3
     assert "kd-2.5x" in format_status(rows) and json.loads((exp_dir / "launch.json").read_text())["cluster"] == cluster
     if cluster == "debug":  # relaunching a finished experiment retrains nothing: each run returns from its checkpoint
-        from hpcdistill.run_folder import complete_checkpoints
+        from hpcdistill.train.run_folder import complete_checkpoints
 
         run_dir = exp_dir / "kd-2.5x"
         before = (sorted(complete_checkpoints(run_dir / "checkpoints")), (run_dir / "best.pt").read_bytes())
@@ -327,8 +374,11 @@ def logged_steps(tb_dir: Path) -> list[list[int]]:
 
     runs = []
     for path in sorted(tb_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        steps = [e.step for e in EventFileLoader(str(path)).Load()
-                 if e.HasField("summary") and any(v.tag == "loss/total" for v in e.summary.value)]
+        steps = [
+            e.step
+            for e in EventFileLoader(str(path)).Load()
+            if e.HasField("summary") and any(v.tag == "loss/total" for v in e.summary.value)
+        ]
         if steps:
             runs.append(steps)
     return runs
@@ -365,8 +415,15 @@ def test_slurm_time_limit_requeues_resumes_and_bounds_the_requeues(slurm_cluster
     every = 200
     overrides = [*TINY, "data.epoch_samples=1000000", f"train.checkpoint_every_steps={every}", "data.val=[]"]
     resources = {"default": dict(CPU, timeout_min=1, signal_delay_s=5, max_requeue=1)}
-    path = tiny_experiment(tmp_path, shards, "timelimit", {}, resources=resources, evaluate={"enabled": False},
-                           teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides})
+    path = tiny_experiment(
+        tmp_path,
+        shards,
+        "timelimit",
+        {},
+        resources=resources,
+        evaluate={"enabled": False},
+        teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides},
+    )
     with pytest.raises(LaunchError) as info:
         launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
     message = str(info.value)
@@ -387,9 +444,16 @@ def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, shards, tmp_pa
     # the whole run takes ~30 s, so the requeue always lands in between.
     steps, every = 3000, 150
     overrides = [*TINY, f"data.epoch_samples={steps}", f"train.checkpoint_every_steps={every}", "data.val=[]"]
-    path = tiny_experiment(tmp_path, shards, "preempt", {}, resources={"default": CPU}, evaluate={"enabled": False},
-                           teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides})
-    from hpcdistill.run_folder import complete_checkpoints
+    path = tiny_experiment(
+        tmp_path,
+        shards,
+        "preempt",
+        {},
+        resources={"default": CPU},
+        evaluate={"enabled": False},
+        teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides},
+    )
+    from hpcdistill.train.run_folder import complete_checkpoints
 
     exp_dir = tmp_path / "runs" / "preempt"
     with ThreadPoolExecutor(1) as pool:
@@ -420,8 +484,11 @@ def test_slurm_multi_task_job_ends_when_one_rank_dies(slurm_cluster, tmp_path):
     ex = submitit.SlurmExecutor(folder=tmp_path / "%j", max_num_timeout=0)
     ex.update_parameters(**slurm_parameters(plan_jobs(exp)[0], exp.name, None))
     marker = tmp_path / "rank0-finished"
-    job = ex.submit(submitit.helpers.CommandFunction(
-        ["bash", "-c", f'if [ "$SLURM_PROCID" = 1 ]; then exit 3; fi; sleep 300; touch {marker}']))
+    job = ex.submit(
+        submitit.helpers.CommandFunction(
+            ["bash", "-c", f'if [ "$SLURM_PROCID" = 1 ]; then exit 3; fi; sleep 300; touch {marker}']
+        )
+    )
     deadline = time.monotonic() + 150
     while not job.done(force_check=True) and time.monotonic() < deadline:
         time.sleep(2)
@@ -433,7 +500,7 @@ def test_finished_task_ignores_a_late_time_limit_signal(tmp_path):
     # to its default action (terminate): the job's result is written, yet SLURM would record FAILED.
     script = textwrap.dedent("""
         import os, signal, sys
-        from hpcdistill.launch_tasks import ignore_requeue_signal
+        from hpcdistill.cluster.resubmitting import ignore_requeue_signal
         signal.signal(signal.SIGUSR2, lambda *_: print("requeue", flush=True))  # as submitit's handler
         ignore_requeue_signal()
         os.kill(os.getpid(), signal.SIGUSR2)
@@ -476,11 +543,21 @@ def test_seeds_repeat_every_run_and_the_report_pools_them(tiny_dataset, tmp_path
     import yaml
 
     short = [*TINY, "data.epoch_samples=4", "model.arch=resnet10"]
-    methods = {"baseline": {"config": "configs/demo/baseline.yaml", "label": "Baseline", "overrides": short},
-               "kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": short}}
-    path = tiny_experiment(tmp_path, tiny_dataset["shards"], "seeded", methods, mags=[2.5], seeds=[0, 1],
-                           teacher={"config": "configs/demo/teacher.yaml", "overrides": short},
-                           evaluate={"split": "test", "iterations": 100}, resources={"default": CPU})
+    methods = {
+        "baseline": {"config": "configs/demo/baseline.yaml", "label": "Baseline", "overrides": short},
+        "kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": short},
+    }
+    path = tiny_experiment(
+        tmp_path,
+        tiny_dataset["shards"],
+        "seeded",
+        methods,
+        mags=[2.5],
+        seeds=[0, 1],
+        teacher={"config": "configs/demo/teacher.yaml", "overrides": short},
+        evaluate={"split": "test", "iterations": 100},
+        resources={"default": CPU},
+    )
     jobs = {j.key: j for j in plan_jobs(load_experiment(path))}
     assert [t.name for t in jobs["kd"].tasks] == ["kd-2.5x-s0", "kd-2.5x-s1"] and jobs["teacher"].is_array
     assert any(o.endswith("teacher-s1/best.pt") for o in jobs["kd"].tasks[1].overrides)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdistill.errors import HpcdistillError
-from hpcdistill.losses import distill_loss, pixel_loss, soft_loss
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.train.losses import distill_loss, pixel_loss, soft_loss
 
 
 def kl_reference(s: np.ndarray, t: np.ndarray, temp: float) -> float:
@@ -202,8 +202,9 @@ def test_pixel_loss_bf16_and_errors() -> None:
     t, s = torch.randn(1, 2, 6, 6, generator=g).bfloat16(), torch.randn(1, 2, 3, 3, generator=g).bfloat16()
     got = pixel_loss(s, t)
     assert got.dtype == torch.float32
-    assert got.item() == pytest.approx(pixel_reference(s.float().numpy(), t.float().numpy(), ("maxpool", "bicubic")),
-                                       rel=1e-5)
+    assert got.item() == pytest.approx(
+        pixel_reference(s.float().numpy(), t.float().numpy(), ("maxpool", "bicubic")), rel=1e-5
+    )
     with pytest.raises(HpcdistillError, match="channel"):
         pixel_loss(torch.zeros(1, 4, 2, 2), torch.zeros(1, 8, 4, 4))
     with pytest.raises(HpcdistillError, match="'area'.*maxpool, bicubic"):
@@ -222,8 +223,7 @@ def test_distill_loss_sums_and_trains_student_only() -> None:
     assert set(out) == {"total", "soft", "pixel"}
     assert out["total"].item() == pytest.approx(out["soft"].item() + out["pixel"].item(), rel=1e-6)
     # float32 cancellation in sum p (log p - log q), amplified by T^2 = 16: ~1e-6 absolute.
-    assert out["soft"].item() == pytest.approx(kl_reference(s_logits.detach().numpy(), t_logits.numpy(), 4.0),
-                                               rel=1e-4)
+    assert out["soft"].item() == pytest.approx(kl_reference(s_logits.detach().numpy(), t_logits.numpy(), 4.0), rel=1e-4)
     out["total"].backward()
     assert s_feat.grad.abs().sum() > 0 and s_logits.grad.abs().sum() > 0
     kd_only = distill_loss(s_feat, s_logits, t_feat, t_logits, 4.0, ())

@@ -7,11 +7,18 @@ import pytest
 from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
-from hpcdistill import metrics
-from hpcdistill.errors import HpcdistillError
-from hpcdistill.metrics import (METRICS, bootstrap_ci, bootstrap_indices, classification_metrics, forward_flops,
-                                gflops, gmacs)
-from hpcdistill.models import build_model
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.evaluate import metrics
+from hpcdistill.evaluate.metrics import (
+    METRICS,
+    bootstrap_ci,
+    bootstrap_indices,
+    classification_metrics,
+    forward_flops,
+    gflops,
+    gmacs,
+)
+from hpcdistill.models.resnet import build_model
 
 
 def test_hand_worked_example() -> None:
@@ -50,8 +57,9 @@ def test_macro_precision_recall_f1_equal_sklearn(seed: int) -> None:
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
     assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((p, r, f), abs=1e-12)
     if len(set(y_true) | set(y_pred)) == k:  # all classes present: same as sklearn with labels=range(k)
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(range(k)), average="macro",
-                                                     zero_division=0)
+        p, r, f, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0
+        )
         assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((p, r, f), abs=1e-12)
 
 
@@ -104,8 +112,9 @@ def test_bootstrap_point_and_interval_shape() -> None:
     assert all(wide[k][1] <= ci[k][1] and wide[k][2] >= ci[k][2] for k in METRICS)
 
 
-def slow_percentiles(y_true: np.ndarray, y_pred: np.ndarray, k: int, resamples: list[np.ndarray],
-                     level: float) -> dict[str, tuple[float, float]]:
+def slow_percentiles(
+    y_true: np.ndarray, y_pred: np.ndarray, k: int, resamples: list[np.ndarray], level: float
+) -> dict[str, tuple[float, float]]:
     values = {name: [] for name in METRICS}
     for idx in resamples:
         m = classification_metrics(y_true[idx], y_pred[idx], k)
@@ -135,8 +144,9 @@ def test_grouped_bootstrap_equals_slow_loop() -> None:
     y_pred = np.where(rng.random(20) < 0.6, y_true, rng.integers(0, 3, 20))
     names, gid = np.unique(slide, return_inverse=True)
     members = [np.flatnonzero(gid == g) for g in range(len(names))]
-    resamples = [np.concatenate([members[g] for g in row]) for block in bootstrap_indices(5, 40, seed=2)
-                 for row in block]
+    resamples = [
+        np.concatenate([members[g] for g in row]) for block in bootstrap_indices(5, 40, seed=2) for row in block
+    ]
     slow = slow_percentiles(y_true, y_pred, 3, resamples, 0.95)
     fast = bootstrap_ci(y_true, y_pred, 3, iterations=40, seed=2, groups=slide)
     for name in METRICS:
@@ -198,7 +208,7 @@ def test_flops_scale_with_area(stem: str) -> None:
 
 
 def test_paired_bootstrap_equals_a_direct_per_resample_computation():
-    from hpcdistill.metrics import paired_bootstrap
+    from hpcdistill.evaluate.metrics import paired_bootstrap
 
     rng = np.random.default_rng(7)
     y = rng.integers(0, 3, 300)
@@ -222,7 +232,7 @@ def test_paired_bootstrap_equals_a_direct_per_resample_computation():
 def test_paired_ci_is_tighter_than_marginal_cis_on_correlated_predictions():
     """Two methods that agree on most samples: their marginal CIs overlap widely, the paired CI of the difference
     is narrow and excludes 0."""
-    from hpcdistill.metrics import paired_bootstrap
+    from hpcdistill.evaluate.metrics import paired_bootstrap
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 3, 400)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hpcdistill.errors import HpcdistillError
-from hpcdistill.models import ARCHS, build_model, group_count
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.models.resnet import ARCHS, build_model, group_count
 
 # Expected final-map side for a 64 px input: standard stem has total stride 32, halfres 16, lowres 8.
 STRIDE = {"standard": 32, "halfres": 16, "lowres": 8}

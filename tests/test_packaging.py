@@ -6,22 +6,28 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
-from hpcdistill import config
+from hpcdistill.common import config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_configs_folder_ships_with_the_package():
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    """setuptools finds the packages with pyproject.toml's own settings; configs/ arrives as hpcdistill.configs."""
+    setuptools = pytest.importorskip("setuptools")
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert find.get("namespaces") is True  # configs' folders hold no __init__.py
+    found = set(setuptools.find_namespace_packages(str(REPO), include=find["include"], exclude=find["exclude"]))
     folders = {os.path.relpath(root, REPO / "configs") for root, _, _ in os.walk(REPO / "configs")}
     expected = {"hpcdistill.configs" + ("" if f == "." else "." + f.replace(os.sep, ".")) for f in folders}
-    assert expected <= set(packages), f"add to pyproject.toml packages: {sorted(expected - set(packages))}"
+    subpackages = {f"hpcdistill.{p.parent.name}" for p in (REPO / "hpcdistill").glob("*/__init__.py")}
+    assert expected | subpackages | {"hpcdistill"} <= found, sorted(expected | subpackages - found)
+    assert not [name for name in found if "__pycache__" in name]
 
 
 def test_configs_paths_resolve_from_the_installed_copy(tmp_path, monkeypatch):
@@ -46,10 +52,28 @@ def test_the_wheel_holds_the_configs(tmp_path):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("hpcdistill-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"hpcdistill/configs/{p.relative_to(REPO / 'configs').as_posix()}"
-               for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml", ".json")}
-    assert shipped and shipped <= names and "hpcdistill/engine.py" in names
+    shipped = {
+        f"hpcdistill/configs/{p.relative_to(REPO / 'configs').as_posix()}"
+        for p in (REPO / "configs").rglob("*")
+        if p.suffix in (".yaml", ".json")
+    }
+    assert shipped and shipped <= names and "hpcdistill/train/loop.py" in names

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from hpcdistill.errors import HpcdistillError
-from hpcdistill.predict import predict_slides
-from hpcdistill.synthetic import write_slide
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.predict.prediction import predict_slides
+from hpcdistill.synthetic.dataset import write_slide
 
 
 def test_predict_svs_and_tiff(tiny_teacher, tmp_path):
@@ -55,8 +55,8 @@ def test_predict_reports_unreadable_and_low_mag_slides(tiny_teacher, tmp_path):
 def test_a_tissue_too_big_for_the_gpu_skips_its_slide_only(tiny_teacher, tmp_path, monkeypatch):
     import torch
 
-    from hpcdistill import predict
-    from hpcdistill.run_folder import load_exported
+    from hpcdistill.models.export import load_exported
+    from hpcdistill.predict import prediction
 
     big, small = tmp_path / "big.svs", tmp_path / "small.svs"
     write_slide(big, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, n_tissues=1)
@@ -78,14 +78,14 @@ def test_a_tissue_too_big_for_the_gpu_skips_its_slide_only(tiny_teacher, tmp_pat
         exported.model = OutOfMemoryOnBig(exported.model)
         return exported
 
-    real_slide = predict.predict_slide
+    real_slide = prediction.predict_slide
 
     def remember(exported, path, *args, **kwargs):
         calls.append(str(path))
         return real_slide(exported, path, *args, **kwargs)
 
-    monkeypatch.setattr(predict, "load_exported", load_wrapped)
-    monkeypatch.setattr(predict, "predict_slide", remember)
+    monkeypatch.setattr(prediction, "load_exported", load_wrapped)
+    monkeypatch.setattr(prediction, "predict_slide", remember)
     summary = predict_slides(tiny_teacher, [big, small], tmp_path / "out")
     status = {s["slide"]: s for s in summary["slides"]}
     assert status[str(small)]["status"] == "ok"
@@ -98,7 +98,7 @@ def test_prediction_cuts_tissues_into_the_training_windows(tiny_teacher, tmp_pat
     """A tissue larger than the training shards' --max-size is classified window by window, as it was sharded."""
     import torch
 
-    from hpcdistill.windows import Windowing, split_windows
+    from hpcdistill.slides.windows import Windowing, split_windows
 
     blob = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
     assert Windowing.from_dict(blob["windowing"]).max_size == 8192  # the tiny shards' default, from their manifest
@@ -111,8 +111,7 @@ def test_prediction_cuts_tissues_into_the_training_windows(tiny_teacher, tmp_pat
     result = summary["slides"][0]
     assert summary["windowing"] == blob["windowing"]
     windowing = Windowing.from_dict(blob["windowing"])
-    expected = [w for t in result["tissues"]
-                for w in split_windows(tuple(t["box_l0"]), (1536, 1152), 40.0, windowing)]
+    expected = [w for t in result["tissues"] for w in split_windows(tuple(t["box_l0"]), (1536, 1152), 40.0, windowing)]
     assert [tuple(w["box_l0"]) for w in result["windows"]] == expected and len(expected) > len(result["tissues"])
     assert all(max(w["size"]) <= 96 for w in result["windows"])  # at 10x, the model's magnification
     for t in result["tissues"]:  # a tissue's probabilities: the area-weighted mean of its windows'
@@ -124,12 +123,26 @@ def test_prediction_cuts_tissues_into_the_training_windows(tiny_teacher, tmp_pat
 
 def test_predict_as_two_local_tasks_equals_one_process(tiny_teacher, tiny_dataset, tmp_path, capsys):
     """`predict --cluster local --tasks 2` writes, row for row, what one process writes (slides in sorted order)."""
-    from hpcdistill import cli
+    from hpcdistill.cli import main
 
     slides = [str(p) for p in tiny_dataset["slides"][:5]]
-    assert cli.main(["predict", str(tiny_teacher), *slides, "--out", str(tmp_path / "one")]) == 0
-    assert cli.main(["predict", str(tiny_teacher), *slides, "--out", str(tmp_path / "two"), "--cluster", "local",
-                     "--tasks", "2"]) == 0
+    assert main.main(["predict", str(tiny_teacher), *slides, "--out", str(tmp_path / "one")]) == 0
+    assert (
+        main.main(
+            [
+                "predict",
+                str(tiny_teacher),
+                *slides,
+                "--out",
+                str(tmp_path / "two"),
+                "--cluster",
+                "local",
+                "--tasks",
+                "2",
+            ]
+        )
+        == 0
+    )
     for name in ("tissues.csv", "slides.csv"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
     one, two = (json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("one", "two"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 
-from hpcdistill.progress import LiveStatus, describe, duration, read_progress, write_progress
+from hpcdistill.common.progress import LiveStatus, describe, duration, read_progress, write_progress
 
 
 class Terminal(io.StringIO):
@@ -22,8 +22,16 @@ def entry(tmp_path, *names, state=None):
 
 
 def progress(step, epoch, phase="train", eta=65.0):
-    return {"mode": "distill", "phase": phase, "epoch": epoch, "epochs": 4, "step": step, "steps": 40, "eta_s": eta,
-            "updated": time.time()}
+    return {
+        "mode": "distill",
+        "phase": phase,
+        "epoch": epoch,
+        "epochs": 4,
+        "step": step,
+        "steps": 40,
+        "eta_s": eta,
+        "updated": time.time(),
+    }
 
 
 def test_progress_round_trips_and_reads_as_one_phrase(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from hpcdistill.cli import build_parser, reference_markdown
+from hpcdistill.cli.main import build_parser, reference_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -16,7 +16,8 @@ def test_cli_reference_matches_help():
     assert block, "README lacks the <!-- cli:start --> ... <!-- cli:end --> block"
     assert block.group(1) == reference_markdown(), (
         "README CLI reference is stale; regenerate with "
-        "python -c 'from hpcdistill.cli import reference_markdown; print(reference_markdown())'")
+        "python -c 'from hpcdistill.cli.main import reference_markdown; print(reference_markdown())'"
+    )
 
 
 def test_readme_opens_with_the_two_commands_and_names_real_subcommands():
@@ -33,8 +34,9 @@ def test_architecture_table_names_every_module_once():
     """The README's module table and hpcdistill/*.py are the same set: a new or renamed module must be described."""
     block = re.search(r"<!-- modules:start -->\n(.*)\n<!-- modules:end -->", README.read_text(), re.S)
     assert block, "README lacks the <!-- modules:start --> ... <!-- modules:end --> table"
-    named = re.findall(r"`(\w+)\.py`", "\n".join(row.split("|")[1] for row in block.group(1).splitlines()
-                                                  if row.startswith("| `")))
+    named = re.findall(
+        r"`(\w+)\.py`", "\n".join(row.split("|")[1] for row in block.group(1).splitlines() if row.startswith("| `"))
+    )
     files = {p.stem for p in (README.parent / "hpcdistill").glob("*.py") if p.stem != "__init__"}
     assert sorted(named) == sorted(set(named)), "a module is named twice"
     assert set(named) == files, f"missing from the table: {files - set(named)}; not a module: {set(named) - files}"

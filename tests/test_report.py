@@ -7,16 +7,22 @@ import json
 import pytest
 from PIL import Image
 
-from hpcdistill.errors import HpcdistillError
-from hpcdistill.report import format_ci, load_results, ordering_check, write_report
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.evaluate.report import format_ci, load_results, ordering_check, write_report
 
 
 def _record(tmp_path, name, method, mag, acc, gflops, study="main"):
     run = tmp_path / name / "eval"
     run.mkdir(parents=True)
     metrics = {m: [acc, acc - 0.02, acc + 0.02] for m in ("accuracy", "f1", "precision", "recall")}
-    record = {"method": method, "mag": mag, "dataset": "celiac", "metrics": metrics,
-              "gflops": {"median": gflops, "mean": gflops, "fixed": gflops}, "study": study}
+    record = {
+        "method": method,
+        "mag": mag,
+        "dataset": "celiac",
+        "metrics": metrics,
+        "gflops": {"median": gflops, "mean": gflops, "fixed": gflops},
+        "study": study,
+    }
     (run / "test.json").write_text(json.dumps(record))
     return tmp_path / name
 
@@ -49,7 +55,9 @@ def test_report_tables_bold_best_and_figure(tmp_path):
     assert (tmp_path / "report" / "ablation.png").stat().st_size > 1000
     checks = ordering_check(results)
     assert any("2.5x: the paper's ordering holds" in c for c in checks)
-    assert any("1.25x: the paper's ordering does NOT hold (Baseline 75.0% > KD 72.0% (CIs overlap))" in c for c in checks)
+    assert any(
+        "1.25x: the paper's ordering does NOT hold (Baseline 75.0% > KD 72.0% (CIs overlap))" in c for c in checks
+    )
 
 
 def test_report_bad_inputs_name_the_file(tmp_path):
@@ -64,14 +72,16 @@ def test_report_bad_inputs_name_the_file(tmp_path):
 def test_report_pairs_methods_scored_on_the_same_tissues(tiny_dataset, tiny_teacher, tmp_path):
     """Two real evaluations of one model under two method names: the paired difference is exactly 0 with a zero
     CI; runs scored on different samples are refused, not paired."""
-    from hpcdistill.evaluation import evaluate_checkpoint
+    from hpcdistill.evaluate.evaluation import evaluate_checkpoint
 
     for method, run in (("Baseline", "a"), ("KD", "b")):
-        evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", method=method, iterations=200,
-                            out_dir=tmp_path / run / "eval")
+        evaluate_checkpoint(
+            tiny_teacher, tiny_dataset["shards"], "test", method=method, iterations=200, out_dir=tmp_path / run / "eval"
+        )
     report = write_report(load_results([tmp_path / "a", tmp_path / "b"]), tmp_path / "report").read_text()
     assert "| 10x | KD − Baseline | 1 | +0.00 (+0.00 to +0.00) | +0.00 (+0.00 to +0.00) | 1.000 | no |" in report
-    evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "val", method="KD", iterations=200,
-                        out_dir=tmp_path / "c" / "eval")
+    evaluate_checkpoint(
+        tiny_teacher, tiny_dataset["shards"], "val", method="KD", iterations=200, out_dir=tmp_path / "c" / "eval"
+    )
     with pytest.raises(HpcdistillError, match="not scored on the same samples"):
         write_report(load_results([tmp_path / "a", tmp_path / "c"]), tmp_path / "report2")

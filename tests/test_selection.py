@@ -1,5 +1,5 @@
 """Choosing exports on validation: lower-is-better metrics, tie-breaks, the EMA of the weights, extra exports
-(best-<metric>.pt), and a resume that goes on choosing exactly as an uninterrupted run (real engine, real shards)."""
+(best-<metric>.pt), and a resume that goes on choosing exactly as an uninterrupted run (real loop, real shards)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cfg_for
-from hpcdistill import engine
-from hpcdistill.errors import HpcdistillError
-from hpcdistill.selection import Selection, restore_selections
-from hpcdistill.weight_average import WeightAverage
+
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.train import loop
+from hpcdistill.train.ema import WeightAverage
+from hpcdistill.train.selection import Selection, restore_selections
 
 
 def blob(path: Path) -> dict:
@@ -46,7 +46,7 @@ def test_restore_refuses_a_pick_made_on_another_metric():
 
 
 def test_the_shipped_baseline_configs_pick_on_the_ema():
-    from hpcdistill.config import load_config
+    from hpcdistill.common.config import load_config
 
     for setup in ("demo", "celiac", "luad"):
         assert load_config(f"configs/{setup}/baseline.yaml").select_metric == "ema_accuracy", setup
@@ -70,21 +70,30 @@ def test_weight_average_matches_the_formula():
     assert copy.updates == 30 and torch.equal(copy.module.weight, avg.module.weight)
 
 
-SELECT = ("train.ema_decay=0.9", "train.export_also=[kl,loss,agreement,ema_kl,ema_agreement]", "train.epochs=4",
-          "data.epoch_samples=4", "train.grad_accum=1", "train.checkpoint_every_steps=3")
+SELECT = (
+    "train.ema_decay=0.9",
+    "train.export_also=[kl,loss,agreement,ema_kl,ema_agreement]",
+    "train.epochs=4",
+    "data.epoch_samples=4",
+    "train.grad_accum=1",
+    "train.checkpoint_every_steps=3",
+)
 
 
 def val_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
-    return {tag[4:]: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
-            if tag.startswith("val/")}
+    return {
+        tag[4:]: [(e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+        if tag.startswith("val/")
+    }
 
 
 def test_exports_per_metric_and_exact_resume(tiny_dataset, tiny_teacher, tmp_path):
     extra = (*SELECT, f"teacher.checkpoint={tiny_teacher}")
-    full = engine.run(cfg_for(tiny_dataset, tmp_path, "full", "distill", 2.5, *extra))
+    full = loop.run(cfg_for(tiny_dataset, tmp_path, "full", "distill", 2.5, *extra))
     run = Path(full["run_dir"])
     history = val_history(run)
     assert {"kl", "loss", "agreement", "ema_kl", "ema_loss", "ema_agreement"} <= set(history)
@@ -99,10 +108,17 @@ def test_exports_per_metric_and_exact_resume(tiny_dataset, tiny_teacher, tmp_pat
 
     # The same run stopped after 5 of its 16 steps (mid-epoch checkpoint at 3) and resumed: every export the same.
     part = cfg_for(tiny_dataset, tmp_path, "part", "distill", 2.5, *extra, "train.max_steps=5")
-    assert engine.run(part)["stopped_early"]
-    rest = engine.run(cfg_for(tiny_dataset, tmp_path, "part", "distill", 2.5, *extra))
+    assert loop.run(part)["stopped_early"]
+    rest = loop.run(cfg_for(tiny_dataset, tmp_path, "part", "distill", 2.5, *extra))
     assert rest["global_step"] == full["global_step"] == 16
-    for name in ("best.pt", "best-kl.pt", "best-agreement.pt", "best-ema_kl.pt", "best-ema_agreement.pt", "last-ema.pt"):
+    for name in (
+        "best.pt",
+        "best-kl.pt",
+        "best-agreement.pt",
+        "best-ema_kl.pt",
+        "best-ema_agreement.pt",
+        "last-ema.pt",
+    ):
         a, b = blob(run / name), blob(Path(rest["run_dir"]) / name)
         assert a["global_step"] == b["global_step"], name
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), name
@@ -110,14 +126,14 @@ def test_exports_per_metric_and_exact_resume(tiny_dataset, tiny_teacher, tmp_pat
 
 def test_ema_decay_cannot_change_on_resume(tiny_dataset, tiny_teacher, tmp_path):
     extra = (*SELECT, f"teacher.checkpoint={tiny_teacher}")
-    engine.run(cfg_for(tiny_dataset, tmp_path, "run", "distill", 2.5, *extra, "train.max_steps=2"))
+    loop.run(cfg_for(tiny_dataset, tmp_path, "run", "distill", 2.5, *extra, "train.max_steps=2"))
     with pytest.raises(HpcdistillError, match=r"cannot resume with a changed train.ema_decay: 0.9 -> 0.99"):
-        engine.run(cfg_for(tiny_dataset, tmp_path, "run", "distill", 2.5, *extra, "train.ema_decay=0.99"))
+        loop.run(cfg_for(tiny_dataset, tmp_path, "run", "distill", 2.5, *extra, "train.ema_decay=0.99"))
 
 
 def test_a_config_key_older_checkpoints_lack_reads_as_its_default():
-    from hpcdistill.config import Config
-    from hpcdistill.run_folder import config_changes
+    from hpcdistill.common.config import Config
+    from hpcdistill.train.run_folder import config_changes
 
     stored = Config().to_dict()
     del stored["train"]["ema_decay"]

@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import sacct_runs, sacct_wait_final
-from hpcdistill import cli
-from hpcdistill.shard_tasks import balance
+
+from hpcdistill.cli import main
+from hpcdistill.cluster.task_array import balance
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = ["--mags", "10,2.5", "--shard-max-samples", "2", "--no-progress"]
@@ -27,12 +27,18 @@ SHARD = ["--mags", "10,2.5", "--shard-max-samples", "2", "--no-progress"]
 def mixed_slides(tmp_path_factory) -> dict:
     """10 real slides of three sizes (SVS and TIFF, labeled train/val/test and one aux) and one corrupt file,
     and a single-process run of them: what every array run must reproduce."""
-    from hpcdistill.sharding import ShardParams, run_sharding
-    from hpcdistill.synthetic import write_dataset, write_slide
+    from hpcdistill.shards.sharding import ShardParams, run_sharding
+    from hpcdistill.synthetic.dataset import write_dataset, write_slide
 
     root = tmp_path_factory.mktemp("mixed")
-    slides, labels = write_dataset(root / "slides", n_slides_per_split={"train": 3, "val": 2, "test": 2},
-                                   n_aux1=1, n_aux2=0, size=(768, 576), seed=3)
+    slides, labels = write_dataset(
+        root / "slides",
+        n_slides_per_split={"train": 3, "val": 2, "test": 2},
+        n_aux1=1,
+        n_aux2=0,
+        size=(768, 576),
+        seed=3,
+    )
     write_slide(root / "slides" / "big_a.svs", 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=21, n_tissues=3)
     write_slide(root / "slides" / "big_b.tiff", 1280, 960, fmt="tiff", base_mag=40, class_id=1, seed=22, n_tissues=2)
     (root / "slides" / "broken.svs").write_bytes(b"II*\x00" + os.urandom(2000))  # a TIFF header, then garbage
@@ -86,18 +92,20 @@ def test_balance_is_deterministic_and_heaviest_first():
 
 def test_three_local_tasks_equal_the_single_process_run(mixed_slides, tmp_path, capsys):
     out = tmp_path / "array"
-    assert cli.main(shard_cli(mixed_slides, out, "--cluster", "local", "--tasks", "3")) == 0
+    assert main.main(shard_cli(mixed_slides, out, "--cluster", "local", "--tasks", "3")) == 0
     printed = capsys.readouterr().out
     assert_same_as_single(out, mixed_slides["single"])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["slides"]["broken"]["status"] == "skipped" and "broken.svs" in manifest["slides"]["broken"]["reason"]
+    assert (
+        manifest["slides"]["broken"]["status"] == "skipped" and "broken.svs" in manifest["slides"]["broken"]["reason"]
+    )
     assert printed.count("skipped: ") == 1 and "broken.svs" in printed  # reported once, with its reason
     record = json.loads((out / "launch.json").read_text())
     assert [j["key"] for j in record["jobs"]] == ["shard", "merge"] and len(record["jobs"][0]["tasks"]) == 3
     parts = [json.loads((out / "tasks" / f"t00{i}" / "part.json").read_text()) for i in range(3)]
     per_task = [set(p["params"]["task_slides"]) for p in parts]
     assert set.union(*per_task) == set(manifest["slides"]) and sum(map(len, per_task)) == len(manifest["slides"])
-    assert cli.main(shard_cli(mixed_slides, out, "--cluster", "local", "--tasks", "3")) == 0  # complete: nothing
+    assert main.main(shard_cli(mixed_slides, out, "--cluster", "local", "--tasks", "3")) == 0  # complete: nothing
     assert "already complete" in capsys.readouterr().err
 
 
@@ -109,36 +117,40 @@ def test_a_failed_task_is_the_only_one_rerun(mixed_slides, tmp_path, capsys):
     for split in ("train", "val", "test", "aux1"):
         (out / f".{split}-t002-000000.tar.tmp").mkdir()
     serial = ["--cluster", "local", "--tasks", "3", "--cpus-per-task", str(os.cpu_count())]  # one task at a time
-    assert cli.main(shard_cli(mixed_slides, out, *serial)) == 2
+    assert main.main(shard_cli(mixed_slides, out, *serial)) == 2
     assert "shard: job" in capsys.readouterr().err and not (out / "manifest.json").exists()
     assert (out / "tasks" / "t000" / "part.json").is_file() and (out / "tasks" / "t001" / "part.json").is_file()
     for blocker in out.glob(".*.tar.tmp"):
         blocker.rmdir()
-    assert cli.main(shard_cli(mixed_slides, out, *serial)) == 0
+    assert main.main(shard_cli(mixed_slides, out, *serial)) == 0
     record = json.loads((out / "launch.json").read_text())
     assert [(j["key"], [t["name"] for t in j["tasks"]]) for j in record["jobs"]] == [
-        ("shard", ["shard-t002"]), ("merge", ["merge"])]
+        ("shard", ["shard-t002"]),
+        ("merge", ["merge"]),
+    ]
     assert_same_as_single(out, mixed_slides["single"])
 
 
 def test_array_runs_refuse_folders_of_other_runs(mixed_slides, tmp_path, capsys):
     out = tmp_path / "array"
-    assert cli.main(shard_cli(mixed_slides, out, "--cluster", "local", "--tasks", "2")) == 0
+    assert main.main(shard_cli(mixed_slides, out, "--cluster", "local", "--tasks", "2")) == 0
     (out / "manifest.json").unlink()  # as if the merge had not run yet
     capsys.readouterr()
-    assert cli.main(shard_cli(mixed_slides, out, "--cluster", "local", "--tasks", "3")) == 2
+    assert main.main(shard_cli(mixed_slides, out, "--cluster", "local", "--tasks", "3")) == 2
     assert "another --tasks" in capsys.readouterr().err
-    assert cli.main(shard_cli(mixed_slides, out)) == 2  # a single-process run into an unmerged array's folder
+    assert main.main(shard_cli(mixed_slides, out)) == 2  # a single-process run into an unmerged array's folder
     assert "unfinished array of tasks" in capsys.readouterr().err
-    assert cli.main(shard_cli(mixed_slides, tmp_path / "x", "--cluster", "local", "--tasks", "99")) == 2
+    assert main.main(shard_cli(mixed_slides, tmp_path / "x", "--cluster", "local", "--tasks", "99")) == 2
     assert "--tasks 99: must be between 1 and the number of slides (11)" in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_assignment_and_the_sbatch_script(mixed_slides, tmp_path, capsys):
     out = tmp_path / "array"
-    assert cli.main(shard_cli(mixed_slides, out, "--dry-run")) == 0  # the plan: tissue area per slide
-    assert cli.main(shard_cli(mixed_slides, out, "--cluster", "slurm", "--tasks", "3", "--dry-run",
-                              "--partition", "cpu")) == 0
+    assert main.main(shard_cli(mixed_slides, out, "--dry-run")) == 0  # the plan: tissue area per slide
+    assert (
+        main.main(shard_cli(mixed_slides, out, "--cluster", "slurm", "--tasks", "3", "--dry-run", "--partition", "cpu"))
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "3 tasks over 11 slides, balanced by level-0 tissue area (plan.json)" in printed
     table = [line.split() for line in printed.splitlines() if line.startswith("t00")]
@@ -154,9 +166,26 @@ def test_slurm_task_requeued_mid_slide_resumes_from_its_journal(slurm_cluster, m
     """`scontrol requeue` kills a running array task and queues it again (as a preemption does) once its first
     shard is complete; the rerun resumes from the task's journal, and the merged result is the single run's."""
     out = tmp_path / "array"
-    argv = [sys.executable, "-m", "hpcdistill.cli", *shard_cli(mixed_slides, out, "--cluster", "slurm", "--tasks", "2",
-                                                               "--wait", "--timeout-min", "10", "--mem-gb", "1",
-                                                               "--shard-max-samples", "1")]  # 1st shard: 1st sample
+    argv = [
+        sys.executable,
+        "-m",
+        "hpcdistill.cli.main",
+        *shard_cli(
+            mixed_slides,
+            out,
+            "--cluster",
+            "slurm",
+            "--tasks",
+            "2",
+            "--wait",
+            "--timeout-min",
+            "10",
+            "--mem-gb",
+            "1",
+            "--shard-max-samples",
+            "1",
+        ),
+    ]  # 1st shard: 1st sample
     with ThreadPoolExecutor(1) as pool:
         done = pool.submit(subprocess.run, argv, cwd=REPO, capture_output=True, text=True, timeout=360)
         journal = out / "tasks" / "t000" / ".progress.json"
@@ -186,17 +215,39 @@ def test_slurm_experiment_with_a_shard_stage_runs_end_to_end(slurm_cluster, mixe
     """One launch: shard array -> merge -> teacher and a baseline -> evaluation and report, on the local SLURM."""
     import yaml
 
-    from hpcdistill.launch import launch
+    from hpcdistill.experiment.launch import launch
 
-    cpu = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 20,
-           "signal_delay_s": 30, "max_requeue": 1}
-    tiny = ["model.arch=resnet10", "model.width=8", "model.groups=4", "train.epochs=1", "data.epoch_samples=4",
-            "train.grad_accum=1", "log.progress=false", "data.num_workers=0"]
-    exp = {"name": "staged", "out_dir": str(tmp_path / "runs"), "shards": str(tmp_path / "shards"), "mags": [2.5],
-           "shard": {"slides": [str(mixed_slides["slides"])], "labels": str(mixed_slides["labels"]), "tasks": 2},
-           "teacher": {"config": "configs/demo/teacher.yaml", "overrides": tiny},
-           "methods": {"baseline": {"config": "configs/demo/baseline.yaml", "label": "Baseline", "overrides": tiny}},
-           "evaluate": {"split": "test", "iterations": 50}, "resources": {"default": cpu}}
+    cpu = {
+        "nodes": 1,
+        "gpus_per_node": 0,
+        "tasks_per_node": 1,
+        "cpus_per_task": 1,
+        "mem_gb": 2,
+        "timeout_min": 20,
+        "signal_delay_s": 30,
+        "max_requeue": 1,
+    }
+    tiny = [
+        "model.arch=resnet10",
+        "model.width=8",
+        "model.groups=4",
+        "train.epochs=1",
+        "data.epoch_samples=4",
+        "train.grad_accum=1",
+        "log.progress=false",
+        "data.num_workers=0",
+    ]
+    exp = {
+        "name": "staged",
+        "out_dir": str(tmp_path / "runs"),
+        "shards": str(tmp_path / "shards"),
+        "mags": [2.5],
+        "shard": {"slides": [str(mixed_slides["slides"])], "labels": str(mixed_slides["labels"]), "tasks": 2},
+        "teacher": {"config": "configs/demo/teacher.yaml", "overrides": tiny},
+        "methods": {"baseline": {"config": "configs/demo/baseline.yaml", "label": "Baseline", "overrides": tiny}},
+        "evaluate": {"split": "test", "iterations": 50},
+        "resources": {"default": cpu},
+    }
     path = tmp_path / "staged.yaml"
     path.write_text(yaml.safe_dump(exp))
     dry = launch(path, cluster="slurm", dry_run=True)

@@ -10,15 +10,16 @@ import openslide
 import pytest
 import pyvips
 import tifffile
+from conftest import TILE, write_svs
 from PIL import Image
 
-from hpcdistill import resample
-from hpcdistill.errors import HpcdistillError
-from hpcdistill.resample import lanczos_to_size
-from hpcdistill.slide_metadata import mag_from_mpp
-from hpcdistill.slides import SlideError, open_slide, target_size
+from hpcdistill.common.errors import HpcdistillError, SlideError
+from hpcdistill.slides import resample
+from hpcdistill.slides.factory import open_slide
+from hpcdistill.slides.metadata import mag_from_mpp
+from hpcdistill.slides.resample import lanczos_to_size
+from hpcdistill.slides.slide import target_size
 
-from conftest import TILE, write_svs
 BACKGROUND = 240
 
 
@@ -79,8 +80,9 @@ def test_pyramidal_tiff_magnification_from_resolution_tags(tmp_path, subifds):
         assert (slide.info.width, slide.info.height) == (1024, 768)
 
 
-@pytest.mark.parametrize("mpp, mag", [(0.25, 40.0), (0.2525, 40.0), (0.499, 20.0), (0.5, 20.0), (1.0, 10.0),
-                                      (0.3, 33.3), (0.126, 80.0)])
+@pytest.mark.parametrize(
+    "mpp, mag", [(0.25, 40.0), (0.2525, 40.0), (0.499, 20.0), (0.5, 20.0), (1.0, 10.0), (0.3, 33.3), (0.126, 80.0)]
+)
 def test_mag_from_mpp(mpp, mag):
     assert mag_from_mpp(mpp) == mag
 
@@ -265,8 +267,14 @@ def test_subifd_pyramid_with_16x_step_is_found(tmp_path):
     image = tissue_image(1024, 1024)
     small = np.ascontiguousarray(image[::16, ::16])
     small[:4, :4] = (0, 255, 0)  # only in the reduced level
-    common = dict(photometric="rgb", compression="zlib", tile=(64, 64), metadata=None,
-                  resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    common = dict(
+        photometric="rgb",
+        compression="zlib",
+        tile=(64, 64),
+        metadata=None,
+        resolution=(20000, 20000),
+        resolutionunit="CENTIMETER",
+    )
     with tifffile.TiffWriter(path) as tw:
         tw.write(image, subifds=1, **common)
         tw.write(small, subfiletype=1, **common)
@@ -389,8 +397,11 @@ def test_precise_second_pass_rounds_the_exact_float_sum_once(size):
     centre = (np.arange(out_w) + 0.5) * shrink - 0.5
     taps = np.arange(-int(3 * shrink) - 2, int(3 * shrink) + 3)
     x = np.floor(centre)[:, None] + taps  # (out_w, taps) input columns
-    weights = np.where(np.abs(x - centre[:, None]) < 3 * shrink,
-                       np.sinc((x - centre[:, None]) / shrink) * np.sinc((x - centre[:, None]) / shrink / 3), 0)
+    weights = np.where(
+        np.abs(x - centre[:, None]) < 3 * shrink,
+        np.sinc((x - centre[:, None]) / shrink) * np.sinc((x - centre[:, None]) / shrink / 3),
+        0,
+    )
     weights /= weights.sum(axis=1, keepdims=True)
     exact = np.einsum("rjkc,jk->rjc", first[:, np.clip(x, 0, 999).astype(int)], weights)  # edges extended
     exact = np.clip(exact, 0, 255)

@@ -1,6 +1,7 @@
 """Tests against a real single-node SLURM started by slurm/cluster.sh (root only; CI installs the packages): the
 cluster's own behaviour the launcher relies on (states, exit codes, srun tasks, time-limit signals and requeues,
 submitit), and an `hpcdistill train` job on shards cut by the real sharder (conftest's `small_dataset`)."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import sacct_runs, sacct_wait_final, tiny_train_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _sbatch(*args: str, env: dict[str, str] | None = None) -> int:
-    out = subprocess.run(["sbatch", "--parsable", *args], check=True, text=True, capture_output=True, timeout=30,
-                         env=env)
+    out = subprocess.run(
+        ["sbatch", "--parsable", *args], check=True, text=True, capture_output=True, timeout=30, env=env
+    )
     return int(out.stdout.strip().split(";")[0])
 
 
@@ -53,8 +54,11 @@ def test_failing_job_is_reported_failed(slurm_cluster, tmp_path):
 def test_two_task_job_runs_both_tasks(slurm_cluster, tmp_path):
     out = tmp_path / "two.out"
     job = _sbatch(
-        f"--chdir={tmp_path}", f"--output={out}", "--ntasks=2",
-        "--wrap", "srun bash -c 'echo task=$SLURM_PROCID ntasks=$SLURM_NTASKS'",
+        f"--chdir={tmp_path}",
+        f"--output={out}",
+        "--ntasks=2",
+        "--wrap",
+        "srun bash -c 'echo task=$SLURM_PROCID ntasks=$SLURM_NTASKS'",
     )
     assert _wait_final(job, timeout=60) == ("COMPLETED", "0:0")
     assert sorted(out.read_text().split("\n")[:2]) == ["task=0 ntasks=2", "task=1 ntasks=2"]
@@ -75,8 +79,13 @@ def test_time_limited_job_requeues_itself_and_runs_again(slurm_cluster, tmp_path
     script.write_text(REQUEUE_SCRIPT)
     out = tmp_path / "requeue.out"
     job = _sbatch(
-        f"--chdir={tmp_path}", f"--output={out}", "--open-mode=append",
-        "--time=1", "--signal=USR1@50", "--requeue", str(script),
+        f"--chdir={tmp_path}",
+        f"--output={out}",
+        "--open-mode=append",
+        "--time=1",
+        "--signal=USR1@50",
+        "--requeue",
+        str(script),
     )
     assert _wait_final(job, timeout=170) == ("COMPLETED", "0:0")
     # sacct keeps the requeued run as a duplicate record before the final one.
@@ -160,22 +169,33 @@ def test_submitit_checkpointable_job_is_requeued_at_its_time_limit(slurm_cluster
 def test_sbatch_job_trains_on_real_shards(slurm_cluster, small_dataset, tmp_path):
     """`hpcdistill train` as a plain batch job (no submitit, no launcher) on the sharder's real shards: the package
     runs in SLURM's job environment, and its run folder and summary are what an interactive run writes."""
-    from hpcdistill.config import load_config
-    from hpcdistill.data import per_rank_samples
+    from hpcdistill.common.config import load_config
+    from hpcdistill.data.streams import per_rank_samples
 
     cfg = load_config(None, tiny_train_overrides(small_dataset["shards"], tmp_path, "job", "baseline", 2.5))
     config = cfg.save(tmp_path / "job.yaml")
     # sbatch passes this environment on: none of the rendezvous variables an in-process run may have set here
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     out, err = tmp_path / "train.out", tmp_path / "train.err"
-    job = _sbatch(f"--chdir={REPO}", f"--output={out}", f"--error={err}", "--cpus-per-task=1", "--time=5",
-                  "--wrap", f"{sys.executable} -m hpcdistill.cli train {config}", env=env)
+    job = _sbatch(
+        f"--chdir={REPO}",
+        f"--output={out}",
+        f"--error={err}",
+        "--cpus-per-task=1",
+        "--time=5",
+        "--wrap",
+        f"{sys.executable} -m hpcdistill train {config}",
+        env=env,
+    )
     state = _wait_final(job, timeout=180)
     assert state == ("COMPLETED", "0:0"), err.read_text()[-3000:]
     text = out.read_text()
-    summary = json.loads(text[text.rindex('{\n  "run_dir"'):])  # the summary `hpcdistill train` prints last
+    summary = json.loads(text[text.rindex('{\n  "run_dir"') :])  # the summary `hpcdistill train` prints last
     train = small_dataset["manifest"]["splits"]["train"]["samples"]
     steps = per_rank_samples(train, 1, cfg.train.grad_accum) // cfg.train.grad_accum
     assert summary["run_dir"] == str(tmp_path / "job") and summary["global_step"] == steps and steps > 0

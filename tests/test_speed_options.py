@@ -1,4 +1,4 @@
-"""The GPU speed options on CPU (real engine, real shards): train.channels_last and train.compile train to the same
+"""The GPU speed options on CPU (real loop, real shards): train.channels_last and train.compile train to the same
 weights and losses as the default path, within float tolerance, and leave checkpoints and exports unchanged in form."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cfg_for
-from hpcdistill import engine
+
+from hpcdistill.train import loop
 
 STEPS = ("train.epochs=2", "data.epoch_samples=4", "train.grad_accum=1")
 
@@ -26,13 +26,22 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 @pytest.fixture(scope="module")
 def default_distill(tiny_dataset, tiny_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
-    return engine.run(cfg_for(tiny_dataset, out, "default", "distill", 2.5, *STEPS,
-                              f"teacher.checkpoint={tiny_teacher}"))
+    return loop.run(cfg_for(tiny_dataset, out, "default", "distill", 2.5, *STEPS, f"teacher.checkpoint={tiny_teacher}"))
 
 
 def test_channels_last_trains_like_the_default(tiny_dataset, tiny_teacher, default_distill, tmp_path):
-    fast = engine.run(cfg_for(tiny_dataset, tmp_path, "nhwc", "distill", 2.5, *STEPS, "train.channels_last=true",
-                              f"teacher.checkpoint={tiny_teacher}"))
+    fast = loop.run(
+        cfg_for(
+            tiny_dataset,
+            tmp_path,
+            "nhwc",
+            "distill",
+            2.5,
+            *STEPS,
+            "train.channels_last=true",
+            f"teacher.checkpoint={tiny_teacher}",
+        )
+    )
     assert fast["global_step"] == default_distill["global_step"] == 8
     assert max_difference(exported(fast), exported(default_distill)) < 1e-4
     assert fast["val"]["loss"] == pytest.approx(default_distill["val"]["loss"], rel=1e-4)
@@ -40,8 +49,18 @@ def test_channels_last_trains_like_the_default(tiny_dataset, tiny_teacher, defau
 
 @pytest.mark.slow
 def test_compile_trains_like_the_default(tiny_dataset, tiny_teacher, default_distill, tmp_path):
-    fast = engine.run(cfg_for(tiny_dataset, tmp_path, "compiled", "distill", 2.5, *STEPS, "train.compile=true",
-                              f"teacher.checkpoint={tiny_teacher}"))
+    fast = loop.run(
+        cfg_for(
+            tiny_dataset,
+            tmp_path,
+            "compiled",
+            "distill",
+            2.5,
+            *STEPS,
+            "train.compile=true",
+            f"teacher.checkpoint={tiny_teacher}",
+        )
+    )
     assert fast["global_step"] == 8
     assert max_difference(exported(fast), exported(default_distill)) < 1e-4
     assert fast["val"]["loss"] == pytest.approx(default_distill["val"]["loss"], rel=1e-4)

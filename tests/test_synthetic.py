@@ -15,8 +15,8 @@ import pyvips
 import tifffile
 from scipy import ndimage
 
-from hpcdistill import synthetic as S
-from hpcdistill.synthetic_tissue import make_scene, render_region
+from hpcdistill.synthetic import dataset as S
+from hpcdistill.synthetic.scene import make_scene, render_region
 
 
 def _sha(path) -> str:
@@ -38,7 +38,8 @@ def test_svs_is_a_true_aperio_file(tmp_path, base_mag, mpp):
         assert pages[0].is_tiled and pages[0].compression == 7 and pages[0].tilewidth == 256
         assert pages[0].description.startswith(
             f"Aperio Image Library v12.0.0\r\n2600x2100 [0,100 2600x2100] (256x256) JPEG/RGB Q=90"
-            f"|AppMag = {base_mag}|MPP = {mpp:.4f}")
+            f"|AppMag = {base_mag}|MPP = {mpp:.4f}"
+        )
         assert not pages[1].is_tiled  # stripped thumbnail
         assert pages[2].is_tiled and pages[2].shape[:2] == (525, 650)
         assert "-> 650x525" in pages[2].description
@@ -104,6 +105,7 @@ def test_regions_are_seamless_across_tile_boundaries(downsample):
     scene = make_scene(3000, 3000, mpp=0.25, class_id=2, seed=4, n_tissues=1)
     x0, y0 = (v // int(downsample) // 256 * 256 for v in _tissue_centre({"tissue_boxes": scene.tissue_boxes()}))
     whole = render_region(scene, x0, y0, 512, 512, downsample)
+
     def tile(i: int, j: int) -> np.ndarray:
         return render_region(scene, x0 + 256 * i, y0 + 256 * j, 256, 256, downsample)
 
@@ -141,16 +143,21 @@ def test_class_signal_is_in_fine_detail_not_in_low_resolution_colour():
     assert colour_gap < 2.5  # grey levels: equal hematoxylin area fraction across classes
     assert np.abs(other_slide - normal[2]).max() > 2 * colour_gap  # stain variation between slides dominates
     # signal=0 makes classes indistinguishable even at full resolution.
-    a = render_region(make_scene(800, 800, mpp=0.25, class_id=0, seed=2, n_tissues=1, signal=0.0),
-                        0, 0, 800, 800)
-    b = render_region(make_scene(800, 800, mpp=0.25, class_id=1, seed=2, n_tissues=1, signal=0.0),
-                        0, 0, 800, 800)
+    a = render_region(make_scene(800, 800, mpp=0.25, class_id=0, seed=2, n_tissues=1, signal=0.0), 0, 0, 800, 800)
+    b = render_region(make_scene(800, 800, mpp=0.25, class_id=1, seed=2, n_tissues=1, signal=0.0), 0, 0, 800, 800)
     assert np.array_equal(a, b)
 
 
 def test_dataset_labels_patients_and_aux_splits(tmp_path):
-    paths, csv_path = S.write_dataset(tmp_path / "ds", n_slides_per_split={"train": 5, "val": 3, "test": 3},
-                                      n_aux1=2, n_aux2=2, size=(1000, 800), n_tissues=(1, 2), seed=9)
+    paths, csv_path = S.write_dataset(
+        tmp_path / "ds",
+        n_slides_per_split={"train": 5, "val": 3, "test": 3},
+        n_aux1=2,
+        n_aux2=2,
+        size=(1000, 800),
+        n_tissues=(1, 2),
+        seed=9,
+    )
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0].keys()) == ["slide", "patient", "label", "split"]
@@ -174,8 +181,15 @@ def test_dataset_labels_patients_and_aux_splits(tmp_path):
             mags.add(slide.properties.get("openslide.objective-power"))
             assert float(slide.properties["openslide.mpp-x"]) in (0.25, 0.5)
     assert {"40", "20", None} <= mags
-    again, _ = S.write_dataset(tmp_path / "ds2", n_slides_per_split={"train": 5, "val": 3, "test": 3},
-                               n_aux1=2, n_aux2=2, size=(1000, 800), n_tissues=(1, 2), seed=9)
+    again, _ = S.write_dataset(
+        tmp_path / "ds2",
+        n_slides_per_split={"train": 5, "val": 3, "test": 3},
+        n_aux1=2,
+        n_aux2=2,
+        size=(1000, 800),
+        n_tissues=(1, 2),
+        seed=9,
+    )
     assert [_sha(p) for p in paths] == [_sha(p) for p in again]
 
 
@@ -192,13 +206,13 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
 def test_large_slide_streams_with_bounded_memory(tmp_path):
     """Writing 16000x16000 (768 MB raw RGB) must not grow peak RSS by more than a small fraction of that."""
     script = textwrap.dedent(f"""
-        from hpcdistill.synthetic import write_slide
+        from hpcdistill.synthetic.dataset import write_slide
         def hwm():
             for line in open('/proc/self/status'):
                 if line.startswith('VmHWM'):
                     return int(line.split()[1]) * 1024
         before = hwm()
-        info = write_slide({str(tmp_path / 'big.svs')!r}, 16000, 16000, fmt='svs', seed=1, n_tissues=2)
+        info = write_slide({str(tmp_path / "big.svs")!r}, 16000, 16000, fmt='svs', seed=1, n_tissues=2)
         print(before, hwm(), len(info['levels']))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_svs
 from PIL import Image
 from scipy import ndimage
 
-from hpcdistill.errors import HpcdistillError
-from hpcdistill.slides import open_slide
-from hpcdistill.tissue import (TissueParams, disk, find_tissue_boxes, ink_mask, otsu_threshold, tissue_channel,
-                               tissue_mask, write_qc_png)
-
-from conftest import write_svs
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.slides.factory import open_slide
+from hpcdistill.slides.tissue import (
+    TissueParams,
+    disk,
+    find_tissue_boxes,
+    ink_mask,
+    otsu_threshold,
+    tissue_channel,
+    tissue_mask,
+    write_qc_png,
+)
 
 PINK, PURPLE = (225, 150, 190), (120, 60, 150)
 
@@ -142,16 +149,23 @@ def test_qc_png_draws_the_boxes(tmp_path):
 
 
 def test_qc_png_has_a_title_and_legend_in_readable_text(tmp_path):
-    from hpcdistill.tissue import find_tissues, text_size
+    from hpcdistill.slides.tissue import find_tissues, text_size
 
     thumb = slide_thumb()
     boxes, labels, owners = find_tissues(thumb, 4.0, TissueParams())
     assert len(owners) == len(boxes) and all((labels == o).any() for o in owners)  # each box has its own mask
     path = tmp_path / "legend.png"
-    write_qc_png(path, thumb, boxes, 4.0, labels=["t0", "t1"], title="slide: 2 tissues",
-                 legend=[("t0", (0, 160, 0)), ("t1", (0, 90, 255))])
+    write_qc_png(
+        path,
+        thumb,
+        boxes,
+        4.0,
+        labels=["t0", "t1"],
+        title="slide: 2 tissues",
+        legend=[("t0", (0, 160, 0)), ("t1", (0, 90, 255))],
+    )
     drawn = np.asarray(Image.open(path).convert("RGB"))
-    band = drawn[thumb.shape[0]:]
+    band = drawn[thumb.shape[0] :]
     assert drawn.shape[1] == thumb.shape[1] and band.shape[0] >= 2 * text_size(Image.fromarray(thumb))
     assert (band == (0, 160, 0)).all(axis=2).sum() > 100 and (band < 60).all(axis=2).sum() > 20  # swatch, text
     assert text_size(Image.fromarray(thumb)) >= 14

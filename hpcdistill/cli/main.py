@@ -1,0 +1,102 @@
+"""The `hpcdistill` command: argparse subcommands, each a thin call into one module.
+
+To add a subcommand, write `add_<name>(subparsers)` that builds its parser with `parsing.command(subparsers,
+"<name>", run_<name>)`, and list it in SUBCOMMANDS. Runners take the parsed namespace and return an exit code;
+HpcdistillError becomes one stderr line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from hpcdistill import __version__
+from hpcdistill.cli.predict_command import add_predict
+from hpcdistill.cli.run_commands import add_demo, add_evaluate, add_flops, add_launch, add_report, add_status, add_train
+from hpcdistill.cli.shard_commands import add_shard, add_synth
+from hpcdistill.common.errors import HpcdistillError, one_line
+
+PROG = "hpcdistill"
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_synth,
+    add_shard,
+    add_train,
+    add_evaluate,
+    add_report,
+    add_predict,
+    add_flops,
+    add_launch,
+    add_status,
+    add_demo,
+]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is none to show (required options, flags
+    that are off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in (action.help or ""):
+            return action.help  # nothing to show, or the help states its default itself (e.g. a list as typed)
+        return super()._get_help_string(action)
+
+
+class SubcommandParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Resolution-based distillation for histology.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def reference_markdown() -> str:
+    """The README's CLI reference: each subcommand's one-line help and usage, at a fixed 100-column width.
+
+    tests/test_readme.py checks the README holds exactly this text, so the reference cannot drift from --help.
+    Regenerate with: python -c "from hpcdistill.cli.main import reference_markdown; print(reference_markdown())"
+    """
+    import os
+
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps usage to the terminal width
+    try:
+        parser = build_parser()
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        blocks = [
+            f"#### `{PROG} {name}`: {helps[name]}\n\n```\n{sub.format_usage().strip()}\n```"
+            for name, sub in action.choices.items()
+        ]
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+    return "\n\n".join(blocks)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HpcdistillError as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

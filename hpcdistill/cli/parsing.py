@@ -1,0 +1,60 @@
+"""What the subcommands share in building their parsers: a subcommand from its runner, comma-separated numbers,
+and the tissue-localization flags that `shard` and `predict` both take."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+from typing import Callable
+
+
+def command(
+    subparsers: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """The subparser `name` running `run`: its docstring's first line is the one-line help, the rest the
+    description. The name is written at each call, so renaming a function never renames a command."""
+    summary, _, description = inspect.cleandoc(run.__doc__ or "").partition("\n\n")
+    parser = subparsers.add_parser(name, help=summary, description=" ".join(description.split()))
+    parser.set_defaults(func=run)
+    return parser
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+
+
+def field_type(field: dataclasses.Field, default: object) -> Callable[[str], object]:
+    """int/float/str from the default, or from the annotation when the default is None (e.g. 'float | None')."""
+    if default is not None:
+        return type(default)
+    annotation = str(field.type)
+    return float if "float" in annotation else int if "int" in annotation else str
+
+
+def add_tissue_flags(parser: argparse.ArgumentParser) -> None:
+    """One --tissue-<field> flag per tissue.TissueParams field, mirroring its name and default."""
+    from hpcdistill.slides.tissue import TissueParams
+
+    group = parser.add_argument_group("tissue localization (hpcdistill.slides.tissue.TissueParams)")
+    defaults = TissueParams()
+    for field in dataclasses.fields(TissueParams):
+        default = getattr(defaults, field.name)
+        flag, dest = f"--tissue-{field.name.replace('_', '-')}", f"tissue_{field.name}"
+        if isinstance(default, bool):
+            group.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=field.metadata["help"]
+            )
+        else:
+            group.add_argument(
+                flag, dest=dest, type=field_type(field, default), default=default, help=field.metadata["help"]
+            )
+
+
+def tissue_params(args: argparse.Namespace):
+    from hpcdistill.slides.tissue import TissueParams
+
+    return TissueParams(**{f.name: getattr(args, f"tissue_{f.name}") for f in dataclasses.fields(TissueParams)})

@@ -1,0 +1,86 @@
+"""`hpcdistill predict`: classify new slides with an exported model, here or as an array of tasks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from hpcdistill.cli.array_flags import add_cluster_flags, cluster_resources, run_array
+from hpcdistill.cli.parsing import add_tissue_flags, command, tissue_params
+
+
+def _predict_options(args: argparse.Namespace) -> Any:
+    from hpcdistill.predict.prediction import PredictOptions
+
+    return PredictOptions(
+        base_mag=args.base_mag,
+        tissue=tissue_params(args),
+        heatmap=args.heatmap,
+        heatmap_class=args.heatmap_class,
+        slide_rule=args.slide_rule,
+    )
+
+
+def _predict_array(args: argparse.Namespace, slides: list[Path]) -> dict[str, Any] | None:
+    """`predict --cluster`: the array and its merge; the merged predictions.json, or None when not waited for."""
+    import json
+
+    from hpcdistill.models.export import load_exported
+    from hpcdistill.predict.array import plan_predictions, predict_jobs
+    from hpcdistill.predict.prediction import check_options
+
+    options = check_options(_predict_options(args), load_exported(args.model).classes)  # before anything is queued
+    plan = plan_predictions(args.model, slides, args.out, args.tasks, options, args.device)
+    if run_array(f"predict-{Path(args.out).name}", args.out, predict_jobs(plan, cluster_resources(args)), args) is None:
+        return None
+    return json.loads((Path(args.out) / "predictions.json").read_text())
+
+
+def add_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = command(subparsers, "predict", run_predict)
+    p.add_argument("model", help="exported weights (best.pt)")
+    p.add_argument("slides", nargs="+", help="slide files, directories or globs")
+    p.add_argument("--out", required=True, help="folder for tissues.csv, slides.csv, predictions.json, overlays/")
+    p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
+    p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--slide-rule",
+        choices=["mean", "max"],
+        default="mean",
+        help="slide call: mean = tissue-area-weighted mean probability; max = per class the highest tissue probability",
+    )
+    p.add_argument(
+        "--heatmap",
+        action="store_true",
+        help="also write class-activation heat maps (overlay PNG, .npy arrays) and CAM cells in the GeoJSON",
+    )
+    p.add_argument("--heatmap-class", help="the class whose probability the heat map shows (default: the slide's call)")
+    p.add_argument("--dry-run", action="store_true", help="with --cluster: print the array and its sbatch scripts only")
+    add_cluster_flags(p, "classifying")
+    add_tissue_flags(p)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """classify the tissues of new slides (e.g. low-resolution scans)
+
+    Finds each slide's tissues, cuts them into the windows the model's training shards used, reads each at the
+    model's magnification (Lanczos from level 0, as in training) and classifies it; the slide call is the
+    area-weighted mean of the window probabilities. Writes tissues.csv, slides.csv, predictions.json and an
+    overlay PNG per slide. With --cluster, the slides are split over an array of tasks and merged in slide order.
+    """
+    from hpcdistill.predict.prediction import predict_slides
+    from hpcdistill.shards.catalog import collect_slides
+
+    slides = collect_slides(args.slides)
+    if args.cluster:
+        summary = _predict_array(args, slides)
+        if summary is None:
+            return 0
+    else:
+        summary = predict_slides(args.model, slides, args.out, device=args.device, options=_predict_options(args))
+    ok = [s for s in summary["slides"] if s["status"] == "ok"]
+    for s in ok:
+        print(f"{s['slide']}: {s['call']} ({len(s['tissues'])} tissues)")
+    print(f"{len(ok)}/{len(summary['slides'])} slides classified; wrote {args.out}")
+    return 0

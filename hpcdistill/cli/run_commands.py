@@ -1,0 +1,227 @@
+"""The run subcommands: `train`, `evaluate`, `report`, `flops`, `launch`, `status` and `demo`. Each is an
+add_<name> (its argparse parser) and run_<name> (a thin call into the modules)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hpcdistill.cli.parsing import command, float_list
+from hpcdistill.common.config import ARCHS, STEMS
+from hpcdistill.slides.windows import DEFAULT_MAGS
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = command(subparsers, "train", run_train)
+    p.add_argument("config", help="YAML config, e.g. configs/celiac/distill.yaml")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.mag=1.25 train.lr=5e-4"
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """train a teacher, baseline, KD student or fine-tune (DeepSpeed; torchrun for several ranks)
+
+    Train from shards. Precedence: key=value overrides > CONFIG file (and its base:) > defaults. Single process
+    as is; several ranks under `torchrun --nproc-per-node N -m hpcdistill train ...`.
+    """
+    from hpcdistill.train.loop import main_train
+
+    return main_train([args.config, *args.overrides])
+
+
+def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    p = command(subparsers, "evaluate", run_evaluate)
+    p.add_argument("checkpoint", help="exported weights, e.g. runs/x/distill-2.5x/best.pt")
+    p.add_argument("--shards", required=True, help="shard folder with manifest.json")
+    p.add_argument("--split", default="test", help="the manifest split to score")
+    p.add_argument("--iterations", type=int, default=10000, help="bootstrap resamples")
+    p.add_argument("--level", type=float, default=0.95, help="CI level")
+    p.add_argument("--by-slide", action="store_true", help="resample whole slides, not tissues, in the bootstrap")
+    p.add_argument("--method", help="name in the report (default: from the run's config)")
+    p.add_argument(
+        "--study",
+        default="main",
+        choices=["main", "ablation"],
+        help="which report table the result goes to: the main comparison or the pixel-loss ablation",
+    )
+    p.add_argument("--out", help="output folder (default <checkpoint folder>/eval)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="loader processes decoding the shards")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """metrics with bootstrap CIs and GFLOPs of an exported model on a split
+
+    Writes <run>/eval/<split>.json and <split>_predictions.csv. The magnification comes from the checkpoint.
+    """
+    from hpcdistill.evaluate.evaluation import evaluate_checkpoint
+    from hpcdistill.evaluate.report import format_ci
+
+    record = evaluate_checkpoint(
+        args.checkpoint,
+        args.shards,
+        args.split,
+        method=args.method,
+        study=args.study,
+        iterations=args.iterations,
+        level=args.level,
+        by_slide=args.by_slide,
+        out_dir=args.out,
+        device=args.device,
+        workers=args.workers,
+    )
+    print(f"{record['method']} @ {record['mag']:g}x on {args.split} ({record['samples']} samples):")
+    for metric, value in record["metrics"].items():
+        print(f"  {metric:<10} {format_ci(tuple(value))}")
+    print(f"  GFLOPs     {record['gflops']['median']:.4g} per forward pass at the median tissue size")
+    print(f"wrote {record['path']}")
+    return 0
+
+
+def add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = command(subparsers, "report", run_report)
+    p.add_argument("runs", nargs="+", help="run folders (their eval/*.json) or evaluation JSON files")
+    p.add_argument("--out", required=True, help="folder for report.md, figure3.png (and ablation.png)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Table 3/4 markdown and the Figure 3 plot from evaluated runs
+
+    Reads every eval/*.json under the given run folders (written by `hpcdistill evaluate`) and writes report.md
+    (the paper's Table 3/4 layouts, the ordering check) and figure3.png (accuracy against GFLOPs).
+    """
+    from hpcdistill.evaluate.report import load_results, write_report
+
+    path = write_report(load_results(args.runs), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_flops(subparsers: argparse._SubParsersAction) -> None:
+    p = command(subparsers, "flops", run_flops)
+    p.add_argument("--arch", default="resnet18", choices=ARCHS, help="GroupNorm ResNet depth")
+    p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = the standard ResNet)")
+    p.add_argument(
+        "--stem",
+        default="standard",
+        choices=STEMS,
+        help="input stem: standard (stride 4), halfres (2) or lowres (1, for tiny low-magnification inputs)",
+    )
+    p.add_argument("--num-classes", type=int, default=3, help="classifier outputs")
+    p.add_argument(
+        "--mags",
+        type=float_list,
+        default=list(DEFAULT_MAGS),
+        help="comma-separated magnifications (default 10,5,2.5,1.25,0.625)",
+    )
+    p.add_argument("--manifest", help="shard folder or manifest.json: adds median/mean tissue sizes")
+    p.add_argument("--checkpoint", help="exported weights: use its architecture instead of --arch/--width/--stem")
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    """GFLOPs per forward pass per magnification (FLOPs = 2 x multiply-adds)
+
+    GFLOPs of one forward pass at a fixed field of view per magnification, and at the shards' median and mean
+    tissue sizes with --manifest.
+    """
+    from hpcdistill.evaluate.evaluation import FIXED_SIZE_10X, flops_per_mag
+    from hpcdistill.models.resnet import build_model
+    from hpcdistill.shards.manifest import read_manifest
+
+    if args.checkpoint:
+        from hpcdistill.models.export import load_exported
+
+        model = load_exported(args.checkpoint).model
+    else:
+        model = build_model(args.arch, args.num_classes, width=args.width, stem=args.stem)
+    manifest = None
+    if args.manifest:
+        path = Path(args.manifest)
+        manifest = read_manifest(path if path.is_dir() else path.parent)
+    rows = flops_per_mag(model, args.mags, manifest)
+    print(
+        f"GFLOPs per forward pass (FLOPs = 2 x multiply-adds; torchvision's '1.814 GFLOPS' for resnet18 is "
+        f"multiply-adds). Fixed field of view: {FIXED_SIZE_10X} px at 10x."
+    )
+    header = f"{'mag':>7} {'fixed px':>9} {'fixed':>9}" + (
+        f" {'median px':>10} {'median':>9} {'mean':>9}" if manifest else ""
+    )
+    print(header)
+    for r in rows:
+        line = f"{r['mag']:>6g}x {r['fixed_size'][0]:>9} {r['fixed']:>9.4g}"
+        if manifest and "median_size" in r:
+            line += f" {'x'.join(map(str, r['median_size'])):>10} {r['median']:>9.4g} {r['mean']:>9.4g}"
+        print(line)
+    return 0
+
+
+def add_launch(subparsers: argparse._SubParsersAction) -> None:
+    p = command(subparsers, "launch", run_launch)
+    p.add_argument("experiment", help="experiment YAML, e.g. configs/experiments/celiac.yaml")
+    p.add_argument(
+        "--cluster",
+        default="slurm",
+        choices=["slurm", "local", "debug"],
+        help="slurm: sbatch through submitit; local: processes on this machine; debug: in this process",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and dependency graph only")
+    p.add_argument("--wait", action="store_true", help="slurm: wait for every job and fail if one fails")
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    """submit an experiment's job graph through submitit (SLURM arrays per method)
+
+    Teacher -> one array per method (a task per magnification) -> evaluation and report, with afterok
+    dependencies. Records every job in <exp dir>/launch.json (read by `hpcdistill status`).
+    """
+    from hpcdistill.experiment.launch import launch
+
+    record = launch(args.experiment, cluster=args.cluster, dry_run=args.dry_run, wait=args.wait)
+    if not args.dry_run:
+        print(f"launched {len(record['jobs'])} jobs; follow them with: hpcdistill status {record['exp_dir']}")
+    return 0
+
+
+def add_status(subparsers: argparse._SubParsersAction) -> None:
+    p = command(subparsers, "status", run_status)
+    p.add_argument("exp_dir", help="experiment folder (holds launch.json)")
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """jobs of a launch: states, logs, TensorBoard folders
+
+    Reads <exp dir>/launch.json: each job's state (from SLURM, or from the local processes), its training
+    progress, logs and TensorBoard folder.
+    """
+    from hpcdistill.cluster.status import format_status, status
+
+    print(format_status(status(args.exp_dir)))
+    return 0
+
+
+def add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = command(subparsers, "demo", run_demo)
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--quick", action="store_true", help="a shortened run (CI): fewer slides, one epoch")
+    p.add_argument("--slurm", action="store_true", help="run the jobs through `hpcdistill launch` on SLURM")
+    p.add_argument("--workers", type=int, default=2, help="sharding processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic slides and the splits")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="training seeds: every run is repeated for seeds 0..N-1 and the report pools them",
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """the paper's experiment end to end on an embedded synthetic dataset
+
+    synth -> shard -> teacher, baseline, KD and KD with two aux sets at two low magnifications -> evaluation
+    with CIs and GFLOPs -> report. Resumable.
+    """
+    from hpcdistill.experiment.demo import run_demo as demo
+
+    demo(args.out, quick=args.quick, slurm=args.slurm, workers=args.workers, seed=args.seed, seeds=args.seeds)
+    return 0

@@ -1,0 +1,42 @@
+"""The base of every callable submitit runs on the cluster (training, evaluation, sharding and prediction tasks):
+small and picklable, its `checkpoint()` only resubmits it, and a finished task ignores a late requeue signal."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import zlib
+from typing import Any
+
+
+def master_port(job_id: str) -> int:
+    """A port every task of one job agrees on, distinct for concurrent jobs (ids differ) on a shared node."""
+    number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return 20000 + number % 20000
+
+
+def ignore_requeue_signal() -> None:
+    """Called when a task's work is done. A time-limit signal after this point must not requeue the finished job
+    (submitit's handler would), nor kill it: Python resets its handlers to the default action while the interpreter
+    shuts down, and SIGUSR2's default is to terminate, which turns a job that has written its result into FAILED."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SIG_IGN survives interpreter shutdown; handlers do not
+
+
+class Resubmitting:
+    """A submitted callable: `run()` is its work. On timeout or preemption submitit calls `checkpoint()`, which
+    resubmits the same callable; each task's work resumes from what it saved (checkpoints, journals) or, when it is
+    idempotent, is redone whole. Requeues are bounded by the executor's max_num_timeout (`max_requeue`)."""
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def __call__(self) -> Any:
+        result = self.run()
+        ignore_requeue_signal()
+        return result
+
+    def checkpoint(self) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)

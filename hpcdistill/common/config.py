@@ -1,0 +1,431 @@
+"""The typed configuration tree: YAML (safe_load) + `a.b=value` overrides, validated against dataclasses.
+
+Precedence: command-line overrides > the YAML file (and the files it names under `base:`) > the defaults below.
+Every rejection is one line naming the dotted key, e.g. "train.lr: expected float, got 'abc'".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.files import atomic_write_text
+
+
+class ConfigError(HpcdistillError):
+    """A bad config file, key or value."""
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # configs/ as installed package data (pyproject.toml)
+
+
+def resolve_path(path: str) -> Path:
+    """A path named in a config: as given (relative to the working directory), else relative to the repository
+    (configs/...), else, for configs/..., the copy installed with the package: a `pip install .` works anywhere."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or (REPO_ROOT / p).exists():
+        return p if p.is_absolute() or p.exists() else REPO_ROOT / p
+    installed = PACKAGE_CONFIGS.joinpath(*p.parts[1:]) if p.parts[:1] == ("configs",) else None
+    return installed if installed is not None and installed.exists() else REPO_ROOT / p
+
+
+# The choices below are the one source of each list: models, losses and the CLI read them from here (this module
+# imports no torch, so the launcher can validate configs without it).
+Mode = Literal["teacher", "baseline", "distill", "finetune"]
+Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50"]
+Stem = Literal["standard", "halfres", "lowres"]
+Resize = Literal["maxpool", "bicubic"]  # the pixel loss's resize functions g (losses.pixel_loss)
+Precision = Literal["fp32", "bf16", "fp16"]
+# Validation metrics an export can be selected on (selection.py): kl and loss lower-is-better, the rest higher;
+# agreement and kl (with the teacher) exist only in distill; ema_* score the EMA weights (train.ema_decay > 0).
+SelectMetric = Literal[
+    "auto",
+    "accuracy",
+    "f1",
+    "precision",
+    "recall",
+    "top1",
+    "agreement",
+    "kl",
+    "loss",
+    "ema_accuracy",
+    "ema_f1",
+    "ema_precision",
+    "ema_recall",
+    "ema_top1",
+    "ema_agreement",
+    "ema_kl",
+    "ema_loss",
+]
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
+STEMS: tuple[str, ...] = typing.get_args(Stem)
+RESIZES: tuple[str, ...] = typing.get_args(Resize)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run directory is out_dir/name: one directory per experiment, checkpoints and logs inside
+    out_dir: str = "runs"
+    seed: int = 0  # model init and every augmentation draw derive from it, so runs are reproducible
+    # "auto": latest complete checkpoint in the run dir; "never": refuse to reuse a run dir; or a checkpoint path
+    resume: str = "auto"
+
+
+@dataclass
+class AugmentConfig:
+    """Applied identically to both images of a KD pair (same draw), so teacher and student see the same tissue."""
+
+    flips: bool = True  # random horizontal and vertical flips (paper §3.2)
+    rot90: bool = True  # random multiples of 90 degrees: exact on pixels, no interpolation
+    brightness: float = (
+        0.25  # factor drawn from [1-b, 1+b]; colour jitter is the paper's minimum defence against stain overfit
+    )
+    contrast: float = 0.25
+    saturation: float = 0.25
+    hue: float = 0.05  # shift drawn from [-h, h] of a full turn (h <= 0.5)
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards"  # directory holding manifest.json; relative set entries resolve against it
+    # Each entry is a split name from the manifest ("train", "aux1") or a brace-notation URL/path pattern
+    # ("train-{000000..000003}.tar", "/data/adv2/aux-{000000..000009}.tar"). Several entries are read together.
+    train: list[str] = field(default_factory=lambda: ["train"])
+    val: list[str] = field(default_factory=lambda: ["val"])
+    aux: list[str] = field(
+        default_factory=list
+    )  # unlabeled sets; distill reads train + aux (set train: [] for aux only)
+    mag: float = 2.5  # the magnification this run's model sees (teacher mode: forced to teacher_mag)
+    teacher_mag: float = 10.0
+    # Samples per epoch over all ranks; 0 = the manifest's count for the selected sets. Each rank runs exactly
+    # ceil(epoch_samples / world) samples (rounded down to whole optimizer steps) so no rank waits on another.
+    epoch_samples: int = 0
+    # "resampled": each rank/worker draws shards with replacement (scales, the default for real runs);
+    # "ordered": one global sample order strided across ranks, so a run is independent of the world size
+    # (tests, audits).
+    sampler: Literal["resampled", "ordered"] = "resampled"
+    shuffle_buffer: int = 64  # samples buffered for shuffling within the streamed shards (resampled mode)
+    num_workers: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Where JPEGs are decoded: "cpu", by the loader workers (PIL, libjpeg-turbo); "gpu", on the training GPU with
+    # nvJPEG (needs `pip install hpcdistill[gpu]`: torchvision), the workers then only read bytes. Refused on a CPU run.
+    decode: Literal["cpu", "gpu"] = "cpu"
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = "resnet18"
+    width: int = 64
+    groups: int = (
+        32  # GroupNorm groups (capped at channels): batch-size independent, so micro-batch 1 + accumulation is exact
+    )
+    stem: Stem = "standard"  # lighter stems keep detail in small low-mag inputs at more FLOPs (models.py)
+    num_classes: int = 3
+    init: str = ""  # exported weights (best.pt) to start from: the distilled student for finetune
+
+
+@dataclass
+class TeacherRef:
+    checkpoint: str = ""  # the teacher run's exported best.pt; its arch_kwargs rebuild the network
+
+
+@dataclass
+class TrainConfig:
+    mode: Mode = "teacher"
+    epochs: int = 100  # paper: 100 epochs of Adam at lr 1e-3
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # explicit: DeepSpeed's torch Adam otherwise defaults to 0.01
+    grad_accum: int = 16  # micro-batch 1 whole tissues + accumulation, as in the paper
+    micro_batch: int = 1
+    # Group crops of similar size into micro-batches and centre-crop each batch to its smallest member: more
+    # images per kernel launch (GPU efficiency) at the cost of losing tissue borders of the larger crops.
+    bucketed: bool = False
+    bucket_window: int = 8  # micro-batches' worth of samples sorted by size together (bucketed mode)
+    # NHWC memory format for the model and its inputs: the layout GPU convolution kernels (tensor cores) run fastest.
+    channels_last: bool = False
+    # torch.compile the student (and the frozen teacher) with dynamic shapes: whole tissues differ in size, so one
+    # graph serves every H x W (README "The GPU path": when it recompiles).
+    compile: bool = False
+    temperature: float = 4.0
+    pixel_resize: list[Resize] = field(default_factory=lambda: list(RESIZES))  # a subset; [] = KD only
+    checkpoint_every_steps: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = only at epoch ends
+    # Minutes of training between mid-epoch checkpoints (rank 0's clock), however fast the steps: bounds the work a
+    # preemption or time limit can lose on any GPU. Either cadence or both; 0 = off.
+    checkpoint_every_min: float = 0.0
+    keep_last: int = 3
+    max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = run all epochs
+    select_metric: SelectMetric = "auto"  # val metric for best.pt; "auto": Config.select_metric
+    # Keep an exponential moving average of the weights (decay per optimizer step, warmed up over the first steps):
+    # validation then also scores it (the ema_* metrics), and last-ema.pt holds it at the end. 0 = off.
+    ema_decay: float = 0.0
+    # More selections, each exported as best-<metric>.pt beside best.pt: compare picks without retraining.
+    export_also: list[SelectMetric] = field(default_factory=list)
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    log_every: int = 10  # optimizer steps between scalar logs
+    images_every: int = 0  # optimizer steps between input-image logs; 0 = first step of each epoch only
+    num_images: int = 4
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # DeepSpeed-only settings (optimizer betas/eps, clipping, fp16 loss scaling); what this tree sets (micro-batch,
+    # accumulation, lr, weight decay, precision) is refused there (ds_config.py), so the two never disagree.
+    deepspeed: str = "configs/deepspeed/zero0.json"
+    precision: Precision = "fp32"
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    @property
+    def select_metric(self) -> str:
+        """The val metric best.pt is chosen on: train.select_metric, where "auto" is the steadiest pick measured on
+        the demo over 3 seeds (README "Choosing the export"): in distill the val distillation loss (continuous,
+        label-free); otherwise the EMA weights' val accuracy when train.ema_decay keeps them, else val accuracy."""
+        if self.train.select_metric != "auto":
+            return self.train.select_metric
+        if self.train.mode == "distill":
+            return "loss"
+        return "ema_accuracy" if self.train.ema_decay else "accuracy"
+
+    @property
+    def model_mag(self) -> float:
+        """The magnification the trained network sees."""
+        return self.data.teacher_mag if self.train.mode == "teacher" else self.data.mag
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (following `base:`), then `a.b=value` overrides; all validated."""
+    raw: dict[str, Any] = read_yaml(resolve_path(str(path)), ()) if path is not None else {}
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    cfg = build_dataclass(Config, raw, "")
+    _check(cfg)
+    return cfg
+
+
+def read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: circular base: chain")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({one_line(err)})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = read_yaml(path.parent / str(base), chain + (path,))
+    return merge_dicts(parent, data)
+
+
+def merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=0.001")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # let type validation report it against the key
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or '<top>'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            dotted = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{dotted}: unknown key{hint}")
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}; got {value!r}{hint}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        one = item_tp is str or typing.get_origin(item_tp) is Literal
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and one:
+            value = [value] if value != "" else []  # `train=aux1` on the CLI means a one-element list
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. run.name=42
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # pragma: no cover - a bug in this file
+
+
+def _check_selection(cfg: Config) -> None:
+    """train.select_metric and train.export_also name metrics this run's validation will have."""
+    train = cfg.train
+    if not 0 <= train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no EMA), got {train.ema_decay}")
+    if "auto" in train.export_also:
+        raise ConfigError("train.export_also: name metrics; auto is what best.pt already uses")
+    if len(set(train.export_also)) != len(train.export_also):
+        raise ConfigError(f"train.export_also: repeated entry in {train.export_also}")
+    named = [("train.select_metric", train.select_metric)] + [("train.export_also", m) for m in train.export_also]
+    for key, metric in named:
+        base = metric.removeprefix("ema_")
+        if base in ("agreement", "kl") and train.mode != "distill":
+            raise ConfigError(f"{key}: {metric} (with the teacher) exists only in distill mode, not {train.mode}")
+        if metric != base and not train.ema_decay:
+            raise ConfigError(f"{key}: {metric} scores the EMA weights; set train.ema_decay (e.g. 0.998)")
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field and range checks the types cannot express."""
+    positive = {
+        "train.epochs": cfg.train.epochs,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.micro_batch": cfg.train.micro_batch,
+        "train.keep_last": cfg.train.keep_last,
+        "model.width": cfg.model.width,
+        "model.groups": cfg.model.groups,
+        "model.num_classes": cfg.model.num_classes,
+        "train.bucket_window": cfg.train.bucket_window,
+        "log.log_every": cfg.log.log_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    non_negative = {
+        "data.epoch_samples": cfg.data.epoch_samples,
+        "data.num_workers": cfg.data.num_workers,
+        "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
+        "train.max_steps": cfg.train.max_steps,
+        "train.weight_decay": cfg.train.weight_decay,
+        "log.images_every": cfg.log.images_every,
+        "train.checkpoint_every_min": cfg.train.checkpoint_every_min,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not cfg.train.lr > 0:
+        raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
+    if not cfg.train.temperature > 0:
+        raise ConfigError(f"train.temperature: must be > 0, got {cfg.train.temperature}")
+    for mag_key in ("mag", "teacher_mag"):
+        if not getattr(cfg.data, mag_key) > 0:
+            raise ConfigError(f"data.{mag_key}: must be > 0, got {getattr(cfg.data, mag_key)}")
+    if len(set(cfg.train.pixel_resize)) != len(cfg.train.pixel_resize):
+        raise ConfigError(f"train.pixel_resize: repeated entry in {cfg.train.pixel_resize}")
+    _check_selection(cfg)
+    aug = cfg.data.augment
+    for name in ("brightness", "contrast", "saturation"):
+        if not 0 <= getattr(aug, name) < 1:
+            raise ConfigError(f"data.augment.{name}: must be in [0, 1), got {getattr(aug, name)}")
+    if not 0 <= aug.hue <= 0.5:
+        raise ConfigError(f"data.augment.hue: must be in [0, 0.5], got {aug.hue}")
+    if cfg.train.mode == "distill" and not cfg.teacher.checkpoint:
+        raise ConfigError("teacher.checkpoint: required in distill mode (the teacher run's best.pt)")
+    if cfg.train.mode == "distill" and not (cfg.data.train or cfg.data.aux):
+        raise ConfigError("data.train: distill needs data.train and/or data.aux sets")
+    if cfg.train.mode == "finetune" and not cfg.model.init:
+        raise ConfigError("model.init: required in finetune mode (the distilled student's best.pt)")
+    if cfg.train.mode != "distill" and not cfg.data.train:
+        raise ConfigError(f"data.train: {cfg.train.mode} mode needs labeled train sets")

@@ -1,0 +1,208 @@
+"""Evaluate an exported model on a shard split: the paper's metrics with bootstrap CIs, plus GFLOPs (§4.4).
+
+Writes `<run>/eval/<split>.json` (the record `hpcdistill report` reads) and `<run>/eval/<split>_predictions.csv`
+(one row per tissue window). The magnification comes from the checkpoint, never from the command line, so a
+student cannot be scored on the wrong resolution by accident.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.files import atomic_output, atomic_write_json
+from hpcdistill.common.mags import mag_name
+from hpcdistill.data.streams import StreamSpec, make_loader
+from hpcdistill.evaluate.method_labels import method_label
+from hpcdistill.evaluate.metrics import METRICS, bootstrap_ci, classification_metrics, forward_flops, gflops
+from hpcdistill.models.export import ExportedModel, load_exported
+from hpcdistill.models.inference import model_outputs, pick_device, require_finite
+from hpcdistill.shards.manifest import mag_stats, read_manifest, split_summary
+from hpcdistill.shards.reader import resolve_sets
+
+FIXED_SIZE_10X = 512  # px at 10x for the fixed-size GFLOPs column; scaled by mag/10 at lower magnifications
+
+
+def dataset_name(shards: str | Path) -> str:
+    """The shard folder's name, or its parent's when the folder is just called 'shards' (e.g. data/celiac/shards)."""
+    path = Path(shards).resolve()
+    return path.parent.name if path.name == "shards" else path.name
+
+
+def flops_at_sizes(model: torch.nn.Module, manifest: dict[str, Any] | None, mag: float) -> dict[str, Any]:
+    """GFLOPs (FLOPs, 2 per multiply-add) per forward pass at a fixed size and at the manifest's median/mean tissue."""
+    side = max(1, round(FIXED_SIZE_10X * mag / 10))
+    out: dict[str, Any] = {
+        "unit": "GFLOPs (2 FLOPs per multiply-add)",
+        "fixed_size": [side, side],
+        "fixed": gflops(forward_flops(model, (side, side))),
+    }
+    sizes = (manifest or {}).get("sizes", {}).get(mag_name(mag), {})
+    for stat in ("median", "mean"):
+        if stat in sizes:
+            w, h = (max(1, round(float(v))) for v in sizes[stat])
+            out[f"{stat}_size"] = [w, h]
+            out[stat] = gflops(forward_flops(model, (h, w)))
+    out.setdefault("median", out["fixed"])
+    out.setdefault("mean", out["fixed"])
+    return out
+
+
+def predict_split(
+    model: torch.nn.Module,
+    shards: str | Path,
+    manifest: dict[str, Any],
+    split: str,
+    mag: float,
+    workers: int = 0,
+    checkpoint: str = "model",
+) -> list[dict[str, Any]]:
+    """(key, slide, label, prediction, probabilities) for every sample of the split, by sample key, on the model's
+    device; `workers` loader processes decode the shards in parallel (whole tissues at 10x decode slowly)."""
+    splits = manifest.get("splits", {})
+    sets = resolve_sets(shards, manifest, [split]) if split in splits else None
+    if sets is None or not sets.urls or sets.samples == 0:
+        raise HpcdistillError(
+            f"{Path(shards) / 'manifest.json'}: split {split!r} is empty or absent (splits: {split_summary(manifest)})"
+        )
+    if not sum(splits[split].get("class_histogram", {}).values()):
+        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
+    spec = StreamSpec(
+        urls=sets.urls,
+        mode="labeled",
+        mag=mag,
+        teacher_mag=mag,
+        stats={mag_name(mag): mag_stats(manifest, mag)},
+        micro_batch=1,
+        samples=-1,
+        sampler="ordered",
+        finish_on_device=True,
+    )  # standardised where the model runs (model_outputs), as in training
+    device = next(model.parameters()).device
+    loader = make_loader(spec, workers, pin_memory=device.type == "cuda")
+    rows = []
+    for batch, _, logits in model_outputs(
+        model, loader, device, mag=mag, remedy=f"evaluate with --device cpu (split {split!r})"
+    ):
+        require_finite(logits, checkpoint, f"{batch['key'][0]} (split {split!r})")
+        probs = torch.softmax(logits.float(), dim=1)[0].cpu()
+        rows.append(
+            {
+                "key": batch["key"][0],
+                "slide": batch["slide"][0],
+                "y": int(batch["y"][0]),
+                "pred": int(probs.argmax()),
+                "probs": probs.tolist(),
+            }
+        )
+    return sorted(rows, key=lambda r: r["key"])  # workers interleave their own shards: one order for any count
+
+
+def _load_for(checkpoint: str | Path, shards: str | Path, manifest: dict[str, Any]) -> ExportedModel:
+    """The export, checked against the shards: same classes, and images at its magnification."""
+    classes = manifest.get("classes", [])
+    exported = load_exported(checkpoint, expect_classes=len(classes) or None)
+    if exported.classes and classes and exported.classes != classes:
+        raise HpcdistillError(f"{checkpoint}: trained on classes {exported.classes}, the shards have {classes}")
+    mags = [float(m) for m in manifest.get("mags", [])]
+    if not any(math.isclose(exported.mag, m) for m in mags):
+        raise HpcdistillError(
+            f"{Path(shards) / 'manifest.json'}: no {mag_name(exported.mag)} images "
+            f"(the model's magnification); shards have {', '.join(map(mag_name, mags))}"
+        )
+    return exported
+
+
+def _write_predictions(path: Path, rows: list[dict[str, Any]], classes: list[str]) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["key", "slide", "label", "pred"] + [f"p_{c}" for c in classes])
+        for r in rows:
+            label = classes[r["y"]] if r["y"] >= 0 else ""
+            writer.writerow([r["key"], r["slide"], label, classes[r["pred"]], *(f"{p:.6f}" for p in r["probs"])])
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    shards: str | Path,
+    split: str = "test",
+    *,
+    method: str | None = None,
+    study: str = "main",
+    iterations: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+    by_slide: bool = False,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Score `checkpoint` on `split` of the shards in `shards`; returns and writes the evaluation record.
+
+    `device`: "auto" (a GPU if there is one), "cpu", "cuda" or "cuda:N"; inference runs in fp32 either way.
+    `by_slide` resamples whole slides in the bootstrap (tissues of one slide are correlated); the default is the
+    paper's plain resampling of test samples with replacement.
+    """
+    manifest = read_manifest(shards)
+    exported = _load_for(checkpoint, shards, manifest)
+    exported.model.to(pick_device(device))
+    rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers, str(checkpoint))
+    labeled = [r for r in rows if r["y"] >= 0]
+    if not labeled:
+        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
+    y_true, y_pred, k = [r["y"] for r in labeled], [r["pred"] for r in labeled], len(exported.classes)
+    point = classification_metrics(y_true, y_pred, k)
+    ci = bootstrap_ci(
+        y_true,
+        y_pred,
+        k,
+        iterations=iterations,
+        level=level,
+        seed=seed,
+        groups=[r["slide"] for r in labeled] if by_slide else None,
+    )
+    record = {
+        "method": method or method_label(exported.config),
+        "study": study,
+        "dataset": dataset_name(shards),
+        "seed": exported.config.get("run", {}).get("seed"),
+        "mag": exported.mag,
+        "split": split,
+        "samples": len(labeled),
+        "slides": len({r["slide"] for r in labeled}),
+        "classes": exported.classes,
+        "checkpoint": str(checkpoint),
+        "arch": exported.arch_kwargs,
+        "bootstrap": {
+            "iterations": iterations,
+            "level": level,
+            "seed": seed,
+            "resample": "slides" if by_slide else "samples",
+        },
+        "metrics": {m: list(ci[m]) for m in METRICS},
+        "per_class": {m: [None if v != v else v for v in vals] for m, vals in point["per_class"].items()},
+        "confusion": point["confusion"],
+        "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
+    }
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"{split}.json", record, indent=1)
+    _write_predictions(out / f"{split}_predictions.csv", rows, exported.classes)
+    record["path"] = str(out / f"{split}.json")
+    return record
+
+
+def flops_per_mag(
+    model: torch.nn.Module, mags: list[float], manifest: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """`hpcdistill flops`: GFLOPs per magnification at a fixed field of view and at the manifest's tissue sizes.
+
+    The fixed column keeps the physical field of view constant (FIXED_SIZE_10X px at 10x), so it shows the
+    ~4^k saving of each halving of the magnification independently of the data.
+    """
+    return [{"mag": mag, **flops_at_sizes(model, manifest, mag)} for mag in mags]

@@ -1,0 +1,256 @@
+"""Paper §4.4 metrics: one-vs-rest macro accuracy/F1/precision/recall, bootstrap CIs, forward-pass FLOPs.
+
+Convention for absent classes. A class is *present* in a sample set when it occurs in y_true or in y_pred
+-- the label set scikit-learn uses by default. Macro averages run over the present classes only; within
+them an undefined ratio (0/0, e.g. a class never predicted) counts as 0 (sklearn's zero_division=0). So
+the macro precision, recall and F1 here equal sklearn's `precision_recall_fscore_support(average="macro",
+zero_division=0)` on any input, and a class missing from a bootstrap resample is left out of that
+resample's averages: it never crashes and never counts as 1.0. OvR accuracy (TP_c+TN_c)/N uses the same
+class set (an absent class would score TN/N = 1.0 and inflate it). Per-class lists hold NaN for absent
+classes, so each macro value equals the NaN-mean of its per-class list.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hpcdistill.common.errors import HpcdistillError
+
+METRICS = ("accuracy", "f1", "precision", "recall")
+CHUNK_ELEMS = 4_000_000  # resampling indices held in memory at once by bootstrap_ci (~32 MB of int64)
+
+
+def _labels(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    if t.ndim != 1 or t.shape != p.shape:
+        raise HpcdistillError(f"metrics: y_true and y_pred must be 1-D of equal length, got {t.shape} and {p.shape}")
+    if t.size == 0:
+        raise HpcdistillError("metrics: no samples to evaluate")
+    for name, y in (("y_true", t), ("y_pred", p)):
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
+            raise HpcdistillError(f"metrics: {name} must hold integer class indices in [0, {num_classes})")
+    return t.astype(np.int64), p.astype(np.int64)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num/den with 0/0 -> 0 (sklearn's zero_division=0)."""
+    return np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 0)
+
+
+def metrics_from_confusions(conf: np.ndarray) -> dict[str, np.ndarray]:
+    """Batched OvR metrics from confusion matrices conf[..., true, pred].
+
+    Returns per-class arrays (..., K) (NaN for absent classes) under "per_class_<metric>" and macro
+    values (...) under each metric name.
+    """
+    conf = conf.astype(np.float64)
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)
+    n_true, n_pred = conf.sum(axis=-1), conf.sum(axis=-2)
+    fp, fn = n_pred - tp, n_true - tp
+    n = conf.sum(axis=(-2, -1))[..., None]
+    present = (n_true + n_pred) > 0
+    per_class = {
+        "accuracy": (n - fp - fn) / n,  # (TP + TN) / N
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    }
+    out: dict[str, np.ndarray] = {}
+    n_present = present.sum(axis=-1)  # >= 1 whenever N > 0
+    for name, values in per_class.items():
+        values = np.where(present, values, np.nan)
+        out["per_class_" + name] = values
+        out[name] = np.where(present, values, 0.0).sum(axis=-1) / n_present
+    return out
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) int64 counts, rows = true class, columns = predicted class."""
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, num_classes: int
+) -> dict:
+    """{"accuracy", "f1", "precision", "recall": macro OvR fractions, "per_class": {metric: [K floats],
+    "support": [K ints]}, "confusion": K x K list (rows true, columns predicted)}. See module docstring."""
+    t, p = _labels(y_true, y_pred, num_classes)
+    conf = confusion_matrix(t, p, num_classes)
+    m = metrics_from_confusions(conf)
+    result: dict = {name: float(m[name]) for name in METRICS}
+    result["per_class"] = {name: [float(v) for v in m["per_class_" + name]] for name in METRICS}
+    result["per_class"]["support"] = [int(v) for v in conf.sum(axis=1)]
+    result["confusion"] = conf.tolist()
+    return result
+
+
+def bootstrap_indices(n: int, iterations: int, seed: int, chunk_elems: int | None = None) -> Iterator[np.ndarray]:
+    """Yield (rows, n) blocks of resampling indices (with replacement), `iterations` rows in all.
+
+    Blocks keep memory at ~`chunk_elems` (default CHUNK_ELEMS) indices. The stream depends only on
+    (n, iterations, seed, chunk_elems), so a slow reference loop can replay exactly the same resamples.
+    """
+    rng = np.random.default_rng(seed)
+    rows = max(1, (chunk_elems or CHUNK_ELEMS) // max(n, 1))
+    for start in range(0, iterations, rows):
+        yield rng.integers(0, n, size=(min(rows, iterations - start), n))
+
+
+def _resampled_confusions(
+    t: np.ndarray, p: np.ndarray, num_classes: int, iterations: int, seed: int, groups: Sequence | np.ndarray | None
+) -> Iterator[np.ndarray]:
+    """Blocks of (rows, K, K) confusion matrices, one per resample: of samples, or of whole groups when given."""
+    kk = num_classes**2
+    codes = t * num_classes + p
+    if groups is None:
+        for idx in bootstrap_indices(codes.size, iterations, seed):
+            rows = idx.shape[0]
+            flat = (np.arange(rows)[:, None] * kk + codes[idx]).ravel()
+            yield np.bincount(flat, minlength=rows * kk).reshape(rows, num_classes, num_classes)
+        return
+    g = np.asarray(groups)
+    if g.shape != t.shape:
+        raise HpcdistillError(f"groups: need one group id per sample, got {g.shape} for {t.shape}")
+    _, gid = np.unique(g, return_inverse=True)
+    n_units = int(gid.max()) + 1
+    # (groups, K*K): each group's confusion counts; a resample's confusion is a count-weighted sum.
+    unit_conf = np.zeros((n_units, kk), dtype=np.float64)
+    np.add.at(unit_conf, (gid, codes), 1.0)
+    for idx in bootstrap_indices(n_units, iterations, seed):
+        rows = idx.shape[0]
+        counts = np.bincount((np.arange(rows)[:, None] * n_units + idx).ravel(), minlength=rows * n_units).reshape(
+            rows, n_units
+        )
+        yield (counts @ unit_conf).reshape(rows, num_classes, num_classes)
+
+
+def bootstrap_ci(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    num_classes: int,
+    iterations: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups: Sequence | np.ndarray | None = None,
+) -> dict[str, tuple[float, float, float]]:
+    """{metric: (point estimate on the full data, low, high)}: percentile bootstrap interval at `level`.
+
+    Plain resampling of samples with replacement, vectorised: each block of resamples becomes a batch of
+    confusion matrices via one bincount over offsets (row*K*K + true*K + pred). 10,000 x 2,000 takes
+    about 0.1 s on one core (bench/bench_metrics.py).
+
+    `groups` (optional, one id per sample, e.g. the slide) switches to a cluster bootstrap that resamples
+    whole groups, the honest choice when many samples come from the same slide.
+
+    Differences from the authors' public script: it resampled class-balanced (equal draws per class) and
+    scored accuracy as total/(total+FP+FN); here resampling is plain (the test set's class mix varies as
+    it would between test sets) and accuracy is the macro OvR (TP_c+TN_c)/N of §4.4.
+    """
+    t, p = _labels(y_true, y_pred, num_classes)
+    if not 0 < level < 1:
+        raise HpcdistillError(f"level: must be in (0, 1), got {level!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise HpcdistillError(f"iterations: must be a positive integer, got {iterations!r}")
+    stats = {name: [] for name in METRICS}
+    for conf in _resampled_confusions(t, p, num_classes, iterations, seed, groups):
+        m = metrics_from_confusions(conf)
+        for name in METRICS:
+            stats[name].append(m[name])
+    point = metrics_from_confusions(confusion_matrix(t, p, num_classes))
+    q = [50 * (1 - level), 50 * (1 + level)]
+    out = {}
+    for name in METRICS:
+        low, high = np.percentile(np.concatenate(stats[name]), q)
+        out[name] = (float(point[name]), float(low), float(high))
+    return out
+
+
+def paired_differences(
+    y_true: Sequence[int] | np.ndarray,
+    pred_a: Sequence[int] | np.ndarray,
+    pred_b: Sequence[int] | np.ndarray,
+    num_classes: int,
+    iterations: int = 10000,
+    seed: int = 0,
+    groups: Sequence | np.ndarray | None = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Method a minus method b on the same samples: ({metric: difference on all samples}, {metric: the difference
+    on each resample}). Both are scored on the same resampled index sets (of samples, or of whole `groups`), so the
+    spread is that of the difference itself, without the shared difficulty of the samples."""
+    t, a = _labels(y_true, pred_a, num_classes)
+    _, b = _labels(y_true, pred_b, num_classes)
+    diffs: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
+    for conf_a, conf_b in zip(
+        _resampled_confusions(t, a, num_classes, iterations, seed, groups),
+        _resampled_confusions(t, b, num_classes, iterations, seed, groups),
+    ):
+        ma, mb = metrics_from_confusions(conf_a), metrics_from_confusions(conf_b)
+        for name in METRICS:
+            diffs[name].append(ma[name] - mb[name])
+    full_a = metrics_from_confusions(confusion_matrix(t, a, num_classes))
+    full_b = metrics_from_confusions(confusion_matrix(t, b, num_classes))
+    return (
+        {name: float(full_a[name] - full_b[name]) for name in METRICS},
+        {name: np.concatenate(diffs[name]) for name in METRICS},
+    )
+
+
+def difference_ci(point: float, resampled: np.ndarray, level: float = 0.95) -> tuple[float, float, float, float]:
+    """(difference, low, high, fraction of resamples with difference <= 0: a one-sided bootstrap p-value)."""
+    low, high = np.percentile(resampled, [50 * (1 - level), 50 * (1 + level)])
+    return float(point), float(low), float(high), float(np.mean(resampled <= 0))
+
+
+def paired_bootstrap(
+    y_true: Sequence[int] | np.ndarray,
+    pred_a: Sequence[int] | np.ndarray,
+    pred_b: Sequence[int] | np.ndarray,
+    num_classes: int,
+    iterations: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups: Sequence | np.ndarray | None = None,
+) -> dict[str, tuple[float, float, float, float]]:
+    """{metric: (a - b, low, high, P(a - b <= 0))}: the paired-bootstrap CI of the difference between two methods
+    scored on the same samples."""
+    point, resampled = paired_differences(y_true, pred_a, pred_b, num_classes, iterations, seed, groups)
+    return {name: difference_ci(point[name], resampled[name], level) for name in METRICS}
+
+
+def forward_flops(model: torch.nn.Module, input_size: tuple[int, int], in_chans: int = 3) -> int:
+    """FLOPs (1 multiply-add = 2 FLOPs) of one forward pass on a (1, in_chans, h, w) input.
+
+    Counted by torch.utils.flop_counter on a meta-device copy (shapes only: no compute, no memory, so
+    whole-tissue sizes are instant). The counter covers convolutions and matrix products -- the same
+    scope as the fvcore/thop conventions. GroupNorm, ReLU, pooling and residual adds are not counted:
+    at ~8 FLOPs per normalised element they would add ~0.5% for ResNet-18 at width 64 (more for very
+    narrow models). torchvision's "1.814 GFLOPS" for ResNet-18 at 224^2 is multiply-adds; this returns
+    3,628,146,688 FLOPs for build_model("resnet18", 1000) at 224x224, exactly twice that.
+    """
+    h, w = (int(v) for v in input_size)
+    if h < 1 or w < 1:
+        raise HpcdistillError(f"input_size: must be positive (h, w), got {input_size!r}")
+    meta = copy.deepcopy(model).to("meta")
+    meta.eval()
+    x = torch.zeros(1, in_chans, h, w, device="meta")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        meta(x)
+    return int(counter.get_total_flops())
+
+
+def gflops(flops: int | float) -> float:
+    """FLOPs -> GFLOPs (billions of floating-point operations)."""
+    return flops / 1e9
+
+
+def gmacs(flops: int | float) -> float:
+    """FLOPs -> GMACs (billions of multiply-adds; the unit torchvision and thop call 'GFLOPS')."""
+    return flops / 2e9

@@ -1,0 +1,338 @@
+"""The paper's reporting: Table 3 (teacher), Table 4 (methods x magnifications), Figure 3 (accuracy vs GFLOPs).
+
+Inputs are the evaluation records that `hpcdistill evaluate` writes (`<run>/eval/<split>.json`). Each record names
+its method ("Teacher", "Baseline", "KD", "KD (aux1)", or an ablation variant "KD+MP" ...), magnification, dataset,
+metrics as (point, low, high) fractions and GFLOPs per forward pass. Everything here is a pure function of those
+records, so the report can be rebuilt at any time from finished runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.files import atomic_output, atomic_write_text
+from hpcdistill.common.mags import mag_name
+from hpcdistill.evaluate.comparisons import Comparison, format_difference, paired_comparisons
+from hpcdistill.evaluate.method_labels import ABLATION_ORDER, AUX_PREFIX, BASELINE, KD, TEACHER, method_order
+from hpcdistill.evaluate.metrics import METRICS
+
+METRIC_TITLES = {"accuracy": "Accuracy", "f1": "F1-Score", "precision": "Precision", "recall": "Recall"}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluated run: what the report needs of `<run>/eval/<split>.json`."""
+
+    method: str
+    mag: float
+    dataset: str
+    metrics: dict  # metric -> (point, low, high), fractions
+    gflops: float  # FLOPs (not MACs) / 1e9 per forward pass at the dataset's median tissue size
+    study: str = "main"  # "main" (Table 4) or "ablation" (pixel-loss resize ablation)
+    source: str = ""
+    ci: tuple[float, int] = (0.95, 10000)  # the bootstrap's (level, resamples)
+    classes: tuple[str, ...] = ()
+    seed: int | None = None  # the training seed (run.seed)
+    resample: str = "samples"  # what the bootstrap resampled: samples or slides
+    predictions: str = ""  # the per-sample predictions CSV beside the record (paired comparisons read it)
+
+
+def load_results(paths: list[str | Path]) -> list[EvalResult]:
+    """Read evaluation records from run folders (every `eval/*.json` inside) or from JSON files."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(path.glob("eval/*.json")) or sorted(path.glob("*/eval/*.json"))
+            if not found:
+                raise HpcdistillError(f"{path}: no eval/*.json inside; run `hpcdistill evaluate` on it first")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise HpcdistillError(f"{path}: no such run folder or evaluation file")
+    return [_read_result(f) for f in files]
+
+
+def _read_result(path: Path) -> EvalResult:
+    try:
+        record = json.loads(path.read_text())
+        metrics = {m: tuple(float(v) for v in record["metrics"][m]) for m in METRICS}
+        return EvalResult(
+            method=str(record["method"]),
+            mag=float(record["mag"]),
+            dataset=str(record.get("dataset", "")),
+            metrics=metrics,
+            gflops=float(record["gflops"]["median"]),
+            study=str(record.get("study", "main")),
+            source=str(path),
+            ci=(
+                float(record.get("bootstrap", {}).get("level", 0.95)),
+                int(record.get("bootstrap", {}).get("iterations", 10000)),
+            ),
+            classes=tuple(record.get("classes", ())),
+            seed=record.get("seed"),
+            resample=str(record.get("bootstrap", {}).get("resample", "samples")),
+            predictions=str(path.with_name(f"{record.get('split', path.stem)}_predictions.csv")),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise HpcdistillError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
+
+
+def format_ci(value: tuple[float, float, float]) -> str:
+    """(0.8706, 0.8565, 0.8848) -> '87.06 (85.65-88.48)', the paper's percentage layout."""
+    point, low, high = value
+    return f"{100 * point:.2f} ({100 * low:.2f}-{100 * high:.2f})"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def teacher_table(results: list[EvalResult]) -> str:
+    """Table 3: the teacher's metrics with CIs, one column per dataset."""
+    teachers = sorted((r for r in results if r.method == TEACHER), key=lambda r: (r.dataset, r.seed or 0))
+    if not teachers:
+        return "_No teacher evaluation found._"
+    header = ["Metric"] + [
+        f"{r.dataset or 'dataset'} ({mag_name(r.mag)})" + (f" s{r.seed}" if len(teachers) > 1 else "") for r in teachers
+    ]
+    rows = [[METRIC_TITLES[m]] + [format_ci(r.metrics[m]) for r in teachers] for m in METRICS]
+    rows.append(["GFLOPs"] + [f"{r.gflops:.3g}" for r in teachers])
+    return _markdown_table(header, rows)
+
+
+def methods_table(results: list[EvalResult], methods: list[str] | None = None) -> str:
+    """Table 4: one block per magnification, one column per method, the best point estimate per row in bold."""
+    methods = methods or sorted({r.method for r in results if r.method != TEACHER}, key=method_order)
+    by_key = {(r.method, r.mag): r for r in sorted(results, key=lambda r: -(r.seed or 0))}  # the lowest seed
+    mags = sorted({r.mag for r in results if r.method in methods})
+    if not mags:
+        return "_No student or baseline evaluations found._"
+    rows: list[list[str]] = []
+    for mag in mags:
+        rows.append([f"**mag = {mag_name(mag)}**"] + [""] * len(methods))
+        for metric in METRICS:
+            cells = [by_key.get((m, mag)) for m in methods]
+            points = [c.metrics[metric][0] for c in cells if c is not None]
+            best = max(points) if points else None
+            row = [METRIC_TITLES[metric]]
+            for cell in cells:
+                if cell is None:
+                    row.append("—")
+                    continue
+                text = format_ci(cell.metrics[metric])
+                row.append(f"**{text}**" if cell.metrics[metric][0] == best else text)
+            rows.append(row)
+        gflops = [by_key.get((m, mag)) for m in methods]
+        rows.append(["GFLOPs"] + [f"{c.gflops:.3g}" if c else "—" for c in gflops])
+    return _markdown_table(["Metric"] + methods, rows)
+
+
+def ordering_check(results: list[EvalResult], comparisons: list[Comparison] | None = None) -> list[str]:
+    """Per low magnification, does the paper's ordering teacher >= KD(aux) >= KD > baseline hold on accuracy?
+
+    Returns one honest sentence per magnification with the numbers: which link breaks, and for each comparison
+    whether the 95% CIs overlap (then the points may line up by chance), so the report never claims more than
+    the run shows. KD(aux) is the best of the auxiliary-set variants. The best KD's gain over the baseline is
+    called significant only when its paired-bootstrap CI (`comparisons`) excludes 0.
+    """
+    results = seed_means(results)
+    teacher = next((r for r in results if r.method == TEACHER), None)
+    lines = []
+    for mag in sorted({r.mag for r in results if r.method == BASELINE}):
+        at = {r.method: r for r in results if r.mag == mag and r.study == "main"}
+        if BASELINE not in at or KD not in at:
+            continue
+        aux = [r for m, r in at.items() if m.startswith(AUX_PREFIX)]
+        chain = ([teacher] if teacher else []) + ([max(aux, key=lambda r: r.metrics["accuracy"][0])] if aux else [])
+        chain += [at[KD], at[BASELINE]]
+        acc = [r.metrics["accuracy"] for r in chain]
+        broken = [
+            f"{b.method} {100 * y[0]:.1f}% > {a.method} {100 * x[0]:.1f}%" + (" (CIs overlap)" if y[1] <= x[2] else "")
+            for (a, x), (b, y) in zip(zip(chain, acc), zip(chain[1:], acc[1:]))
+            if y[0] > x[0] or (b.method == BASELINE and y[0] == x[0])
+        ]
+        numbers = ", ".join(f"{r.method} {100 * a[0]:.1f}%" for r, a in zip(chain, acc))
+        verdict = "holds" if not broken else "does NOT hold (" + "; ".join(broken) + ")"
+        best_kd = max((r for r in chain if r.method.startswith(KD)), key=lambda r: r.metrics["accuracy"][0])
+        base = at[BASELINE].metrics["accuracy"]
+        paired = next(
+            (c for c in comparisons or [] if c.mag == mag and c.a == best_kd.method and c.b == BASELINE), None
+        )
+        if paired is not None:
+            point, low, high, p_value = paired.metrics["accuracy"]
+            gain = f"paired 95% CI {100 * low:+.1f} to {100 * high:+.1f}, P(gain <= 0) = {p_value:.3f}: " + (
+                "significant" if paired.significant else "not significant"
+            )
+        else:
+            gain = "CIs " + ("above" if best_kd.metrics["accuracy"][1] > base[2] else "overlapping")
+        lines.append(
+            f"- {mag_name(mag)}: the paper's ordering {verdict}: {numbers}. "
+            f"Best KD vs baseline: {100 * (best_kd.metrics['accuracy'][0] - base[0]):+.1f} points, {gain}."
+        )
+    return lines
+
+
+def _by_run(results: list[EvalResult]) -> dict[tuple[str, float, str], list[EvalResult]]:
+    groups: dict[tuple[str, float, str], list[EvalResult]] = {}
+    for r in results:
+        groups.setdefault((r.method, r.mag, r.study), []).append(r)
+    return groups
+
+
+def seed_means(results: list[EvalResult]) -> list[EvalResult]:
+    """One result per method, magnification and study: with several seeds, each metric's point and bounds are
+    their means over the seeds (the ordering check reads these; significance comes from the pooled paired CIs)."""
+    out = []
+    for runs in _by_run(results).values():
+        metrics = {m: tuple(float(np.mean([r.metrics[m][i] for r in runs])) for i in range(3)) for m in METRICS}
+        out.append(dataclasses.replace(runs[0], metrics=metrics))
+    return out
+
+
+def seeds_table(results: list[EvalResult]) -> str:
+    """Per method and magnification: mean ± sd over seeds, and each seed's value (accuracy and F1, %)."""
+    rows = []
+    for (method, mag, _), runs in sorted(
+        _by_run(results).items(), key=lambda item: (item[0][1], method_order(item[0][0]))
+    ):
+        runs = sorted(runs, key=lambda r: (r.seed is None, r.seed))
+        cells = []
+        for m in ("accuracy", "f1"):
+            values = np.array([100 * r.metrics[m][0] for r in runs])
+            cells.append(f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.2f}")
+        per_seed = ", ".join(f"s{r.seed}: {100 * r.metrics['accuracy'][0]:.2f}" for r in runs)
+        rows.append([mag_name(mag), method, str(len(runs)), *cells, per_seed])
+    return _markdown_table(["Mag", "Method", "Seeds", "Accuracy mean ± sd", "F1 mean ± sd", "Accuracy per seed"], rows)
+
+
+def paired_table(comparisons: list[Comparison]) -> str:
+    """Each comparison's accuracy and F1 difference with its paired-bootstrap CI and one-sided p-value."""
+    if not comparisons:
+        return "_No paired comparison (it needs each run's predictions CSV beside its evaluation)._"
+    rows = [
+        [
+            mag_name(c.mag),
+            f"{c.a} − {c.b}",
+            str(c.seeds),
+            format_difference(c.metrics["accuracy"]),
+            format_difference(c.metrics["f1"]),
+            f"{c.metrics['accuracy'][3]:.3f}",
+            "yes" if c.significant else "no",
+        ]
+        for c in comparisons
+    ]
+    return _markdown_table(
+        [
+            "Mag",
+            "Comparison",
+            "Seeds",
+            "Δ Accuracy (95% paired CI)",
+            "Δ F1 (95% paired CI)",
+            "P(Δ acc ≤ 0)",
+            "Significant",
+        ],
+        rows,
+    )
+
+
+def plot_accuracy_vs_gflops(results: list[EvalResult], path: Path, title: str) -> Path:
+    """Figure 3: test accuracy against GFLOPs per forward pass (log x), one series per method. Methods at one
+    magnification share a GFLOPs value, so each is drawn slightly offset along x (no point or bar hides another);
+    the x ticks are the magnifications' GFLOPs, labelled with both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    methods = sorted({r.method for r in results}, key=method_order)
+    for i, method in enumerate(methods):
+        points = sorted((r for r in results if r.method == method), key=lambda r: r.gflops)
+        shift = 1.035 ** (i - (len(methods) - 1) / 2)  # a few % on a log axis: side by side, still at their compute
+        xs = [r.gflops * shift for r in points]
+        ys = [100 * r.metrics["accuracy"][0] for r in points]
+        lows = [100 * (r.metrics["accuracy"][0] - r.metrics["accuracy"][1]) for r in points]
+        highs = [100 * (r.metrics["accuracy"][2] - r.metrics["accuracy"][0]) for r in points]
+        style = dict(marker="*", markersize=12, linestyle="none") if method == TEACHER else dict(marker="o")
+        ax.errorbar(xs, ys, yerr=[lows, highs], capsize=3, label=method, **style)
+    ax.set_xscale("log")
+    ticks = sorted({(round(r.gflops, 12), r.mag) for r in results})
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([g for g, _ in ticks], [f"{g:.3g}\n{mag_name(m)}" for g, m in ticks], fontsize=8)
+    low, high = ticks[0][0], ticks[-1][0]
+    ax.set_xlim(low / 1.4, high * 1.4)
+    ax.set_xlabel("GFLOPs per forward pass and magnification (FLOPs, not MACs; log scale)")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no bar hides behind it
+    cis = sorted({r.ci for r in results})
+    caption = "; ".join(f"{100 * level:g}% bootstrap CI ({n:,} resamples)" for level, n in cis)
+    fig.text(0.01, 0.01, f"bars: {caption}", fontsize=8, color="dimgray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
+    """Write report.md, figure3.png and (when ablation runs exist) ablation.png into out_dir."""
+    if not results:
+        raise HpcdistillError(f"{out_dir}: no evaluation records to report")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main = [r for r in results if r.study == "main"]
+    comparisons = paired_comparisons([r for r in main if Path(r.predictions).is_file()])
+    ablation = [r for r in results if r.study == "ablation"]
+    sections = [
+        "# hpcdistill report",
+        "Metrics are one-vs-rest per class, macro-averaged, as percentages with 95% bootstrap CIs "
+        "(10,000 resamples unless the evaluation said otherwise). GFLOPs are FLOPs (2 per multiply-add) "
+        "per forward pass "
+        "at the median tissue size.",
+        "## Teacher (Table 3 layout)",
+        teacher_table(main),
+        "## Baseline and distillation per magnification (Table 4 layout)",
+        methods_table(main),
+        "### Paired differences on the same test tissues",
+        "The same 10,000 resampled index sets score both methods (their sample keys checked), so each CI is that of "
+        "the difference itself; P(Δ ≤ 0) is the share of resamples where the first method does not win.",
+        paired_table(comparisons),
+        "### Does the paper's ordering hold?",
+        "\n".join(ordering_check(main, comparisons)) or "_Not enough runs to check._",
+        "## Accuracy against compute (Figure 3 layout)",
+        f"![accuracy vs GFLOPs]({plot_accuracy_vs_gflops(main, out / 'figure3.png', 'Accuracy vs compute').name})",
+    ]
+    if ablation:
+        methods = [m for m in ABLATION_ORDER if any(r.method == m for r in ablation)]
+        sections += [
+            "## Pixel-loss ablation (KD, KD+MP, KD+INT, KD+MP+INT)",
+            methods_table(ablation, methods),
+            f"![ablation]({plot_accuracy_vs_gflops(ablation, out / 'ablation.png', 'Pixel-loss ablation').name})",
+        ]
+    if any(len(runs) > 1 for runs in _by_run(main).values()):
+        sections[4:4] = [
+            "## Over training seeds",
+            "Mean ± sd over the seeds (sample sd), and each seed's value. The "
+            "tables show the lowest seed's run; the paired differences below pool every seed "
+            "(each seed's resampled differences concatenated).",
+            seeds_table(main),
+        ]
+    sections.append("Sources: " + ", ".join(f"`{r.source}`" for r in results))
+    path = out / "report.md"
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
+    return path

@@ -1,0 +1,162 @@
+"""The record of a demo run and the README section made from it.
+
+`hpcdistill demo` writes `<out>/demo.json`: its time per phase, the package versions and the machine. `make
+readme-demo` renders the README's demo results (tables, ordering lines, times, versions) from that record and the
+run's evaluation records, between the README's `<!-- demo:start -->` and `<!-- demo:end -->` markers, and copies its
+Figure 3 next to the README, so the README shows one run, whole, and says what made it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.files import atomic_write_json
+from hpcdistill.common.mags import mag_name
+
+RECORD = "demo.json"
+START, END = "<!-- demo:start -->", "<!-- demo:end -->"
+PACKAGES = (
+    "torch",
+    "deepspeed",
+    "numpy",
+    "pillow",
+    "pyvips",
+    "pyvips-binary",
+    "imagecodecs",
+    "webdataset",
+    "scipy",
+    "matplotlib",
+)
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores and OS: what the demo's wall-clock times depend on."""
+    model = platform.processor() or ""
+    try:
+        model = (
+            next(
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            )
+            or model
+        )
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of the packages the demo's numbers depend on (and libvips itself)."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    import pyvips
+
+    out["libvips"] = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
+    return out
+
+
+def commit() -> str:
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or "unknown"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_record(out: Path, summary: dict[str, Any]) -> Path:
+    record = {**summary, "commit": commit(), "versions": versions(), "machine": machine()}
+    path = out / RECORD
+    atomic_write_json(path, record, indent=1)
+    return path
+
+
+def read_record(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / RECORD).read_text())
+    except (OSError, ValueError):
+        raise HpcdistillError(f"{out / RECORD}: no demo record; run `make demo` first") from None
+
+
+def render_section(record: dict[str, Any], figure: str) -> str:
+    """The README's demo results from a demo record and its run's evaluation records."""
+    from hpcdistill.evaluate.report import load_results, methods_table, teacher_table
+
+    results = load_results([Path(record["tensorboard"])])
+    manifest = json.loads((Path(record["shards"]) / "manifest.json").read_text())
+    splits = manifest["splits"]
+    teacher = next(r for r in results if r.method == "Teacher")
+    savings = ", ".join(
+        f"{teacher.gflops / r.gflops:.1f}× at {mag_name(r.mag)}"
+        for r in sorted({r.mag: r for r in results if r.method == "Baseline"}.values(), key=lambda r: -r.mag)
+    )
+    phases = ", ".join(
+        f"{name} {minutes} min"
+        + (" (reused from an earlier run)" if name == "slides and shards" and minutes < 0.1 else "")
+        for name, minutes in record["phase_minutes"].items()
+    )
+    m, v = record["machine"], record["versions"]
+    return "\n".join(
+        [
+            f"Results of one `make demo` run at commit `{record['commit']}` "
+            f"on {m['cpu']} ({m['cores']} cores, no GPU): "
+            f"**{record['minutes']} minutes** after `make install` (per phase, where jobs overlap on the cores: "
+            f"{phases}). Splits: "
+            + ", ".join(f"{name} {e['samples']} tissues ({e['slides']} slides)" for name, e in splits.items())
+            + ". Percentages with 95% bootstrap CIs (10,000 resamples) on the synthetic test split; GFLOPs per forward "
+            f"pass at the median tissue size. The students need {savings} fewer FLOPs than the teacher.",
+            "",
+            "**Teacher (Table 3 layout)**",
+            "",
+            teacher_table(results),
+            "",
+            "**Baseline and distillation (Table 4 layout)**",
+            "",
+            methods_table(results),
+            "",
+            "**Does the paper's ordering hold?** (printed by the demo and written into the report)",
+            "",
+            "\n".join(record["ordering"]),
+            "",
+            f"![Figure 3 layout: accuracy against GFLOPs, from the same run]({figure})",
+            "",
+            f"Made with Python {m['python']} on {m['os']}; "
+            + ", ".join(f"{k} {val}" for k, val in v.items())
+            + " (the versions `constraints.txt` pins).",
+        ]
+    )
+
+
+def update_readme(out: str | Path, readme: str | Path = "README.md", figure: str = "docs/demo-figure3.png") -> Path:
+    """Replace the README's demo section with the one rendered from the run in `out`; copy its Figure 3."""
+    out, readme = Path(out), Path(readme)
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise HpcdistillError(f"{readme}: no {START} ... {END} markers")
+    record = read_record(out)
+    section = render_section(record, figure)
+    shutil.copyfile(record["figure"], readme.parent / figure)
+    body = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{section}\n{END}", text, flags=re.S)
+    readme.write_text(body)
+    return readme

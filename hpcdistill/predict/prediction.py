@@ -1,0 +1,308 @@
+"""Classify new slides with a trained (usually low-magnification) model: the point of the method.
+
+For each slide: find its tissues on a thumbnail and cut them into the windows the model's training shards were cut
+into (windows.py, with the windowing stored in the export), read every window at the model's magnification (Lanczos
+from level 0, as in training) and classify it whole. A tissue's probabilities are the area-weighted mean of its
+windows', and the slide call is the **area-weighted mean** over all windows, then argmax: a larger tissue carries
+more evidence, and averaging probabilities (rather than voting) keeps an uncertain small fragment from flipping the
+call. Slides that cannot be read are reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hpcdistill.common.console import say
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.files import atomic_output, atomic_write_json
+from hpcdistill.common.mags import mag_name
+from hpcdistill.models.export import ExportedModel, load_exported
+from hpcdistill.models.inference import NonFiniteOutputError, model_outputs, pick_device, require_finite, standardise
+from hpcdistill.predict.cam import STEM_STRIDE, TissueMap, WindowMap, cam_logits, tissue_map
+from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overlay
+from hpcdistill.predict.qupath import write_geojson
+from hpcdistill.slides.factory import open_slide
+from hpcdistill.slides.tissue import TissueParams, class_colour, write_qc_png
+from hpcdistill.slides.windows import TissueWindows, find_windows, window_sizes
+
+SLIDE_RULES = {
+    "mean": "area-weighted mean of window probabilities, then argmax",
+    "max": "per class the highest tissue probability, then argmax",
+}
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How slides are read and what is written besides the calls."""
+
+    base_mag: float | None = None
+    tissue: TissueParams = field(default_factory=TissueParams)
+    heatmap: bool = False  # CAM overlay PNG, arrays, and CAM cells as QuPath detections
+    heatmap_class: str | None = None  # the class whose probability the overlay shows; None: the slide's call
+    slide_rule: str = "mean"  # a key of SLIDE_RULES
+
+
+def _window_batches(
+    slide: Any, found: TissueWindows, exported: ExportedModel, slide_path: str | Path
+) -> Iterator[dict[str, Any]]:
+    """One batch per window, standardised as in training; the key names the slide, tissue and window."""
+    for t, windows in enumerate(found.windows):
+        for w, window in enumerate(windows):
+            size = window_sizes(window, slide.info.base_mag, [exported.mag])[exported.mag]
+            image = slide.read_at_mag(window, exported.mag, size)
+            yield {
+                "key": [f"{slide_path} tissue {t} window {w}"],
+                "x": standardise(image, exported.stats),
+                "tissue": t,
+                "window": w,
+                "box_l0": list(window),
+                "size": list(size),
+            }
+
+
+def _area_mean(probs: list[list[float]], boxes: list[list[int]]) -> np.ndarray:
+    areas = np.array([b[2] * b[3] for b in boxes], dtype=np.float64)
+    return (np.array(probs) * (areas / areas.sum())[:, None]).sum(0)
+
+
+def _classify_windows(
+    slide: Any, found: TissueWindows, exported: ExportedModel, slide_path: str | Path, with_cam: bool
+) -> tuple[list[dict[str, Any]], list[WindowMap]]:
+    """Every window's probabilities (and CAM, `with_cam`), through the shared model-over-stream loop."""
+    rows, cams = [], []
+    stride = STEM_STRIDE[exported.arch_kwargs.get("stem", "standard")]
+    batches = _window_batches(slide, found, exported, slide_path)
+    for batch, features, logits in model_outputs(
+        exported.model, batches, exported.device, mag=exported.mag, remedy="rerun it with --device cpu"
+    ):
+        require_finite(logits, exported.path, batch["key"][0])
+        probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+        rows.append(
+            {
+                "tissue": batch["tissue"],
+                "window": batch["window"],
+                "box_l0": batch["box_l0"],
+                "size": batch["size"],
+                "probs": probs.tolist(),
+                "pred": exported.classes[int(probs.argmax())],
+            }
+        )
+        if with_cam:
+            logits_map = cam_logits(exported.model, features)[0].cpu().numpy()
+            cams.append(WindowMap.of(logits_map, tuple(batch["box_l0"]), tuple(batch["size"]), stride))
+    return rows, cams
+
+
+def slide_call(tissues: list[dict], windows: list[dict], rule: str, classes: list[str]) -> tuple[str, np.ndarray]:
+    """The slide's class and the scores it was chosen from, by `rule` (SLIDE_RULES)."""
+    if rule == "max":
+        scores = np.max([t["probs"] for t in tissues], axis=0)
+    else:
+        scores = _area_mean([w["probs"] for w in windows], [w["box_l0"] for w in windows])
+    return classes[int(scores.argmax())], scores
+
+
+def _tissue_calls(found: TissueWindows, windows: list[dict], classes: list[str]) -> list[dict]:
+    tissues = []
+    for t, box in enumerate(found.boxes):
+        mine = [w for w in windows if w["tissue"] == t]
+        probs = _area_mean([w["probs"] for w in mine], [w["box_l0"] for w in mine])
+        tissues.append(
+            {
+                "tissue": t,
+                "box_l0": list(box),
+                "windows": len(mine),
+                "probs": probs.tolist(),
+                "pred": classes[int(probs.argmax())],
+            }
+        )
+    return tissues
+
+
+def _write_overlay(path: Path, found: TissueWindows, tissues: list[dict], classes: list[str], title: str) -> None:
+    colours = [class_colour(classes.index(t["pred"])) for t in tissues]
+    labels = [f"t{t['tissue']}: {t['pred']} {max(t['probs']):.2f}" for t in tissues]
+    legend = [(c, class_colour(i)) for i, c in enumerate(classes)]
+    write_qc_png(
+        path,
+        found.thumb,
+        [tuple(t["box_l0"]) for t in tissues],
+        found.scale,
+        labels=labels,
+        colors=colours,
+        title=title,
+        legend=legend,
+    )
+
+
+def _write_heatmaps(
+    out: Path,
+    stem: str,
+    found: TissueWindows,
+    cams: list[WindowMap],
+    windows: list[dict],
+    tissues: list[dict],
+    exported: ExportedModel,
+    class_name: str,
+) -> tuple[list[TissueMap], dict]:
+    maps = [tissue_map([c for c, w in zip(cams, windows) if w["tissue"] == t]) for t in range(len(found.boxes))]
+    stride = STEM_STRIDE[exported.arch_kwargs.get("stem", "standard")]
+    cell_l0 = float(np.median([np.diff(m.x_edges).max() for m in maps]))  # level-0 px per cell
+    png = write_overlay(
+        out / "heatmaps" / f"{stem}.png",
+        found,
+        maps,
+        tissues,
+        exported.classes,
+        exported.classes.index(class_name),
+        heatmap_title(stem, exported.mag, class_name),
+    )
+    arrays = write_arrays(out / "heatmaps", stem, maps, exported.classes, cell_l0, stride)
+    return maps, {"heatmap": str(png), "heatmap_arrays": str(arrays)}
+
+
+def predict_slide(
+    exported: ExportedModel, slide_path: str | Path, out_dir: Path, options: PredictOptions = PredictOptions()
+) -> dict:
+    """Per-window and per-tissue probabilities, the slide call, an overlay PNG and a QuPath GeoJSON for one slide
+    (and its heat maps with `options.heatmap`)."""
+    with open_slide(slide_path, base_mag=options.base_mag) as slide:
+        info = slide.info
+        if info.base_mag < exported.mag:
+            raise HpcdistillError(
+                f"{slide_path}: scanned at {mag_name(info.base_mag)}, below the model's {mag_name(exported.mag)}"
+            )
+        found = find_windows(slide, options.tissue, exported.windowing)
+        if not found.boxes:
+            raise HpcdistillError(f"{slide_path}: no tissue found on the thumbnail")
+        windows, cams = _classify_windows(slide, found, exported, slide_path, options.heatmap)
+    classes, out, stem = exported.classes, Path(out_dir).resolve(), Path(slide_path).stem  # paths readable anywhere
+    tissues = _tissue_calls(found, windows, classes)
+    call, scores = slide_call(tissues, windows, options.slide_rule, classes)
+    result = {
+        "slide": str(slide_path),
+        "status": "ok",
+        "call": call,
+        "rule": options.slide_rule,
+        "probs": scores.tolist(),
+        "base_mag": info.base_mag,
+        "tissues": tissues,
+        "windows": windows,
+        "overlay": str(out / "overlays" / f"{stem}.png"),
+    }
+    _write_overlay(
+        Path(result["overlay"]),
+        found,
+        tissues,
+        classes,
+        f"{stem}: {call} ({options.slide_rule} rule), model at {mag_name(exported.mag)}",
+    )
+    maps = None
+    if options.heatmap:
+        maps, paths = _write_heatmaps(out, stem, found, cams, windows, tissues, exported, options.heatmap_class or call)
+        result.update(paths)
+    geojson = write_geojson(
+        out / "geojson" / f"{stem}.geojson", found, tissues, classes, (info.width, info.height), maps
+    )
+    result["geojson"] = str(geojson)
+    return result
+
+
+def classify_slides(
+    exported: ExportedModel, slides: list[str | Path], out: Path, options: PredictOptions, progress: bool | None = None
+) -> list[dict]:
+    """Each slide's result (or why it was skipped), in the given order; overlays go to `out`/overlays."""
+    results = []
+    for path in tqdm(
+        slides,
+        desc=f"predict @ {mag_name(exported.mag)}",
+        unit="slide",
+        disable=None if progress is None else not progress,
+    ):
+        try:
+            results.append(predict_slide(exported, path, out, options))
+        except NonFiniteOutputError:
+            raise  # the model is broken, not the slide: no class is written for any slide
+        except HpcdistillError as err:
+            print(f"hpcdistill: skipped: {err}")
+            results.append({"slide": str(path), "status": "skipped", "reason": str(err)})
+    return results
+
+
+def summarise(model_path: str | Path, exported: ExportedModel, options: PredictOptions) -> dict[str, Any]:
+    """What predictions.json says about the model and the rules, before its per-slide results."""
+    return {
+        "model": str(model_path),
+        "mag": exported.mag,
+        "classes": exported.classes,
+        "windowing": exported.windowing.to_dict(),
+        "slide_rule": options.slide_rule,
+        "slide_rule_means": SLIDE_RULES[options.slide_rule],
+    }
+
+
+def check_options(options: PredictOptions, classes: list[str]) -> PredictOptions:
+    if options.slide_rule not in SLIDE_RULES:
+        raise HpcdistillError(f"--slide-rule {options.slide_rule!r}: expected one of {', '.join(SLIDE_RULES)}")
+    if options.heatmap_class is not None and options.heatmap_class not in classes:
+        raise HpcdistillError(
+            f"--heatmap-class {options.heatmap_class!r}: not a class of the model ({', '.join(classes)})"
+        )
+    return options
+
+
+def write_predictions(out: Path, summary: dict[str, Any], results: list[dict]) -> dict[str, Any]:
+    """tissues.csv, slides.csv and predictions.json for `results` (one per slide, in slide order)."""
+    classes = summary["classes"]
+    with atomic_output(out / "tissues.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["slide", "tissue", "x", "y", "w", "h", "pred"] + [f"p_{c}" for c in classes])
+        for r in results:
+            for t in r.get("tissues", []):
+                writer.writerow([r["slide"], t["tissue"], *t["box_l0"], t["pred"], *(f"{p:.6f}" for p in t["probs"])])
+    with atomic_output(out / "slides.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["slide", "status", "call", "rule", "reason"] + [f"p_{c}" for c in classes])
+        for r in results:
+            probs = [f"{p:.6f}" for p in r.get("probs", [])] or [""] * len(classes)
+            writer.writerow(
+                [r["slide"], r["status"], r.get("call", ""), r.get("rule", ""), r.get("reason", ""), *probs]
+            )
+    summary = {**summary, "slides": results}
+    atomic_write_json(out / "predictions.json", summary, indent=1)
+    if not any(r["status"] == "ok" for r in results):
+        raise HpcdistillError(f"{out}: no slide could be classified (see slides.csv)")
+    return summary
+
+
+def predict_slides(
+    model_path: str | Path,
+    slides: list[str | Path],
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    options: PredictOptions | None = None,
+    **fields: Any,
+) -> dict:
+    """Predict many slides in this process; writes tissues.csv, slides.csv and predictions.json into out_dir.
+    `options`, or PredictOptions' `fields` (tissue=None: the default tissue parameters)."""
+    exported = load_exported(model_path)
+    fields = {k: v for k, v in fields.items() if not (k == "tissue" and v is None)}
+    opts = check_options(options or PredictOptions(**fields), exported.classes)
+    if not exported.windowing_recorded:  # said, not silently assumed
+        say(
+            f"{model_path}: written before exports recorded their shards' windowing; tissues are cut with the "
+            f"sharder's defaults ({exported.windowing.to_dict()})"
+        )
+    exported.model.to(pick_device(device))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = classify_slides(exported, slides, out, opts)
+    return write_predictions(out, summarise(model_path, exported, opts), results)

@@ -1,0 +1,149 @@
+"""The slides a sharding run starts from: slide files found on disk, the labels CSV matched to them, and the
+patient-level split assignment (explicit splits win; the rest stratified by class, seeded)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from hpcdistill.common.errors import ShardingError
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu")
+
+
+SPLIT_NAME = re.compile(r"^(train|val|test|dev|aux|aux[A-Za-z0-9_]+)$")
+
+
+def collect_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, directories scanned recursively for known slide extensions, globs expanded; sorted, unique."""
+    found: set[Path] = set()
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+        elif path.is_file():
+            found.add(path)
+        elif glob.has_magic(text):
+            matches = [Path(p) for p in glob.glob(text, recursive=True)]
+            files = [p for p in matches if p.is_file()]
+            for p in matches:
+                if p.is_dir():
+                    files.extend(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS)
+            if not files:
+                raise ShardingError(f"{text}: the pattern matches no files")
+            found.update(files)
+        else:
+            raise ShardingError(f"{text}: no such file or directory")
+    paths = sorted({p.resolve() for p in found})
+    if not paths:
+        raise ShardingError(f"{', '.join(map(str, inputs)) or '(no inputs)'}: no slide files found")
+    names: dict[str, Path] = {}
+    for p in paths:
+        if slide_name(p) in names:
+            raise ShardingError(f"{p}: same slide name {slide_name(p)!r} as {names[slide_name(p)]}; rename one")
+        names[slide_name(p)] = p
+    return paths
+
+
+def slide_name(path: Path) -> str:
+    """The slide's id in keys, labels and the manifest: its file name without the extension."""
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    slide: str
+    patient: str
+    label: str  # "" = unlabeled
+    split: str  # "" = to be assigned
+    line: int
+    path: Path  # the slide file it matched
+
+
+def read_labels_csv(csv_path: str | os.PathLike, slide_paths: list[Path]) -> dict[Path, LabelRow]:
+    """Parse `slide,patient,label,split` (patient, label, split optional) and match rows to the slide files."""
+    csv_path = Path(csv_path)
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ShardingError(f"{csv_path}: cannot read labels CSV ({exc.__class__.__name__}: {exc})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    if "slide" not in columns:
+        raise ShardingError(f"{csv_path}:1: header must have a 'slide' column (slide,patient,label,split)")
+    if "label" not in columns:  # else every slide would silently become unlabeled
+        raise ShardingError(
+            f"{csv_path}:1: no 'label' column (columns: {', '.join(columns)}); add one (an empty "
+            "label marks an unlabeled slide), or shard without --labels to treat every slide as "
+            "unlabeled (split aux)"
+        )
+    reader.fieldnames = columns
+    lookup: dict[str, Path] = {}
+    for p in slide_paths:
+        for name in (p.name, slide_name(p), str(p)):
+            lookup.setdefault(name, p)
+    rows: dict[Path, LabelRow] = {}
+    first_line: dict[Path, int] = {}
+    for record in reader:
+        line = reader.line_num
+        values = {k: (v or "").strip() for k, v in record.items() if k is not None}
+        if not any(values.values()):
+            continue
+        slide = values.get("slide", "")
+        if not slide:
+            raise ShardingError(f"{csv_path}:{line}: empty slide name")
+        path = lookup.get(slide) or lookup.get(str((csv_path.parent / slide).resolve()))
+        if path is None:
+            raise ShardingError(f"{csv_path}:{line}: unknown slide {slide!r} (not among the input slide files)")
+        if path in rows:
+            raise ShardingError(
+                f"{csv_path}:{line}: duplicate row for slide {slide!r} (first at line {first_line[path]})"
+            )
+        split = values.get("split", "")
+        if split and not SPLIT_NAME.match(split):
+            raise ShardingError(
+                f"{csv_path}:{line}: unknown split {split!r} (allowed: train, val, test, dev, aux, aux<name>)"
+            )
+        rows[path] = LabelRow(
+            slide_name(path), values.get("patient", "") or slide_name(path), values.get("label", ""), split, line, path
+        )
+        first_line[path] = line
+    explicit: dict[str, LabelRow] = {}  # aux may share patients; train/val/test/dev may not (leakage)
+    for row in sorted(rows.values(), key=lambda r: r.line):
+        if row.split and not row.split.startswith("aux"):
+            other = explicit.setdefault(row.patient, row)
+            if other.split != row.split:
+                raise ShardingError(
+                    f"{csv_path}:{row.line}: patient {row.patient!r} in split {row.split!r} "
+                    f"but in {other.split!r} at line {other.line}"
+                )
+    return rows
+
+
+def assign_splits(rows: Iterable[LabelRow], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """slide -> split. Explicit splits win; unlabeled -> aux; the rest split at patient level, stratified by class."""
+    rows = sorted(rows, key=lambda r: r.slide)
+    patient_split = {r.patient: r.split for r in rows if r.split and r.label}
+    patient_class: dict[str, str] = {}
+    for r in rows:
+        if r.label and not r.split and r.patient not in patient_split:
+            patient_class.setdefault(r.patient, r.label)  # a patient's first slide decides its stratum
+    rng = random.Random(seed)
+    total = sum(ratios)
+    for label in sorted(set(patient_class.values())):
+        patients = sorted(p for p, c in patient_class.items() if c == label)
+        rng.shuffle(patients)
+        n_val = round(len(patients) * ratios[1] / total)
+        n_test = round(len(patients) * ratios[2] / total)
+        n_train = max(0, len(patients) - n_val - n_test)
+        for i, patient in enumerate(patients):
+            patient_split[patient] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+    return {r.slide: r.split or (patient_split[r.patient] if r.label else "aux") for r in rows}

@@ -1,0 +1,145 @@
+"""`manifest.json`, the description of a shard folder: built once by the sharder from the per-slide records, read
+by training, evaluation and reports (splits, classes, per-magnification colour statistics, tissue sizes)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import hpcdistill
+from hpcdistill.common.errors import DataError
+from hpcdistill.common.files import read_json
+from hpcdistill.common.mags import mag_name
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
+    path = Path(shards_dir) / "manifest.json"
+    return read_json(path, DataError, missing="manifest not found (run `hpcdistill shard` first)")
+
+
+def manifest_digest(shards_dir: str | Path) -> str | None:
+    """sha256 of manifest.json: the identity of a shard folder wherever it is copied (None: unreadable)."""
+    try:
+        return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def split_summary(manifest: dict[str, Any]) -> str:
+    """'train (60), val (30), ...': the manifest's splits and their sample counts, for error messages."""
+    return ", ".join(f"{k} ({v.get('samples', 0)})" for k, v in manifest.get("splits", {}).items()) or "none"
+
+
+def mag_stats(manifest: dict[str, Any], mag: float) -> dict[str, list[float]]:
+    name = mag_name(mag)
+    try:
+        stats = manifest["stats"][name]
+        return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
+    except (KeyError, TypeError):
+        raise DataError(
+            f"manifest.json: no stats for {name} (have {', '.join(manifest.get('stats', {})) or 'none'}): "
+            "they come from labeled train slides, and its train split has "
+            f"{sum(manifest.get('splits', {}).get('train', {}).get('class_histogram', {}).values())} "
+            "labeled samples"
+        ) from None
+
+
+def _empty_split(classes: list[str]) -> dict[str, Any]:
+    return {
+        "samples": 0,
+        "tissues": 0,
+        "slides": 0,
+        "patients": set(),
+        "shards": [],
+        "class_histogram": {c: 0 for c in classes},
+    }
+
+
+def _colour_stats(sums: dict[str, np.ndarray]) -> dict[str, dict[str, list[float]]]:
+    """Per-channel mean and std on [0, 1] from the merged sums (sum, sum of squares, pixel count)."""
+    stats = {}
+    for m, total in sums.items():
+        count = total[6]
+        if count:
+            mean = total[:3] / count
+            std = np.sqrt(np.maximum(total[3:6] / count - mean**2, 0.0))
+            stats[m] = {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
+    return stats
+
+
+def build_manifest(
+    params: Any,
+    fingerprint: dict,
+    classes: list[str],
+    jobs: list[Any],
+    records: dict[str, dict],
+    shards: dict[str, dict],
+) -> dict[str, Any]:
+    """The manifest of a finished sharding run, from each slide's record (in plan order) and the written shards."""
+    mags = [mag_name(m) for m in params.mags]
+    splits: dict[str, dict[str, Any]] = {}
+    sums = {m: np.zeros(7) for m in mags}
+    sizes: dict[str, list[list[int]]] = {m: [] for m in mags}
+    for job in jobs:
+        rec = records[job.slide]
+        if rec["status"] != "ok":
+            continue
+        entry = splits.setdefault(rec["split"], _empty_split(classes))
+        entry["samples"] += rec["samples"]
+        entry["tissues"] += len(rec["sample_tissues"])
+        entry["slides"] += 1
+        entry["patients"].add(rec["patient"])
+        if rec["label"]:
+            entry["class_histogram"][rec["label"]] += rec["samples"]
+        for m, values in rec["pixel_sums"].items():
+            sums[m] += np.asarray(values)
+        for sample_sizes in rec["sizes"]:
+            for m in mags:
+                sizes[m].append(sample_sizes[m])
+    for name, shard in sorted(shards.items()):
+        splits.setdefault(shard["split"], _empty_split(classes))["shards"].append(name)
+    for entry in splits.values():
+        entry["patients"] = len(entry["patients"])
+    size_stats = {
+        m: {
+            "median": [float(v) for v in np.median(np.asarray(s), axis=0)],
+            "mean": [round(float(v), 3) for v in np.mean(np.asarray(s), axis=0)],
+        }
+        for m, s in sizes.items()
+        if s
+    }
+    slide_entries = {
+        job.slide: {
+            k: records[job.slide][k]
+            for k in (
+                "status",
+                "reason",
+                "split",
+                "patient",
+                "label",
+                "file",
+                "tissues",
+                "samples",
+                "base_mag",
+                "mag_source",
+            )
+        }
+        for job in jobs
+    }
+    return {
+        "tool": "hpcdistill",
+        "version": hpcdistill.__version__,
+        "params": fingerprint,
+        "mags": [float(m) for m in params.mags],
+        "image_format": params.image_format,
+        "classes": classes,
+        "splits": {k: splits[k] for k in sorted(splits)},
+        "stats": _colour_stats(sums),
+        "sizes": size_stats,
+        "slides": slide_entries,
+    }

@@ -1,0 +1,197 @@
+"""The pixel readers behind `open_slide`, one class per backend, and `probe`: what can read a file and its info.
+
+VipsTiffSlide reads SVS and pyramidal TIFF with libvips tiffload (demand-driven, so memory stays bounded for any
+box size). OpenSlideSlide reads what tiffload cannot (NDPI, MRXS, Ventana, ...) into a memory-mapped scratch
+file, which the shared code in slides.py then resamples exactly as it does tiffload's pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Iterator
+
+import numpy as np
+import openslide
+import pyvips
+
+from hpcdistill.common.errors import SlideError, one_line
+from hpcdistill.slides.metadata import TiffLevel, base_magnification, probe_tiff
+from hpcdistill.slides.resample import lanczos_to_size
+from hpcdistill.slides.slide import Slide, SlideInfo
+
+# TIFF-based vendors whose level 0 libvips tiffload reads as a plain page 0.
+VIPS_VENDORS = {None, "aperio", "generic-tiff"}
+# Block edge (level-0 px) for OpenSlide reads.
+OPENSLIDE_BLOCK = 2048
+
+
+def _as_srgb_uchar(image: pyvips.Image) -> pyvips.Image:
+    """3-band 8-bit RGB; alpha is composited on white (background of a glass slide)."""
+    if image.format == "ushort":
+        image = (image >> 8).cast("uchar")  # a constant shift: no pass over the whole (huge) image
+    elif image.format != "uchar":
+        raise pyvips.Error(f"unsupported pixel format {image.format} (expected 8- or 16-bit)")
+    if image.hasalpha():
+        image = image.flatten(background=[255.0] * (image.bands - 1))
+    if image.bands == 1:
+        image = image.bandjoin([image, image])
+    elif image.bands > 3:
+        image = image.extract_band(0, n=3)
+    return image
+
+
+def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
+    return rgb.astype(np.uint8)
+
+
+class VipsTiffSlide(Slide):
+    """SVS / generic pyramidal TIFF read with libvips tiffload."""
+
+    backend = "vips"
+    read_errors = (pyvips.Error,)
+
+    def __init__(self, info: SlideInfo, levels: list[TiffLevel]):
+        super().__init__(info)
+        self._levels = levels
+        self._level0: pyvips.Image | None = None
+
+    def close(self) -> None:
+        self._level0 = None
+
+    def _level0_image(self) -> pyvips.Image:
+        if self._level0 is None:
+            self._level0 = self._tiff_level(self._levels[0])
+        return self._level0
+
+    def _tiff_level(self, level: TiffLevel) -> pyvips.Image:
+        image = pyvips.Image.tiffload(self.info.path, page=level.page, subifd=level.subifd, fail_on="error")
+        return _as_srgb_uchar(image)
+
+    def _read_level0(self, box: tuple[int, int, int, int]) -> contextlib.nullcontext[pyvips.Image]:
+        return contextlib.nullcontext(self._level0_image().crop(*box))
+
+    def _read_thumbnail(self, max_size: int) -> np.ndarray:
+        """Decoded from the coarsest pyramid level still at least `max_size` on its long side, so a big slide's
+        level 0 is never decoded when the slide has a pyramid; reduced with vips' 8-bit Lanczos (fast; tissue
+        finding and QC need no sub-grey-level precision).
+        """
+        adequate = [lv for lv in self._levels if max(lv.width, lv.height) >= max_size]
+        level = min(adequate, key=lambda lv: lv.width) if adequate else self._levels[0]
+        image = self._tiff_level(level)
+        scale = max_size / max(image.width, image.height)
+        if scale < 1.0:
+            out = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            # Box-shrink to within 2x of the size, then vips' fast 8-bit Lanczos (not the float-precise path the
+            # crops use).
+            pre = int(1.0 / scale) // 2
+            if pre >= 2:
+                image = image.shrink(pre, pre)
+            return lanczos_to_size(image, out, precise=False)
+        return image.numpy()
+
+
+class OpenSlideSlide(Slide):
+    """Any slide OpenSlide reads; level-0 blocks are streamed into a memory-mapped raw file, then resampled."""
+
+    backend = "openslide"
+    read_errors = (pyvips.Error, openslide.OpenSlideError)
+
+    def __init__(self, info: SlideInfo, osr: openslide.OpenSlide):
+        super().__init__(info)
+        self._osr: openslide.OpenSlide | None = osr
+
+    def close(self) -> None:
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None
+
+    def _read_thumbnail(self, max_size: int) -> np.ndarray:
+        assert self._osr is not None
+        return np.asarray(self._osr.get_thumbnail((max_size, max_size)).convert("RGB"))
+
+    @contextlib.contextmanager
+    def _read_level0(self, box: tuple[int, int, int, int]) -> Iterator[pyvips.Image]:
+        assert self._osr is not None
+        x0, y0, w, h = box
+        with tempfile.TemporaryDirectory(prefix="hpcdistill-slide-") as scratch:
+            raw_path = os.path.join(scratch, "level0.raw")
+            pixels = np.memmap(raw_path, dtype=np.uint8, mode="w+", shape=(h, w, 3))
+            for by in range(0, h, OPENSLIDE_BLOCK):
+                for bx in range(0, w, OPENSLIDE_BLOCK):
+                    bw, bh = min(OPENSLIDE_BLOCK, w - bx), min(OPENSLIDE_BLOCK, h - by)
+                    rgba = np.asarray(self._osr.read_region((x0 + bx, y0 + by), 0, (bw, bh)))
+                    pixels[by : by + bh, bx : bx + bw] = _rgba_to_rgb_on_white(rgba)
+            pixels.flush()
+            del pixels
+            yield pyvips.Image.rawload(raw_path, w, h, 3).copy(interpretation="srgb")
+
+
+def probe(path: str, base_mag: float | None) -> tuple[SlideInfo, openslide.OpenSlide | None, list[TiffLevel] | None]:
+    """(info, an open OpenSlide handle or None, the TIFF levels libvips reads or None); SlideError when neither
+    backend can read the file or its magnification is unknown. The caller owns (closes) the handle."""
+    osr = _open_openslide(path)
+    try:
+        return _probe_with(path, osr, base_mag)
+    except BaseException:
+        if osr is not None:
+            osr.close()
+        raise
+
+
+def _open_openslide(path: str) -> openslide.OpenSlide | None:
+    """An OpenSlide handle; None for a format OpenSlide does not know."""
+    try:
+        return openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        return None
+    except openslide.OpenSlideError as err:
+        raise SlideError(f"{path}: unreadable slide: {one_line(err)}") from None
+
+
+def _probe_with(
+    path: str, osr: openslide.OpenSlide | None, base_mag: float | None
+) -> tuple[SlideInfo, openslide.OpenSlide | None, list[TiffLevel] | None]:
+    props = dict(osr.properties) if osr is not None else {}
+    vendor = props.get("openslide.vendor")
+    tiff = probe_tiff(path, with_levels=vendor in VIPS_VENDORS)
+    if osr is None and tiff.levels is None:
+        reason = f" ({one_line(tiff.error)})" if tiff.error else ""
+        raise SlideError(f"{path}: unsupported or corrupt slide: neither OpenSlide nor tifffile can read it{reason}")
+    if osr is None and tiff.description.startswith("Aperio"):
+        # OpenSlide rejects Aperio files whose directory chain is broken; tifffile alone would hide it.
+        raise SlideError(f"{path}: corrupt Aperio SVS (OpenSlide cannot parse its directories)")
+    levels = _vips_readable(path, tiff.levels, osr) if tiff.levels is not None else None
+    mag, source, mpp = base_magnification(path, props, tiff.description, tiff.res_mpp, base_mag)
+    if levels is not None:
+        width, height, level_count = levels[0].width, levels[0].height, len(levels)
+    else:
+        assert osr is not None
+        (width, height), level_count = osr.dimensions, osr.level_count
+    info = SlideInfo(
+        path=path,
+        width=int(width),
+        height=int(height),
+        base_mag=mag,
+        mpp=mpp,
+        mag_source=source,
+        vendor=vendor or "tiff",
+        level_count=int(level_count),
+    )
+    return info, osr, levels
+
+
+def _vips_readable(path: str, levels: list[TiffLevel], osr: openslide.OpenSlide | None) -> list[TiffLevel] | None:
+    """`levels` if libvips reads level 0 as tifffile sees it; None if not but OpenSlide can; else SlideError."""
+    try:
+        level0 = pyvips.Image.tiffload(path, page=0, fail_on="error")
+    except pyvips.Error as err:
+        if osr is None:
+            raise SlideError(f"{path}: unreadable TIFF: {one_line(err)}") from None
+        return None  # e.g. a compression libvips lacks: OpenSlide can still read it
+    if (level0.width, level0.height) != (levels[0].width, levels[0].height):
+        raise SlideError(f"{path}: libvips and tifffile disagree on the level-0 size")
+    return levels

@@ -1,0 +1,35 @@
+"""`open_slide`: the backend that reads a file. libvips tiffload for SVS and generic pyramidal TIFF, OpenSlide for
+what tiffload cannot read (NDPI, MRXS, Ventana, ...)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from hpcdistill.common.errors import SlideError
+from hpcdistill.slides.backends import OpenSlideSlide, VipsTiffSlide, probe
+from hpcdistill.slides.slide import Slide
+
+
+def open_slide(path: str | os.PathLike, base_mag: float | None = None, *, backend: str | None = None) -> Slide:
+    """Open a slide; base magnification from `base_mag`, else objective power, else mpp. SlideError if none.
+
+    `backend` forces the pixel reader ("vips" or "openslide"); default: vips for SVS / generic TIFF, else OpenSlide.
+    The info (size, levels, magnification) is the same whichever backend reads the pixels.
+    """
+    path = os.fspath(path)
+    if backend not in (None, "vips", "openslide"):
+        raise SlideError(f"{path}: backend {backend!r}: expected 'vips' or 'openslide'")
+    if not os.path.isfile(path):
+        raise SlideError(f"{path}: no such file")
+    if base_mag is not None and not (math.isfinite(base_mag) and base_mag > 0):
+        raise SlideError(f"{path}: base magnification must be positive, got {base_mag}")
+    info, osr, levels = probe(path, base_mag)
+    chosen = backend or ("vips" if levels is not None else "openslide")
+    if chosen == "openslide" and osr is not None:
+        return OpenSlideSlide(info, osr)
+    if osr is not None:
+        osr.close()
+    if chosen == "vips" and levels is not None:
+        return VipsTiffSlide(info, levels)
+    raise SlideError(f"{path}: the {backend} backend cannot read this slide")

@@ -1,0 +1,390 @@
+"""Synthetic slide files and labelled datasets: one scene (synthetic_tissue.py) written as a true Aperio SVS
+layout or a generic pyramidal TIFF, and a dataset of such slides with its `labels.csv`.
+
+Writing streams pre-encoded JPEG tiles into tifffile, so memory stays bounded for any slide size; background
+tiles reuse one cached encoded tile, and every pyramid level is rendered from the scene at its own resolution
+(never from a level-0 image).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import imagecodecs
+import numpy as np
+import tifffile
+
+from hpcdistill.common.files import atomic_output
+from hpcdistill.synthetic.scene import CLASS_NAMES, TILE, Scene, SyntheticError, make_scene, render_image, render_region
+
+JPEG_QUALITY = 90
+APERIO_HEADER = "Aperio Image Library v12.0.0"
+MIN_LEVEL_SIZE = 512  # add /4 pyramid levels while their larger side is at least this
+
+
+# --------------------------------------------------------------------------- slide files
+
+
+def _encode_jpeg(tile: np.ndarray) -> bytes:
+    return imagecodecs.jpeg8_encode(
+        tile, level=JPEG_QUALITY, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
+    )
+
+
+def _level_tiles(scene: Scene, downsample: float, width: int, height: int, jpeg: bool) -> Iterator[bytes | np.ndarray]:
+    """Yield the tiles of one level in row-major order; background tiles reuse one cached encoding."""
+    pixel_um = downsample * scene.mpp
+    blank: bytes | np.ndarray | None = None
+    for ty in range(0, height, TILE):
+        y0, y1 = ty * pixel_um, (ty + TILE) * pixel_um
+        row = [p for p in scene.pieces if p.bbox_um[1] < y1 + pixel_um and p.bbox_um[3] > y0 - pixel_um]
+        for tx in range(0, width, TILE):
+            x0, x1 = tx * pixel_um, (tx + TILE) * pixel_um
+            empty = not any(p.bbox_um[0] < x1 + pixel_um and p.bbox_um[2] > x0 - pixel_um for p in row)
+            if empty and blank is not None:
+                yield blank
+                continue
+            tile = render_region(scene, tx, ty, TILE, TILE, downsample)
+            out = _encode_jpeg(tile) if jpeg else tile
+            if empty:
+                blank = out
+            yield out
+
+
+def _level_shapes(width: int, height: int) -> list[tuple[int, int, int]]:
+    """(downsample, w, h) per pyramid level: level 0 then /4 while the larger side >= MIN_LEVEL_SIZE."""
+    levels = [(1, width, height)]
+    f = 4
+    while max(width // f, height // f) >= MIN_LEVEL_SIZE:
+        levels.append((f, width // f, height // f))
+        f *= 4
+    return levels
+
+
+def _fit(width: int, height: int, longest: int) -> tuple[int, int, float]:
+    d = max(width, height) / longest
+    return max(1, round(width / d)), max(1, round(height / d)), d
+
+
+def _label_image(seed: int) -> np.ndarray:
+    """A slide label: white card with a seed-dependent barcode."""
+    img = np.full((300, 300, 3), 250, np.uint8)
+    bars = np.random.default_rng([seed, 0x1ABE1]).integers(0, 2, 60).astype(bool)
+    for i, bar in enumerate(bars):
+        if bar:
+            img[40:140, 30 + 4 * i : 33 + 4 * i] = 20
+    img[180:200, 30:270] = 60
+    return img
+
+
+def _macro_image(scene: Scene) -> np.ndarray:
+    """Whole glass slide: label area on the left, then the scanned area rendered small."""
+    w, h, d = _fit(scene.width, scene.height, 600)
+    body = render_image(scene, w, h, d)
+    macro = np.full((h + 40, w + 40 + h, 3), 200, np.uint8)
+    label = _label_image(scene.seed)
+    pick = np.arange(h) * label.shape[0] // h  # nearest-neighbour resize of the label to h x h
+    macro[20 : 20 + h, 20 : 20 + h] = label[pick][:, pick]
+    macro[20 : 20 + h, 20 + h : 20 + h + w] = body
+    return macro
+
+
+def _aperio_tail(base_mag: float, mpp: float, with_metadata: bool) -> str:
+    return f"|AppMag = {base_mag:g}|MPP = {mpp:.4f}" if with_metadata else ""
+
+
+def write_slide(
+    path: str | os.PathLike,
+    width: int,
+    height: int,
+    *,
+    fmt: str = "svs",
+    base_mag: float = 40,
+    mpp: float | None = None,
+    class_id: int = 0,
+    seed: int = 0,
+    n_tissues: int = 3,
+    tile: int = TILE,
+    jpeg: bool = True,
+    with_metadata: bool = True,
+    signal: float = 1.0,
+) -> dict:
+    """Write one synthetic slide, streaming tile by tile; returns its description (tissue boxes etc.).
+
+    fmt="svs": Aperio layout (tiled level 0, stripped thumbnail, tiled /4 levels, label, macro).
+    fmt="tiff": generic pyramidal tiled TIFF, one page per level, resolution tags in px/cm giving mpp.
+    mpp defaults to 10 / base_mag (40x -> 0.25 µm/px). with_metadata=False omits AppMag/MPP and
+    resolution (tifffile then writes XResolution=1 with ResolutionUnit NONE, i.e. unknown).
+    """
+    path = Path(path)
+    if fmt not in ("svs", "tiff"):
+        raise SyntheticError(f"{path}: fmt {fmt!r} must be 'svs' or 'tiff'")
+    if tile != TILE:
+        raise SyntheticError(f"{path}: tile {tile} unsupported; only {TILE} is written")
+    if not base_mag > 0:
+        raise SyntheticError(f"{path}: base_mag {base_mag} must be positive")
+    mpp = float(mpp) if mpp is not None else 10.0 / base_mag
+    scene = make_scene(width, height, mpp=mpp, class_id=class_id, seed=seed, n_tissues=n_tissues, signal=signal)
+    levels = _level_shapes(width, height)
+    tail = _aperio_tail(base_mag, mpp, with_metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tif:
+            _write_pyramid(tif, scene, levels, fmt=fmt, jpeg=jpeg, aperio_tail=tail, with_metadata=with_metadata)
+            if fmt == "svs":
+                _write_label_and_macro(tif, scene)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written slide behind
+        raise
+    tmp.replace(path)
+    return {
+        "path": str(path),
+        "format": fmt,
+        "width": width,
+        "height": height,
+        "base_mag": float(base_mag),
+        "mpp": mpp if with_metadata else None,
+        "class_id": class_id,
+        "seed": seed,
+        "levels": [(lw, lh) for _, lw, lh in levels],
+        "tissue_boxes": scene.tissue_boxes(),
+    }
+
+
+def _write_pyramid(
+    tif: tifffile.TiffWriter,
+    scene: Scene,
+    levels: list[tuple[int, int, int]],
+    *,
+    fmt: str,
+    jpeg: bool,
+    aperio_tail: str,
+    with_metadata: bool,
+) -> None:
+    """The tiled levels, largest first; SVS: Aperio descriptions, and the stripped thumbnail right after level 0.
+    TIFF: resolution tags in px/cm (unless with_metadata is False)."""
+    width, height, mpp = scene.width, scene.height, scene.mpp
+    compression = ("jpeg", {"level": JPEG_QUALITY}) if jpeg else ("zlib", {"level": 6})
+    tiled = dict(
+        tile=(TILE, TILE),
+        dtype=np.uint8,
+        photometric="rgb",
+        compression=compression[0],
+        compressionargs=compression[1],
+        metadata=None,
+        software=False,
+    )
+    q = f"JPEG/RGB Q={JPEG_QUALITY}" if jpeg else "Deflate/RGB"
+    head = f"{APERIO_HEADER}\r\n{width}x{height} [0,100 {width}x{height}] ({TILE}x{TILE})"
+    for k, (f, lw, lh) in enumerate(levels):
+        extra: dict = {}
+        if fmt == "svs":
+            size = "" if k == 0 else f" -> {lw}x{lh}"
+            extra["description"] = f"{head}{size} {q}{aperio_tail}"
+        elif with_metadata:
+            extra.update(resolution=(1e4 / (mpp * f), 1e4 / (mpp * f)), resolutionunit="CENTIMETER")
+        if k > 0:
+            extra["subfiletype"] = 1
+        tif.write(_level_tiles(scene, f, lw, lh, jpeg), shape=(lh, lw, 3), **tiled, **extra)
+        if fmt == "svs" and k == 0:
+            tw, th, d = _fit(width, height, 1024)
+            thumb_desc = f"{APERIO_HEADER}\r\n{width}x{height} -> {tw}x{th} - {aperio_tail}"
+            tif.write(
+                render_image(scene, tw, th, d),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": JPEG_QUALITY},
+                rowsperstrip=16,
+                metadata=None,
+                software=False,
+                description=thumb_desc,
+            )
+
+
+def _write_label_and_macro(tif: tifffile.TiffWriter, scene: Scene) -> None:
+    """The Aperio associated images that follow the pyramid: label (LZW) and macro (JPEG), both stripped."""
+    label = _label_image(scene.seed)
+    tif.write(
+        label,
+        photometric="rgb",
+        compression="lzw",
+        rowsperstrip=label.shape[0],
+        metadata=None,
+        software=False,
+        subfiletype=1,
+        description=f"{APERIO_HEADER}\r\nlabel {label.shape[1]}x{label.shape[0]}",
+    )
+    macro = _macro_image(scene)
+    tif.write(
+        macro,
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": JPEG_QUALITY},
+        rowsperstrip=16,
+        metadata=None,
+        software=False,
+        subfiletype=9,
+        description=f"{APERIO_HEADER}\r\nmacro {macro.shape[1]}x{macro.shape[0]}",
+    )
+
+
+# --------------------------------------------------------------------------- datasets
+
+# (format, base magnification) cycled over slides; tiff slides carry their magnification only through mpp.
+DATASET_FORMATS = (("svs", 40.0), ("svs", 20.0), ("tiff", 40.0), ("svs", 40.0), ("tiff", 20.0))
+LABELS_CSV_COLUMNS = ("slide", "patient", "label", "split")
+
+
+def write_two_class_slide(
+    path: str | os.PathLike,
+    width: int,
+    height: int,
+    left_class: int,
+    right_class: int,
+    *,
+    base_mag: float = 40.0,
+    seed: int = 0,
+) -> dict:
+    """A generic pyramidal TIFF whose left half holds one tissue of `left_class` and right half one of
+    `right_class` (two scenes side by side): a slide on which a heat map must change class halfway."""
+    path, mpp, half = Path(path), 10.0 / base_mag, width // 2
+    scenes = [
+        make_scene(half, height, mpp=mpp, class_id=left_class, seed=seed, n_tissues=1),
+        make_scene(width - half, height, mpp=mpp, class_id=right_class, seed=seed + 1, n_tissues=1),
+    ]
+    level = np.concatenate([render_image(s, s.width, s.height, 1.0) for s in scenes], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(path) as tif:
+        for k, (f, lw, lh) in enumerate(_level_shapes(width, height)):
+            pixels = level if k == 0 else level[: lh * f : f, : lw * f : f][:lh, :lw]
+            tif.write(
+                np.ascontiguousarray(pixels),
+                tile=(TILE, TILE),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": JPEG_QUALITY},
+                resolution=(1e4 / (mpp * f), 1e4 / (mpp * f)),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if k else 0,
+                metadata=None,
+                software=False,
+            )
+    (x, y, w, h), (rx, ry, rw, rh) = scenes[0].tissue_boxes()[0], scenes[1].tissue_boxes()[0]
+    return {
+        "path": str(path),
+        "classes": (left_class, right_class),
+        "tissue_boxes": [(x, y, w, h), (rx + half, ry, rw, rh)],
+    }
+
+
+def dataset_classes(classes: Sequence[str] | int) -> list[str]:
+    """Class names: an int n picks CLASS_NAMES[:n]; names map in order onto the per-class nuclei table."""
+    names = list(CLASS_NAMES[:classes]) if isinstance(classes, int) else [str(c) for c in classes]
+    if not 2 <= len(names) <= len(CLASS_NAMES) or len(set(names)) != len(names) or "" in names:
+        raise SyntheticError(f"classes {classes!r}: need 2..{len(CLASS_NAMES)} distinct non-empty names")
+    return names
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    n_slides_per_split: dict[str, int] | None = None,
+    classes: Sequence[str] | int = 3,
+    n_aux1: int = 3,
+    n_aux2: int = 3,
+    size: tuple[int, int] = (4096, 3072),
+    n_tissues: tuple[int, int] = (2, 4),
+    signal: float = 1.0,
+    seed: int = 0,
+    jpeg: bool = True,
+) -> tuple[list[Path], Path]:
+    """Write labeled slides (splits), unlabeled aux slides and `labels.csv`; returns (slide paths, csv path).
+
+    Labeled slides belong to patients (every third patient has two slides of the same class and split;
+    classes cycle over patients). Unlabeled slides have label "" and split 'aux1' (ADv1) or 'aux2' (the
+    extra slides of ADv2), so ADv1 = aux1 and ADv2 = aux1 + aux2. `size` is (width, height) at 40x;
+    20x slides cover the same physical area with half the pixels. Deterministic for a given seed.
+    """
+    out = Path(out_dir)
+    names = dataset_classes(classes)
+    splits = {"train": 9, "val": 3, "test": 3} if n_slides_per_split is None else dict(n_slides_per_split)
+    for split, n in splits.items():
+        if split.startswith("aux") or not split or n < 0:
+            raise SyntheticError(f"n_slides_per_split[{split!r}]={n}: need a non-aux name and a count >= 0")
+    if min(n_aux1, n_aux2) < 0 or n_tissues[0] < 1 or n_tissues[1] < n_tissues[0]:
+        raise SyntheticError(f"{out}: aux counts must be >= 0 and n_tissues a range (lo>=1, hi>=lo)")
+    rows = _dataset_rows(splits, len(names), n_aux1, n_aux2)
+    rng = np.random.default_rng([seed, 0xDA7A])
+    paths: list[Path] = []
+    records = []
+    for idx, (pid, cls, split) in enumerate(rows):
+        name = _write_dataset_slide(
+            out, idx, cls, len(names), rng, size=size, n_tissues=n_tissues, signal=signal, jpeg=jpeg
+        )
+        paths.append(out / name)
+        records.append((name, pid, names[cls] if cls is not None else "", split))
+    csv_path = out / "labels.csv"
+    with atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(LABELS_CSV_COLUMNS)
+        writer.writerows(records)
+    return paths, csv_path
+
+
+def _dataset_rows(
+    splits: dict[str, int], n_classes: int, n_aux1: int, n_aux2: int
+) -> list[tuple[str, int | None, str]]:
+    """(patient id, class index or None if unlabeled, split) per slide, labeled splits first, then aux1, aux2."""
+    rows: list[tuple[str, int | None, str]] = []
+    patient = 0
+    for split, n in splits.items():
+        done, j = 0, 0
+        while done < n:
+            # Two-slide patients only while every class still gets a patient in this split.
+            count = 2 if j % 3 == 1 and n - done - 2 >= n_classes - j - 1 else 1
+            rows += [(f"P{patient:03d}", j % n_classes, split)] * count
+            done, j, patient = done + count, j + 1, patient + 1
+    for split, n in (("aux1", n_aux1), ("aux2", n_aux2)):
+        for _ in range(n):
+            rows.append((f"A{patient:03d}", None, split))
+            patient += 1
+    return rows
+
+
+def _write_dataset_slide(
+    out: Path,
+    idx: int,
+    cls: int | None,
+    n_classes: int,
+    rng: np.random.Generator,
+    *,
+    size: tuple[int, int],
+    n_tissues: tuple[int, int],
+    signal: float,
+    jpeg: bool,
+) -> str:
+    """Write slide `idx` (format and magnification cycling through DATASET_FORMATS); returns its file name."""
+    fmt, mag = DATASET_FORMATS[idx % len(DATASET_FORMATS)]
+    scale = mag / 40.0
+    n_t = int(rng.integers(n_tissues[0], n_tissues[1] + 1))
+    # Unlabeled slides still draw from the same class mixture (their label is just not given).
+    cls_id = cls if cls is not None else int(rng.integers(0, n_classes))
+    slide_seed = int(rng.integers(0, 2**31 - 1))
+    name = f"slide_{idx:03d}.{fmt}"
+    write_slide(
+        out / name,
+        max(64, round(size[0] * scale)),
+        max(64, round(size[1] * scale)),
+        fmt=fmt,
+        base_mag=mag,
+        class_id=cls_id,
+        seed=slide_seed,
+        n_tissues=n_t,
+        jpeg=jpeg,
+        signal=signal,
+    )
+    return name

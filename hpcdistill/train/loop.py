@@ -1,0 +1,302 @@
+"""The training loop for the four phases: teacher (10x, CE), baseline (low mag, CE), distill (frozen teacher at 10x
+-> student at low mag, soft + pixel loss, labels unused) and finetune (FC only, CE on labeled low-mag data).
+
+Layers, each short: forward_loss -> forward_backward_step (one micro-batch) -> train_step (one optimizer step,
+`grad_accum` micro-batches) -> train_epoch -> fit. `run(cfg)` is the single entry point (CLI and SLURM launcher);
+it reads rank and world size from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+Building the run is train_state.py, its data train_data.py, validation validation.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hpcdistill.common.config import Config, load_config
+from hpcdistill.common.errors import HpcdistillError, TrainError
+from hpcdistill.common.mags import mag_name
+from hpcdistill.common.ranks import is_rank_zero
+from hpcdistill.data.device_batch import finish_batch
+from hpcdistill.data.streams import make_loader
+from hpcdistill.train.data_plan import stream_spec
+from hpcdistill.train.distributed import barrier
+from hpcdistill.train.nonfinite_stop import check_finite
+from hpcdistill.train.state import (
+    State,
+    build_state,
+    export_selection,
+    export_weights,
+    model_input,
+    save_checkpoint,
+    scalars,
+)
+from hpcdistill.train.validation import validate
+
+
+def forward_loss(state: State, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    x = model_input(state, batch["x"])
+    if state.teacher is not None:
+        from hpcdistill.train.losses import distill_loss
+
+        with torch.no_grad():
+            t_feat, t_logits = state.teacher(model_input(state, batch["t"]))
+        s_feat, s_logits = state.engine(x)
+        t = state.cfg.train
+        return distill_loss(
+            s_feat.float(), s_logits.float(), t_feat.float(), t_logits.float(), t.temperature, tuple(t.pixel_resize)
+        )
+    _, logits = state.engine(x)
+    return {"total": F.cross_entropy(logits.float(), batch["y"].to(state.device))}
+
+
+def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One micro-batch; DeepSpeed scales by 1/grad_accum and steps the optimizer at the accumulation boundary.
+    Returns the losses as device tensors: reading them here would make the host wait for the device every
+    micro-batch."""
+    try:
+        losses = forward_loss(state, batch)
+        state.engine.backward(losses["total"])
+    except torch.cuda.OutOfMemoryError:  # whole tissues vary in size: name the one that did not fit
+        sizes = [
+            f"{x.shape[-1]}x{x.shape[-2]} px at {mag_name(mag)}"
+            for name, mag in (("x", state.cfg.model_mag), ("t", state.cfg.data.teacher_mag))
+            if (x := batch.get(name)) is not None
+        ]
+        raise TrainError(
+            f"step {state.global_step + 1} (epoch {state.epoch}): out of GPU memory on "
+            f"{batch['key'][0]} ({', '.join(sizes)}, micro-batch {len(batch['key'])}); reshard with a "
+            f"smaller --max-size (tissues are cut into aligned windows) or lower train.micro_batch. "
+            f"Last checkpoint: {state.last_ckpt or 'none'}"
+        ) from None
+    state.engine.step()
+    return {k: v.detach().float() for k, v in losses.items()}
+
+
+def train_step(state: State, batches: list[dict[str, Any]]) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean losses (one host-device sync per step)."""
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        for k, v in forward_backward_step(state, batch).items():
+            sums[k] = sums[k] + v if k in sums else v
+    means = {k: v / len(batches) for k, v in sums.items()}
+    check_finite(state, means["total"], batches)
+    if state.ema is not None:  # after the finiteness check: a diverged step never enters the average
+        state.ema.update(state.engine.module)
+    values = torch.stack(list(means.values())).tolist()
+    state.global_step += 1
+    state.batch += len(batches)
+    return dict(zip(means, values))
+
+
+def train_epoch(state: State) -> bool:
+    """Train until the epoch ends (False) or max_steps is reached mid-epoch (True)."""
+    from tqdm import tqdm
+
+    cfg = state.cfg
+    spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=state.epoch, start_batch=state.batch, val=False)
+    loader = iter(make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda"))
+    accum = cfg.train.grad_accum
+    bar = tqdm(
+        total=state.plan.steps_per_epoch,
+        initial=state.batch // accum,
+        desc=f"epoch {state.epoch}",
+        disable=state.rank != 0 or not cfg.log.progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    state.engine.module.train()
+    first = True
+    tick, images = time.perf_counter(), 0
+    while state.batch < state.micro_per_epoch:
+        if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
+            bar.close()
+            return True
+        batches = [finish_batch(next(loader), state.device, state.dtype) for _ in range(accum)]
+        if first or (cfg.log.images_every and state.global_step % cfg.log.images_every == 0):
+            log_images(state, batches[0])
+            first = False
+        losses = train_step(state, batches)
+        images += sum(len(b["key"]) for b in batches) * state.world
+        for k, v in losses.items():
+            state.meter[k] = state.meter.get(k, 0.0) + v
+        state.meter["_n"] = state.meter.get("_n", 0.0) + 1
+        if state.global_step % cfg.log.log_every == 0:
+            logscalars(state, images / (time.perf_counter() - tick))
+            report_progress(state, "train")
+            tick, images = time.perf_counter(), 0
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses['total']:.4f}")
+        every = cfg.train.checkpoint_every_steps
+        due = bool(every and state.global_step % every == 0) | checkpoint_time_due(state)  # `|`: both are collective
+        if due and state.batch < state.micro_per_epoch:
+            save_checkpoint(state)
+    bar.close()
+    return False
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    full = steps_per_epoch * cfg.train.epochs
+    return min(full, cfg.train.max_steps) if cfg.train.max_steps else full
+
+
+def report_progress(state: State, phase: str) -> None:
+    """progress.json in the run folder: epoch, step and an ETA from this process's own pace (validation included)."""
+    total = total_steps(state.cfg, state.plan.steps_per_epoch)
+    since, first_step = state.started
+    done = state.global_step - first_step
+    elapsed = time.monotonic() - since
+    eta = (total - state.global_step) * elapsed / done if done > 0 and phase != "done" else None
+    state.folder.write_progress(
+        {
+            "mode": state.cfg.train.mode,
+            "phase": phase,
+            "epoch": state.epoch,
+            "epochs": state.cfg.train.epochs,
+            "step": state.global_step,
+            "steps": total,
+            "eta_s": eta,
+            "updated": time.time(),
+        }
+    )
+
+
+def checkpoint_time_due(state: State) -> bool:
+    """train.checkpoint_every_min: rank 0's clock decides and every rank follows (saving a checkpoint is collective,
+    and ranks' clocks differ); one tiny broadcast per optimizer step, only when the option is on."""
+    minutes = state.cfg.train.checkpoint_every_min
+    if not minutes:
+        return False
+    due = time.monotonic() - state.last_save_time >= minutes * 60
+    if state.world == 1:
+        return due
+    flag = torch.tensor([float(due)], device=state.device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def logscalars(state: State, images_per_s: float) -> None:
+    n = state.meter.pop("_n", 1.0)
+    for k, v in state.meter.items():
+        state.writer.add_scalar(f"loss/{k}", v / n, state.global_step)
+    state.meter.clear()
+    state.writer.add_scalar("lr", state.engine.get_lr()[0], state.global_step)
+    state.writer.add_scalar("throughput/images_per_s", images_per_s, state.global_step)
+    if state.device.type == "cuda":  # peak since the last log: whole tissues vary, so the peak is what matters
+        state.writer.add_scalar(
+            "memory/peak_allocated_gib", torch.cuda.max_memory_allocated(state.device) / 2**30, state.global_step
+        )
+        torch.cuda.reset_peak_memory_stats(state.device)
+
+
+def log_images(state: State, batch: dict[str, Any]) -> None:
+    """A few inputs, un-standardised: the teacher's at 10x (teacher mode, and beside the student's in distill), the
+    student's at its magnification. Non-finite images (bad manifest stats) are not logged: they draw nothing."""
+    if state.rank != 0:
+        return
+    n = state.cfg.log.num_images
+    role = "teacher" if state.cfg.train.mode == "teacher" else "student"
+    slots = [("x", role, state.cfg.model_mag)] + (
+        [("t", "teacher", state.cfg.data.teacher_mag)] if "t" in batch else []
+    )
+    for slot, who, mag in slots:
+        s = state.plan.stats[mag_name(mag)]
+        mean, std = torch.tensor(s["mean"]).view(1, 3, 1, 1), torch.tensor(s["std"]).view(1, 3, 1, 1)
+        images = batch[slot][:n].float().cpu() * std + mean
+        if torch.isfinite(images).all():
+            state.writer.add_images(f"inputs/{who}_{mag_name(mag)}", images.clamp(0, 1), state.global_step)
+
+
+def end_epoch(state: State) -> None:
+    """Validate, keep the best export, advance, checkpoint (after validation: a resume never repeats it)."""
+    report_progress(state, "validate")
+    metrics = validate(state)
+    state.last_val = metrics
+    for k, v in scalars(metrics).items():
+        state.writer.add_scalar(f"val/{k}", v, state.global_step)
+    for sel in state.selections:
+        if metrics and sel.metric not in metrics:
+            key = "train.select_metric" if sel.file == "best.pt" else "train.export_also"
+            raise TrainError(f"{key}: {sel.metric!r} is not a val metric (have {', '.join(scalars(metrics))})")
+        if not metrics or sel.improves(metrics):
+            sel.take(metrics, state.global_step)
+            export_selection(state, sel)
+    state.epoch += 1
+    state.batch = 0
+    save_checkpoint(state)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train as the config says, resuming if asked; returns a summary (best metric, paths, steps)."""
+    return fit(build_state(cfg))
+
+
+def fit(state: State) -> dict[str, Any]:
+    """The epoch loop over a built state (separate from `run` so tests can inspect each rank's engine after)."""
+    cfg = state.cfg
+    stopped = False
+    # A rerun of a finished run (a requeue or relaunch after the last step) only reports: its exports and hparams exist.
+    done_before = state.epoch >= cfg.train.epochs and (cfg.run_dir / "last.pt").is_file()
+    state.started = (time.monotonic(), state.global_step)
+    report_progress(state, "train")
+    try:
+        while state.epoch < cfg.train.epochs and not stopped:
+            stopped = train_epoch(state)
+            if stopped:
+                save_checkpoint(state)
+            else:
+                end_epoch(state)
+                stopped = bool(cfg.train.max_steps and state.global_step >= cfg.train.max_steps)
+        if not done_before:
+            export_weights(state, "last.pt")
+            if state.ema is not None:
+                export_weights(state, "last-ema.pt", ema=True)
+        report_progress(state, "stopped" if stopped else "done")
+        barrier()
+        if not stopped and not done_before:
+            hparams = {
+                "mode": cfg.train.mode,
+                "arch": cfg.model.arch,
+                "mag": cfg.model_mag,
+                "lr": cfg.train.lr,
+                "grad_accum": cfg.train.grad_accum,
+                "temperature": cfg.train.temperature,
+                "pixel_resize": "+".join(cfg.train.pixel_resize) or "none",
+                "stem": cfg.model.stem,
+            }
+            state.writer.add_hparams(
+                hparams, {f"hparam/{k}": v for k, v in scalars(state.last_val).items()}, run_name="."
+            )
+    finally:
+        state.writer.close()
+    return {
+        "run_dir": str(cfg.run_dir),
+        "mode": cfg.train.mode,
+        "epoch": state.epoch,
+        "global_step": state.global_step,
+        "stopped_early": stopped,
+        "select_metric": cfg.select_metric,
+        "best": state.selections[0].value,
+        "best_step": state.selections[0].step,
+        "best_path": str(cfg.run_dir / "best.pt"),
+        "last_path": str(cfg.run_dir / "last.pt"),
+        "last_checkpoint": state.last_ckpt,
+        "val": scalars(state.last_val),
+    }
+
+
+train = run  # `engine.train(cfg)` reads naturally at call sites; the same entry point
+
+
+def main_train(argv: list[str]) -> int:
+    """`hpcdistill train CONFIG [key=value ...]`."""
+    if not argv:
+        raise HpcdistillError("train: usage: hpcdistill train CONFIG.yaml [key=value ...]")
+    summary = run(load_config(argv[0], argv[1:]))
+    if summary and is_rank_zero():
+        print(json.dumps(summary, indent=2), file=sys.stdout)
+    return 0

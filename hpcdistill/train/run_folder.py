@@ -1,0 +1,306 @@
+"""The run folder, `<run.out_dir>/<run.name>/`, and everything in it:
+
+    checkpoints/step000000012/            a DeepSpeed checkpoint; resumable only once its COMPLETE marker exists.
+                                          The resolved config is stored inside it (client state), not only beside it.
+    checkpoints/step000000013.diverged/   set aside after a non-finite loss (or `.superseded`, after a resume from
+                                          an older checkpoint): never resumed from
+    best.pt, last.pt                      exported weights (format and reader: models.export)
+    config.yaml                           the resolved config the run uses (never values it ignores)
+    progress.json                         epoch, step and ETA, for `hpcdistill status` and a local launch
+
+A resume compares the new config with the one stored in the checkpoint it loads: keys in RESUMABLE are applied
+for real (a new lr is the optimizer's lr from the next step on), any other change is refused in one line.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from hpcdistill.common.config import resolve_path
+from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.files import atomic_output, atomic_write_json, atomic_write_text
+from hpcdistill.common.progress import write_progress
+from hpcdistill.models.export import export_blob
+from hpcdistill.train.distributed import barrier
+
+COMPLETE = "COMPLETE"  # written after every rank finished a save: a checkpoint without it is never loaded
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed (ZeRO 0): module weights + client state, from rank 0
+
+# Keys a resumed run may change. Each is applied for real: lr and weight decay go into the optimizer's param groups
+# after its state is loaded; the loop reads the others from the config at every use; run.out_dir/run.name only say
+# where the (moved) run folder is. A key ending in "." is a prefix.
+RESUMABLE = (
+    "train.epochs",
+    "train.max_steps",
+    "train.lr",
+    "train.weight_decay",
+    "train.checkpoint_every_steps",
+    "train.channels_last",
+    "train.compile",
+    "data.decode",  # speed only: the same computation elsewhere
+    "train.checkpoint_every_min",
+    "train.keep_last",
+    "data.num_workers",
+    "run.resume",
+    "run.out_dir",
+    "run.name",
+    "log.",
+)
+
+
+class RunFolderError(HpcdistillError):
+    """A checkpoint or export that cannot be written, read or resumed as asked."""
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step{step:09d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint dirs with a completion marker, oldest first (a save killed midway has none)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if (p / COMPLETE).is_file())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
+
+
+def config_changes(
+    stored: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, new value) for every key whose value differs, in key order. A key the stored
+    config lacks (written before the key existed) reads as its value in `defaults`: the behaviour it had then."""
+    old, now = {**flatten(defaults or {}), **flatten(stored)}, flatten(new)
+    return [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+
+
+def check_resume_config(
+    stored: dict[str, Any],
+    new: dict[str, Any],
+    checkpoint: Path,
+    run_name: str,
+    same_shards: bool = False,
+    defaults: dict[str, Any] | None = None,
+) -> list[str]:
+    """The allowed changes as 'key: old -> new'; any other change stops the resume in one line naming each key.
+    `same_shards`: the shard folder's manifest is byte-identical to the one the run started on, so a moved
+    `data.shards` (e.g. copied to node-local scratch) is the same data."""
+    changes = config_changes(stored, new, defaults)
+    refused = [
+        f"{k}: {a} -> {b}" for k, a, b in changes if not resumable(k) and not (same_shards and k == "data.shards")
+    ]
+    if refused:
+        raise RunFolderError(
+            f"{checkpoint}: cannot resume with a changed {', '.join(refused)} (only "
+            f"{', '.join(k.rstrip('.') for k in RESUMABLE)} may change on resume); to train with the new values "
+            f"start a new run, e.g. run.name={run_name}-2 (run.resume=never guards a new run against resuming)"
+        )
+    return [f"{k}: {a} -> {b}" for k, a, b in changes if k != "run.resume"]
+
+
+def apply_resumable(engine: Any, train: Any) -> None:
+    """Loading a checkpoint restores the optimizer's param groups, lr included: set the config's values again."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = train.lr
+        group["weight_decay"] = train.weight_decay
+
+
+def _refused(what: str, checkpoint: Path, err: pickle.UnpicklingError) -> RunFolderError:
+    """What weights_only=True refuses: a pickled object, not plain weights."""
+    reason = one_line(err, 200)
+    return RunFolderError(f"{what}: {checkpoint}: refused, it holds more than plain weights ({reason})")
+
+
+def _load_weights_only(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise _refused(what, path.parent, err) from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise RunFolderError(f"{what}: {path}: unreadable ({one_line(err, 200)})") from None
+
+
+def use_weights_only_loads(engine: Any) -> None:
+    """DeepSpeed's torch checkpoint engine unpickles any object it finds; ours loads with weights_only=True,
+    which a ZeRO-0 checkpoint (tensors, numbers, strings, dicts) passes."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RunFolderError(
+            f"deepspeed: checkpoint engine {type(engine.checkpoint_engine).__name__} is not "
+            "supported (only torch.save checkpoints, loaded with weights_only=True); remove the "
+            "checkpoint writer settings from the DeepSpeed config"
+        )
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+
+
+class RunFolder:
+    """Checkpoints, exports and the resolved config of one run; rank 0 writes what only one rank must write."""
+
+    def __init__(self, path: str | Path, rank: int = 0):
+        self.path = Path(path)
+        self.rank = rank
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def complete_checkpoints(self) -> list[Path]:
+        return complete_checkpoints(self.checkpoints_dir)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """config.yaml beside the checkpoints, written whole or not at all."""
+        if self.rank != 0:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def write_progress(self, progress: dict[str, Any]) -> None:
+        """progress.json (format and reader in hpcdistill.common.progress, which the launcher imports without torch)."""
+        if self.rank == 0:
+            write_progress(self.path, progress)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(
+        self, engine: Any, step: int, client: dict[str, Any], config: dict[str, Any], keep_last: int
+    ) -> Path:
+        """A collective save of the DeepSpeed state with `client` and the config inside; COMPLETE once every rank
+        is done; then all but the newest `keep_last` complete checkpoints are pruned."""
+        target = self.checkpoints_dir / checkpoint_tag(step)
+        if self.rank == 0 and target.exists():  # from a discarded trajectory: its marker must not bless new files
+            shutil.rmtree(target)
+        barrier()
+        try:
+            engine.save_checkpoint(
+                str(self.checkpoints_dir), tag=target.name, client_state={**client, "config": config}, save_latest=False
+            )
+            barrier()
+            if self.rank == 0:
+                atomic_write_json(target / COMPLETE, {"global_step": step})
+        except OSError as err:  # a full disk or quota: the half-written folder has no marker and is never resumed
+            shutil.rmtree(target, ignore_errors=True)
+            intact = [p for p in self.complete_checkpoints() if p != target]
+            raise RunFolderError(
+                f"{target}: checkpoint not saved ({err.strerror or err}); the last complete one, "
+                f"{intact[-1] if intact else 'none'}, is intact: free space and rerun to resume"
+            ) from None
+        if self.rank == 0:
+            for old in self.complete_checkpoints()[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return target
+
+    def resume_target(self, how: str) -> Path | None:
+        """The checkpoint `run.resume` asks for: the newest complete one ("auto"), none ("never"), or a path."""
+        found = self.complete_checkpoints()
+        if how == "never":
+            if found:
+                raise RunFolderError(
+                    f"run.resume: never, but {self.checkpoints_dir} already holds checkpoints; "
+                    "use run.resume=auto or another run.name"
+                )
+            return None
+        if how == "auto":
+            return found[-1] if found else None
+        target = resolve_path(how)
+        if not (target / COMPLETE).is_file():
+            raise RunFolderError(f"run.resume: {target} is not a complete checkpoint (no {COMPLETE} marker)")
+        return target
+
+    def stored_config(self, target: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """The resolved config saved inside the checkpoint (checkpoints of older versions fall back to config.yaml)
+        and the sha256 of the manifest the run trained on (None if not recorded)."""
+        blob = _load_weights_only(target / MODEL_STATES, "run.resume")
+        if isinstance(blob.get("config"), dict):
+            return blob["config"], blob.get("manifest_sha256")
+        beside = self.path / "config.yaml"
+        return (yaml.safe_load(beside.read_text()) if beside.is_file() else None), None
+
+    def load_checkpoint(self, engine: Any, target: Path) -> dict[str, Any]:
+        """Weights, optimizer state and the client state (the loop's position) from a complete checkpoint."""
+        try:
+            path, client = engine.load_checkpoint(str(target.parent), tag=target.name)
+        except pickle.UnpicklingError as err:
+            raise _refused("run.resume", target, err) from None
+        if path is None or client is None:
+            raise RunFolderError(f"run.resume: could not load {target}")
+        return client
+
+    def load_module_weights(self, module: torch.nn.Module, target: Path) -> None:
+        """Only the model weights of a checkpoint (to test them), without touching optimizer or position."""
+        module.load_state_dict(_load_weights_only(target / MODEL_STATES, "checkpoint")["module"])
+
+    def set_aside(self, checkpoints: list[Path], reason: str, suffix: str = ".diverged") -> list[Path]:
+        """Rename checkpoints to `<tag><suffix>` with a note saying why: kept for inspection, never resumed."""
+        moved = [p.with_name(p.name + suffix) for p in checkpoints]
+        if self.rank == 0:
+            for old, new in zip(checkpoints, moved):
+                shutil.rmtree(new, ignore_errors=True)
+                (old / COMPLETE).unlink(missing_ok=True)  # first: a crash midway leaves nothing resumable behind
+                (old / suffix.lstrip(".").upper()).write_text(reason + "\n")  # e.g. DIVERGED: why it was set aside
+                old.rename(new)
+        barrier()
+        return moved
+
+    # ------------------------------------------------------------------------------------------- exports
+    def export_weights(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        *,
+        mag: float,
+        classes: list[str],
+        stats: dict[str, list[float]],
+        config: dict[str, Any],
+        global_step: int,
+        windowing: dict[str, Any],
+    ) -> Path:
+        """The export (models.export's format), written atomically by rank 0."""
+        path = self.path / name
+        if self.rank != 0:
+            return path
+        blob = export_blob(
+            module, mag=mag, classes=classes, stats=stats, config=config, global_step=global_step, windowing=windowing
+        )
+        try:
+            with atomic_output(path) as tmp:
+                torch.save(blob, tmp)
+        except OSError as err:
+            intact = self.complete_checkpoints()
+            raise RunFolderError(
+                f"{path}: weights not exported ({err.strerror or err}); the last complete "
+                f"checkpoint, {intact[-1] if intact else 'none'}, is intact: free space and rerun "
+                "to resume"
+            ) from None
+        return path
+
+    def export_step(self, name: str) -> int | None:
+        """The optimizer step an export was written at (None: absent, or written by an older version)."""
+        path = self.path / name
+        if not path.is_file():
+            return None
+        step = _load_weights_only(path, name).get("global_step")
+        return int(step) if step is not None else None

@@ -1,0 +1,139 @@
+"""Validation during training: every val sample once, split across ranks, through the shared model-over-stream loop;
+the frozen teacher's outputs kept between epochs; the metrics best.pt is selected on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hpcdistill.data.streams import make_loader
+from hpcdistill.models.inference import model_outputs
+from hpcdistill.train.data_plan import stream_spec
+from hpcdistill.train.distributed import any_rank
+from hpcdistill.train.nonfinite_stop import stop_on_nonfinite
+from hpcdistill.train.state import State, model_input
+
+TEACHER_VAL_CACHE_BYTES = 256 * 2**20
+
+
+def teacher_val_outputs(state: State, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's (features, logits) for a validation sample. Validation images are not augmented, so
+    these never change during a run: kept after the first validation (up to TEACHER_VAL_CACHE_BYTES; the rest is
+    recomputed) instead of recomputed every epoch, where the teacher's 10x forward is most of validation's cost."""
+    key = batch["key"][0]
+    if key in state.teacher_val:
+        return state.teacher_val[key]
+    outputs = state.teacher(model_input(state, batch["t"]))
+    size = sum(t.numel() * t.element_size() for t in outputs)
+    if state.teacher_val_bytes + size <= TEACHER_VAL_CACHE_BYTES:
+        state.teacher_val[key] = outputs
+        state.teacher_val_bytes += size
+    return outputs
+
+
+def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
+    from hpcdistill.evaluate.metrics import classification_metrics
+
+    out: dict[str, Any] = {"samples": len(rows)}
+    labeled = [r for r in rows if r["y"] >= 0]
+    if labeled:
+        m = classification_metrics([r["y"] for r in labeled], [r["pred"] for r in labeled], num_classes)
+        out.update({k: m[k] for k in ("accuracy", "f1", "precision", "recall")})
+        out["top1"] = sum(r["y"] == r["pred"] for r in labeled) / len(labeled)  # plain accuracy, beside OvR accuracy
+    if rows and "teacher_pred" in rows[0]:
+        out["agreement"] = sum(r["pred"] == r["teacher_pred"] for r in rows) / len(rows)  # collapse shows here
+    for name in ("kl", "loss"):  # continuous: they move with every sample, where accuracy moves in 1/n steps
+        values = [r[name] for r in rows if name in r]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
+
+
+def _val_row(state: State, batch: dict[str, Any], s_feat: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
+    """One sample's prediction, label and loss (and the teacher's prediction in distill mode)."""
+    cfg = state.cfg
+    row = {"key": batch["key"][0], "y": int(batch["y"][0]), "pred": int(logits.float().argmax(1)[0])}
+    if state.teacher is not None:
+        from hpcdistill.train.losses import distill_loss
+
+        t_feat, t_logits = teacher_val_outputs(state, batch)
+        row["teacher_pred"] = int(t_logits.float().argmax(1)[0])
+        losses = distill_loss(
+            s_feat.float(),
+            logits.float(),
+            t_feat.float(),
+            t_logits.float(),
+            cfg.train.temperature,
+            tuple(cfg.train.pixel_resize),
+        )
+        row["loss"], row["kl"] = float(losses["total"]), float(losses["soft"])  # kl: the soft term, KL·T²
+    elif row["y"] >= 0:
+        row["loss"] = float(F.cross_entropy(logits.float(), batch["y"].to(state.device)))
+    return row
+
+
+@torch.no_grad()
+def validate(state: State) -> dict[str, Any]:
+    """The val metrics of the training weights, and with train.ema_decay those of their average as ema_*; one read
+    of the val shards scores both."""
+    if state.plan.val is None:
+        return {}
+    scored = [("", state.engine.module, state.dtype)]
+    if state.ema is not None:
+        scored.append(("ema_", state.ema.module, torch.float32))
+    rows = val_rows(state, scored)
+    metrics: dict[str, Any] = {}
+    for prefix, _, _ in scored:
+        m = val_metrics(gather_rows(state, rows[prefix]), state.cfg.model.num_classes)
+        metrics.update({f"{prefix}{k}": v for k, v in m.items() if not (prefix and k == "samples")})
+    return metrics
+
+
+def val_rows(state: State, scored: list[tuple[str, torch.nn.Module, torch.dtype]]) -> dict[str, list[dict[str, Any]]]:
+    """Every val sample of this rank once, through each (prefix, module, dtype); stops every rank together if any
+    module's outputs are not finite."""
+    cfg = state.cfg
+    spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=0, start_batch=0, val=True)
+    modes = [module.training for _, module, _ in scored]
+    for _, module, _ in scored:
+        module.eval()
+    loader = make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda")
+    remedy = (
+        f"reshard with a smaller --max-size (tissues are cut into aligned windows). Last checkpoint: "
+        f"{state.last_ckpt or 'none'}"
+    )
+    rows: dict[str, list[dict[str, Any]]] = {prefix: [] for prefix, _, _ in scored}
+    first_bad: dict[str, dict[str, Any]] = {}
+    for raw in loader:
+        for prefix, module, dtype in scored:
+            for batch, s_feat, logits in model_outputs(
+                module, [raw], state.device, dtype, mag=cfg.model_mag, remedy=remedy
+            ):
+                if prefix not in first_bad and not torch.isfinite(logits).all():
+                    first_bad[prefix] = batch  # an argmax of NaN logits would be scored as class 0
+                rows[prefix].append(_val_row(state, batch, s_feat, logits))
+    for (_, module, _), mode in zip(scored, modes):
+        module.train(mode)
+    for prefix, _, _ in scored:  # the same order on every rank: any_rank is a collective
+        bad = first_bad.get(prefix)
+        if any_rank(bad is not None, state.device):
+            where = f" on {bad['key'][0]}" if bad is not None else " on another rank"
+            whose = "EMA weights: " if prefix else ""
+            stop_on_nonfinite(
+                state,
+                [bad] if bad is not None else [],
+                f"validation after step {state.global_step} "
+                f"(epoch {state.epoch}): {whose}outputs are not finite{where}",
+            )
+    return rows
+
+
+def gather_rows(state: State, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's rows on every rank, by sample key."""
+    gathered: list[list[dict[str, Any]]] = [rows]
+    if state.world > 1:
+        gathered = [None] * state.world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, rows)
+    return sorted((r for part in gathered for r in part), key=lambda r: r["key"])
