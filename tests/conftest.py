@@ -304,3 +304,9 @@ def sacct_wait_final(job_id: str | int, timeout: float) -> list[tuple[str, str]]
         f"job {job_id} not finished after {timeout:.0f}s; sacct says {history}; scontrol says:\n{show.stdout}",
         pytrace=False,
     )
+
+
+# Fixtures that live beside their helpers (imported last: those modules import this one).
+from launch_helpers import launch_shards  # noqa: E402, F401, I001  (fixtures of the launch tests)
+from shard_fixtures import shard_slides, small_disk  # noqa: E402, F401, I001  (fixtures of the shard tests)
+from slide_fixtures import svs  # noqa: E402, F401, I001  (the Aperio SVS of the slide tests)

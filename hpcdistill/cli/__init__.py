@@ -2,8 +2,5 @@
 
 from hpcdistill.common.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "main": "main",
-    "build_parser": "main",
-}
+_EXPORTS = {"main": "main", "build_parser": "main"}
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -52,6 +52,14 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
         dest="image_format",
         help="image encoding in the shards (png is lossless and several times larger)",
     )
+    _add_output_flags(p, defaults)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cluster_flags(p, "cutting")
+    add_tissue_flags(p)
+
+
+def _add_output_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
+    """How the shards are written and split, and how the run behaves."""
     p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality, help="JPEG quality, 1-100")
     p.add_argument("--shard-size", default="1GB", help="cap per shard in bytes, e.g. 256MB (default 1GB)")
     p.add_argument("--shard-max-samples", type=int, help="cap per shard in samples")
@@ -78,9 +86,6 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
         "writes just qc/*.png and plan.json to --out (check tissue finding before a long run). "
         "With --cluster: the slides per task and the sbatch scripts",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_cluster_flags(p, "cutting")
-    add_tissue_flags(p)
 
 
 def run_shard(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hpcdistill.common.config import ConfigError
+from hpcdistill.common.errors import ConfigError
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdistill.cluster.job_plan import JobPlan
+from hpcdistill.common.errors import LaunchError, traceback_line
 from hpcdistill.common.files import atomic_write_text
 
 
@@ -52,3 +53,18 @@ def record_submission(entry: dict[str, Any], index: int, sub: Any) -> None:
     entry["tasks"][index].update(
         job_id=str(sub.job_id), stdout=str(sub.paths.stdout), stderr=str(sub.paths.stderr), state=None
     )
+
+
+def store_result(job_key: str, submitted: Any, task: dict[str, Any]) -> None:
+    """A finished task's result and state into its launch.json entry; a failed task raises one line naming the job,
+    the raised error (from the traceback submitit returns) and the task's log."""
+    try:
+        results = submitted.results()
+    except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the job's traceback
+        task["state"] = "FAILED"
+        raise LaunchError(
+            f"{job_key}: job {submitted.job_id} ({task['name']}) failed: {traceback_line(str(err))}; "
+            f"log: {task['stderr']}"
+        ) from None
+    task["state"] = "COMPLETED"
+    task["result"] = results[0] if len(results) == 1 else results

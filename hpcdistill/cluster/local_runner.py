@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hpcdistill.cluster.launch_record import job_record, record_submission
-from hpcdistill.common.errors import LaunchError, traceback_line
+from hpcdistill.cluster.launch_record import job_record, record_submission, store_result
+from hpcdistill.common.errors import LaunchError
 from hpcdistill.common.progress import LiveStatus
 
 
@@ -83,17 +83,11 @@ class LocalRunner:
 
         task = self.entries[job.key]["tasks"][index]
         try:
-            results = sub.results()
-        except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the job's traceback
-            task["state"] = "FAILED"
+            store_result(job.key, sub, task)
+        except LaunchError:
             for _, _, other in self.running:
                 other.cancel(check=False)
-            raise LaunchError(
-                f"{job.key}: job {sub.job_id} ({task['name']}) failed: {traceback_line(str(err))}; "
-                f"log: {task['stderr']}"
-            ) from None
-        task["state"] = "COMPLETED"
-        task["result"] = results[0] if len(results) == 1 else results
+            raise
         if self.task_done(job.key):
             self.entries[job.key]["finished"] = time.time()
 

@@ -19,8 +19,8 @@ from typing import Any, Callable, Literal
 
 from hpcdistill.cluster.dry_run import render_dry_run
 from hpcdistill.cluster.job_plan import JobPlan, dependency_string, slurm_parameters
-from hpcdistill.cluster.launch_record import job_record, record_submission, write_record
-from hpcdistill.common.errors import LaunchError, one_line, traceback_line
+from hpcdistill.cluster.launch_record import job_record, record_submission, store_result, write_record
+from hpcdistill.common.errors import LaunchError, one_line
 from hpcdistill.common.progress import LiveStatus
 
 Cluster = Literal["slurm", "local", "debug"]
@@ -42,27 +42,11 @@ def launch_graph(
     if cluster not in ("slurm", "local", "debug"):
         raise LaunchError(f"cluster: expected slurm, local or debug, got {cluster!r}")
     if dry_run:
-        text = render_dry_run(name, exp_dir, jobs)
-        print(text)
-        return {
-            "name": name,
-            "exp_dir": str(exp_dir),
-            "dry_run": True,
-            "text": text,
-            "graph": {j.key: {"after_ok": j.after_ok, "after_corr": j.after_corr} for j in jobs},
-        }
-    stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    folder = Path(exp_dir) / "slurm" / stamp
+        return _dry_run(name, exp_dir, jobs)
+    folder = Path(exp_dir) / "slurm" / (time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6])
     folder.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {
-        "name": name,
-        "experiment": source,
-        "exp_dir": str(exp_dir),
-        "cluster": cluster,
-        "folder": str(folder),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "jobs": [],
-    }
+    record: dict[str, Any] = {"name": name, "experiment": source, "exp_dir": str(exp_dir), "cluster": cluster}
+    record.update(folder=str(folder), created=time.strftime("%Y-%m-%dT%H:%M:%S"), jobs=[])
     save = lambda: write_record(Path(exp_dir), folder, record)  # noqa: E731
     save()  # from the start: `hpcdistill status` works while a local launch runs
     try:  # the record is written even when a submission or a job fails: status and scancel need the ids
@@ -81,6 +65,13 @@ def launch_graph(
             if literal.is_dir() and not any(literal.iterdir()):
                 literal.rmdir()
     return record
+
+
+def _dry_run(name: str, exp_dir: Path, jobs: list[JobPlan]) -> dict[str, Any]:
+    text = render_dry_run(name, exp_dir, jobs)
+    print(text)
+    graph = {j.key: {"after_ok": j.after_ok, "after_corr": j.after_corr} for j in jobs}
+    return {"name": name, "exp_dir": str(exp_dir), "dry_run": True, "text": text, "graph": graph}
 
 
 def _submit_slurm(name: str, jobs: list[JobPlan], folder: Path, record: dict[str, Any]) -> list[tuple]:
@@ -132,16 +123,7 @@ def _wait_job(job: JobPlan, out: list[Any], entry: dict[str, Any], deadline: flo
                     )
                 display.update([entry])
                 time.sleep(1)
-            try:
-                results = sub.results()
-            except Exception as err:  # submitit raises FailedJobError / UncompletedJobError with the job's traceback
-                task["state"] = "FAILED"
-                raise LaunchError(
-                    f"{job.key}: job {sub.job_id} ({task['name']}) failed: {traceback_line(str(err))}; "
-                    f"log: {task['stderr']}"
-                ) from None
-            task["state"] = "COMPLETED"
-            task["result"] = results[0] if len(results) == 1 else results
+            store_result(job.key, sub, task)
     finally:
         entry["finished"] = time.time()
         display.update([entry])

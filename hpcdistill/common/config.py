@@ -7,8 +7,6 @@ Every rejection is one line naming the dotted key, e.g. "train.lr: expected floa
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +14,9 @@ from typing import Any, Literal
 
 import yaml
 
-from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.errors import ConfigError
 from hpcdistill.common.files import atomic_write_text
-
-
-class ConfigError(HpcdistillError):
-    """A bad config file, key or value."""
-
+from hpcdistill.common.typed_tree import build_dataclass, parse_override, read_yaml, set_dotted
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # configs/ as installed package data (pyproject.toml)
@@ -230,8 +224,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the YAML file (following `base:`), then `a.b=value` overrides; all validated."""
     raw: dict[str, Any] = read_yaml(resolve_path(str(path)), ()) if path is not None else {}
     for item in overrides:
-        key, value = _parse_override(item)
-        _set_dotted(raw, key, value)
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
     return from_dict(raw)
 
 
@@ -239,124 +233,6 @@ def from_dict(raw: dict[str, Any]) -> Config:
     cfg = build_dataclass(Config, raw, "")
     _check(cfg)
     return cfg
-
-
-def read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    path = path.resolve()
-    if path in chain:
-        raise ConfigError(f"{path}: circular base: chain")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({one_line(err)})") from None
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    parent = read_yaml(path.parent / str(base), chain + (path,))
-    return merge_dicts(parent, data)
-
-
-def merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=0.001")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text  # let type validation report it against the key
-    return key.strip(), value
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
-        node = child
-    node[parts[-1]] = value
-
-
-def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or '<top>'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            dotted = f"{prefix}{key}"
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"{dotted}: unknown key{hint}")
-    values = {}
-    for name in names:
-        if name in raw:
-            values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
-    return cls(**values)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, key + ".")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}; got {value!r}{hint}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        one = item_tp is str or typing.get_origin(item_tp) is Literal
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and one:
-            value = [value] if value != "" else []  # `train=aux1` on the CLI means a one-element list
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected int, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected float, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. run.name=42
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # pragma: no cover - a bug in this file
 
 
 def _check_selection(cfg: Config) -> None:
@@ -377,6 +253,12 @@ def _check_selection(cfg: Config) -> None:
             raise ConfigError(f"{key}: {metric} scores the EMA weights; set train.ema_decay (e.g. 0.998)")
 
 
+def _at_least(values: dict[str, float], low: float) -> None:
+    for key, value in values.items():
+        if value < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
 def _check(cfg: Config) -> None:
     """Cross-field and range checks the types cannot express."""
     positive = {
@@ -390,9 +272,7 @@ def _check(cfg: Config) -> None:
         "train.bucket_window": cfg.train.bucket_window,
         "log.log_every": cfg.log.log_every,
     }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    _at_least(positive, 1)
     non_negative = {
         "data.epoch_samples": cfg.data.epoch_samples,
         "data.num_workers": cfg.data.num_workers,
@@ -402,9 +282,11 @@ def _check(cfg: Config) -> None:
         "log.images_every": cfg.log.images_every,
         "train.checkpoint_every_min": cfg.train.checkpoint_every_min,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    _at_least(non_negative, 0)
+    _check_values(cfg)
+
+
+def _check_values(cfg: Config) -> None:
     if not cfg.train.lr > 0:
         raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
     if not cfg.train.temperature > 0:

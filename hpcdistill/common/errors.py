@@ -10,6 +10,10 @@ class HpcdistillError(Exception):
     """A user-facing error. `str(err)` is one line: '<file or key>: <reason>'."""
 
 
+class ConfigError(HpcdistillError):
+    """A config or experiment file key that is unknown, mistyped or out of range; the message names the dotted key."""
+
+
 class ShardingError(HpcdistillError):
     """A bad input or output folder for `hpcdistill shard`; one line naming the file and the reason."""
 

@@ -152,20 +152,13 @@ def evaluate_checkpoint(
     exported = _load_for(checkpoint, shards, manifest)
     exported.model.to(pick_device(device))
     rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers, str(checkpoint))
-    labeled = [r for r in rows if r["y"] >= 0]
-    if not labeled:
-        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
-    y_true, y_pred, k = [r["y"] for r in labeled], [r["pred"] for r in labeled], len(exported.classes)
-    point = classification_metrics(y_true, y_pred, k)
-    ci = bootstrap_ci(
-        y_true,
-        y_pred,
-        k,
-        iterations=iterations,
-        level=level,
-        seed=seed,
-        groups=[r["slide"] for r in labeled] if by_slide else None,
-    )
+    labeled = _labeled(rows, shards, split)
+    bootstrap = {
+        "iterations": iterations,
+        "level": level,
+        "seed": seed,
+        "resample": "slides" if by_slide else "samples",
+    }
     record = {
         "method": method or method_label(exported.config),
         "study": study,
@@ -178,23 +171,51 @@ def evaluate_checkpoint(
         "classes": exported.classes,
         "checkpoint": str(checkpoint),
         "arch": exported.arch_kwargs,
-        "bootstrap": {
-            "iterations": iterations,
-            "level": level,
-            "seed": seed,
-            "resample": "slides" if by_slide else "samples",
-        },
-        "metrics": {m: list(ci[m]) for m in METRICS},
-        "per_class": {m: [None if v != v else v for v in vals] for m, vals in point["per_class"].items()},
-        "confusion": point["confusion"],
+        "bootstrap": bootstrap,
+        **_scores(labeled, len(exported.classes), bootstrap),
         "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
     }
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
+    return _write_record(out, split, record, rows, exported.classes)
+
+
+def _labeled(rows: list[dict[str, Any]], shards: str | Path, split: str) -> list[dict[str, Any]]:
+    labeled = [r for r in rows if r["y"] >= 0]
+    if not labeled:
+        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
+    return labeled
+
+
+def _write_record(
+    out: Path, split: str, record: dict[str, Any], rows: list[dict[str, Any]], classes: list[str]
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"{split}.json", record, indent=1)
-    _write_predictions(out / f"{split}_predictions.csv", rows, exported.classes)
+    _write_predictions(out / f"{split}_predictions.csv", rows, classes)
     record["path"] = str(out / f"{split}.json")
     return record
+
+
+def _scores(labeled: list[dict[str, Any]], k: int, bootstrap: dict[str, Any]) -> dict[str, Any]:
+    """The paper's metrics with bootstrap CIs, per-class values (NaN for an absent class becomes null) and the
+    confusion matrix."""
+    y_true, y_pred = [r["y"] for r in labeled], [r["pred"] for r in labeled]
+    point = classification_metrics(y_true, y_pred, k)
+    groups = [r["slide"] for r in labeled] if bootstrap["resample"] == "slides" else None
+    ci = bootstrap_ci(
+        y_true,
+        y_pred,
+        k,
+        iterations=bootstrap["iterations"],
+        level=bootstrap["level"],
+        seed=bootstrap["seed"],
+        groups=groups,
+    )
+    return {
+        "metrics": {m: list(ci[m]) for m in METRICS},
+        "per_class": {m: [None if v != v else v for v in vals] for m, vals in point["per_class"].items()},
+        "confusion": point["confusion"],
+    }
 
 
 def flops_per_mag(

@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 
-from hpcdistill.common.config import read_yaml, resolve_path
+from hpcdistill.common.config import resolve_path
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.common.files import atomic_write_text
 from hpcdistill.common.mags import mag_name
+from hpcdistill.common.typed_tree import read_yaml
 
 DEMO_EXPERIMENT = "configs/experiments/demo.yaml"  # the one demo experiment: methods, epochs, resources
 
@@ -105,8 +106,6 @@ def run_demo(
     seeds: int = 1,
 ) -> dict[str, Any]:
     """Run the whole demo; returns where everything is."""
-    from hpcdistill.evaluate.comparisons import paired_comparisons
-    from hpcdistill.evaluate.report import load_results, ordering_check
     from hpcdistill.experiment.demo_record import write_record
     from hpcdistill.experiment.launch import launch
 
@@ -129,6 +128,18 @@ def run_demo(
         flush=True,
     )
     record = launch(experiment, cluster="slurm" if slurm else "local", wait=slurm)
+    summary = _summarise(record, phases, shards, experiment, started)
+    _print_summary(summary, write_record(out, summary))
+    return summary
+
+
+def _summarise(
+    record: dict[str, Any], phases: dict[str, float], shards: Path, experiment: Path, started: float
+) -> dict[str, Any]:
+    """Where the launched demo's results are, its ordering line and its time per phase."""
+    from hpcdistill.evaluate.comparisons import paired_comparisons
+    from hpcdistill.evaluate.report import load_results, ordering_check
+
     exp_dir = Path(record["exp_dir"])
     report = exp_dir / "report" / "report.md"
     if not report.is_file():
@@ -146,7 +157,6 @@ def run_demo(
         "minutes": round((time.monotonic() - started) / 60, 1),
         "phase_minutes": {name: round(seconds / 60, 1) for name, seconds in phases.items()},
     }
-    _print_summary(summary, write_record(out, summary))
     return summary
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hpcdistill.cluster.job_plan import Resources, check_resources
-from hpcdistill.common.config import REPO_ROOT, ConfigError, build_dataclass, merge_dicts, read_yaml
-from hpcdistill.common.errors import HpcdistillError, LaunchError
+from hpcdistill.common.config import REPO_ROOT
+from hpcdistill.common.errors import ConfigError, HpcdistillError, LaunchError
 from hpcdistill.common.mags import parse_mag
+from hpcdistill.common.typed_tree import build_dataclass, merge_dicts, read_yaml
 
 RESERVED_KINDS = ("default", "teacher", "evaluate", "shard", "merge")  # job kinds that are not methods
 

@@ -86,10 +86,7 @@ def read_labels_csv(csv_path: str | os.PathLike, slide_paths: list[Path]) -> dic
             "unlabeled (split aux)"
         )
     reader.fieldnames = columns
-    lookup: dict[str, Path] = {}
-    for p in slide_paths:
-        for name in (p.name, slide_name(p), str(p)):
-            lookup.setdefault(name, p)
+    lookup = _slide_lookup(slide_paths)
     rows: dict[Path, LabelRow] = {}
     first_line: dict[Path, int] = {}
     for record in reader:
@@ -116,7 +113,22 @@ def read_labels_csv(csv_path: str | os.PathLike, slide_paths: list[Path]) -> dic
             slide_name(path), values.get("patient", "") or slide_name(path), values.get("label", ""), split, line, path
         )
         first_line[path] = line
-    explicit: dict[str, LabelRow] = {}  # aux may share patients; train/val/test/dev may not (leakage)
+    _check_patient_splits(csv_path, rows)
+    return rows
+
+
+def _slide_lookup(slide_paths: list[Path]) -> dict[str, Path]:
+    """What a CSV row may call a slide: its file name, its name without extension, or its path."""
+    lookup: dict[str, Path] = {}
+    for p in slide_paths:
+        for name in (p.name, slide_name(p), str(p)):
+            lookup.setdefault(name, p)
+    return lookup
+
+
+def _check_patient_splits(csv_path: Path, rows: dict[Path, LabelRow]) -> None:
+    """A patient's slides share one of train/val/test/dev (else leakage); aux may share patients."""
+    explicit: dict[str, LabelRow] = {}
     for row in sorted(rows.values(), key=lambda r: r.line):
         if row.split and not row.split.startswith("aux"):
             other = explicit.setdefault(row.patient, row)
@@ -125,7 +137,6 @@ def read_labels_csv(csv_path: str | os.PathLike, slide_paths: list[Path]) -> dic
                     f"{csv_path}:{row.line}: patient {row.patient!r} in split {row.split!r} "
                     f"but in {other.split!r} at line {other.line}"
                 )
-    return rows
 
 
 def assign_splits(rows: Iterable[LabelRow], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:

@@ -72,6 +72,21 @@ def _colour_stats(sums: dict[str, np.ndarray]) -> dict[str, dict[str, list[float
     return stats
 
 
+SLIDE_FIELDS = ("status", "reason", "split", "patient", "label", "file", "tissues", "samples", "base_mag", "mag_source")
+
+
+def _size_stats(sizes: dict[str, list[list[int]]]) -> dict[str, dict[str, list[float]]]:
+    """Median and mean (width, height) of the samples at each magnification."""
+    return {
+        m: {
+            "median": [float(v) for v in np.median(np.asarray(s), axis=0)],
+            "mean": [round(float(v), 3) for v in np.mean(np.asarray(s), axis=0)],
+        }
+        for m, s in sizes.items()
+        if s
+    }
+
+
 def build_manifest(
     params: Any,
     fingerprint: dict,
@@ -105,32 +120,6 @@ def build_manifest(
         splits.setdefault(shard["split"], _empty_split(classes))["shards"].append(name)
     for entry in splits.values():
         entry["patients"] = len(entry["patients"])
-    size_stats = {
-        m: {
-            "median": [float(v) for v in np.median(np.asarray(s), axis=0)],
-            "mean": [round(float(v), 3) for v in np.mean(np.asarray(s), axis=0)],
-        }
-        for m, s in sizes.items()
-        if s
-    }
-    slide_entries = {
-        job.slide: {
-            k: records[job.slide][k]
-            for k in (
-                "status",
-                "reason",
-                "split",
-                "patient",
-                "label",
-                "file",
-                "tissues",
-                "samples",
-                "base_mag",
-                "mag_source",
-            )
-        }
-        for job in jobs
-    }
     return {
         "tool": "hpcdistill",
         "version": hpcdistill.__version__,
@@ -140,6 +129,6 @@ def build_manifest(
         "classes": classes,
         "splits": {k: splits[k] for k in sorted(splits)},
         "stats": _colour_stats(sums),
-        "sizes": size_stats,
-        "slides": slide_entries,
+        "sizes": _size_stats(sizes),
+        "slides": {job.slide: {k: records[job.slide][k] for k in SLIDE_FIELDS} for job in jobs},
     }

@@ -103,11 +103,7 @@ def _wants_stats(job: SlideJob) -> bool:
 
 
 def _results_in_order(
-    jobs: list[SlideJob],
-    params: ShardParams,
-    out: str,
-    workers: int,
-    spool: str,
+    jobs: list[SlideJob], params: ShardParams, out: str, workers: int, spool: str
 ) -> Iterator[tuple[SlideJob, SlideResult]]:
     """Slides run in parallel, results come back in plan order, at most 2*workers in flight (bounded memory)."""
     if workers <= 1:

@@ -3,10 +3,5 @@ labelled datasets of them."""
 
 from hpcdistill.common.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "make_scene": "scene",
-    "render_region": "scene",
-    "write_slide": "dataset",
-    "write_dataset": "dataset",
-}
+_EXPORTS = {"make_scene": "scene", "render_region": "scene", "write_slide": "dataset", "write_dataset": "dataset"}
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -96,6 +96,15 @@ def _aperio_tail(base_mag: float, mpp: float, with_metadata: bool) -> str:
     return f"|AppMag = {base_mag:g}|MPP = {mpp:.4f}" if with_metadata else ""
 
 
+def _check_request(path: Path, fmt: str, tile: int, base_mag: float) -> None:
+    if fmt not in ("svs", "tiff"):
+        raise SyntheticError(f"{path}: fmt {fmt!r} must be 'svs' or 'tiff'")
+    if tile != TILE:
+        raise SyntheticError(f"{path}: tile {tile} unsupported; only {TILE} is written")
+    if not base_mag > 0:
+        raise SyntheticError(f"{path}: base_mag {base_mag} must be positive")
+
+
 def write_slide(
     path: str | os.PathLike,
     width: int,
@@ -120,27 +129,16 @@ def write_slide(
     resolution (tifffile then writes XResolution=1 with ResolutionUnit NONE, i.e. unknown).
     """
     path = Path(path)
-    if fmt not in ("svs", "tiff"):
-        raise SyntheticError(f"{path}: fmt {fmt!r} must be 'svs' or 'tiff'")
-    if tile != TILE:
-        raise SyntheticError(f"{path}: tile {tile} unsupported; only {TILE} is written")
-    if not base_mag > 0:
-        raise SyntheticError(f"{path}: base_mag {base_mag} must be positive")
+    _check_request(path, fmt, tile, base_mag)
     mpp = float(mpp) if mpp is not None else 10.0 / base_mag
     scene = make_scene(width, height, mpp=mpp, class_id=class_id, seed=seed, n_tissues=n_tissues, signal=signal)
     levels = _level_shapes(width, height)
     tail = _aperio_tail(base_mag, mpp, with_metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tif:
-            _write_pyramid(tif, scene, levels, fmt=fmt, jpeg=jpeg, aperio_tail=tail, with_metadata=with_metadata)
-            if fmt == "svs":
-                _write_label_and_macro(tif, scene)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written slide behind
-        raise
-    tmp.replace(path)
+    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tif:
+        _write_pyramid(tif, scene, levels, fmt=fmt, jpeg=jpeg, aperio_tail=tail, with_metadata=with_metadata)
+        if fmt == "svs":
+            _write_label_and_macro(tif, scene)
     return {
         "path": str(path),
         "format": fmt,
@@ -193,42 +191,37 @@ def _write_pyramid(
         if fmt == "svs" and k == 0:
             tw, th, d = _fit(width, height, 1024)
             thumb_desc = f"{APERIO_HEADER}\r\n{width}x{height} -> {tw}x{th} - {aperio_tail}"
-            tif.write(
-                render_image(scene, tw, th, d),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": JPEG_QUALITY},
-                rowsperstrip=16,
-                metadata=None,
-                software=False,
-                description=thumb_desc,
-            )
+            _write_stripped(tif, render_image(scene, tw, th, d), "jpeg", 16, None, thumb_desc)
 
 
 def _write_label_and_macro(tif: tifffile.TiffWriter, scene: Scene) -> None:
     """The Aperio associated images that follow the pyramid: label (LZW) and macro (JPEG), both stripped."""
-    label = _label_image(scene.seed)
+    label, macro = _label_image(scene.seed), _macro_image(scene)
+    _write_stripped(tif, label, "lzw", label.shape[0], 1, f"{APERIO_HEADER}\r\nlabel {label.shape[1]}x{label.shape[0]}")
+    _write_stripped(tif, macro, "jpeg", 16, 9, f"{APERIO_HEADER}\r\nmacro {macro.shape[1]}x{macro.shape[0]}")
+
+
+def _write_stripped(
+    tif: tifffile.TiffWriter,
+    image: np.ndarray,
+    compression: str,
+    rowsperstrip: int,
+    subfiletype: int | None,
+    description: str,
+) -> None:
+    """A stripped RGB page as Aperio writes its thumbnail, label and macro."""
+    args = {"compressionargs": {"level": JPEG_QUALITY}} if compression == "jpeg" else {}
+    extra = {} if subfiletype is None else {"subfiletype": subfiletype}
     tif.write(
-        label,
+        image,
         photometric="rgb",
-        compression="lzw",
-        rowsperstrip=label.shape[0],
+        compression=compression,
+        rowsperstrip=rowsperstrip,
         metadata=None,
         software=False,
-        subfiletype=1,
-        description=f"{APERIO_HEADER}\r\nlabel {label.shape[1]}x{label.shape[0]}",
-    )
-    macro = _macro_image(scene)
-    tif.write(
-        macro,
-        photometric="rgb",
-        compression="jpeg",
-        compressionargs={"level": JPEG_QUALITY},
-        rowsperstrip=16,
-        metadata=None,
-        software=False,
-        subfiletype=9,
-        description=f"{APERIO_HEADER}\r\nmacro {macro.shape[1]}x{macro.shape[0]}",
+        description=description,
+        **args,
+        **extra,
     )
 
 

@@ -155,6 +155,34 @@ def cell_spacing(ab: tuple[float, float]) -> float:
     return math.sqrt(KEEP_PROBABILITY * math.pi * ab[0] * ab[1] / NUCLEAR_AREA_FRACTION)
 
 
+def _piece(rng: np.random.Generator, slot: int, cols: int, slot_w: float, slot_h: float) -> TissuePiece:
+    """One tissue piece in its slot of the layout grid: a union of 3-5 ellipses."""
+    r = 0.44 * min(slot_w, slot_h) * rng.uniform(0.75, 1.0)
+    half = 1.15 * r
+    cx = (slot % cols + 0.5) * slot_w + rng.uniform(-1, 1) * max(0.0, slot_w / 2 - half)
+    cy = (slot // cols + 0.5) * slot_h + rng.uniform(-1, 1) * max(0.0, slot_h / 2 - half)
+    ellipses = []
+    for _ in range(int(rng.integers(3, 6))):
+        ea = r * rng.uniform(0.45, 0.65)
+        x = cx + rng.uniform(-1, 1) * 0.35 * r / math.sqrt(2)
+        y = cy + rng.uniform(-1, 1) * 0.35 * r / math.sqrt(2)
+        ellipses.append(Ellipse(x, y, ea, ea * rng.uniform(0.5, 1.0), rng.uniform(0, math.pi)))
+    box = (cx - half, cy - half, cx + half, cy + half)
+    return TissuePiece(
+        tuple(ellipses), box, keep=KEEP_PROBABILITY * rng.uniform(0.8, 1.2), eosin=rng.uniform(0.35, 0.6)
+    )
+
+
+def _stain(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slide's haematoxylin and eosin optical densities and its glass colour."""
+    h_od = np.asarray(HEMATOXYLIN_OD) + rng.normal(0, 0.04, 3)
+    e_od = np.asarray(EOSIN_OD) + rng.normal(0, 0.04, 3)
+    h_od = np.abs(h_od) / np.linalg.norm(h_od) * rng.uniform(0.85, 1.2)
+    e_od = np.abs(e_od) / np.linalg.norm(e_od) * rng.uniform(0.85, 1.2)
+    background = np.full(3, rng.uniform(232, 246)) + rng.normal(0, 1.5, 3)
+    return h_od, e_od, background
+
+
 def make_scene(
     width: int, height: int, *, mpp: float, class_id: int, seed: int, n_tissues: int = 3, signal: float = 1.0
 ) -> Scene:
@@ -173,37 +201,8 @@ def make_scene(
     rows = math.ceil(n_tissues / cols)
     slot_w, slot_h = w_um / cols, h_um / rows
     slots = rng.permutation(cols * rows)[:n_tissues]
-    pieces = []
-    for slot in sorted(slots.tolist()):
-        r = 0.44 * min(slot_w, slot_h) * rng.uniform(0.75, 1.0)
-        half = 1.15 * r
-        cx = (slot % cols + 0.5) * slot_w + rng.uniform(-1, 1) * max(0.0, slot_w / 2 - half)
-        cy = (slot // cols + 0.5) * slot_h + rng.uniform(-1, 1) * max(0.0, slot_h / 2 - half)
-        ellipses = []
-        for _ in range(int(rng.integers(3, 6))):
-            ea = r * rng.uniform(0.45, 0.65)
-            ellipses.append(
-                Ellipse(
-                    cx + rng.uniform(-1, 1) * 0.35 * r / math.sqrt(2),
-                    cy + rng.uniform(-1, 1) * 0.35 * r / math.sqrt(2),
-                    ea,
-                    ea * rng.uniform(0.5, 1.0),
-                    rng.uniform(0, math.pi),
-                )
-            )
-        pieces.append(
-            TissuePiece(
-                tuple(ellipses),
-                (cx - half, cy - half, cx + half, cy + half),
-                keep=KEEP_PROBABILITY * rng.uniform(0.8, 1.2),
-                eosin=rng.uniform(0.35, 0.6),
-            )
-        )
-    h_od = np.asarray(HEMATOXYLIN_OD) + rng.normal(0, 0.04, 3)
-    e_od = np.asarray(EOSIN_OD) + rng.normal(0, 0.04, 3)
-    h_od = np.abs(h_od) / np.linalg.norm(h_od) * rng.uniform(0.85, 1.2)
-    e_od = np.abs(e_od) / np.linalg.norm(e_od) * rng.uniform(0.85, 1.2)
-    background = np.full(3, rng.uniform(232, 246)) + rng.normal(0, 1.5, 3)
+    pieces = [_piece(rng, slot, cols, slot_w, slot_h) for slot in sorted(slots.tolist())]
+    h_od, e_od, background = _stain(rng)
     noise_tile = np.clip(np.round(rng.normal(0, 1.6, (TILE, TILE, 3))), -4, 4).astype(np.float32)
     mean_r = float(np.mean([p.bbox_um[2] - p.bbox_um[0] for p in pieces])) / 2.3
     return Scene(

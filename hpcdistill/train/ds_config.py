@@ -10,6 +10,7 @@ from typing import Any
 from hpcdistill.common.config import Config, resolve_path
 from hpcdistill.common.errors import TrainError
 from hpcdistill.common.files import read_json
+from hpcdistill.common.typed_tree import walk_dotted
 
 # DeepSpeed key (dotted) -> the typed config key that owns it
 OWNED_KEYS = {
@@ -25,22 +26,13 @@ OWNED_KEYS = {
 }
 
 
-def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in tree.items():
-        keys.append(prefix + key)
-        if isinstance(value, dict):
-            keys += _dotted_keys(value, f"{prefix}{key}.")
-    return keys
-
-
 def read_ds_json(path_text: str) -> dict[str, Any]:
     """The DeepSpeed JSON named by `deepspeed`, refusing keys the typed config owns."""
     path = resolve_path(path_text)
     ds = read_json(path, TrainError, label=f"deepspeed: {path}")
     if not isinstance(ds, dict):
         raise TrainError(f"deepspeed: {path}: expected a JSON object")
-    for key in _dotted_keys(ds):
+    for key, _ in walk_dotted(ds):
         if key in OWNED_KEYS:
             raise TrainError(
                 f"deepspeed: {path}: sets {key}, which the config owns ({OWNED_KEYS[key]}); "

@@ -258,19 +258,7 @@ def fit(state: State) -> dict[str, Any]:
         report_progress(state, "stopped" if stopped else "done")
         barrier()
         if not stopped and not done_before:
-            hparams = {
-                "mode": cfg.train.mode,
-                "arch": cfg.model.arch,
-                "mag": cfg.model_mag,
-                "lr": cfg.train.lr,
-                "grad_accum": cfg.train.grad_accum,
-                "temperature": cfg.train.temperature,
-                "pixel_resize": "+".join(cfg.train.pixel_resize) or "none",
-                "stem": cfg.model.stem,
-            }
-            state.writer.add_hparams(
-                hparams, {f"hparam/{k}": v for k, v in scalars(state.last_val).items()}, run_name="."
-            )
+            _write_hparams(state)
     finally:
         state.writer.close()
     return {
@@ -287,6 +275,22 @@ def fit(state: State) -> dict[str, Any]:
         "last_checkpoint": state.last_ckpt,
         "val": scalars(state.last_val),
     }
+
+
+def _write_hparams(state: State) -> None:
+    """TensorBoard's HParams row of a finished run: its settings beside its last validation."""
+    cfg = state.cfg
+    hparams = {
+        "mode": cfg.train.mode,
+        "arch": cfg.model.arch,
+        "mag": cfg.model_mag,
+        "lr": cfg.train.lr,
+        "grad_accum": cfg.train.grad_accum,
+        "temperature": cfg.train.temperature,
+        "pixel_resize": "+".join(cfg.train.pixel_resize) or "none",
+        "stem": cfg.model.stem,
+    }
+    state.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in scalars(state.last_val).items()}, run_name=".")
 
 
 train = run  # `engine.train(cfg)` reads naturally at call sites; the same entry point

@@ -26,6 +26,7 @@ from hpcdistill.common.config import resolve_path
 from hpcdistill.common.errors import HpcdistillError, one_line
 from hpcdistill.common.files import atomic_output, atomic_write_json, atomic_write_text
 from hpcdistill.common.progress import write_progress
+from hpcdistill.common.typed_tree import dotted_leaves
 from hpcdistill.models.export import export_blob
 from hpcdistill.train.distributed import barrier
 
@@ -69,17 +70,6 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if (p / COMPLETE).is_file())
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
 
@@ -89,7 +79,7 @@ def config_changes(
 ) -> list[tuple[str, Any, Any]]:
     """(dotted key, stored value, new value) for every key whose value differs, in key order. A key the stored
     config lacks (written before the key existed) reads as its value in `defaults`: the behaviour it had then."""
-    old, now = {**flatten(defaults or {}), **flatten(stored)}, flatten(new)
+    old, now = {**dotted_leaves(defaults or {}), **dotted_leaves(stored)}, dotted_leaves(new)
     return [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
 
 

@@ -138,6 +138,15 @@ def skip_single_rank_allreduce(engine: Any, world: int) -> None:
         engine.enable_backward_allreduce = False
 
 
+def _resume_changes(cfg: Config, folder: RunFolder, target: Path | None) -> list[str]:
+    """The resumable settings this run changes against the checkpoint it resumes; any other change is refused."""
+    stored, manifest_sha256 = folder.stored_config(target) if target is not None else (None, None)
+    if target is None or stored is None:
+        return []
+    same_shards = manifest_sha256 is not None and manifest_sha256 == manifest_digest(resolve_path(cfg.data.shards))
+    return check_resume_config(stored, cfg.to_dict(), target, cfg.run.name, same_shards, defaults=Config().to_dict())
+
+
 def build_state(cfg: Config) -> State:
     """Everything a run needs, resumed from its run folder as `run.resume` says. The config stored in the
     checkpoint is compared first, so a refused change stops before any model is built."""
@@ -146,13 +155,7 @@ def build_state(cfg: Config) -> State:
 
     folder = RunFolder(cfg.run_dir, rank)
     target = folder.resume_target(cfg.run.resume)
-    changes: list[str] = []
-    stored, manifest_sha256 = folder.stored_config(target) if target is not None else (None, None)
-    if target is not None and stored is not None:
-        same_shards = manifest_sha256 is not None and manifest_sha256 == manifest_digest(resolve_path(cfg.data.shards))
-        changes = check_resume_config(
-            stored, cfg.to_dict(), target, cfg.run.name, same_shards, defaults=Config().to_dict()
-        )
+    changes = _resume_changes(cfg, folder, target)
     device = device_for(local)
     if cfg.data.decode == "gpu":
         require_device_decode(device)

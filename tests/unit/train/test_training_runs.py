@@ -5,37 +5,25 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import cfg_for, tiny_train_overrides
+from train_helpers import Payload, clean_env, samples, weights
 
 from hpcdistill.common.config import load_config
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.shards.manifest import read_manifest
 from hpcdistill.shards.reader import raw_samples, resolve_sets
-from hpcdistill.train import loop, state
+from hpcdistill.train import loop
 from hpcdistill.train.run_folder import complete_checkpoints
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def samples(dataset: dict, *splits: str) -> int:
-    return sum(dataset["manifest"]["splits"][s]["samples"] for s in splits)
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
@@ -115,64 +103,6 @@ def test_baseline_at_lowest_mag_bf16_and_fp16_rejected(tiny_dataset, tmp_path):
     assert not complete_checkpoints(tmp_path / "fp16" / "checkpoints")  # refused before any training
 
 
-def clean_env() -> dict[str, str]:
-    """The environment for a child `hpcdistill` process: one thread, CPU DeepSpeed, and none of the rendezvous
-    variables this pytest process set for its own process group (its MASTER_PORT is taken)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def test_kill_and_resume_is_bit_identical(tiny_dataset, tmp_path):
-    extra = (
-        "train.epochs=8",
-        "train.checkpoint_every_steps=3",
-        "train.keep_last=2",
-        "data.sampler=resampled",
-        "data.shuffle_buffer=3",
-        "data.epoch_samples=12",
-    )  # 6 steps per epoch, 48 in all
-    full = loop.run(cfg_for(tiny_dataset, tmp_path, "full", "baseline", 2.5, *extra))
-    # The same run as a `hpcdistill train` process, SIGKILLed right after its first mid-epoch checkpoint (step 3).
-    cfg = cfg_for(tiny_dataset, tmp_path, "part", "baseline", 2.5, *extra)
-    config = cfg.save(tmp_path / "part.yaml")
-    ckpts = tmp_path / "part" / "checkpoints"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hpcdistill.cli.main", "train", str(config)],
-        env=clean_env(),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while not (first := complete_checkpoints(ckpts)) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
-    assert first[0].name == "step000000003"  # mid-epoch: the kill came after it, somewhere in steps 3..48
-    assert not (tmp_path / "part" / "last.pt").exists()  # killed mid-run: nothing final was written
-    (ckpts / "step999999999").mkdir()  # a save killed midway: no completion marker, must be ignored
-    rest = loop.run(cfg)
-    assert rest["global_step"] == full["global_step"] == 48
-    a, b = weights(Path(full["last_path"])), weights(Path(rest["last_path"]))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert rest["best"] == full["best"] and rest["best_step"] == full["best_step"]
-    complete = [p.name for p in complete_checkpoints(ckpts)]
-    assert len(complete) == 2 and complete[-1] == "step000000048"  # keep_last
-    # A requeue that lands after the last step (the time-limit signal came during export) reruns a finished run:
-    # it must load the final checkpoint and return the same result without training or exporting anything new.
-    last_written = Path(rest["last_path"]).stat().st_mtime_ns
-    again = loop.run(cfg)
-    assert Path(again["last_path"]).stat().st_mtime_ns == last_written  # not re-exported
-    assert again["global_step"] == 48 and not again["stopped_early"]
-    assert again["best"] == rest["best"] and again["best_step"] == rest["best_step"]
-    c = weights(Path(again["last_path"]))
-    assert all(torch.equal(a[k], c[k]) for k in a)
-    assert [p.name for p in complete_checkpoints(ckpts)] == complete
-
-
 def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(tiny_dataset, tmp_path, monkeypatch):
     extra = ("train.checkpoint_every_steps=2", "data.epoch_samples=12")  # 6 steps
     real_save = torch.save
@@ -194,10 +124,6 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(tiny_dataset, tmp_p
     monkeypatch.setattr(torch, "save", real_save)
     rest = loop.run(cfg_for(tiny_dataset, tmp_path, "disk", "baseline", 2.5, *extra))
     assert rest["global_step"] == 6 and not rest["stopped_early"]
-
-
-class Payload:
-    """Stands for any pickled object: loading it could run code, so a resume must refuse it."""
 
 
 def test_resume_loads_checkpoints_weights_only(tiny_dataset, tmp_path):
@@ -278,107 +204,6 @@ def test_out_of_gpu_memory_names_the_tissue_and_its_size(tiny_dataset, tiny_teac
                 "data.epoch_samples=12",
             )
         )
-
-
-RANK_SCRIPT = """
-    import os, sys, torch
-    from hpcdistill.train import loop
-    from hpcdistill.train import state
-    from hpcdistill.common.config import load_config
-    # several runs in one launch, separated by "--": the process group is set up once and reused
-    runs, args = [], []
-    for arg in sys.argv[1:] + ["--"]:
-        if arg == "--":
-            runs.append(args)
-            args = []
-        else:
-            args.append(arg)
-    for overrides in runs:
-        cfg = load_config(None, overrides)
-        state = state.build_state(cfg)
-        loop.fit(state)
-        torch.save(state.engine.module.state_dict(), cfg.run_dir / f"rank{state.rank}.pt")
-"""
-
-
-@pytest.mark.slow
-def test_two_ranks_match_one_rank_in_every_mode(tiny_dataset, tiny_teacher, tmp_path):
-    script = tmp_path / "rank.py"
-    script.write_text(textwrap.dedent(RANK_SCRIPT))
-    # ordered sampler: optimizer step s sees the same global samples for any world size
-    common = [
-        "data.sampler=ordered",
-        "model.arch=resnet10",
-        "model.width=8",
-        "model.groups=4",
-        "train.epochs=1",
-        "log.progress=false",
-        f"data.shards={tiny_dataset['shards']}",
-        "data.mag=2.5",
-        "model.stem=lowres",
-    ]
-    # all four modes; finetune starts from the baseline this same launch exported (its FC layer only trains)
-    runs = {
-        "baseline": ["train.mode=baseline", "data.epoch_samples=20"],
-        "distill": [
-            "train.mode=distill",
-            f"teacher.checkpoint={tiny_teacher}",
-            "data.aux=[aux1,aux2]",
-            "data.epoch_samples=32",
-        ],
-        "finetune": ["train.mode=finetune", "model.init={out}/baseline/best.pt", "data.epoch_samples=20"],
-        # a checkpoint at every step by the clock: rank 0 decides for both ranks (a split decision would hang)
-        "teacher": [
-            "train.mode=teacher",
-            "model.stem=standard",
-            "data.epoch_samples=20",
-            "train.checkpoint_every_min=1e-9",
-            "train.keep_last=10",
-        ],
-    }
-
-    def argv(out: Path, accum: int) -> list[str]:
-        groups = [
-            common
-            + [e.format(out=out) for e in extra]
-            + [f"run.out_dir={out}", f"run.name={mode}", f"train.grad_accum={accum}"]
-            for mode, extra in runs.items()
-        ]
-        return [arg for group in groups for arg in group + ["--"]][:-1]
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    two, one = tmp_path / "two", tmp_path / "one"
-    with socket.socket() as sock:  # torchrun's --master_port=0 hangs DeepSpeed's shm comm setup: pass a free port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)]
-    proc = subprocess.run(cmd + argv(two, 2), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run(
-        [sys.executable, str(script)] + argv(one, 4), env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for mode in runs:
-        r0, r1, single = (
-            torch.load(p / mode / f"rank{r}.pt", weights_only=True) for p, r in ((two, 0), (two, 1), (one, 0))
-        )
-        assert all(torch.equal(r0[k], r1[k]) for k in r0), mode  # data parallel keeps the replicas identical
-        for k in r0:  # same global batch, same samples: the same update up to summation order
-            torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{mode}: {k}")
-        if mode == "teacher":  # 20 samples, global batch 4: 5 steps, each checkpointed (4 by time, 1 at epoch end)
-            for out in (two, one):
-                names = [p.name for p in complete_checkpoints(out / mode / "checkpoints")]
-                assert names == [f"step{s:09d}" for s in range(1, 6)], names
-        if mode == "finetune":
-            start = torch.load(two / "baseline" / "best.pt", weights_only=True)["state_dict"]
-            moved = {k for k in r0 if not torch.equal(r0[k], start[k])}
-            assert moved == {"fc.weight", "fc.bias"}, moved  # everything but the FC layer stayed frozen
-            continue
-        overrides = common + [e.format(out=two) for e in runs[mode]]
-        init = state.build_student(load_config(None, overrides), tiny_dataset["manifest"]["classes"])
-        assert any(not torch.equal(r0[k], v) for k, v in init.state_dict().items()), mode  # it really trained
 
 
 def test_first_train_outside_make_builds_no_op_and_warns_nothing(tiny_dataset, tmp_path):

@@ -17,7 +17,7 @@ import torch
 from conftest import sacct_runs, sacct_wait_final, tiny_train_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # ---- tests ----
 

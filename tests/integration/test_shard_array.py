@@ -19,7 +19,7 @@ from conftest import sacct_runs, sacct_wait_final
 from hpcdistill.cli import main
 from hpcdistill.cluster.task_array import balance
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARD = ["--mags", "10,2.5", "--shard-max-samples", "2", "--no-progress"]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hpcdistill.cli.main import build_parser, reference_markdown
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_cli_reference_matches_help():

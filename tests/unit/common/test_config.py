@@ -13,7 +13,7 @@ from hpcdistill.common.config import Config, load_config
 from hpcdistill.common.errors import HpcdistillError, TrainError
 from hpcdistill.train.ds_config import OWNED_KEYS, build_ds_config, read_ds_json
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -14,7 +14,7 @@ import tomllib
 
 from hpcdistill.common import config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_configs_folder_ships_with_the_package():

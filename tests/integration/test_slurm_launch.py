@@ -1,0 +1,217 @@
+"""The experiment launcher: parsing errors, the job graph, dry-run sbatch scripts (no SLURM), then real runs on
+shards cut by the real sharder (conftest's `small_dataset` and `tiny_dataset`): laptop launches, and on the local
+SLURM from slurm/cluster.sh an experiment end to end, 2 ranks, a time-limit requeue with resume, a preemption, a
+crash."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import SLURM_FINAL_STATES
+from launch_helpers import check_resumed_runs, final_history, tiny_experiment, write_experiment
+
+from hpcdistill.cluster.job_plan import slurm_parameters
+from hpcdistill.cluster.status import status
+from hpcdistill.common.errors import LaunchError
+from hpcdistill.data.streams import per_rank_samples
+from hpcdistill.experiment.experiment_file import load_experiment
+from hpcdistill.experiment.graph import plan_jobs
+from hpcdistill.experiment.launch import launch
+
+REPO = Path(__file__).resolve().parents[2]
+# Tiny network, few steps, CPU fp32; every phase of configs/demo runs in seconds.
+TINY = [
+    "model.width=8",
+    "model.groups=4",
+    "train.epochs=1",
+    "train.grad_accum=1",
+    "log.progress=false",
+    "data.sampler=ordered",
+    "log.log_every=1",
+]
+CPU = {
+    "nodes": 1,
+    "gpus_per_node": 0,
+    "tasks_per_node": 1,
+    "cpus_per_task": 1,
+    "mem_gb": 2,
+    "timeout_min": 10,
+    "signal_delay_s": 30,
+    "max_requeue": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def slurm_experiment(slurm_cluster, launch_shards, tmp_path_factory):
+    """Teacher on 2 ranks -> a KD array over 2 magnifications -> evaluation + report, on the real local SLURM."""
+    tmp = tmp_path_factory.mktemp("slurm-e2e")
+    methods = {"kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": TINY}}
+    resources = {"default": CPU, "teacher": {"tasks_per_node": 2}}
+    path = tiny_experiment(tmp, launch_shards, "e2e", methods, resources=resources)
+    t0 = time.monotonic()
+    record = launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
+    return record, tmp / "runs" / "e2e", time.monotonic() - t0
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_experiment_end_to_end(slurm_experiment, small_dataset):
+    record, exp_dir, seconds = slurm_experiment
+    jobs = {j["key"]: j for j in record["jobs"]}
+    assert list(jobs) == ["teacher", "kd", "evaluate"]
+    kd = jobs["kd"]
+    assert kd["array"] and [t["job_id"] for t in kd["tasks"]] == [f"{kd['slurm_id']}_0", f"{kd['slurm_id']}_1"]
+    assert kd["dependency"] == f"afterok:{jobs['teacher']['slurm_id']}"
+    assert [t["result"]["run_dir"] for t in kd["tasks"]] == [str(exp_dir / "kd-5x"), str(exp_dir / "kd-2.5x")]
+    for mag in ("5x", "2.5x"):
+        rec = json.loads((exp_dir / f"kd-{mag}" / "eval" / "test.json").read_text())
+        assert rec["method"] == "KD" and rec["mag"] == float(mag[:-1])
+        assert rec["samples"] == small_dataset["manifest"]["splits"]["test"]["samples"]  # every test tissue scored
+        assert list((exp_dir / f"kd-{mag}" / "tb").glob("events.out.tfevents.*"))
+    report = (exp_dir / "report" / "report.md").read_text()
+    assert "KD" in report and jobs["evaluate"]["tasks"][0]["result"]["report"] == str(exp_dir / "report" / "report.md")
+    assert Path(kd["tasks"][1]["stdout"]).is_file() and f"{kd['slurm_id']}_1" in kd["tasks"][1]["stdout"]
+    rows = status(exp_dir)
+    assert [r["state"] for r in rows] == ["COMPLETED"] * 4
+    print(f"end-to-end experiment on SLURM: {seconds:.0f}s")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_two_task_job_trains_with_two_ranks(slurm_experiment, small_dataset):
+    record, exp_dir, _ = slurm_experiment
+    teacher = record["jobs"][0]
+    assert teacher["ntasks"] == 2
+    results = teacher["tasks"][0]["result"]
+    assert isinstance(results, list) and len(results) == 2  # one result per rank
+    # the train samples over world size 2 at 1 sample per step: half the steps of one rank, the same on both
+    train = small_dataset["manifest"]["splits"]["train"]["samples"]
+    steps = per_rank_samples(train, 2, 1)
+    assert steps == -(-train // 2) and [r["global_step"] for r in results] == [steps, steps]
+    assert results[0]["best"] == results[1]["best"]  # validated together: both ranks agree on the best epoch
+    log = Path(teacher["tasks"][0]["stdout"]).read_text()
+    assert "rank 0/2" in log
+    assert "rank 1/2" in Path(teacher["tasks"][0]["stdout"].replace("_0_log.out", "_1_log.out")).read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_time_limit_requeues_resumes_and_bounds_the_requeues(slurm_cluster, launch_shards, tmp_path):
+    # Training that no two 1-minute runs can finish, with one requeue allowed. slurmctld checks time limits every 30 s
+    # and signals up to one check early, so with a 5 s delay the signal comes 25-55 s into each run, whatever the
+    # machine's speed: the first run is requeued, the second resumes from the latest checkpoint and, signalled
+    # again, ends the job as failed in one line instead of requeueing forever.
+    every = 200
+    overrides = [*TINY, "data.epoch_samples=1000000", f"train.checkpoint_every_steps={every}", "data.val=[]"]
+    resources = {"default": dict(CPU, timeout_min=1, signal_delay_s=5, max_requeue=1)}
+    path = tiny_experiment(
+        tmp_path,
+        launch_shards,
+        "timelimit",
+        {},
+        resources=resources,
+        evaluate={"enabled": False},
+        teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides},
+    )
+    with pytest.raises(LaunchError) as info:
+        launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
+    message = str(info.value)
+    assert message.startswith("teacher: job ") and "timed-out too many times" in message and "\n" not in message
+    task = json.loads((tmp_path / "runs" / "timelimit" / "launch.json").read_text())["jobs"][0]["tasks"][0]
+    assert final_history(task["job_id"]) == ["REQUEUED", "FAILED"]
+    (start,), runs = check_resumed_runs(task, every, runs_expected=2)
+    assert runs[1][-1] > start + every  # the second run made progress of its own before its signal
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, launch_shards, tmp_path):
+    # Preemption with PreemptMode=REQUEUE kills the job and queues it again, with no signal to catch first:
+    # `scontrol requeue` does exactly that, here as soon as the first checkpoint is complete. The rerun resumes.
+    # On the small real shards a step takes ~10 ms on one core: the first checkpoint comes ~1.5 s into training,
+    # the whole run takes ~30 s, so the requeue always lands in between.
+    steps, every = 3000, 150
+    overrides = [*TINY, f"data.epoch_samples={steps}", f"train.checkpoint_every_steps={every}", "data.val=[]"]
+    path = tiny_experiment(
+        tmp_path,
+        launch_shards,
+        "preempt",
+        {},
+        resources={"default": CPU},
+        evaluate={"enabled": False},
+        teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides},
+    )
+    from hpcdistill.train.run_folder import complete_checkpoints
+
+    exp_dir = tmp_path / "runs" / "preempt"
+    with ThreadPoolExecutor(1) as pool:
+        launched = pool.submit(launch, path, cluster="slurm", wait=True, wait_timeout_s=240)
+        deadline = time.monotonic() + 120
+        while not complete_checkpoints(exp_dir / "teacher" / "checkpoints") and time.monotonic() < deadline:
+            assert not launched.done(), launched.exception()
+            time.sleep(0.1)
+        job_id = json.loads((exp_dir / "launch.json").read_text())["jobs"][0]["tasks"][0]["job_id"]
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, timeout=30)
+        record = launched.result()
+    task = record["jobs"][0]["tasks"][0]
+    assert task["result"]["global_step"] == steps and not task["result"]["stopped_early"]
+    assert final_history(job_id) == ["REQUEUED", "COMPLETED"]
+    _, runs = check_resumed_runs(task, every, runs_expected=2)
+    assert sorted(set(s for run in runs for s in run)) == list(range(1, steps + 1))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_slurm_multi_task_job_ends_when_one_rank_dies(slurm_cluster, tmp_path):
+    # The launcher's parameters for a 2-rank job, on a job whose rank 1 dies at once while rank 0 would wait 5
+    # minutes (as in a collective): the job must end FAILED right away, rank 0 killed.
+    import submitit
+
+    exp = load_experiment(write_experiment(tmp_path, resources={"default": dict(CPU, tasks_per_node=2)}))
+    ex = submitit.SlurmExecutor(folder=tmp_path / "%j", max_num_timeout=0)
+    ex.update_parameters(**slurm_parameters(plan_jobs(exp)[0], exp.name, None))
+    marker = tmp_path / "rank0-finished"
+    job = ex.submit(
+        submitit.helpers.CommandFunction(
+            ["bash", "-c", f'if [ "$SLURM_PROCID" = 1 ]; then exit 3; fi; sleep 300; touch {marker}']
+        )
+    )
+    deadline = time.monotonic() + 150
+    while not job.done(force_check=True) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert final_history(job.job_id) == ["FAILED"] and not marker.exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_slurm_crashing_job_is_reported_failed(slurm_cluster, launch_shards, tmp_path):
+    methods = {"kd": {"config": "configs/demo/distill.yaml", "overrides": TINY}}
+    teacher = {"config": "configs/demo/teacher.yaml", "overrides": [*TINY, "model.num_classes=5"]}  # manifest has 3
+    path = tiny_experiment(tmp_path, launch_shards, "crash", methods, teacher=teacher, resources={"default": CPU})
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(path, cluster="slurm", wait=True, wait_timeout_s=150)
+    message = str(info.value)
+    assert message.startswith("teacher: job ") and "failed" in message and "model.num_classes: 5" in message
+    assert "\n" not in message and time.monotonic() - t0 < 150
+    exp_dir = tmp_path / "runs" / "crash"
+    deadline = time.monotonic() + 60
+    while True:  # SLURM cancels the dependants (kill-on-invalid-dep) instead of leaving them pending
+        states = {r["task"]: r["state"] for r in status(exp_dir)}
+        # every dependant, evaluate included: SLURM may cancel them in different scheduler passes, and a job sacct
+        # has not recorded yet reads UNKNOWN
+        if set(states.values()) <= SLURM_FINAL_STATES or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert states == {"teacher": "FAILED", "kd-5x": "CANCELLED", "kd-2.5x": "CANCELLED", "evaluate": "CANCELLED"}

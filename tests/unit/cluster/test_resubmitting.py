@@ -1,0 +1,55 @@
+"""The experiment launcher: parsing errors, the job graph, dry-run sbatch scripts (no SLURM), then real runs on
+shards cut by the real sharder (conftest's `small_dataset` and `tiny_dataset`): laptop launches, and on the local
+SLURM from slurm/cluster.sh an experiment end to end, 2 ranks, a time-limit requeue with resume, a preemption, a
+crash."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from hpcdistill.cluster.resubmitting import master_port
+
+REPO = Path(__file__).resolve().parents[3]
+# Tiny network, few steps, CPU fp32; every phase of configs/demo runs in seconds.
+TINY = [
+    "model.width=8",
+    "model.groups=4",
+    "train.epochs=1",
+    "train.grad_accum=1",
+    "log.progress=false",
+    "data.sampler=ordered",
+    "log.log_every=1",
+]
+CPU = {
+    "nodes": 1,
+    "gpus_per_node": 0,
+    "tasks_per_node": 1,
+    "cpus_per_task": 1,
+    "mem_gb": 2,
+    "timeout_min": 10,
+    "signal_delay_s": 30,
+    "max_requeue": 3,
+}
+
+
+def test_master_port_is_shared_by_a_jobs_tasks_and_differs_between_jobs():
+    assert master_port("1234") == master_port("1234") != master_port("1235")
+    assert 20000 <= master_port("abc-uuid") < 40000
+
+
+def test_finished_task_ignores_a_late_time_limit_signal(tmp_path):
+    # The signal can land after the work is done, while the interpreter shuts down and has already put SIGUSR2 back
+    # to its default action (terminate): the job's result is written, yet SLURM would record FAILED.
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from hpcdistill.cluster.resubmitting import ignore_requeue_signal
+        signal.signal(signal.SIGUSR2, lambda *_: print("requeue", flush=True))  # as submitit's handler
+        ignore_requeue_signal()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        print("alive", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["alive"], done.stderr
