@@ -7,6 +7,7 @@
 #   slurm/cluster.sh stop      cancel jobs, kill leftover job processes, stop all daemons
 #   slurm/cluster.sh status    which daemons are up, plus sinfo
 #   slurm/cluster.sh env       print `export SLURM_CONF=...` (eval it before using sbatch/sinfo/submitit)
+#   slurm/cluster.sh selftest  start it, then check its own behaviour (slurm/selftest; not hpcdistill's tests)
 #
 # State folder: $HPCDISTILL_SLURM_DIR (default /tmp/hpcdistill-slurm). Start-up waits are bounded by
 # $HPCDISTILL_SLURM_TIMEOUT seconds (default 60).
@@ -363,6 +364,16 @@ cmd_status() {
 
 cmd_env() { echo "export SLURM_CONF=$SLURM_CONF"; }
 
+# The cluster's own behaviour the launcher relies on (slurm/selftest): states, srun tasks, time-limit requeues,
+# submitit. Needs pytest and submitit: the project's .venv when there is one.
+cmd_selftest() {
+    local here python
+    here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+    python=${PYTHON:-$here/../.venv/bin/python}
+    [[ -x $python ]] || python=python3
+    "$python" -m pytest -q -p no:cacheprovider "$here/selftest"
+}
+
 # start/stop from several shells or test sessions at once are serialised on a lock in the state folder
 # (flock -o: the daemons started under it must not inherit the lock).
 if [[ ${1:-} == start || ${1:-} == stop ]] && [[ -z ${HPCDISTILL_SLURM_LOCKED:-} ]]; then
@@ -377,5 +388,6 @@ case ${1:-} in
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
-    *) die "usage: $0 install|start|stop|status|env" ;;
+    selftest) cmd_selftest ;;
+    *) die "usage: $0 install|start|stop|status|env|selftest" ;;
 esac

@@ -53,6 +53,34 @@ def aligned_samples(
     return out
 
 
+def sample_payloads(
+    s: dict, slide: str, patient: str, tissue: int, split: str, params: ShardParams, result: SlideResult
+) -> tuple[list[tuple[str, bytes]], dict[str, list[int]]]:
+    """One hand-made sample's tar members, through the sharder's own encoder; the slide's colour sums as the
+    sharder keeps them (labelled train slides only)."""
+    payloads, sizes = [], {}
+    for mag in params.mags:
+        pixels = s["images"][mag]
+        sizes[mag_name(mag)] = [pixels.shape[1], pixels.shape[0]]
+        if split == "train" and s["label"] is not None:
+            _add_pixel_sums(result.pixel_sums.setdefault(mag_name(mag), [0.0] * 7), pixels)
+        payloads.append(image_member(mag, pixels, "png", params.jpeg_quality))
+    label = CLASSES[s["label"]] if s["label"] is not None else None
+    meta = sample_meta(
+        slide=slide,
+        patient=patient,
+        tissue=tissue,
+        window=0,
+        box_l0=[0, 0, 1, 1],
+        base_mag=40.0,
+        mpp=0.25,
+        sizes=sizes,
+        split=split,
+        label=label,
+    )
+    return payloads + label_members(s["label"], meta) + list(s["extra"].items()), sizes
+
+
 def write_handmade_shards(out: Path, shards: dict[str, list[list[dict]]], mags=(10.0, 2.5)) -> Path:
     """`shards`: split -> its shards, each a list of samples {"images": {mag: HxWx3 uint8}, "label": class id or None,
     "extra": {ext: bytes}}; one slide per shard, one tissue per sample. Samples are encoded by the sharder's own
@@ -72,27 +100,7 @@ def write_handmade_shards(out: Path, shards: dict[str, list[list[dict]]], mags=(
             with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as archive:
                 for tissue, s in enumerate(samples):
                     key = sample_key(slide, tissue, 0)
-                    payloads, sizes = [], {}
-                    for mag in params.mags:
-                        pixels = s["images"][mag]
-                        sizes[mag_name(mag)] = [pixels.shape[1], pixels.shape[0]]
-                        if split == "train" and s["label"] is not None:  # the sharder's stats: labeled train only
-                            _add_pixel_sums(result.pixel_sums.setdefault(mag_name(mag), [0.0] * 7), pixels)
-                        payloads.append(image_member(mag, pixels, "png", params.jpeg_quality))
-                    meta = sample_meta(
-                        slide=slide,
-                        patient=job.patient,
-                        tissue=tissue,
-                        window=0,
-                        box_l0=[0, 0, 1, 1],
-                        base_mag=40.0,
-                        mpp=0.25,
-                        sizes=sizes,
-                        split=split,
-                        label=CLASSES[s["label"]] if s["label"] is not None else None,
-                    )
-                    payloads += label_members(s["label"], meta)
-                    payloads += list(s["extra"].items())
+                    payloads, sizes = sample_payloads(s, slide, job.patient, tissue, split, params, result)
                     append_sample(archive, key, payloads)
                     result.samples.append(Sample(key, [], sizes, tissue))
             jobs.append(job)

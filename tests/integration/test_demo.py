@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib import colors
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,6 +18,24 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def check_readme_section(out: Path, exp: Path, report: str, tmp_path: Path) -> None:
+    """The README's demo section is rendered from the run's record and evaluation records, tables as in the report."""
+    from hpcdistill.experiment.demo_record import update_readme
+
+    record = json.loads((out / "demo.json").read_text())
+    assert record["versions"]["torch"] and record["machine"]["cores"] and set(record["phase_minutes"]) >= {"Teacher"}
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo:start -->\nstale text\n<!-- demo:end -->\noutro\n")
+    (tmp_path / "docs").mkdir()
+    text = update_readme(out, readme).read_text()
+    assert (
+        text.startswith("intro\n<!-- demo:start -->\nResults of one `make demo` run at commit ") and "stale" not in text
+    )
+    teacher_table = report.split("## Teacher (Table 3 layout)\n\n")[1].split("\n\n")[0]
+    assert teacher_table in text and text.endswith("<!-- demo:end -->\noutro\n")
+    assert (tmp_path / "docs" / "demo-figure3.png").read_bytes() == (exp / "report" / "figure3.png").read_bytes()
+
+
 def test_quick_demo_produces_every_artefact(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -54,27 +74,16 @@ def test_quick_demo_produces_every_artefact(tmp_path):
         "paper's ordering",
     ):
         assert needle in report, needle
-    with Image.open(exp / "report" / "figure3.png") as img:
-        assert min(img.size) > 200
+    with Image.open(exp / "report" / "figure3.png") as img:  # five series in matplotlib's first five colours
+        pixels = np.asarray(img.convert("RGB"))
+    for series in range(5):
+        rgb = np.array([round(255 * c) for c in colors.to_rgb(f"C{series}")], np.uint8)
+        assert (pixels == rgb).all(axis=-1).sum() > 20, series
     launch = json.loads((exp / "launch.json").read_text())
     assert [j["kind"] for j in launch["jobs"]][0] == "teacher" and len(launch["jobs"]) == 6
     assert "tensorboard --logdir" in proc.stdout and str(exp / "report" / "report.md") in proc.stdout
     assert "time per phase (jobs run side by side where the cores allow): slides and shards " in proc.stdout
-    # the README's demo section is rendered from this run's record and evaluation records, tables as in the report
-    from hpcdistill.experiment.demo_record import update_readme
-
-    record = json.loads((out / "demo.json").read_text())
-    assert record["versions"]["torch"] and record["machine"]["cores"] and set(record["phase_minutes"]) >= {"Teacher"}
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- demo:start -->\nstale text\n<!-- demo:end -->\noutro\n")
-    (tmp_path / "docs").mkdir()
-    text = update_readme(out, readme).read_text()
-    assert (
-        text.startswith("intro\n<!-- demo:start -->\nResults of one `make demo` run at commit ") and "stale" not in text
-    )
-    teacher_table = report.split("## Teacher (Table 3 layout)\n\n")[1].split("\n\n")[0]
-    assert teacher_table in text and text.endswith("<!-- demo:end -->\noutro\n")
-    assert (tmp_path / "docs" / "demo-figure3.png").read_bytes() == (exp / "report" / "figure3.png").read_bytes()
+    check_readme_section(out, exp, report, tmp_path)
 
 
 def test_demo_seeds_repeat_every_run_of_the_demo_experiment(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -31,12 +32,27 @@ def test_readme_opens_with_the_two_commands_and_names_real_subcommands():
 
 
 def test_architecture_table_names_every_module_once():
-    """The README's module table and hpcdistill/*.py are the same set: a new or renamed module must be described."""
+    """The README's module table and hpcdistill/<stage>/*.py are the same set: a new or moved module is described."""
     block = re.search(r"<!-- modules:start -->\n(.*)\n<!-- modules:end -->", README.read_text(), re.S)
     assert block, "README lacks the <!-- modules:start --> ... <!-- modules:end --> table"
-    named = re.findall(
-        r"`(\w+)\.py`", "\n".join(row.split("|")[1] for row in block.group(1).splitlines() if row.startswith("| `"))
-    )
-    files = {p.stem for p in (README.parent / "hpcdistill").glob("*.py") if p.stem != "__init__"}
+    rows = [row.split("|")[1] for row in block.group(1).splitlines() if row.startswith("| `")]
+    named = re.findall(r"`(\w+/\w+)\.py`", "\n".join(rows))
+    package = README.parent / "hpcdistill"
+    files = {p.relative_to(package).with_suffix("").as_posix() for p in package.glob("*/*.py") if p.stem != "__init__"}
     assert sorted(named) == sorted(set(named)), "a module is named twice"
     assert set(named) == files, f"missing from the table: {files - set(named)}; not a module: {set(named) - files}"
+
+
+def test_architecture_map_is_the_tree_and_its_layers():
+    """The README's one-line-per-subpackage map is what docs/architecture_map.py makes from the tree and the
+    import-linter layers; every subpackage is in it, and the package has no module at its top level."""
+    spec = importlib.util.spec_from_file_location("architecture_map", README.parent / "docs" / "architecture_map.py")
+    architecture_map = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(architecture_map)
+    block = re.search(r"<!-- tree:start -->\n(.*)\n<!-- tree:end -->", README.read_text(), re.S)
+    assert block and block.group(1) == architecture_map.render(), "README's map is stale: run `make readme`"
+    package = README.parent / "hpcdistill"
+    stages = {p.parent.name for p in package.glob("*/__init__.py")}
+    layered = {name for layer in architecture_map.layers() for name in layer}
+    assert stages == layered, f"subpackages outside the import-linter layers: {stages ^ layered}"
+    assert sorted(p.name for p in package.glob("*.py")) == ["__init__.py", "__main__.py"]

@@ -6,21 +6,20 @@ crash."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SLURM_FINAL_STATES
-from launch_helpers import check_resumed_runs, final_history, tiny_experiment, write_experiment
+from conftest import SLURM_FINAL_STATES, sacct_wait_final
+from launch_helpers import check_resumed_runs, final_history, tiny_experiment
 
-from hpcdistill.cluster.job_plan import slurm_parameters
 from hpcdistill.cluster.status import status
 from hpcdistill.common.errors import LaunchError
 from hpcdistill.data.streams import per_rank_samples
-from hpcdistill.experiment.experiment_file import load_experiment
-from hpcdistill.experiment.graph import plan_jobs
 from hpcdistill.experiment.launch import launch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,24 +171,50 @@ def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, launch_shards,
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-def test_slurm_multi_task_job_ends_when_one_rank_dies(slurm_cluster, tmp_path):
-    # The launcher's parameters for a 2-rank job, on a job whose rank 1 dies at once while rank 0 would wait 5
-    # minutes (as in a collective): the job must end FAILED right away, rank 0 killed.
-    import submitit
+def test_slurm_multi_task_job_ends_when_one_rank_dies(slurm_cluster, launch_shards, tmp_path):
+    """A real 2-rank teacher job: once both ranks train, rank 1's process is killed (as the OOM killer or a lost
+    node would). The job must end FAILED at once (srun --kill-on-bad-exit), rank 0 killed rather than left waiting
+    in a collective, and the run must not look finished (no last.pt)."""
+    long = [*TINY, "train.epochs=200"]  # far longer than the test: only the kill can end it
+    teacher = {"config": "configs/demo/teacher.yaml", "overrides": long}
+    resources = {"default": dict(CPU, tasks_per_node=2, max_requeue=0)}
+    path = tiny_experiment(tmp_path, launch_shards, "die", {}, teacher=teacher, resources=resources)
+    record = launch(path, cluster="slurm", wait=False)
+    job_id = record["jobs"][0]["slurm_id"]
+    rank1 = wait_for_rank_process(job_id, rank=1, run_dir=tmp_path / "runs" / "die" / "teacher", timeout_s=150)
+    os.kill(rank1, signal.SIGKILL)
+    killed = time.monotonic()
+    assert sacct_wait_final(job_id, 90)[-1][0] == "FAILED"
+    assert time.monotonic() - killed < 90  # not the collective's timeout
+    assert not (tmp_path / "runs" / "die" / "teacher" / "last.pt").exists()
 
-    exp = load_experiment(write_experiment(tmp_path, resources={"default": dict(CPU, tasks_per_node=2)}))
-    ex = submitit.SlurmExecutor(folder=tmp_path / "%j", max_num_timeout=0)
-    ex.update_parameters(**slurm_parameters(plan_jobs(exp)[0], exp.name, None))
-    marker = tmp_path / "rank0-finished"
-    job = ex.submit(
-        submitit.helpers.CommandFunction(
-            ["bash", "-c", f'if [ "$SLURM_PROCID" = 1 ]; then exit 3; fi; sleep 300; touch {marker}']
-        )
-    )
-    deadline = time.monotonic() + 150
-    while not job.done(force_check=True) and time.monotonic() < deadline:
-        time.sleep(2)
-    assert final_history(job.job_id) == ["FAILED"] and not marker.exists()
+
+def wait_for_rank_process(job_id: str, rank: int, run_dir: Path, timeout_s: float) -> int:
+    """The pid of the job's task `rank` once training has started (progress.json written), read from /proc."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (run_dir / "progress.json").is_file():
+            pids = task_pids(job_id, rank)
+            if pids:
+                return pids[0]
+        time.sleep(1)
+    raise AssertionError(f"job {job_id}: rank {rank} never started training in {run_dir}")
+
+
+def task_pids(job_id: str, rank: int) -> list[int]:
+    """The task's own process: python running submitit's entry with the job's id and this SLURM_PROCID, and not a
+    child of another such process (loader workers share their parent's environment and command line)."""
+    found: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            cmdline = (proc / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue
+        if environ.get("SLURM_JOB_ID") == str(job_id) and environ.get("SLURM_PROCID") == str(rank):
+            if "python" in cmdline and "submitit" in cmdline:
+                found[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    return sorted(pid for pid, parent in found.items() if parent not in found)
 
 
 @pytest.mark.slurm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -25,6 +26,16 @@ def _record(tmp_path, name, method, mag, acc, gflops, study="main"):
     }
     (run / "test.json").write_text(json.dumps(record))
     return tmp_path / name
+
+
+def series_pixels(png, series: int) -> int:
+    """How many pixels of the figure are exactly the colour of matplotlib's series `series` (C0, C1, ...)."""
+    from matplotlib import colors
+
+    rgb = np.array([round(255 * c) for c in colors.to_rgb(f"C{series}")], np.uint8)
+    with Image.open(png) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    return int((pixels == rgb).all(axis=-1).sum())
 
 
 def test_format_ci_matches_paper_layout():
@@ -50,9 +61,11 @@ def test_report_tables_bold_best_and_figure(tmp_path):
     assert "**70.00" not in text  # a worse cell is not bold
     assert "mag = 2.5x" in text and "mag = 1.25x" in text
     assert "Pixel-loss ablation" in text
-    with Image.open(tmp_path / "report" / "figure3.png") as img:
-        assert img.size[0] > 300 and img.size[1] > 200
-    assert (tmp_path / "report" / "ablation.png").stat().st_size > 1000
+    # each method is drawn in its own colour of matplotlib's cycle (markers, bars, legend), and no other series
+    figure3 = [series_pixels(tmp_path / "report" / "figure3.png", i) for i in range(5)]
+    assert all(n > 20 for n in figure3[:4]) and figure3[4] == 0, figure3  # Teacher, Baseline, KD, KD (aux1)
+    ablation = [series_pixels(tmp_path / "report" / "ablation.png", i) for i in range(2)]
+    assert ablation[0] > 20 and ablation[1] == 0, ablation  # KD+MP only
     checks = ordering_check(results)
     assert any("2.5x: the paper's ordering holds" in c for c in checks)
     assert any(

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
+import shapely.geometry
+import shapely.validation
 import torch
+from PIL import Image
 
 from hpcdistill.common.config import STEMS
 from hpcdistill.models.resnet import build_model
 from hpcdistill.predict.cam import STEM_STRIDE, WindowMap, cam_logits, cell_edges, tissue_map
+from hpcdistill.slides.tissue import class_colour
 
 HALF = 768  # the two-class slide is 1536 px wide: left tissue one class, right tissue another
 
@@ -101,7 +106,10 @@ def test_heat_map_favours_each_sides_own_class(predicted):
         cells = np.exp(logits - logits.max(axis=0)) / np.exp(logits - logits.max(axis=0)).sum(axis=0)
         own = "normal" if tissue["box_l0"][0] + tissue["box_l0"][2] / 2 < HALF else "duodenitis"
         assert tissue["pred"] == own and cells[classes.index(own)].mean() > 0.5
-    assert Path(result["heatmap"]).stat().st_size > 10_000
+    with Image.open(result["heatmap"]) as img:  # the overlay's legend and tissue frames in each class's colour
+        pixels = np.asarray(img.convert("RGB"))
+    for index in range(len(classes)):
+        assert (pixels == np.array(class_colour(index), np.uint8)).all(axis=-1).sum() > 20, classes[index]
 
 
 def test_geojson_is_what_qupath_imports(predicted):
@@ -111,19 +119,23 @@ def test_geojson_is_what_qupath_imports(predicted):
     annotations = [f for f in collection["features"] if f["properties"]["objectType"] == "annotation"]
     detections = [f for f in collection["features"] if f["properties"]["objectType"] == "detection"]
     assert len(annotations) == len(result["tissues"]) and detections
-    for feature in collection["features"]:
+    for feature in collection["features"]:  # the fields QuPath's GeoJSON reader uses, and valid geometry
         props = feature["properties"]
-        (ring,) = feature["geometry"]["coordinates"]
-        assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
-        assert all(0 <= x <= 2 * HALF and 0 <= y <= 768 for x, y in ring)
+        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon"
+        outline = shapely.geometry.shape(feature["geometry"])
+        assert outline.is_valid and outline.area > 0, shapely.validation.explain_validity(outline)
+        assert shapely.geometry.box(0, 0, 2 * HALF, 768).covers(outline)
         assert props["classification"]["name"] in classes and len(props["classification"]["color"]) == 3
         assert set(props["measurements"]) == {f"p_{c}" for c in classes}
         assert all(isinstance(v, float) for v in props["measurements"].values())
     for annotation, tissue in zip(annotations, result["tissues"]):  # the outline lies inside its (padded) box
         x, y, w, h = tissue["box_l0"]
-        (ring,) = annotation["geometry"]["coordinates"]
-        assert all(x - 1 <= px <= x + w + 1 and y - 1 <= py <= y + h + 1 for px, py in ring)
+        outline = shapely.geometry.shape(annotation["geometry"])
+        assert shapely.geometry.box(x - 1, y - 1, x + w + 1, y + h + 1).covers(outline)
+        assert outline.area > 0.2 * w * h  # the tissue, not a speck of it
         assert annotation["properties"]["classification"]["name"] == tissue["pred"]
+    cells = [shapely.geometry.shape(f["geometry"]) for f in detections]  # a grid: cells never overlap
+    assert shapely.union_all(cells).area == pytest.approx(sum(c.area for c in cells))
     meta = json.loads(Path(result["heatmap_arrays"]).read_text())
     for t, entry in enumerate(meta["tissues"]):  # detections tile each tissue's map at the model's stride
         cells = [

@@ -6,11 +6,13 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.predict.prediction import predict_slides
+from hpcdistill.slides.tissue import class_colour
 from hpcdistill.synthetic.dataset import write_slide
 
 
@@ -31,8 +33,11 @@ def test_predict_svs_and_tiff(tiny_teacher, tmp_path):
         areas = [w["box_l0"][2] * w["box_l0"][3] for w in result["windows"]]
         mean0 = sum(a * w["probs"][0] for a, w in zip(areas, result["windows"])) / sum(areas)
         assert result["probs"][0] == pytest.approx(mean0, abs=1e-6)
-        with Image.open(result["overlay"]) as img:
-            assert img.size[0] > 50
+        with Image.open(result["overlay"]) as img:  # each tissue framed in its call's colour
+            pixels = np.asarray(img.convert("RGB"))
+        for tissue in result["tissues"]:
+            colour = np.array(class_colour(summary["classes"].index(tissue["pred"])), np.uint8)
+            assert (pixels == colour).all(axis=-1).sum() > 20, tissue["pred"]
     with open(tmp_path / "out" / "tissues.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == sum(len(s["tissues"]) for s in slides.values())

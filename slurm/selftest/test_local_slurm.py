@@ -1,25 +1,20 @@
-"""Tests against a real single-node SLURM started by slurm/cluster.sh (root only; CI installs the packages): the
-cluster's own behaviour the launcher relies on (states, exit codes, srun tasks, time-limit signals and requeues,
-submitit), and an `hpcdistill train` job on shards cut by the real sharder (conftest's `small_dataset`)."""
+"""The local test cluster's own behaviour, which the launcher relies on: states and exit codes, srun tasks,
+time-limit signals and requeues, submitit's results and its requeue. These check the environment, not hpcdistill
+(the product's SLURM tests are in tests/integration/); run them with `bash slurm/cluster.sh selftest` when a
+product test on SLURM fails and the cluster itself is in doubt."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import sacct_runs, sacct_wait_final, tiny_train_overrides
+from conftest import sacct_runs, sacct_wait_final
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
-
-# ---- tests ----
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
 
 def _sbatch(*args: str, env: dict[str, str] | None = None) -> int:
@@ -35,7 +30,7 @@ def _wait_final(job_id: int, timeout: float) -> tuple[str, str]:
 
 
 @pytest.mark.timeout(120)
-def test_trivial_job_completes(slurm_cluster, tmp_path):
+def test_trivial_job_completes(tmp_path):
     out = tmp_path / "ok.out"
     job = _sbatch(f"--chdir={tmp_path}", f"--output={out}", "--wrap", "echo hello-from-$SLURM_JOB_ID")
     assert _wait_final(job, timeout=60) == ("COMPLETED", "0:0")
@@ -43,7 +38,7 @@ def test_trivial_job_completes(slurm_cluster, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_failing_job_is_reported_failed(slurm_cluster, tmp_path):
+def test_failing_job_is_reported_failed(tmp_path):
     job = _sbatch(f"--chdir={tmp_path}", f"--output={tmp_path / 'fail.out'}", "--wrap", "exit 1")
     t0 = time.monotonic()
     assert _wait_final(job, timeout=60) == ("FAILED", "1:0")
@@ -51,7 +46,7 @@ def test_failing_job_is_reported_failed(slurm_cluster, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_two_task_job_runs_both_tasks(slurm_cluster, tmp_path):
+def test_two_task_job_runs_both_tasks(tmp_path):
     out = tmp_path / "two.out"
     job = _sbatch(
         f"--chdir={tmp_path}",
@@ -74,7 +69,7 @@ srun bash -c 'trap "touch got-usr1; scontrol requeue \\$SLURM_JOB_ID; exit 0" US
 
 
 @pytest.mark.timeout(200)
-def test_time_limited_job_requeues_itself_and_runs_again(slurm_cluster, tmp_path):
+def test_time_limited_job_requeues_itself_and_runs_again(tmp_path):
     script = tmp_path / "requeue.sh"
     script.write_text(REQUEUE_SCRIPT)
     out = tmp_path / "requeue.out"
@@ -140,7 +135,7 @@ def _executor(tmp_path: Path):
 
 
 @pytest.mark.timeout(120)
-def test_submitit_returns_results_from_one_and_two_tasks(slurm_cluster, tmp_path, job_functions):
+def test_submitit_returns_results_from_one_and_two_tasks(tmp_path, job_functions):
     executor = _executor(tmp_path)
     executor.update_parameters(timeout_min=5, cpus_per_task=1)
     single = executor.submit(job_functions.describe, 7)
@@ -154,7 +149,7 @@ def test_submitit_returns_results_from_one_and_two_tasks(slurm_cluster, tmp_path
 
 
 @pytest.mark.timeout(200)
-def test_submitit_checkpointable_job_is_requeued_at_its_time_limit(slurm_cluster, tmp_path, job_functions):
+def test_submitit_checkpointable_job_is_requeued_at_its_time_limit(tmp_path, job_functions):
     executor = _executor(tmp_path)
     # timeout_min must exceed the signal delay, or submitit treats the job as timed out at once.
     executor.update_parameters(timeout_min=1, slurm_signal_delay_s=50)
@@ -163,42 +158,3 @@ def test_submitit_checkpointable_job_is_requeued_at_its_time_limit(slurm_cluster
     assert job.result() == 1
     assert log.read_text().splitlines() == ["run restart=0", "run restart=1"]
     assert [state for state, _ in sacct_runs(int(job.job_id))][0] == "REQUEUED"
-
-
-@pytest.mark.timeout(200)
-def test_sbatch_job_trains_on_real_shards(slurm_cluster, small_dataset, tmp_path):
-    """`hpcdistill train` as a plain batch job (no submitit, no launcher) on the sharder's real shards: the package
-    runs in SLURM's job environment, and its run folder and summary are what an interactive run writes."""
-    from hpcdistill.common.config import load_config
-    from hpcdistill.data.streams import per_rank_samples
-
-    cfg = load_config(None, tiny_train_overrides(small_dataset["shards"], tmp_path, "job", "baseline", 2.5))
-    config = cfg.save(tmp_path / "job.yaml")
-    # sbatch passes this environment on: none of the rendezvous variables an in-process run may have set here
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    out, err = tmp_path / "train.out", tmp_path / "train.err"
-    job = _sbatch(
-        f"--chdir={REPO}",
-        f"--output={out}",
-        f"--error={err}",
-        "--cpus-per-task=1",
-        "--time=5",
-        "--wrap",
-        f"{sys.executable} -m hpcdistill train {config}",
-        env=env,
-    )
-    state = _wait_final(job, timeout=180)
-    assert state == ("COMPLETED", "0:0"), err.read_text()[-3000:]
-    text = out.read_text()
-    summary = json.loads(text[text.rindex('{\n  "run_dir"') :])  # the summary `hpcdistill train` prints last
-    train = small_dataset["manifest"]["splits"]["train"]["samples"]
-    steps = per_rank_samples(train, 1, cfg.train.grad_accum) // cfg.train.grad_accum
-    assert summary["run_dir"] == str(tmp_path / "job") and summary["global_step"] == steps and steps > 0
-    assert summary["val"]["samples"] == small_dataset["manifest"]["splits"]["val"]["samples"]
-    blob = torch.load(tmp_path / "job" / "last.pt", map_location="cpu", weights_only=True)
-    assert blob["mag"] == 2.5 and blob["global_step"] == steps and (tmp_path / "job" / "best.pt").is_file()
