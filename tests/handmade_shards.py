@@ -1,10 +1,5 @@
-"""Data pipelines: pair alignment under augmentation, equal steps per rank, exact validation split, safe decoding.
-
-Real shards (conftest's `tiny_dataset` and `small_dataset`, cut by the sharder from synthetic slides) wherever the
-test needs no special samples. Hand-made shards only where it does (exactly aligned pairs: the sharder resamples
-with Lanczos; pickled payloads), and those are written by the sharder's own pieces: its tar member layout
-(shard_writer.append_sample), its per-slide records (shard_cut.SlideResult) and its manifest builder.
-"""
+"""Shards of chosen samples, for tests that need exactly aligned pairs or special payloads: encoded by the sharder's
+own `shards.sample_format` and indexed by its own manifest builder."""
 
 from __future__ import annotations
 

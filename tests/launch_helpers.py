@@ -1,7 +1,5 @@
-"""The experiment launcher: parsing errors, the job graph, dry-run sbatch scripts (no SLURM), then real runs on
-shards cut by the real sharder (conftest's `small_dataset` and `tiny_dataset`): laptop launches, and on the local
-SLURM from slurm/cluster.sh an experiment end to end, 2 ranks, a time-limit requeue with resume, a preemption, a
-crash."""
+"""What the launch tests share: a tiny experiment file, the CPU resources, the sharder's small shards as a fixture,
+and readers of TensorBoard steps and sacct histories."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The DeepSpeed engine on real shards made by the sharder (conftest's `tiny_dataset`: synthetic slides at 10x,
-2.5x and 1.25x; CPU, gloo): every mode, exact resume, 2 ranks for a plain and a distill run, TensorBoard."""
+"""What the training tests share: sample counts, exported weights, a clean environment for child processes."""
 
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ _EXPORTS = {
     "ShardSet": "reader",
     "raw_samples": "reader",
     "decode_sample": "reader",
-    "encode_sample": "sample_format",
+    "sample_key": "sample_format",
+    "image_member": "sample_format",
+    "label_members": "sample_format",
     "plan_array": "array",
     "shard_jobs": "array",
 }

@@ -1,7 +1,5 @@
-"""The experiment launcher: parsing errors, the job graph, dry-run sbatch scripts (no SLURM), then real runs on
-shards cut by the real sharder (conftest's `small_dataset` and `tiny_dataset`): laptop launches, and on the local
-SLURM from slurm/cluster.sh an experiment end to end, 2 ranks, a time-limit requeue with resume, a preemption, a
-crash."""
+"""Experiments on the real local SLURM (slurm/cluster.sh): end to end, two ranks, a time-limit requeue with
+resume, a preemption, a training rank killed, a crash."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""The experiment launcher: parsing errors, the job graph, dry-run sbatch scripts (no SLURM), then real runs on
-shards cut by the real sharder (conftest's `small_dataset` and `tiny_dataset`): laptop launches, and on the local
-SLURM from slurm/cluster.sh an experiment end to end, 2 ranks, a time-limit requeue with resume, a preemption, a
-crash."""
+"""The requeueing base of submitted tasks: the master port a job's tasks agree on, and a finished task that ignores
+a late time-limit signal."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Data pipelines: pair alignment under augmentation, equal steps per rank, exact validation split, safe decoding.
-
-Real shards (conftest's `tiny_dataset` and `small_dataset`, cut by the sharder from synthetic slides) wherever the
-test needs no special samples. Hand-made shards only where it does (exactly aligned pairs: the sharder resamples
-with Lanczos; pickled payloads), and those are written by the sharder's own pieces: its tar member layout
-(shard_writer.append_sample), its per-slide records (shard_cut.SlideResult) and its manifest builder.
-"""
+"""The paired augmentation draw and the batch finished where the model runs: pairs stay aligned, the folded colour
+map equals its stepwise definition, decoding on the device gives the loader's tensors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""hpcdistill.shards.sharding on real synthetic slides (pyramidal TIFF 40x, Aperio SVS 20x), real tars read back."""
+"""What a sharding run will do: sizes, keys, aligned windows, slide inputs, the labels CSV and its errors, the
+patient-level split, the class order."""
 
 from __future__ import annotations
 

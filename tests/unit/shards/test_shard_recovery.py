@@ -1,4 +1,5 @@
-"""hpcdistill.shards.sharding on real synthetic slides (pyramidal TIFF 40x, Aperio SVS 20x), real tars read back."""
+"""Sharding survives a full disk and a kill: completed shards kept, no partial file left, the rerun resumes to the
+uninterrupted bytes."""
 
 from __future__ import annotations
 

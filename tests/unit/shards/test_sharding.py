@@ -1,4 +1,5 @@
-"""hpcdistill.shards.sharding on real synthetic slides (pyramidal TIFF 40x, Aperio SVS 20x), real tars read back."""
+"""`hpcdistill shard` on real synthetic slides (pyramidal TIFF 40x, Aperio SVS 20x), real tars read back: the
+format, magnifications, manifest, identical bytes, windows, skipped slides and the dry run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""slides.py on real slide files written here with tifffile: a true Aperio SVS layout, pyramidal TIFFs."""
+"""Lanczos resampling: exact sizes, PIL agreement, ringing clipped, the fixed-point gain undone, one rounding."""
 
 from __future__ import annotations
 

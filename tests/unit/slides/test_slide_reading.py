@@ -1,4 +1,5 @@
-"""slides.py on real slide files written here with tifffile: a true Aperio SVS layout, pyramidal TIFFs."""
+"""Opening slides: true Aperio SVS and pyramidal TIFF metadata, the base magnification, one-line errors for
+truncated, corrupt and foreign files, pyramid levels, backends that agree."""
 
 from __future__ import annotations
 

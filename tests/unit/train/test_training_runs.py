@@ -1,5 +1,5 @@
-"""The DeepSpeed engine on real shards made by the sharder (conftest's `tiny_dataset`: synthetic slides at 10x,
-2.5x and 1.25x; CPU, gloo): every mode, exact resume, 2 ranks for a plain and a distill run, TensorBoard."""
+"""Training runs on the real sharder's tiny shards: exports are plain weights, distillation and fine-tuning, refused
+precisions, a full disk at a checkpoint, weights-only resume loads, non-finite inputs, out-of-memory lines."""
 
 from __future__ import annotations
 
