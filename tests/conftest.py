@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -304,6 +305,15 @@ def sacct_wait_final(job_id: str | int, timeout: float) -> list[tuple[str, str]]
         f"job {job_id} not finished after {timeout:.0f}s; sacct says {history}; scontrol says:\n{show.stdout}",
         pytrace=False,
     )
+
+
+@pytest.fixture(autouse=True)
+def _restore_the_requeue_signal():
+    """A debug launch runs its tasks in this process, and a finished task ignores SIGUSR2 as a finished job must:
+    restore the handler, so no test sees another's signal state."""
+    saved = signal.getsignal(signal.SIGUSR2)
+    yield
+    signal.signal(signal.SIGUSR2, saved)
 
 
 # Fixtures that live beside their helpers (imported last: those modules import this one).

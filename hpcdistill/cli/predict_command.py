@@ -19,6 +19,7 @@ def _predict_options(args: argparse.Namespace) -> Any:
         heatmap=args.heatmap,
         heatmap_class=args.heatmap_class,
         slide_rule=args.slide_rule,
+        read=args.read,
     )
 
 
@@ -51,6 +52,13 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
         help="slide call: mean = tissue-area-weighted mean probability; max = per class the highest tissue probability",
     )
     p.add_argument(
+        "--read",
+        choices=["pyramid", "level0"],
+        help="where windows are read: pyramid = the smallest pyramid level at or above the model's magnification "
+        "(far fewer pixels decoded); level0 = Lanczos from level 0 (the paper). Default: what the model's "
+        "training shards were cut from (`shard --source`)",
+    )
+    p.add_argument(
         "--heatmap",
         action="store_true",
         help="also write class-activation heat maps (overlay PNG, .npy arrays) and CAM cells in the GeoJSON",
@@ -65,8 +73,8 @@ def run_predict(args: argparse.Namespace) -> int:
     """classify the tissues of new slides (e.g. low-resolution scans)
 
     Finds each slide's tissues, cuts them into the windows the model's training shards used, reads each at the
-    model's magnification (Lanczos from level 0, as in training) and classifies it; the slide call is the
-    area-weighted mean of the window probabilities. Writes tissues.csv, slides.csv, predictions.json and an
+    model's magnification (from the pyramid or from level 0, as its training shards were cut) and classifies it;
+    the slide call is the area-weighted mean of the window probabilities. Writes tissues.csv, slides.csv, predictions.json and an
     overlay PNG per slide. With --cluster, the slides are split over an array of tasks and merged in slide order.
     """
     from hpcdistill.predict.prediction import predict_slides

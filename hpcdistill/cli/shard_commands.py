@@ -40,6 +40,13 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
     p.add_argument(
+        "--source",
+        choices=["level0", "pyramid"],
+        default=defaults.source,
+        help="cut each magnification from level 0 (the paper) or from the smallest pyramid level at or above it "
+        "(the pixels `predict --read pyramid` sees)",
+    )
+    p.add_argument(
         "--max-size",
         type=int,
         default=defaults.max_size,
@@ -91,7 +98,8 @@ def _add_output_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
 def run_shard(args: argparse.Namespace) -> int:
     """slides -> aligned multi-magnification WebDataset shards
 
-    Cut every tissue of every slide at each magnification (Lanczos from level 0) into {split}-NNNNNN.tar shards
+    Cut every tissue of every slide at each magnification (Lanczos from level 0, or with --source pyramid from the
+    level at or above it) into {split}-NNNNNN.tar shards
     with a manifest.json.
     """
     from hpcdistill.shards import sharding
@@ -109,6 +117,7 @@ def run_shard(args: argparse.Namespace) -> int:
         seed=args.seed,
         classes=tuple(args.classes) if args.classes else None,
         tissue=tissue_params(args),
+        source=args.source,
     )
     if args.cluster:
         return _shard_array(args, params)

@@ -32,9 +32,10 @@ def export_blob(
     config: dict[str, Any],
     global_step: int,
     windowing: dict[str, Any],
+    source: str = "level0",
 ) -> dict[str, Any]:
     """The export of `module` (weights as float32 on the CPU); `global_step` tells a resume whether an export
-    belongs to the trajectory it continues."""
+    belongs to the trajectory it continues; `source`, where the training shards' crops came from."""
     return {
         "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()},
         "arch_kwargs": dict(module.arch_kwargs),
@@ -44,6 +45,7 @@ def export_blob(
         "stats": stats,
         "global_step": global_step,
         "windowing": windowing,
+        "source": source,
     }
 
 
@@ -58,6 +60,7 @@ class ExportedModel:
     config: dict  # the run's resolved training config
     windowing: Windowing  # how the training shards cut tissues into windows: prediction cuts the same way
     windowing_recorded: bool = True  # False: an export older than the record, read with the sharder's defaults
+    source: str = "level0"  # where its training crops came from (`shard --source`): what `predict` reads by default
 
     @property
     def device(self) -> torch.device:
@@ -105,4 +108,5 @@ def load_exported(
         config=dict(blob.get("config", {})),
         windowing=Windowing.from_dict(blob.get("windowing") or DEFAULT_WINDOWING),
         windowing_recorded="windowing" in blob,
+        source=str(blob.get("source", "level0")),
     )

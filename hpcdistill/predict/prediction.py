@@ -29,6 +29,7 @@ from hpcdistill.predict.cam import STEM_STRIDE, TissueMap, WindowMap, cam_logits
 from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overlay
 from hpcdistill.predict.qupath import write_geojson
 from hpcdistill.slides.factory import open_slide
+from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.tissue import TissueParams, class_colour, write_qc_png
 from hpcdistill.slides.windows import TissueWindows, find_windows, window_sizes
 
@@ -47,16 +48,17 @@ class PredictOptions:
     heatmap: bool = False  # CAM overlay PNG, arrays, and CAM cells as QuPath detections
     heatmap_class: str | None = None  # the class whose probability the overlay shows; None: the slide's call
     slide_rule: str = "mean"  # a key of SLIDE_RULES
+    read: str | None = None  # "level0" or "pyramid" (slides.slide.READ_SOURCES); None: what the export trained on
 
 
 def _window_batches(
-    slide: Any, found: TissueWindows, exported: ExportedModel, slide_path: str | Path
+    slide: Any, found: TissueWindows, exported: ExportedModel, slide_path: str | Path, read: str
 ) -> Iterator[dict[str, Any]]:
     """One batch per window, standardised as in training; the key names the slide, tissue and window."""
     for t, windows in enumerate(found.windows):
         for w, window in enumerate(windows):
             size = window_sizes(window, slide.info.base_mag, [exported.mag])[exported.mag]
-            image = slide.read_at_mag(window, exported.mag, size)
+            image = slide.read_at_mag(window, exported.mag, size, read)
             yield {
                 "key": [f"{slide_path} tissue {t} window {w}"],
                 "x": standardise(image, exported.stats),
@@ -73,12 +75,12 @@ def _area_mean(probs: list[list[float]], boxes: list[list[int]]) -> np.ndarray:
 
 
 def _classify_windows(
-    slide: Any, found: TissueWindows, exported: ExportedModel, slide_path: str | Path, with_cam: bool
+    slide: Any, found: TissueWindows, exported: ExportedModel, slide_path: str | Path, with_cam: bool, read: str
 ) -> tuple[list[dict[str, Any]], list[WindowMap]]:
     """Every window's probabilities (and CAM, `with_cam`), through the shared model-over-stream loop."""
     rows, cams = [], []
     stride = STEM_STRIDE[exported.arch_kwargs.get("stem", "standard")]
-    batches = _window_batches(slide, found, exported, slide_path)
+    batches = _window_batches(slide, found, exported, slide_path, read)
     for batch, features, logits in model_outputs(
         exported.model, batches, exported.device, mag=exported.mag, remedy="rerun it with --device cpu"
     ):
@@ -182,7 +184,9 @@ def predict_slide(
         found = find_windows(slide, options.tissue, exported.windowing)
         if not found.boxes:
             raise HpcdistillError(f"{slide_path}: no tissue found on the thumbnail")
-        windows, cams = _classify_windows(slide, found, exported, slide_path, options.heatmap)
+        read = options.read or exported.source
+        windows, cams = _classify_windows(slide, found, exported, slide_path, options.heatmap, read)
+        source = read_record(slide, exported.mag, read)
     classes, out, stem = exported.classes, Path(out_dir).resolve(), Path(slide_path).stem  # paths readable anywhere
     tissues = _tissue_calls(found, windows, classes)
     call, scores = slide_call(tissues, windows, options.slide_rule, classes)
@@ -193,6 +197,7 @@ def predict_slide(
         "rule": options.slide_rule,
         "probs": scores.tolist(),
         "base_mag": info.base_mag,
+        **source,
         "tissues": tissues,
         "windows": windows,
         "overlay": str(out / "overlays" / f"{stem}.png"),
@@ -213,6 +218,17 @@ def predict_slide(
     )
     result["geojson"] = str(geojson)
     return result
+
+
+def read_record(slide: Any, mag: float, read: str) -> dict[str, Any]:
+    """Where the slide's windows were read from: the source, the level and its magnification, and a note when the
+    pyramid has no level near the model's magnification (the next level up was read, at more decode cost)."""
+    level = slide.level_for(mag) if read == "pyramid" else slide.levels()[0]
+    level_mag = level.magnification(slide.info.base_mag)
+    record = {"read": read, "level": level.index, "level_mag": round(level_mag, 4), "note": ""}
+    if read == "pyramid" and level_mag > 1.5 * mag:
+        record["note"] = f"no pyramid level near {mag_name(mag)}: read level {level.index} at {mag_name(level_mag)}"
+    return record
 
 
 def classify_slides(
@@ -245,12 +261,16 @@ def summarise(model_path: str | Path, exported: ExportedModel, options: PredictO
         "windowing": exported.windowing.to_dict(),
         "slide_rule": options.slide_rule,
         "slide_rule_means": SLIDE_RULES[options.slide_rule],
+        "read": options.read or exported.source,
+        "trained_on": exported.source,
     }
 
 
 def check_options(options: PredictOptions, classes: list[str]) -> PredictOptions:
     if options.slide_rule not in SLIDE_RULES:
         raise HpcdistillError(f"--slide-rule {options.slide_rule!r}: expected one of {', '.join(SLIDE_RULES)}")
+    if options.read not in (None, *READ_SOURCES):
+        raise HpcdistillError(f"--read {options.read!r}: expected one of {', '.join(READ_SOURCES)}")
     if options.heatmap_class is not None and options.heatmap_class not in classes:
         raise HpcdistillError(
             f"--heatmap-class {options.heatmap_class!r}: not a class of the model ({', '.join(classes)})"
@@ -269,12 +289,12 @@ def write_predictions(out: Path, summary: dict[str, Any], results: list[dict]) -
                 writer.writerow([r["slide"], t["tissue"], *t["box_l0"], t["pred"], *(f"{p:.6f}" for p in t["probs"])])
     with atomic_output(out / "slides.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["slide", "status", "call", "rule", "reason"] + [f"p_{c}" for c in classes])
+        head = ["slide", "status", "call", "rule", "read", "level", "level_mag", "reason"]
+        writer.writerow(head + [f"p_{c}" for c in classes])
         for r in results:
             probs = [f"{p:.6f}" for p in r.get("probs", [])] or [""] * len(classes)
-            writer.writerow(
-                [r["slide"], r["status"], r.get("call", ""), r.get("rule", ""), r.get("reason", ""), *probs]
-            )
+            reason = r.get("reason") or r.get("note", "")  # a skip's reason, or a pyramid read's fallback
+            writer.writerow([*(r.get(k, "") for k in head[:-1]), reason, *probs])
     summary = {**summary, "slides": results}
     atomic_write_json(out / "predictions.json", summary, indent=1)
     if not any(r["status"] == "ok" for r in results):
@@ -296,6 +316,11 @@ def predict_slides(
     exported = load_exported(model_path)
     fields = {k: v for k, v in fields.items() if not (k == "tissue" and v is None)}
     opts = check_options(options or PredictOptions(**fields), exported.classes)
+    if opts.read is not None and opts.read != exported.source:  # allowed, but the input shifts: say so
+        say(
+            f"{model_path}: trained on crops from {exported.source} but reading {opts.read}: the pixels differ from "
+            "training (scanner filter and JPEG); see the README's pyramid section for the measured cost"
+        )
     if not exported.windowing_recorded:  # said, not silently assumed
         say(
             f"{model_path}: written before exports recorded their shards' windowing; tissues are cut with the "

@@ -209,7 +209,9 @@ def _cut_sample(
     payloads: list[tuple[str, bytes]] = []
     sizes: dict[str, list[int]] = {}
     wanted = window_sizes(box, base_mag, params.mags)
-    images = slide.read_at_mags(box, wanted)  # level 0 decoded once; each mag Lanczos-resampled straight from it
+    images = slide.read_at_mags(
+        box, wanted, params.source
+    )  # level 0 decoded once; each mag Lanczos-resampled straight from it
     for mag in params.mags:
         pixels = images.pop(mag)
         sizes[mag_name(mag)] = [int(v) for v in wanted[mag]]

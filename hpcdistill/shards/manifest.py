@@ -22,6 +22,11 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
     return read_json(path, DataError, missing="manifest not found (run `hpcdistill shard` first)")
 
 
+def shard_source(manifest: dict[str, Any]) -> str:
+    """Where the shards' crops were cut from: "level0" or "pyramid" (`shard --source`)."""
+    return (manifest.get("params") or {}).get("source", "level0")
+
+
 def manifest_digest(shards_dir: str | Path) -> str | None:
     """sha256 of manifest.json: the identity of a shard folder wherever it is copied (None: unreadable)."""
     try:

@@ -14,6 +14,7 @@ from hpcdistill.common.errors import ShardingError
 from hpcdistill.common.mags import mag_name
 from hpcdistill.shards.catalog import assign_splits, read_labels_csv, slide_name
 from hpcdistill.slides import tissue
+from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.windows import DEFAULT_MAGS, DEFAULT_MAX_SIZE, Windowing
 
 
@@ -33,6 +34,9 @@ class ShardParams:
     # Class order (= the cls ids); None = the CSV's labels sorted. Clinical order reads better in reports.
     classes: tuple[str, ...] | None = None
     tissue: tissue.TissueParams = dataclasses.field(default_factory=tissue.TissueParams)
+    # Where each magnification is cut from: "level0" (the paper: Lanczos from level 0) or "pyramid" (Lanczos from
+    # the smallest level at or above it, the pixels a pyramid-reading prediction sees).
+    source: str = "level0"
 
     def __post_init__(self) -> None:
         # floats everywhere, so params given by the CLI or by code fingerprint identically
@@ -40,6 +44,8 @@ class ShardParams:
         object.__setattr__(self, "split_ratios", tuple(float(r) for r in self.split_ratios))
         if self.base_mag is not None:
             object.__setattr__(self, "base_mag", float(self.base_mag))
+        if self.source not in READ_SOURCES:
+            raise ShardingError(f"--source {self.source!r}: must be one of {', '.join(READ_SOURCES)}")
         if self.image_format not in ("jpg", "png"):
             raise ShardingError(f"--format {self.image_format!r}: must be 'jpg' or 'png'")
         if not self.mags:
@@ -146,6 +152,8 @@ def make_plan(
 def params_fingerprint(params: ShardParams, slide_paths: list[Path], labels_csv: str | os.PathLike | None) -> dict:
     """The parameters recorded in the journal and manifest; a rerun into the same folder must match them."""
     fingerprint = json.loads(json.dumps(dataclasses.asdict(params)))
+    if fingerprint["source"] == "level0":
+        del fingerprint["source"]  # the paper's source, and every folder's before the option: absent means level0
     fingerprint["slides"] = [p.name for p in slide_paths]
     if labels_csv is not None:
         fingerprint["labels_csv"] = Path(labels_csv).name

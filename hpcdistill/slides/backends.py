@@ -19,7 +19,7 @@ import pyvips
 from hpcdistill.common.errors import SlideError, one_line
 from hpcdistill.slides.metadata import TiffLevel, base_magnification, probe_tiff
 from hpcdistill.slides.resample import lanczos_to_size
-from hpcdistill.slides.slide import Slide, SlideInfo
+from hpcdistill.slides.slide import Level, Slide, SlideInfo
 
 # TIFF-based vendors whose level 0 libvips tiffload reads as a plain page 0.
 VIPS_VENDORS = {None, "aperio", "generic-tiff"}
@@ -57,22 +57,30 @@ class VipsTiffSlide(Slide):
     def __init__(self, info: SlideInfo, levels: list[TiffLevel]):
         super().__init__(info)
         self._levels = levels
-        self._level0: pyvips.Image | None = None
+        first = levels[0]
+        self._pyramid = [
+            Level(i, lv.width, lv.height, first.width / lv.width, first.height / lv.height)
+            for i, lv in enumerate(levels)
+        ]
+        self._images: dict[int, pyvips.Image] = {}
 
     def close(self) -> None:
-        self._level0 = None
+        self._images.clear()
 
-    def _level0_image(self) -> pyvips.Image:
-        if self._level0 is None:
-            self._level0 = self._tiff_level(self._levels[0])
-        return self._level0
+    def levels(self) -> list[Level]:
+        return self._pyramid
+
+    def _level_image(self, index: int) -> pyvips.Image:
+        if index not in self._images:
+            self._images[index] = self._tiff_level(self._levels[index])
+        return self._images[index]
 
     def _tiff_level(self, level: TiffLevel) -> pyvips.Image:
         image = pyvips.Image.tiffload(self.info.path, page=level.page, subifd=level.subifd, fail_on="error")
         return _as_srgb_uchar(image)
 
-    def _read_level0(self, box: tuple[int, int, int, int]) -> contextlib.nullcontext[pyvips.Image]:
-        return contextlib.nullcontext(self._level0_image().crop(*box))
+    def _read_level(self, level: Level, box: tuple[int, int, int, int]) -> contextlib.nullcontext[pyvips.Image]:
+        return contextlib.nullcontext(self._level_image(level.index).crop(*box))
 
     def _read_thumbnail(self, max_size: int) -> np.ndarray:
         """Decoded from the coarsest pyramid level still at least `max_size` on its long side, so a big slide's
@@ -113,17 +121,24 @@ class OpenSlideSlide(Slide):
         assert self._osr is not None
         return np.asarray(self._osr.get_thumbnail((max_size, max_size)).convert("RGB"))
 
+    def levels(self) -> list[Level]:
+        assert self._osr is not None
+        (w0, h0), dims = self._osr.level_dimensions[0], self._osr.level_dimensions
+        return [Level(i, w, h, w0 / w, h0 / h) for i, (w, h) in enumerate(dims)]
+
     @contextlib.contextmanager
-    def _read_level0(self, box: tuple[int, int, int, int]) -> Iterator[pyvips.Image]:
+    def _read_level(self, level: Level, box: tuple[int, int, int, int]) -> Iterator[pyvips.Image]:
+        """Blocks of the level streamed into a memory-mapped raw file (OpenSlide takes level-0 locations)."""
         assert self._osr is not None
         x0, y0, w, h = box
         with tempfile.TemporaryDirectory(prefix="hpcdistill-slide-") as scratch:
-            raw_path = os.path.join(scratch, "level0.raw")
+            raw_path = os.path.join(scratch, "level.raw")
             pixels = np.memmap(raw_path, dtype=np.uint8, mode="w+", shape=(h, w, 3))
             for by in range(0, h, OPENSLIDE_BLOCK):
                 for bx in range(0, w, OPENSLIDE_BLOCK):
                     bw, bh = min(OPENSLIDE_BLOCK, w - bx), min(OPENSLIDE_BLOCK, h - by)
-                    rgba = np.asarray(self._osr.read_region((x0 + bx, y0 + by), 0, (bw, bh)))
+                    origin = (round((x0 + bx) * level.scale_x), round((y0 + by) * level.scale_y))
+                    rgba = np.asarray(self._osr.read_region(origin, level.index, (bw, bh)))
                     pixels[by : by + bh, bx : bx + bw] = _rgba_to_rgb_on_white(rgba)
             pixels.flush()
             del pixels

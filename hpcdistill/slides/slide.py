@@ -8,6 +8,7 @@ white outside it, and Lanczos3 from level 0 for every magnification (resample.py
 from __future__ import annotations
 
 import abc
+from collections import Counter
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
@@ -44,6 +45,23 @@ def target_size(box_wh: tuple[int, int], base_mag: float, mag: float, ref_mag: f
     return sizes[0], sizes[1]
 
 
+READ_SOURCES = ("level0", "pyramid")  # where crops come from: level 0 always, or the level that fits each mag
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level: its size and how many level-0 px one of its px spans (x, y)."""
+
+    index: int
+    width: int
+    height: int
+    scale_x: float
+    scale_y: float
+
+    def magnification(self, base_mag: float) -> float:
+        return base_mag / self.scale_x
+
+
 class Slide(abc.ABC):
     """An open slide. Use as a context manager or call close()."""
 
@@ -52,6 +70,7 @@ class Slide(abc.ABC):
 
     def __init__(self, info: SlideInfo):
         self.info = info
+        self.decoded_pixels: Counter[int] = Counter()  # level index -> pixels read by crops (benches and tests)
 
     def __enter__(self) -> Slide:
         return self
@@ -68,8 +87,19 @@ class Slide(abc.ABC):
         """RGB uint8 image of the whole slide, long side at most `max_size`."""
 
     @abc.abstractmethod
-    def _read_level0(self, box: tuple[int, int, int, int]) -> AbstractContextManager[pyvips.Image]:
-        """Level-0 pixels of a box inside the slide, as a lazy 3-band uchar image valid inside the context."""
+    def levels(self) -> list[Level]:
+        """The pyramid levels, level 0 first."""
+
+    @abc.abstractmethod
+    def _read_level(self, level: Level, box: tuple[int, int, int, int]) -> AbstractContextManager[pyvips.Image]:
+        """Pixels of a box (in the level's own px) inside the level, as a lazy 3-band uchar image valid inside the
+        context; only the tiles the box touches are decoded."""
+
+    def level_for(self, mag: float) -> Level:
+        """The smallest level whose magnification is at or above `mag` (level 0 always is)."""
+        base = self.info.base_mag
+        fitting = [lv for lv in self.levels() if lv.magnification(base) >= mag * (1 - 1e-6)]
+        return max(fitting, key=lambda lv: lv.scale_x) if fitting else self.levels()[0]
 
     def _fail(self, what: str, err: BaseException) -> SlideError:
         return SlideError(f"{self.info.path}: {what}: {one_line(err)}")
@@ -84,30 +114,54 @@ class Slide(abc.ABC):
             raise self._fail("cannot read thumbnail", err) from None
         return np.ascontiguousarray(thumb, dtype=np.uint8), self.info.width / thumb.shape[1]
 
-    def read_at_mag(self, box_l0: tuple[int, int, int, int], mag: float, size: tuple[int, int]) -> np.ndarray:
+    def read_at_mag(
+        self, box_l0: tuple[int, int, int, int], mag: float, size: tuple[int, int], source: str = "level0"
+    ) -> np.ndarray:
         """The level-0 box (x, y, w, h) Lanczos3-resampled to `size` (w, h) -> (h, w, 3) uint8 RGB.
 
         `mag` is checked against the base magnification; the resampling factor comes from box and size (see
-        target_size). Parts of the box outside the slide read as white.
+        target_size). Parts of the box outside the slide read as white. `source`: see read_at_mags.
         """
-        return self.read_at_mags(box_l0, {mag: size})[mag]
+        return self.read_at_mags(box_l0, {mag: size}, source)[mag]
 
     def read_at_mags(
-        self, box_l0: tuple[int, int, int, int], sizes: Mapping[float, tuple[int, int]]
+        self, box_l0: tuple[int, int, int, int], sizes: Mapping[float, tuple[int, int]], source: str = "level0"
     ) -> dict[float, np.ndarray]:
-        """The level-0 box at several magnifications {mag: (w, h)} -> {mag: (h, w, 3) uint8 RGB}, decoding the
-        level-0 pixels once for all of them.
+        """The level-0 box at several magnifications {mag: (w, h)} -> {mag: (h, w, 3) uint8 RGB}.
 
-        Every mag is Lanczos3-resampled directly from level-0 pixels (never from another mag's output) and is
-        identical to read_at_mag(box_l0, mag, size); see resample_together for how the work is shared.
+        source="level0" (the paper): every mag is Lanczos3-resampled directly from level-0 pixels, decoded once for
+        all of them (never from another mag's output), identical to read_at_mag(box_l0, mag, size).
+        source="pyramid": each mag is resampled, the same way, from the smallest pyramid level at or above it
+        (`level_for`); the box maps to that level's px to the nearest px. See resample_together for how the work
+        is shared.
         """
         wanted = self._checked_request(box_l0, sizes)
-        inner, placement = self._clip(box_l0)
+        if source not in READ_SOURCES:
+            raise SlideError(f"{self.info.path}: read source {source!r}: expected one of {', '.join(READ_SOURCES)}")
+        groups: dict[Level, dict[float, tuple[int, int]]] = {}
+        for mag, size in wanted.items():
+            level = self.level_for(mag) if source == "pyramid" else self.levels()[0]
+            groups.setdefault(level, {})[mag] = size
+        out: dict[float, np.ndarray] = {}
+        for level, group in groups.items():
+            out.update(self._read_from_level(level, box_l0, group))
+        return out
+
+    def _read_from_level(
+        self, level: Level, box_l0: tuple[int, int, int, int], wanted: dict[float, tuple[int, int]]
+    ) -> dict[float, np.ndarray]:
+        x, y, w, h = (int(v) for v in box_l0)
+        box = (x, y, w, h)
+        if level.index:
+            box = (round(x / level.scale_x), round(y / level.scale_y))
+            box += (max(1, round(w / level.scale_x)), max(1, round(h / level.scale_y)))
+        inner, placement = self._clip(box, level, box_l0)
         try:
-            with self._read_level0(inner) as crop:
-                left, top, w, h = placement
-                if (left, top, w, h) != (0, 0, crop.width, crop.height):
-                    crop = crop.embed(left, top, w, h, extend="white")
+            with self._read_level(level, inner) as crop:
+                self.decoded_pixels[level.index] += inner[2] * inner[3]
+                left, top, pw, ph = placement
+                if (left, top, pw, ph) != (0, 0, crop.width, crop.height):
+                    crop = crop.embed(left, top, pw, ph, extend="white")
                 return resample_together(crop, wanted)
         except self.read_errors as err:
             raise self._fail(f"cannot read box {tuple(box_l0)}", err) from None
@@ -128,11 +182,13 @@ class Slide(abc.ABC):
                 )
         return wanted
 
-    def _clip(self, box_l0: tuple[int, int, int, int]) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-        """(the part of the box inside the slide, (left, top, w, h) placing that part in the box)."""
-        x, y, w, h = (int(v) for v in box_l0)
+    def _clip(
+        self, box: tuple[int, int, int, int], level: Level, box_l0: tuple[int, int, int, int]
+    ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """(the part of the box (level px) inside the level, (left, top, w, h) placing that part in the box)."""
+        x, y, w, h = box
         x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, self.info.width), min(y + h, self.info.height)
+        x1, y1 = min(x + w, level.width), min(y + h, level.height)
         if x1 <= x0 or y1 <= y0:
             raise SlideError(
                 f"{self.info.path}: box {tuple(box_l0)} lies outside the {self.info.width}x{self.info.height} slide"

@@ -267,13 +267,21 @@ class RunFolder:
         config: dict[str, Any],
         global_step: int,
         windowing: dict[str, Any],
+        source: str = "level0",
     ) -> Path:
         """The export (models.export's format), written atomically by rank 0."""
         path = self.path / name
         if self.rank != 0:
             return path
         blob = export_blob(
-            module, mag=mag, classes=classes, stats=stats, config=config, global_step=global_step, windowing=windowing
+            module,
+            mag=mag,
+            classes=classes,
+            stats=stats,
+            config=config,
+            global_step=global_step,
+            windowing=windowing,
+            source=source,
         )
         try:
             with atomic_output(path) as tmp:

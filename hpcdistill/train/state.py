@@ -19,7 +19,7 @@ from hpcdistill.common.errors import TrainError
 from hpcdistill.common.mags import mag_name
 from hpcdistill.data.device_batch import require_device_decode
 from hpcdistill.models.export import load_exported
-from hpcdistill.shards.manifest import manifest_digest
+from hpcdistill.shards.manifest import manifest_digest, shard_source
 from hpcdistill.slides.windows import DEFAULT_WINDOWING
 from hpcdistill.train.data_plan import DataPlan, plan_data
 from hpcdistill.train.distributed import device_for, setup_distributed
@@ -254,6 +254,7 @@ def export_weights(state: State, name: str, ema: bool = False) -> None:
         config=state.cfg.to_dict(),
         global_step=state.global_step,
         windowing=training_windowing(state.plan.manifest),
+        source=shard_source(state.plan.manifest),
     )
 
 

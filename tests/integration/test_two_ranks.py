@@ -13,17 +13,17 @@ import pytest
 import torch
 
 from hpcdistill.common.config import load_config
-from hpcdistill.train import state
 from hpcdistill.train.run_folder import complete_checkpoints
+from hpcdistill.train.state import build_student
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 RANK_SCRIPT = """
     import os, sys, torch
-    from hpcdistill.train import loop
-    from hpcdistill.train import state
     from hpcdistill.common.config import load_config
+    from hpcdistill.train.loop import fit
+    from hpcdistill.train.state import build_state
     # several runs in one launch, separated by "--": the process group is set up once and reused
     runs, args = [], []
     for arg in sys.argv[1:] + ["--"]:
@@ -34,8 +34,8 @@ RANK_SCRIPT = """
             args.append(arg)
     for overrides in runs:
         cfg = load_config(None, overrides)
-        state = state.build_state(cfg)
-        loop.fit(state)
+        state = build_state(cfg)
+        fit(state)
         torch.save(state.engine.module.state_dict(), cfg.run_dir / f"rank{state.rank}.pt")
 """
 
@@ -128,5 +128,5 @@ def test_two_ranks_match_one_rank_in_every_mode(tiny_dataset, tiny_teacher, tmp_
             assert moved == {"fc.weight", "fc.bias"}, moved  # everything but the FC layer stayed frozen
             continue
         overrides = common + [e.format(out=two) for e in runs[mode]]
-        init = state.build_student(load_config(None, overrides), tiny_dataset["manifest"]["classes"])
+        init = build_student(load_config(None, overrides), tiny_dataset["manifest"]["classes"])
         assert any(not torch.equal(r0[k], v) for k, v in init.state_dict().items()), mode  # it really trained

@@ -103,7 +103,7 @@ def test_read_at_mags_in_pieces_equals_each_mag_resampled_whole(textured_slide, 
         assert set(together) == set(MAGS)
         x, y, w, h = box
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, slide.info.width), min(y + h, slide.info.height)
-        whole = slide._level0_image().crop(x0, y0, x1 - x0, y1 - y0).embed(x0 - x, y0 - y, w, h, extend="white")
+        whole = slide._level_image(0).crop(x0, y0, x1 - x0, y1 - y0).embed(x0 - x, y0 - y, w, h, extend="white")
         for mag, (out_w, out_h) in sizes.items():
             assert together[mag].shape == (out_h, out_w, 3) and together[mag].dtype == np.uint8
             reference = lanczos_to_size(whole, (out_w, out_h))  # one pipeline over the whole box
