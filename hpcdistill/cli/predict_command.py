@@ -74,8 +74,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
     Finds each slide's tissues, cuts them into the windows the model's training shards used, reads each at the
     model's magnification (from the pyramid or from level 0, as its training shards were cut) and classifies it;
-    the slide call is the area-weighted mean of the window probabilities. Writes tissues.csv, slides.csv, predictions.json and an
-    overlay PNG per slide. With --cluster, the slides are split over an array of tasks and merged in slide order.
+    the slide call is the area-weighted mean of the window probabilities. Writes tissues.csv, slides.csv,
+    predictions.json and an overlay PNG per slide. With --cluster, the slides are split over an array of tasks and
+    merged in slide order.
     """
     from hpcdistill.predict.prediction import predict_slides
     from hpcdistill.shards.catalog import collect_slides

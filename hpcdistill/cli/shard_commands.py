@@ -99,8 +99,7 @@ def run_shard(args: argparse.Namespace) -> int:
     """slides -> aligned multi-magnification WebDataset shards
 
     Cut every tissue of every slide at each magnification (Lanczos from level 0, or with --source pyramid from the
-    level at or above it) into {split}-NNNNNN.tar shards
-    with a manifest.json.
+    level at or above it) into {split}-NNNNNN.tar shards with a manifest.json.
     """
     from hpcdistill.shards import sharding
     from hpcdistill.shards.plan import ShardParams, parse_size
