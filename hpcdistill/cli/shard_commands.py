@@ -222,6 +222,13 @@ def add_synth(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tissues", type=float_list, default=[2, 4], help="min,max tissue pieces per slide")
     p.add_argument("--signal", type=float, default=1.0, help="class signal strength (0 = indistinguishable)")
     p.add_argument(
+        "--pyramid",
+        choices=["render", "scanner"],
+        default="render",
+        help="render = every pyramid level drawn from the scene; scanner = each level the one above shrunk 4x "
+        "(area filter) and JPEG-encoded again, as scanners write them",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of every random draw: the same seed writes the same slides"
     )
 
@@ -246,6 +253,7 @@ def run_synth(args: argparse.Namespace) -> int:
         n_tissues=(int(args.tissues[0]), int(args.tissues[1])),
         signal=args.signal,
         seed=args.seed,
+        pyramid=args.pyramid,
     )
     print(f"{args.out}: {len(paths)} slides and {Path(labels_csv).name}")
     return 0

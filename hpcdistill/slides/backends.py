@@ -17,7 +17,7 @@ import openslide
 import pyvips
 
 from hpcdistill.common.errors import SlideError, one_line
-from hpcdistill.slides.metadata import TiffLevel, base_magnification, probe_tiff
+from hpcdistill.slides.metadata import TiffLevel, base_magnification, metadata_conflicts, probe_tiff
 from hpcdistill.slides.resample import lanczos_to_size
 from hpcdistill.slides.slide import Level, Slide, SlideInfo
 
@@ -195,6 +195,9 @@ def _probe_with(
         mag_source=source,
         vendor=vendor or "tiff",
         level_count=int(level_count),
+        notes=tuple(
+            metadata_conflicts(props, tiff.description, tiff.res_mpp, (int(width), int(height)), (mag, source))
+        ),
     )
     return info, osr, levels
 

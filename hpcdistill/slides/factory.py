@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 
+from hpcdistill.common.console import say
 from hpcdistill.common.errors import SlideError
 from hpcdistill.slides.backends import OpenSlideSlide, VipsTiffSlide, probe
 from hpcdistill.slides.slide import Slide
@@ -25,6 +26,8 @@ def open_slide(path: str | os.PathLike, base_mag: float | None = None, *, backen
     if base_mag is not None and not (math.isfinite(base_mag) and base_mag > 0):
         raise SlideError(f"{path}: base magnification must be positive, got {base_mag}")
     info, osr, levels = probe(path, base_mag)
+    for note in info.notes:
+        say(f"{path}: {note}")
     chosen = backend or ("vips" if levels is not None else "openslide")
     if chosen == "openslide" and osr is not None:
         return OpenSlideSlide(info, osr)

@@ -74,6 +74,29 @@ def base_magnification(
     raise SlideError(f"{path}: no magnification metadata (objective power or mpp); pass --base-mag")
 
 
+def metadata_conflicts(
+    props: Mapping[str, str], description: str, res_mpp: float | None, level0: tuple[int, int], used: tuple[float, str]
+) -> list[str]:
+    """One line per disagreement between the objective power, the microns per pixel and the level-0 size (a
+    re-exported slide that kept a stale Aperio header), naming the values and the magnification used."""
+    mpp = _positive_float(props.get("openslide.mpp-x")) or _aperio_field(description, "MPP") or res_mpp
+    objective = _positive_float(props.get("openslide.objective-power")) or _aperio_field(description, "AppMag")
+    mag, source = used
+    notes = []
+    if objective is not None and mpp is not None and abs(math.log(objective * mpp / 10.0)) > math.log(1.5):
+        notes.append(
+            f"objective power {objective:g}x and {mpp:g} um/px ({10.0 / mpp:.3g}x) disagree; using {mag:g}x ({source})"
+        )
+    stated = re.search(r"^\s*(\d+)x(\d+)\s*\[", description.split("\n", 1)[-1]) if "\n" in description else None
+    if stated and (int(stated.group(1)), int(stated.group(2))) != level0:
+        notes.append(
+            f"the Aperio header describes a {stated.group(1)}x{stated.group(2)} image but level 0 is "
+            f"{level0[0]}x{level0[1]} (a re-exported slide?); its magnification fields may be stale; using "
+            f"{mag:g}x ({source}), --base-mag overrides"
+        )
+    return notes
+
+
 @dataclass(frozen=True)
 class TiffLevel:
     width: int

@@ -30,6 +30,7 @@ class SlideInfo:
     mag_source: str  # "objective-power" | "mpp" | "override"
     vendor: str
     level_count: int
+    notes: tuple[str, ...] = ()  # metadata that disagrees with itself, said when the slide is opened
 
 
 def target_size(box_wh: tuple[int, int], base_mag: float, mag: float, ref_mag: float = 10.0) -> tuple[int, int]:

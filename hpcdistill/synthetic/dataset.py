@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,10 +19,12 @@ import numpy as np
 import tifffile
 
 from hpcdistill.common.files import atomic_output
+from hpcdistill.synthetic.scanner_pyramid import SCANNER_JPEG_QUALITY, ScannerPyramid
 from hpcdistill.synthetic.scene import CLASS_NAMES, TILE, Scene, SyntheticError, make_scene, render_image, render_region
 
 JPEG_QUALITY = 90
 APERIO_HEADER = "Aperio Image Library v12.0.0"
+PYRAMIDS = ("render", "scanner")
 MIN_LEVEL_SIZE = 512  # add /4 pyramid levels while their larger side is at least this
 
 
@@ -120,8 +123,12 @@ def write_slide(
     jpeg: bool = True,
     with_metadata: bool = True,
     signal: float = 1.0,
+    pyramid: str = "render",
 ) -> dict:
     """Write one synthetic slide, streaming tile by tile; returns its description (tissue boxes etc.).
+
+    pyramid="render": every level drawn from the scene at its own resolution; "scanner": each level made from the
+    one above as scanners do (synthetic.scanner_pyramid).
 
     fmt="svs": Aperio layout (tiled level 0, stripped thumbnail, tiled /4 levels, label, macro).
     fmt="tiff": generic pyramidal tiled TIFF, one page per level, resolution tags in px/cm giving mpp.
@@ -130,13 +137,19 @@ def write_slide(
     """
     path = Path(path)
     _check_request(path, fmt, tile, base_mag)
+    if pyramid not in PYRAMIDS:
+        raise SyntheticError(f"{path}: pyramid {pyramid!r} must be one of {', '.join(PYRAMIDS)}")
     mpp = float(mpp) if mpp is not None else 10.0 / base_mag
     scene = make_scene(width, height, mpp=mpp, class_id=class_id, seed=seed, n_tissues=n_tissues, signal=signal)
     levels = _level_shapes(width, height)
     tail = _aperio_tail(base_mag, mpp, with_metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tif:
-        _write_pyramid(tif, scene, levels, fmt=fmt, jpeg=jpeg, aperio_tail=tail, with_metadata=with_metadata)
+        with tempfile.TemporaryDirectory(prefix=".scanner-", dir=path.parent) as scratch:
+            scanner = ScannerPyramid(Path(scratch), levels, jpeg) if pyramid == "scanner" else None
+            _write_pyramid(
+                tif, scene, levels, fmt=fmt, jpeg=jpeg, aperio_tail=tail, with_metadata=with_metadata, scanner=scanner
+            )
         if fmt == "svs":
             _write_label_and_macro(tif, scene)
     return {
@@ -150,6 +163,7 @@ def write_slide(
         "seed": seed,
         "levels": [(lw, lh) for _, lw, lh in levels],
         "tissue_boxes": scene.tissue_boxes(),
+        "pyramid": pyramid,
     }
 
 
@@ -162,6 +176,7 @@ def _write_pyramid(
     jpeg: bool,
     aperio_tail: str,
     with_metadata: bool,
+    scanner: ScannerPyramid | None = None,
 ) -> None:
     """The tiled levels, largest first; SVS: Aperio descriptions, and the stripped thumbnail right after level 0.
     TIFF: resolution tags in px/cm (unless with_metadata is False)."""
@@ -182,12 +197,16 @@ def _write_pyramid(
         extra: dict = {}
         if fmt == "svs":
             size = "" if k == 0 else f" -> {lw}x{lh}"
-            extra["description"] = f"{head}{size} {q}{aperio_tail}"
+            level_q = q if k == 0 or scanner is None else f"JPEG/RGB Q={SCANNER_JPEG_QUALITY}"
+            extra["description"] = f"{head}{size} {level_q}{aperio_tail}"
         elif with_metadata:
             extra.update(resolution=(1e4 / (mpp * f), 1e4 / (mpp * f)), resolutionunit="CENTIMETER")
         if k > 0:
             extra["subfiletype"] = 1
-        tif.write(_level_tiles(scene, f, lw, lh, jpeg), shape=(lh, lw, 3), **tiled, **extra)
+        tiles = _level_tiles(scene, f, lw, lh, jpeg)
+        if scanner is not None:
+            tiles = scanner.level_tiles(k, lambda f=f, lw=lw, lh=lh: _level_tiles(scene, f, lw, lh, jpeg))
+        tif.write(tiles, shape=(lh, lw, 3), **tiled, **extra)
         if fmt == "svs" and k == 0:
             tw, th, d = _fit(width, height, 1024)
             thumb_desc = f"{APERIO_HEADER}\r\n{width}x{height} -> {tw}x{th} - {aperio_tail}"
@@ -294,13 +313,15 @@ def write_dataset(
     signal: float = 1.0,
     seed: int = 0,
     jpeg: bool = True,
+    pyramid: str = "render",
 ) -> tuple[list[Path], Path]:
     """Write labeled slides (splits), unlabeled aux slides and `labels.csv`; returns (slide paths, csv path).
 
     Labeled slides belong to patients (every third patient has two slides of the same class and split;
     classes cycle over patients). Unlabeled slides have label "" and split 'aux1' (ADv1) or 'aux2' (the
     extra slides of ADv2), so ADv1 = aux1 and ADv2 = aux1 + aux2. `size` is (width, height) at 40x;
-    20x slides cover the same physical area with half the pixels. Deterministic for a given seed.
+    20x slides cover the same physical area with half the pixels. Deterministic for a given seed. `pyramid`: see
+    write_slide.
     """
     out = Path(out_dir)
     names = dataset_classes(classes)
@@ -316,7 +337,7 @@ def write_dataset(
     records = []
     for idx, (pid, cls, split) in enumerate(rows):
         name = _write_dataset_slide(
-            out, idx, cls, len(names), rng, size=size, n_tissues=n_tissues, signal=signal, jpeg=jpeg
+            out, idx, cls, len(names), rng, size=size, n_tissues=n_tissues, signal=signal, jpeg=jpeg, pyramid=pyramid
         )
         paths.append(out / name)
         records.append((name, pid, names[cls] if cls is not None else "", split))
@@ -359,6 +380,7 @@ def _write_dataset_slide(
     n_tissues: tuple[int, int],
     signal: float,
     jpeg: bool,
+    pyramid: str,
 ) -> str:
     """Write slide `idx` (format and magnification cycling through DATASET_FORMATS); returns its file name."""
     fmt, mag = DATASET_FORMATS[idx % len(DATASET_FORMATS)]
@@ -379,5 +401,6 @@ def _write_dataset_slide(
         n_tissues=n_t,
         jpeg=jpeg,
         signal=signal,
+        pyramid=pyramid,
     )
     return name
