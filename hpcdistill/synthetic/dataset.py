@@ -19,7 +19,7 @@ import numpy as np
 import tifffile
 
 from hpcdistill.common.files import atomic_output
-from hpcdistill.synthetic.scanner_pyramid import SCANNER_JPEG_QUALITY, ScannerPyramid
+from hpcdistill.synthetic.scanner_pyramid import SCANNER_JPEG_QUALITY, SCANNER_MIN_LEVEL, ScannerPyramid
 from hpcdistill.synthetic.scene import CLASS_NAMES, TILE, Scene, SyntheticError, make_scene, render_image, render_region
 
 JPEG_QUALITY = 90
@@ -57,11 +57,11 @@ def _level_tiles(scene: Scene, downsample: float, width: int, height: int, jpeg:
             yield out
 
 
-def _level_shapes(width: int, height: int) -> list[tuple[int, int, int]]:
-    """(downsample, w, h) per pyramid level: level 0 then /4 while the larger side >= MIN_LEVEL_SIZE."""
+def _level_shapes(width: int, height: int, min_size: int = MIN_LEVEL_SIZE) -> list[tuple[int, int, int]]:
+    """(downsample, w, h) per pyramid level: level 0 then /4 while the larger side >= min_size."""
     levels = [(1, width, height)]
     f = 4
-    while max(width // f, height // f) >= MIN_LEVEL_SIZE:
+    while max(width // f, height // f) >= min_size:
         levels.append((f, width // f, height // f))
         f *= 4
     return levels
@@ -141,7 +141,7 @@ def write_slide(
         raise SyntheticError(f"{path}: pyramid {pyramid!r} must be one of {', '.join(PYRAMIDS)}")
     mpp = float(mpp) if mpp is not None else 10.0 / base_mag
     scene = make_scene(width, height, mpp=mpp, class_id=class_id, seed=seed, n_tissues=n_tissues, signal=signal)
-    levels = _level_shapes(width, height)
+    levels = _level_shapes(width, height, SCANNER_MIN_LEVEL if pyramid == "scanner" else MIN_LEVEL_SIZE)
     tail = _aperio_tail(base_mag, mpp, with_metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tif:

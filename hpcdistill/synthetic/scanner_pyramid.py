@@ -18,6 +18,7 @@ from hpcdistill.synthetic.scene import TILE
 
 SCANNER_JPEG_QUALITY = 75  # reduced levels: a common scanner setting, below the base level's
 STEP = 4  # each level is 1/4 of the one above, as the pyramids written here
+SCANNER_MIN_LEVEL = 128  # scanners keep shrinking down to a few hundred px, so low magnifications have a level
 
 
 def encode(tile: np.ndarray, quality: int) -> bytes:

@@ -23,12 +23,12 @@ def scanner_svs(tmp_path_factory):
 
 def test_scanner_levels_are_the_level_above_shrunk_and_reencoded(scanner_svs):
     path, info = scanner_svs
-    assert info["levels"] == [(8192, 6144), (2048, 1536), (512, 384)] and info["pyramid"] == "scanner"
+    assert info["levels"] == [(8192, 6144), (2048, 1536), (512, 384), (128, 96)] and info["pyramid"] == "scanner"
     with open_slide(path) as slide:
         mags = [round(level.magnification(40), 6) for level in slide.levels()]
         above = slide._level_image(0).crop(0, 0, 4096, 4096).numpy().astype(np.float64)
         level1 = slide._level_image(1).crop(0, 0, 1024, 1024).numpy().astype(np.float64)
-    assert mags == [40.0, 10.0, 2.5]
+    assert mags == [40.0, 10.0, 2.5, 0.625]
     area = above.reshape(1024, 4, 1024, 4, 3).mean(axis=(1, 3))
     assert np.abs(level1 - area).mean() < 1.5  # one more JPEG generation, nothing else
 
