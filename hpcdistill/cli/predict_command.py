@@ -29,9 +29,11 @@ def _predict_array(args: argparse.Namespace, slides: list[Path]) -> dict[str, An
 
     from hpcdistill.models.export import load_exported
     from hpcdistill.predict.array import plan_predictions, predict_jobs
-    from hpcdistill.predict.prediction import check_options
+    from hpcdistill.predict.prediction import announce, check_options
 
-    options = check_options(_predict_options(args), load_exported(args.model).classes)  # before anything is queued
+    exported = load_exported(args.model)
+    options = check_options(_predict_options(args), exported.classes)  # before anything is queued
+    announce(args.model, exported, options)
     plan = plan_predictions(args.model, slides, args.out, args.tasks, options, args.device)
     if run_array(f"predict-{Path(args.out).name}", args.out, predict_jobs(plan, cluster_resources(args)), args) is None:
         return None

@@ -63,7 +63,13 @@ def prepare_data(root: Path, plan: DemoPlan, mags: list[float], workers: int, se
     labels = slides_dir / "labels.csv"
     if not labels.is_file():  # write_dataset writes labels.csv last, so its presence means the slides are complete
         write_dataset(
-            slides_dir, n_slides_per_split=plan.slides, n_aux1=plan.aux1, n_aux2=plan.aux2, size=plan.size, seed=seed
+            slides_dir,
+            n_slides_per_split=plan.slides,
+            n_aux1=plan.aux1,
+            n_aux2=plan.aux2,
+            size=plan.size,
+            seed=seed,
+            pyramid="scanner",  # levels as a scanner writes them: what `predict --read pyramid` meets on real slides
         )
     shards = root / "shards"
     run_sharding(

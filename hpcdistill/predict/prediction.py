@@ -266,6 +266,21 @@ def summarise(model_path: str | Path, exported: ExportedModel, options: PredictO
     }
 
 
+def announce(model_path: str | Path, exported: ExportedModel, options: PredictOptions) -> None:
+    """What the user should know before the slides are read: a read other than the training source, an export
+    older than the windowing record (said, not silently assumed)."""
+    if options.read is not None and options.read != exported.source:  # allowed, but the input shifts: say so
+        say(
+            f"{model_path}: trained on crops from {exported.source} but reading {options.read}: the pixels differ from "
+            "training (scanner filter and JPEG); see the README's pyramid section for the measured cost"
+        )
+    if not exported.windowing_recorded:
+        say(
+            f"{model_path}: written before exports recorded their shards' windowing; tissues are cut with the "
+            f"sharder's defaults ({exported.windowing.to_dict()})"
+        )
+
+
 def check_options(options: PredictOptions, classes: list[str]) -> PredictOptions:
     if options.slide_rule not in SLIDE_RULES:
         raise HpcdistillError(f"--slide-rule {options.slide_rule!r}: expected one of {', '.join(SLIDE_RULES)}")
@@ -316,16 +331,7 @@ def predict_slides(
     exported = load_exported(model_path)
     fields = {k: v for k, v in fields.items() if not (k == "tissue" and v is None)}
     opts = check_options(options or PredictOptions(**fields), exported.classes)
-    if opts.read is not None and opts.read != exported.source:  # allowed, but the input shifts: say so
-        say(
-            f"{model_path}: trained on crops from {exported.source} but reading {opts.read}: the pixels differ from "
-            "training (scanner filter and JPEG); see the README's pyramid section for the measured cost"
-        )
-    if not exported.windowing_recorded:  # said, not silently assumed
-        say(
-            f"{model_path}: written before exports recorded their shards' windowing; tissues are cut with the "
-            f"sharder's defaults ({exported.windowing.to_dict()})"
-        )
+    announce(model_path, exported, opts)
     exported.model.to(pick_device(device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
 
 def shard_source(manifest: dict[str, Any]) -> str:
     """Where the shards' crops were cut from: "level0" or "pyramid" (`shard --source`)."""
-    return (manifest.get("params") or {}).get("source", "level0")
+    return manifest.get("source") or (manifest.get("params") or {}).get("source", "level0")
 
 
 def manifest_digest(shards_dir: str | Path) -> str | None:
@@ -131,6 +131,7 @@ def build_manifest(
         "params": fingerprint,
         "mags": [float(m) for m in params.mags],
         "image_format": params.image_format,
+        "source": params.source,
         "classes": classes,
         "splits": {k: splits[k] for k in sorted(splits)},
         "stats": _colour_stats(sums),

@@ -78,3 +78,17 @@ def test_a_stale_aperio_size_is_named():
     (note,) = metadata_conflicts({}, header, None, (23000, 16457), (40.0, "objective-power"))
     assert "46000x32914" in note and "23000x16457" in note and "using 40x (objective-power)" in note
     assert metadata_conflicts({}, header, None, (46000, 32914), (40.0, "objective-power")) == []
+
+
+@pytest.mark.parametrize("backend", ["vips", "openslide"])
+def test_the_aperio_svs_is_read_from_its_reduced_level(svs, backend):
+    """The true Aperio layout (20x, a /4 level whose top-left 8x8 px alone are green): a 5x read comes from that
+    level, with either backend."""
+    with open_slide(svs, backend=backend) as slide:
+        assert [round(level.magnification(20), 6) for level in slide.levels()] == [20.0, 5.0]
+        pixels = slide.read_at_mag((0, 0, 256, 256), 5.0, (64, 64), source="pyramid")
+        assert set(slide.decoded_pixels) == {1}
+        level0 = slide.read_at_mag((0, 0, 256, 256), 5.0, (64, 64))
+    green = pixels[:6, :6].astype(int)
+    assert (green[..., 1] - green[..., 0]).mean() > 100  # the marker only the reduced level holds
+    assert (level0[:6, :6, 1].astype(int) - level0[:6, :6, 0]).mean() < 50
