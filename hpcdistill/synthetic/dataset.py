@@ -12,18 +12,24 @@ import csv
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import imagecodecs
 import numpy as np
 import tifffile
 
 from hpcdistill.common.files import atomic_output
+from hpcdistill.synthetic.aperio import (
+    APERIO_HEADER,
+    JPEG_QUALITY,
+    aperio_tail,
+    fit,
+    write_label_and_macro,
+    write_stripped,
+)
 from hpcdistill.synthetic.scanner_pyramid import SCANNER_JPEG_QUALITY, SCANNER_MIN_LEVEL, ScannerPyramid
 from hpcdistill.synthetic.scene import CLASS_NAMES, TILE, Scene, SyntheticError, make_scene, render_image, render_region
 
-JPEG_QUALITY = 90
-APERIO_HEADER = "Aperio Image Library v12.0.0"
 PYRAMIDS = ("render", "scanner")
 MIN_LEVEL_SIZE = 512  # add /4 pyramid levels while their larger side is at least this
 
@@ -67,45 +73,15 @@ def _level_shapes(width: int, height: int, min_size: int = MIN_LEVEL_SIZE) -> li
     return levels
 
 
-def _fit(width: int, height: int, longest: int) -> tuple[int, int, float]:
-    d = max(width, height) / longest
-    return max(1, round(width / d)), max(1, round(height / d)), d
-
-
-def _label_image(seed: int) -> np.ndarray:
-    """A slide label: white card with a seed-dependent barcode."""
-    img = np.full((300, 300, 3), 250, np.uint8)
-    bars = np.random.default_rng([seed, 0x1ABE1]).integers(0, 2, 60).astype(bool)
-    for i, bar in enumerate(bars):
-        if bar:
-            img[40:140, 30 + 4 * i : 33 + 4 * i] = 20
-    img[180:200, 30:270] = 60
-    return img
-
-
-def _macro_image(scene: Scene) -> np.ndarray:
-    """Whole glass slide: label area on the left, then the scanned area rendered small."""
-    w, h, d = _fit(scene.width, scene.height, 600)
-    body = render_image(scene, w, h, d)
-    macro = np.full((h + 40, w + 40 + h, 3), 200, np.uint8)
-    label = _label_image(scene.seed)
-    pick = np.arange(h) * label.shape[0] // h  # nearest-neighbour resize of the label to h x h
-    macro[20 : 20 + h, 20 : 20 + h] = label[pick][:, pick]
-    macro[20 : 20 + h, 20 + h : 20 + h + w] = body
-    return macro
-
-
-def _aperio_tail(base_mag: float, mpp: float, with_metadata: bool) -> str:
-    return f"|AppMag = {base_mag:g}|MPP = {mpp:.4f}" if with_metadata else ""
-
-
-def _check_request(path: Path, fmt: str, tile: int, base_mag: float) -> None:
+def _check_request(path: Path, fmt: str, tile: int, base_mag: float, pyramid: str) -> None:
     if fmt not in ("svs", "tiff"):
         raise SyntheticError(f"{path}: fmt {fmt!r} must be 'svs' or 'tiff'")
     if tile != TILE:
         raise SyntheticError(f"{path}: tile {tile} unsupported; only {TILE} is written")
     if not base_mag > 0:
         raise SyntheticError(f"{path}: base_mag {base_mag} must be positive")
+    if pyramid not in PYRAMIDS:
+        raise SyntheticError(f"{path}: pyramid {pyramid!r} must be one of {', '.join(PYRAMIDS)}")
 
 
 def write_slide(
@@ -136,22 +112,12 @@ def write_slide(
     resolution (tifffile then writes XResolution=1 with ResolutionUnit NONE, i.e. unknown).
     """
     path = Path(path)
-    _check_request(path, fmt, tile, base_mag)
-    if pyramid not in PYRAMIDS:
-        raise SyntheticError(f"{path}: pyramid {pyramid!r} must be one of {', '.join(PYRAMIDS)}")
+    _check_request(path, fmt, tile, base_mag, pyramid)
     mpp = float(mpp) if mpp is not None else 10.0 / base_mag
     scene = make_scene(width, height, mpp=mpp, class_id=class_id, seed=seed, n_tissues=n_tissues, signal=signal)
     levels = _level_shapes(width, height, SCANNER_MIN_LEVEL if pyramid == "scanner" else MIN_LEVEL_SIZE)
-    tail = _aperio_tail(base_mag, mpp, with_metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tif:
-        with tempfile.TemporaryDirectory(prefix=".scanner-", dir=path.parent) as scratch:
-            scanner = ScannerPyramid(Path(scratch), levels, jpeg) if pyramid == "scanner" else None
-            _write_pyramid(
-                tif, scene, levels, fmt=fmt, jpeg=jpeg, aperio_tail=tail, with_metadata=with_metadata, scanner=scanner
-            )
-        if fmt == "svs":
-            _write_label_and_macro(tif, scene)
+    tail = aperio_tail(base_mag, mpp, with_metadata)
+    _write_file(path, scene, levels, fmt=fmt, jpeg=jpeg, aperio_tail=tail, with_metadata=with_metadata, pyramid=pyramid)
     return {
         "path": str(path),
         "format": fmt,
@@ -165,6 +131,17 @@ def write_slide(
         "tissue_boxes": scene.tissue_boxes(),
         "pyramid": pyramid,
     }
+
+
+def _write_file(path: Path, scene: Scene, levels: list[tuple[int, int, int]], *, pyramid: str, **pages: Any) -> None:
+    """The whole file, written atomically: the pyramid (and for SVS its label and macro)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=scene.width * scene.height * 3 > 2**31) as tif:
+        with tempfile.TemporaryDirectory(prefix=".scanner-", dir=path.parent) as scratch:
+            scanner = ScannerPyramid(Path(scratch), levels, pages["jpeg"]) if pyramid == "scanner" else None
+            _write_pyramid(tif, scene, levels, scanner=scanner, **pages)
+        if pages["fmt"] == "svs":
+            write_label_and_macro(tif, scene)
 
 
 def _write_pyramid(
@@ -208,45 +185,11 @@ def _write_pyramid(
             tiles = scanner.level_tiles(k, lambda f=f, lw=lw, lh=lh: _level_tiles(scene, f, lw, lh, jpeg))
         tif.write(tiles, shape=(lh, lw, 3), **tiled, **extra)
         if fmt == "svs" and k == 0:
-            tw, th, d = _fit(width, height, 1024)
+            tw, th, d = fit(width, height, 1024)
             thumb_desc = f"{APERIO_HEADER}\r\n{width}x{height} -> {tw}x{th} - {aperio_tail}"
-            _write_stripped(tif, render_image(scene, tw, th, d), "jpeg", 16, None, thumb_desc)
+            write_stripped(tif, render_image(scene, tw, th, d), "jpeg", 16, None, thumb_desc)
 
 
-def _write_label_and_macro(tif: tifffile.TiffWriter, scene: Scene) -> None:
-    """The Aperio associated images that follow the pyramid: label (LZW) and macro (JPEG), both stripped."""
-    label, macro = _label_image(scene.seed), _macro_image(scene)
-    _write_stripped(tif, label, "lzw", label.shape[0], 1, f"{APERIO_HEADER}\r\nlabel {label.shape[1]}x{label.shape[0]}")
-    _write_stripped(tif, macro, "jpeg", 16, 9, f"{APERIO_HEADER}\r\nmacro {macro.shape[1]}x{macro.shape[0]}")
-
-
-def _write_stripped(
-    tif: tifffile.TiffWriter,
-    image: np.ndarray,
-    compression: str,
-    rowsperstrip: int,
-    subfiletype: int | None,
-    description: str,
-) -> None:
-    """A stripped RGB page as Aperio writes its thumbnail, label and macro."""
-    args = {"compressionargs": {"level": JPEG_QUALITY}} if compression == "jpeg" else {}
-    extra = {} if subfiletype is None else {"subfiletype": subfiletype}
-    tif.write(
-        image,
-        photometric="rgb",
-        compression=compression,
-        rowsperstrip=rowsperstrip,
-        metadata=None,
-        software=False,
-        description=description,
-        **args,
-        **extra,
-    )
-
-
-# --------------------------------------------------------------------------- datasets
-
-# (format, base magnification) cycled over slides; tiff slides carry their magnification only through mpp.
 DATASET_FORMATS = (("svs", 40.0), ("svs", 20.0), ("tiff", 40.0), ("svs", 40.0), ("tiff", 20.0))
 LABELS_CSV_COLUMNS = ("slide", "patient", "label", "split")
 

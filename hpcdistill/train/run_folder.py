@@ -256,33 +256,12 @@ class RunFolder:
         return moved
 
     # ------------------------------------------------------------------------------------------- exports
-    def export_weights(
-        self,
-        name: str,
-        module: torch.nn.Module,
-        *,
-        mag: float,
-        classes: list[str],
-        stats: dict[str, list[float]],
-        config: dict[str, Any],
-        global_step: int,
-        windowing: dict[str, Any],
-        source: str = "level0",
-    ) -> Path:
-        """The export (models.export's format), written atomically by rank 0."""
+    def export_weights(self, name: str, module: torch.nn.Module, **fields: Any) -> Path:
+        """The export (models.export's format: `export_blob`'s `fields`), written atomically by rank 0."""
         path = self.path / name
         if self.rank != 0:
             return path
-        blob = export_blob(
-            module,
-            mag=mag,
-            classes=classes,
-            stats=stats,
-            config=config,
-            global_step=global_step,
-            windowing=windowing,
-            source=source,
-        )
+        blob = export_blob(module, **fields)
         try:
             with atomic_output(path) as tmp:
                 torch.save(blob, tmp)

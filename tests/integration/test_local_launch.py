@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch_helpers import tiny_experiment
+from launch_helpers import CPU, TINY, tiny_experiment
 
 from hpcdistill.cluster.status import format_status, status
 from hpcdistill.experiment.experiment_file import load_experiment
@@ -19,26 +19,6 @@ from hpcdistill.experiment.graph import plan_jobs
 from hpcdistill.experiment.launch import launch
 
 REPO = Path(__file__).resolve().parents[2]
-# Tiny network, few steps, CPU fp32; every phase of configs/demo runs in seconds.
-TINY = [
-    "model.width=8",
-    "model.groups=4",
-    "train.epochs=1",
-    "train.grad_accum=1",
-    "log.progress=false",
-    "data.sampler=ordered",
-    "log.log_every=1",
-]
-CPU = {
-    "nodes": 1,
-    "gpus_per_node": 0,
-    "tasks_per_node": 1,
-    "cpus_per_task": 1,
-    "mem_gb": 2,
-    "timeout_min": 10,
-    "signal_delay_s": 30,
-    "max_requeue": 3,
-}
 
 
 @pytest.mark.slow

@@ -11,26 +11,6 @@ from pathlib import Path
 from hpcdistill.cluster.resubmitting import master_port
 
 REPO = Path(__file__).resolve().parents[3]
-# Tiny network, few steps, CPU fp32; every phase of configs/demo runs in seconds.
-TINY = [
-    "model.width=8",
-    "model.groups=4",
-    "train.epochs=1",
-    "train.grad_accum=1",
-    "log.progress=false",
-    "data.sampler=ordered",
-    "log.log_every=1",
-]
-CPU = {
-    "nodes": 1,
-    "gpus_per_node": 0,
-    "tasks_per_node": 1,
-    "cpus_per_task": 1,
-    "mem_gb": 2,
-    "timeout_min": 10,
-    "signal_delay_s": 30,
-    "max_requeue": 3,
-}
 
 
 def test_master_port_is_shared_by_a_jobs_tasks_and_differs_between_jobs():

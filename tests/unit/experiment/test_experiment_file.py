@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from launch_helpers import error_of, write_experiment
+from launch_helpers import CPU, error_of, write_experiment
 
 from hpcdistill.cluster.job_plan import dependency_string, slurm_parameters
 from hpcdistill.common.config import load_config
@@ -17,26 +17,6 @@ from hpcdistill.experiment.graph import callables_for, plan_jobs
 from hpcdistill.experiment.launch import launch
 
 REPO = Path(__file__).resolve().parents[3]
-# Tiny network, few steps, CPU fp32; every phase of configs/demo runs in seconds.
-TINY = [
-    "model.width=8",
-    "model.groups=4",
-    "train.epochs=1",
-    "train.grad_accum=1",
-    "log.progress=false",
-    "data.sampler=ordered",
-    "log.log_every=1",
-]
-CPU = {
-    "nodes": 1,
-    "gpus_per_node": 0,
-    "tasks_per_node": 1,
-    "cpus_per_task": 1,
-    "mem_gb": 2,
-    "timeout_min": 10,
-    "signal_delay_s": 30,
-    "max_requeue": 3,
-}
 
 
 def test_experiment_errors_name_the_key(tmp_path):

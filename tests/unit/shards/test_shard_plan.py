@@ -14,18 +14,6 @@ from hpcdistill.shards import catalog, plan, sample_format
 from hpcdistill.shards.sharding import ShardingError, ShardParams
 from hpcdistill.slides.windows import split_windows, window_alignment
 
-MAGS = ("10x", "5x", "2.5x", "1.25x", "0.625x")
-SMALL = dict(shard_size=150_000)  # several shards per split from a few small slides
-
-LABELS = """slide,patient,label,split
-s40a,p1,normal,train
-s40b.svs,p2,tumor,train
-s20,p3,tumor,train
-s40c,p4,normal,val
-s40d,p5,tumor,test
-u1,p6,,
-"""
-
 
 def test_parse_size():
     assert plan.parse_size("256MB") == 256_000_000

@@ -9,23 +9,11 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
-from shard_fixtures import read_samples, tar_bytes
+from shard_fixtures import LABELS, MAGS, SMALL, read_samples, tar_bytes
 
 from hpcdistill.cli import main
 from hpcdistill.shards import writer
 from hpcdistill.shards.sharding import ShardParams, run_sharding
-
-MAGS = ("10x", "5x", "2.5x", "1.25x", "0.625x")
-SMALL = dict(shard_size=150_000)  # several shards per split from a few small slides
-
-LABELS = """slide,patient,label,split
-s40a,p1,normal,train
-s40b.svs,p2,tumor,train
-s20,p3,tumor,train
-s40c,p4,normal,val
-s40d,p5,tumor,test
-u1,p6,,
-"""
 
 
 def test_tars_are_webdataset_with_dotless_keys(shard_slides):
