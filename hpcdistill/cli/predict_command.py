@@ -20,6 +20,7 @@ def _predict_options(args: argparse.Namespace) -> Any:
         heatmap_class=args.heatmap_class,
         slide_rule=args.slide_rule,
         read=args.read,
+        labels=args.labels,
     )
 
 
@@ -52,6 +53,11 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
         choices=["mean", "max"],
         default="mean",
         help="slide call: mean = tissue-area-weighted mean probability; max = per class the highest tissue probability",
+    )
+    p.add_argument(
+        "--labels",
+        help="labels CSV (slide, patient, label, as shard reads): score the slide calls, and the patient calls where "
+        "it names patients, with bootstrap CIs, into scores.json",
     )
     p.add_argument(
         "--read",

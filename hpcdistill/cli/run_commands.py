@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hpcdistill.cli.parsing import command, float_list
 from hpcdistill.common.config import ARCHS, STEMS
+from hpcdistill.common.console import say
 from hpcdistill.slides.windows import DEFAULT_MAGS
 
 
@@ -36,8 +37,22 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", required=True, help="shard folder with manifest.json")
     p.add_argument("--split", default="test", help="the manifest split to score")
     p.add_argument("--iterations", type=int, default=10000, help="bootstrap resamples")
-    p.add_argument("--level", type=float, default=0.95, help="CI level")
-    p.add_argument("--by-slide", action="store_true", help="resample whole slides, not tissues, in the bootstrap")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the CIs")
+    p.add_argument("--level", type=float, dest="old_level", help=argparse.SUPPRESS)  # deprecated: --confidence
+    p.add_argument(
+        "--unit",
+        action="append",
+        choices=["tissue", "slide", "patient"],
+        help="what is scored: each tissue, each slide or each patient (repeat for several; default tissue); CIs "
+        "resample that unit",
+    )
+    p.add_argument(
+        "--slide-rule",
+        choices=["mean", "max"],
+        default="mean",
+        help="how a slide's or patient's tissues make its call, as in predict",
+    )
+    p.add_argument("--by-slide", action="store_true", help="tissue unit: resample whole slides in the bootstrap")
     p.add_argument("--method", help="name in the report (default: from the run's config)")
     p.add_argument(
         "--study",
@@ -58,6 +73,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from hpcdistill.evaluate.evaluation import evaluate_checkpoint
     from hpcdistill.evaluate.report import format_ci
 
+    confidence = args.confidence
+    if args.old_level is not None:
+        say("evaluate --level is deprecated (it reads like a pyramid level): use --confidence")
+        confidence = args.old_level
     record = evaluate_checkpoint(
         args.checkpoint,
         args.shards,
@@ -65,15 +84,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
         method=args.method,
         study=args.study,
         iterations=args.iterations,
-        level=args.level,
+        level=confidence,
         by_slide=args.by_slide,
         out_dir=args.out,
         device=args.device,
         workers=args.workers,
+        units=args.unit or ["tissue"],
+        slide_rule=args.slide_rule,
     )
-    print(f"{record['method']} @ {record['mag']:g}x on {args.split} ({record['samples']} samples):")
-    for metric, value in record["metrics"].items():
-        print(f"  {metric:<10} {format_ci(tuple(value))}")
+    for unit, scores in record["units"].items():
+        print(f"{record['method']} @ {record['mag']:g}x on {args.split}, {scores['n']} {unit}s:")
+        for metric, value in scores["metrics"].items():
+            print(f"  {metric:<10} {'n/a' if value is None else format_ci(tuple(value))}")
     print(f"  GFLOPs     {record['gflops']['median']:.4g} per forward pass at the median tissue size")
     print(f"wrote {record['path']}")
     return 0

@@ -134,7 +134,7 @@ def finish_batch(
             images[slot] = [apply_moves(img, *move) for img, move in zip(images[slot], batch["moves"].tolist())]
     x, t = stacked(images["x"], images.get("t"), bool(batch.get("crop")))
     grey = mean_grey(x) if "x_pivot" in batch else None  # the model image's grey level pivots contrast for both
-    out = {"key": batch["key"], "slide": batch["slide"], "y": batch["y"]}
+    out = {k: batch[k] for k in ("key", "slide", "tissue", "area", "y") if k in batch}
     for slot, slot_images in (("x", x), ("t", t)):
         if slot_images is None:
             continue

@@ -195,6 +195,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             "key": dec["__key__"],
             "slide": dec["json"].get("slide", dec["__key__"]),
             "y": dec.get("cls", -1),
+            **_window_of(dec["json"]),
         }
         names = {"x": low, "t": high} if s.mode == "paired" else {"x": low}
         draw = None
@@ -241,12 +242,20 @@ def _chunks(items: Iterator[Any], n: int, drop_last: bool) -> Iterator[list[Any]
         yield chunk
 
 
+def _window_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """Which tissue of its slide a sample is, and its level-0 area: what slide and patient calls weigh it by."""
+    box = meta.get("box_l0") or [0, 0, 1, 1]
+    return {"tissue": int(meta.get("tissue", 0)), "area": float(box[2]) * float(box[3])}
+
+
 def collate(samples: list[dict[str, Any]], spec: StreamSpec) -> dict[str, Any]:
     """A loader batch (device_batch.py): images stay per sample, since rotations and bucket crops happen where the
     batch lands; the small per-sample arrays are stacked."""
     batch: dict[str, Any] = {
         "key": [s["key"] for s in samples],
         "slide": [s["slide"] for s in samples],
+        "tissue": [s["tissue"] for s in samples],
+        "area": [s["area"] for s in samples],
         "y": torch.from_numpy(np.array([s["y"] for s in samples], np.int64)),
         "encoded": spec.decode_on_device,
         "crop": spec.bucketed,

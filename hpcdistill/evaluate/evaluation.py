@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -18,8 +18,10 @@ from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.common.files import atomic_output, atomic_write_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.data.streams import StreamSpec, make_loader
+from hpcdistill.evaluate.aggregation import unit_rows
 from hpcdistill.evaluate.method_labels import method_label
 from hpcdistill.evaluate.metrics import METRICS, bootstrap_ci, classification_metrics, forward_flops, gflops
+from hpcdistill.evaluate.unit_scores import say_absent, score_unit
 from hpcdistill.models.export import ExportedModel, load_exported
 from hpcdistill.models.inference import model_outputs, pick_device, require_finite
 from hpcdistill.shards.manifest import mag_stats, read_manifest, split_summary
@@ -95,6 +97,8 @@ def predict_split(
             {
                 "key": batch["key"][0],
                 "slide": batch["slide"][0],
+                "tissue": batch["tissue"][0],
+                "area": batch["area"][0],
                 "y": int(batch["y"][0]),
                 "pred": int(probs.argmax()),
                 "probs": probs.tolist(),
@@ -141,12 +145,15 @@ def evaluate_checkpoint(
     out_dir: str | Path | None = None,
     device: str = "auto",
     workers: int = 0,
+    units: Sequence[str] = ("tissue",),
+    slide_rule: str = "mean",
 ) -> dict[str, Any]:
     """Score `checkpoint` on `split` of the shards in `shards`; returns and writes the evaluation record.
 
+    `units`: tissue (each sample), slide and/or patient, each scored with CIs resampled at that unit; slides and
+    patients aggregate their windows by `slide_rule` (evaluate.aggregation, as `predict` calls slides).
+    `by_slide`: the tissue unit's bootstrap resamples whole slides (the default: the paper's plain resampling).
     `device`: "auto" (a GPU if there is one), "cpu", "cuda" or "cuda:N"; inference runs in fp32 either way.
-    `by_slide` resamples whole slides in the bootstrap (tissues of one slide are correlated); the default is the
-    paper's plain resampling of test samples with replacement.
     """
     manifest = read_manifest(shards)
     exported = _load_for(checkpoint, shards, manifest)
@@ -159,7 +166,28 @@ def evaluate_checkpoint(
         "seed": seed,
         "resample": "slides" if by_slide else "samples",
     }
-    record = {
+    record = _record_head(exported, shards, split, labeled, checkpoint, method, study) | {
+        "bootstrap": bootstrap,
+        **_scores(labeled, len(exported.classes), bootstrap),
+        "slide_rule": slide_rule,
+        "units": _unit_scores(labeled, manifest, exported.classes, units, slide_rule, bootstrap, str(checkpoint)),
+        "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
+    }
+    out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
+    return _write_record(out, split, record, rows, exported.classes)
+
+
+def _record_head(
+    exported: ExportedModel,
+    shards: str | Path,
+    split: str,
+    labeled: list[dict],
+    checkpoint: str | Path,
+    method: str | None,
+    study: str,
+) -> dict[str, Any]:
+    """What was scored: the method, model, data and split."""
+    return {
         "method": method or method_label(exported.config),
         "study": study,
         "dataset": dataset_name(shards),
@@ -171,12 +199,7 @@ def evaluate_checkpoint(
         "classes": exported.classes,
         "checkpoint": str(checkpoint),
         "arch": exported.arch_kwargs,
-        "bootstrap": bootstrap,
-        **_scores(labeled, len(exported.classes), bootstrap),
-        "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
     }
-    out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
-    return _write_record(out, split, record, rows, exported.classes)
 
 
 def _labeled(rows: list[dict[str, Any]], shards: str | Path, split: str) -> list[dict[str, Any]]:
@@ -216,6 +239,34 @@ def _scores(labeled: list[dict[str, Any]], k: int, bootstrap: dict[str, Any]) ->
         "per_class": {m: [None if v != v else v for v in vals] for m, vals in point["per_class"].items()},
         "confusion": point["confusion"],
     }
+
+
+def _unit_scores(
+    labeled: list[dict[str, Any]],
+    manifest: dict[str, Any],
+    classes: list[str],
+    units: Sequence[str],
+    rule: str,
+    bootstrap: dict[str, Any],
+    where: str,
+) -> dict[str, Any]:
+    """{unit: score_unit(...)} for each requested unit; a class the unit's rows lack is said in one line."""
+    slides = manifest.get("slides", {})
+    patient_of = lambda slide: (slides.get(slide) or {}).get("patient") or slide  # noqa: E731
+    scored = {}
+    for unit in dict.fromkeys(units):
+        rows = unit_rows(labeled, unit, rule, patient_of)
+        groups = [r["slide"] for r in labeled] if unit == "tissue" and bootstrap["resample"] == "slides" else None
+        scored[unit] = score_unit(
+            rows,
+            classes,
+            iterations=bootstrap["iterations"],
+            level=bootstrap["level"],
+            seed=bootstrap["seed"],
+            groups=groups,
+        )
+        say_absent(unit, scored[unit], where)
+    return scored
 
 
 def flops_per_mag(

@@ -18,6 +18,7 @@ from hpcdistill.cluster.task_array import array_and_merge, balance, task_dir, ta
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.common.files import atomic_write_bytes
 from hpcdistill.common.progress import write_progress
+from hpcdistill.shards.catalog import check_slide_ids
 
 PART = "predictions.part.json"
 
@@ -90,6 +91,7 @@ def plan_predictions(
     if not model.is_file():
         raise HpcdistillError(f"{model}: no such checkpoint file")
     paths = [str(Path(s).resolve()) for s in slides]
+    check_slide_ids(paths)
     weights = [float(os.path.getsize(p)) for p in paths]
     return PredictArrayPlan(str(model), paths, str(Path(out).resolve()), balance(weights, tasks), options, device)
 
@@ -145,10 +147,14 @@ def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
                 "same command: only unfinished tasks run again"
             )
         summary = part["summary"]
-        by_slide.update({r["slide"]: r for r in part["results"]})
+        by_slide.update({r["path"]: r for r in part["results"]})
     results = [by_slide[slide] for slide in plan.slides]
     summary["model"] = plan.model
     write_predictions(Path(plan.out), summary, results)
+    if plan.options.labels:
+        from hpcdistill.predict.cohort_scores import score_cohort  # torch-free planning; scoring runs here
+
+        score_cohort(Path(plan.out), results, summary["classes"], plan.options.labels, plan.options.slide_rule)
     return {"slides": len(results), "ok": sum(r["status"] == "ok" for r in results)}
 
 

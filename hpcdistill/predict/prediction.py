@@ -23,20 +23,18 @@ from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.common.files import atomic_output, atomic_write_json
 from hpcdistill.common.mags import mag_name
+from hpcdistill.evaluate.aggregation import SLIDE_RULES, area_mean, combine
 from hpcdistill.models.export import ExportedModel, load_exported
 from hpcdistill.models.inference import NonFiniteOutputError, model_outputs, pick_device, require_finite, standardise
 from hpcdistill.predict.cam import STEM_STRIDE, TissueMap, WindowMap, cam_logits, tissue_map
+from hpcdistill.predict.cohort_scores import score_cohort
 from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overlay
 from hpcdistill.predict.qupath import write_geojson
+from hpcdistill.shards.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.tissue import TissueParams, class_colour, write_qc_png
 from hpcdistill.slides.windows import TissueWindows, find_windows, window_sizes
-
-SLIDE_RULES = {
-    "mean": "area-weighted mean of window probabilities, then argmax",
-    "max": "per class the highest tissue probability, then argmax",
-}
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,7 @@ class PredictOptions:
     heatmap_class: str | None = None  # the class whose probability the overlay shows; None: the slide's call
     slide_rule: str = "mean"  # a key of SLIDE_RULES
     read: str | None = None  # "level0" or "pyramid" (slides.slide.READ_SOURCES); None: what the export trained on
+    labels: str | None = None  # a labels CSV (slide, patient, label): score the calls (predict.cohort_scores)
 
 
 def _window_batches(
@@ -67,11 +66,6 @@ def _window_batches(
                 "box_l0": list(window),
                 "size": list(size),
             }
-
-
-def _area_mean(probs: list[list[float]], boxes: list[list[int]]) -> np.ndarray:
-    areas = np.array([b[2] * b[3] for b in boxes], dtype=np.float64)
-    return (np.array(probs) * (areas / areas.sum())[:, None]).sum(0)
 
 
 def _classify_windows(
@@ -102,12 +96,12 @@ def _classify_windows(
     return rows, cams
 
 
-def slide_call(tissues: list[dict], windows: list[dict], rule: str, classes: list[str]) -> tuple[str, np.ndarray]:
-    """The slide's class and the scores it was chosen from, by `rule` (SLIDE_RULES)."""
-    if rule == "max":
-        scores = np.max([t["probs"] for t in tissues], axis=0)
-    else:
-        scores = _area_mean([w["probs"] for w in windows], [w["box_l0"] for w in windows])
+def slide_call(windows: list[dict], rule: str, classes: list[str]) -> tuple[str, np.ndarray]:
+    """The slide's class and the scores it was chosen from, by `rule` (evaluate.aggregation, shared with
+    `evaluate --unit slide`)."""
+    probs = np.array([w["probs"] for w in windows], dtype=np.float64)
+    areas = np.array([w["box_l0"][2] * w["box_l0"][3] for w in windows], dtype=np.float64)
+    scores = combine(probs, areas, [w["tissue"] for w in windows], rule)
     return classes[int(scores.argmax())], scores
 
 
@@ -115,7 +109,7 @@ def _tissue_calls(found: TissueWindows, windows: list[dict], classes: list[str])
     tissues = []
     for t, box in enumerate(found.boxes):
         mine = [w for w in windows if w["tissue"] == t]
-        probs = _area_mean([w["probs"] for w in mine], [w["box_l0"] for w in mine])
+        probs = area_mean([w["probs"] for w in mine], [w["box_l0"][2] * w["box_l0"][3] for w in mine])
         tissues.append(
             {
                 "tissue": t,
@@ -189,9 +183,10 @@ def predict_slide(
         source = read_record(slide, exported.mag, read)
     classes, out, stem = exported.classes, Path(out_dir).resolve(), Path(slide_path).stem  # paths readable anywhere
     tissues = _tissue_calls(found, windows, classes)
-    call, scores = slide_call(tissues, windows, options.slide_rule, classes)
+    call, scores = slide_call(windows, options.slide_rule, classes)
     result = {
-        "slide": str(slide_path),
+        "slide": slide_name(Path(slide_path)),
+        "path": str(slide_path),
         "status": "ok",
         "call": call,
         "rule": options.slide_rule,
@@ -248,7 +243,9 @@ def classify_slides(
             raise  # the model is broken, not the slide: no class is written for any slide
         except HpcdistillError as err:
             print(f"hpcdistill: skipped: {err}")
-            results.append({"slide": str(path), "status": "skipped", "reason": str(err)})
+            results.append(
+                {"slide": slide_name(Path(path)), "path": str(path), "status": "skipped", "reason": str(err)}
+            )
     return results
 
 
@@ -304,7 +301,7 @@ def write_predictions(out: Path, summary: dict[str, Any], results: list[dict]) -
                 writer.writerow([r["slide"], t["tissue"], *t["box_l0"], t["pred"], *(f"{p:.6f}" for p in t["probs"])])
     with atomic_output(out / "slides.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        head = ["slide", "status", "call", "rule", "read", "level", "level_mag", "reason"]
+        head = ["slide", "path", "status", "call", "rule", "read", "level", "level_mag", "reason"]
         writer.writerow(head + [f"p_{c}" for c in classes])
         for r in results:
             probs = [f"{p:.6f}" for p in r.get("probs", [])] or [""] * len(classes)
@@ -335,5 +332,9 @@ def predict_slides(
     exported.model.to(pick_device(device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_slide_ids(slides)
     results = classify_slides(exported, slides, out, opts)
-    return write_predictions(out, summarise(model_path, exported, opts), results)
+    summary = write_predictions(out, summarise(model_path, exported, opts), results)
+    if opts.labels:
+        summary["scores"] = score_cohort(out, results, exported.classes, opts.labels, opts.slide_rule)
+    return summary

@@ -45,12 +45,17 @@ def collect_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     paths = sorted({p.resolve() for p in found})
     if not paths:
         raise ShardingError(f"{', '.join(map(str, inputs)) or '(no inputs)'}: no slide files found")
-    names: dict[str, Path] = {}
-    for p in paths:
-        if slide_name(p) in names:
-            raise ShardingError(f"{p}: same slide name {slide_name(p)!r} as {names[slide_name(p)]}; rename one")
-        names[slide_name(p)] = p
+    check_slide_ids(paths)
     return paths
+
+
+def check_slide_ids(paths: Iterable[str | os.PathLike]) -> None:
+    """A slide is named by its id (file name without extension) in keys, labels, the manifest and every output:
+    two files with one id would be one slide."""
+    names: dict[str, Path] = {}
+    for p in map(Path, paths):
+        if names.setdefault(slide_name(p), p) != p:
+            raise ShardingError(f"{p}: same slide name {slide_name(p)!r} as {names[slide_name(p)]}; rename one")
 
 
 def slide_name(path: Path) -> str:

@@ -1,0 +1,91 @@
+"""`predict --labels`: a lab validating a model on its own labelled slides. The slide calls (and, where the labels
+CSV names patients, the patient calls) are scored against the CSV's labels with the same rule, metrics and
+bootstrap CIs as `evaluate --unit slide|patient`, and written to `scores.json` beside `slides.csv`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hpcdistill.common.console import say
+from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.files import atomic_write_json
+from hpcdistill.evaluate.aggregation import unit_rows
+from hpcdistill.evaluate.metrics import METRICS
+from hpcdistill.evaluate.unit_scores import say_absent, score_unit
+from hpcdistill.shards.catalog import read_labels_csv
+
+SCORES = "scores.json"
+
+
+def window_rows(results: list[dict[str, Any]], labels: dict[str, int]) -> list[dict[str, Any]]:
+    """Every window of every classified, labelled slide, as evaluation's rows (slide id, tissue, area, y)."""
+    rows = []
+    for r in results:
+        if r["status"] != "ok" or r["slide"] not in labels:
+            continue
+        for w in r["windows"]:
+            area = float(w["box_l0"][2]) * float(w["box_l0"][3])
+            rows.append(
+                {
+                    "key": f"{r['slide']} {w['tissue']} {w['window']}",
+                    "slide": r["slide"],
+                    "tissue": w["tissue"],
+                    "area": area,
+                    "probs": w["probs"],
+                    "y": labels[r["slide"]],
+                }
+            )
+    return rows
+
+
+def cohort_labels(labels_csv: str | Path, results: list[dict[str, Any]], classes: list[str]) -> tuple[dict, dict]:
+    """({slide id: class index}, {slide id: patient}) for the predicted slides the CSV labels; one line for a label
+    the model does not know."""
+    rows = read_labels_csv(labels_csv, [Path(r["path"]) for r in results])
+    labels, patients = {}, {}
+    for row in rows.values():
+        if not row.label:
+            continue
+        if row.label not in classes:
+            raise HpcdistillError(
+                f"{labels_csv}:{row.line}: label {row.label!r} is not a class of the model ({', '.join(classes)})"
+            )
+        labels[row.slide], patients[row.slide] = classes.index(row.label), row.patient
+    return labels, patients
+
+
+def score_cohort(
+    out: Path,
+    results: list[dict[str, Any]],
+    classes: list[str],
+    labels_csv: str | Path,
+    rule: str,
+    iterations: int = 10000,
+) -> dict[str, Any]:
+    """Score the slide (and patient) calls; writes and returns scores.json's content."""
+    labels, patients = cohort_labels(labels_csv, results, classes)
+    rows = window_rows(results, labels)
+    if not rows:
+        raise HpcdistillError(f"{labels_csv}: labels none of the classified slides; nothing to score")
+    units = ["slide"] + (["patient"] if len(set(patients.values())) < len(patients) else [])
+    scored = {}
+    for unit in units:
+        scored[unit] = score_unit(
+            unit_rows(rows, unit, rule, patients.get), classes, iterations=iterations, level=0.95, seed=0
+        )
+        say_absent(unit, scored[unit], str(labels_csv))
+    unscored = sorted(r["slide"] for r in results if r["slide"] not in labels)
+    record = {
+        "labels": str(labels_csv),
+        "slide_rule": rule,
+        "classes": classes,
+        "units": scored,
+        "unscored_slides": unscored,
+        "bootstrap": {"iterations": iterations, "level": 0.95, "seed": 0},
+    }
+    atomic_write_json(out / SCORES, record, indent=1)
+    for unit, s in scored.items():
+        cells = ", ".join(f"{m} {100 * s['metrics'][m][0]:.1f}" for m in (*METRICS, "auroc") if s["metrics"][m])
+        say(f"{unit} level, {s['n']} {unit}s: {cells} (CIs in {out / SCORES})")
+    return record
