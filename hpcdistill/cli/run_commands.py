@@ -114,8 +114,12 @@ def run_report(args: argparse.Namespace) -> int:
     (the paper's Table 3/4 layouts, the ordering check) and figure3.png (accuracy against GFLOPs).
     """
     from hpcdistill.evaluate.report import load_results, write_report
+    from hpcdistill.evaluate.report_units import absent_lines
 
-    path = write_report(load_results(args.runs), args.out)
+    results = load_results(args.runs)
+    for line in absent_lines(results):  # on the terminal too, never only inside the report
+        say(line.removeprefix("- "))
+    path = write_report(results, args.out)
     print(f"wrote {path}")
     return 0
 

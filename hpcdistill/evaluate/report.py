@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,15 @@ from hpcdistill.common.mags import mag_name
 from hpcdistill.evaluate.comparisons import Comparison, format_difference, paired_comparisons
 from hpcdistill.evaluate.method_labels import ABLATION_ORDER, AUX_PREFIX, BASELINE, KD, TEACHER, method_order
 from hpcdistill.evaluate.metrics import METRICS
+from hpcdistill.evaluate.report_units import absent_lines, class_section, unit_section
 
-METRIC_TITLES = {"accuracy": "Accuracy", "f1": "F1-Score", "precision": "Precision", "recall": "Recall"}
+METRIC_TITLES = {
+    "accuracy": "Accuracy",
+    "f1": "F1-Score",
+    "precision": "Precision",
+    "recall": "Recall",
+    "auroc": "AUROC",
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class EvalResult:
     seed: int | None = None  # the training seed (run.seed)
     resample: str = "samples"  # what the bootstrap resampled: samples or slides
     predictions: str = ""  # the per-sample predictions CSV beside the record (paired comparisons read it)
+    units: dict = field(default_factory=dict, compare=False)  # unit -> its scores (evaluate.unit_scores), as recorded
 
 
 def load_results(paths: list[str | Path]) -> list[EvalResult]:
@@ -80,13 +88,17 @@ def _read_result(path: Path) -> EvalResult:
             seed=record.get("seed"),
             resample=str(record.get("bootstrap", {}).get("resample", "samples")),
             predictions=str(path.with_name(f"{record.get('split', path.stem)}_predictions.csv")),
+            units=dict(record.get("units") or {}),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise HpcdistillError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
 
 
-def format_ci(value: tuple[float, float, float]) -> str:
-    """(0.8706, 0.8565, 0.8848) -> '87.06 (85.65-88.48)', the paper's percentage layout."""
+def format_ci(value: tuple[float, float, float] | None) -> str:
+    """(0.8706, 0.8565, 0.8848) -> '87.06 (85.65-88.48)', the paper's percentage layout; None (a metric that
+    cannot be computed, e.g. AUROC with one class) -> 'n/a'."""
+    if value is None:
+        return "n/a"
     point, low, high = value
     return f"{100 * point:.2f} ({100 * low:.2f}-{100 * high:.2f})"
 
@@ -110,7 +122,9 @@ def teacher_table(results: list[EvalResult]) -> str:
     return _markdown_table(header, rows)
 
 
-def methods_table(results: list[EvalResult], methods: list[str] | None = None) -> str:
+def methods_table(
+    results: list[EvalResult], methods: list[str] | None = None, metrics: tuple[str, ...] = METRICS
+) -> str:
     """Table 4: one block per magnification, one column per method, the best point estimate per row in bold."""
     methods = methods or sorted({r.method for r in results if r.method != TEACHER}, key=method_order)
     by_key = {(r.method, r.mag): r for r in sorted(results, key=lambda r: -(r.seed or 0))}  # the lowest seed
@@ -120,17 +134,18 @@ def methods_table(results: list[EvalResult], methods: list[str] | None = None) -
     rows: list[list[str]] = []
     for mag in mags:
         rows.append([f"**mag = {mag_name(mag)}**"] + [""] * len(methods))
-        for metric in METRICS:
+        for metric in metrics:
             cells = [by_key.get((m, mag)) for m in methods]
-            points = [c.metrics[metric][0] for c in cells if c is not None]
+            points = [c.metrics[metric][0] for c in cells if c is not None and c.metrics.get(metric)]
             best = max(points) if points else None
             row = [METRIC_TITLES[metric]]
             for cell in cells:
                 if cell is None:
                     row.append("—")
                     continue
-                text = format_ci(cell.metrics[metric])
-                row.append(f"**{text}**" if cell.metrics[metric][0] == best else text)
+                value = cell.metrics.get(metric)
+                text = format_ci(value)
+                row.append(f"**{text}**" if value and value[0] == best else text)
             rows.append(row)
         gflops = [by_key.get((m, mag)) for m in methods]
         rows.append(["GFLOPs"] + [f"{c.gflops:.3g}" if c else "—" for c in gflops])
@@ -289,6 +304,16 @@ def plot_accuracy_vs_gflops(results: list[EvalResult], path: Path, title: str) -
     return path
 
 
+def _unit_sections(main: list[EvalResult], out: Path) -> list[str]:
+    """Slide and patient tables, per-class rows and confusion matrices, and the classes a split lacks."""
+    plot = lambda rs, name, title: plot_accuracy_vs_gflops(rs, out / name, title).name  # noqa: E731
+    sections = [line for unit in ("slide", "patient") for line in unit_section(main, unit, methods_table, plot)]
+    chosen = next((u for u in ("slide", "patient", "tissue") if any(u in r.units for r in main)), None)
+    sections += class_section(main, chosen) if chosen else []
+    absent = absent_lines(main)
+    return sections + (["## Classes missing from a scored split", "\n".join(absent)] if absent else [])
+
+
 def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
     """Write report.md, figure3.png and (when ablation runs exist) ablation.png into out_dir."""
     if not results:
@@ -300,10 +325,9 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
     ablation = [r for r in results if r.study == "ablation"]
     sections = [
         "# hpcdistill report",
-        "Metrics are one-vs-rest per class, macro-averaged, as percentages with 95% bootstrap CIs "
-        "(10,000 resamples unless the evaluation said otherwise). GFLOPs are FLOPs (2 per multiply-add) "
-        "per forward pass "
-        "at the median tissue size.",
+        "Metrics are one-vs-rest per class, macro-averaged, as percentages with bootstrap CIs ("
+        + "; ".join(f"{100 * level:g}%, {n:,} resamples" for level, n in sorted({r.ci for r in results}))
+        + "). GFLOPs are FLOPs (2 per multiply-add) per forward pass at the median tissue size.",
         "## Teacher (Table 3 layout)",
         teacher_table(main),
         "## Baseline and distillation per magnification (Table 4 layout)",
@@ -317,6 +341,7 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
         "## Accuracy against compute (Figure 3 layout)",
         f"![accuracy vs GFLOPs]({plot_accuracy_vs_gflops(main, out / 'figure3.png', 'Accuracy vs compute').name})",
     ]
+    sections += _unit_sections(main, out)
     if ablation:
         methods = [m for m in ABLATION_ORDER if any(r.method == m for r in ablation)]
         sections += [

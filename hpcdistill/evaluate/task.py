@@ -12,9 +12,18 @@ class EvaluateTask(Resubmitting):
     """Evaluate every trained run's best.pt, then write the report from all evaluation records."""
 
     def __init__(
-        self, runs: list[dict[str, Any]], shards: str, split: str, iterations: int, report_dir: str, workers: int = 0
+        self,
+        runs: list[dict[str, Any]],
+        shards: str,
+        split: str,
+        iterations: int,
+        report_dir: str,
+        workers: int = 0,
+        units: tuple[str, ...] = ("tissue",),
+        slide_rule: str = "mean",
     ) -> None:
         self.runs = runs  # {"run_dir", "method", "study"}
+        self.units, self.slide_rule = tuple(units), slide_rule
         self.shards = shards
         self.split = split
         self.iterations = iterations
@@ -34,6 +43,8 @@ class EvaluateTask(Resubmitting):
                 study=run["study"],
                 iterations=self.iterations,
                 workers=self.workers,
+                units=self.units,
+                slide_rule=self.slide_rule,
             )
         run_dirs = [run["run_dir"] for run in self.runs]
         report = write_report(load_results(run_dirs), self.report_dir)  # idempotent: a requeue redoes it whole

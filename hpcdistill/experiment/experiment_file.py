@@ -39,6 +39,8 @@ class EvaluateSpec:
     enabled: bool = True
     split: str = "test"
     iterations: int = 10000
+    units: list[Literal["tissue", "slide", "patient"]] = field(default_factory=lambda: ["tissue", "slide", "patient"])
+    slide_rule: Literal["mean", "max"] = "mean"  # how slides and patients are called from their tissues
 
 
 @dataclass

@@ -150,6 +150,8 @@ def callables_for(job: JobPlan, exp: Experiment, jobs: list[JobPlan]) -> list[An
                 exp.evaluate.iterations,
                 job.tasks[0].run_dir,
                 workers=job.resources.cpus_per_task - 1,
+                units=tuple(exp.evaluate.units),
+                slide_rule=exp.evaluate.slide_rule,
             )
         ]  # the job's other CPUs decode shards
     return [TrainTask(t.config, t.overrides, job.resources.cpus_per_task) for t in job.tasks]
