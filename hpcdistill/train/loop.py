@@ -23,6 +23,8 @@ from hpcdistill.common.mags import mag_name
 from hpcdistill.common.ranks import is_rank_zero
 from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.data.streams import make_loader
+from hpcdistill.evaluate.method_labels import method_label
+from hpcdistill.train.class_logging import log_classes
 from hpcdistill.train.data_plan import stream_spec
 from hpcdistill.train.distributed import barrier
 from hpcdistill.train.nonfinite_stop import check_finite
@@ -218,6 +220,7 @@ def end_epoch(state: State) -> None:
     state.last_val = metrics
     for k, v in scalars(metrics).items():
         state.writer.add_scalar(f"val/{k}", v, state.global_step)
+    log_classes(state, metrics)
     for sel in state.selections:
         if metrics and sel.metric not in metrics:
             key = "train.select_metric" if sel.file == "best.pt" else "train.export_also"
@@ -278,9 +281,11 @@ def fit(state: State) -> dict[str, Any]:
 
 
 def _write_hparams(state: State) -> None:
-    """TensorBoard's HParams row of a finished run: its settings beside its last validation."""
+    """TensorBoard's HParams row of a finished run: what tells runs apart (method, aux sets, seed, EMA) beside the
+    validation of the exported pick (best.pt), not of the last epoch."""
     cfg = state.cfg
     hparams = {
+        "method": method_label(cfg.to_dict()),
         "mode": cfg.train.mode,
         "arch": cfg.model.arch,
         "mag": cfg.model_mag,
@@ -289,8 +294,12 @@ def _write_hparams(state: State) -> None:
         "temperature": cfg.train.temperature,
         "pixel_resize": "+".join(cfg.train.pixel_resize) or "none",
         "stem": cfg.model.stem,
+        "aux": "+".join(cfg.data.aux) or "none",
+        "seed": cfg.run.seed,
+        "ema_decay": cfg.train.ema_decay,
     }
-    state.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in scalars(state.last_val).items()}, run_name=".")
+    picked = state.selections[0].at_pick or scalars(state.last_val)
+    state.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in picked.items()}, run_name=".")
 
 
 train = run  # `engine.train(cfg)` reads naturally at call sites; the same entry point

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 LOWER_IS_BETTER = frozenset({"kl", "loss"})  # the rest (accuracy, f1, agreement, ...) are higher-is-better
@@ -24,6 +24,7 @@ class Selection:
     value: float | None = None
     step: int = -1
     tie_loss: float = math.inf  # val loss at the pick: breaks ties of a saturated metric (accuracy 1.0 at many epochs)
+    at_pick: dict[str, float] = field(default_factory=dict)  # every scalar val metric at the pick (TensorBoard HParams)
 
     def improves(self, metrics: dict[str, Any]) -> bool:
         """True if these val metrics beat the kept pick (the first validation always does)."""
@@ -39,10 +40,11 @@ class Selection:
 
     def take(self, metrics: dict[str, Any], step: int) -> None:
         self.value, self.step, self.tie_loss = metrics.get(self.metric), step, self.tie_loss_of(metrics)
+        self.at_pick = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     def forget(self) -> None:
         """The export comes from a discarded trajectory: the next validation picks afresh."""
-        self.value, self.step, self.tie_loss = None, -1, math.inf
+        self.value, self.step, self.tie_loss, self.at_pick = None, -1, math.inf, {}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +72,7 @@ def restore_selections(
             notes.append(f"{sel.file} was chosen {was}; it will be re-selected on {sel.metric}")
             continue
         sel.value, sel.step, sel.tie_loss = pick["value"], pick["step"], pick["tie_loss"]
+        sel.at_pick = dict(pick.get("at_pick") or {})
         step = export_step(sel.file)
         if sel.value is not None and step is not None and step != sel.step:
             sel.forget()

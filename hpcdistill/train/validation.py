@@ -41,6 +41,8 @@ def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
     if labeled:
         m = classification_metrics([r["y"] for r in labeled], [r["pred"] for r in labeled], num_classes)
         out.update({k: m[k] for k in ("accuracy", "f1", "precision", "recall")})
+        out["per_class"] = {k: m["per_class"][k] for k in ("accuracy", "recall", "support")}
+        out["confusion"] = m["confusion"]
         out["top1"] = sum(r["y"] == r["pred"] for r in labeled) / len(labeled)  # plain accuracy, beside OvR accuracy
     if rows and "teacher_pred" in rows[0]:
         out["agreement"] = sum(r["pred"] == r["teacher_pred"] for r in rows) / len(rows)  # collapse shows here

@@ -158,8 +158,20 @@ def test_without_heatmap_the_outputs_keep_their_form_and_the_rule_is_written(two
     assert not (tmp_path / "mean" / "heatmaps").exists()
     with open(tmp_path / "mean" / "slides.csv") as fh:
         rows = list(csv.reader(fh))
-    head = ["slide", "status", "call", "rule", "read", "level", "level_mag", "reason", "p_duodenitis", "p_normal"]
-    assert rows[0] == head and rows[1][3] == "mean" and rows[1][4] == "level0"
+    head = [
+        "slide",
+        "path",
+        "status",
+        "call",
+        "rule",
+        "read",
+        "level",
+        "level_mag",
+        "reason",
+        "p_duodenitis",
+        "p_normal",
+    ]
+    assert rows[0] == head and rows[1][4] == "mean" and rows[1][5] == "level0"
     for name in ("tissues.csv",):
         assert (tmp_path / "mean" / name).read_text() == (tmp_path / "max" / name).read_text()
     tissues = best["slides"][0]["tissues"]

@@ -22,7 +22,7 @@ def test_predict_svs_and_tiff(tiny_teacher, tmp_path):
     write_slide(svs, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, n_tissues=2)
     write_slide(tif, 768, 576, fmt="tiff", base_mag=20, class_id=2, seed=12, n_tissues=3)
     summary = predict_slides(tiny_teacher, [svs, tif], tmp_path / "out")
-    slides = {s["slide"]: s for s in summary["slides"]}
+    slides = {s["path"]: s for s in summary["slides"]}
     assert all(s["status"] == "ok" for s in slides.values())
     for path in (svs, tif):
         result = slides[str(path)]
@@ -52,7 +52,7 @@ def test_predict_reports_unreadable_and_low_mag_slides(tiny_teacher, tmp_path):
     with pytest.raises(HpcdistillError, match="no slide could be classified"):
         predict_slides(tiny_teacher, [low, junk], tmp_path / "out")
     with open(tmp_path / "out" / "slides.csv") as fh:
-        rows = {r["slide"]: r for r in csv.DictReader(fh)}
+        rows = {r["path"]: r for r in csv.DictReader(fh)}
     assert "below the model's 10x" in rows[str(low)]["reason"]
     assert rows[str(junk)]["status"] == "skipped" and "junk.svs" in rows[str(junk)]["reason"]
 
@@ -92,7 +92,7 @@ def test_a_tissue_too_big_for_the_gpu_skips_its_slide_only(tiny_teacher, tmp_pat
     monkeypatch.setattr(prediction, "load_exported", load_wrapped)
     monkeypatch.setattr(prediction, "predict_slide", remember)
     summary = predict_slides(tiny_teacher, [big, small], tmp_path / "out")
-    status = {s["slide"]: s for s in summary["slides"]}
+    status = {s["path"]: s for s in summary["slides"]}
     assert status[str(small)]["status"] == "ok"
     reason = status[str(big)]["reason"]
     assert status[str(big)]["status"] == "skipped" and "\n" not in reason
@@ -155,7 +155,7 @@ def test_predict_as_two_local_tasks_equals_one_process(tiny_teacher, tiny_datase
         for key in ("overlay", "geojson"):
             assert a.pop(key).replace("/one/", "/two/") == b.pop(key)
         assert a == b
-    assert [s["slide"] for s in one["slides"]] == sorted(slides)
+    assert [s["path"] for s in one["slides"]] == sorted(slides)
     record = json.loads((tmp_path / "two" / "launch.json").read_text())
     assert [len(j["tasks"]) for j in record["jobs"]] == [2, 1]
     assert all((tmp_path / "two" / "overlays" / f"{Path(s).stem}.png").is_file() for s in slides)

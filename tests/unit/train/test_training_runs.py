@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[3]
 def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
     blob = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
     manifest = tiny_dataset["manifest"]
-    assert set(blob) == {"state_dict", "arch_kwargs", "mag", "classes", "config", "stats", "global_step", "windowing"}
+    keys = {"state_dict", "arch_kwargs", "mag", "classes", "config", "stats", "global_step", "windowing", "source"}
+    assert set(blob) == keys and blob["source"] == "level0"
     assert blob["mag"] == 10.0 and blob["classes"] == manifest["classes"]
     assert blob["stats"] == manifest["stats"]["10x"]  # standardisation travels with the weights
     # and so does the way the training shards cut tissues into windows, for prediction to cut alike
@@ -40,7 +41,18 @@ def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tiny_teacher.parent / "tb"), size_guidance={"images": 0}).Reload()
-    assert acc.Tags()["images"] == ["inputs/teacher_10x"]  # the teacher's own input, named as such
+    # the teacher's own input, named as such, and the validation confusion matrix with per-class scalars
+    assert acc.Tags()["images"] == ["inputs/teacher_10x", "val/confusion"]
+    classes = manifest["classes"]
+    assert {f"val_class/recall/{c}" for c in classes} <= set(acc.Tags()["scalars"])
+    confusion = acc.Images("val/confusion")[-1]
+    assert (confusion.width, confusion.height) == (24 * len(classes), 24 * len(classes))
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert {"method", "aux", "seed", "ema_decay"} <= set(start.hparams)  # what tells KD, KD (ADv1), KD (ADv2) apart
+    assert start.hparams["method"].string_value == "Teacher" and start.hparams["aux"].string_value == "none"
 
 
 def test_distill_on_aux_sets_then_finetune_and_tensorboard(tiny_dataset, tiny_teacher, tmp_path):
