@@ -166,15 +166,16 @@ def evaluate_checkpoint(
         "seed": seed,
         "resample": "slides" if by_slide else "samples",
     }
+    scores, by_unit = _unit_scores(labeled, manifest, exported.classes, units, slide_rule, bootstrap, str(checkpoint))
     record = _record_head(exported, shards, split, labeled, checkpoint, method, study) | {
         "bootstrap": bootstrap,
         **_scores(labeled, len(exported.classes), bootstrap),
         "slide_rule": slide_rule,
-        "units": _unit_scores(labeled, manifest, exported.classes, units, slide_rule, bootstrap, str(checkpoint)),
+        "units": scores,
         "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
     }
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
-    return _write_record(out, split, record, rows, exported.classes)
+    return _write_record(out, split, record, rows, exported.classes, by_unit)
 
 
 def _record_head(
@@ -210,11 +211,19 @@ def _labeled(rows: list[dict[str, Any]], shards: str | Path, split: str) -> list
 
 
 def _write_record(
-    out: Path, split: str, record: dict[str, Any], rows: list[dict[str, Any]], classes: list[str]
+    out: Path,
+    split: str,
+    record: dict[str, Any],
+    rows: list[dict[str, Any]],
+    classes: list[str],
+    by_unit: dict[str, list[dict[str, Any]]],
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"{split}.json", record, indent=1)
     _write_predictions(out / f"{split}_predictions.csv", rows, classes)
+    for unit, unit_table in by_unit.items():
+        if unit != "tissue":  # the tissue rows are the predictions CSV above
+            write_unit_predictions(out / f"{split}_{unit}_predictions.csv", unit, unit_table, classes)
     record["path"] = str(out / f"{split}.json")
     return record
 
@@ -249,16 +258,17 @@ def _unit_scores(
     rule: str,
     bootstrap: dict[str, Any],
     where: str,
-) -> dict[str, Any]:
-    """{unit: score_unit(...)} for each requested unit; a class the unit's rows lack is said in one line."""
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """({unit: score_unit(...)}, {unit: its rows}) for each requested unit; a class the unit's rows lack is said
+    in one line."""
     slides = manifest.get("slides", {})
     patient_of = lambda slide: (slides.get(slide) or {}).get("patient") or slide  # noqa: E731
-    scored = {}
+    scored, by_unit = {}, {}
     for unit in dict.fromkeys(units):
-        rows = unit_rows(labeled, unit, rule, patient_of)
+        by_unit[unit] = unit_rows(labeled, unit, rule, patient_of)
         groups = [r["slide"] for r in labeled] if unit == "tissue" and bootstrap["resample"] == "slides" else None
         scored[unit] = score_unit(
-            rows,
+            by_unit[unit],
             classes,
             iterations=bootstrap["iterations"],
             level=bootstrap["level"],
@@ -266,7 +276,16 @@ def _unit_scores(
             groups=groups,
         )
         say_absent(unit, scored[unit], where)
-    return scored
+    return scored, by_unit
+
+
+def write_unit_predictions(path: Path, unit: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
+    """One row per slide or patient: its label, call and scores (full precision: the AUROC can be recomputed)."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([unit, "label", "pred", "windows"] + [f"p_{c}" for c in classes])
+        for r in rows:
+            writer.writerow([r["unit"], classes[r["y"]], classes[r["pred"]], r["windows"], *map(repr, r["probs"])])
 
 
 def flops_per_mag(

@@ -42,7 +42,7 @@ def window_rows(results: list[dict[str, Any]], labels: dict[str, int]) -> list[d
 def cohort_labels(labels_csv: str | Path, results: list[dict[str, Any]], classes: list[str]) -> tuple[dict, dict]:
     """({slide id: class index}, {slide id: patient}) for the predicted slides the CSV labels; one line for a label
     the model does not know."""
-    rows = read_labels_csv(labels_csv, [Path(r["path"]) for r in results])
+    rows = read_labels_csv(labels_csv, [Path(r["path"]) for r in results], other_slides=True)
     labels, patients = {}, {}
     for row in rows.values():
         if not row.label:

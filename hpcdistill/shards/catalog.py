@@ -73,24 +73,14 @@ class LabelRow:
     path: Path  # the slide file it matched
 
 
-def read_labels_csv(csv_path: str | os.PathLike, slide_paths: list[Path]) -> dict[Path, LabelRow]:
-    """Parse `slide,patient,label,split` (patient, label, split optional) and match rows to the slide files."""
+def read_labels_csv(
+    csv_path: str | os.PathLike, slide_paths: list[Path], *, other_slides: bool = False
+) -> dict[Path, LabelRow]:
+    """Parse `slide,patient,label,split` (patient, label, split optional) and match rows to the slide files. A row
+    naming no input slide is refused, or with `other_slides` (a cohort's CSV, of which some slides are scored)
+    passed over."""
     csv_path = Path(csv_path)
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ShardingError(f"{csv_path}: cannot read labels CSV ({exc.__class__.__name__}: {exc})") from None
-    reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    if "slide" not in columns:
-        raise ShardingError(f"{csv_path}:1: header must have a 'slide' column (slide,patient,label,split)")
-    if "label" not in columns:  # else every slide would silently become unlabeled
-        raise ShardingError(
-            f"{csv_path}:1: no 'label' column (columns: {', '.join(columns)}); add one (an empty "
-            "label marks an unlabeled slide), or shard without --labels to treat every slide as "
-            "unlabeled (split aux)"
-        )
-    reader.fieldnames = columns
+    reader = _labels_reader(csv_path)
     lookup = _slide_lookup(slide_paths)
     rows: dict[Path, LabelRow] = {}
     first_line: dict[Path, int] = {}
@@ -103,6 +93,8 @@ def read_labels_csv(csv_path: str | os.PathLike, slide_paths: list[Path]) -> dic
         if not slide:
             raise ShardingError(f"{csv_path}:{line}: empty slide name")
         path = lookup.get(slide) or lookup.get(str((csv_path.parent / slide).resolve()))
+        if path is None and other_slides:
+            continue
         if path is None:
             raise ShardingError(f"{csv_path}:{line}: unknown slide {slide!r} (not among the input slide files)")
         if path in rows:
@@ -120,6 +112,26 @@ def read_labels_csv(csv_path: str | os.PathLike, slide_paths: list[Path]) -> dic
         first_line[path] = line
     _check_patient_splits(csv_path, rows)
     return rows
+
+
+def _labels_reader(csv_path: Path) -> csv.DictReader:
+    """The CSV's rows with stripped column names; one line for an unreadable file or a missing column."""
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ShardingError(f"{csv_path}: cannot read labels CSV ({exc.__class__.__name__}: {exc})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    if "slide" not in columns:
+        raise ShardingError(f"{csv_path}:1: header must have a 'slide' column (slide,patient,label,split)")
+    if "label" not in columns:  # else every slide would silently become unlabeled
+        raise ShardingError(
+            f"{csv_path}:1: no 'label' column (columns: {', '.join(columns)}); add one (an empty "
+            "label marks an unlabeled slide), or shard without --labels to treat every slide as "
+            "unlabeled (split aux)"
+        )
+    reader.fieldnames = columns
+    return reader
 
 
 def _slide_lookup(slide_paths: list[Path]) -> dict[str, Path]:
