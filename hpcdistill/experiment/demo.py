@@ -160,14 +160,31 @@ def _summarise(
         "shards": str(shards),
         "experiment": str(experiment),
         "ordering": ordering_check(results, paired_comparisons(results)),
+        "slide_level": slide_lines(results),
         "minutes": round((time.monotonic() - started) / 60, 1),
         "phase_minutes": {name: round(seconds / 60, 1) for name, seconds in phases.items()},
     }
     return summary
 
 
+def slide_lines(results: list) -> list[str]:
+    """Each run's slide-level accuracy and AUROC beside its tissue-level accuracy, for the terminal."""
+    from hpcdistill.evaluate.report import format_ci
+
+    lines = ["slide level (tissue level) accuracy, slide-level AUROC:"]
+    for r in sorted(results, key=lambda r: (-r.mag, r.method)):
+        slide = r.units.get("slide")
+        if slide:
+            lines.append(
+                f"  {r.method} @ {mag_name(r.mag)}: {format_ci(slide['metrics']['accuracy'])} "
+                f"({format_ci(r.metrics['accuracy'])}), AUROC {format_ci(slide['metrics']['auroc'])}"
+            )
+    return lines
+
+
 def _print_summary(summary: dict[str, Any], record: Path) -> None:
     print("\n".join(summary["ordering"]))
+    print("\n" + "\n".join(summary["slide_level"]))
     print(
         "\ntime per phase (jobs run side by side where the cores allow): "
         + ", ".join(f"{name} {m} min" for name, m in summary["phase_minutes"].items())

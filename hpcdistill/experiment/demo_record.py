@@ -99,6 +99,18 @@ def read_record(out: Path) -> dict[str, Any]:
         raise HpcdistillError(f"{out / RECORD}: no demo record; run `make demo` first") from None
 
 
+def _slide_table(results: list) -> str:
+    from hpcdistill.evaluate.report import methods_table
+    from hpcdistill.evaluate.report_units import UNIT_METRICS, at_unit
+
+    slides = at_unit(results, "slide")
+    title = (
+        "**The same at the slide level** (each slide called by the area-weighted mean of its tissues, as `predict` "
+        "does; CIs resample slides; AUROC one-vs-rest, macro)"
+    )
+    return f"{title}\n\n" + (methods_table(slides, metrics=UNIT_METRICS) if slides else "_not evaluated by slide_")
+
+
 def render_section(record: dict[str, Any], figure: str) -> str:
     """The README's demo results from a demo record and its run's evaluation records."""
     from hpcdistill.evaluate.report import load_results, methods_table, teacher_table
@@ -134,6 +146,8 @@ def render_section(record: dict[str, Any], figure: str) -> str:
             "**Baseline and distillation (Table 4 layout)**",
             "",
             methods_table(results),
+            "",
+            _slide_table(results),
             "",
             "**Does the paper's ordering hold?** (printed by the demo and written into the report)",
             "",

@@ -81,6 +81,9 @@ def test_quick_demo_produces_every_artefact(tmp_path):
         assert (pixels == rgb).all(axis=-1).sum() > 20, series
     launch = json.loads((exp / "launch.json").read_text())
     assert [j["kind"] for j in launch["jobs"]][0] == "teacher" and len(launch["jobs"]) == 6
+    assert "slide level (tissue level) accuracy, slide-level AUROC:" in proc.stdout  # slides beside tissues
+    assert "  Teacher @ 10x: " in proc.stdout and ", AUROC " in proc.stdout
+    assert "## Slide level (Table 4 layout, AUROC included)" in report and "## Patient level" in report
     assert "tensorboard --logdir" in proc.stdout and str(exp / "report" / "report.md") in proc.stdout
     assert "time per phase (jobs run side by side where the cores allow): slides and shards " in proc.stdout
     check_readme_section(out, exp, report, tmp_path)
