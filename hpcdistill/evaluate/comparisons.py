@@ -34,13 +34,19 @@ class Comparison:
 
 
 def read_predictions(result: Any) -> dict[str, tuple[int, int, str]]:
-    """{sample key: (label id, predicted id, slide)} from an evaluation's predictions CSV."""
+    """{sample key: (label id, predicted id, slide)} from an evaluation's predictions CSV: one row per tissue
+    (keyed by sample key), or per slide or patient (keyed by its id, the first column)."""
     path = Path(result.predictions)
     try:
         with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows, key = list(reader), "key" if "key" in (reader.fieldnames or []) else (reader.fieldnames or ["key"])[0]
         classes = list(result.classes)
-        return {r["key"]: (classes.index(r["label"]), classes.index(r["pred"]), r["slide"]) for r in rows if r["label"]}
+        return {
+            r[key]: (classes.index(r["label"]), classes.index(r["pred"]), r.get("slide", r[key]))
+            for r in rows
+            if r["label"]
+        }
     except (OSError, KeyError, ValueError) as err:
         raise HpcdistillError(f"{path}: cannot read the predictions of {result.source} ({err})") from None
 

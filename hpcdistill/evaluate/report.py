@@ -307,7 +307,9 @@ def plot_accuracy_vs_gflops(results: list[EvalResult], path: Path, title: str) -
 def _unit_sections(main: list[EvalResult], out: Path) -> list[str]:
     """Slide and patient tables, per-class rows and confusion matrices, and the classes a split lacks."""
     plot = lambda rs, name, title: plot_accuracy_vs_gflops(rs, out / name, title).name  # noqa: E731
-    sections = [line for unit in ("slide", "patient") for line in unit_section(main, unit, methods_table, plot)]
+    paired = lambda rs: paired_table(paired_comparisons(rs))  # noqa: E731
+    units = ("slide", "patient")
+    sections = [line for unit in units for line in unit_section(main, unit, methods_table, plot, paired)]
     chosen = next((u for u in ("slide", "patient", "tissue") if any(u in r.units for r in main)), None)
     sections += class_section(main, chosen) if chosen else []
     absent = absent_lines(main)

@@ -15,12 +15,23 @@ UNIT_METRICS = (*METRICS, "auroc")
 
 
 def at_unit(results: list, unit: str) -> list:
-    """The results as scored at `unit` (metrics replaced by that unit's), those that recorded it."""
-    return [dataclasses.replace(r, metrics=r.units[unit]["metrics"]) for r in results if unit in r.units]
+    """The results as scored at `unit`, those that recorded it: that unit's metrics, and its predictions CSV, whose
+    rows are the units (a paired comparison then resamples slides or patients)."""
+    return [
+        dataclasses.replace(
+            r,
+            metrics=r.units[unit]["metrics"],
+            resample="samples",
+            predictions=r.predictions.replace("_predictions.csv", f"_{unit}_predictions.csv"),
+        )
+        for r in results
+        if unit in r.units
+    ]
 
 
-def unit_section(results: list, unit: str, table: Callable, plot: Callable) -> list[str]:
-    """Table 4 layout at `unit`, AUROC included, and its accuracy-vs-GFLOPs figure; [] when no run recorded it."""
+def unit_section(results: list, unit: str, table: Callable, plot: Callable, paired: Callable) -> list[str]:
+    """Table 4 layout at `unit`, AUROC included, its paired differences (resampling that unit) and its
+    accuracy-vs-GFLOPs figure; [] when no run recorded it."""
     scored = at_unit(results, unit)
     if not scored:
         return []
@@ -31,6 +42,8 @@ def unit_section(results: list, unit: str, table: Callable, plot: Callable) -> l
         f"## {unit.capitalize()} level (Table 4 layout, AUROC included)",
         f"{'/'.join(map(str, sorted(n)))} {unit}s scored; CIs resample {unit}s{rule if unit != 'tissue' else ''}.",
         table(scored, metrics=UNIT_METRICS),
+        f"Paired differences at the {unit} level (the same {unit}s resampled for both methods):",
+        paired(scored),
         f"![{unit}-level accuracy vs GFLOPs]({figure})",
     ]
 

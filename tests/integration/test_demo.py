@@ -65,6 +65,7 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     report = (exp / "report" / "report.md").read_text()
     needles = ["Table 3 layout", "Table 4 layout", "mag = 2.5x", "mag = 1.25x", "KD (ADv1)", "KD (ADv2)"]
     needles += ["paper's ordering", "## Slide level (Table 4 layout, AUROC included)", "## Patient level"]
+    needles += ["Paired differences at the slide level", "| 2.5x | KD − Baseline |"]
     assert all(needle in report for needle in needles), [n for n in needles if n not in report]
     with Image.open(exp / "report" / "figure3.png") as img:  # five series in matplotlib's first five colours
         pixels = np.asarray(img.convert("RGB"))
