@@ -13,5 +13,9 @@ _EXPORTS = {
     "load_results": "report",
     "write_report": "report",
     "EvaluateTask": "task",
+    "SLIDE_RULES": "aggregation",
+    "unit_rows": "aggregation",
+    "auroc_ci": "auroc",
+    "score_unit": "unit_scores",
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

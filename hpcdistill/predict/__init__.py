@@ -10,5 +10,6 @@ _EXPORTS = {
     "write_geojson": "qupath",
     "plan_predictions": "array",
     "predict_jobs": "array",
+    "score_cohort": "cohort_scores",
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
