@@ -86,7 +86,7 @@ def test_finished_on_the_device_later_equals_the_finished_stream(small_dataset):
     assert loose[0]["x"][0].shape[-1] == 3  # decoded (H, W, 3): the loader's only per-pixel work is the decode
     for f, d in zip(finished, loose):
         later = finish_batch(d, "cpu", torch.float32)
-        assert set(later) == set(f) == {"key", "slide", "y", "x", "t"}
+        assert set(later) == set(f) == {"key", "slide", "tissue", "area", "y", "x", "t"}
         assert later["key"] == f["key"] and later["slide"] == f["slide"]
         assert torch.equal(later["x"], f["x"]) and torch.equal(later["t"], f["t"])
     again = finish_batch(finished[0])

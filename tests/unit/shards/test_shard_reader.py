@@ -39,7 +39,7 @@ def test_pickles_in_shards_are_never_decoded(tmp_path):
     assert raw["pyd"] == raw["pth"] == raw["pickle"] == blob  # the payloads really are in the shard
     batches = list(ShardStream(spec(shards, "train", mode="labeled")))
     assert len(batches) == 3 and not marker.exists()
-    assert set(batches[0]) == {"key", "slide", "y", "x"}
+    assert set(batches[0]) == {"key", "slide", "tissue", "area", "y", "x"}
 
 
 def test_missing_pieces_are_named(small_dataset, tmp_path):
