@@ -14,7 +14,7 @@ _EXPORTS = {
     "mag_name": "mags",
     "parse_mag": "mags",
     "Config": "config",
-    "ConfigError": "config",
+    "ConfigError": "errors",
     "load_config": "config",
     "resolve_path": "config",
     "atomic_output": "files",
