@@ -2,10 +2,11 @@
 
 For each slide: find its tissues on a thumbnail and cut them into the windows the model's training shards were cut
 into (windows.py, with the windowing stored in the export), read every window at the model's magnification (Lanczos
-from level 0, as in training) and classify it whole. A tissue's probabilities are the area-weighted mean of its
-windows', and the slide call is the **area-weighted mean** over all windows, then argmax: a larger tissue carries
-more evidence, and averaging probabilities (rather than voting) keeps an uncertain small fragment from flipping the
-call. Slides that cannot be read are reported, not fatal.
+from level 0, or from the smallest pyramid level at or above it: what the training shards were cut from, or `read`)
+and classify it whole. A tissue's probabilities are the area-weighted mean of its windows', and the slide call is made
+by the rule `evaluate.aggregation` shares with `evaluate --unit slide` (by default the area-weighted mean over all
+windows, then argmax: a larger tissue carries more evidence, and averaging probabilities rather than voting keeps an
+uncertain small fragment from flipping the call). Slides that cannot be read are reported, not fatal.
 """
 
 from __future__ import annotations
