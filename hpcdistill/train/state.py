@@ -39,6 +39,7 @@ def build_student(cfg: Config, classes: list[str]) -> torch.nn.Module:
     model = build_model(m.arch, m.num_classes, width=m.width, groups=m.groups, stem=m.stem)
     if m.init:
         init = load_exported(resolve_path(m.init), expect_classes=m.num_classes)
+        check_classes("model.init", m.init, init.classes, classes)
         if init.arch_kwargs != model.arch_kwargs:
             raise TrainError(f"model.init: {m.init} is {init.arch_kwargs}, but the config builds {model.arch_kwargs}")
         if not math.isclose(init.mag, cfg.model_mag):
@@ -70,8 +71,20 @@ def compile_modules(cfg: Config, *modules: torch.nn.Module | None) -> None:
                 module.compile(dynamic=True)
 
 
-def build_teacher(cfg: Config) -> torch.nn.Module:
+def check_classes(key: str, path: str, trained: list[str], classes: list[str]) -> None:
+    """A teacher or an init trained on other class names, or the same names in another order, would pair every soft
+    target or class weight with the wrong class: refused in one line showing both lists."""
+    if list(trained) != list(classes):
+        order = " (the same names in another order)" if sorted(trained) == sorted(classes) else ""
+        raise TrainError(
+            f"{key}: {path} was trained on classes [{', '.join(trained)}], the shards' are [{', '.join(classes)}]"
+            f"{order}; shard with --classes {','.join(trained)} or train it on these shards"
+        )
+
+
+def build_teacher(cfg: Config, classes: list[str]) -> torch.nn.Module:
     teacher = load_exported(resolve_path(cfg.teacher.checkpoint), expect_classes=cfg.model.num_classes)
+    check_classes("teacher.checkpoint", cfg.teacher.checkpoint, teacher.classes, classes)
     if not math.isclose(teacher.mag, cfg.data.teacher_mag):
         raise TrainError(
             f"teacher.checkpoint: trained at {mag_name(teacher.mag)}, data.teacher_mag is "
@@ -169,7 +182,7 @@ def build_state(cfg: Config) -> State:
     use_weights_only_loads(engine)
     dtype = next(engine.module.parameters()).dtype
     teacher = (
-        build_teacher(cfg).to(device, dtype=dtype, memory_format=memory_format(cfg))
+        build_teacher(cfg, plan.classes).to(device, dtype=dtype, memory_format=memory_format(cfg))
         if cfg.train.mode == "distill"
         else None
     )
@@ -205,6 +218,7 @@ def save_checkpoint(state: State) -> str:
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
         "manifest_sha256": state.plan.manifest_sha256,  # the data's identity, whatever path it is read from
+        "world": state.world,  # a mid-epoch position is per rank: another world size would skip or repeat samples
     }
     if state.ema is not None:
         client["ema"] = state.ema.state_dict()
@@ -227,6 +241,7 @@ def resume(state: State, target: Path, changes: list[str]) -> None:
     if newer:  # run.resume named an older checkpoint: a later requeue must not jump back to the abandoned future
         state.folder.set_aside(newer, f"superseded: the run was resumed from {target}", ".superseded")
     state.epoch, state.batch, state.global_step = client["epoch"], client["batch"], client["global_step"]
+    changes = changes + _world_change(state, target, client.get("world"))
     state.last_val = client.get("last_val", {})
     if state.ema is not None:
         state.ema.load_state_dict(client["ema"])  # present: ema_decay cannot change on resume
@@ -239,6 +254,22 @@ def resume(state: State, target: Path, changes: list[str]) -> None:
         f"resuming from {target} (step {state.global_step}, epoch {state.epoch}, micro-batch {state.batch} of the "
         f"epoch){note}"
     )
+
+
+def _world_change(state: State, target: Path, saved: int | None) -> list[str]:
+    """Another number of ranks: refused mid-epoch (each rank's position in its share of the epoch would skip or
+    repeat samples), said at an epoch boundary (the global batch changes)."""
+    if saved is None or saved == state.world:
+        return []
+    if state.batch:
+        raise TrainError(
+            f"{target}: saved by {saved} rank(s) mid-epoch (micro-batch {state.batch}); resuming with {state.world} "
+            f"would skip or repeat samples of the epoch: resume with {saved} rank(s) and change at an epoch's end"
+        )
+    per_rank = state.cfg.train.micro_batch * state.cfg.train.grad_accum
+    return [
+        f"ranks {saved} -> {state.world}: the global batch changes from {saved * per_rank} to {state.world * per_rank}"
+    ]
 
 
 def export_weights(state: State, name: str, ema: bool = False) -> None:

@@ -130,3 +130,30 @@ def test_two_ranks_match_one_rank_in_every_mode(tiny_dataset, tiny_teacher, tmp_
         overrides = common + [e.format(out=two) for e in runs[mode]]
         init = build_student(load_config(None, overrides), tiny_dataset["manifest"]["classes"])
         assert any(not torch.equal(r0[k], v) for k, v in init.state_dict().items()), mode  # it really trained
+
+
+def test_a_mid_epoch_resume_on_another_number_of_ranks_is_refused(tiny_dataset, tmp_path, capfd):
+    """Saved by 2 ranks one step into an epoch, resumed on 1: each rank's position in its share of the epoch would
+    skip or repeat samples, so the resume is refused in one line; the checkpoint stays resumable on 2 ranks."""
+    from conftest import tiny_train_overrides
+
+    from hpcdistill.cli import main
+
+    overrides = tiny_train_overrides(tiny_dataset["shards"], tmp_path, "bl", "baseline", 2.5)
+    config = load_config(None, [*overrides, "train.max_steps=1", "data.sampler=ordered"]).save(tmp_path / "bl.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    proc = subprocess.run(
+        [*cmd, "-m", "hpcdistill", "train", str(config)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (saved,) = complete_checkpoints(tmp_path / "bl" / "checkpoints")
+    assert main.main(["train", str(config), "train.max_steps=2"]) == 2  # one rank now
+    (line,) = [ln for ln in capfd.readouterr().err.splitlines() if "rank(s) mid-epoch" in ln]
+    assert str(saved) in line and "saved by 2 rank(s)" in line and "resuming with 1" in line
+    assert complete_checkpoints(tmp_path / "bl" / "checkpoints") == [saved]  # nothing lost, nothing written

@@ -257,3 +257,19 @@ def test_distill_with_an_empty_aux_set_is_an_error_naming_it(tiny_dataset, tiny_
     )
     with pytest.raises(HpcdistillError, match=r"^data.aux: the set 'aux9-000000.tar' in \S+ holds no samples"):
         loop.run(cfg)
+
+
+def test_a_teacher_with_another_class_order_is_refused(tiny_dataset, tiny_teacher, tmp_path, capfd):
+    """The same class names in another order would send every soft target to the wrong class."""
+    blob = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
+    blob["classes"] = list(reversed(blob["classes"]))
+    shuffled = tmp_path / "teacher-reordered.pt"
+    torch.save(blob, shuffled)
+    overrides = tiny_train_overrides(tiny_dataset["shards"], tmp_path, "kd", "distill", 2.5)
+    config = load_config(None, [*overrides, f"teacher.checkpoint={shuffled}", "data.aux=[aux1]"]).save(
+        tmp_path / "kd.yaml"
+    )
+    assert main.main(["train", str(config)]) == 2
+    (line,) = [ln for ln in capfd.readouterr().err.splitlines() if "teacher.checkpoint" in ln]
+    assert "(the same names in another order)" in line and ", ".join(reversed(blob["classes"])) in line
+    assert not (tmp_path / "kd" / "best.pt").exists()
