@@ -236,12 +236,12 @@ def resume(state: State, target: Path, changes: list[str]) -> None:
     """Restore weights, optimizer, position in the data and RNG from `target`; then apply the config's resumable
     settings (lr, weight decay) over the optimizer state's, and say where the run goes on from."""
     client = state.folder.load_checkpoint(state.engine, target)
+    changes = changes + _world_change(state, target, client.get("world"), client["batch"])  # before anything moves
     apply_resumable(state.engine, state.cfg.train)
     newer = [p for p in state.folder.complete_checkpoints() if p.name > target.name]
     if newer:  # run.resume named an older checkpoint: a later requeue must not jump back to the abandoned future
         state.folder.set_aside(newer, f"superseded: the run was resumed from {target}", ".superseded")
     state.epoch, state.batch, state.global_step = client["epoch"], client["batch"], client["global_step"]
-    changes = changes + _world_change(state, target, client.get("world"))
     state.last_val = client.get("last_val", {})
     if state.ema is not None:
         state.ema.load_state_dict(client["ema"])  # present: ema_decay cannot change on resume
@@ -256,14 +256,14 @@ def resume(state: State, target: Path, changes: list[str]) -> None:
     )
 
 
-def _world_change(state: State, target: Path, saved: int | None) -> list[str]:
+def _world_change(state: State, target: Path, saved: int | None, batch: int) -> list[str]:
     """Another number of ranks: refused mid-epoch (each rank's position in its share of the epoch would skip or
     repeat samples), said at an epoch boundary (the global batch changes)."""
     if saved is None or saved == state.world:
         return []
-    if state.batch:
+    if batch:
         raise TrainError(
-            f"{target}: saved by {saved} rank(s) mid-epoch (micro-batch {state.batch}); resuming with {state.world} "
+            f"{target}: saved by {saved} rank(s) mid-epoch (micro-batch {batch}); resuming with {state.world} "
             f"would skip or repeat samples of the epoch: resume with {saved} rank(s) and change at an epoch's end"
         )
     per_rank = state.cfg.train.micro_batch * state.cfg.train.grad_accum
