@@ -8,7 +8,6 @@ Figure 3 next to the README, so the README shows one run, whole, and says what m
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -19,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from hpcdistill.common.errors import HpcdistillError
-from hpcdistill.common.files import atomic_write_json
+from hpcdistill.common.files import atomic_write_json, read_json
 from hpcdistill.common.mags import mag_name
+from hpcdistill.shards.manifest import read_manifest
 
 RECORD = "demo.json"
 START, END = "<!-- demo:start -->", "<!-- demo:end -->"
@@ -93,10 +93,7 @@ def write_record(out: Path, summary: dict[str, Any]) -> Path:
 
 
 def read_record(out: Path) -> dict[str, Any]:
-    try:
-        return json.loads((out / RECORD).read_text())
-    except (OSError, ValueError):
-        raise HpcdistillError(f"{out / RECORD}: no demo record; run `make demo` first") from None
+    return read_json(out / RECORD, HpcdistillError, missing="no demo record; run `make demo` first")
 
 
 def _slide_table(results: list) -> str:
@@ -116,7 +113,7 @@ def render_section(record: dict[str, Any], figure: str) -> str:
     from hpcdistill.evaluate.report import load_results, methods_table, teacher_table
 
     results = load_results([Path(record["tensorboard"])])
-    manifest = json.loads((Path(record["shards"]) / "manifest.json").read_text())
+    manifest = read_manifest(record["shards"])
     splits = manifest["splits"]
     teacher = next(r for r in results if r.method == "Teacher")
     savings = ", ".join(
