@@ -27,5 +27,25 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def error_line(capsys) -> str:
+    """The one stderr line of a failed command (anything before it, e.g. DeepSpeed's notices, is not ours)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("hpcdistill: error: "), lines[-5:]
+    return lines[-1]
+
+
+def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one TensorBoard tag over every events file of a run (one file per start)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out = {}
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value if event.HasField("summary") else []:
+                if value.tag == tag:
+                    out[event.step] = value.tensor.float_val[0] if value.HasField("tensor") else value.simple_value
+    return out
+
+
 class Payload:
     """Stands for any pickled object: loading it could run code, so a resume must refuse it."""

@@ -19,6 +19,7 @@ def render_dry_run(name: str, exp_dir: Path, jobs: list[JobPlan]) -> str:
         dep = dependency_string(job, ids) or "none"
         what = f"array[{len(job.tasks)}] " + ", ".join(t.name for t in job.tasks) if job.is_array else job.tasks[0].name
         lines.append(f"{job.key:<12} {what}  <- {dep}")
+        lines += [f"{'':<12} gate: {job.gate}"] if job.gate else []
     folder = Path(exp_dir) / "slurm" / "<launch>" / "%j"
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     for job in jobs:

@@ -78,6 +78,7 @@ class JobPlan:
     after_corr: list[str] = field(default_factory=list)  # array keys whose task i this job's task i waits for
     label: str = ""
     study: str = "main"
+    gate: str = ""  # what must hold before its tasks may start, beyond the dependencies (the teacher gate)
     callables: list[Any] = field(default_factory=list, repr=False)  # what each task runs (submitit pickles them)
 
     @property

@@ -103,6 +103,9 @@ class DataConfig:
     # Samples per epoch over all ranks; 0 = the manifest's count for the selected sets. Each rank runs exactly
     # ceil(epoch_samples / world) samples (rounded down to whole optimizer steps) so no rank waits on another.
     epoch_samples: int = 0
+    # Or an epoch as passes over the labelled training tissues (the data.train sets, whatever aux adds): the budget
+    # then follows the data, a set twice as large gets twice the steps. 0 = off; exclusive with epoch_samples.
+    epoch_passes: float = 0.0
     # "resampled": each rank/worker draws shards with replacement (scales, the default for real runs);
     # "ordered": one global sample order strided across ranks, so a run is independent of the world size
     # (tests, audits).
@@ -130,6 +133,12 @@ class ModelConfig:
 @dataclass
 class TeacherRef:
     checkpoint: str = ""  # the teacher run's exported best.pt; its arch_kwargs rebuild the network
+    # The gate before distillation (train/teacher_gate.py): the export's recorded validation accuracy (macro
+    # one-vs-rest, as the reports) must reach this floor, and beat the reference export's when one is named (e.g. the
+    # baseline at the student's magnification). "refuse" stops in one line, "warn" says it and goes on.
+    min_val_accuracy: float = 0.8
+    reference: str = ""
+    gate: Literal["refuse", "warn"] = "refuse"
 
 
 @dataclass
@@ -137,6 +146,15 @@ class TrainConfig:
     mode: Mode = "teacher"
     epochs: int = 100  # paper: 100 epochs of Adam at lr 1e-3
     lr: float = 1e-3
+    # "constant" (the paper's), or "cosine": linear warm-up over warmup_epochs, then cosine decay to
+    # lr x min_lr_ratio at the end of the budget (max_epochs when set); stepped per optimizer step (train/budget.py).
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.01
+    # Stop when the selection metric has not improved for this many validations (0 = run the budget); with
+    # max_epochs > epochs, a run still improving at `epochs` goes on until the plateau or max_epochs.
+    patience: int = 0
+    max_epochs: int = 0
     weight_decay: float = 0.0  # explicit: DeepSpeed's torch Adam otherwise defaults to 0.01
     grad_accum: int = 16  # micro-batch 1 whole tissues + accumulation, as in the paper
     micro_batch: int = 1
@@ -281,9 +299,37 @@ def _check(cfg: Config) -> None:
         "train.weight_decay": cfg.train.weight_decay,
         "log.images_every": cfg.log.images_every,
         "train.checkpoint_every_min": cfg.train.checkpoint_every_min,
+        "data.epoch_passes": cfg.data.epoch_passes,
+        "train.warmup_epochs": cfg.train.warmup_epochs,
+        "train.patience": cfg.train.patience,
+        "train.max_epochs": cfg.train.max_epochs,
+        "teacher.min_val_accuracy": cfg.teacher.min_val_accuracy,
     }
     _at_least(non_negative, 0)
+    _check_budget(cfg)
     _check_values(cfg)
+
+
+def _check_budget(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
+    if d.epoch_passes and d.epoch_samples:
+        raise ConfigError("data.epoch_passes: set it or data.epoch_samples, not both (both size an epoch)")
+    if d.epoch_passes and not d.train:
+        raise ConfigError("data.epoch_passes: counts passes over data.train, which is empty; use data.epoch_samples")
+    if t.max_epochs and t.max_epochs < t.epochs:
+        raise ConfigError(f"train.max_epochs: {t.max_epochs} is below train.epochs {t.epochs} (0 = no extension)")
+    if t.patience and not d.val:
+        raise ConfigError("train.patience: a plateau is seen on validation, and data.val is empty")
+    if t.max_epochs > t.epochs and not t.patience:
+        raise ConfigError("train.max_epochs: an extension needs train.patience (it runs on while validation improves)")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    if t.schedule == "constant" and t.warmup_epochs:
+        raise ConfigError("train.warmup_epochs: warm-up is part of train.schedule=cosine; constant has none")
+    if t.warmup_epochs >= max(t.epochs, t.max_epochs):
+        raise ConfigError(f"train.warmup_epochs: {t.warmup_epochs:g} leaves no budget after it (train.epochs {t.epochs})")
+    if cfg.teacher.min_val_accuracy > 1:
+        raise ConfigError(f"teacher.min_val_accuracy: a fraction in [0, 1], got {cfg.teacher.min_val_accuracy}")
 
 
 def _check_values(cfg: Config) -> None:

@@ -200,6 +200,7 @@ def _record_head(
         "classes": exported.classes,
         "checkpoint": str(checkpoint),
         "arch": exported.arch_kwargs,
+        "val": exported.val,  # validation at the export's pick: the report sets each teacher's next to its students
     }
 
 

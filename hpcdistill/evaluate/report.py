@@ -21,6 +21,7 @@ from hpcdistill.common.mags import mag_name
 from hpcdistill.evaluate.comparisons import Comparison, format_difference, paired_comparisons
 from hpcdistill.evaluate.method_labels import ABLATION_ORDER, AUX_PREFIX, BASELINE, KD, TEACHER, method_order
 from hpcdistill.evaluate.metrics import METRICS
+from hpcdistill.evaluate.report_teachers import teacher_blame, teachers_table
 from hpcdistill.evaluate.report_units import absent_lines, class_section, unit_section
 
 METRIC_TITLES = {
@@ -49,6 +50,7 @@ class EvalResult:
     resample: str = "samples"  # what the bootstrap resampled: samples or slides
     predictions: str = ""  # the per-sample predictions CSV beside the record (paired comparisons read it)
     units: dict = field(default_factory=dict, compare=False)  # unit -> its scores (evaluate.unit_scores), as recorded
+    val_accuracy: float | None = None  # the export's validation accuracy at its pick (None: not recorded)
 
 
 def load_results(paths: list[str | Path]) -> list[EvalResult]:
@@ -89,6 +91,7 @@ def _read_result(path: Path) -> EvalResult:
             resample=str(record.get("bootstrap", {}).get("resample", "samples")),
             predictions=str(path.with_name(f"{record.get('split', path.stem)}_predictions.csv")),
             units=dict(record.get("units") or {}),
+            val_accuracy=(record.get("val") or {}).get("accuracy"),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise HpcdistillError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
@@ -160,7 +163,7 @@ def ordering_check(results: list[EvalResult], comparisons: list[Comparison] | No
     the run shows. KD(aux) is the best of the auxiliary-set variants. The best KD's gain over the baseline is
     called significant only when its paired-bootstrap CI (`comparisons`) excludes 0.
     """
-    results = seed_means(results)
+    per_seed, results = results, seed_means(results)
     teacher = next((r for r in results if r.method == TEACHER), None)
     lines = []
     for mag in sorted({r.mag for r in results if r.method == BASELINE}):
@@ -193,6 +196,7 @@ def ordering_check(results: list[EvalResult], comparisons: list[Comparison] | No
         lines.append(
             f"- {mag_name(mag)}: the paper's ordering {verdict}: {numbers}. "
             f"Best KD vs baseline: {100 * (best_kd.metrics['accuracy'][0] - base[0]):+.1f} points, {gain}."
+            + (teacher_blame(per_seed, mag) if broken else "")
         )
     return lines
 
@@ -338,6 +342,8 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
         "The same 10,000 resampled index sets score both methods (their sample keys checked), so each CI is that of "
         "the difference itself; P(Δ ≤ 0) is the share of resamples where the first method does not win.",
         paired_table(comparisons),
+        "### The teachers beside their students",
+        teachers_table(main),
         "### Does the paper's ordering hold?",
         "\n".join(ordering_check(main, comparisons)) or "_Not enough runs to check._",
         "## Accuracy against compute (Figure 3 layout)",

@@ -31,6 +31,9 @@ class MethodSpec:
     label: str = ""  # the method name in the report ("Baseline", "KD", "KD (ADv1)"); default: the method key
     overrides: list[str] = field(default_factory=list)
     init_from: str = ""  # another method whose best.pt at the same magnification initialises this one (finetune)
+    # Another method (e.g. baseline) whose best.pt at the same magnification and seed this distillation's teacher must
+    # beat on validation (teacher.reference): the array then waits for that method.
+    gate_against: str = ""
     study: Literal["main", "ablation"] = "main"
 
 
@@ -165,15 +168,21 @@ def _parse_methods(methods_raw: Any) -> dict[str, MethodSpec]:
         method.label = method.label or name
         methods[name] = method
     for name, method in methods.items():
-        if method.init_from and method.init_from not in methods:
-            raise ConfigError(
-                f"methods.{name}.init_from: {method.init_from!r} is not a method (have {', '.join(methods)})"
-            )
-        if method.init_from == name:
-            raise ConfigError(f"methods.{name}.init_from: a method cannot start from itself")
-        if method.init_from and methods[method.init_from].init_from:
-            raise ConfigError(f"methods.{name}.init_from: {method.init_from} itself has init_from; one level only")
+        for key in ("init_from", "gate_against"):
+            _check_method_link(methods, name, key, getattr(method, key))
     return methods
+
+
+def _check_method_link(methods: dict[str, MethodSpec], name: str, key: str, other: str) -> None:
+    """init_from and gate_against name another method that itself waits on none (one level: the graph stays flat)."""
+    if not other:
+        return
+    if other not in methods:
+        raise ConfigError(f"methods.{name}.{key}: {other!r} is not a method (have {', '.join(methods)})")
+    if other == name:
+        raise ConfigError(f"methods.{name}.{key}: a method cannot name itself")
+    if methods[other].init_from or methods[other].gate_against:
+        raise ConfigError(f"methods.{name}.{key}: {other} itself waits on another method; one level only")
 
 
 def _parse_resources(raw: Any, methods: list[str]) -> dict[str, Resources]:

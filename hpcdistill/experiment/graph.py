@@ -9,10 +9,11 @@ starts as soon as the 2.5x distillation is done. Evaluation waits `afterok` on e
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from hpcdistill.cluster.job_plan import JobPlan, TaskPlan
-from hpcdistill.common.config import load_config
+from hpcdistill.common.config import Config, load_config
 from hpcdistill.common.errors import HpcdistillError, LaunchError
 from hpcdistill.common.mags import mag_name
 from hpcdistill.evaluate.task import EvaluateTask
@@ -55,11 +56,12 @@ def _method_job(exp: Experiment, name: str, common: list[str]) -> JobPlan:
             extra = [*common, f"run.name={run_name}", f"data.mag={mag:g}", teacher_best]
             extra += [] if seed is None else [f"run.seed={seed}"]
             if method.init_from:
-                extra.append(
-                    f"model.init={exp.exp_dir / f'{method.init_from}-{mag_name(mag)}{_suffix(seed)}' / 'best.pt'}"
-                )
+                extra.append(f"model.init={_best(exp, method.init_from, mag, seed)}")
+            if method.gate_against:
+                extra.append(f"teacher.reference={_best(exp, method.gate_against, mag, seed)}")
             task = TaskPlan(run_name, mag, str(exp.exp_dir / run_name), method.config, [*method.overrides, *extra])
-            distills = _validate(task, f"methods.{name}") == "distill"
+            cfg = _validate(task, f"methods.{name}")
+            distills = cfg.train.mode == "distill"
             if not distills:
                 task.overrides.remove(teacher_best)
             tasks.append(task)
@@ -69,9 +71,10 @@ def _method_job(exp: Experiment, name: str, common: list[str]) -> JobPlan:
         "method",
         exp.resources_for(name),
         tasks,
-        after_ok=["teacher"] if distills else [],
+        after_ok=(["teacher"] + ([method.gate_against] if method.gate_against else [])) if distills else [],
         label=method.label,
         study=method.study,
+        gate=_gate_text(cfg, method.gate_against) if distills else "",
     )
     job.after_corr = [method.init_from] if method.init_from else []
     return job
@@ -83,7 +86,8 @@ def plan_jobs(exp: Experiment) -> list[JobPlan]:
     is queued."""
     common = [f"run.out_dir={exp.exp_dir}", f"data.shards={exp.shards}"]
     jobs = [_teacher_job(exp, common)]
-    for name in sorted(exp.methods, key=lambda n: bool(exp.methods[n].init_from)):  # stable: sources first
+    waits = {n: bool(m.init_from or m.gate_against) for n, m in exp.methods.items()}
+    for name in sorted(exp.methods, key=waits.__getitem__):  # stable: the methods others wait on first
         jobs.append(_method_job(exp, name, common))
     if exp.evaluate.enabled:
         res = exp.resources_for("evaluate")  # one process: evaluation is not distributed
@@ -124,12 +128,24 @@ def experiment_shard_jobs(exp: Experiment, teacher: TaskPlan) -> list[JobPlan]:
     return shard_jobs(plan, exp.resources_for("shard"), stage.workers, stage.strict)
 
 
-def _validate(task: TaskPlan, key: str) -> str:
-    """Load the task's training config as the job will, and its DeepSpeed JSON; returns its train.mode."""
+def _best(exp: Experiment, method: str, mag: float, seed: int | None) -> Path:
+    """Another method's export at this magnification and seed."""
+    return exp.exp_dir / f"{method}-{mag_name(mag)}{_suffix(seed)}" / "best.pt"
+
+
+def _gate_text(cfg: Config, against: str) -> str:
+    """The teacher gate a distillation array passes, as the graph shows it."""
+    gate = cfg.teacher
+    text = f"teacher val accuracy >= {gate.min_val_accuracy:g}" + (f" and > {against}'s" if against else "")
+    return f"{text} ({gate.gate})"
+
+
+def _validate(task: TaskPlan, key: str) -> Config:
+    """Load the task's training config as the job will, and its DeepSpeed JSON."""
     try:
         cfg = load_config(task.config, task.overrides)
         read_ds_json(cfg.deepspeed)  # a JSON setting a key the config owns fails here, not on the cluster
-        return cfg.train.mode
+        return cfg
     except HpcdistillError as err:
         raise LaunchError(f"{key} ({task.name}): {err}") from None
 

@@ -5,7 +5,7 @@ the training shards cut tissues into windows. `export_blob` builds it, `load_exp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,11 @@ def export_blob(
     global_step: int,
     windowing: dict[str, Any],
     source: str = "level0",
+    val: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The export of `module` (weights as float32 on the CPU); `global_step` tells a resume whether an export
-    belongs to the trajectory it continues; `source`, where the training shards' crops came from."""
+    belongs to the trajectory it continues; `source`, where the training shards' crops came from; `val`, its
+    validation metrics when it was picked (what the teacher gate reads)."""
     return {
         "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()},
         "arch_kwargs": dict(module.arch_kwargs),
@@ -46,6 +48,7 @@ def export_blob(
         "global_step": global_step,
         "windowing": windowing,
         "source": source,
+        "val": {k: float(v) for k, v in (val or {}).items()},
     }
 
 
@@ -61,6 +64,7 @@ class ExportedModel:
     windowing: Windowing  # how the training shards cut tissues into windows: prediction cuts the same way
     windowing_recorded: bool = True  # False: an export older than the record, read with the sharder's defaults
     source: str = "level0"  # where its training crops came from (`shard --source`): what `predict` reads by default
+    val: dict = field(default_factory=dict)  # validation metrics at the pick ({}: not recorded, an older export)
 
     @property
     def device(self) -> torch.device:
@@ -109,4 +113,5 @@ def load_exported(
         windowing=Windowing.from_dict(blob.get("windowing") or DEFAULT_WINDOWING),
         windowing_recorded="windowing" in blob,
         source=str(blob.get("source", "level0")),
+        val={k: float(v) for k, v in (blob.get("val") or {}).items()},
     )

@@ -12,6 +12,7 @@ from hpcdistill.common.mags import mag_name
 from hpcdistill.data.streams import StreamSpec, per_rank_samples
 from hpcdistill.shards.manifest import mag_stats, manifest_digest, read_manifest, split_summary
 from hpcdistill.shards.reader import ShardSet, resolve_sets
+from hpcdistill.train.budget import budget_line, epoch_samples
 
 
 @dataclass
@@ -24,6 +25,7 @@ class DataPlan:
     per_rank: int  # samples per rank per epoch
     steps_per_epoch: int  # optimizer steps
     manifest_sha256: str | None = None
+    budget: str = ""  # how the epoch's size was derived (train.budget.budget_line)
 
 
 def plan_data(cfg: Config, world: int) -> DataPlan:
@@ -41,16 +43,16 @@ def plan_data(cfg: Config, world: int) -> DataPlan:
                 )
         return sets
 
-    train = ShardSet.combine(
-        nonempty("data.train", d.train) + (nonempty("data.aux", d.aux) if t.mode == "distill" else [])
-    )
+    labelled = nonempty("data.train", d.train)
+    train = ShardSet.combine(labelled + (nonempty("data.aux", d.aux) if t.mode == "distill" else []))
     val = ShardSet.combine(nonempty("data.val", d.val)) if d.val else None
     mags = {mag_name(cfg.model_mag)}
     if t.mode == "distill":
         mags.add(mag_name(d.teacher_mag))
     stats = {name: mag_stats(manifest, float(name[:-1])) for name in mags}
     unit = t.micro_batch * t.grad_accum
-    per_rank = per_rank_samples(d.epoch_samples or train.samples, world, unit)
+    samples, derivation = epoch_samples(cfg, sum(s.samples for s in labelled), train.samples)
+    per_rank = per_rank_samples(samples, world, unit)
     return DataPlan(
         manifest,
         train,
@@ -60,6 +62,7 @@ def plan_data(cfg: Config, world: int) -> DataPlan:
         per_rank,
         per_rank // unit,
         manifest_digest(shards),
+        budget_line(cfg, per_rank // unit, per_rank, world, derivation),
     )
 
 

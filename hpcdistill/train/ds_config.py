@@ -11,6 +11,7 @@ from hpcdistill.common.config import Config, resolve_path
 from hpcdistill.common.errors import TrainError
 from hpcdistill.common.files import read_json
 from hpcdistill.common.typed_tree import walk_dotted
+from hpcdistill.train.budget import scheduler_config
 
 # DeepSpeed key (dotted) -> the typed config key that owns it
 OWNED_KEYS = {
@@ -22,7 +23,7 @@ OWNED_KEYS = {
     "bf16.enabled": "precision",
     "fp16.enabled": "precision",
     "amp": "precision",
-    "scheduler": "train.lr (no schedule: the paper's constant-lr Adam)",
+    "scheduler": "train.schedule",
 }
 
 
@@ -44,8 +45,9 @@ def read_ds_json(path_text: str) -> dict[str, Any]:
     return ds
 
 
-def build_ds_config(cfg: Config, world: int, on_cpu: bool) -> dict[str, Any]:
-    """The dict `deepspeed.initialize` gets for this run on `world` ranks."""
+def build_ds_config(cfg: Config, world: int, on_cpu: bool, steps_per_epoch: int) -> dict[str, Any]:
+    """The dict `deepspeed.initialize` gets for this run on `world` ranks, `steps_per_epoch` optimizer steps each
+    epoch (the schedule's horizon)."""
     ds = read_ds_json(cfg.deepspeed)
     t = cfg.train
     if cfg.precision == "fp16" and on_cpu:
@@ -60,4 +62,7 @@ def build_ds_config(cfg: Config, world: int, on_cpu: bool) -> dict[str, Any]:
     opt["params"].setdefault("torch_adam", True)  # no fused C++ op to compile
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.precision == "fp16"}
+    scheduler = scheduler_config(cfg, steps_per_epoch)
+    if scheduler is not None:
+        ds["scheduler"] = scheduler
     return ds

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from hpcdistill.common.config import Config, load_config
+from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError, TrainError
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.ranks import is_rank_zero
 from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.data.streams import make_loader
 from hpcdistill.evaluate.method_labels import method_label
+from hpcdistill.train.budget import epoch_limit, stop_reason
 from hpcdistill.train.class_logging import log_classes
 from hpcdistill.train.data_plan import stream_spec
 from hpcdistill.train.distributed import barrier
@@ -127,6 +129,8 @@ def train_epoch(state: State) -> bool:
         for k, v in losses.items():
             state.meter[k] = state.meter.get(k, 0.0) + v
         state.meter["_n"] = state.meter.get("_n", 0.0) + 1
+        for k, v in [*losses.items(), ("_n", 1.0)]:
+            state.epoch_meter[k] = state.epoch_meter.get(k, 0.0) + v
         if state.global_step % cfg.log.log_every == 0:
             logscalars(state, images / (time.perf_counter() - tick))
             report_progress(state, "train")
@@ -142,7 +146,7 @@ def train_epoch(state: State) -> bool:
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    full = steps_per_epoch * cfg.train.epochs
+    full = steps_per_epoch * epoch_limit(cfg)
     return min(full, cfg.train.max_steps) if cfg.train.max_steps else full
 
 
@@ -158,7 +162,7 @@ def report_progress(state: State, phase: str) -> None:
             "mode": state.cfg.train.mode,
             "phase": phase,
             "epoch": state.epoch,
-            "epochs": state.cfg.train.epochs,
+            "epochs": epoch_limit(state.cfg),
             "step": state.global_step,
             "steps": total,
             "eta_s": eta,
@@ -221,16 +225,37 @@ def end_epoch(state: State) -> None:
     for k, v in scalars(metrics).items():
         state.writer.add_scalar(f"val/{k}", v, state.global_step)
     log_classes(state, metrics)
+    improved = []
     for sel in state.selections:
         if metrics and sel.metric not in metrics:
             key = "train.select_metric" if sel.file == "best.pt" else "train.export_also"
             raise TrainError(f"{key}: {sel.metric!r} is not a val metric (have {', '.join(scalars(metrics))})")
-        if not metrics or sel.improves(metrics):
+        improved.append(not metrics or sel.improves(metrics))
+        if improved[-1]:
             sel.take(metrics, state.global_step)
             export_selection(state, sel)
+    state.stale = 0 if improved[0] else state.stale + 1
     state.epoch += 1
     state.batch = 0
+    say_validation(state, metrics, improved[0])
+    best = state.selections[0]
+    state.stop_reason = stop_reason(state.cfg, state.epoch, state.stale, best.value, best.step) or ""
     save_checkpoint(state)
+
+
+def say_validation(state: State, metrics: dict[str, Any], new_best: bool) -> None:
+    """One line per validation: where the run is, its training loss since the last line, and the pick."""
+    if state.rank != 0 or not metrics:
+        return
+    metric = state.cfg.select_metric
+    n = state.epoch_meter.pop("_n", 0.0)
+    loss = f"train loss {state.epoch_meter.get('total', 0.0) / n:.4f}, " if n else ""
+    state.epoch_meter.clear()
+    mark = "new best" if new_best else f"best {state.selections[0].value:.4f}, {state.stale} without better"
+    say(
+        f"epoch {state.epoch}/{epoch_limit(state.cfg)} step {state.global_step}: {loss}val {metric} "
+        f"{metrics[metric]:.4f} ({mark})"
+    )
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -243,17 +268,19 @@ def fit(state: State) -> dict[str, Any]:
     cfg = state.cfg
     stopped = False
     # A rerun of a finished run (a requeue or relaunch after the last step) only reports: its exports and hparams exist.
-    done_before = state.epoch >= cfg.train.epochs and (cfg.run_dir / "last.pt").is_file()
+    done_before = bool(state.stop_reason) and (cfg.run_dir / "last.pt").is_file()
     state.started = (time.monotonic(), state.global_step)
     report_progress(state, "train")
     try:
-        while state.epoch < cfg.train.epochs and not stopped:
+        while not state.stop_reason and not stopped:
             stopped = train_epoch(state)
             if stopped:
                 save_checkpoint(state)
             else:
                 end_epoch(state)
                 stopped = bool(cfg.train.max_steps and state.global_step >= cfg.train.max_steps)
+        if state.stop_reason and not done_before and state.rank == 0:
+            say(f"{cfg.run.name}: stopped at epoch {state.epoch}, step {state.global_step} ({state.stop_reason})")
         if not done_before:
             export_weights(state, "last.pt")
             if state.ema is not None:
@@ -270,6 +297,7 @@ def fit(state: State) -> dict[str, Any]:
         "epoch": state.epoch,
         "global_step": state.global_step,
         "stopped_early": stopped,
+        "stop_reason": state.stop_reason or ("train.max_steps reached" if stopped else ""),
         "select_metric": cfg.select_metric,
         "best": state.selections[0].value,
         "best_step": state.selections[0].step,

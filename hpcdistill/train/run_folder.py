@@ -39,6 +39,8 @@ MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed (ZeRO 0): module weight
 RESUMABLE = (
     "train.epochs",
     "train.max_steps",
+    "train.patience",  # the stop rule, read at every validation; the schedule's shape cannot change (budget.py)
+    "train.max_epochs",
     "train.lr",
     "train.weight_decay",
     "train.checkpoint_every_steps",
@@ -107,10 +109,12 @@ def check_resume_config(
     return [f"{k}: {a} -> {b}" for k, a, b in changes if k != "run.resume"]
 
 
-def apply_resumable(engine: Any, train: Any) -> None:
-    """Loading a checkpoint restores the optimizer's param groups, lr included: set the config's values again."""
+def apply_resumable(engine: Any, train: Any, scheduled: bool) -> None:
+    """Loading a checkpoint restores the optimizer's param groups, lr included: set the config's values again. Under
+    a schedule the loaded lr is already the schedule's next one (and train.lr cannot change): it stays."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = train.lr
+        if not scheduled:
+            group["lr"] = train.lr
         group["weight_decay"] = train.weight_decay
 
 

@@ -21,12 +21,14 @@ from hpcdistill.data.device_batch import require_device_decode
 from hpcdistill.models.export import load_exported
 from hpcdistill.shards.manifest import manifest_digest, shard_source
 from hpcdistill.slides.windows import DEFAULT_WINDOWING
+from hpcdistill.train.budget import SCHEDULE_KEYS, start_schedule, stop_reason
 from hpcdistill.train.data_plan import DataPlan, plan_data
 from hpcdistill.train.distributed import device_for, setup_distributed
 from hpcdistill.train.ds_config import build_ds_config
 from hpcdistill.train.ema import WeightAverage
 from hpcdistill.train.run_folder import RunFolder, apply_resumable, check_resume_config, use_weights_only_loads
 from hpcdistill.train.selection import Selection, restore_selections, selections_for, uses_ema
+from hpcdistill.train.teacher_gate import check_teacher
 
 
 def build_student(cfg: Config, classes: list[str]) -> torch.nn.Module:
@@ -85,6 +87,7 @@ def check_classes(key: str, path: str, trained: list[str], classes: list[str]) -
 def build_teacher(cfg: Config, classes: list[str]) -> torch.nn.Module:
     teacher = load_exported(resolve_path(cfg.teacher.checkpoint), expect_classes=cfg.model.num_classes)
     check_classes("teacher.checkpoint", cfg.teacher.checkpoint, teacher.classes, classes)
+    check_teacher(cfg, teacher)
     if not math.isclose(teacher.mag, cfg.data.teacher_mag):
         raise TrainError(
             f"teacher.checkpoint: trained at {mag_name(teacher.mag)}, data.teacher_mag is "
@@ -137,6 +140,9 @@ class State:
     teacher_val: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     teacher_val_bytes: int = 0
     last_val: dict[str, Any] = field(default_factory=dict)
+    stale: int = 0  # validations since best.pt's metric last improved (train.patience)
+    stop_reason: str = ""  # set by the validation that ends the run (budget.stop_reason)
+    epoch_meter: dict[str, float] = field(default_factory=dict)  # this epoch's training losses, for its val line
     meter: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -156,8 +162,23 @@ def _resume_changes(cfg: Config, folder: RunFolder, target: Path | None) -> list
     stored, manifest_sha256 = folder.stored_config(target) if target is not None else (None, None)
     if target is None or stored is None:
         return []
-    same_shards = manifest_sha256 is not None and manifest_sha256 == manifest_digest(resolve_path(cfg.data.shards))
-    return check_resume_config(stored, cfg.to_dict(), target, cfg.run.name, same_shards, defaults=Config().to_dict())
+    now = manifest_digest(resolve_path(cfg.data.shards))
+    if manifest_sha256 is not None and manifest_sha256 != now:
+        raise TrainError(
+            f"data.shards: {cfg.data.shards} is not the data {target} was trained on (manifest sha256 "
+            f"{manifest_sha256[:12]}, now {(now or 'none')[:12]}): the shards were re-made or replaced; start a new "
+            f"run, e.g. run.name={cfg.run.name}-2"
+        )
+    changes = check_resume_config(
+        stored, cfg.to_dict(), target, cfg.run.name, manifest_sha256 is not None, defaults=Config().to_dict()
+    )
+    bent = [c for c in changes if c.split(":")[0] in SCHEDULE_KEYS and cfg.train.schedule != "constant"]
+    if bent:
+        raise TrainError(
+            f"{target}: cannot resume with a changed {', '.join(bent)} under train.schedule={cfg.train.schedule}: "
+            f"it would bend the schedule the run is on; start a new run, e.g. run.name={cfg.run.name}-2"
+        )
+    return changes
 
 
 def build_state(cfg: Config) -> State:
@@ -172,8 +193,8 @@ def build_state(cfg: Config) -> State:
     device = device_for(local)
     if cfg.data.decode == "gpu":
         require_device_decode(device)
-    ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu")
     plan = plan_data(cfg, world)
+    ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu", steps_per_epoch=plan.steps_per_epoch)
     model = build_student(cfg, plan.classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
@@ -203,6 +224,10 @@ def build_state(cfg: Config) -> State:
     compile_modules(cfg, engine.module, teacher)  # after the EMA copy: a copied compiled forward calls the original
     if target is not None:
         resume(state, target, changes)
+    else:
+        start_schedule(engine)
+    if rank == 0:
+        say(plan.budget)
     state.writer = build_writer(cfg, rank)
     folder.write_config(cfg.to_dict())  # only now: a refused resume leaves the run's config.yaml as it was
     return state
@@ -219,6 +244,7 @@ def save_checkpoint(state: State) -> str:
         "python_rng": random.getstate(),
         "manifest_sha256": state.plan.manifest_sha256,  # the data's identity, whatever path it is read from
         "world": state.world,  # a mid-epoch position is per rank: another world size would skip or repeat samples
+        "stale": state.stale,
     }
     if state.ema is not None:
         client["ema"] = state.ema.state_dict()
@@ -237,12 +263,13 @@ def resume(state: State, target: Path, changes: list[str]) -> None:
     settings (lr, weight decay) over the optimizer state's, and say where the run goes on from."""
     client = state.folder.load_checkpoint(state.engine, target)
     changes = changes + _world_change(state, target, client.get("world"), client["batch"])  # before anything moves
-    apply_resumable(state.engine, state.cfg.train)
+    apply_resumable(state.engine, state.cfg.train, scheduled=state.engine.lr_scheduler is not None)
     newer = [p for p in state.folder.complete_checkpoints() if p.name > target.name]
     if newer:  # run.resume named an older checkpoint: a later requeue must not jump back to the abandoned future
         state.folder.set_aside(newer, f"superseded: the run was resumed from {target}", ".superseded")
     state.epoch, state.batch, state.global_step = client["epoch"], client["batch"], client["global_step"]
     state.last_val = client.get("last_val", {})
+    state.stale = client.get("stale", 0)
     if state.ema is not None:
         state.ema.load_state_dict(client["ema"])  # present: ema_decay cannot change on resume
     torch.set_rng_state(client["torch_rng"])
@@ -250,6 +277,9 @@ def resume(state: State, target: Path, changes: list[str]) -> None:
     state.last_ckpt = str(target)
     note = f"; changed on resume: {', '.join(changes)}" if changes else ""
     note += "".join(f"; {stale}" for stale in restore_selections(state.selections, client, state.folder.export_step))
+    best = state.selections[0]
+    if state.batch == 0 and state.epoch > 0:  # recomputed, not stored: a resumable change of the budget counts
+        state.stop_reason = stop_reason(state.cfg, state.epoch, state.stale, best.value, best.step) or ""
     say(
         f"resuming from {target} (step {state.global_step}, epoch {state.epoch}, micro-batch {state.batch} of the "
         f"epoch){note}"
@@ -261,6 +291,11 @@ def _world_change(state: State, target: Path, saved: int | None, batch: int) -> 
     repeat samples), said at an epoch boundary (the global batch changes)."""
     if saved is None or saved == state.world:
         return []
+    if state.cfg.train.schedule != "constant":
+        raise TrainError(
+            f"{target}: saved by {saved} rank(s); with {state.world} an epoch has another number of steps and the "
+            f"lr schedule would no longer end with the run: resume with {saved} rank(s)"
+        )
     if batch:
         raise TrainError(
             f"{target}: saved by {saved} rank(s) mid-epoch (micro-batch {batch}); resuming with {state.world} "
@@ -272,8 +307,9 @@ def _world_change(state: State, target: Path, saved: int | None, batch: int) -> 
     ]
 
 
-def export_weights(state: State, name: str, ema: bool = False) -> None:
-    """The training weights (or with `ema`, their moving average) as a plain export in the run folder."""
+def export_weights(state: State, name: str, ema: bool = False, val: dict[str, float] | None = None) -> None:
+    """The training weights (or with `ema`, their moving average) as a plain export in the run folder, with the
+    validation metrics it was picked on (default: the last validation's)."""
     mag = state.cfg.model_mag
     module = state.ema.module if ema and state.ema is not None else state.engine.module
     state.folder.export_weights(
@@ -286,6 +322,7 @@ def export_weights(state: State, name: str, ema: bool = False) -> None:
         global_step=state.global_step,
         windowing=training_windowing(state.plan.manifest),
         source=shard_source(state.plan.manifest),
+        val=scalars(state.last_val) if val is None else val,
     )
 
 
@@ -296,7 +333,7 @@ def training_windowing(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_selection(state: State, sel: Selection) -> None:
-    export_weights(state, sel.file, ema=uses_ema(sel.metric))
+    export_weights(state, sel.file, ema=uses_ema(sel.metric), val=sel.at_pick)
 
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:

@@ -183,7 +183,7 @@ def test_shipped_configs_load():
     assert [p.stem for p in jsons] == ["zero0"] and named == {"configs/deepspeed/zero0.json"}
     for f in files:
         cfg = load_config(f)
-        ds = build_ds_config(cfg, world=1, on_cpu=False)
+        ds = build_ds_config(cfg, world=1, on_cpu=False, steps_per_epoch=10)
         assert ds["zero_optimization"]["stage"] == 0
         assert ds["gradient_accumulation_steps"] == cfg.train.grad_accum
         assert ds["bf16"]["enabled"] == (cfg.precision == "bf16") and not ds["fp16"]["enabled"]
@@ -201,7 +201,7 @@ def test_ds_config_takes_every_owned_value_from_the_typed_config(precision):
             "train.weight_decay=0.01",
         ],
     )
-    ds = build_ds_config(cfg, world=4, on_cpu=False)
+    ds = build_ds_config(cfg, world=4, on_cpu=False, steps_per_epoch=10)
     batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
     assert batch == (2, 3, 24)  # 2 x 3 x 4 ranks
     assert ds["optimizer"]["params"]["lr"] == 0.0025 and ds["optimizer"]["params"]["weight_decay"] == 0.01
@@ -211,9 +211,9 @@ def test_ds_config_takes_every_owned_value_from_the_typed_config(precision):
     assert ds["gradient_clipping"] == 0.0
     if precision == "fp16":
         with pytest.raises(TrainError, match=r"^precision: fp16 is not supported on CPU; use bf16 or fp32$"):
-            build_ds_config(cfg, world=1, on_cpu=True)
+            build_ds_config(cfg, world=1, on_cpu=True, steps_per_epoch=10)
     else:
-        assert build_ds_config(cfg, world=1, on_cpu=True)["train_batch_size"] == 6
+        assert build_ds_config(cfg, world=1, on_cpu=True, steps_per_epoch=10)["train_batch_size"] == 6
 
 
 @pytest.mark.parametrize(
@@ -234,7 +234,7 @@ def test_deepspeed_json_setting_an_owned_key_is_refused_in_one_line(tmp_path, ds
     path.write_text(json.dumps({"zero_optimization": {"stage": 0}, **ds_json}))
     cfg = load_config(None, [f"deepspeed={path}"])  # loading is fine: the JSON is read when DeepSpeed's dict is built
     with pytest.raises(TrainError) as err:
-        build_ds_config(cfg, world=1, on_cpu=True)
+        build_ds_config(cfg, world=1, on_cpu=True, steps_per_epoch=10)
     message = str(err.value)
     assert "\n" not in message
     assert message == (
@@ -264,7 +264,9 @@ def test_deepspeed_json_keeps_its_own_keys_and_refuses_bad_files(tmp_path):
             }
         )
     )
-    ds = build_ds_config(load_config(None, [f"deepspeed={own}", "precision=bf16"]), world=1, on_cpu=True)
+    ds = build_ds_config(
+        load_config(None, [f"deepspeed={own}", "precision=bf16"]), world=1, on_cpu=True, steps_per_epoch=10
+    )
     assert ds["optimizer"]["params"]["eps"] == 1e-6 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"] == {"immediate_grad_update": True, "enabled": True}
     assert read_ds_json(str(own)) == json.loads(own.read_text())  # reading never edits the file's dict
@@ -276,6 +278,8 @@ def test_deepspeed_json_keeps_its_own_keys_and_refuses_bad_files(tmp_path):
     for name, (text, pattern) in cases.items():
         path = write(tmp_path, name, text)
         with pytest.raises(TrainError, match=rf"^deepspeed: {path}: {pattern}"):
-            build_ds_config(load_config(None, [f"deepspeed={path}"]), world=1, on_cpu=True)
+            build_ds_config(load_config(None, [f"deepspeed={path}"]), world=1, on_cpu=True, steps_per_epoch=10)
     with pytest.raises(TrainError, match=rf"^deepspeed: {tmp_path / 'missing.json'}: not found$"):
-        build_ds_config(load_config(None, [f"deepspeed={tmp_path / 'missing.json'}"]), world=1, on_cpu=True)
+        build_ds_config(
+            load_config(None, [f"deepspeed={tmp_path / 'missing.json'}"]), world=1, on_cpu=True, steps_per_epoch=10
+        )

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cfg_for, tiny_train_overrides
+from train_helpers import error_line, scalars
 
 from hpcdistill.cli import main
 from hpcdistill.common.config import load_config
@@ -19,26 +20,6 @@ from hpcdistill.train import loop
 from hpcdistill.train.run_folder import MODEL_STATES, complete_checkpoints
 
 STEPS = ("train.checkpoint_every_steps=1", "data.epoch_samples=12")  # 6 optimizer steps, a checkpoint after each
-
-
-def error_line(capsys) -> str:
-    """The one stderr line of a failed command (anything before it, e.g. DeepSpeed's notices, is not ours)."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines and lines[-1].startswith("hpcdistill: error: "), lines[-5:]
-    return lines[-1]
-
-
-def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
-    """{step: value} of one TensorBoard tag over every events file of a run (one file per start)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    out = {}
-    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value if event.HasField("summary") else []:
-                if value.tag == tag:
-                    out[event.step] = value.tensor.float_val[0] if value.HasField("tensor") else value.simple_value
-    return out
 
 
 def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
