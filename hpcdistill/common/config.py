@@ -100,12 +100,12 @@ class DataConfig:
     )  # unlabeled sets; distill reads train + aux (set train: [] for aux only)
     mag: float = 2.5  # the magnification this run's model sees (teacher mode: forced to teacher_mag)
     teacher_mag: float = 10.0
-    # Samples per epoch over all ranks; 0 = the manifest's count for the selected sets. Each rank runs exactly
+    # Samples per epoch over all ranks; 0 = data.epoch_passes over the labelled train sets. Each rank runs exactly
     # ceil(epoch_samples / world) samples (rounded down to whole optimizer steps) so no rank waits on another.
     epoch_samples: int = 0
-    # Or an epoch as passes over the labelled training tissues (the data.train sets, whatever aux adds): the budget
-    # then follows the data, a set twice as large gets twice the steps. 0 = off; exclusive with epoch_samples.
-    epoch_passes: float = 0.0
+    # With epoch_samples 0, an epoch is this many passes over the labelled training tissues (the data.train sets;
+    # aux sets add variety, not length, so every method gets the same steps): the budget follows the data.
+    epoch_passes: float = 1.0
     # "resampled": each rank/worker draws shards with replacement (scales, the default for real runs);
     # "ordered": one global sample order strided across ranks, so a run is independent of the world size
     # (tests, audits).
@@ -146,10 +146,11 @@ class TrainConfig:
     mode: Mode = "teacher"
     epochs: int = 100  # paper: 100 epochs of Adam at lr 1e-3
     lr: float = 1e-3
-    # "constant" (the paper's), or "cosine": linear warm-up over warmup_epochs, then cosine decay to
-    # lr x min_lr_ratio at the end of the budget (max_epochs when set); stepped per optimizer step (train/budget.py).
+    # "constant" (the paper's), or "cosine": decay to lr x min_lr_ratio at the end of train.epochs (an extension
+    # to max_epochs stays there); either after a linear warm-up over this fraction of the steps (0 = none). Stepped
+    # per optimizer step by DeepSpeed (train/budget.py).
     schedule: Literal["constant", "cosine"] = "constant"
-    warmup_epochs: float = 0.0
+    warmup_fraction: float = 0.0
     min_lr_ratio: float = 0.01
     # Stop when the selection metric has not improved for this many validations (0 = run the budget); with
     # max_epochs > epochs, a run still improving at `epochs` goes on until the plateau or max_epochs.
@@ -299,8 +300,7 @@ def _check(cfg: Config) -> None:
         "train.weight_decay": cfg.train.weight_decay,
         "log.images_every": cfg.log.images_every,
         "train.checkpoint_every_min": cfg.train.checkpoint_every_min,
-        "data.epoch_passes": cfg.data.epoch_passes,
-        "train.warmup_epochs": cfg.train.warmup_epochs,
+        "train.warmup_fraction": cfg.train.warmup_fraction,
         "train.patience": cfg.train.patience,
         "train.max_epochs": cfg.train.max_epochs,
         "teacher.min_val_accuracy": cfg.teacher.min_val_accuracy,
@@ -312,22 +312,20 @@ def _check(cfg: Config) -> None:
 
 def _check_budget(cfg: Config) -> None:
     d, t = cfg.data, cfg.train
-    if d.epoch_passes and d.epoch_samples:
-        raise ConfigError("data.epoch_passes: set it or data.epoch_samples, not both (both size an epoch)")
-    if d.epoch_passes and not d.train:
-        raise ConfigError("data.epoch_passes: counts passes over data.train, which is empty; use data.epoch_samples")
-    if t.max_epochs and t.max_epochs < t.epochs:
-        raise ConfigError(f"train.max_epochs: {t.max_epochs} is below train.epochs {t.epochs} (0 = no extension)")
+    if not d.epoch_passes > 0:
+        raise ConfigError(f"data.epoch_passes: must be > 0, got {d.epoch_passes}")
+    if d.epoch_samples and d.epoch_passes != 1:
+        raise ConfigError("data.epoch_passes: sizes an epoch only when data.epoch_samples is 0; set one of them")
     if t.patience and not d.val:
         raise ConfigError("train.patience: a plateau is seen on validation, and data.val is empty")
+    if t.max_epochs and t.max_epochs < t.epochs:
+        raise ConfigError(f"train.max_epochs: {t.max_epochs} is below train.epochs {t.epochs} (0 = no extension)")
     if t.max_epochs > t.epochs and not t.patience:
         raise ConfigError("train.max_epochs: an extension needs train.patience (it runs on while validation improves)")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
-    if t.schedule == "constant" and t.warmup_epochs:
-        raise ConfigError("train.warmup_epochs: warm-up is part of train.schedule=cosine; constant has none")
-    if t.warmup_epochs >= max(t.epochs, t.max_epochs):
-        raise ConfigError(f"train.warmup_epochs: {t.warmup_epochs:g} leaves no budget after it (train.epochs {t.epochs})")
+    if not 0 <= t.warmup_fraction < 1:
+        raise ConfigError(f"train.warmup_fraction: a fraction of the steps in [0, 1), got {t.warmup_fraction}")
     if cfg.teacher.min_val_accuracy > 1:
         raise ConfigError(f"teacher.min_val_accuracy: a fraction in [0, 1], got {cfg.teacher.min_val_accuracy}")
 

@@ -163,12 +163,29 @@ def _summarise(
         "tensorboard": str(exp_dir),
         "shards": str(shards),
         "experiment": str(experiment),
+        "teachers": teacher_lines(results),
         "ordering": ordering_check(results, paired_comparisons(results)),
         "slide_level": slide_lines(results),
         "minutes": round((time.monotonic() - started) / 60, 1),
         "phase_minutes": {name: round(seconds / 60, 1) for name, seconds in phases.items()},
     }
     return summary
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def teacher_lines(results: list) -> list[str]:
+    """Each teacher's validation accuracy (what the gate judged) and test accuracy, per seed."""
+    from hpcdistill.evaluate.method_labels import TEACHER
+
+    teachers = sorted((r for r in results if r.method == TEACHER), key=lambda r: (r.seed is None, r.seed))
+    return [
+        f"teacher{'' if r.seed is None else f' s{r.seed}'}: validation {_pct(r.val_accuracy)} (at its pick), test "
+        f"{100 * r.metrics['accuracy'][0]:.1f}%"
+        for r in teachers
+    ]
 
 
 def slide_lines(results: list) -> list[str]:
@@ -187,6 +204,7 @@ def slide_lines(results: list) -> list[str]:
 
 
 def _print_summary(summary: dict[str, Any], record: Path) -> None:
+    print("\n".join(summary["teachers"]))
     print("\n".join(summary["ordering"]))
     print("\n" + "\n".join(summary["slide_level"]))
     print(

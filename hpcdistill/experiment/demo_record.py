@@ -140,6 +140,8 @@ def render_section(record: dict[str, Any], figure: str) -> str:
             "",
             teacher_table(results),
             "",
+            "\n".join(f"- {line}" for line in record.get("teachers", [])),
+            "",
             "**Baseline and distillation (Table 4 layout)**",
             "",
             methods_table(results),

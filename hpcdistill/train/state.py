@@ -21,7 +21,7 @@ from hpcdistill.data.device_batch import require_device_decode
 from hpcdistill.models.export import load_exported
 from hpcdistill.shards.manifest import manifest_digest, shard_source
 from hpcdistill.slides.windows import DEFAULT_WINDOWING
-from hpcdistill.train.budget import SCHEDULE_KEYS, start_schedule, stop_reason
+from hpcdistill.train.budget import SCHEDULE_KEYS, scheduled, start_schedule, stop_reason
 from hpcdistill.train.data_plan import DataPlan, plan_data
 from hpcdistill.train.distributed import device_for, setup_distributed
 from hpcdistill.train.ds_config import build_ds_config
@@ -172,11 +172,12 @@ def _resume_changes(cfg: Config, folder: RunFolder, target: Path | None) -> list
     changes = check_resume_config(
         stored, cfg.to_dict(), target, cfg.run.name, manifest_sha256 is not None, defaults=Config().to_dict()
     )
-    bent = [c for c in changes if c.split(":")[0] in SCHEDULE_KEYS and cfg.train.schedule != "constant"]
+    bent = [c for c in changes if c.split(":")[0] in SCHEDULE_KEYS and scheduled(cfg)]
     if bent:
         raise TrainError(
-            f"{target}: cannot resume with a changed {', '.join(bent)} under train.schedule={cfg.train.schedule}: "
-            f"it would bend the schedule the run is on; start a new run, e.g. run.name={cfg.run.name}-2"
+            f"{target}: cannot resume with a changed {', '.join(bent)} under an lr schedule (train.schedule, "
+            f"train.warmup_fraction): it would bend the schedule the run is on; start a new run, e.g. "
+            f"run.name={cfg.run.name}-2"
         )
     return changes
 
@@ -245,6 +246,7 @@ def save_checkpoint(state: State) -> str:
         "manifest_sha256": state.plan.manifest_sha256,  # the data's identity, whatever path it is read from
         "world": state.world,  # a mid-epoch position is per rank: another world size would skip or repeat samples
         "stale": state.stale,
+        "per_rank": state.plan.per_rank,  # the epoch's size: a resume mid-epoch must cut the epoch the same way
     }
     if state.ema is not None:
         client["ema"] = state.ema.state_dict()
@@ -263,6 +265,7 @@ def resume(state: State, target: Path, changes: list[str]) -> None:
     settings (lr, weight decay) over the optimizer state's, and say where the run goes on from."""
     client = state.folder.load_checkpoint(state.engine, target)
     changes = changes + _world_change(state, target, client.get("world"), client["batch"])  # before anything moves
+    changes += _epoch_size_change(state, target, client.get("per_rank"), client.get("world"), client["batch"])
     apply_resumable(state.engine, state.cfg.train, scheduled=state.engine.lr_scheduler is not None)
     newer = [p for p in state.folder.complete_checkpoints() if p.name > target.name]
     if newer:  # run.resume named an older checkpoint: a later requeue must not jump back to the abandoned future
@@ -286,12 +289,26 @@ def resume(state: State, target: Path, changes: list[str]) -> None:
     )
 
 
+def _epoch_size_change(state: State, target: Path, saved: int | None, world: int | None, batch: int) -> list[str]:
+    """The same ranks but another epoch size (the data or the rule that sizes epochs changed): refused mid-epoch,
+    said at an epoch's end."""
+    now = state.plan.per_rank
+    if saved is None or saved == now or world != state.world:
+        return []
+    if batch:
+        raise TrainError(
+            f"{target}: saved mid-epoch with {saved} samples per rank per epoch, this run makes {now} "
+            f"({state.plan.budget.split('(an epoch: ')[-1].split(';')[0]}): resume as it was, change at an epoch's end"
+        )
+    return [f"samples per rank per epoch {saved} -> {now}"]
+
+
 def _world_change(state: State, target: Path, saved: int | None, batch: int) -> list[str]:
     """Another number of ranks: refused mid-epoch (each rank's position in its share of the epoch would skip or
     repeat samples), said at an epoch boundary (the global batch changes)."""
     if saved is None or saved == state.world:
         return []
-    if state.cfg.train.schedule != "constant":
+    if scheduled(state.cfg):
         raise TrainError(
             f"{target}: saved by {saved} rank(s); with {state.world} an epoch has another number of steps and the "
             f"lr schedule would no longer end with the run: resume with {saved} rank(s)"

@@ -98,3 +98,21 @@ def test_report_pairs_methods_scored_on_the_same_tissues(tiny_dataset, tiny_teac
     )
     with pytest.raises(HpcdistillError, match="not scored on the same samples"):
         write_report(load_results([tmp_path / "a", tmp_path / "c"]), tmp_path / "report2")
+
+
+def test_each_teacher_sits_beside_its_students_and_a_failed_teacher_is_named(tmp_path):
+    runs = [("teacher-s0", "Teacher", 10, 0.97, 0), ("teacher-s1", "Teacher", 10, 0.62, 1)]
+    runs += [(f"baseline-s{s}", "Baseline", 2.5, 0.80, s) for s in (0, 1)]
+    runs += [("kd-s0", "KD", 2.5, 0.90, 0), ("kd-s1", "KD", 2.5, 0.60, 1)]
+    for name, method, mag, acc, seed in runs:
+        folder = _record(tmp_path, name, method, mag, acc, 1.0)
+        record = json.loads((folder / "eval" / "test.json").read_text())
+        record |= {"seed": seed, "val": {"accuracy": acc + 0.01}}
+        (folder / "eval" / "test.json").write_text(json.dumps(record))
+    results = load_results([tmp_path / name for name, *_ in runs])
+    text = (write_report(results, tmp_path / "report")).read_text()
+    assert "| Seed | Teacher val | Teacher test | Baseline 2.5x test | KD 2.5x test |" in text
+    assert "| 0 | 98.0 | 97.0 | 80.0 | 90.0 |" in text and "| 1 | 63.0 | 62.0 | 80.0 | 60.0 |" in text
+    (line,) = ordering_check(results)
+    assert "does NOT hold" in line and "The ordering fails because the teacher failed: teacher s1 (val 63.0%, " in line
+    assert "teacher s0" not in line.split("teacher failed:")[1]  # the good teacher is not blamed

@@ -139,3 +139,23 @@ def test_every_shipped_experiment_parses_and_dry_runs(capsys):
     assert celiac.resources_for("kd").partition == "YOUR_PARTITION" and celiac.mags == [5.0, 2.5, 1.25, 0.625]
     demo = load_experiment(REPO / "configs" / "experiments" / "demo.yaml")
     assert demo.exp_dir.name == "demo-experiment"  # not runs/demo, where `make demo` writes
+
+
+def test_the_graph_shows_the_teacher_gate_and_a_gate_against_the_baseline_waits_for_it(tmp_path, capsys):
+    kd = {"config": "configs/demo/distill.yaml", "label": "KD", "gate_against": "baseline", "overrides": []}
+    methods = {"baseline": {"config": "configs/demo/baseline.yaml", "label": "Baseline"}, "kd": kd}
+    path = write_experiment(tmp_path, methods=methods)
+    text = launch(path, cluster="slurm", dry_run=True)["text"]
+    assert re.search(
+        r"^kd\s+array\[2\].*\n\s+gate: teacher val accuracy >= 0\.9 and > baseline's \(refuse\)$", text, re.M
+    )
+    assert "#SBATCH --dependency='afterok:<teacher>,afterok:<baseline>'" in text
+    jobs = {j.key: j for j in plan_jobs(load_experiment(path))}
+    runs = tmp_path / "runs" / "exp"
+    assert f"teacher.reference={runs / 'baseline-5x' / 'best.pt'}" in jobs["kd"].tasks[0].overrides
+    assert jobs["baseline"].gate == "" and [j.key for j in plan_jobs(load_experiment(path))][:2] == [
+        "teacher",
+        "baseline",
+    ]
+    methods["kd"]["gate_against"] = "nope"
+    assert "methods.kd.gate_against: 'nope' is not a method" in error_of(tmp_path, methods=methods)

@@ -23,7 +23,7 @@ COSINE = (
     "data.sampler=ordered",
     "train.epochs=2",
     "train.schedule=cosine",
-    "train.warmup_epochs=0.5",
+    "train.warmup_fraction=0.25",
     "train.checkpoint_every_steps=1",
 )
 
@@ -49,6 +49,13 @@ def test_a_changed_budget_under_a_schedule_is_refused_on_resume(tiny_dataset, tm
     assert "train.epochs: 2 -> 4" in line and "bend the schedule" in line and "run.name=bent-2" in line
 
 
+def test_a_warmup_before_a_constant_lr_rises_then_holds(tiny_dataset, tmp_path):
+    constant = [o.replace("schedule=cosine", "schedule=constant") for o in COSINE]
+    loop.run(cfg_for(tiny_dataset, tmp_path, "warm", "baseline", 2.5, *constant))
+    lr = scalars(tmp_path / "warm" / "tb", "lr")  # logged after each step: the lr of the next
+    assert [lr[s] for s in range(1, 13)] == pytest.approx([1e-3 / 3, 2e-3 / 3] + [1e-3] * 10)
+
+
 def test_the_budget_follows_the_data_and_says_how(tiny_dataset, tmp_path):
     train = samples(tiny_dataset, "train")
     for passes in (1, 2.5):
@@ -64,12 +71,12 @@ def test_the_budget_follows_the_data_and_says_how(tiny_dataset, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.epoch_passes=1", "data.epoch_samples=8"], "data.epoch_passes: set it or data.epoch_samples"),
+        (["data.epoch_passes=2", "data.epoch_samples=8"], "data.epoch_passes: sizes an epoch only when data.epoch_"),
+        (["data.epoch_passes=0"], "data.epoch_passes: must be > 0, got 0"),
         (["train.max_epochs=2", "train.epochs=3", "train.patience=1"], "train.max_epochs: 2 is below train.epochs 3"),
         (["train.max_epochs=5", "train.epochs=3"], "train.max_epochs: an extension needs train.patience"),
-        (["train.warmup_epochs=1"], "train.warmup_epochs: warm-up is part of train.schedule=cosine"),
         (["train.patience=2", "data.val=[]"], "train.patience: a plateau is seen on validation"),
-        (["train.schedule=cosine", "train.warmup_epochs=3", "train.epochs=3"], "train.warmup_epochs: 3 leaves no"),
+        (["train.warmup_fraction=1"], "train.warmup_fraction: a fraction of the steps in [0, 1), got 1"),
         (["teacher.min_val_accuracy=90"], "teacher.min_val_accuracy: a fraction in [0, 1], got 90"),
         (["train.schedule=linear"], "train.schedule"),
     ],
