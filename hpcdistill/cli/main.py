@@ -16,6 +16,7 @@ from hpcdistill.cli.predict_command import add_predict
 from hpcdistill.cli.run_commands import add_demo, add_evaluate, add_flops, add_launch, add_report, add_status, add_train
 from hpcdistill.cli.shard_commands import add_shard, add_synth
 from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.signals import Interrupted, interruptible
 
 PROG = "hpcdistill"
 
@@ -89,13 +90,25 @@ def reference_markdown() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with interruptible():
+            return int(args.func(args) or 0)
     except HpcdistillError as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except OSError as exc:  # an output that cannot be written (read-only, a file in the way, a full disk)
+        print(f"{PROG}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as exc:
+        name, code = (exc.name, exc.exit_code) if isinstance(exc, Interrupted) else ("SIGINT", 130)
+        print(f"{PROG}: interrupted by {name}: stopped; rerun the same command to resume", file=sys.stderr)
+        return code
+
+
+def os_error_line(exc: OSError) -> str:
+    """'<path>: <reason>; completed outputs are kept' from an OSError that reached the top."""
+    path = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)
+    reason = exc.strerror or one_line(exc)
+    return f"{path or 'output'}: {reason}; nothing complete was lost: fix it and rerun the same command"
 
 
 if __name__ == "__main__":

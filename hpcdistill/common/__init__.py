@@ -1,5 +1,5 @@
 """Shared by every stage and importing nothing of ours: the error types and one-line messages, magnification names, the
-typed config, atomic files and JSON, progress records, ranks and notes to the user."""
+typed config, atomic files and JSON, progress records, ranks, notes to the user and how a signal ends a command."""
 
 from hpcdistill.common import lazy_exports as _lazy
 
@@ -26,5 +26,8 @@ _EXPORTS = {
     "write_progress": "progress",
     "is_rank_zero": "ranks",
     "say": "console",
+    "Interrupted": "signals",
+    "check_interrupted": "signals",
+    "interruptible": "signals",
 }
 __all__, __getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS)

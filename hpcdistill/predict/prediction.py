@@ -21,9 +21,10 @@ import torch
 from tqdm import tqdm
 
 from hpcdistill.common.console import say
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import HpcdistillError, one_line
 from hpcdistill.common.files import atomic_output, atomic_write_json
 from hpcdistill.common.mags import mag_name
+from hpcdistill.common.signals import check_interrupted
 from hpcdistill.evaluate.aggregation import SLIDE_RULES, area_mean, combine
 from hpcdistill.models.export import ExportedModel, load_exported
 from hpcdistill.models.inference import NonFiniteOutputError, model_outputs, pick_device, require_finite, standardise
@@ -238,16 +239,22 @@ def classify_slides(
         unit="slide",
         disable=None if progress is None else not progress,
     ):
+        check_interrupted()
         try:
             results.append(predict_slide(exported, path, out, options))
         except NonFiniteOutputError:
             raise  # the model is broken, not the slide: no class is written for any slide
-        except HpcdistillError as err:
-            print(f"hpcdistill: skipped: {err}")
-            results.append(
-                {"slide": slide_name(Path(path)), "path": str(path), "status": "skipped", "reason": str(err)}
-            )
+        except Exception as err:  # noqa: BLE001 -- one slide's fault is that slide's row, the others go on
+            if isinstance(err, OSError) and _in_folder(err.filename, out):
+                raise  # the output cannot be written (full disk, read-only): no later slide could be either
+            reason = str(err) if isinstance(err, HpcdistillError) else f"{path}: {type(err).__name__}: {one_line(err)}"
+            print(f"hpcdistill: skipped: {reason}")
+            results.append({"slide": slide_name(Path(path)), "path": str(path), "status": "skipped", "reason": reason})
     return results
+
+
+def _in_folder(filename: Any, folder: Path) -> bool:
+    return filename is not None and Path(filename).resolve().is_relative_to(folder.resolve())
 
 
 def summarise(model_path: str | Path, exported: ExportedModel, options: PredictOptions) -> dict[str, Any]:

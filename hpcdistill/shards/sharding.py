@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import hpcdistill
 from hpcdistill.common.errors import ShardingError
 from hpcdistill.common.files import atomic_write_bytes, atomic_write_json
+from hpcdistill.common.signals import Interrupted, check_interrupted, ignore_interrupts
 from hpcdistill.shards.catalog import collect_slides
 from hpcdistill.shards.cut import SPOOL, SlideResult, preview_slide, shard_slide
 from hpcdistill.shards.manifest import MANIFEST, build_manifest
@@ -40,7 +41,15 @@ __all__ = ["ShardParams", "ShardingError", "preview_sharding", "run_sharding"]
 
 def _spawn_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     context = multiprocessing.get_context("spawn")  # fork + libvips threads can deadlock
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=ignore_interrupts)
+
+
+def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """On a signal: the workers ignore it (one line from the parent, not a traceback each), so end them here rather
+    than wait for the slides in hand; their spool files go with the next run's clean-up."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((pool._processes or {}).values()):  # no public way before Python 3.14's terminate_workers
+        process.terminate()
 
 
 def _plan_summary(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, dict[str, Any]]:
@@ -108,7 +117,9 @@ def _results_in_order(
     """Slides run in parallel, results come back in plan order, at most 2*workers in flight (bounded memory)."""
     if workers <= 1:
         for job in jobs:
-            yield job, shard_slide(job, params, out, _wants_stats(job), spool)
+            result = shard_slide(job, params, out, _wants_stats(job), spool)
+            check_interrupted()
+            yield job, result
         return
     with _spawn_pool(workers) as pool:
         queue: collections.deque = collections.deque()
@@ -127,6 +138,10 @@ def _results_in_order(
                     )
                 try:
                     result = future.result()
+                    check_interrupted()  # a Ctrl-C inside a libvips callback is swallowed there, not here
+                except Interrupted:
+                    _stop_workers(pool)
+                    raise
                 except concurrent.futures.process.BrokenProcessPool:
                     raise ShardingError(
                         f"{job.path}: a worker process died while sharding it (crash or out of "

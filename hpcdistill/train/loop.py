@@ -22,6 +22,7 @@ from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError, TrainError
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.ranks import is_rank_zero
+from hpcdistill.common.signals import Interrupted, check_interrupted
 from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.data.streams import make_loader
 from hpcdistill.evaluate.method_labels import method_label
@@ -83,6 +84,7 @@ def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, torc
 
 def train_step(state: State, batches: list[dict[str, Any]]) -> dict[str, float]:
     """One optimizer step over `grad_accum` micro-batches; returns the mean losses (one host-device sync per step)."""
+    check_interrupted()
     sums: dict[str, torch.Tensor] = {}
     for batch in batches:
         for k, v in forward_backward_step(state, batch).items():
@@ -289,6 +291,9 @@ def fit(state: State) -> dict[str, Any]:
         barrier()
         if not stopped and not done_before:
             _write_hparams(state)
+    except Interrupted:  # status must not show a dead run as validating or training
+        report_progress(state, "interrupted")
+        raise
     finally:
         state.writer.close()
     return {

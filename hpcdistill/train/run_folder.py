@@ -72,6 +72,12 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if (p / COMPLETE).is_file())
 
 
+def _is_write_failure(err: RuntimeError) -> bool:
+    """torch's serializer reports a failed write (no space, I/O) as a RuntimeError from its zip writer."""
+    text = str(err)
+    return any(m in text for m in ("PytorchStreamWriter", "unexpected pos", "file write failed", "No space left"))
+
+
 def resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
 
@@ -194,11 +200,14 @@ class RunFolder:
             barrier()
             if self.rank == 0:
                 atomic_write_json(target / COMPLETE, {"global_step": step})
-        except OSError as err:  # a full disk or quota: the half-written folder has no marker and is never resumed
-            shutil.rmtree(target, ignore_errors=True)
+        except (OSError, RuntimeError) as err:  # a full disk or quota; torch's zip writer says it as RuntimeError
+            if isinstance(err, RuntimeError) and not _is_write_failure(err):
+                raise
+            shutil.rmtree(target, ignore_errors=True)  # the half-written folder has no marker: never resumed
             intact = [p for p in self.complete_checkpoints() if p != target]
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err, 160)
             raise RunFolderError(
-                f"{target}: checkpoint not saved ({err.strerror or err}); the last complete one, "
+                f"{target}: checkpoint not saved ({reason}); the last complete one, "
                 f"{intact[-1] if intact else 'none'}, is intact: free space and rerun to resume"
             ) from None
         if self.rank == 0:

@@ -194,6 +194,11 @@ def build_state(cfg: Config) -> State:
     device = device_for(local)
     if cfg.data.decode == "gpu":
         require_device_decode(device)
+    if cfg.train.channels_last and device.type == "cpu":
+        raise TrainError(
+            "train.channels_last: a GPU layout, refused on CPU: there it gains nothing, and torch 2.13's CPU backward "
+            "was seen to corrupt the heap with it at model.width=8 (README, reliability); set it false"
+        )
     plan = plan_data(cfg, world)
     ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu", steps_per_epoch=plan.steps_per_epoch)
     model = build_student(cfg, plan.classes).to(device)

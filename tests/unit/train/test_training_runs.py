@@ -116,13 +116,23 @@ def test_baseline_at_lowest_mag_bf16_and_fp16_rejected(tiny_dataset, tmp_path):
     assert not complete_checkpoints(tmp_path / "fp16" / "checkpoints")  # refused before any training
 
 
-def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(tiny_dataset, tmp_path, monkeypatch):
+# torch's serializer reports a full disk as its zip writer's RuntimeError, the OS as an OSError: both are one line
+FULL_DISK = [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError(
+        "[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file data/3: file write failed"
+    ),
+]
+
+
+@pytest.mark.parametrize("fault", FULL_DISK, ids=["oserror", "torch-runtimeerror"])
+def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(tiny_dataset, tmp_path, monkeypatch, fault):
     extra = ("train.checkpoint_every_steps=2", "data.epoch_samples=12")  # 6 steps
     real_save = torch.save
 
     def save_until_disk_full(obj, f, *args, **kwargs):  # DeepSpeed writes its checkpoint files with torch.save
         if "step000000004" in str(f):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise fault
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_disk_full)
@@ -130,7 +140,8 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_resumable(tiny_dataset, tmp_p
         loop.run(cfg_for(tiny_dataset, tmp_path, "disk", "baseline", 2.5, *extra))
     ckpts = tmp_path / "disk" / "checkpoints"
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"{ckpts / 'step000000004'}: checkpoint not saved (No space")
+    reason = "No space" if isinstance(fault, OSError) else "[enforce fail at inline_container.cc:858]"
+    assert "\n" not in message and message.startswith(f"{ckpts / 'step000000004'}: checkpoint not saved ({reason}")
     assert f"{ckpts / 'step000000002'}, is intact" in message
     assert [p.name for p in complete_checkpoints(ckpts)] == ["step000000002"]
     assert not (ckpts / "step000000004").exists()  # the half-written folder is gone: its space is given back

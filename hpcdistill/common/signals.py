@@ -1,0 +1,58 @@
+"""How a command ends on SIGINT (Ctrl-C) or SIGTERM (what SLURM and most schedulers send first): the signal becomes
+an `Interrupted` exception in the main thread, so the work in hand unwinds (temporary files go, progress says
+"interrupted") and the CLI prints one line and exits 128 + the signal number. A library callback that swallows the
+exception (pyvips' cffi callbacks print and drop it) cannot hide the signal: the long loops call `check_interrupted`,
+which raises it again."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+_received: list[int] = []  # the signals seen since `interruptible` was entered (the first one ends the command)
+
+
+class Interrupted(BaseException):  # noqa: N818 -- a BaseException, like KeyboardInterrupt: `except Exception` passes it
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM raise `Interrupted` (the previous handlers come back after)."""
+    previous = {s: signal.getsignal(s) for s in HANDLED}
+    _received.clear()
+    for s in HANDLED:
+        signal.signal(s, _raise)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _received.clear()
+
+
+def check_interrupted() -> None:
+    """Raise `Interrupted` if a signal arrived and its exception was swallowed on the way."""
+    if _received:
+        raise Interrupted(_received[0])
+
+
+def ignore_interrupts() -> None:
+    """For worker processes: the parent handles Ctrl-C and SIGTERM and stops them itself (no traceback per worker)."""
+    for s in HANDLED:
+        signal.signal(s, signal.SIG_IGN)
