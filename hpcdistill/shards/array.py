@@ -26,6 +26,7 @@ from hpcdistill.shards.manifest import MANIFEST, build_manifest
 from hpcdistill.shards.plan import ShardParams, SlideJob, make_plan, params_fingerprint
 from hpcdistill.shards.writer import (
     JOURNAL,
+    PART,
     ShardWriter,
     check_journalled,
     clear_output,
@@ -33,8 +34,6 @@ from hpcdistill.shards.writer import (
     read_matching,
     remove_partial_files,
 )
-
-PART = "part.json"  # a finished task's partial manifest: its slides' records and its shards
 
 
 def slide_weights(jobs: list[SlideJob], out: Path) -> tuple[list[float], str]:

@@ -4,12 +4,14 @@ resumes into. Equal inputs give equal bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import math
 import os
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from hpcdistill.shards.manifest import MANIFEST
 from hpcdistill.shards.plan import ShardParams
 
 JOURNAL = ".progress.json"
+PART = "part.json"  # a finished array task's partial manifest: its slides' records and its shards
 _TAR_BLOCK = 512
 
 
@@ -252,13 +255,56 @@ def check_journalled(out: Path, journal: dict[str, Any]) -> dict[str, Any]:
     return journal
 
 
-def clear_output(out: Path) -> None:
-    """--overwrite: every shard, journal, task folder, manifest and QC image of an earlier run goes."""
-    for path in [*out.glob("*.tar"), *out.glob(".*.tmp"), out / JOURNAL, out / MANIFEST]:
-        path.unlink(missing_ok=True)
-    for path in (out / "qc").glob("*.png") if (out / "qc").is_dir() else []:
-        path.unlink()
-    shutil.rmtree(out / TASKS, ignore_errors=True)
+def _listed_names(record: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """(shard file names, slide ids) a manifest, journal or task record lists; only plain names count (a listed
+    `../x.tar` is not a file this folder's run wrote)."""
+    shards = set(record.get("shards") or {})  # a journal's or a task's: {name: entry}
+    for split in (record.get("splits") or {}).values():
+        shards |= set(split.get("shards") or [])  # a manifest's
+    rows = record.get("slides") or {}  # {slide: record}, or a dry run's plan: [{"slide": ...}, ...]
+    slides = set(rows) if isinstance(rows, dict) else {r.get("slide") for r in rows if isinstance(r, dict)}
+    return {n for n in shards if _plain(n)}, {s for s in slides if _plain(s)}
+
+
+def _plain(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and Path(name).name == name and name not in (".", "..")
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    """Every record of what a run wrote here: manifest, journal, and each array task's journal and partial manifest."""
+    tasks = sorted((out / TASKS).glob("t[0-9][0-9][0-9]")) if (out / TASKS).is_dir() else []
+    found = []
+    own = [out / MANIFEST, out / JOURNAL, out / "plan.json"]
+    for path in [*own, *(t / n for t in tasks for n in (PART, JOURNAL))]:
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            record = None  # unreadable: it names nothing, and is removed itself below
+        found += [record] if isinstance(record, dict) else []
+    return found
+
+
+def clear_output(out: Path) -> int:
+    """--overwrite: what an earlier run wrote here goes (the shards and QC images its manifest, journal and task
+    records list, those records, its temporaries and task folders), nothing else; returns how many files went."""
+    shards, slides = set(), set()
+    for record in _records(out):
+        names, ids = _listed_names(record)
+        shards, slides = shards | names, slides | ids
+    files = [out / n for n in sorted(shards)] + [out / "qc" / f"{s}.png" for s in sorted(slides)]
+    files += [*out.glob(".*.tmp"), out / JOURNAL, out / MANIFEST, out / "plan.json"]
+    removed = 0
+    for path in files:
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    for task in sorted((out / TASKS).glob("t[0-9][0-9][0-9]")) if (out / TASKS).is_dir() else []:
+        removed += sum(1 for p in task.rglob("*") if p.is_file())
+        shutil.rmtree(task)
+    with contextlib.suppress(OSError):
+        (out / TASKS).rmdir()  # only when empty: a file of the user's in it stays
+    print(f"hpcdistill: --overwrite: removed {removed} files an earlier run wrote in {out}", file=sys.stderr)
+    return removed
 
 
 def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> tuple[dict | None, dict | None]:
@@ -274,12 +320,12 @@ def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> t
     manifest = read_matching(out / MANIFEST, fingerprint)
     if manifest is not None:
         return None, manifest
-    if (out / TASKS).is_dir():
+    if (out / TASKS).is_dir() and any((out / TASKS).glob("t[0-9][0-9][0-9]")):  # a task folder, not any file
         raise ShardingError(
             f"{out}: holds the shards of an unfinished array of tasks ({TASKS}/); rerun it with the "
             "same --cluster/--tasks, or use --overwrite"
         )
-    if any(out.glob("*.tar")):
+    if any(out.glob("*.tar")) and not overwrite:  # after --overwrite, the .tar files left are none of ours
         raise ShardingError(
             f"{out}: holds shards with no {JOURNAL} or {MANIFEST} (unknown parameters); "
             "use a new --out folder or --overwrite"

@@ -231,3 +231,20 @@ def test_every_skipped_line_names_its_slide(shard_slides, tmp_path, capsys):
         f"hpcdistill: skipped {shard_slides['bad'] / 'blank.tiff'}: not in labels CSV",
         f"hpcdistill: skipped {shard_slides['good'] / 's40b.svs'}: not in labels CSV",
     ]
+
+
+def test_overwrite_removes_only_what_a_run_wrote_and_says_how_many(shard_slides, tmp_path, capsys):
+    good = str(shard_slides["good"] / "s40a.tiff")
+    assert main.main(["shard", good, "--out", str(tmp_path), "--no-progress"]) == 0
+    ours = sorted(p.name for p in tmp_path.glob("*.tar")) + ["qc/s40a.png", "manifest.json"]
+    mine = ["mydata.tar", "train-backup.tar", "aux-old-000001.tar", "qc/my_figure.png", "tasks/keep.txt"]
+    for name in mine:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("the user's own file\n")
+    capsys.readouterr()
+    assert (
+        main.main(["shard", good, "--out", str(tmp_path), "--jpeg-quality", "80", "--overwrite", "--no-progress"]) == 0
+    )
+    assert all((tmp_path / name).read_text() == "the user's own file\n" for name in mine)
+    assert f"--overwrite: removed {len(ours)} files an earlier run wrote in {tmp_path}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "manifest.json").read_text())["params"]["jpeg_quality"] == 80
