@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdistill.common.errors import LaunchError
+from hpcdistill.common.folder_lock import folder_held
 from hpcdistill.common.progress import describe, read_progress
 
 
@@ -38,6 +39,7 @@ def status(exp_dir: str | Path) -> list[dict[str, Any]]:
         raise LaunchError(f"{path}: invalid JSON ({err.msg})") from None
     on_slurm = record.get("cluster") == "slurm"
     states = slurm_states(record) if on_slurm else {}
+    runner_alive = on_slurm or folder_held(exp_dir)  # a local launch's runner holds the folder while it lives
     rows = []
     for job in record["jobs"]:
         for task in job["tasks"]:
@@ -47,7 +49,10 @@ def status(exp_dir: str | Path) -> list[dict[str, Any]]:
             elif state in (None, "UNKNOWN", "RUNNING", "COMPLETING"):  # the result file is written just before the end
                 running = "UNKNOWN" if on_slurm else "RUNNING"  # local: started, no result yet
                 state = _result_state(task) or (state if state != "UNKNOWN" else None) or task.get("state") or running
+            if not runner_alive and state in ("RUNNING", "PENDING"):  # its runner was stopped (Ctrl-C, a kill)
+                state = "STOPPED" if state == "RUNNING" else "NOT STARTED"
             progress = describe(read_progress(task["run_dir"])) if job["kind"] != "evaluate" else "-"
+            progress = progress.split(", ETA")[0] if state == "STOPPED" else progress  # no ETA for a dead run
             rows.append(
                 {
                     "job": job["key"],

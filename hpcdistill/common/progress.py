@@ -56,7 +56,7 @@ def describe(progress: dict[str, Any] | None) -> str:
         f"epoch {min(progress['epoch'] + 1, progress['epochs'])}/{progress['epochs']}, "
         f"step {progress['step']}/{progress['steps']}"
     )
-    if progress["phase"] in ("done", "stopped"):
+    if progress["phase"] in ("done", "stopped", "interrupted"):
         return f"{progress['phase']} at step {progress['step']}/{progress['steps']}"
     eta = f", ETA {duration(progress['eta_s'])}" if progress.get("eta_s") is not None else ""
     return ("validating, " if progress["phase"] == "validate" else "") + where + eta

@@ -2,7 +2,8 @@
 an `Interrupted` exception in the main thread, so the work in hand unwinds (temporary files go, progress says
 "interrupted") and the CLI prints one line and exits 128 + the signal number. A library callback that swallows the
 exception (pyvips' cffi callbacks print and drop it) cannot hide the signal: the long loops call `check_interrupted`,
-which raises it again."""
+which raises it again. Training defers it (`deferred`): the signal is only recorded and the loop raises at its next
+step or validation tissue, never inside a checkpoint save or a library's lock."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # the signals seen since `interruptible` was entered (the first one ends the command)
+_deferred: list[bool] = [False]  # inside `deferred()`: record only, the loop raises at its next check
 
 
 class Interrupted(BaseException):  # noqa: N818 -- a BaseException, like KeyboardInterrupt: `except Exception` passes it
@@ -28,7 +30,20 @@ class Interrupted(BaseException):  # noqa: N818 -- a BaseException, like Keyboar
 
 def _raise(signum: int, frame: Any) -> None:
     _received.append(signum)
-    raise Interrupted(signum)
+    if not _deferred[0]:
+        raise Interrupted(signum)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Within: a signal is recorded, not thrown into whatever runs (a checkpoint save, a library holding a lock that
+    its close() then waits on forever); the loop ends at its next `check_interrupted`, within one step."""
+    _deferred[0] = True
+    try:
+        check_interrupted()
+        yield
+    finally:
+        _deferred[0] = False
 
 
 @contextmanager

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from hpcdistill.cluster.submit import Cluster, launch_graph
+from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.experiment.experiment_file import load_experiment
 from hpcdistill.experiment.graph import plan_jobs
 
@@ -24,13 +26,16 @@ def launch(
     dry_run: print the sbatch scripts and the dependency graph; nothing is submitted or written.
     """
     exp = load_experiment(experiment_path)
-    return launch_graph(
-        exp.name,
-        exp.exp_dir,
-        plan_jobs(exp),
-        cluster,
-        dry_run=dry_run,
-        wait=wait,
-        wait_timeout_s=wait_timeout_s,
-        source=exp.path,
-    )
+    jobs = plan_jobs(exp)
+    # held while this process submits or runs the jobs (local/debug): `status` tells a live local runner from a dead one
+    with contextlib.nullcontext() if dry_run else one_writer(exp.exp_dir):
+        return launch_graph(
+            exp.name,
+            exp.exp_dir,
+            jobs,
+            cluster,
+            dry_run=dry_run,
+            wait=wait,
+            wait_timeout_s=wait_timeout_s,
+            source=exp.path,
+        )

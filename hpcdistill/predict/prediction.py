@@ -23,6 +23,7 @@ from tqdm import tqdm
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError, one_line
 from hpcdistill.common.files import atomic_output, atomic_write_json
+from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.signals import check_interrupted
 from hpcdistill.evaluate.aggregation import SLIDE_RULES, area_mean, combine
@@ -339,10 +340,10 @@ def predict_slides(
     announce(model_path, exported, opts)
     exported.model.to(pick_device(device))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_slide_ids(slides)
-    results = classify_slides(exported, slides, out, opts)
-    summary = write_predictions(out, summarise(model_path, exported, opts), results)
-    if opts.labels:
-        summary["scores"] = score_cohort(out, results, exported.classes, opts.labels, opts.slide_rule)
+    with one_writer(out):
+        results = classify_slides(exported, slides, out, opts)
+        summary = write_predictions(out, summarise(model_path, exported, opts), results)
+        if opts.labels:
+            summary["scores"] = score_cohort(out, results, exported.classes, opts.labels, opts.slide_rule)
     return summary

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import hpcdistill
 from hpcdistill.common.errors import ShardingError
 from hpcdistill.common.files import atomic_write_bytes, atomic_write_json
+from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.signals import Interrupted, check_interrupted, ignore_interrupts
 from hpcdistill.shards.catalog import collect_slides
 from hpcdistill.shards.cut import SPOOL, SlideResult, preview_slide, shard_slide
@@ -228,6 +229,23 @@ def run_sharding(
     slide_paths = collect_slides(inputs)
     jobs, classes = make_plan(slide_paths, labels_csv, params)
     fingerprint = params_fingerprint(params, slide_paths, labels_csv)
+    create_output_folder(out)
+    with one_writer(out):
+        return _shard_into(out, jobs, classes, params, fingerprint, workers, overwrite, strict, progress)
+
+
+def _shard_into(
+    out: Path,
+    jobs: list[SlideJob],
+    classes: list[str],
+    params: ShardParams,
+    fingerprint: dict[str, Any],
+    workers: int,
+    overwrite: bool,
+    strict: bool,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """run_sharding's work, once the folder is held."""
     journal, finished = prepare_output(out, fingerprint, overwrite)
     if finished is not None:
         print(f"hpcdistill: {out}: already complete with these parameters; nothing to do", file=sys.stderr)

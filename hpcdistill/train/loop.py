@@ -9,6 +9,7 @@ Building the run is train_state.py, its data train_data.py, validation validatio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from hpcdistill.common.config import Config, load_config
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError, TrainError
+from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.ranks import is_rank_zero
-from hpcdistill.common.signals import Interrupted, check_interrupted
+from hpcdistill.common.signals import Interrupted, check_interrupted, deferred
 from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.data.streams import make_loader
 from hpcdistill.evaluate.method_labels import method_label
@@ -261,8 +263,10 @@ def say_validation(state: State, metrics: dict[str, Any], new_best: bool) -> Non
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Train as the config says, resuming if asked; returns a summary (best metric, paths, steps)."""
-    return fit(build_state(cfg))
+    """Train as the config says, resuming if asked; returns a summary (best metric, paths, steps). Rank 0 holds the run
+    folder for the run's lifetime: a second run into it is refused (the ranks of one run are one writer)."""
+    with one_writer(cfg.run_dir) if is_rank_zero() else contextlib.nullcontext(), deferred():
+        return fit(build_state(cfg))
 
 
 def fit(state: State) -> dict[str, Any]:

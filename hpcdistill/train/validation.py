@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hpcdistill.common.signals import check_interrupted
 from hpcdistill.data.streams import make_loader
 from hpcdistill.models.inference import model_outputs
 from hpcdistill.train.data_plan import stream_spec
@@ -109,6 +110,7 @@ def val_rows(state: State, scored: list[tuple[str, torch.nn.Module, torch.dtype]
     rows: dict[str, list[dict[str, Any]]] = {prefix: [] for prefix, _, _ in scored}
     first_bad: dict[str, dict[str, Any]] = {}
     for raw in loader:
+        check_interrupted()  # a long validation ends within one tissue on Ctrl-C or SIGTERM
         for prefix, module, dtype in scored:
             for batch, s_feat, logits in model_outputs(
                 module, [raw], state.device, dtype, mag=cfg.model_mag, remedy=remedy

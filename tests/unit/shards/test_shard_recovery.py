@@ -16,6 +16,7 @@ import pytest
 from shard_fixtures import SMALL, inject_full_disk, read_samples, tar_bytes
 
 from hpcdistill.cli import main
+from hpcdistill.common.folder_lock import LOCK
 from hpcdistill.shards import cut, writer
 from hpcdistill.shards.sharding import ShardingError, ShardParams, run_sharding
 
@@ -96,7 +97,8 @@ def test_resume_after_kill_gives_the_uninterrupted_output(shard_slides, tmp_path
     assert 1 <= len(done_before) < len(tar_bytes(ref))
     (out / ".train-000099.tar.tmp").write_bytes(b"partial")  # what a kill mid-write leaves behind
     assert subprocess.run(command, capture_output=True).returncode == 0
-    assert not list(out.glob(".*")), "stale temporaries and the journal are gone"
+    # stale temporaries and the journal are gone; the writer lock file stays (empty, held by nobody)
+    assert [p.name for p in out.glob(".*")] == [LOCK]
     assert tar_bytes(out) == tar_bytes(ref)
     keys = [
         m.name.split(".", 1)[0]
