@@ -87,6 +87,11 @@ def _add_output_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete earlier shards/manifest in --out first")
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any slide is skipped")
     p.add_argument(
+        "--aux-shares-patients",
+        action="store_true",
+        help="allow an aux (unlabelled) slide of a patient who is in train/val/test (refused by default: leakage)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="plan only: splits, labels, base mags, tissues and samples per slide, skips with reasons; "
@@ -117,6 +122,7 @@ def run_shard(args: argparse.Namespace) -> int:
         classes=tuple(args.classes) if args.classes else None,
         tissue=tissue_params(args),
         source=args.source,
+        aux_shares_patients=args.aux_shares_patients,
     )
     if args.cluster:
         return _shard_array(args, params)

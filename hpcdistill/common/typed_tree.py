@@ -27,6 +27,7 @@ def read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({one_line(err)})") from None
     data = {} if data is None else data
+    check_size(data, path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -34,6 +35,30 @@ def read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         return data
     parent = read_yaml(path.parent / str(base), chain + (path,))
     return merge_dicts(parent, data)
+
+
+MAX_VALUES = 100_000  # a config or experiment file holds hundreds; anchors and aliases can multiply that without end
+
+
+def check_size(data: Any, path: Path) -> None:
+    """Refuse a file that expands past MAX_VALUES values (aliases to aliases, a "billion laughs"): the walk stops at
+    the bound, so the check itself is bounded."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{path}: more than {MAX_VALUES:,} values once its anchors and aliases are expanded")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: an error line never prints an unbounded value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +92,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or '<top>'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix or '<top>'}: expected a mapping, got {short(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
@@ -92,7 +117,7 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}; got {value!r}{hint}")
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}; got {short(value)}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -106,16 +131,16 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and one:
             value = [value] if value != "" else []  # `train=aux1` on the CLI means a one-element list
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {short(value)}")
         return [coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected int, got {value!r}")
+        raise ConfigError(f"{key}: expected int, got {short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -124,13 +149,13 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected float, got {value!r}")
+        raise ConfigError(f"{key}: expected float, got {short(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. run.name=42
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {short(value)}")
     raise ConfigError(f"{key}: unsupported config type {tp!r}")  # pragma: no cover - a bug in this file
 
 

@@ -33,7 +33,6 @@ import torch
 from hpcdistill.common.config import AugmentConfig
 from hpcdistill.common.errors import DataError, HpcdistillError, traceback_line
 from hpcdistill.common.mags import mag_name
-from hpcdistill.common.signals import ignore_interrupts
 from hpcdistill.data.augment import AugmentDraw, Standardizer
 from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.shards.reader import decode_sample, raw_samples, sample_size
@@ -274,7 +273,9 @@ def leave_requeue_to_main_process(worker_id: int) -> None:
     """SLURM sends the time-limit signal (SIGUSR2) to every process of the step, and forked workers inherit the
     main process's submitit handler: without this each worker would also dump the job and call `scontrol requeue`."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    ignore_interrupts()  # and Ctrl-C / SIGTERM: the main process ends the run and its workers, in one line
+    # and Ctrl-C, which the terminal sends to every process: the main process ends the run in one line. SIGTERM stays
+    # default: the DataLoader stops a worker that does not exit with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardLoader(torch.utils.data.DataLoader):

@@ -14,7 +14,7 @@ from hpcdistill.cluster.job_plan import Resources, check_resources
 from hpcdistill.common.config import REPO_ROOT
 from hpcdistill.common.errors import ConfigError, HpcdistillError, LaunchError
 from hpcdistill.common.mags import parse_mag
-from hpcdistill.common.typed_tree import build_dataclass, merge_dicts, read_yaml
+from hpcdistill.common.typed_tree import build_dataclass, merge_dicts, read_yaml, short
 
 RESERVED_KINDS = ("default", "teacher", "evaluate", "shard", "merge")  # job kinds that are not methods
 
@@ -187,7 +187,7 @@ def _check_method_link(methods: dict[str, MethodSpec], name: str, key: str, othe
 
 def _parse_resources(raw: Any, methods: list[str]) -> dict[str, Resources]:
     if not isinstance(raw, dict):
-        raise ConfigError(f"resources: expected a mapping of job kinds, got {raw!r}")
+        raise ConfigError(f"resources: expected a mapping of job kinds, got {short(raw)}")
     kinds = [*RESERVED_KINDS, *methods]
     default_raw = raw.get("default") or {}
     out: dict[str, Resources] = {}
@@ -195,7 +195,7 @@ def _parse_resources(raw: Any, methods: list[str]) -> dict[str, Resources]:
         if kind not in kinds:
             raise ConfigError(f"resources.{kind}: unknown job kind (known: {', '.join(kinds)})")
         if part is not None and not isinstance(part, dict):
-            raise ConfigError(f"resources.{kind}: expected a mapping, got {part!r}")
+            raise ConfigError(f"resources.{kind}: expected a mapping, got {short(part)}")
     for kind in kinds:
         if kind != "default" and kind not in raw:
             continue
@@ -204,7 +204,7 @@ def _parse_resources(raw: Any, methods: list[str]) -> dict[str, Resources]:
         sbatch = merged.pop("sbatch", None) or {}
         res: Resources = build_dataclass(Resources, merged, prefix)
         if not isinstance(sbatch, dict) or any(isinstance(v, (dict, list)) for v in sbatch.values()):
-            raise ConfigError(f"{prefix}sbatch: expected a mapping of sbatch options to values, got {sbatch!r}")
+            raise ConfigError(f"{prefix}sbatch: expected a mapping of sbatch options to values, got {short(sbatch)}")
         res.sbatch = dict(sbatch)
         check_resources(res, prefix)
         out[kind] = res

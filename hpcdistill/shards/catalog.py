@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from hpcdistill.common.errors import ShardingError
+from hpcdistill.shards.sample_format import sample_key
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu")
 
@@ -53,9 +54,16 @@ def check_slide_ids(paths: Iterable[str | os.PathLike]) -> None:
     """A slide is named by its id (file name without extension) in keys, labels, the manifest and every output:
     two files with one id would be one slide."""
     names: dict[str, Path] = {}
+    keys: dict[str, Path] = {}
     for p in map(Path, paths):
         if names.setdefault(slide_name(p), p) != p:
             raise ShardingError(f"{p}: same slide name {slide_name(p)!r} as {names[slide_name(p)]}; rename one")
+        key = sample_key(slide_name(p), 0, 0)  # sample keys keep [A-Za-z0-9_-]: `x y`, `x,y` and `x-y` would meet
+        if keys.setdefault(key, p) != p:
+            raise ShardingError(
+                f"{p}: its samples would share their keys ({key.rsplit('_t', 1)[0]}_t...) with {keys[key]}'s; "
+                "rename one (keys keep letters, digits, '_' and '-')"
+            )
 
 
 def slide_name(path: Path) -> str:

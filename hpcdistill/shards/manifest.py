@@ -18,8 +18,58 @@ MANIFEST = "manifest.json"
 
 
 def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
+    """The folder's manifest, checked against the folder before anything reads it (`check_manifest`)."""
     path = Path(shards_dir) / "manifest.json"
-    return read_json(path, DataError, missing="manifest not found (run `hpcdistill shard` first)")
+    manifest = read_json(path, DataError, missing="manifest not found (run `hpcdistill shard` first)")
+    check_manifest(Path(shards_dir), manifest)
+    return manifest
+
+
+def check_manifest(folder: Path, manifest: Any) -> None:
+    """Classes distinct and covering every split's histogram; shard entries plain names of files in the folder, each
+    the size the sharder recorded, and as many samples as the split says. An edited or partly replaced folder is one
+    line, never a shorter or other dataset read silently."""
+    where = folder / MANIFEST
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise DataError(f"{where}: not a shard manifest (no splits)")
+    classes = manifest.get("classes") or []
+    if not isinstance(classes, list) or len(set(map(str, classes))) != len(classes):
+        raise DataError(f"{where}: classes must be distinct names, got {str(classes)[:80]}")
+    files = manifest.get("files") or {}
+    for split, entry in manifest["splits"].items():
+        histogram = entry.get("class_histogram") or {}
+        unknown = [c for c in histogram if c not in classes]
+        if unknown:
+            raise DataError(
+                f"{where}: split {split} counts class {unknown[0]!r}, not in classes [{', '.join(classes)}]"
+            )
+        if sum(histogram.values()) not in (0, entry.get("samples")):
+            raise DataError(
+                f"{where}: split {split} has {entry.get('samples')} samples, its classes count "
+                f"{sum(histogram.values())}"
+            )
+        for name in entry.get("shards", []):
+            _check_shard_entry(folder, where, split, name, files.get(name))
+        recorded = [files[n]["samples"] for n in entry.get("shards", []) if n in files]
+        if files and sum(recorded) != entry.get("samples"):
+            raise DataError(
+                f"{where}: split {split} says {entry.get('samples')} samples, its shards hold {sum(recorded)}"
+            )
+
+
+def _check_shard_entry(folder: Path, where: Path, split: str, name: Any, recorded: dict | None) -> None:
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise DataError(
+            f"{where}: split {split} lists shard {str(name)[:80]!r}: entries are plain file names in {folder}"
+        )
+    path = folder / name
+    if not path.is_file():
+        raise DataError(f"{where}: split {split} lists {name}, which is not in {folder}")
+    if recorded is not None and path.stat().st_size != recorded["bytes"]:
+        raise DataError(
+            f"{path}: {path.stat().st_size} bytes, the manifest recorded {recorded['bytes']}: replaced or "
+            "cut short since it was written; reshard"
+        )
 
 
 def shard_source(manifest: dict[str, Any]) -> str:
@@ -137,4 +187,6 @@ def build_manifest(
         "stats": _colour_stats(sums),
         "sizes": _size_stats(sizes),
         "slides": {job.slide: {k: records[job.slide][k] for k in SLIDE_FIELDS} for job in jobs},
+        # each shard's size and sample count: a resume and every reader check the folder still holds these files
+        "files": {name: {"bytes": s["bytes"], "samples": len(s["keys"])} for name, s in sorted(shards.items())},
     }

@@ -8,11 +8,12 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from hpcdistill.common.errors import ShardingError
 from hpcdistill.common.mags import mag_name
-from hpcdistill.shards.catalog import assign_splits, read_labels_csv, slide_name
+from hpcdistill.shards.catalog import LabelRow, assign_splits, read_labels_csv, slide_name
 from hpcdistill.slides import tissue
 from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.windows import DEFAULT_MAGS, DEFAULT_MAX_SIZE, Windowing
@@ -37,6 +38,9 @@ class ShardParams:
     # Where each magnification is cut from: "level0" (the paper: Lanczos from level 0) or "pyramid" (Lanczos from
     # the smallest level at or above it, the pixels a pyramid-reading prediction sees).
     source: str = "level0"
+    # A patient of train/val/test/dev may also have slides in an aux (unlabelled) set: off, since distilling on a test
+    # patient's other slides leaks the test set into training; allow it only for aux sets never scored against.
+    aux_shares_patients: bool = False
 
     def __post_init__(self) -> None:
         # floats everywhere, so params given by the CLI or by code fingerprint identically
@@ -130,6 +134,8 @@ def make_plan(
             )
         classes = list(params.classes)
     splits = assign_splits(rows.values(), params.split_ratios, params.seed)
+    if not params.aux_shares_patients:
+        check_aux_patients(labels_csv, rows.values(), splits)
     jobs = []
     for p in slide_paths:
         row = rows.get(p)
@@ -149,11 +155,30 @@ def make_plan(
     return sorted(jobs, key=lambda j: j.slide), classes
 
 
+def check_aux_patients(labels_csv: str | os.PathLike, rows: Iterable[LabelRow], splits: dict[str, str]) -> None:
+    """A patient with slides in train/val/test/dev may not also be in an aux set (one line naming both slides)."""
+    rows = list(rows)
+    scored: dict[str, LabelRow] = {}
+    for row in rows:
+        if not splits[row.slide].startswith("aux"):
+            scored.setdefault(row.patient, row)
+    for row in sorted(rows, key=lambda r: r.line):
+        other = scored.get(row.patient)
+        if splits[row.slide].startswith("aux") and other is not None:
+            raise ShardingError(
+                f"{labels_csv}:{row.line}: patient {row.patient!r} has slide {row.slide} in {splits[row.slide]} and "
+                f"{other.slide} in {splits[other.slide]}: an aux set would train on a scored patient; give the aux "
+                "slide another patient, or pass --aux-shares-patients if that set is never scored against"
+            )
+
+
 def params_fingerprint(params: ShardParams, slide_paths: list[Path], labels_csv: str | os.PathLike | None) -> dict:
     """The parameters recorded in the journal and manifest; a rerun into the same folder must match them."""
     fingerprint = json.loads(json.dumps(dataclasses.asdict(params)))
     if fingerprint["source"] == "level0":
         del fingerprint["source"]  # the paper's source, and every folder's before the option: absent means level0
+    if not fingerprint["aux_shares_patients"]:
+        del fingerprint["aux_shares_patients"]  # the default: folders written before the option match
     fingerprint["slides"] = [p.name for p in slide_paths]
     if labels_csv is not None:
         fingerprint["labels_csv"] = Path(labels_csv).name

@@ -49,8 +49,8 @@ def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     """On a signal: the workers ignore it (one line from the parent, not a traceback each), so end them here rather
     than wait for the slides in hand; their spool files go with the next run's clean-up."""
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in list((pool._processes or {}).values()):  # no public way before Python 3.14's terminate_workers
-        process.terminate()
+    for process in list((pool._processes or {}).values()):  # no public way before Python 3.14's kill_workers
+        process.kill()  # SIGKILL: they ignore SIGTERM
 
 
 def _plan_summary(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, dict[str, Any]]:

@@ -4,6 +4,7 @@ carries on as the user said or stops with one line naming the file or key (exit 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -178,6 +179,13 @@ def cut(tar: Path, at: int) -> None:
     tar.write_bytes(tar.read_bytes()[:at])
 
 
+def forget_file_sizes(shards: Path) -> None:
+    """The manifest as sharders before the size record wrote it: only the reader can then find a cut shard."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["files"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
 def member_offset(tar: Path, index: int) -> int:
     """Where member `index`'s header starts: a cut there ends the file cleanly between two members."""
     with tarfile.open(tar) as archive:
@@ -194,6 +202,12 @@ def test_truncated_train_shard_is_one_line_naming_it(tiny_dataset, tmp_path, cap
         tiny_train_overrides(shards, tmp_path, "cut", "baseline", 2.5)
         + [f"data.sampler={sampler}", f"data.num_workers={workers}"],
     )
+    assert main.main(["train", str(cfg.save(tmp_path / "cut.yaml"))]) == 2  # the manifest's size record sees it first
+    assert error_line(capsys) == (
+        f"hpcdistill: error: {tar}: {tar.stat().st_size} bytes, the manifest recorded {2 * tar.stat().st_size}: "
+        "replaced or cut short since it was written; reshard"
+    )
+    forget_file_sizes(shards)
     assert main.main(["train", str(cfg.save(tmp_path / "cut.yaml"))]) == 2
     line = error_line(capsys)  # from a loader worker too: one line, not the worker's traceback
     assert (
@@ -206,6 +220,7 @@ def test_truncated_train_shard_is_one_line_naming_it(tiny_dataset, tmp_path, cap
 
 def test_shard_cut_between_members_is_not_read_as_a_shorter_one(tiny_dataset, tiny_teacher, tmp_path, capsys):
     shards = copy_shards(tiny_dataset, tmp_path)
+    forget_file_sizes(shards)  # the reader's own check: a folder older than the manifest's size record
     val, test = shards / "val-000000.tar", shards / "test-000000.tar"
     at = member_offset(val, 10)
     cut(val, at)  # exactly after the second sample: tarfile alone would just stop there, as if the shard were shorter
