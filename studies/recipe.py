@@ -174,10 +174,10 @@ def table(out: Path, iterations: int) -> str:
             f"| {size} | {candidate} | {run} | {len(group)} | {spread(acc)} | {group[0]['steps']} | "
             f"{statistics.fmean(g['minutes'] for g in group):.1f} |"
         )
-    students_rows = [r for r in rows if r["kind"] == "student"]
-    if students_rows:
-        size = students_rows[0]["size"]
-        lines += ["", paired_line(students_rows, shards_for(size, out), iterations)]
+    for candidate in sorted({r["candidate"] for r in rows if r["kind"] == "student"}):
+        students_rows = [r for r in rows if r["kind"] == "student" and r["candidate"] == candidate]
+        line = paired_line(students_rows, shards_for(students_rows[0]["size"], out), iterations)
+        lines += ["", f"- {candidate} ({students_rows[0]['size']} set): {line}"]
     return "\n".join(lines)
 
 
@@ -198,7 +198,9 @@ def main() -> None:
     elif args.phase == "students":
         students(args, out)
     else:
-        print(table(out, args.iterations))
+        text = table(out, args.iterations)
+        print(text)
+        (REPO / "studies" / "results_recipe.md").write_text(f"# The training recipe on new data\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def escape_folder(m: dict) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (drop_class, "split train counts class "),
+        (drop_class, " counts class 'tumor', not in classes [normal]"),
         (raise_count, "split train has "),
         (escape_folder, "split train lists shard '../outside.tar': entries are plain file names in "),
     ],
