@@ -17,6 +17,7 @@ from typing import Any, Callable
 from hpcdistill.cluster.launch_record import job_record, record_submission, store_result
 from hpcdistill.common.errors import LaunchError
 from hpcdistill.common.progress import LiveStatus
+from hpcdistill.common.signals import Interrupted
 
 
 class LocalRunner:
@@ -114,5 +115,10 @@ class LocalRunner:
                 display.update([e for e in self.record["jobs"] if e.get("started")])
                 if not changed:
                     time.sleep(1)
+        except (Interrupted, KeyboardInterrupt):  # the runner is stopping: its jobs must not run on, unseen
+            for _, _, sub in self.running:
+                sub.cancel(check=False)
+            self.save()
+            raise
         finally:
             display.close()

@@ -159,3 +159,28 @@ def test_predict_as_two_local_tasks_equals_one_process(tiny_teacher, tiny_datase
     record = json.loads((tmp_path / "two" / "launch.json").read_text())
     assert [len(j["tasks"]) for j in record["jobs"]] == [2, 1]
     assert all((tmp_path / "two" / "overlays" / f"{Path(s).stem}.png").is_file() for s in slides)
+
+
+def test_any_error_in_one_slide_is_its_skipped_row_and_the_others_are_written(tiny_teacher, tmp_path, monkeypatch):
+    """The reported crash (GroupNorm's ValueError on a tissue a few pixels wide) stands for any fault of one slide."""
+    from hpcdistill.predict import prediction
+
+    bad, good = tmp_path / "bad.svs", tmp_path / "good.svs"
+    write_slide(bad, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, n_tissues=1)
+    write_slide(good, 1536, 1152, fmt="svs", base_mag=40, class_id=1, seed=12, n_tissues=1)
+    real_find = prediction.find_windows
+
+    def fail_on_bad(slide, *args, **kwargs):
+        if Path(slide.info.path).name == bad.name:
+            raise ValueError("Expected more than 1 value per channel when training, got input size [1, 8, 1, 1]")
+        return real_find(slide, *args, **kwargs)
+
+    monkeypatch.setattr(prediction, "find_windows", fail_on_bad)
+    summary = predict_slides(tiny_teacher, [bad, good], tmp_path / "out")
+    rows = {r["slide"]: r for r in csv.DictReader((tmp_path / "out" / "slides.csv").open())}
+    assert rows["good"]["status"] == "ok" and rows["bad"]["status"] == "skipped"
+    assert (
+        rows["bad"]["reason"]
+        == f"{bad}: ValueError: Expected more than 1 value per channel when training, got input size [1, 8, 1, 1]"
+    )
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["slides"] == summary["slides"]
