@@ -5,6 +5,7 @@ the training shards cut tissues into windows. `export_blob` builds it, `load_exp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,13 @@ class ExportedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @functools.cached_property
+    def min_side(self) -> int:
+        """The smallest square input the network takes, in pixels at `mag` (found by running it)."""
+        from hpcdistill.models.inference import smallest_input
+
+        return smallest_input(self.model, self.device)
 
 
 def load_exported(

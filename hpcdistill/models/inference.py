@@ -84,3 +84,23 @@ def model_outputs(
                 f"{batch['key'][0]} ({width}x{height} px at {mag_name(mag)}): does not fit in GPU memory; {remedy}"
             ) from None
         yield batch, features, logits
+
+
+@torch.no_grad()
+def smallest_input(model: torch.nn.Module, device: torch.device, limit: int = 256) -> int:
+    """The smallest square side, in pixels, the model takes: found by running it, not assumed, since it depends on
+    the stem's stride and on GroupNorm (a group of one channel over a 1x1 map has nothing to normalise)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for side in range(1, limit + 1):
+            try:
+                model(torch.zeros(1, 3, side, side, device=device))
+                return side
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (RuntimeError, ValueError):  # too small: a map shrunk to nothing, a GroupNorm group of one value
+                continue
+        raise HpcdistillError(f"the model takes no input up to {limit} px square")
+    finally:
+        model.train(was_training)

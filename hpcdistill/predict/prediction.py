@@ -12,6 +12,7 @@ uncertain small fragment from flipping the call). Slides that cannot be read are
 from __future__ import annotations
 
 import csv
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -178,9 +179,9 @@ def predict_slide(
             raise HpcdistillError(
                 f"{slide_path}: scanned at {mag_name(info.base_mag)}, below the model's {mag_name(exported.mag)}"
             )
-        found = find_windows(slide, options.tissue, exported.windowing)
+        found, small = drop_small_tissues(find_windows(slide, options.tissue, exported.windowing), exported, info)
         if not found.boxes:
-            raise HpcdistillError(f"{slide_path}: no tissue found on the thumbnail")
+            raise HpcdistillError(f"{slide_path}: no tissue found on the thumbnail" + (f" ({small})" if small else ""))
         read = options.read or exported.source
         windows, cams = _classify_windows(slide, found, exported, slide_path, options.heatmap, read)
         source = read_record(slide, exported.mag, read)
@@ -200,6 +201,7 @@ def predict_slide(
         "windows": windows,
         "overlay": str(out / "overlays" / f"{stem}.png"),
     }
+    result["note"] = "; ".join(n for n in (result.get("note", ""), small) if n)
     _write_overlay(
         Path(result["overlay"]),
         found,
@@ -218,6 +220,28 @@ def predict_slide(
     return result
 
 
+def drop_small_tissues(found: TissueWindows, exported: ExportedModel, info: Any) -> tuple[TissueWindows, str]:
+    """The tissues and windows the model can take: a window whose side at the model's magnification is under the
+    smallest input the network accepts (exported.min_side) goes, and a tissue with none left; returns what went."""
+    keep_boxes, keep_windows, keep_labels, dropped = [], [], [], 0
+    for t, (box, windows) in enumerate(zip(found.boxes, found.windows)):
+        fits = [
+            w for w in windows if min(window_sizes(w, info.base_mag, [exported.mag])[exported.mag]) >= exported.min_side
+        ]
+        if not fits:
+            dropped += 1
+            continue
+        keep_boxes.append(box)
+        keep_windows.append(fits)
+        keep_labels += [found.box_labels[t]] if found.box_labels is not None else []
+    if not dropped:
+        return found, ""
+    labels = keep_labels if found.box_labels is not None else None
+    kept = dataclasses.replace(found, boxes=keep_boxes, windows=keep_windows, box_labels=labels)
+    side = f"{exported.min_side} px at {mag_name(exported.mag)}"
+    return kept, f"{dropped} tissue(s) under {side} skipped: too small for the model"
+
+
 def read_record(slide: Any, mag: float, read: str) -> dict[str, Any]:
     """Where the slide's windows were read from: the source, the level and its magnification, and a note when the
     pyramid has no level near the model's magnification (the next level up was read, at more decode cost)."""
@@ -234,6 +258,7 @@ def classify_slides(
 ) -> list[dict]:
     """Each slide's result (or why it was skipped), in the given order; overlays go to `out`/overlays."""
     results = []
+    exported.min_side  # noqa: B018 -- probed once before the slides: a slide's fault is never the probe's
     for path in tqdm(
         slides,
         desc=f"predict @ {mag_name(exported.mag)}",

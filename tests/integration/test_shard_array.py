@@ -67,6 +67,7 @@ def without_shard_names(manifest: dict) -> dict:
     for split in manifest["splits"].values():
         split.pop("shards")
     manifest["params"].pop("shard_max_samples")
+    manifest.pop("files")  # each tar's size and count, under its name: the same samples in other tars
     return manifest
 
 

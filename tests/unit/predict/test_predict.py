@@ -74,7 +74,7 @@ def test_a_tissue_too_big_for_the_gpu_skips_its_slide_only(tiny_teacher, tmp_pat
             self.inner = inner
 
         def forward(self, x):
-            if calls[-1] == str(big):
+            if calls and calls[-1] == str(big):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             return self.inner(x)
 
@@ -184,3 +184,29 @@ def test_any_error_in_one_slide_is_its_skipped_row_and_the_others_are_written(ti
         == f"{bad}: ValueError: Expected more than 1 value per channel when training, got input size [1, 8, 1, 1]"
     )
     assert json.loads((tmp_path / "out" / "predictions.json").read_text())["slides"] == summary["slides"]
+
+
+def test_tissues_smaller_than_the_model_takes_are_skipped_with_a_count(tiny_dataset, tmp_path):
+    """A network with one channel per GroupNorm group cannot take a 1-2 px input (the reported ValueError): the
+    threshold comes from running the exported network, and only the tissues under it go."""
+    from conftest import cfg_for
+
+    from hpcdistill.models.export import load_exported
+    from hpcdistill.predict.prediction import drop_small_tissues
+    from hpcdistill.slides.windows import TissueWindows
+    from hpcdistill.train import loop
+
+    one_per_group = ("model.groups=8", "model.stem=halfres", "data.epoch_samples=2", "train.max_steps=1")
+    best = loop.run(cfg_for(tiny_dataset, tmp_path, "narrow", "baseline", 1.25, *one_per_group))["best_path"]
+    exported = load_exported(best)
+    assert exported.min_side == 3  # found by running it: 1 and 2 px fail in GroupNorm
+
+    class Info:
+        base_mag = 40.0
+
+    big, tiny = (0, 0, 640, 640), (700, 0, 64, 64)  # 20 px and 2 px at 1.25x
+    found = TissueWindows(np.zeros((8, 8, 3), np.uint8), 1.0, [big, tiny], [[big], [tiny]], None, None)
+    kept, note = drop_small_tissues(found, exported, Info())
+    assert kept.boxes == [big] and kept.windows == [[big]]
+    assert note == "1 tissue(s) under 3 px at 1.25x skipped: too small for the model"
+    assert drop_small_tissues(kept, exported, Info()) == (kept, "")
