@@ -182,6 +182,17 @@ def _resume_changes(cfg: Config, folder: RunFolder, target: Path | None) -> list
     return changes
 
 
+def check_device_options(cfg: Config, device: torch.device) -> None:
+    """Options that need a GPU, refused in one line on another device."""
+    if cfg.data.decode == "gpu":
+        require_device_decode(device)
+    if cfg.train.channels_last and device.type == "cpu":
+        raise TrainError(
+            "train.channels_last: a GPU layout, refused on CPU: there it gains nothing, and torch 2.13's CPU backward "
+            "was seen to corrupt the heap with it at model.width=8 (README, reliability); set it false"
+        )
+
+
 def build_state(cfg: Config) -> State:
     """Everything a run needs, resumed from its run folder as `run.resume` says. The config stored in the
     checkpoint is compared first, so a refused change stops before any model is built."""
@@ -192,13 +203,7 @@ def build_state(cfg: Config) -> State:
     target = folder.resume_target(cfg.run.resume)
     changes = _resume_changes(cfg, folder, target)
     device = device_for(local)
-    if cfg.data.decode == "gpu":
-        require_device_decode(device)
-    if cfg.train.channels_last and device.type == "cpu":
-        raise TrainError(
-            "train.channels_last: a GPU layout, refused on CPU: there it gains nothing, and torch 2.13's CPU backward "
-            "was seen to corrupt the heap with it at model.width=8 (README, reliability); set it false"
-        )
+    check_device_options(cfg, device)
     plan = plan_data(cfg, world)
     ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu", steps_per_epoch=plan.steps_per_epoch)
     model = build_student(cfg, plan.classes).to(device)
