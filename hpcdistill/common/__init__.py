@@ -1,5 +1,6 @@
 """Shared by every stage and importing nothing of ours: the error types and one-line messages, magnification names, the
-typed config, atomic files and JSON, progress records, ranks, notes to the user and how a signal ends a command."""
+typed config, atomic files and JSON, progress records, ranks, notes to the user, how a signal ends a command and the
+one-writer lock."""
 
 from hpcdistill.common import lazy_exports as _lazy
 
@@ -29,5 +30,7 @@ _EXPORTS = {
     "Interrupted": "signals",
     "check_interrupted": "signals",
     "interruptible": "signals",
+    "one_writer": "folder_lock",
+    "FolderBusy": "folder_lock",
 }
 __all__, __getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS)

@@ -1,6 +1,6 @@
 """Training: the loop and its state, the run folder and checkpoints, resume checks, validation and export selection,
-the weight average, the stop on a non-finite loss, the process group, the DeepSpeed config, the losses and the
-training job."""
+the weight average, the stop on a non-finite loss, the process group, the DeepSpeed config, the losses, the budget
+and its schedule, the teacher gate and the training job."""
 
 from hpcdistill.common.lazy_exports import lazy_exports
 
@@ -14,5 +14,8 @@ _EXPORTS = {
     "complete_checkpoints": "run_folder",
     "build_ds_config": "ds_config",
     "TrainTask": "task",
+    "budget_line": "budget",
+    "stop_reason": "budget",
+    "check_teacher": "teacher_gate",
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

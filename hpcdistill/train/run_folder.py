@@ -50,6 +50,9 @@ RESUMABLE = (
     "train.checkpoint_every_min",
     "train.keep_last",
     "data.num_workers",
+    "teacher.min_val_accuracy",  # the gate: judged again at every start, it shapes no step
+    "teacher.reference",
+    "teacher.gate",
     "run.resume",
     "run.out_dir",
     "run.name",

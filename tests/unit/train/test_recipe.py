@@ -121,3 +121,13 @@ def test_a_teacher_export_without_a_validation_record_cannot_be_judged(tiny_data
     with pytest.raises(HpcdistillError, match="records no validation accuracy") as err:
         loop.run(cfg_for(tiny_dataset, tmp_path, "kd", "distill", 2.5, f"teacher.checkpoint={old}"))
     assert "\n" not in str(err.value)
+
+
+def test_the_gate_may_change_on_resume_and_is_judged_again(tiny_dataset, tiny_teacher, tmp_path, capsys):
+    config = cfg_for(tiny_dataset, tmp_path, "kd", "distill", 2.5, f"teacher.checkpoint={tiny_teacher}")
+    path = config.save(tmp_path / "kd.yaml")
+    assert main.main(["train", str(path), "train.max_steps=1"]) == 0
+    assert main.main(["train", str(path), "train.max_steps=2", "teacher.min_val_accuracy=0.01"]) == 0
+    assert "changed on resume: teacher.min_val_accuracy: 0.0 -> 0.01" in capsys.readouterr().err
+    assert main.main(["train", str(path), "teacher.min_val_accuracy=0.99"]) == 2  # judged again at every start
+    assert "is not good enough to teach" in error_line(capsys)
