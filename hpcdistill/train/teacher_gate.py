@@ -27,6 +27,8 @@ def recorded_accuracy(export: ExportedModel, key: str) -> float:
 def gate_shortfalls(cfg: Config, teacher: ExportedModel) -> list[str]:
     """What keeps this teacher from teaching, as readable clauses ([] = it may teach)."""
     gate = cfg.teacher
+    if not gate.min_val_accuracy and not gate.reference:
+        return []  # no floor and no reference: there is nothing to judge, and an old export without a record passes
     try:
         accuracy = recorded_accuracy(teacher, "teacher.checkpoint")
     except TrainError as err:

@@ -118,9 +118,14 @@ def test_a_teacher_export_without_a_validation_record_cannot_be_judged(tiny_data
     del blob["val"]
     old = tmp_path / "old-teacher.pt"
     torch.save(blob, old)
+    judged = ("teacher.min_val_accuracy=0.5", f"teacher.checkpoint={old}")
     with pytest.raises(HpcdistillError, match="records no validation accuracy") as err:
-        loop.run(cfg_for(tiny_dataset, tmp_path, "kd", "distill", 2.5, f"teacher.checkpoint={old}"))
+        loop.run(cfg_for(tiny_dataset, tmp_path, "kd", "distill", 2.5, *judged))
     assert "\n" not in str(err.value)
+    unjudged = loop.run(
+        cfg_for(tiny_dataset, tmp_path, "kd0", "distill", 2.5, f"teacher.checkpoint={old}", "train.max_steps=1")
+    )
+    assert unjudged["global_step"] == 1  # no floor and no reference: nothing to judge, the old export teaches
 
 
 def test_the_gate_may_change_on_resume_and_is_judged_again(tiny_dataset, tiny_teacher, tmp_path, capsys):
