@@ -25,7 +25,8 @@ class DataPlan:
     per_rank: int  # samples per rank per epoch
     steps_per_epoch: int  # optimizer steps
     manifest_sha256: str | None = None
-    budget: str = ""  # how the epoch's size was derived (train.budget.budget_line)
+    epoch_rule: str = ""  # how the epoch's size was derived, e.g. "1 pass(es) over the 60 labelled train tissues ..."
+    budget: str = ""  # the run's budget line (train.budget.budget_line), said before it starts
 
 
 def plan_data(cfg: Config, world: int) -> DataPlan:
@@ -62,6 +63,7 @@ def plan_data(cfg: Config, world: int) -> DataPlan:
         per_rank,
         per_rank // unit,
         manifest_digest(shards),
+        derivation,
         budget_line(cfg, per_rank // unit, per_rank, world, derivation),
     )
 

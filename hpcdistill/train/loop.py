@@ -130,11 +130,9 @@ def train_epoch(state: State) -> bool:
             first = False
         losses = train_step(state, batches)
         images += sum(len(b["key"]) for b in batches) * state.world
-        for k, v in losses.items():
-            state.meter[k] = state.meter.get(k, 0.0) + v
-        state.meter["_n"] = state.meter.get("_n", 0.0) + 1
-        for k, v in [*losses.items(), ("_n", 1.0)]:
-            state.epoch_meter[k] = state.epoch_meter.get(k, 0.0) + v
+        for meter in (state.meter, state.epoch_meter):  # since the last scalar log, and since the epoch began
+            for k, v in [*losses.items(), ("_n", 1.0)]:
+                meter[k] = meter.get(k, 0.0) + v
         if state.global_step % cfg.log.log_every == 0:
             logscalars(state, images / (time.perf_counter() - tick))
             report_progress(state, "train")

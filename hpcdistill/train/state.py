@@ -308,7 +308,7 @@ def _epoch_size_change(state: State, target: Path, saved: int | None, world: int
     if batch:
         raise TrainError(
             f"{target}: saved mid-epoch with {saved} samples per rank per epoch, this run makes {now} "
-            f"({state.plan.budget.split('(an epoch: ')[-1].split(';')[0]}): resume as it was, change at an epoch's end"
+            f"({state.plan.epoch_rule}): resume as it was, change at an epoch's end"
         )
     return [f"samples per rank per epoch {saved} -> {now}"]
 
