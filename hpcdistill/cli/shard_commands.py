@@ -59,10 +59,36 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
         dest="image_format",
         help="image encoding in the shards (png is lossless and several times larger)",
     )
+    p.add_argument(
+        "--min-side",
+        type=_min_side,
+        default="auto",
+        help="skip (and count) tissues with no window of this many px a side at every magnification (default auto: "
+        "the smallest input of the default network, found by running it; training checks its own network too)",
+    )
     _add_output_flags(p, defaults)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cluster_flags(p, "cutting")
     add_tissue_flags(p)
+
+
+def _min_side(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: a side in px (>= 1) or 'auto'")
+
+
+def default_network_min_side() -> int:
+    """The smallest square input of the network a default training config builds (models.smallest_input)."""
+    import torch
+
+    from hpcdistill.common.config import ModelConfig
+    from hpcdistill.models.inference import smallest_input
+    from hpcdistill.models.resnet import build_model
+
+    model = ModelConfig()
+    network = build_model(model.arch, model.num_classes, width=model.width, groups=model.groups, stem=model.stem)
+    return smallest_input(network, torch.device("cpu"))
 
 
 def _add_output_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
@@ -123,6 +149,7 @@ def run_shard(args: argparse.Namespace) -> int:
         tissue=tissue_params(args),
         source=args.source,
         aux_shares_patients=args.aux_shares_patients,
+        min_side=default_network_min_side() if args.min_side == "auto" else args.min_side,
     )
     if args.cluster:
         return _shard_array(args, params)
@@ -180,7 +207,12 @@ def print_manifest(manifest: dict[str, Any], out: str, list_skipped: bool = Fals
     skipped = [s["reason"] for s in manifest["slides"].values() if s["status"] != "ok"]
     for reason in skipped if list_skipped else []:
         print(f"skipped: {reason}")
-    print(f"{out}/manifest.json: {len(manifest['slides']) - len(skipped)} slides ok, {len(skipped)} skipped")
+    small = sum(s.get("small_tissues") or 0 for s in manifest["slides"].values() if s["status"] == "ok")
+    side = manifest["params"].get("min_side", 1)
+    print(
+        f"{out}/manifest.json: {len(manifest['slides']) - len(skipped)} slides ok, {len(skipped)} skipped"
+        + (f"; {small} tissue(s) under {side} px skipped (--min-side)" if small else "")
+    )
     return 0
 
 

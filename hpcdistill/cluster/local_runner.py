@@ -10,6 +10,7 @@ computes the same thing however it is scheduled: it is one process with its own 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -87,7 +88,7 @@ class LocalRunner:
             store_result(job.key, sub, task)
         except LaunchError:
             for _, _, other in self.running:
-                other.cancel(check=False)
+                stop_job(other)
             raise
         if self.task_done(job.key):
             self.entries[job.key]["finished"] = time.time()
@@ -117,8 +118,18 @@ class LocalRunner:
                     time.sleep(1)
         except (Interrupted, KeyboardInterrupt):  # the runner is stopping: its jobs must not run on, unseen
             for _, _, sub in self.running:
-                sub.cancel(check=False)
+                stop_job(sub)
             self.save()
             raise
         finally:
             display.close()
+
+
+def stop_job(sub: Any) -> None:
+    """End a local job as SLURM would (SIGTERM: the job says so in one line and a rerun resumes). submitit's own
+    cancel sends SIGINT, which a job still starting Python turns into a KeyboardInterrupt traceback."""
+    process = getattr(sub, "_process", None)  # submitit.local.LocalJob's Popen; a debug job has none
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    elif process is None:
+        sub.cancel(check=False)

@@ -16,6 +16,7 @@ import torch
 
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.common.files import atomic_output, atomic_write_json
+from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
 from hpcdistill.data.streams import StreamSpec, make_loader
 from hpcdistill.evaluate.aggregation import unit_rows
@@ -155,27 +156,30 @@ def evaluate_checkpoint(
     `by_slide`: the tissue unit's bootstrap resamples whole slides (the default: the paper's plain resampling).
     `device`: "auto" (a GPU if there is one), "cpu", "cuda" or "cuda:N"; inference runs in fp32 either way.
     """
-    manifest = read_manifest(shards)
-    exported = _load_for(checkpoint, shards, manifest)
-    exported.model.to(pick_device(device))
-    rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers, str(checkpoint))
-    labeled = _labeled(rows, shards, split)
-    bootstrap = {
-        "iterations": iterations,
-        "level": level,
-        "seed": seed,
-        "resample": "slides" if by_slide else "samples",
-    }
-    scores, by_unit = _unit_scores(labeled, manifest, exported.classes, units, slide_rule, bootstrap, str(checkpoint))
-    record = _record_head(exported, shards, split, labeled, checkpoint, method, study) | {
-        "bootstrap": bootstrap,
-        **_scores(labeled, len(exported.classes), bootstrap),
-        "slide_rule": slide_rule,
-        "units": scores,
-        "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
-    }
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
-    return _write_record(out, split, record, rows, exported.classes, by_unit)
+    with one_writer(out):  # two evaluations into one folder would interleave their files
+        manifest = read_manifest(shards)
+        exported = _load_for(checkpoint, shards, manifest)
+        exported.model.to(pick_device(device))
+        rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers, str(checkpoint))
+        labeled = _labeled(rows, shards, split)
+        bootstrap = {
+            "iterations": iterations,
+            "level": level,
+            "seed": seed,
+            "resample": "slides" if by_slide else "samples",
+        }
+        scores, by_unit = _unit_scores(
+            labeled, manifest, exported.classes, units, slide_rule, bootstrap, str(checkpoint)
+        )
+        record = _record_head(exported, shards, split, labeled, checkpoint, method, study) | {
+            "bootstrap": bootstrap,
+            **_scores(labeled, len(exported.classes), bootstrap),
+            "slide_rule": slide_rule,
+            "units": scores,
+            "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
+        }
+        return _write_record(out, split, record, rows, exported.classes, by_unit)
 
 
 def _record_head(

@@ -92,10 +92,11 @@ def smallest_input(model: torch.nn.Module, device: torch.device, limit: int = 25
     the stem's stride and on GroupNorm (a group of one channel over a 1x1 map has nothing to normalise)."""
     was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype
     try:
         for side in range(1, limit + 1):
             try:
-                model(torch.zeros(1, 3, side, side, device=device))
+                model(torch.zeros(1, 3, side, side, device=device, dtype=dtype))
                 return side
             except torch.cuda.OutOfMemoryError:
                 raise

@@ -12,7 +12,6 @@ uncertain small fragment from flipping the call). Slides that cannot be read are
 from __future__ import annotations
 
 import csv
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,7 +37,7 @@ from hpcdistill.shards.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.tissue import TissueParams, class_colour, write_qc_png
-from hpcdistill.slides.windows import TissueWindows, find_windows, window_sizes
+from hpcdistill.slides.windows import TissueWindows, find_windows, fitting_windows, window_sizes
 
 
 @dataclass(frozen=True)
@@ -221,25 +220,13 @@ def predict_slide(
 
 
 def drop_small_tissues(found: TissueWindows, exported: ExportedModel, info: Any) -> tuple[TissueWindows, str]:
-    """The tissues and windows the model can take: a window whose side at the model's magnification is under the
-    smallest input the network accepts (exported.min_side) goes, and a tissue with none left; returns what went."""
-    keep_boxes, keep_windows, keep_labels, dropped = [], [], [], 0
-    for t, (box, windows) in enumerate(zip(found.boxes, found.windows)):
-        fits = [
-            w for w in windows if min(window_sizes(w, info.base_mag, [exported.mag])[exported.mag]) >= exported.min_side
-        ]
-        if not fits:
-            dropped += 1
-            continue
-        keep_boxes.append(box)
-        keep_windows.append(fits)
-        keep_labels += [found.box_labels[t]] if found.box_labels is not None else []
-    if not dropped:
-        return found, ""
-    labels = keep_labels if found.box_labels is not None else None
-    kept = dataclasses.replace(found, boxes=keep_boxes, windows=keep_windows, box_labels=labels)
+    """The tissues and windows the model can take (windows.fitting_windows at the model's magnification and
+    smallest input, exported.min_side); returns them and a note on what went."""
+    kept = fitting_windows(found, info.base_mag, [exported.mag], exported.min_side)
+    if kept.small == found.small:
+        return kept, ""
     side = f"{exported.min_side} px at {mag_name(exported.mag)}"
-    return kept, f"{dropped} tissue(s) under {side} skipped: too small for the model"
+    return kept, f"{kept.small - found.small} tissue(s) under {side} skipped: too small for the model"
 
 
 def read_record(slide: Any, mag: float, read: str) -> dict[str, Any]:

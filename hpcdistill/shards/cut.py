@@ -19,7 +19,7 @@ from hpcdistill.shards.plan import ShardParams, SlideJob
 from hpcdistill.shards.sample_format import image_member, label_members, sample_key, sample_meta
 from hpcdistill.slides import tissue
 from hpcdistill.slides.factory import open_slide
-from hpcdistill.slides.windows import Box, TissueWindows, find_windows, window_sizes
+from hpcdistill.slides.windows import Box, TissueWindows, find_windows, fitting_windows, window_sizes
 
 SPOOL = ".spool"  # per-slide encoded samples between a worker and the writer
 
@@ -41,6 +41,7 @@ class SlideResult:
     base_mag: float | None = None
     mag_source: str | None = None
     tissues: int = 0
+    small_tissues: int = 0  # tissues with no window of ShardParams.min_side at every magnification: not cut
     samples: list[Sample] = dataclasses.field(default_factory=list)
     spool: str | None = None  # encoded payloads, appended as cut: memory holds one window, not a whole slide
     # per mag name: [sum r,g,b, sumsq r,g,b, pixel count]; only for the labeled train split
@@ -56,6 +57,7 @@ class SlideResult:
             "label": job.label,
             "file": Path(job.path).name,
             "tissues": self.tissues,
+            "small_tissues": self.small_tissues,
             "samples": len(self.samples),
             "base_mag": self.base_mag,
             "mag_source": self.mag_source,
@@ -115,7 +117,7 @@ def _shard_open_slide(
         found, reason = survey_slide(slide, job, params, qc_dir)
         if reason:
             return _skip(result, reason)
-        result.tissues = len(found.boxes)
+        result.tissues, result.small_tissues = len(found.boxes), found.small
         for t, windows in enumerate(found.windows):
             for w, window in enumerate(windows):
                 result.samples.append(_cut_sample(slide, job, t, w, window, params, result, collect_stats, spool))
@@ -135,6 +137,7 @@ def survey_slide(
             f"{mag_name(info.base_mag)} ({info.mag_source})"
         )
     found = find_windows(slide, params.tissue, params.windowing)
+    found = fitting_windows(found, info.base_mag, params.mags, params.min_side)
     names = [f"t{i:03d}" for i in range(len(found.boxes))]
     tissue.write_qc_png(
         Path(qc_dir) / f"{job.slide}.png",
@@ -146,7 +149,14 @@ def survey_slide(
         f"(base {mag_name(info.base_mag)}, split {job.split or '-'})",
         legend=[(name, tissue.QC_PALETTE[i % len(tissue.QC_PALETTE)]) for i, name in enumerate(names)],
     )
-    return found, None if found.boxes else f"{job.path}: no tissue found on the thumbnail"
+    if found.boxes:
+        return found, None
+    if found.small:
+        return found, (
+            f"{job.path}: its {found.small} tissue(s) are all under --min-side {params.min_side} px at "
+            f"{mag_name(min(params.mags))} (the smallest input of the network)"
+        )
+    return found, f"{job.path}: no tissue found on the thumbnail"
 
 
 def preview_slide(job: SlideJob, params: ShardParams, qc_dir: str) -> dict[str, Any]:
@@ -170,7 +180,9 @@ def preview_slide(job: SlideJob, params: ShardParams, qc_dir: str) -> dict[str, 
             )
             found, row["reason"] = survey_slide(slide, job, params, qc_dir)
             if found is not None:
-                row.update(tissues=len(found.boxes), samples=found.count, tissue_area=found.area)
+                row.update(
+                    tissues=len(found.boxes), small_tissues=found.small, samples=found.count, tissue_area=found.area
+                )
     except Exception as exc:  # noqa: BLE001 -- as in sharding: one bad file is reported, the others go on
         row["reason"] = _skip_reason(exc, job.path)
     row["status"] = "skipped" if row["reason"] else "ok"

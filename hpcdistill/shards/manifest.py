@@ -92,6 +92,13 @@ def split_summary(manifest: dict[str, Any]) -> str:
 
 def mag_stats(manifest: dict[str, Any], mag: float) -> dict[str, list[float]]:
     name = mag_name(mag)
+    cut = [float(m) for m in manifest.get("mags", [])]
+    if cut and not any(abs(m - mag) < 1e-9 for m in cut):
+        have = ",".join(f"{m:g}" for m in cut)
+        raise DataError(
+            f"manifest.json: the shards were cut at {', '.join(mag_name(m) for m in cut)}, not at {name}: shard "
+            f"again with `hpcdistill shard ... --mags {have},{mag:g}` (or pick a magnification they have)"
+        )
     try:
         stats = manifest["stats"][name]
         return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
@@ -127,15 +134,29 @@ def _colour_stats(sums: dict[str, np.ndarray]) -> dict[str, dict[str, list[float
     return stats
 
 
-SLIDE_FIELDS = ("status", "reason", "split", "patient", "label", "file", "tissues", "samples", "base_mag", "mag_source")
+SLIDE_FIELDS = (
+    "status",
+    "reason",
+    "split",
+    "patient",
+    "label",
+    "file",
+    "tissues",
+    "small_tissues",
+    "samples",
+    "base_mag",
+    "mag_source",
+)
 
 
 def _size_stats(sizes: dict[str, list[list[int]]]) -> dict[str, dict[str, list[float]]]:
-    """Median and mean (width, height) of the samples at each magnification."""
+    """Median and mean (width, height) of the samples at each magnification, and their smallest side (checked
+    against the network's smallest input before training)."""
     return {
         m: {
             "median": [float(v) for v in np.median(np.asarray(s), axis=0)],
             "mean": [round(float(v), 3) for v in np.mean(np.asarray(s), axis=0)],
+            "min_side": int(np.asarray(s).min()),
         }
         for m, s in sizes.items()
         if s
@@ -186,7 +207,8 @@ def build_manifest(
         "splits": {k: splits[k] for k in sorted(splits)},
         "stats": _colour_stats(sums),
         "sizes": _size_stats(sizes),
-        "slides": {job.slide: {k: records[job.slide][k] for k in SLIDE_FIELDS} for job in jobs},
+        # .get: journals written before a field existed (small_tissues) still finish
+        "slides": {job.slide: {k: records[job.slide].get(k) for k in SLIDE_FIELDS} for job in jobs},
         # each shard's size and sample count: a resume and every reader check the folder still holds these files
         "files": {name: {"bytes": s["bytes"], "samples": len(s["keys"])} for name, s in sorted(shards.items())},
     }

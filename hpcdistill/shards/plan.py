@@ -41,6 +41,9 @@ class ShardParams:
     # A patient of train/val/test/dev may also have slides in an aux (unlabelled) set: off, since distilling on a test
     # patient's other slides leaks the test set into training; allow it only for aux sets never scored against.
     aux_shares_patients: bool = False
+    # The smallest side, in px at every cut magnification, a window may have: the smallest input of the network
+    # the shards are for (the CLI probes it); a tissue with no window that large is skipped and counted.
+    min_side: int = 1
 
     def __post_init__(self) -> None:
         # floats everywhere, so params given by the CLI or by code fingerprint identically
@@ -179,6 +182,8 @@ def params_fingerprint(params: ShardParams, slide_paths: list[Path], labels_csv:
         del fingerprint["source"]  # the paper's source, and every folder's before the option: absent means level0
     if not fingerprint["aux_shares_patients"]:
         del fingerprint["aux_shares_patients"]  # the default: folders written before the option match
+    if fingerprint["min_side"] == 1:
+        del fingerprint["min_side"]  # every window has a side of 1 px: folders written before the option match
     fingerprint["slides"] = [p.name for p in slide_paths]
     if labels_csv is not None:
         fingerprint["labels_csv"] = Path(labels_csv).name

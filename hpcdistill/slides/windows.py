@@ -7,6 +7,7 @@ never sees, at prediction time, a tissue larger than any window it was trained o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -92,6 +93,7 @@ class TissueWindows:
     windows: list[list[Box]]  # windows[t]: the windows of tissue t
     labels: np.ndarray | None = None  # the thumbnail's labelled tissue mask (tissue.find_tissues)
     box_labels: list[int] | None = None  # box t's label in it
+    small: int = 0  # tissues dropped by fitting_windows: no window as large as the network's smallest input
 
     def mask(self, t: int | None = None) -> np.ndarray:
         """The tissue mask on the thumbnail: of tissue t, or of every tissue."""
@@ -106,6 +108,28 @@ class TissueWindows:
     def area(self) -> int:
         """Level-0 pixels of all windows: what cutting the slide costs (balances array tasks)."""
         return sum(w[2] * w[3] for windows in self.windows for w in windows)
+
+
+def fitting_windows(found: TissueWindows, base_mag: float, mags: Iterable[float], min_side: int) -> TissueWindows:
+    """The windows whose sides at every magnification in `mags` reach `min_side` px (the smallest input the network
+    takes), and the tissues with any; `small` counts the tissues that went (none left). Sharding and prediction both
+    drop through here, so a tissue too small for the model is neither cut nor classified."""
+    mags = list(mags)
+    keep_boxes, keep_windows, keep_labels, dropped = [], [], [], 0
+    for t, (box, windows) in enumerate(zip(found.boxes, found.windows)):
+        fits = [w for w in windows if min(min(size) for size in window_sizes(w, base_mag, mags).values()) >= min_side]
+        if not fits:
+            dropped += 1
+            continue
+        keep_boxes.append(box)
+        keep_windows.append(fits)
+        keep_labels += [found.box_labels[t]] if found.box_labels is not None else []
+    if not dropped and sum(map(len, keep_windows)) == found.count:
+        return found
+    labels = keep_labels if found.box_labels is not None else None
+    return dataclasses.replace(
+        found, boxes=keep_boxes, windows=keep_windows, box_labels=labels, small=found.small + dropped
+    )
 
 
 def find_windows(slide: Any, tissue_params: Any, windowing: Windowing) -> TissueWindows:

@@ -19,6 +19,7 @@ from hpcdistill.common.errors import TrainError
 from hpcdistill.common.mags import mag_name
 from hpcdistill.data.device_batch import require_device_decode
 from hpcdistill.models.export import load_exported
+from hpcdistill.models.inference import smallest_input
 from hpcdistill.shards.manifest import manifest_digest, shard_source
 from hpcdistill.slides.windows import DEFAULT_WINDOWING
 from hpcdistill.train.budget import SCHEDULE_KEYS, scheduled, start_schedule, stop_reason
@@ -53,6 +54,19 @@ def build_student(cfg: Config, classes: list[str]) -> torch.nn.Module:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("fc."))  # the paper freezes everything but the fully connected layer
     return model
+
+
+def check_input_sides(shards: str, manifest: dict, networks: list[tuple[float, torch.nn.Module]]) -> None:
+    """A sample smaller than a network's smallest input fails deep in a forward pass mid-epoch: refused before
+    training, from the smallest side the manifest records per magnification (absent in older manifests)."""
+    for mag, network in networks:
+        recorded = manifest.get("sizes", {}).get(mag_name(mag), {}).get("min_side")
+        needed = smallest_input(network, next(network.parameters()).device)
+        if recorded is not None and recorded < needed:
+            raise TrainError(
+                f"{shards}: its smallest sample is {recorded} px a side at {mag_name(mag)}, under the {needed} px "
+                f"the network takes; shard again with --min-side {needed} (or a wider model)"
+            )
 
 
 def memory_format(cfg: Config) -> torch.memory_format:
@@ -232,6 +246,8 @@ def build_state(cfg: Config) -> State:
         selections=selections_for(cfg.select_metric, cfg.train.export_also),
         ema=WeightAverage(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None,
     )
+    networks = [(cfg.model_mag, engine.module)] + ([(cfg.data.teacher_mag, teacher)] if teacher is not None else [])
+    check_input_sides(cfg.data.shards, plan.manifest, networks)
     compile_modules(cfg, engine.module, teacher)  # after the EMA copy: a copied compiled forward calls the original
     if target is not None:
         resume(state, target, changes)

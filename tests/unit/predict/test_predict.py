@@ -197,16 +197,16 @@ def test_tissues_smaller_than_the_model_takes_are_skipped_with_a_count(tiny_data
     from hpcdistill.train import loop
 
     one_per_group = ("model.groups=8", "model.stem=halfres", "data.epoch_samples=2", "train.max_steps=1")
-    best = loop.run(cfg_for(tiny_dataset, tmp_path, "narrow", "baseline", 1.25, *one_per_group))["best_path"]
+    best = loop.run(cfg_for(tiny_dataset, tmp_path, "narrow", "baseline", 2.5, *one_per_group))["best_path"]
     exported = load_exported(best)
     assert exported.min_side == 3  # found by running it: 1 and 2 px fail in GroupNorm
 
     class Info:
         base_mag = 40.0
 
-    big, tiny = (0, 0, 640, 640), (700, 0, 64, 64)  # 20 px and 2 px at 1.25x
+    big, tiny = (0, 0, 640, 640), (700, 0, 32, 32)  # 40 px and 2 px at 2.5x
     found = TissueWindows(np.zeros((8, 8, 3), np.uint8), 1.0, [big, tiny], [[big], [tiny]], None, None)
     kept, note = drop_small_tissues(found, exported, Info())
     assert kept.boxes == [big] and kept.windows == [[big]]
-    assert note == "1 tissue(s) under 3 px at 1.25x skipped: too small for the model"
+    assert note == "1 tissue(s) under 3 px at 2.5x skipped: too small for the model"
     assert drop_small_tissues(kept, exported, Info()) == (kept, "")

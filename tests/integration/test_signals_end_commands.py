@@ -1,0 +1,86 @@
+"""SIGINT and SIGTERM end `evaluate`, `predict` and `launch --cluster local` in one line with exit 130/143, leave no
+half-written output, and a rerun completes; the local launch cancels its jobs, so `status` shows none running.
+(`train` and `shard` have theirs in test_writers_and_signals.py.)"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launch_helpers import CPU, TINY, tiny_experiment
+from train_helpers import clean_env
+
+from hpcdistill.cli import main
+from hpcdistill.cluster.status import status
+from hpcdistill.common.folder_lock import HOLDER
+
+pytestmark = pytest.mark.slow
+
+
+def start(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpcdistill", *argv], env=clean_env(), stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(proc: subprocess.Popen, done, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, f"ended before {what}: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def ended_in_one_line(proc: subprocess.Popen, signum: int, within: float = 20) -> str:
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < within, f"took {time.monotonic() - sent:.0f} s to stop"
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"hpcdistill: interrupted by {signal.Signals(signum).name}: "), last
+    return last
+
+
+def test_sigterm_ends_evaluate_mid_bootstrap_and_writes_nothing(tiny_dataset, tiny_teacher, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(tiny_teacher), "--shards", str(tiny_dataset["shards"]), "--out", str(out)]
+    proc = start(*argv, "--iterations", "50000000")  # the bootstrap alone runs for minutes
+    wait_for(proc, lambda: (out / HOLDER).is_file(), "the output folder's lock")
+    time.sleep(2)  # into the scoring
+    ended_in_one_line(proc, signal.SIGTERM)
+    assert not list(out.glob("*.json")) and not list(out.glob("*.csv")) and not list(out.glob(".*.tmp"))
+    assert main.main([*argv, "--iterations", "20"]) == 0
+    assert json.loads((out / "test.json").read_text())["bootstrap"]["iterations"] == 20
+
+
+def test_sigint_ends_predict_between_slides_and_the_rerun_writes_every_slide(tiny_dataset, tiny_teacher, tmp_path):
+    out = tmp_path / "pred"
+    slides = [str(p) for p in tiny_dataset["slides"]]
+    proc = start("predict", str(tiny_teacher), *slides, "--out", str(out), "--heatmap")
+    wait_for(proc, lambda: (out / HOLDER).is_file(), "the output folder's lock")
+    ended_in_one_line(proc, signal.SIGINT)
+    assert not (out / "predictions.json").exists() and not list(out.rglob(".*.tmp"))
+    assert main.main(["predict", str(tiny_teacher), *slides, "--out", str(out)]) == 0
+    assert len(json.loads((out / "predictions.json").read_text())["slides"]) == len(slides)
+
+
+def test_sigint_ends_a_local_launch_and_status_shows_no_job_running(launch_shards, tmp_path):
+    teacher = {"config": "configs/demo/teacher.yaml", "overrides": [*TINY, "train.epochs=500"]}
+    path = tiny_experiment(tmp_path, launch_shards, "sig", {}, teacher=teacher, resources={"default": CPU})
+    exp_dir = tmp_path / "runs" / "sig"
+    proc = start("launch", str(path), "--cluster", "local")
+    wait_for(proc, lambda: any(r["state"] == "RUNNING" for r in _rows(exp_dir)), "a running job")
+    assert "rerun" in ended_in_one_line(proc, signal.SIGINT)
+    rows = status(exp_dir)
+    assert rows and not [r for r in rows if r["state"] in ("RUNNING", "PENDING")], rows
+
+
+def _rows(exp_dir: Path) -> list[dict]:
+    return status(exp_dir) if (exp_dir / "launch.json").is_file() else []
