@@ -56,9 +56,11 @@ def build_student(cfg: Config, classes: list[str]) -> torch.nn.Module:
     return model
 
 
-def check_input_sides(shards: str, manifest: dict, networks: list[tuple[float, torch.nn.Module]]) -> None:
+def check_input_sides(cfg: Config, manifest: dict, student: torch.nn.Module, teacher: torch.nn.Module | None) -> None:
     """A sample smaller than a network's smallest input fails deep in a forward pass mid-epoch: refused before
     training, from the smallest side the manifest records per magnification (absent in older manifests)."""
+    shards = cfg.data.shards
+    networks = [(cfg.model_mag, student)] + ([(cfg.data.teacher_mag, teacher)] if teacher is not None else [])
     for mag, network in networks:
         recorded = manifest.get("sizes", {}).get(mag_name(mag), {}).get("min_side")
         needed = smallest_input(network, next(network.parameters()).device)
@@ -246,8 +248,7 @@ def build_state(cfg: Config) -> State:
         selections=selections_for(cfg.select_metric, cfg.train.export_also),
         ema=WeightAverage(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None,
     )
-    networks = [(cfg.model_mag, engine.module)] + ([(cfg.data.teacher_mag, teacher)] if teacher is not None else [])
-    check_input_sides(cfg.data.shards, plan.manifest, networks)
+    check_input_sides(cfg, plan.manifest, engine.module, teacher)
     compile_modules(cfg, engine.module, teacher)  # after the EMA copy: a copied compiled forward calls the original
     if target is not None:
         resume(state, target, changes)
