@@ -11,15 +11,17 @@ from typing import Any
 
 from hpcdistill.cluster.job_plan import Resources
 
+CLUSTERS = ["debug", "local", "slurm"]  # what --cluster means in every subcommand that has it
+
 
 def add_cluster_flags(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group(f"as an array of tasks ({what} over SLURM or local processes)")
     defaults = Resources()
     group.add_argument(
         "--cluster",
-        choices=["slurm", "local"],
-        help="split the slides over --tasks array tasks: a SLURM array through submitit, or local "
-        "processes; then merge (default: this process alone)",
+        choices=CLUSTERS,
+        help="split the slides over --tasks array tasks: a SLURM array through submitit, local processes, or "
+        "debug (each task in turn in this process); then merge (default: this process alone)",
     )
     group.add_argument("--tasks", type=int, default=1, help="array tasks (slides balanced across them)")
     group.add_argument("--wait", action="store_true", help="slurm: wait until the merge job has finished")

@@ -1,5 +1,6 @@
 """What the subcommands share in building their parsers: a subcommand from its runner, comma-separated numbers,
-and the tissue-localization flags that `shard` and `predict` both take."""
+the flags of every command that reads or writes many files (--workers, --overwrite, --no-progress), and the
+tissue-localization flags that `shard` and `predict` both take."""
 
 from __future__ import annotations
 
@@ -58,3 +59,23 @@ def tissue_params(args: argparse.Namespace):
     from hpcdistill.slides.tissue import TissueParams
 
     return TissueParams(**{f.name: getattr(args, f"tissue_{f.name}") for f in dataclasses.fields(TissueParams)})
+
+
+def add_output_flags(parser: argparse.ArgumentParser, workers: str, default_workers: int = 1) -> None:
+    """--workers, --overwrite and --no-progress, meaning the same in every command that has them."""
+    parser.add_argument("--workers", type=int, default=default_workers, help=workers)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished earlier result in --out (refused without it); only files this command writes",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def replace_finished(out: str | None, finished: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse an --out holding a finished result (or files no hpcdistill command wrote) unless --overwrite; with it,
+    the earlier result's files go first, so a later fault never leaves an old result beside a new one."""
+    from hpcdistill.common.folder_lock import check_overwrite
+
+    for path in check_overwrite(out, finished, overwrite) if out else []:
+        path.unlink()

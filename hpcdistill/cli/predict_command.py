@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdistill.cli.array_flags import add_cluster_flags, cluster_resources, run_array
-from hpcdistill.cli.parsing import add_tissue_flags, command, tissue_params
+from hpcdistill.cli.parsing import add_output_flags, add_tissue_flags, command, replace_finished, tissue_params
 
 
 def _predict_options(args: argparse.Namespace) -> Any:
@@ -72,7 +72,13 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
         help="also write class-activation heat maps (overlay PNG, .npy arrays) and CAM cells in the GeoJSON",
     )
     p.add_argument("--heatmap-class", help="the class whose probability the heat map shows (default: the slide's call)")
-    p.add_argument("--dry-run", action="store_true", help="with --cluster: print the array and its sbatch scripts only")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan and print only: each slide's tissues, windows and the pyramid level read (with --cluster: the "
+        "array and its sbatch scripts); nothing is classified or written",
+    )
+    add_output_flags(p, "threads decoding slides and running the network (and CPUs per array task)")
     add_cluster_flags(p, "classifying")
     add_tissue_flags(p)
 
@@ -86,18 +92,41 @@ def run_predict(args: argparse.Namespace) -> int:
     predictions.json and an overlay PNG per slide. With --cluster, the slides are split over an array of tasks and
     merged in slide order.
     """
-    from hpcdistill.predict.prediction import predict_slides
+    from hpcdistill.predict.prediction import PREDICT_RESULTS, predict_slides
     from hpcdistill.shards.catalog import collect_slides
 
     slides = collect_slides(args.slides)
+    if args.dry_run and not args.cluster:
+        return _print_preview(args, slides)
+    if not args.dry_run:
+        replace_finished(args.out, PREDICT_RESULTS, args.overwrite)
+    use_threads(args.workers)
     if args.cluster:
         summary = _predict_array(args, slides)
         if summary is None:
             return 0
     else:
-        summary = predict_slides(args.model, slides, args.out, device=args.device, options=_predict_options(args))
+        options, progress = _predict_options(args), False if args.no_progress else None
+        summary = predict_slides(args.model, slides, args.out, device=args.device, options=options, progress=progress)
     ok = [s for s in summary["slides"] if s["status"] == "ok"]
     for s in ok:
         print(f"{s['slide']}: {s['call']} ({len(s['tissues'])} tissues)")
     print(f"{len(ok)}/{len(summary['slides'])} slides classified; wrote {args.out}")
     return 0
+
+
+def _print_preview(args: argparse.Namespace, slides: list[Path]) -> int:
+    from hpcdistill.predict.preview import preview_lines, preview_slides
+
+    print("\n".join(preview_lines(preview_slides(args.model, slides, _predict_options(args)))))
+    return 0
+
+
+def use_threads(workers: int) -> None:
+    """`--workers` threads for torch's CPU kernels and libvips' decoding (set before pyvips is first used)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(workers)
+    os.environ["VIPS_CONCURRENCY"] = str(workers)

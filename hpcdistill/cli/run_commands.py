@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hpcdistill.cli.parsing import command, float_list
+from hpcdistill.cli.array_flags import CLUSTERS
+from hpcdistill.cli.parsing import add_output_flags, command, float_list, replace_finished
 from hpcdistill.common.config import ARCHS, STEMS
 from hpcdistill.common.console import say
 from hpcdistill.slides.windows import DEFAULT_MAGS
@@ -34,7 +35,7 @@ def run_train(args: argparse.Namespace) -> int:
 def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p = command(subparsers, "evaluate", run_evaluate)
     p.add_argument("checkpoint", help="exported weights, e.g. runs/x/distill-2.5x/best.pt")
-    p.add_argument("--shards", required=True, help="shard folder with manifest.json")
+    p.add_argument("--shards", help="shard folder with manifest.json (default: the shards the model was trained on)")
     p.add_argument("--split", default="test", help="the manifest split to score")
     p.add_argument("--iterations", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the CIs")
@@ -62,7 +63,7 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", help="output folder (default <checkpoint folder>/eval)")
     p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=0, help="loader processes decoding the shards")
+    add_output_flags(p, "loader processes decoding the shards (0: in this process)", default_workers=0)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -77,9 +78,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.old_level is not None:
         say("evaluate --level is deprecated (it reads like a pyramid level): use --confidence")
         confidence = args.old_level
+    out = args.out or str(Path(args.checkpoint).parent / "eval")
+    replace_finished(out, (f"{args.split}.json", f"{args.split}_predictions.csv"), args.overwrite)
     record = evaluate_checkpoint(
         args.checkpoint,
-        args.shards,
+        args.shards or recorded_shards(args.checkpoint),
         args.split,
         method=args.method,
         study=args.study,
@@ -91,6 +94,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         units=args.unit or ["tissue"],
         slide_rule=args.slide_rule,
+        progress=False if args.no_progress else None,
     )
     for unit, scores in record["units"].items():
         print(f"{record['method']} @ {record['mag']:g}x on {args.split}, {scores['n']} {unit}s:")
@@ -99,6 +103,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"  GFLOPs     {record['gflops']['median']:.4g} per forward pass at the median tissue size")
     print(f"wrote {record['path']}")
     return 0
+
+
+def recorded_shards(checkpoint: str) -> str:
+    """The shard folder the export was trained on, as its config records it; one line when it is not there."""
+    from hpcdistill.common.config import resolve_path
+    from hpcdistill.common.errors import HpcdistillError
+    from hpcdistill.models.export import load_exported
+
+    named = load_exported(checkpoint).config.get("data", {}).get("shards")
+    folder = resolve_path(named) if named else None
+    if folder is None or not (folder / "manifest.json").is_file():
+        raise HpcdistillError(
+            f"{checkpoint}: records no shard folder it was trained on"
+            + (f" that still holds a manifest.json ({named})" if named else "")
+            + "; pass --shards"
+        )
+    return str(folder)
 
 
 def add_report(subparsers: argparse._SubParsersAction) -> None:
@@ -188,10 +209,14 @@ def add_launch(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cluster",
         default="slurm",
-        choices=["slurm", "local", "debug"],
+        choices=CLUSTERS,
         help="slurm: sbatch through submitit; local: processes on this machine; debug: in this process",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and dependency graph only")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan and print only: the sbatch scripts and the dependency graph; nothing is submitted",
+    )
     p.add_argument("--wait", action="store_true", help="slurm: wait for every job and fail if one fails")
 
 
@@ -230,8 +255,14 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = command(subparsers, "demo", run_demo)
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a shortened run (CI): fewer slides, one epoch")
-    p.add_argument("--slurm", action="store_true", help="run the jobs through `hpcdistill launch` on SLURM")
-    p.add_argument("--workers", type=int, default=2, help="sharding processes")
+    p.add_argument(
+        "--cluster",
+        default="local",
+        choices=CLUSTERS,
+        help="where the jobs run, as in `launch`: local processes, SLURM, or debug (in this process)",
+    )
+    p.add_argument("--slurm", action="store_true", help=argparse.SUPPRESS)  # deprecated: --cluster slurm
+    p.add_argument("--workers", type=int, default=2, help="slide writing and sharding processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic slides and the splits")
     p.add_argument(
         "--seeds",
@@ -249,5 +280,9 @@ def run_demo(args: argparse.Namespace) -> int:
     """
     from hpcdistill.experiment.demo import run_demo as demo
 
-    demo(args.out, quick=args.quick, slurm=args.slurm, workers=args.workers, seed=args.seed, seeds=args.seeds)
+    cluster = args.cluster
+    if args.slurm:
+        say("demo --slurm is deprecated: use --cluster slurm")
+        cluster = "slurm"
+    demo(args.out, quick=args.quick, cluster=cluster, workers=args.workers, seed=args.seed, seeds=args.seeds)
     return 0

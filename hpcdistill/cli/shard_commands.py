@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from hpcdistill.cli.array_flags import add_cluster_flags, cluster_resources, run_array
-from hpcdistill.cli.parsing import add_tissue_flags, command, float_list, tissue_params
+from hpcdistill.cli.parsing import (
+    add_output_flags,
+    add_tissue_flags,
+    command,
+    float_list,
+    replace_finished,
+    tissue_params,
+)
 from hpcdistill.common.errors import HpcdistillError
 
 
@@ -67,7 +74,6 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
         "the smallest input of the default network, found by running it; training checks its own network too)",
     )
     _add_output_flags(p, defaults)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cluster_flags(p, "cutting")
     add_tissue_flags(p)
 
@@ -109,8 +115,7 @@ def _add_output_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
         help="class order (= label ids), e.g. normal,duodenitis,celiac (default: labels sorted)",
     )
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the patient-level split assignment")
-    p.add_argument("--workers", type=int, default=1, help="slides processed in parallel")
-    p.add_argument("--overwrite", action="store_true", help="delete earlier shards/manifest in --out first")
+    add_output_flags(p, "slides cut in parallel (processes)")
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any slide is skipped")
     p.add_argument(
         "--aux-shares-patients",
@@ -120,7 +125,7 @@ def _add_output_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="plan only: splits, labels, base mags, tissues and samples per slide, skips with reasons; "
+        help="plan and print only: splits, labels, base mags, tissues and samples per slide, skips with reasons; "
         "writes just qc/*.png and plan.json to --out (check tissue finding before a long run). "
         "With --cluster: the slides per task and the sbatch scripts",
     )
@@ -269,6 +274,21 @@ def add_synth(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of every random draw: the same seed writes the same slides"
     )
+    add_output_flags(p, "slides written in parallel (processes; the slides are the same whatever the count)")
+
+
+def _remove_synth_slides(out: Path) -> None:
+    """The slides an earlier `synth` wrote (its labels.csv's names, plain names in the folder): a smaller dataset
+    written over a larger one must not leave slides that `shard` would then read."""
+    import csv
+
+    labels = out / "labels.csv"
+    if labels.is_file():
+        with labels.open(newline="") as fh:
+            names = [row.get("slide", "") for row in csv.DictReader(fh)]
+        for name in names:
+            if name and Path(name).name == name:
+                (out / name).unlink(missing_ok=True)
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -277,21 +297,28 @@ def run_synth(args: argparse.Namespace) -> int:
     Synthetic pyramidal TIFF / Aperio SVS slides (40x and 20x) whose class lives in high-magnification detail,
     plus labels.csv.
     """
+    from hpcdistill.common.folder_lock import one_writer
     from hpcdistill.synthetic import dataset
 
     if len(args.tissues) != 2:
         raise HpcdistillError(f"--tissues {args.tissues}: expected min,max")
-    paths, labels_csv = dataset.write_dataset(
-        args.out,
-        n_slides_per_split=args.slides_per_split,
-        classes=args.classes,
-        n_aux1=args.aux1,
-        n_aux2=args.aux2,
-        size=args.size,
-        n_tissues=(int(args.tissues[0]), int(args.tissues[1])),
-        signal=args.signal,
-        seed=args.seed,
-        pyramid=args.pyramid,
-    )
+    if args.overwrite:
+        _remove_synth_slides(Path(args.out))
+    replace_finished(args.out, ("labels.csv",), args.overwrite)  # before the lock: it tells our folders from others'
+    with one_writer(args.out):
+        paths, labels_csv = dataset.write_dataset(
+            args.out,
+            n_slides_per_split=args.slides_per_split,
+            classes=args.classes,
+            n_aux1=args.aux1,
+            n_aux2=args.aux2,
+            size=args.size,
+            n_tissues=(int(args.tissues[0]), int(args.tissues[1])),
+            signal=args.signal,
+            seed=args.seed,
+            pyramid=args.pyramid,
+            workers=args.workers,
+            progress=False if args.no_progress else None,
+        )
     print(f"{args.out}: {len(paths)} slides and {Path(labels_csv).name}")
     return 0

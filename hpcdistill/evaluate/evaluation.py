@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm import tqdm
 
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.common.files import atomic_output, atomic_write_json
@@ -64,9 +65,11 @@ def predict_split(
     mag: float,
     workers: int = 0,
     checkpoint: str = "model",
+    progress: bool | None = False,
 ) -> list[dict[str, Any]]:
     """(key, slide, label, prediction, probabilities) for every sample of the split, by sample key, on the model's
-    device; `workers` loader processes decode the shards in parallel (whole tissues at 10x decode slowly)."""
+    device; `workers` loader processes decode the shards in parallel (whole tissues at 10x decode slowly).
+    `progress`: a bar over the samples (None: on a terminal)."""
     splits = manifest.get("splits", {})
     sets = resolve_sets(shards, manifest, [split]) if split in splits else None
     if sets is None or not sets.urls or sets.samples == 0:
@@ -89,9 +92,11 @@ def predict_split(
     device = next(model.parameters()).device
     loader = make_loader(spec, workers, pin_memory=device.type == "cuda")
     rows = []
-    for batch, _, logits in model_outputs(
-        model, loader, device, mag=mag, remedy=f"evaluate with --device cpu (split {split!r})"
-    ):
+    outputs = model_outputs(model, loader, device, mag=mag, remedy=f"evaluate with --device cpu (split {split!r})")
+    bar = dict(
+        total=sets.samples, desc=f"evaluate {split}", unit="tissue", disable=None if progress is None else not progress
+    )
+    for batch, _, logits in tqdm(outputs, **bar):
         require_finite(logits, checkpoint, f"{batch['key'][0]} (split {split!r})")
         probs = torch.softmax(logits.float(), dim=1)[0].cpu()
         rows.append(
@@ -148,6 +153,7 @@ def evaluate_checkpoint(
     workers: int = 0,
     units: Sequence[str] = ("tissue",),
     slide_rule: str = "mean",
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Score `checkpoint` on `split` of the shards in `shards`; returns and writes the evaluation record.
 
@@ -161,7 +167,7 @@ def evaluate_checkpoint(
         manifest = read_manifest(shards)
         exported = _load_for(checkpoint, shards, manifest)
         exported.model.to(pick_device(device))
-        rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers, str(checkpoint))
+        rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers, str(checkpoint), progress)
         labeled = _labeled(rows, shards, split)
         bootstrap = {
             "iterations": iterations,

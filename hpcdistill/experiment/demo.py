@@ -74,6 +74,7 @@ def prepare_data(root: Path, plan: DemoPlan, mags: list[float], workers: int, se
             size=plan.size,
             seed=seed,
             pyramid="scanner",  # levels as a scanner writes them: what `predict --read pyramid` meets on real slides
+            workers=workers,
         )
     shards = root / "shards"
     run_sharding(
@@ -110,7 +111,7 @@ def run_demo(
     out: str | Path = "runs/demo",
     *,
     quick: bool = False,
-    slurm: bool = False,
+    cluster: str = "local",
     workers: int = 2,
     seed: int = 0,
     seeds: int = 1,
@@ -134,10 +135,10 @@ def run_demo(
     labels = " / ".join(m.get("label", key) for key, m in spec["methods"].items())
     print(
         f"[2/3] teacher @ 10x, then {labels} @ {', '.join(map(mag_name, mags))} "
-        f"({'SLURM' if slurm else 'local processes'})",
+        f"({ {'slurm': 'SLURM', 'local': 'local processes', 'debug': 'in this process'}[cluster] })",
         flush=True,
     )
-    record = launch(experiment, cluster="slurm" if slurm else "local", wait=slurm)
+    record = launch(experiment, cluster=cluster, wait=cluster == "slurm")
     summary = _summarise(record, phases, shards, experiment, started)
     _print_summary(summary, write_record(out, summary))
     return summary

@@ -335,6 +335,10 @@ def write_predictions(out: Path, summary: dict[str, Any], results: list[dict]) -
     return summary
 
 
+# What a finished prediction leaves in its folder: a rerun replaces it only with --overwrite.
+PREDICT_RESULTS = ("predictions.json", "slides.csv", "tissues.csv", "scores.json")
+
+
 def predict_slides(
     model_path: str | Path,
     slides: list[str | Path],
@@ -342,10 +346,12 @@ def predict_slides(
     *,
     device: str = "auto",
     options: PredictOptions | None = None,
+    progress: bool | None = None,
     **fields: Any,
 ) -> dict:
     """Predict many slides in this process; writes tissues.csv, slides.csv and predictions.json into out_dir.
-    `options`, or PredictOptions' `fields` (tissue=None: the default tissue parameters)."""
+    `options`, or PredictOptions' `fields` (tissue=None: the default tissue parameters). `progress`: the bar (None:
+    on a terminal)."""
     exported = load_exported(model_path)
     fields = {k: v for k, v in fields.items() if not (k == "tissue" and v is None)}
     opts = check_options(options or PredictOptions(**fields), exported.classes)
@@ -354,7 +360,7 @@ def predict_slides(
     out = Path(out_dir)
     check_slide_ids(slides)
     with one_writer(out):
-        results = classify_slides(exported, slides, out, opts)
+        results = classify_slides(exported, slides, out, opts, progress)
         summary = write_predictions(out, summarise(model_path, exported, opts), results)
         if opts.labels:
             summary["scores"] = score_cohort(out, results, exported.classes, opts.labels, opts.slide_rule)

@@ -8,7 +8,9 @@ tiles reuse one cached encoded tile, and every pyramid level is rendered from th
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
+import multiprocessing
 import os
 import tempfile
 from pathlib import Path
@@ -17,8 +19,10 @@ from typing import Any, Iterator, Sequence
 import imagecodecs
 import numpy as np
 import tifffile
+from tqdm import tqdm
 
 from hpcdistill.common.files import atomic_output
+from hpcdistill.common.signals import check_interrupted
 from hpcdistill.synthetic.aperio import (
     APERIO_HEADER,
     JPEG_QUALITY,
@@ -257,14 +261,17 @@ def write_dataset(
     seed: int = 0,
     jpeg: bool = True,
     pyramid: str = "render",
+    workers: int = 1,
+    progress: bool | None = False,
 ) -> tuple[list[Path], Path]:
     """Write labeled slides (splits), unlabeled aux slides and `labels.csv`; returns (slide paths, csv path).
 
     Labeled slides belong to patients (every third patient has two slides of the same class and split;
     classes cycle over patients). Unlabeled slides have label "" and split 'aux1' (ADv1) or 'aux2' (the
     extra slides of ADv2), so ADv1 = aux1 and ADv2 = aux1 + aux2. `size` is (width, height) at 40x;
-    20x slides cover the same physical area with half the pixels. Deterministic for a given seed. `pyramid`: see
-    write_slide.
+    20x slides cover the same physical area with half the pixels. Deterministic for a given seed, whatever `workers`
+    (slides written in parallel processes: every draw is made first, in order). `pyramid`: see write_slide.
+    `progress`: a bar over the slides (None: on a terminal).
     """
     out = Path(out_dir)
     names = dataset_classes(classes)
@@ -276,14 +283,18 @@ def write_dataset(
         raise SyntheticError(f"{out}: aux counts must be >= 0 and n_tissues a range (lo>=1, hi>=lo)")
     rows = _dataset_rows(splits, len(names), n_aux1, n_aux2)
     rng = np.random.default_rng([seed, 0xDA7A])
-    paths: list[Path] = []
-    records = []
-    for idx, (pid, cls, split) in enumerate(rows):
-        name = _write_dataset_slide(
-            out, idx, cls, len(names), rng, size=size, n_tissues=n_tissues, signal=signal, jpeg=jpeg, pyramid=pyramid
+    slides = [
+        _dataset_slide(
+            idx, cls, len(names), rng, size=size, n_tissues=n_tissues, signal=signal, jpeg=jpeg, pyramid=pyramid
         )
-        paths.append(out / name)
-        records.append((name, pid, names[cls] if cls is not None else "", split))
+        for idx, (_, cls, _) in enumerate(rows)
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    _write_slides(out, slides, workers, progress)
+    paths = [out / name for name, _ in slides]
+    records = [
+        (name, pid, names[cls] if cls is not None else "", split) for (name, _), (pid, cls, split) in zip(slides, rows)
+    ]
     csv_path = out / "labels.csv"
     with atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -312,8 +323,7 @@ def _dataset_rows(
     return rows
 
 
-def _write_dataset_slide(
-    out: Path,
+def _dataset_slide(
     idx: int,
     cls: int | None,
     n_classes: int,
@@ -324,19 +334,18 @@ def _write_dataset_slide(
     signal: float,
     jpeg: bool,
     pyramid: str,
-) -> str:
-    """Write slide `idx` (format and magnification cycling through DATASET_FORMATS); returns its file name."""
+) -> tuple[str, dict[str, Any]]:
+    """Slide `idx`'s file name and write_slide arguments (format and magnification cycling through DATASET_FORMATS),
+    its random draws taken from `rng` in slide order."""
     fmt, mag = DATASET_FORMATS[idx % len(DATASET_FORMATS)]
     scale = mag / 40.0
     n_t = int(rng.integers(n_tissues[0], n_tissues[1] + 1))
     # Unlabeled slides still draw from the same class mixture (their label is just not given).
     cls_id = cls if cls is not None else int(rng.integers(0, n_classes))
     slide_seed = int(rng.integers(0, 2**31 - 1))
-    name = f"slide_{idx:03d}.{fmt}"
-    write_slide(
-        out / name,
-        max(64, round(size[0] * scale)),
-        max(64, round(size[1] * scale)),
+    return f"slide_{idx:03d}.{fmt}", dict(
+        width=max(64, round(size[0] * scale)),
+        height=max(64, round(size[1] * scale)),
         fmt=fmt,
         base_mag=mag,
         class_id=cls_id,
@@ -346,4 +355,22 @@ def _write_dataset_slide(
         signal=signal,
         pyramid=pyramid,
     )
-    return name
+
+
+def _write_one(path: Path, kwargs: dict[str, Any]) -> None:
+    write_slide(path, **kwargs)
+
+
+def _write_slides(out: Path, slides: list[tuple[str, dict[str, Any]]], workers: int, progress: bool | None) -> None:
+    bar = tqdm(total=len(slides), desc="synth", unit="slide", disable=None if progress is None else not progress)
+    with bar:
+        if workers <= 1:
+            for name, kwargs in slides:
+                _write_one(out / name, kwargs)
+                bar.update(1)
+                check_interrupted()
+            return
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding libvips threads
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for _ in pool.map(_write_one, [out / name for name, _ in slides], [kwargs for _, kwargs in slides]):
+                bar.update(1)
