@@ -67,7 +67,9 @@ RESIZES: tuple[str, ...] = typing.get_args(Resize)
 
 @dataclass
 class RunConfig:
-    name: str = "run"  # run directory is out_dir/name: one directory per experiment, checkpoints and logs inside
+    # The run directory is out_dir/name, checkpoints and logs inside. A template: {mode}, {mag} (the network's
+    # magnification, e.g. 1.25) and {seed} are filled in at load, so one config serves every magnification.
+    name: str = "{mode}-{mag}x"
     out_dir: str = "runs"
     seed: int = 0  # model init and every augmentation draw derive from it, so runs are reproducible
     # "auto": latest complete checkpoint in the run dir; "never": refuse to reuse a run dir; or a checkpoint path
@@ -251,7 +253,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def from_dict(raw: dict[str, Any]) -> Config:
     cfg = build_dataclass(Config, raw, "")
     _check(cfg)
+    cfg.run.name = _run_name(cfg)
     return cfg
+
+
+def _run_name(cfg: Config) -> str:
+    """run.name with its template filled in ({mode}, {mag}, {seed}); a stored, filled-in name stays as it is."""
+    template = cfg.run.name
+    try:
+        name = template.format(mode=cfg.train.mode, mag=f"{cfg.model_mag:g}", seed=cfg.run.seed)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"run.name: {template!r}: a template may name {{mode}}, {{mag}} and {{seed}} ({err})"
+        ) from None
+    if not name or "/" in name or name in (".", ".."):
+        raise ConfigError(f"run.name: {name!r}: must be a folder name (no '/')")
+    return name
 
 
 def _check_selection(cfg: Config) -> None:

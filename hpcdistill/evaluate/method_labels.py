@@ -12,6 +12,9 @@ AUX_PREFIX = "KD ("  # "KD (ADv1)": KD with auxiliary unlabeled sets
 # The supplementary pixel-loss ablation, in table order: no pixel loss, max-pool only, interpolation only, both.
 ABLATION = {(): "KD", ("maxpool",): "KD+MP", ("bicubic",): "KD+INT", ("maxpool", "bicubic"): "KD+MP+INT"}
 ABLATION_ORDER = tuple(ABLATION.values())
+# The paper's names for `synth`'s aux sets (ADv1 = aux1, ADv2 = aux1 + aux2), so a run evaluated on its own is
+# called as in the demo and the README; other sets keep their split names.
+AUX_NAMES = {"aux1": "ADv1", "aux1+aux2": "ADv2"}
 
 
 def method_label(config: dict[str, Any]) -> str:
@@ -24,6 +27,7 @@ def method_label(config: dict[str, Any]) -> str:
     if mode == "baseline":
         return BASELINE
     aux = "+".join(data.get("aux", []))
+    aux = AUX_NAMES.get(aux, aux)
     suffix = f" ({aux})" if aux else ""
     if mode == "finetune":
         return f"KD+FT{suffix}"

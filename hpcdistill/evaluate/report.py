@@ -1,7 +1,7 @@
 """The paper's reporting: Table 3 (teacher), Table 4 (methods x magnifications), Figure 3 (accuracy vs GFLOPs).
 
 Inputs are the evaluation records that `hpcdistill evaluate` writes (`<run>/eval/<split>.json`). Each record names
-its method ("Teacher", "Baseline", "KD", "KD (aux1)", or an ablation variant "KD+MP" ...), magnification, dataset,
+its method ("Teacher", "Baseline", "KD", "KD (ADv1)", or an ablation variant "KD+MP" ...), magnification, dataset,
 metrics as (point, low, high) fractions and GFLOPs per forward pass. Everything here is a pure function of those
 records, so the report can be rebuilt at any time from finished runs.
 """
@@ -329,6 +329,7 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
     main = [r for r in results if r.study == "main"]
     comparisons = paired_comparisons([r for r in main if Path(r.predictions).is_file()])
     ablation = [r for r in results if r.study == "ablation"]
+    resamples = " / ".join(f"{n:,}" for n in sorted({r.ci[1] for r in main})) or "no"
     sections = [
         "# hpcdistill report",
         "Metrics are one-vs-rest per class, macro-averaged, as percentages with bootstrap CIs ("
@@ -339,8 +340,8 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
         "## Baseline and distillation per magnification (Table 4 layout)",
         methods_table(main),
         "### Paired differences on the same test tissues",
-        "The same 10,000 resampled index sets score both methods (their sample keys checked), so each CI is that of "
-        "the difference itself; P(Δ ≤ 0) is the share of resamples where the first method does not win.",
+        f"The same {resamples} resampled index sets score both methods (their sample keys checked), so each CI is "
+        "that of the difference itself; P(Δ ≤ 0) is the share of resamples where the first method does not win.",
         paired_table(comparisons),
         "### The teachers beside their students",
         teachers_table(main),

@@ -167,6 +167,7 @@ def _summarise(
         "teachers": teacher_lines(results),
         "ordering": ordering_check(results, paired_comparisons(results)),
         "slide_level": slide_lines(results),
+        "resamples": sorted({r.ci[1] for r in results}),  # what the evaluation used, for the README's text
         "minutes": round((time.monotonic() - started) / 60, 1),
         "phase_minutes": {name: round(seconds / 60, 1) for name, seconds in phases.items()},
     }

@@ -126,6 +126,7 @@ def render_section(record: dict[str, Any], figure: str) -> str:
         for name, minutes in record["phase_minutes"].items()
     )
     m, v = record["machine"], record["versions"]
+    resamples = " / ".join(f"{n:,}" for n in record.get("resamples", [10000]))  # older records: the default
     return "\n".join(
         [
             f"Results of one `make demo` run at commit `{record['commit']}` "
@@ -133,8 +134,8 @@ def render_section(record: dict[str, Any], figure: str) -> str:
             f"**{record['minutes']} minutes** after `make install` (per phase, where jobs overlap on the cores: "
             f"{phases}). Splits: "
             + ", ".join(f"{name} {e['samples']} tissues ({e['slides']} slides)" for name, e in splits.items())
-            + ". Percentages with 95% bootstrap CIs (10,000 resamples) on the synthetic test split; GFLOPs per forward "
-            f"pass at the median tissue size. The students need {savings} fewer FLOPs than the teacher.",
+            + f". Percentages with 95% bootstrap CIs ({resamples} resamples) on the synthetic test split; GFLOPs per "
+            f"forward pass at the median tissue size. The students need {savings} fewer FLOPs than the teacher.",
             "",
             "**Teacher (Table 3 layout)**",
             "",

@@ -1,8 +1,9 @@
 """The experiment file: one YAML naming the teacher, the methods (one SLURM array each over the magnifications),
 evaluation and per-job-kind resources. Parsed with config.py's builder, so a typo is the same one-line
-"key: unknown key (did you mean ...?)" error as in training configs. Paths (configs, shards, out_dir) resolve against
-the working directory, then the experiment file's folder, then the repository, and are made absolute at load, so
-jobs do not depend on where SLURM starts them."""
+"key: unknown key (did you mean ...?)" error as in training configs. Input paths (configs, shards) resolve against
+the working directory, then the experiment file's folder, then the repository (and the configs installed with the
+package); the output folder `out_dir` always against the working directory, so outputs land where the user is. All
+are made absolute at load, so jobs do not depend on where SLURM starts them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hpcdistill.cluster.job_plan import Resources, check_resources
-from hpcdistill.common.config import REPO_ROOT
+from hpcdistill.common.config import REPO_ROOT, resolve_path
 from hpcdistill.common.errors import ConfigError, HpcdistillError, LaunchError
 from hpcdistill.common.mags import parse_mag
 from hpcdistill.common.typed_tree import build_dataclass, merge_dicts, read_yaml, short
@@ -85,7 +86,7 @@ class Experiment:
 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML (it may inherit another by `base:`); errors are one line: file and key."""
-    path = Path(path)
+    path = Path(path) if Path(path).exists() else resolve_path(str(path))  # configs/... found as `train` finds them
     try:
         raw = read_yaml(path, ())  # config.py's reader: safe_load, one-line errors, `base:` inheritance
     except ConfigError as err:
@@ -118,7 +119,7 @@ def _experiment_from_dict(raw: dict[str, Any], path: Path) -> Experiment:
         raise ConfigError(f"evaluate.iterations: must be >= 1, got {exp.evaluate.iterations}")
     base = path.parent
     exp.path = str(path.resolve())
-    exp.out_dir = str(_locate(exp.out_dir, base, must_exist=False))
+    exp.out_dir = str((Path.cwd() / Path(exp.out_dir).expanduser()).resolve())  # an output: where the user is
     exp.shards = str(_locate(exp.shards, base, must_exist=False))
     exp.teacher.config = str(_locate(exp.teacher.config, base, key="teacher.config"))
     if exp.shard is not None:

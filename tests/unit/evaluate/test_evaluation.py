@@ -148,7 +148,7 @@ def test_evaluate_bad_inputs(tiny_dataset, small_dataset, tiny_teacher, tmp_path
 def test_method_labels_from_config():
     assert method_label({"train": {"mode": "teacher"}}) == "Teacher"
     assert method_label({"train": {"mode": "baseline"}}) == "Baseline"
-    assert method_label({"train": {"mode": "finetune"}, "data": {"aux": ["aux1", "aux2"]}}) == "KD+FT (aux1+aux2)"
+    assert method_label({"train": {"mode": "finetune"}, "data": {"aux": ["aux1", "aux2"]}}) == "KD+FT (ADv2)"
     assert method_label({"train": {"mode": "distill", "pixel_resize": ["maxpool"]}, "data": {}}) == "KD+MP"
     # the order of the resize list does not change the method
     assert method_label({"train": {"mode": "distill", "pixel_resize": ["bicubic", "maxpool"]}, "data": {}}) == "KD"
@@ -156,7 +156,9 @@ def test_method_labels_from_config():
         method_label({"train": {"mode": "distill", "pixel_resize": ["maxpool", "bicubic"]}, "data": {"aux": []}})
         == "KD"
     )
-    assert method_label({"train": {"mode": "distill"}, "data": {"aux": ["aux1"]}}) == "KD (aux1)"
+    assert method_label({"train": {"mode": "distill"}, "data": {"aux": ["aux1"]}}) == "KD (ADv1)"  # as the demo
+    assert method_label({"train": {"mode": "distill"}, "data": {"aux": ["aux1", "aux2"]}}) == "KD (ADv2)"
+    assert method_label({"train": {"mode": "distill"}, "data": {"aux": ["extra"]}}) == "KD (extra)"
     assert method_label({"train": {"mode": "distill", "pixel_resize": ["bicubic"]}, "data": {}}) == "KD+INT"
     assert method_label({"train": {"mode": "distill", "pixel_resize": []}, "data": {}}) == "KD"
 
