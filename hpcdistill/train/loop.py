@@ -133,7 +133,8 @@ def train_epoch(state: State) -> bool:
         for meter in (state.meter, state.epoch_meter):  # since the last scalar log, and since the epoch began
             for k, v in [*losses.items(), ("_n", 1.0)]:
                 meter[k] = meter.get(k, 0.0) + v
-        if state.global_step % cfg.log.log_every == 0:
+        ends = state.batch >= state.micro_per_epoch or state.global_step == cfg.train.max_steps
+        if state.global_step % cfg.log.log_every == 0 or ends:  # the loss at least once per epoch, whatever log_every
             logscalars(state, images / (time.perf_counter() - tick))
             report_progress(state, "train")
             tick, images = time.perf_counter(), 0
