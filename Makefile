@@ -59,9 +59,9 @@ bench: install
 clean:
 	rm -rf runs build *.egg-info
 
-# Regenerate the README's CLI reference from the parser and its map of the tree (tests/integration/test_readme.py
-# checks both).
+# Regenerate the CLI reference (docs/cli.md) from the parser and the map of the tree (docs/architecture.md);
+# tests/integration/test_readme.py checks both.
 readme: install
-	$(PY) -c "import re, pathlib; from hpcdistill.cli.main import reference_markdown as r; p = pathlib.Path('README.md'); \
+	$(PY) -c "import re, pathlib; from hpcdistill.cli.main import reference_markdown as r; p = pathlib.Path('docs/cli.md'); \
 	p.write_text(re.sub(r'<!-- cli:start -->\n.*?<!-- cli:end -->', lambda m: '<!-- cli:start -->\n' + r() + '\n<!-- cli:end -->', p.read_text(), flags=re.S))"
 	$(PY) docs/architecture_map.py --write

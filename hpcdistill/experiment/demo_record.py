@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdistill.common.errors import HpcdistillError
-from hpcdistill.common.files import atomic_write_json, read_json
+from hpcdistill.common.files import atomic_write_json, atomic_write_text, read_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.shards.manifest import read_manifest
 
@@ -172,3 +172,33 @@ def update_readme(out: str | Path, readme: str | Path = "README.md", figure: str
     body = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{section}\n{END}", text, flags=re.S)
     readme.write_text(body)
     return readme
+
+
+DIGEST_MARK = re.compile(r"<!-- quick-demo-digest: (?P<digest>\S+) on (?P<cpu>.+?) with torch (?P<torch>\S+) -->")
+
+
+def quick_digest(exp_dir: str | Path) -> str:
+    """A fingerprint of a (quick) demo's numerics: every run's predicted probabilities on the test split, rounded to
+    4 decimals, in run and sample-key order."""
+    import csv
+    import hashlib
+
+    exp_dir, digest = Path(exp_dir), hashlib.sha256()
+    for path in sorted(Path(exp_dir).glob("*/eval/*_predictions.csv")):
+        digest.update(path.relative_to(exp_dir).as_posix().encode())
+        with path.open(newline="") as fh:
+            for row in sorted(csv.DictReader(fh), key=lambda r: r["key"]):
+                probs = ",".join(f"{float(v):.4f}" for k, v in row.items() if k.startswith("p_"))
+                digest.update(f"{row['key']}:{probs}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def write_quick_digest(exp_dir: str | Path, readme: str | Path = "README.md") -> str:
+    """Store the quick demo's digest, with the CPU model and torch version it was made with, in the README."""
+    mark = f"<!-- quick-demo-digest: {quick_digest(exp_dir)} on {machine()['cpu']} with torch {versions()['torch']} -->"
+    path = Path(readme)
+    text, count = re.subn(r"<!-- quick-demo-digest: .*? -->", lambda _: mark, path.read_text())
+    if count != 1:
+        raise HpcdistillError(f"{path}: expected one <!-- quick-demo-digest: ... --> line, found {count}")
+    atomic_write_text(path, text)
+    return mark
