@@ -48,9 +48,12 @@ gpu-check-prep: install
 	rm -f .whl-binary.txt .whl-pure.txt
 	ls .whl | grep -v -e '-none-any.whl$$' -e 'cp312' -e 'abi3' && { echo "gpu-check-prep: a wheel above is not for CPython 3.12"; exit 1; } || true
 
-# The README's demo results (tables, ordering, times, versions, Figure 3) from the last `make demo` run.
+# The README's demo results (tables, ordering, times, versions, Figure 3) from the last `make demo` run, and the
+# digest of the quick demo's numerics beside them (tests/integration/test_demo.py recomputes it).
 readme-demo: install
 	$(PY) -c "from hpcdistill.experiment.demo_record import update_readme; update_readme('runs/demo')"
+	$(VENV)/bin/hpcdistill demo --quick --out runs/demo-quick
+	$(PY) -c "from hpcdistill.experiment.demo_record import write_quick_digest as w; print(w('runs/demo-quick/experiment'))"
 
 bench: install
 	$(PY) bench/bench_shard.py

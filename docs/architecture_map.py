@@ -1,6 +1,6 @@
-"""The README's map of the package tree, made from the tree itself: one line per subpackage, in the order of the
-import-linter layers in pyproject.toml (top first), with its job (its `__init__` docstring)
-and what it may import. `make readme` writes it into docs/architecture.md; tests/integration/test_readme.py checks it is there."""
+"""The map of the package tree in docs/architecture.md, made from the tree itself: one line per subpackage, in the
+order of the import-linter layers in pyproject.toml (top first), with its job (its `__init__` docstring) and what it
+may import. `make readme` writes it; tests/integration/test_readme.py checks it is there."""
 
 from __future__ import annotations
 

@@ -78,17 +78,10 @@ def predict_split(
         )
     if not sum(splits[split].get("class_histogram", {}).values()):
         raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
-    spec = StreamSpec(
-        urls=sets.urls,
-        mode="labeled",
-        mag=mag,
-        teacher_mag=mag,
-        stats={mag_name(mag): mag_stats(manifest, mag)},
-        micro_batch=1,
-        samples=-1,
-        sampler="ordered",
-        finish_on_device=True,
-    )  # standardised where the model runs (model_outputs), as in training
+    # standardised where the model runs (model_outputs), as in training
+    stats = {mag_name(mag): mag_stats(manifest, mag)}
+    kinds = dict(mode="labeled", sampler="ordered", finish_on_device=True)
+    spec = StreamSpec(urls=sets.urls, mag=mag, teacher_mag=mag, stats=stats, micro_batch=1, samples=-1, **kinds)
     device = next(model.parameters()).device
     loader = make_loader(spec, workers, pin_memory=device.type == "cuda")
     rows = []

@@ -187,9 +187,10 @@ def quick_digest(exp_dir: str | Path) -> str:
     for path in sorted(Path(exp_dir).glob("*/eval/*_predictions.csv")):
         digest.update(path.relative_to(exp_dir).as_posix().encode())
         with path.open(newline="") as fh:
-            for row in sorted(csv.DictReader(fh), key=lambda r: r["key"]):
+            for row in sorted(csv.DictReader(fh), key=lambda r: tuple(r.values())):  # tissue, slide, patient files
+                names = ",".join(v for k, v in row.items() if not k.startswith("p_"))
                 probs = ",".join(f"{float(v):.4f}" for k, v in row.items() if k.startswith("p_"))
-                digest.update(f"{row['key']}:{probs}\n".encode())
+                digest.update(f"{names}:{probs}\n".encode())
     return digest.hexdigest()[:16]
 
 

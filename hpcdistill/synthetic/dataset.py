@@ -275,12 +275,7 @@ def write_dataset(
     """
     out = Path(out_dir)
     names = dataset_classes(classes)
-    splits = {"train": 9, "val": 3, "test": 3} if n_slides_per_split is None else dict(n_slides_per_split)
-    for split, n in splits.items():
-        if split.startswith("aux") or not split or n < 0:
-            raise SyntheticError(f"n_slides_per_split[{split!r}]={n}: need a non-aux name and a count >= 0")
-    if min(n_aux1, n_aux2) < 0 or n_tissues[0] < 1 or n_tissues[1] < n_tissues[0]:
-        raise SyntheticError(f"{out}: aux counts must be >= 0 and n_tissues a range (lo>=1, hi>=lo)")
+    splits = _checked_counts(out, n_slides_per_split, n_aux1, n_aux2, n_tissues)
     rows = _dataset_rows(splits, len(names), n_aux1, n_aux2)
     rng = np.random.default_rng([seed, 0xDA7A])
     slides = [
@@ -301,6 +296,18 @@ def write_dataset(
         writer.writerow(LABELS_CSV_COLUMNS)
         writer.writerows(records)
     return paths, csv_path
+
+
+def _checked_counts(
+    out: Path, per_split: dict[str, int] | None, n_aux1: int, n_aux2: int, n_tissues: tuple[int, int]
+) -> dict[str, int]:
+    splits = {"train": 9, "val": 3, "test": 3} if per_split is None else dict(per_split)
+    for split, n in splits.items():
+        if split.startswith("aux") or not split or n < 0:
+            raise SyntheticError(f"n_slides_per_split[{split!r}]={n}: need a non-aux name and a count >= 0")
+    if min(n_aux1, n_aux2) < 0 or n_tissues[0] < 1 or n_tissues[1] < n_tissues[0]:
+        raise SyntheticError(f"{out}: aux counts must be >= 0 and n_tissues a range (lo>=1, hi>=lo)")
+    return splits
 
 
 def _dataset_rows(

@@ -79,6 +79,21 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     assert "tensorboard --logdir" in proc.stdout and str(exp / "report" / "report.md") in proc.stdout
     assert "time per phase (jobs run side by side where the cores allow): slides and shards " in proc.stdout
     check_readme_section(out, exp, report, tmp_path)
+    check_numerics_digest(exp)  # last: it skips where the digest is not comparable
+
+
+def check_numerics_digest(exp: Path) -> None:
+    """The README's demo block is only current while the quick demo computes what it computed when the block was
+    written (make readme-demo stores the digest of its probabilities): changed numerics fail here."""
+    from hpcdistill.experiment.demo_record import DIGEST_MARK, machine, quick_digest, versions
+
+    mark = DIGEST_MARK.search((REPO / "README.md").read_text())
+    assert mark, "README.md lacks its <!-- quick-demo-digest: ... --> line: run make readme-demo"
+    if (mark["cpu"], mark["torch"]) != (machine()["cpu"], versions()["torch"]):
+        pytest.skip(f"the digest was made on {mark['cpu']} with torch {mark['torch']}: not comparable here")
+    assert quick_digest(exp) == mark["digest"], (
+        "the demo's numerics changed since the README's block was written: run `make demo && make readme-demo`"
+    )
 
 
 def test_demo_seeds_repeat_every_run_of_the_demo_experiment(tmp_path):

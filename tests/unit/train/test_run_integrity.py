@@ -157,7 +157,7 @@ def test_evaluate_and_predict_refuse_a_model_whose_outputs_are_not_finite(tiny_d
     )
     line = error_line(capsys)
     assert line.startswith(f"hpcdistill: error: {broken}: the model's outputs are not finite on ")
-    assert "(split 'test')" in line and not [p.name for p in out.iterdir() if not p.name.startswith('.hpcdistill')]
+    assert "(split 'test')" in line and not [p.name for p in out.iterdir() if not p.name.startswith(".hpcdistill")]
     slide = sorted(Path(p) for p in tiny_dataset["slides"])[0]
     assert main.main(["predict", str(broken), str(slide), "--out", str(tmp_path / "pred")]) == 2
     assert error_line(capsys).startswith(
