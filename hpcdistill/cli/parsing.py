@@ -1,12 +1,13 @@
 """What the subcommands share in building their parsers: a subcommand from its runner, comma-separated numbers,
 the flags of every command that reads or writes many files (--workers, --overwrite, --no-progress), and the
-tissue-localization flags that `shard` and `predict` both take."""
+tissue-localization and region flags that `shard` and `predict` both take."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import inspect
+from pathlib import Path
 from typing import Callable
 
 
@@ -79,3 +80,42 @@ def replace_finished(out: str | None, finished: tuple[str, ...], overwrite: bool
 
     for path in check_overwrite(out, finished, overwrite) if out else []:
         path.unlink()
+
+
+def add_roi_flags(parser: argparse.ArgumentParser, labels: bool) -> None:
+    """The user's regions (QuPath GeoJSON), meaning the same in `shard` and `predict`."""
+    group = parser.add_argument_group("your own regions (QuPath GeoJSON in level-0 px)")
+    group.add_argument(
+        "--rois",
+        help="a folder of <slide id>.geojson files (QuPath's <image>.geojson too), or one such file; e.g. shard's "
+        "own qc/ outlines after editing them in QuPath",
+    )
+    group.add_argument(
+        "--roi-mode",
+        choices=["inside", "outside", "ignore"],
+        default="inside",
+        help="keep the tissue inside the regions, remove the tissue under them (pen marks, folds), or ignore them",
+    )
+    group.add_argument(
+        "--roi-missing",
+        choices=["skip", "tissue"],
+        default="skip",
+        help="a slide without a region file: skip it, or use its detected tissue (said per slide)",
+    )
+    if labels:
+        group.add_argument(
+            "--roi-labels",
+            action="store_true",
+            help="each tissue's label is the classification of the regions it lies in (one of --classes); "
+            "labels.csv then gives only patients and splits",
+        )
+
+
+def roi_options(args: argparse.Namespace) -> object:
+    from hpcdistill.slides.regions import RoiOptions
+
+    if args.rois is not None and not Path(args.rois).exists():
+        from hpcdistill.common.errors import HpcdistillError
+
+        raise HpcdistillError(f"--rois {args.rois}: no such file or folder")
+    return RoiOptions(args.rois, args.roi_mode, args.roi_missing, getattr(args, "roi_labels", False))

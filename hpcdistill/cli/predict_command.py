@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from hpcdistill.cli.array_flags import add_cluster_flags, cluster_resources, run_array
-from hpcdistill.cli.parsing import add_output_flags, add_tissue_flags, command, replace_finished, tissue_params
+from hpcdistill.cli.parsing import (
+    add_output_flags,
+    add_roi_flags,
+    add_tissue_flags,
+    command,
+    replace_finished,
+    roi_options,
+    tissue_params,
+)
 
 
 def _predict_options(args: argparse.Namespace) -> Any:
@@ -21,6 +29,7 @@ def _predict_options(args: argparse.Namespace) -> Any:
         slide_rule=args.slide_rule,
         read=args.read,
         labels=args.labels,
+        rois=roi_options(args),
     )
 
 
@@ -81,6 +90,7 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
     add_output_flags(p, "threads decoding slides and running the network (and CPUs per array task)")
     add_cluster_flags(p, "classifying")
     add_tissue_flags(p)
+    add_roi_flags(p, labels=False)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -11,10 +11,12 @@ from typing import Any
 from hpcdistill.cli.array_flags import add_cluster_flags, cluster_resources, run_array
 from hpcdistill.cli.parsing import (
     add_output_flags,
+    add_roi_flags,
     add_tissue_flags,
     command,
     float_list,
     replace_finished,
+    roi_options,
     tissue_params,
 )
 from hpcdistill.common.errors import HpcdistillError
@@ -76,6 +78,7 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
     _add_output_flags(p, defaults)
     add_cluster_flags(p, "cutting")
     add_tissue_flags(p)
+    add_roi_flags(p, labels=True)
 
 
 def _min_side(text: str) -> int | str:
@@ -155,6 +158,7 @@ def run_shard(args: argparse.Namespace) -> int:
         source=args.source,
         aux_shares_patients=args.aux_shares_patients,
         min_side=default_network_min_side() if args.min_side == "auto" else args.min_side,
+        rois=roi_options(args),
     )
     if args.cluster:
         return _shard_array(args, params)

@@ -27,7 +27,7 @@ def cell_edges(start: int, length_l0: int, image_len: int, cells: int, stride: i
     of the `image_len` the model saw, clipped to the image, mapped onto the window's `length_l0` level-0 pixels."""
     image_edges = np.minimum(np.arange(cells + 1) * stride, image_len)
     image_edges[-1] = image_len
-    return start + np.round(image_edges * (length_l0 / image_len)).astype(np.int64)
+    return start + image_edges * (length_l0 / image_len)  # not rounded: every whole cell is exactly as wide
 
 
 @dataclass
@@ -74,7 +74,7 @@ class TissueMap:
 
 def _grid(start: int, stop: int, cell: float) -> np.ndarray:
     count = max(1, int(np.ceil((stop - start) / cell - 1e-9)))
-    edges = np.round(start + np.arange(count + 1) * cell).astype(np.int64)
+    edges = start + np.arange(count + 1) * cell  # not rounded: the stated cell size is every whole cell's
     edges[-1] = stop
     return edges
 

@@ -35,6 +35,8 @@ from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overla
 from hpcdistill.predict.qupath import write_geojson
 from hpcdistill.shards.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
+from hpcdistill.slides.outlines import tissue_outlines
+from hpcdistill.slides.regions import Regions, RoiOptions, read_regions
 from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.tissue import TissueParams, class_colour, write_qc_png
 from hpcdistill.slides.windows import TissueWindows, find_windows, fitting_windows, window_sizes
@@ -51,6 +53,7 @@ class PredictOptions:
     slide_rule: str = "mean"  # a key of SLIDE_RULES
     read: str | None = None  # "level0" or "pyramid" (slides.slide.READ_SOURCES); None: what the export trained on
     labels: str | None = None  # a labels CSV (slide, patient, label): score the calls (predict.cohort_scores)
+    rois: RoiOptions = field(default_factory=RoiOptions)  # the user's regions (slides.regions), as in shard
 
 
 def _window_batches(
@@ -178,12 +181,13 @@ def predict_slide(
             raise HpcdistillError(
                 f"{slide_path}: scanned at {mag_name(info.base_mag)}, below the model's {mag_name(exported.mag)}"
             )
-        found, small = drop_small_tissues(find_windows(slide, options.tissue, exported.windowing), exported, info)
+        found, small = prediction_windows(slide, slide_path, exported, options)
         if not found.boxes:
             raise HpcdistillError(f"{slide_path}: no tissue found on the thumbnail" + (f" ({small})" if small else ""))
         read = options.read or exported.source
         windows, cams = _classify_windows(slide, found, exported, slide_path, options.heatmap, read)
         source = read_record(slide, exported.mag, read)
+        outlines = tissue_outlines(slide, found, options.tissue)
     classes, out, stem = exported.classes, Path(out_dir).resolve(), Path(slide_path).stem  # paths readable anywhere
     tissues = _tissue_calls(found, windows, classes)
     call, scores = slide_call(windows, options.slide_rule, classes)
@@ -212,11 +216,28 @@ def predict_slide(
     if options.heatmap:
         maps, paths = _write_heatmaps(out, stem, found, cams, windows, tissues, exported, options.heatmap_class or call)
         result.update(paths)
-    geojson = write_geojson(
-        out / "geojson" / f"{stem}.geojson", found, tissues, classes, (info.width, info.height), maps
-    )
+    geojson = write_geojson(out / "geojson" / f"{stem}.geojson", outlines, tissues, classes, maps)
     result["geojson"] = str(geojson)
     return result
+
+
+def prediction_windows(
+    slide: Any, slide_path: str | Path, exported: ExportedModel, options: PredictOptions
+) -> tuple[TissueWindows, str]:
+    """The tissue windows prediction reads (the user's regions applied, tissues too small for the model out)."""
+    regions = prediction_regions(slide_path, options)
+    found = find_windows(slide, options.tissue, exported.windowing, regions, options.rois.mode)
+    return drop_small_tissues(found, exported, slide.info)
+
+
+def prediction_regions(slide_path: str | Path, options: PredictOptions) -> Regions | None:
+    """The slide's regions (--rois), None without them; a slide with no region file under --roi-missing skip is
+    that slide's skipped row."""
+    rois = options.rois
+    path = rois.file_for(slide_name(Path(slide_path)), Path(slide_path).name)
+    if rois.path is not None and path is None and rois.missing == "skip":
+        raise HpcdistillError(f"{slide_path}: no region file in {rois.path} (--roi-missing skip)")
+    return read_regions(path) if path is not None else None
 
 
 def drop_small_tissues(found: TissueWindows, exported: ExportedModel, info: Any) -> tuple[TissueWindows, str]:

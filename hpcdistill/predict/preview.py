@@ -10,10 +10,9 @@ from typing import Any
 from hpcdistill.common.errors import HpcdistillError, one_line
 from hpcdistill.common.mags import mag_name
 from hpcdistill.models.export import load_exported
-from hpcdistill.predict.prediction import PredictOptions, check_options, drop_small_tissues, read_record
+from hpcdistill.predict.prediction import PredictOptions, check_options, prediction_windows, read_record
 from hpcdistill.shards.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
-from hpcdistill.slides.windows import find_windows
 
 
 def preview_slides(model_path: str | Path, slides: list[Path], options: PredictOptions) -> list[dict[str, Any]]:
@@ -29,9 +28,7 @@ def preview_slides(model_path: str | Path, slides: list[Path], options: PredictO
                 info = slide.info
                 if info.base_mag < exported.mag:
                     raise HpcdistillError(f"scanned at {mag_name(info.base_mag)}, below {mag_name(exported.mag)}")
-                found, small = drop_small_tissues(
-                    find_windows(slide, options.tissue, exported.windowing), exported, info
-                )
+                found, small = prediction_windows(slide, path, exported, options)
                 row |= {"base_mag": info.base_mag, "tissues": len(found.boxes), "windows": found.count, "note": small}
                 row |= read_record(slide, exported.mag, options.read or exported.source)
         except Exception as err:  # noqa: BLE001 -- as prediction: one slide's fault is its row

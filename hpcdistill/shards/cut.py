@@ -14,11 +14,15 @@ from typing import Any
 import numpy as np
 
 from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.files import atomic_write_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.shards.plan import ShardParams, SlideJob
 from hpcdistill.shards.sample_format import image_member, label_members, sample_key, sample_meta
 from hpcdistill.slides import tissue
 from hpcdistill.slides.factory import open_slide
+from hpcdistill.slides.outlines import feature, tissue_outlines
+from hpcdistill.slides.regions import LabelConflict, Regions, label_tissues, read_regions
+from hpcdistill.slides.tissue import class_colour
 from hpcdistill.slides.windows import Box, TissueWindows, find_windows, fitting_windows, window_sizes
 
 SPOOL = ".spool"  # per-slide encoded samples between a worker and the writer
@@ -30,6 +34,7 @@ class Sample:
     files: list[tuple[str, int, int]]  # (extension, offset, length) of each payload in the slide's spool file
     sizes: dict[str, list[int]]  # mag name -> [w, h]
     tissue: int
+    label: str | None = None  # its class: the slide's, or its tissue's region's (--roi-labels)
 
 
 @dataclasses.dataclass
@@ -42,6 +47,7 @@ class SlideResult:
     mag_source: str | None = None
     tissues: int = 0
     small_tissues: int = 0  # tissues with no window of ShardParams.min_side at every magnification: not cut
+    roi: str | None = None  # the region file applied, or why none was
     samples: list[Sample] = dataclasses.field(default_factory=list)
     spool: str | None = None  # encoded payloads, appended as cut: memory holds one window, not a whole slide
     # per mag name: [sum r,g,b, sumsq r,g,b, pixel count]; only for the labeled train split
@@ -58,6 +64,8 @@ class SlideResult:
             "file": Path(job.path).name,
             "tissues": self.tissues,
             "small_tissues": self.small_tissues,
+            "roi": self.roi,
+            "sample_labels": [s.label for s in self.samples],
             "samples": len(self.samples),
             "base_mag": self.base_mag,
             "mag_source": self.mag_source,
@@ -94,6 +102,8 @@ def _shard_slide_or_skip(
 ) -> SlideResult:
     try:
         return _shard_open_slide(job, params, qc_dir, collect_stats, spool)
+    except LabelConflict:
+        raise  # the user's labels contradict each other: refused, not a bad slide to skip
     except Exception as exc:  # noqa: BLE001 -- a decoder error in one bad file must not stop the other slides
         return SlideResult(job.slide, "skipped", _skip_reason(exc, job.path), job.split)
 
@@ -115,12 +125,15 @@ def _shard_open_slide(
         info = slide.info
         result = SlideResult(job.slide, "ok", None, job.split, info.base_mag, info.mag_source)
         found, reason = survey_slide(slide, job, params, qc_dir)
+        result.roi = region_note(job, params)
         if reason:
             return _skip(result, reason)
         result.tissues, result.small_tissues = len(found.boxes), found.small
         for t, windows in enumerate(found.windows):
+            label = found.classes[t] if found.classes is not None else job.label
             for w, window in enumerate(windows):
-                result.samples.append(_cut_sample(slide, job, t, w, window, params, result, collect_stats, spool))
+                sample = _cut_sample(slide, job, t, w, window, params, result, collect_stats, spool, label)
+                result.samples.append(sample)
         return result
 
 
@@ -136,7 +149,12 @@ def survey_slide(
             f"{job.path}: magnification {mag_name(max(too_high))} is above the slide's base magnification "
             f"{mag_name(info.base_mag)} ({info.mag_source})"
         )
-    found = find_windows(slide, params.tissue, params.windowing)
+    regions, reason = slide_regions(job, params)
+    if reason:
+        return None, reason
+    found = find_windows(slide, params.tissue, params.windowing, regions, params.rois.mode)
+    if params.rois.labels and regions is not None:
+        found = label_tissues(found, regions, list(params.classes or ()))
     found = fitting_windows(found, info.base_mag, params.mags, params.min_side)
     names = [f"t{i:03d}" for i in range(len(found.boxes))]
     tissue.write_qc_png(
@@ -149,6 +167,7 @@ def survey_slide(
         f"(base {mag_name(info.base_mag)}, split {job.split or '-'})",
         legend=[(name, tissue.QC_PALETTE[i % len(tissue.QC_PALETTE)]) for i, name in enumerate(names)],
     )
+    write_outlines(Path(qc_dir) / f"{job.slide}.geojson", slide, found, params, job.label)
     if found.boxes:
         return found, None
     if found.small:
@@ -157,6 +176,41 @@ def survey_slide(
             f"{mag_name(min(params.mags))} (the smallest input of the network)"
         )
     return found, f"{job.path}: no tissue found on the thumbnail"
+
+
+def slide_regions(job: SlideJob, params: ShardParams) -> tuple[Regions | None, str | None]:
+    """The slide's regions (None without --rois, or when it has none and --roi-missing tissue), or why it is
+    skipped (no region file and --roi-missing skip)."""
+    rois = params.rois
+    path = rois.file_for(job.slide, Path(job.path).name)
+    if rois.path is None or path is None:
+        missing = rois.path is not None and rois.missing == "skip"
+        return (
+            None,
+            f"{job.path}: no region file for {job.slide} in {rois.path} (--roi-missing skip)" if missing else None,
+        )
+    return read_regions(path), None
+
+
+def region_note(job: SlideJob, params: ShardParams) -> str | None:
+    """What the slide's record says about regions: the file applied, or that its detected tissue was used."""
+    if params.rois.path is None:
+        return None
+    path = params.rois.file_for(job.slide, Path(job.path).name)
+    return f"{path.name} ({params.rois.mode})" if path else f"none ({params.rois.missing})"
+
+
+def write_outlines(path: Path, slide: Any, found: TissueWindows, params: ShardParams, label: str | None) -> None:
+    """The slide's tissues (regions applied) as QuPath annotations named t000, t001, ...: edit them in QuPath and
+    shard again with --rois to use the edited outlines."""
+    shapes = tissue_outlines(slide, found, params.tissue)
+    names = [found.classes[t] if found.classes is not None else label for t in range(len(shapes))]
+    ids = {c: i for i, c in enumerate(params.classes or sorted({n for n in names if n}))}
+    features = [
+        feature(shape, f"t{t:03d}", classification=name, colour=class_colour(ids.get(name, 0)) if name else None)
+        for t, (shape, name) in enumerate(zip(shapes, names))
+    ]
+    atomic_write_json(path, {"type": "FeatureCollection", "features": features})
 
 
 def preview_slide(job: SlideJob, params: ShardParams, qc_dir: str) -> dict[str, Any]:
@@ -215,6 +269,7 @@ def _cut_sample(
     result: SlideResult,
     collect_stats: bool,
     spool: io.BufferedWriter,
+    label: str | None,
 ) -> Sample:
     base_mag = slide.info.base_mag
     ext = params.image_format
@@ -240,12 +295,13 @@ def _cut_sample(
         base_mag=base_mag,
         mpp=slide.info.mpp,
         sizes=sizes,
-        label=job.label,
+        label=label,
         split=job.split,
     )
-    payloads += label_members(job.class_id, meta)
+    class_id = job.class_id if label == job.label else list(params.classes or ()).index(label)
+    payloads += label_members(class_id, meta)
     files = []
     for ext, data in payloads:
         files.append((ext, spool.tell(), len(data)))
         spool.write(data)
-    return Sample(sample_key(job.slide, t, w), files, sizes, t)
+    return Sample(sample_key(job.slide, t, w), files, sizes, t, label)

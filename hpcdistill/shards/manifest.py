@@ -143,6 +143,7 @@ SLIDE_FIELDS = (
     "file",
     "tissues",
     "small_tissues",
+    "roi",
     "samples",
     "base_mag",
     "mag_source",
@@ -185,8 +186,9 @@ def build_manifest(
         entry["tissues"] += len(rec["sample_tissues"])
         entry["slides"] += 1
         entry["patients"].add(rec["patient"])
-        if rec["label"]:
-            entry["class_histogram"][rec["label"]] += rec["samples"]
+        for label in rec.get("sample_labels") or [rec["label"]] * rec["samples"]:  # region labels per sample
+            if label:
+                entry["class_histogram"][label] += 1
         for m, values in rec["pixel_sums"].items():
             sums[m] += np.asarray(values)
         for sample_sizes in rec["sizes"]:

@@ -15,6 +15,7 @@ from hpcdistill.common.errors import ShardingError
 from hpcdistill.common.mags import mag_name
 from hpcdistill.shards.catalog import LabelRow, assign_splits, read_labels_csv, slide_name
 from hpcdistill.slides import tissue
+from hpcdistill.slides.regions import RoiOptions
 from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.windows import DEFAULT_MAGS, DEFAULT_MAX_SIZE, Windowing
 
@@ -44,6 +45,9 @@ class ShardParams:
     # The smallest side, in px at every cut magnification, a window may have: the smallest input of the network
     # the shards are for (the CLI probes it); a tissue with no window that large is skipped and counted.
     min_side: int = 1
+    # The user's regions (QuPath GeoJSON): keep tissue inside them or remove it; with labels, they give each
+    # tissue its class (slides/regions.py).
+    rois: RoiOptions = dataclasses.field(default_factory=RoiOptions)
 
     def __post_init__(self) -> None:
         # floats everywhere, so params given by the CLI or by code fingerprint identically
@@ -75,6 +79,8 @@ class ShardParams:
             raise ShardingError("--shard-size / --shard-max-samples: must be positive")
         if len(self.split_ratios) != 3 or min(self.split_ratios) < 0 or sum(self.split_ratios) <= 0:
             raise ShardingError(f"--split-ratios {self.split_ratios}: need three non-negative numbers, not all zero")
+        if self.rois.labels and self.classes is None:
+            raise ShardingError("--roi-labels: name the classes the regions may carry with --classes")
 
     @property
     def windowing(self) -> Windowing:
@@ -184,6 +190,13 @@ def params_fingerprint(params: ShardParams, slide_paths: list[Path], labels_csv:
         del fingerprint["aux_shares_patients"]  # the default: folders written before the option match
     if fingerprint["min_side"] == 1:
         del fingerprint["min_side"]  # every window has a side of 1 px: folders written before the option match
+    if params.rois.path is None:
+        del fingerprint["rois"]  # no regions: folders written before the option match
+    else:  # an edited region file changes the shards: a rerun into the folder must notice
+        files = {p.name: params.rois.file_for(slide_name(p), p.name) for p in slide_paths}
+        fingerprint["roi_files"] = {
+            name: hashlib.sha256(f.read_bytes()).hexdigest() for name, f in files.items() if f is not None
+        }
     fingerprint["slides"] = [p.name for p in slide_paths]
     if labels_csv is not None:
         fingerprint["labels_csv"] = Path(labels_csv).name

@@ -107,9 +107,9 @@ def preview_sharding(
     return plan
 
 
-def _wants_stats(job: SlideJob) -> bool:
-    """Colour statistics come from the labeled train split only."""
-    return job.split == "train" and job.class_id is not None
+def _wants_stats(job: SlideJob, params: ShardParams) -> bool:
+    """Colour statistics come from the labeled train split only (labelled by the CSV or by regions)."""
+    return job.split == "train" and (job.class_id is not None or params.rois.labels)
 
 
 def _results_in_order(
@@ -118,7 +118,7 @@ def _results_in_order(
     """Slides run in parallel, results come back in plan order, at most 2*workers in flight (bounded memory)."""
     if workers <= 1:
         for job in jobs:
-            result = shard_slide(job, params, out, _wants_stats(job), spool)
+            result = shard_slide(job, params, out, _wants_stats(job, params), spool)
             check_interrupted()
             yield job, result
         return
@@ -126,7 +126,7 @@ def _results_in_order(
         queue: collections.deque = collections.deque()
         remaining = iter(jobs)
         for job in remaining:
-            queue.append((job, pool.submit(shard_slide, job, params, out, _wants_stats(job), spool)))
+            queue.append((job, pool.submit(shard_slide, job, params, out, _wants_stats(job, params), spool)))
             if len(queue) >= 2 * workers:
                 break
         try:
@@ -134,9 +134,8 @@ def _results_in_order(
                 job, future = queue.popleft()
                 next_job = next(remaining, None)
                 if next_job is not None:
-                    queue.append(
-                        (next_job, pool.submit(shard_slide, next_job, params, out, _wants_stats(next_job), spool))
-                    )
+                    stats = _wants_stats(next_job, params)
+                    queue.append((next_job, pool.submit(shard_slide, next_job, params, out, stats, spool)))
                 try:
                     result = future.result()
                     check_interrupted()  # a Ctrl-C inside a libvips callback is swallowed there, not here

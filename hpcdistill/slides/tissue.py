@@ -132,16 +132,35 @@ def ink_mask(thumb: np.ndarray) -> np.ndarray:
     return clear & (green_cyan | strong_blue)
 
 
+def tissue_threshold(thumb: np.ndarray, params: TissueParams) -> float | None:
+    """The Otsu threshold of the thumbnail's tissue channel (ink left out, which would pull it); None for a flat,
+    blank slide, where Otsu would split noise."""
+    values = tissue_channel(thumb, params.channel)
+    candidates = values if not params.drop_ink else values[~ink_mask(thumb)]
+    if candidates.size == 0 or int(candidates.max()) - int(candidates.min()) < params.min_contrast:
+        return None
+    return otsu_threshold(candidates)
+
+
+def _raw_mask(thumb: np.ndarray, params: TissueParams, threshold: float) -> np.ndarray:
+    mask = tissue_channel(thumb, params.channel) > threshold
+    return mask & ~ink_mask(thumb) if params.drop_ink else mask
+
+
+def fine_tissue_mask(fine: np.ndarray, coarse: np.ndarray, params: TissueParams) -> np.ndarray:
+    """A finer thumbnail's tissue pixels at the coarse thumbnail's threshold (what the tissue finder used), for
+    outlines traced finer than tissue is found (slides.outlines)."""
+    threshold = tissue_threshold(coarse, params)
+    return np.zeros(fine.shape[:2], bool) if threshold is None else _raw_mask(fine, params, threshold)
+
+
 def tissue_mask(thumb: np.ndarray, params: TissueParams) -> np.ndarray:
     """Boolean tissue mask of the thumbnail, after close/open and small-object removal."""
     values = tissue_channel(thumb, params.channel)
-    ink = ink_mask(thumb) if params.drop_ink else None
-    candidates = values if ink is None else values[~ink]  # ink would also pull the Otsu threshold
-    if candidates.size == 0 or int(candidates.max()) - int(candidates.min()) < params.min_contrast:
-        return np.zeros(values.shape, dtype=bool)  # flat (blank) slide: Otsu would split noise
-    mask = values > otsu_threshold(candidates)
-    if ink is not None:
-        mask &= ~ink
+    threshold = tissue_threshold(thumb, params)
+    if threshold is None:
+        return np.zeros(values.shape, dtype=bool)
+    mask = _raw_mask(thumb, params, threshold)
     # Pad before morphology so tissue touching the border is not eroded by the border.
     pad = max(params.close_radius, params.open_radius)
     image = pyvips.Image.new_from_array(np.pad(mask, pad, mode="edge").view(np.uint8) * np.uint8(255))
@@ -168,17 +187,23 @@ def find_tissue_boxes(
 
 
 def find_tissues(
-    thumb: np.ndarray, scale: float, params: TissueParams, slide_size: tuple[int, int] | None = None
+    thumb: np.ndarray,
+    scale: float,
+    params: TissueParams,
+    slide_size: tuple[int, int] | None = None,
+    keep: np.ndarray | None = None,
 ) -> tuple[list[tuple[int, int, int, int]], np.ndarray, list[int]]:
     """The boxes as find_tissue_boxes gives them, the thumbnail's labelled tissue mask (0 = background), and each
-    box's label in it: the tissue's own outline, for polygons and heat maps."""
+    box's label in it: the tissue's own outline, for polygons and heat maps. `keep`: the thumbnail pixels tissue may
+    lie in (the user's regions), applied before tissues are told apart."""
     if thumb.ndim != 3 or thumb.shape[2] < 3 or thumb.dtype != np.uint8:
         raise HpcdistillError(f"tissue thumbnail: expected (H, W, 3) uint8, got {thumb.shape} {thumb.dtype}")
     if not scale > 0:
         raise HpcdistillError(f"tissue scale: must be positive, got {scale}")
     thumb_h, thumb_w = thumb.shape[:2]
     slide_w, slide_h = slide_size if slide_size is not None else (round(thumb_w * scale), round(thumb_h * scale))
-    labels, _ = ndimage.label(tissue_mask(thumb, params), structure=np.ones((3, 3), dtype=bool))
+    mask = tissue_mask(thumb, params) if keep is None else tissue_mask(thumb, params) & keep
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     boxes, owners = [], []
     for label, found in enumerate(ndimage.find_objects(labels), 1):
         if found is None:

@@ -94,6 +94,7 @@ class TissueWindows:
     labels: np.ndarray | None = None  # the thumbnail's labelled tissue mask (tissue.find_tissues)
     box_labels: list[int] | None = None  # box t's label in it
     small: int = 0  # tissues dropped by fitting_windows: no window as large as the network's smallest input
+    classes: list[str | None] | None = None  # tissue t's class from the user's regions (slides.regions)
 
     def mask(self, t: int | None = None) -> np.ndarray:
         """The tissue mask on the thumbnail: of tissue t, or of every tissue."""
@@ -115,29 +116,53 @@ def fitting_windows(found: TissueWindows, base_mag: float, mags: Iterable[float]
     takes), and the tissues with any; `small` counts the tissues that went (none left). Sharding and prediction both
     drop through here, so a tissue too small for the model is neither cut nor classified."""
     mags = list(mags)
-    keep_boxes, keep_windows, keep_labels, dropped = [], [], [], 0
-    for t, (box, windows) in enumerate(zip(found.boxes, found.windows)):
-        fits = [w for w in windows if min(min(size) for size in window_sizes(w, base_mag, mags).values()) >= min_side]
-        if not fits:
-            dropped += 1
-            continue
-        keep_boxes.append(box)
-        keep_windows.append(fits)
-        keep_labels += [found.box_labels[t]] if found.box_labels is not None else []
-    if not dropped and sum(map(len, keep_windows)) == found.count:
+    fits = [
+        [w for w in windows if min(min(size) for size in window_sizes(w, base_mag, mags).values()) >= min_side]
+        for windows in found.windows
+    ]
+    if sum(map(len, fits)) == found.count:
         return found
-    labels = keep_labels if found.box_labels is not None else None
+    kept = keep_tissues(found, fits)
+    return dataclasses.replace(kept, small=found.small + len(found.boxes) - len(kept.boxes))
+
+
+def keep_tissues(found: TissueWindows, windows: list[list[Box]]) -> TissueWindows:
+    """`found` with tissue t's windows replaced by windows[t]; a tissue left with none goes (box, label, class)."""
+    kept = [t for t, ws in enumerate(windows) if ws]
     return dataclasses.replace(
-        found, boxes=keep_boxes, windows=keep_windows, box_labels=labels, small=found.small + dropped
+        found,
+        boxes=[found.boxes[t] for t in kept],
+        windows=[windows[t] for t in kept],
+        box_labels=[found.box_labels[t] for t in kept] if found.box_labels is not None else None,
+        classes=[found.classes[t] for t in kept] if found.classes is not None else None,
     )
 
 
-def find_windows(slide: Any, tissue_params: Any, windowing: Windowing) -> TissueWindows:
-    """Tissue boxes on the slide's thumbnail (tissue.TissueParams), each cut into windows."""
+def find_windows(
+    slide: Any, tissue_params: Any, windowing: Windowing, regions: Any = None, roi_mode: str = "inside"
+) -> TissueWindows:
+    """Tissue boxes on the slide's thumbnail (tissue.TissueParams), each cut into windows. With `regions`
+    (slides.regions.Regions), tissue is kept only inside them ("inside") or outside them ("outside"), and a window
+    with none of its tissue left (inside a hole, under an excluded region) is dropped."""
     from hpcdistill.slides import tissue
 
     info = slide.info
     thumb, scale = slide.thumbnail(tissue_params.thumb_size)
-    boxes, labels, box_labels = tissue.find_tissues(thumb, scale, tissue_params, slide_size=(info.width, info.height))
+    keep = None
+    if regions is not None and roi_mode != "ignore":
+        inside = regions.mask(thumb.shape[:2], scale)
+        keep = inside if roi_mode == "inside" else ~inside
+    boxes, labels, box_labels = tissue.find_tissues(thumb, scale, tissue_params, (info.width, info.height), keep)
     windows = [split_windows(box, (info.width, info.height), info.base_mag, windowing) for box in boxes]
-    return TissueWindows(thumb, scale, boxes, windows, labels, box_labels)
+    found = TissueWindows(thumb, scale, boxes, windows, labels, box_labels)
+    if keep is None:
+        return found
+    return keep_tissues(found, [[w for w in ws if _holds(labels, t, w, scale)] for ws, t in zip(windows, box_labels)])
+
+
+def _holds(labels: np.ndarray, label: int, window: Box, scale: float) -> bool:
+    """Whether any thumbnail pixel of tissue `label` lies in the level-0 window."""
+    x, y, w, h = window
+    rows = slice(int(y // scale), max(int(y // scale) + 1, math.ceil((y + h) / scale)))
+    cols = slice(int(x // scale), max(int(x // scale) + 1, math.ceil((x + w) / scale)))
+    return bool((labels[rows, cols] == label).any())

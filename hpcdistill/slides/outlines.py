@@ -1,0 +1,101 @@
+"""Tissue outlines as polygons a pathologist can open and edit: every contour of a tissue mask with its holes, traced
+on a mask whose pixels are at most OUTLINE_PX level-0 px, simplified with a tolerance of SIMPLIFY_PX, valid under
+shapely, in level-0 pixel coordinates. `shard` writes them (qc/<slide>.geojson) and `predict` classifies them (its
+GeoJSON), so both draw a tissue the same way.
+
+The bound: a vertex lies within one mask pixel (<= OUTLINE_PX level-0 px) of the mask's edge, plus SIMPLIFY_PX from
+the simplification. Tissue is found on a thumbnail of about 1024 px (slides.tissue); where that thumbnail's pixels
+are larger than OUTLINE_PX, the outline is traced on a finer thumbnail (read_fine_mask), thresholded as the tissue
+finder thresholded the coarse one and kept inside the tissue it found."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, mapping
+
+OUTLINE_PX = 16  # level-0 px per outline-mask pixel, at most (up to FINE_MAX_SIDE * OUTLINE_PX px slides)
+SIMPLIFY_PX = 2.0  # level-0 px: the simplification's tolerance
+FINE_MAX_SIDE = 8192  # the finest outline thumbnail's long side (memory: 8192 x 6144 RGB is 150 MB)
+
+
+def mask_polygons(mask: np.ndarray, scale: float, slide_wh: tuple[int, int]) -> Polygon | MultiPolygon:
+    """Every contour of a boolean mask (thumbnail px, `scale` level-0 px each) with its holes, as one valid
+    (Multi)Polygon in level-0 px, simplified by SIMPLIFY_PX and clipped to the slide; empty for an empty mask."""
+    import contourpy
+
+    padded = np.pad(mask.astype(np.float64), 1)
+    generator = contourpy.contour_generator(z=padded, fill_type=contourpy.FillType.OuterOffset)
+    points, offsets = generator.filled(0.5, math.inf)
+    polygons = []
+    for outer, cuts in zip(points, offsets):
+        rings = [(outer[a:b] - 0.5) * scale for a, b in zip(cuts[:-1], cuts[1:])]  # padded index -> level 0
+        if len(rings[0]) >= 4:
+            polygons.append(Polygon(rings[0], [r for r in rings[1:] if len(r) >= 4]))
+    if not polygons:
+        return Polygon()
+    shape = shapely.make_valid(shapely.union_all(polygons)).simplify(SIMPLIFY_PX, preserve_topology=True)
+    shape = shape.intersection(shapely.box(0, 0, *slide_wh))
+    return _polygonal(shapely.make_valid(shape))
+
+
+def _polygonal(shape: Any) -> Polygon | MultiPolygon:
+    """The polygons of a geometry (make_valid and intersections may add lines or points along edges)."""
+    parts = [g for g in getattr(shape, "geoms", [shape]) if isinstance(g, (Polygon, MultiPolygon)) and not g.is_empty]
+    flat = [p for g in parts for p in getattr(g, "geoms", [g])]
+    if not flat:
+        return Polygon()
+    return shapely.geometry.polygon.orient(flat[0]) if len(flat) == 1 else MultiPolygon(flat)
+
+
+def outline_scale(slide_wh: tuple[int, int], coarse_scale: float) -> tuple[float, int]:
+    """(level-0 px per outline-mask pixel, the outline thumbnail's long side): the coarse thumbnail when its pixels
+    are fine enough, else a thumbnail of at most OUTLINE_PX (capped at FINE_MAX_SIDE px)."""
+    if coarse_scale <= OUTLINE_PX:
+        return coarse_scale, 0
+    side = min(FINE_MAX_SIDE, math.ceil(max(slide_wh) / OUTLINE_PX))
+    return max(slide_wh) / side, side
+
+
+def tissue_outlines(slide: Any, found: Any, params: Any) -> list[Polygon | MultiPolygon]:
+    """Each found tissue's outline (found: slides.windows.TissueWindows), on a mask of at most OUTLINE_PX px."""
+    info = slide.info
+    wh = (info.width, info.height)
+    scale, side = outline_scale(wh, found.scale)
+    if not side:
+        return [mask_polygons(found.mask(t), found.scale, wh) for t in range(len(found.boxes))]
+    from hpcdistill.slides.tissue import fine_tissue_mask
+
+    thumb, scale = slide.thumbnail(side)
+    fine = fine_tissue_mask(thumb, found.thumb, params)
+    rows = np.minimum((np.arange(fine.shape[0]) + 0.5) * scale / found.scale, found.labels.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(fine.shape[1]) + 0.5) * scale / found.scale, found.labels.shape[1] - 1).astype(int)
+    coarse = found.labels[np.ix_(rows, cols)]  # each fine pixel's tissue in the detection mask
+    return [mask_polygons(fine & (coarse == found.box_labels[t]), scale, wh) for t in range(len(found.boxes))]
+
+
+def geometry(shape: Polygon | MultiPolygon) -> dict[str, Any]:
+    """GeoJSON geometry of a polygon, coordinates rounded to 0.1 px."""
+    return mapping(shapely.set_precision(shape, 0.1)) if not shape.is_empty else {"type": "Polygon", "coordinates": []}
+
+
+def feature(
+    shape: Polygon | MultiPolygon,
+    name: str,
+    *,
+    object_type: str = "annotation",
+    classification: str | None = None,
+    colour: tuple[int, int, int] | None = None,
+    measurements: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """One QuPath object as a GeoJSON Feature: `properties.objectType` (annotation / detection), its name, an
+    optional classification {name, color [r, g, b]} and measurements (a flat name -> number map)."""
+    properties: dict[str, Any] = {"objectType": object_type, "name": name}
+    if classification is not None:
+        properties["classification"] = {"name": classification, "color": list(colour or (0, 0, 0))}
+    if measurements is not None:
+        properties["measurements"] = measurements
+    return {"type": "Feature", "geometry": geometry(shape), "properties": properties}
