@@ -286,12 +286,14 @@ def _records(out: Path) -> list[dict[str, Any]]:
 
 def clear_output(out: Path) -> int:
     """--overwrite: what an earlier run wrote here goes (the shards and QC images its manifest, journal and task
-    records list, those records, its temporaries and task folders), nothing else; returns how many files went."""
+    records list, with the outlines beside the QC images, those records, its temporaries and task folders), nothing
+    else; returns how many files went."""
     shards, slides = set(), set()
     for record in _records(out):
         names, ids = _listed_names(record)
         shards, slides = shards | names, slides | ids
-    files = [out / n for n in sorted(shards)] + [out / "qc" / f"{s}.png" for s in sorted(slides)]
+    files = [out / n for n in sorted(shards)]
+    files += [out / "qc" / f"{s}{ext}" for s in sorted(slides) for ext in (".png", ".geojson")]
     files += [*out.glob(".*.tmp"), out / JOURNAL, out / MANIFEST, out / "plan.json"]
     removed = 0
     for path in files:

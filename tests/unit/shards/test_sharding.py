@@ -238,7 +238,7 @@ def test_every_skipped_line_names_its_slide(shard_slides, tmp_path, capsys):
 def test_overwrite_removes_only_what_a_run_wrote_and_says_how_many(shard_slides, tmp_path, capsys):
     good = str(shard_slides["good"] / "s40a.tiff")
     assert main.main(["shard", good, "--out", str(tmp_path), "--no-progress"]) == 0
-    ours = sorted(p.name for p in tmp_path.glob("*.tar")) + ["qc/s40a.png", "manifest.json"]
+    ours = sorted(p.name for p in tmp_path.glob("*.tar")) + ["qc/s40a.png", "qc/s40a.geojson", "manifest.json"]
     mine = ["mydata.tar", "train-backup.tar", "aux-old-000001.tar", "qc/my_figure.png", "tasks/keep.txt"]
     for name in mine:
         (tmp_path / name).parent.mkdir(exist_ok=True)
