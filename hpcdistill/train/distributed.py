@@ -5,7 +5,6 @@ the engine and the run folder need outside DeepSpeed."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
@@ -16,11 +15,8 @@ def setup_distributed() -> tuple[int, int, int]:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:  # a free port, so parallel single-process runs do not collide
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     world = int(os.environ["WORLD_SIZE"])
+    alone = world == 1 and "MASTER_PORT" not in os.environ and not torch.distributed.is_initialized()
     if world > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # several ranks on one node oversubscribe the cores otherwise (50x slower seen)
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -28,6 +24,11 @@ def setup_distributed() -> tuple[int, int, int]:
     import deepspeed
 
     skip_shm_comm_build()
+    if alone:  # one process: an in-memory store, no port to race for (a free port picked, then taken by another run)
+        from deepspeed.accelerator import get_accelerator
+
+        backend = get_accelerator().communication_backend_name()
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(auto_mpi_discovery=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ["LOCAL_RANK"])
 

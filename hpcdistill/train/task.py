@@ -25,13 +25,14 @@ class TrainTask(Resubmitting):
 
         env = submitit.JobEnvironment()
         single_node = env.num_nodes == 1
-        os.environ.update(
-            RANK=str(env.global_rank),
-            LOCAL_RANK=str(env.local_rank),
-            WORLD_SIZE=str(env.num_tasks),
-            MASTER_ADDR="127.0.0.1" if single_node else env.hostnames[0],
-            MASTER_PORT=str(master_port(env.raw_job_id)),
-        )
+        os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks))
+        if env.num_tasks > 1:  # a rendezvous; one task needs none (an in-memory store: no port to collide on)
+            os.environ.update(
+                MASTER_ADDR="127.0.0.1" if single_node else env.hostnames[0],
+                MASTER_PORT=str(master_port(env.raw_job_id)),
+            )
+        else:
+            os.environ.pop("MASTER_PORT", None)
         os.environ.setdefault("OMP_NUM_THREADS", str(self.cpus_per_task))
         from hpcdistill.train import loop  # lazy: the launcher process never imports torch/deepspeed
         from hpcdistill.train.run_folder import complete_checkpoints
