@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Single-node SLURM (slurmctld + slurmd + slurmdbd/MariaDB accounting + munge) for tests and CI.
-# Runs as root WITHOUT systemd: every daemon is started directly and tracked by a pid file.
+# A local SLURM (slurmctld + slurmd + slurmdbd/MariaDB accounting + munge) for tests and CI: one node, or N nodes on
+# this one machine. Runs as root WITHOUT systemd: every daemon is started directly and tracked by a pid file.
 #
 #   slurm/cluster.sh install   apt-get the Debian packages (skips what is present)
-#   slurm/cluster.sh start     write configs, start all daemons, wait until the node is idle (no-op if up)
-#   slurm/cluster.sh stop      cancel jobs, kill leftover job processes, stop all daemons
+#   slurm/cluster.sh start [--nodes N]
+#                              write configs, start all daemons, wait until every node is idle (no-op if up);
+#                              N (default 1, or $HPCDISTILL_SLURM_NODES) > 1: each node a slurmd in its own network
+#                              and UTS namespace (hostname nodeK, address 10.77.0.K+1) joined by a bridge to this
+#                              host (10.77.0.1, where slurmctld listens); /etc/hosts names them. Nothing leaves
+#                              the machine: the bridge has no route out.
+#   slurm/cluster.sh stop      cancel jobs, kill leftover job processes, stop all daemons, and remove every
+#                              namespace, bridge and /etc/hosts line this script made
 #   slurm/cluster.sh status    which daemons are up, plus sinfo
 #   slurm/cluster.sh env       print `export SLURM_CONF=...` (eval it before using sbatch/sinfo/submitit)
 #   slurm/cluster.sh selftest  start it, then check its own behaviour (slurm/selftest; not hpcdistill's tests)
@@ -18,6 +24,16 @@ STATE_DIR=${HPCDISTILL_SLURM_DIR:-/tmp/hpcdistill-slurm}
 TIMEOUT=${HPCDISTILL_SLURM_TIMEOUT:-60}
 CLUSTER_NAME=hpcdistill
 NODE=$(hostname -s)
+NODES=${HPCDISTILL_SLURM_NODES:-1}
+if [[ ${1:-} == start && ${2:-} == --nodes ]]; then
+    NODES=${3:?start --nodes N}
+elif [[ ${1:-} != start && -s $STATE_DIR/etc/slurm.conf ]]; then
+    NODES=$(grep -c '^NodeName=' "$STATE_DIR/etc/slurm.conf")   # status, stop: the running cluster's nodes
+fi
+[[ $NODES =~ ^[1-9][0-9]?$ ]] || { echo "cluster.sh: error: --nodes $NODES: a count from 1 to 99" >&2; exit 1; }
+BRIDGE=hpcdbr0        # the namespaced nodes' switch; its address is the host's on their network
+SUBNET=10.77.0
+HOSTS_MARK="# hpcdistill-slurm node"
 CONF_DIR=$STATE_DIR/etc
 LOG_DIR=$STATE_DIR/log
 RUN_DIR=$STATE_DIR/run
@@ -58,8 +74,61 @@ wait_for() {  # wait_for SECONDS DESCRIPTION LOGFILE CMD... -> polls CMD every 0
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+node_names() {  # the nodes' names: this host's for one node, node1..nodeN for several
+    if ((NODES == 1)); then echo "$NODE"; else seq -f 'node%g' 1 "$NODES"; fi
+}
+
+slurmd_pidfile() { if ((NODES == 1)); then echo "$RUN_DIR/slurmd.pid"; else echo "$RUN_DIR/slurmd-$1.pid"; fi; }
+
 # Schedulable: idle, mixed, allocated or completing, and responding (sinfo adds '*' to a node not responding).
-node_ready() { [[ $(timeout 10 sinfo -h -n "$NODE" -o %T 2>/dev/null) =~ ^(idle|mixed|allocated|completing)$ ]]; }
+node_ready() {
+    local name
+    for name in $(node_names); do
+        [[ $(timeout 10 sinfo -h -n "$name" -o %T 2>/dev/null) =~ ^(idle|mixed|allocated|completing)$ ]] || return 1
+    done
+}
+
+# The namespaced nodes' network: a bridge on the host, one network + UTS namespace per node (veth into the bridge),
+# and /etc/hosts lines naming them (rewritten in place: /etc/hosts may be a bind mount that cannot be replaced).
+net_up() {
+    local i ns
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add "$BRIDGE" type bridge
+        ip addr add "$SUBNET.1/24" dev "$BRIDGE"
+        ip link set "$BRIDGE" up
+    fi
+    for ((i = 1; i <= NODES; i++)); do
+        ns=hpcdnode$i
+        if ! ip netns list | grep -qw "$ns"; then
+            ip netns add "$ns"
+            ip link add "hpcdv$i" type veth peer name eth0 netns "$ns"
+            ip link set "hpcdv$i" master "$BRIDGE" up
+            ip -n "$ns" addr add "$SUBNET.$((i + 1))/24" dev eth0
+            ip -n "$ns" link set lo up
+            ip -n "$ns" link set eth0 up
+            ip -n "$ns" route add default via "$SUBNET.1"
+        fi
+    done
+    hosts_lines
+}
+
+hosts_lines() {  # hosts_lines -> /etc/hosts without this script's lines, plus one per node when several
+    local kept i
+    kept=$(grep -v "$HOSTS_MARK" /etc/hosts || true)
+    {
+        echo "$kept"
+        for ((i = 1; i <= NODES && NODES > 1; i++)); do echo "$SUBNET.$((i + 1)) node$i $HOSTS_MARK"; done
+    } >/etc/hosts.hpcdistill && cat /etc/hosts.hpcdistill >/etc/hosts && rm -f /etc/hosts.hpcdistill
+}
+
+net_down() {
+    local ns
+    for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^hpcdnode[0-9]+$/ {print $1}'); do
+        ip netns del "$ns" 2>/dev/null || true   # its veth end goes with it, and the host end with that
+    done
+    if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
+    if grep -q "$HOSTS_MARK" /etc/hosts 2>/dev/null; then NODES=1 hosts_lines; fi
+}
 
 cmd_install() {
     need_root
@@ -76,8 +145,22 @@ cmd_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 }
 
+node_lines() {  # node_lines TOPOLOGY MEM_MB -> one NodeName line per node (the machine's memory shared out)
+    local i
+    if ((NODES == 1)); then
+        echo "NodeName=$NODE NodeAddr=127.0.0.1 ${1}RealMemory=$2 State=UNKNOWN"
+        return
+    fi
+    for ((i = 1; i <= NODES; i++)); do
+        echo "NodeName=node$i NodeHostname=node$i NodeAddr=$SUBNET.$((i + 1)) ${1}RealMemory=$(($2 / NODES)) State=UNKNOWN"
+    done
+}
+
 write_configs() {
-    local topology mem_mb
+    local topology mem_mb CTLD_ADDR=127.0.0.1 SUFFIX=""
+    # Several nodes: each slurmd has its own spool, pid and log file (%n: the node's name), and reaches slurmctld
+    # on the bridge.
+    if ((NODES > 1)); then CTLD_ADDR=$SUBNET.1 SUFFIX=-%n; fi
     # The node's real layout as slurmd sees it (CPUs, Boards, SocketsPerBoard, CoresPerSocket, ThreadsPerCore):
     # a bare CPUs=N is rewritten when slurmd registers, and a job submitted in that moment can be sized for
     # two nodes and stay pending for ever (Reason=PartitionConfig).
@@ -90,7 +173,7 @@ write_configs() {
     cat >"$CONF_DIR/slurm.conf" <<EOF
 # Written by slurm/cluster.sh; rewritten at every start.
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$NODE($CTLD_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -108,11 +191,11 @@ SelectTypeParameters=CR_Core_Memory
 # Without a per-CPU default each job is given the whole node's memory and jobs run one at a time.
 DefMemPerCPU=1024
 StateSaveLocation=$STATE_DIR/ctld
-SlurmdSpoolDir=$STATE_DIR/spool
+SlurmdSpoolDir=$STATE_DIR/spool$SUFFIX
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
-SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmdPidFile=$RUN_DIR/slurmd$SUFFIX.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd$SUFFIX.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # Accounting: submitit learns that a job died (without writing its result) only from sacct.
@@ -134,8 +217,8 @@ OverTimeLimit=0
 ReturnToService=2
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2,sched_min_interval=200000
-NodeName=$NODE NodeAddr=127.0.0.1 ${topology}RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$(node_lines "$topology" "$mem_mb")
+PartitionName=debug Nodes=$(node_names | paste -sd, -) Default=YES MaxTime=INFINITE State=UP
 EOF
     # slurmdbd.conf holds the database password: it must be private (slurmdbd refuses otherwise).
     (
@@ -231,17 +314,28 @@ start_slurmctld() {
 }
 
 start_slurmd() {
-    if pid_alive "$RUN_DIR/slurmd.pid"; then return; fi
-    slurmd -f "$SLURM_CONF" -N "$NODE"
-    touch "$MARK_DIR/slurmd"
+    local i
+    if ((NODES == 1)); then
+        if pid_alive "$RUN_DIR/slurmd.pid"; then return; fi
+        slurmd -f "$SLURM_CONF" -N "$NODE"
+        touch "$MARK_DIR/slurmd"
+        return
+    fi
+    for ((i = 1; i <= NODES; i++)); do
+        pid_alive "$(slurmd_pidfile "node$i")" && continue
+        # Its own hostname (UTS) and network: the job steps it forks inherit both, as on a separate machine.
+        ip netns exec "hpcdnode$i" unshare --uts bash -c "hostname node$i && exec slurmd -f '$SLURM_CONF' -N node$i"
+        touch "$MARK_DIR/slurmd-node$i"
+    done
 }
 
 all_up() {
     local p
-    for p in "$MUNGE_PID" "$MYSQL_PID" "$RUN_DIR/slurmdbd.pid" "$RUN_DIR/slurmctld.pid" "$RUN_DIR/slurmd.pid"; do
+    for p in "$MUNGE_PID" "$MYSQL_PID" "$RUN_DIR/slurmdbd.pid" "$RUN_DIR/slurmctld.pid"; do
         pid_alive "$p" || return 1
     done
-    node_ready
+    for p in $(node_names); do pid_alive "$(slurmd_pidfile "$p")" || return 1; done
+    [[ $(grep -c '^NodeName=' "$SLURM_CONF") == "$NODES" ]] && node_ready   # as many nodes as asked for
 }
 
 cmd_start() {
@@ -260,18 +354,29 @@ cmd_start() {
         die "port 6819 is taken by a slurmdbd not started from $STATE_DIR (another state folder?); stop it first"
     fi
     mkdir -p "$LOG_DIR" "$RUN_DIR" "$MARK_DIR"
+    # Another node count than the running cluster's: stop its slurmds and nodes first (the controller is rewritten).
+    if [[ -s $SLURM_CONF ]] && [[ $(grep -c '^NodeName=' "$SLURM_CONF") != "$NODES" ]]; then
+        stop_slurmds
+        net_down
+        rm -rf "$STATE_DIR/ctld"   # its saved node table would keep the old nodes
+        stop_daemons slurmctld="$RUN_DIR/slurmctld.pid"
+    fi
+    if ((NODES > 1)); then net_up; fi
     start_munge
     start_mariadb
     write_configs   # after MariaDB: the first job id comes from the accounting database
     start_slurmdbd
     start_slurmctld
     start_slurmd
-    # A node left DOWN/DRAIN by an earlier unclean stop is put back into service.
-    if timeout 10 sinfo -h -n "$NODE" -o %T 2>/dev/null | grep -Eq '^(down|drain)'; then
-        scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
-    fi
-    wait_for "$TIMEOUT" "node $NODE to become ready" "$LOG_DIR/slurmd.log" node_ready
-    log "started in $((SECONDS - t0))s; node $NODE up; export SLURM_CONF=$SLURM_CONF"
+    # A node left DOWN/DRAIN by an earlier unclean stop (or a test) is put back into service.
+    local name
+    for name in $(node_names); do
+        if timeout 10 sinfo -h -n "$name" -o %T 2>/dev/null | grep -Eq '^(down|drain)'; then
+            scontrol update nodename="$name" state=resume >/dev/null 2>&1 || true
+        fi
+    done
+    wait_for "$TIMEOUT" "nodes $(node_names | paste -sd, -) to become ready" "$LOG_DIR/slurmctld.log" node_ready
+    log "started in $((SECONDS - t0))s; nodes $(node_names | paste -sd, -) up; export SLURM_CONF=$SLURM_CONF"
 }
 
 stop_daemons() {  # stop_daemons NAME=PIDFILE... -> SIGTERM all at once, wait up to 20 s, then SIGKILL
@@ -297,6 +402,14 @@ stop_daemons() {  # stop_daemons NAME=PIDFILE... -> SIGTERM all at once, wait up
             kill -KILL "${arg#*=}" 2>/dev/null || true
         fi
     done
+}
+
+stop_slurmds() {  # every slurmd this state folder started, whatever node count it was started with
+    local f args=()
+    for f in "$RUN_DIR"/slurmd.pid "$RUN_DIR"/slurmd-*.pid; do
+        [[ -e $f ]] && args+=("$(basename "$f" .pid)=$f")
+    done
+    if ((${#args[@]})); then stop_daemons "${args[@]}"; fi
 }
 
 job_pids() {  # pids of live (not zombie) slurmstepd processes and all their descendants
@@ -337,7 +450,9 @@ cmd_stop() {
     fi
     # Each daemon takes ~2 s to exit, so they are stopped in parallel, in three dependency stages:
     # slurmctld flushes accounting to slurmdbd, which flushes to MariaDB.
-    stop_daemons slurmd="$RUN_DIR/slurmd.pid" slurmctld="$RUN_DIR/slurmctld.pid"
+    stop_slurmds
+    stop_daemons slurmctld="$RUN_DIR/slurmctld.pid"
+    net_down
     # MariaDB and munged may belong to the system: stop them only if this script started them.
     local system=()
     if [[ -e $MARK_DIR/munged ]]; then system+=(munged="$MUNGE_PID"); fi
@@ -348,10 +463,11 @@ cmd_stop() {
 
 cmd_status() {
     local name pidfile state rc=0
-    for name in munged mariadb slurmdbd slurmctld slurmd; do
+    for name in munged mariadb slurmdbd slurmctld $(node_names | sed 's/^/slurmd@/'); do
         case $name in
             munged) pidfile=$MUNGE_PID ;;
             mariadb) pidfile=$MYSQL_PID ;;
+            slurmd@*) pidfile=$(slurmd_pidfile "${name#slurmd@}") ;;
             *) pidfile=$RUN_DIR/$name.pid ;;
         esac
         if pid_alive "$pidfile"; then state="up (pid $(<"$pidfile"))"; else state=down; rc=1; fi
@@ -389,5 +505,5 @@ case ${1:-} in
     status) cmd_status ;;
     env) cmd_env ;;
     selftest) cmd_selftest ;;
-    *) die "usage: $0 install|start|stop|status|env|selftest" ;;
+    *) die "usage: $0 install|start [--nodes N]|stop|status|env|selftest" ;;
 esac

@@ -39,6 +39,7 @@ def status(exp_dir: str | Path) -> list[dict[str, Any]]:
         raise LaunchError(f"{path}: invalid JSON ({err.msg})") from None
     on_slurm = record.get("cluster") == "slurm"
     states = slurm_states(record) if on_slurm else {}
+    reasons = pending_reasons([j for j, s in states.items() if s == "PENDING"]) if on_slurm else {}
     runner_alive = on_slurm or folder_held(exp_dir)  # a local launch's runner holds the folder while it lives
     rows = []
     for job in record["jobs"]:
@@ -53,6 +54,8 @@ def status(exp_dir: str | Path) -> list[dict[str, Any]]:
                 state = "STOPPED" if state == "RUNNING" else "NOT STARTED"
             progress = describe(read_progress(task["run_dir"])) if job["kind"] != "evaluate" else "-"
             progress = progress.split(", ETA")[0] if state == "STOPPED" else progress  # no ETA for a dead run
+            if state == "PENDING" and reasons.get(task["job_id"]):
+                state = f"PENDING ({reasons[task['job_id']]})"
             rows.append(
                 {
                     "job": job["key"],
@@ -60,12 +63,43 @@ def status(exp_dir: str | Path) -> list[dict[str, Any]]:
                     "job_id": task["job_id"],
                     "state": state,
                     "progress": progress,
+                    "hosts": ",".join(rank_hosts(task["run_dir"])) or None,
                     "run_dir": task["run_dir"],
                     "log": task["stdout"],
                     "tensorboard": task["tensorboard"],
                 }
             )
     return rows
+
+
+def pending_reasons(job_ids: list[str]) -> dict[str, str]:
+    """{job id: why SLURM keeps it pending (squeue's reason, e.g. "ReqNodeNotAvail, UnavailableNodes:node2")}."""
+    import subprocess
+
+    if not job_ids:
+        return {}
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%r"], capture_output=True, text=True, timeout=20
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+
+
+def rank_hosts(run_dir: str | Path) -> list[str]:
+    """The hosts the run's ranks ran on at its latest start (train.distributed.record_ranks), in rank order."""
+    records = []
+    for path in sorted(Path(run_dir, "ranks").glob("rank*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    if not records:
+        return []
+    world = max(records, key=lambda r: r.get("started", 0)).get("world_size", len(records))
+    current = sorted((r for r in records if r.get("rank", 0) < world), key=lambda r: r.get("rank", 0))
+    return list(dict.fromkeys(str(r.get("host")) for r in current))
 
 
 def _result_state(task: dict[str, Any]) -> str | None:
@@ -82,7 +116,7 @@ def _result_state(task: dict[str, Any]) -> str | None:
 
 def format_status(rows: list[dict[str, Any]]) -> str:
     """A plain text table of `status()` rows."""
-    cols = ["job", "task", "job_id", "state", "progress", "log", "tensorboard"]
+    cols = ["job", "task", "job_id", "state", "progress", "hosts", "log", "tensorboard"]
     table = [cols] + [[str(r[c] if r[c] is not None else "-") for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)

@@ -5,8 +5,14 @@ the engine and the run folder need outside DeepSpeed."""
 from __future__ import annotations
 
 import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from hpcdistill.common.files import atomic_write_json
 
 
 def setup_distributed() -> tuple[int, int, int]:
@@ -76,3 +82,28 @@ def device_for(local_rank: int) -> torch.device:
         return torch.device("cpu")
     accel.set_device(local_rank)
     return torch.device(accel.device_name(local_rank))
+
+
+def record_ranks(run_dir: Path, rank: int, world: int, local: int) -> list[dict[str, Any]]:
+    """Where every rank runs: each writes `<run>/ranks/rank<N>.json` (host, rank, local rank, world size, SLURM node
+    and job, pid, when) at every start, and all ranks get the list (rank 0 shows it in TensorBoard)."""
+    record = {
+        "host": socket.gethostname(),
+        "rank": rank,
+        "local_rank": local,
+        "world_size": world,
+        "slurm_node": os.environ.get("SLURMD_NODENAME"),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "pid": os.getpid(),
+        "started": time.time(),
+    }
+    (Path(run_dir) / "ranks").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(run_dir) / "ranks" / f"rank{rank}.json", record, indent=1)
+    records: list[Any] = [None] * world
+    torch.distributed.all_gather_object(records, record)
+    return records
+
+
+def ranks_markdown(records: list[dict[str, Any]]) -> str:
+    rows = [f"| {r['rank']} | {r['local_rank']} | {r['host']} | {r['world_size']} | {r['pid']} |" for r in records]
+    return "\n".join(["| rank | local rank | host | world size | pid |", "|---|---|---|---|---|", *rows])

@@ -24,7 +24,7 @@ from hpcdistill.shards.manifest import manifest_digest, shard_source
 from hpcdistill.slides.windows import DEFAULT_WINDOWING
 from hpcdistill.train.budget import SCHEDULE_KEYS, scheduled, start_schedule, stop_reason
 from hpcdistill.train.data_plan import DataPlan, plan_data
-from hpcdistill.train.distributed import device_for, setup_distributed
+from hpcdistill.train.distributed import device_for, ranks_markdown, record_ranks, setup_distributed
 from hpcdistill.train.ds_config import build_ds_config
 from hpcdistill.train.ema import WeightAverage
 from hpcdistill.train.run_folder import RunFolder, apply_resumable, check_resume_config, use_weights_only_loads
@@ -120,6 +120,15 @@ class NullWriter:
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
+
+
+def start_logging(state: State, local_rank: int) -> None:
+    """The budget line, TensorBoard (rank 0) and every rank's record of where it runs."""
+    if state.rank == 0:
+        say(state.plan.budget)
+    state.writer = build_writer(state.cfg, state.rank)
+    ranks = record_ranks(state.cfg.run_dir, state.rank, state.world, local_rank)
+    state.writer.add_text("ranks", ranks_markdown(ranks), state.global_step)
 
 
 def build_writer(cfg: Config, rank: int) -> Any:
@@ -254,9 +263,7 @@ def build_state(cfg: Config) -> State:
         resume(state, target, changes)
     else:
         start_schedule(engine)
-    if rank == 0:
-        say(plan.budget)
-    state.writer = build_writer(cfg, rank)
+    start_logging(state, local)
     folder.write_config(cfg.to_dict())  # only now: a refused resume leaves the run's config.yaml as it was
     return state
 

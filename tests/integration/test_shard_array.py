@@ -259,3 +259,26 @@ def test_slurm_experiment_with_a_shard_stage_runs_end_to_end(slurm_cluster, mixe
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["mags"] == [10.0, 2.5] and manifest["slides"]["broken"]["status"] == "skipped"
     assert (tmp_path / "runs" / "staged" / "report" / "report.md").is_file()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_slurm_array_spreads_over_two_nodes_and_equals_the_single_run(slurm_cluster, mixed_slides, tmp_path):
+    """On the 2-node cluster (CI's): four array tasks land on both nodes, and the merged shards are the single
+    process's, bytes and rows."""
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=20).stdout.split()
+    if len(set(nodes)) < 2:
+        pytest.skip(f"the local SLURM has one node ({nodes}): `slurm/cluster.sh start --nodes 2`")
+    out = tmp_path / "array"
+    argv = shard_cli(mixed_slides, out, "--cluster", "slurm", "--tasks", "4", "--wait", "--mem-gb", "1")
+    done = subprocess.run(
+        [sys.executable, "-m", "hpcdistill.cli.main", *argv], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_as_single(out, mixed_slides["single"])
+    array = json.loads((out / "launch.json").read_text())["jobs"][0]["slurm_id"]
+    used = subprocess.run(
+        ["sacct", "-n", "-X", "-j", str(array), "-o", "NodeList%20"], capture_output=True, text=True, timeout=30
+    ).stdout.split()
+    assert set(used) == {"node1", "node2"}, used

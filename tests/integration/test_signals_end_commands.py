@@ -5,6 +5,7 @@ half-written output, and a rerun completes; the local launch cancels its jobs, s
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,3 +85,29 @@ def test_sigint_ends_a_local_launch_and_status_shows_no_job_running(launch_shard
 
 def _rows(exp_dir: Path) -> list[dict]:
     return status(exp_dir) if (exp_dir / "launch.json").is_file() else []
+
+
+def test_the_shipped_demo_experiment_launched_from_an_empty_folder_runs_there(tiny_dataset, tmp_path):
+    """As configs/experiments/demo.yaml's header says: shards in ./shards/demo, then `hpcdistill launch
+    configs/experiments/demo.yaml --cluster local` from that folder (the file found in the package). Its runs land in
+    ./runs/demo-experiment, and `hpcdistill status runs/demo-experiment` there shows them."""
+    shutil.copytree(tiny_dataset["shards"], tmp_path / "shards" / "demo")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpcdistill", "launch", "configs/experiments/demo.yaml", "--cluster", "local"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    exp_dir = tmp_path / "runs" / "demo-experiment"
+    wait_for(proc, lambda: (exp_dir / "teacher" / "progress.json").is_file(), "the teacher's first progress")
+    shown = subprocess.run(
+        [sys.executable, "-m", "hpcdistill", "status", "runs/demo-experiment"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+    )
+    ended_in_one_line(proc, signal.SIGINT)
+    assert shown.returncode == 0 and "teacher" in shown.stdout and "RUNNING" in shown.stdout, shown.stdout
+    assert json.loads((exp_dir / "launch.json").read_text())["exp_dir"] == str(exp_dir)
