@@ -16,7 +16,7 @@ from hpcdistill.cli.predict_command import add_predict
 from hpcdistill.cli.run_commands import add_demo, add_evaluate, add_flops, add_launch, add_report, add_status, add_train
 from hpcdistill.cli.shard_commands import add_shard, add_synth
 from hpcdistill.common.errors import HpcdistillError, one_line
-from hpcdistill.common.signals import Interrupted, interruptible
+from hpcdistill.common.signals import Interrupted, check_interrupted, interruptible
 
 PROG = "hpcdistill"
 
@@ -91,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with interruptible():
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            check_interrupted()  # a signal only recorded (it landed in a library callback) still ends in its line
+            return code
     except HpcdistillError as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -30,8 +30,19 @@ class Interrupted(BaseException):  # noqa: N818 -- a BaseException, like Keyboar
 
 def _raise(signum: int, frame: Any) -> None:
     _received.append(signum)
-    if not _deferred[0]:
+    if not _deferred[0] and not _in_library_callback(frame):
         raise Interrupted(signum)
+
+
+def _in_library_callback(frame: Any) -> bool:
+    """Whether the signal landed inside a C library's callback into Python (pyvips' log handler, via cffi): an
+    exception raised there is printed with a traceback and dropped, so it is only recorded, and the loop's next
+    `check_interrupted` raises it."""
+    while frame is not None:
+        if frame.f_code.co_name == "_log_handler_callback" or "cffi" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager

@@ -186,7 +186,8 @@ def build_manifest(
         entry["tissues"] += len(rec["sample_tissues"])
         entry["slides"] += 1
         entry["patients"].add(rec["patient"])
-        for label in rec.get("sample_labels") or [rec["label"]] * rec["samples"]:  # region labels per sample
+        labels = rec.get("sample_labels") or []  # per sample with region labels; else the slide's, for each
+        for label in labels if any(labels) else [rec["label"]] * rec["samples"]:
             if label:
                 entry["class_histogram"][label] += 1
         for m, values in rec["pixel_sums"].items():

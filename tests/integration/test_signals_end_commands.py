@@ -37,7 +37,7 @@ def wait_for(proc: subprocess.Popen, done, what: str, timeout: float = 180) -> N
         time.sleep(0.05)
 
 
-def ended_in_one_line(proc: subprocess.Popen, signum: int, within: float = 20) -> str:
+def ended_in_one_line(proc: subprocess.Popen, signum: int, within: float = 60) -> str:
     sent = time.monotonic()
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
