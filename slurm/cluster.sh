@@ -323,8 +323,11 @@ start_slurmd() {
     fi
     for ((i = 1; i <= NODES; i++)); do
         pid_alive "$(slurmd_pidfile "node$i")" && continue
+        mkdir -p "$STATE_DIR/spool-node$i"
         # Its own hostname (UTS) and network: the job steps it forks inherit both, as on a separate machine.
-        ip netns exec "hpcdnode$i" unshare --uts bash -c "hostname node$i && exec slurmd -f '$SLURM_CONF' -N node$i"
+        # nsenter, not `ip netns exec`: that remounts /sys for the namespace, hiding /sys/fs/cgroup from slurmd.
+        nsenter --net="/var/run/netns/hpcdnode$i" unshare --uts \
+            bash -c "hostname node$i && exec slurmd -f '$SLURM_CONF' -N node$i"
         touch "$MARK_DIR/slurmd-node$i"
     done
 }

@@ -164,6 +164,14 @@ def _size_stats(sizes: dict[str, list[list[int]]]) -> dict[str, dict[str, list[f
     }
 
 
+def _count_labels(histogram: dict[str, int], rec: dict[str, Any]) -> None:
+    """Per sample with region labels (shard --roi-labels); else the slide's label, once per sample."""
+    labels = rec.get("sample_labels") or []
+    for label in labels if any(labels) else [rec["label"]] * rec["samples"]:
+        if label:
+            histogram[label] += 1
+
+
 def build_manifest(
     params: Any,
     fingerprint: dict,
@@ -186,10 +194,7 @@ def build_manifest(
         entry["tissues"] += len(rec["sample_tissues"])
         entry["slides"] += 1
         entry["patients"].add(rec["patient"])
-        labels = rec.get("sample_labels") or []  # per sample with region labels; else the slide's, for each
-        for label in labels if any(labels) else [rec["label"]] * rec["samples"]:
-            if label:
-                entry["class_histogram"][label] += 1
+        _count_labels(entry["class_histogram"], rec)
         for m, values in rec["pixel_sums"].items():
             sums[m] += np.asarray(values)
         for sample_sizes in rec["sizes"]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import sacct_wait_final
 from launch_helpers import CPU, TINY, logged_steps, tiny_experiment
+from train_helpers import scalars
 
 from hpcdistill.cluster.status import status
 from hpcdistill.experiment.launch import launch
@@ -68,8 +69,9 @@ def test_two_nodes_by_one_task_equal_one_node_by_two_tasks(across_and_within):
     hosts = {json.loads(p.read_text())["host"] for p in (within / "ranks").glob("rank*.json")}
     assert len(hosts) == 1  # the comparison run really is on one node
     assert logged_steps(across / "tb") == logged_steps(within / "tb")
-    a = torch.load(across / "best.pt", map_location="cpu", weights_only=True)["model"]
-    b = torch.load(within / "best.pt", map_location="cpu", weights_only=True)["model"]
+    assert scalars(across / "tb", "loss/total") == scalars(within / "tb", "loss/total")  # the same loss curve
+    a = torch.load(across / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(within / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     for key in a:  # gloo sums the same two gradients in the same order on both layouts: bit for bit
         assert torch.equal(a[key], b[key]), key
@@ -87,24 +89,31 @@ def test_a_node_down_at_submission_leaves_the_job_pending_with_its_reason(two_no
         while time.monotonic() < deadline and not state.startswith("PENDING ("):
             state = status(tmp_path / "runs" / "down")[0]["state"]
             time.sleep(1)
-        assert state.startswith("PENDING (") and "node2" in state or "ReqNodeNotAvail" in state, state
+        assert state.startswith("PENDING (") and ("DOWN" in state or "ReqNodeNotAvail" in state), state
     finally:
         subprocess.run(["scancel", "--name", "down-teacher"], check=False)
         subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], check=False)
 
 
-@pytest.mark.timeout(300)
-def test_a_killed_rank_on_node2_ends_the_job_naming_it_and_the_relaunch_resumes(two_nodes, launch_shards, tmp_path):
-    long = ["train.epochs=200", "train.checkpoint_every_steps=2"]
-    teacher = {"config": "configs/demo/teacher.yaml", "overrides": [*TINY, *long]}
-    resources = {"default": dict(CPU, nodes=2, tasks_per_node=1, max_requeue=0)}
-    path = tiny_experiment(tmp_path, launch_shards, "kill", {}, teacher=teacher, resources=resources)
+def two_node_teacher_at_a_checkpoint(tmp: Path, shards: Path, name: str, overrides: list[str], requeues: int):
+    """A 2-node x 1-task teacher launched on SLURM (not waited for), once it has written a complete checkpoint:
+    (experiment file, launch record, job id, run folder)."""
+    teacher = {"config": "configs/demo/teacher.yaml", "overrides": [*TINY, *overrides]}
+    resources = {"default": dict(CPU, nodes=2, tasks_per_node=1, max_requeue=requeues)}
+    path = tiny_experiment(tmp, shards, name, {}, teacher=teacher, resources=resources)
     record = launch(path, cluster="slurm", wait=False)
-    job_id, run_dir = record["jobs"][0]["slurm_id"], tmp_path / "runs" / "kill" / "teacher"
+    job_id, run_dir = record["jobs"][0]["slurm_id"], tmp / "runs" / name / "teacher"
     deadline = time.monotonic() + 200
     while not list((run_dir / "checkpoints").glob("step*/COMPLETE")):
         assert time.monotonic() < deadline, "no checkpoint"
-        time.sleep(1)
+        time.sleep(0.2)
+    return path, record, job_id, run_dir
+
+
+@pytest.mark.timeout(400)
+def test_a_killed_rank_on_node2_ends_the_job_naming_it_and_the_relaunch_resumes(two_nodes, launch_shards, tmp_path):
+    long = ["train.epochs=200", "train.checkpoint_every_steps=2"]
+    path, record, job_id, run_dir = two_node_teacher_at_a_checkpoint(tmp_path, launch_shards, "kill", long, 0)
     rank1 = json.loads((run_dir / "ranks" / "rank1.json").read_text())
     assert rank1["host"] == "node2"
     os.kill(rank1["pid"], signal.SIGKILL)  # one PID space on this machine: the process is node2's
@@ -113,6 +122,13 @@ def test_a_killed_rank_on_node2_ends_the_job_naming_it_and_the_relaunch_resumes(
     log = Path(record["jobs"][0]["tasks"][0]["stderr"]).read_text()
     assert "node2: task 1: Killed" in log, log[-2000:]  # srun's one line: the node and the rank
     assert not (run_dir / "last.pt").exists()
+    again = launch(path, cluster="slurm", wait=False)  # the same file again: it resumes
+    task = again["jobs"][0]["tasks"][0]
+    deadline = time.monotonic() + 120
+    while "resuming from" not in (Path(task["stdout"]).read_text() if Path(task["stdout"]).is_file() else ""):
+        assert time.monotonic() < deadline, "the relaunch did not resume"
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(again["jobs"][0]["slurm_id"])], check=False)
 
 
 @pytest.mark.timeout(400)
@@ -131,3 +147,20 @@ def test_a_predict_array_over_two_nodes_equals_the_single_process(two_nodes, tin
         ["sacct", "-n", "-X", "-j", str(job), "-o", "NodeList%20"], capture_output=True, text=True, timeout=30
     ).stdout.split()
     assert set(used) == {"node1", "node2"}, used
+
+
+@pytest.mark.timeout(600)
+def test_a_requeued_two_node_job_resumes_and_ends_equal_to_an_uninterrupted_run(two_nodes, launch_shards, tmp_path):
+    longer = ("train.epochs=20", "train.checkpoint_every_steps=2")
+    _, whole = teacher_run(tmp_path, launch_shards, "whole", 2, 1, *longer)
+    overrides = ["data.epoch_samples=8", *longer]
+    _, record, job_id, run_dir = two_node_teacher_at_a_checkpoint(tmp_path, launch_shards, "requeued", overrides, 2)
+    subprocess.run(["scontrol", "requeue", str(job_id)], check=True, capture_output=True, timeout=30)
+    states = [state for state, _ in sacct_wait_final(job_id, 300)]
+    assert states[-1] == "COMPLETED" and len(states) >= 2, states  # it really ran twice
+    log = Path(record["jobs"][0]["tasks"][0]["stdout"]).read_text()
+    assert "resuming from" in log, log[-2000:]
+    for name in ("best.pt", "last.pt"):
+        a = torch.load(whole / name, map_location="cpu", weights_only=True)["state_dict"]
+        b = torch.load(run_dir / name, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
