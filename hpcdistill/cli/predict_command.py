@@ -87,7 +87,12 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
         help="plan and print only: each slide's tissues, windows and the pyramid level read (with --cluster: the "
         "array and its sbatch scripts); nothing is classified or written",
     )
-    add_output_flags(p, "threads decoding slides and running the network (and CPUs per array task)")
+    add_output_flags(
+        p,
+        "threads decoding slides and running the network, and CPUs per array task (0: the libraries' defaults, "
+        "every core here; 1 CPU per array task)",
+        default_workers=0,
+    )
     add_cluster_flags(p, "classifying")
     add_tissue_flags(p)
     add_roi_flags(p, labels=False)
@@ -133,10 +138,12 @@ def _print_preview(args: argparse.Namespace, slides: list[Path]) -> int:
 
 
 def use_threads(workers: int) -> None:
-    """`--workers` threads for torch's CPU kernels and libvips' decoding (set before pyvips is first used)."""
+    """`--workers` threads for torch's CPU kernels and libvips' decoding (set before pyvips is first used); 0 leaves
+    both libraries' defaults."""
     import os
 
     import torch
 
-    torch.set_num_threads(workers)
-    os.environ["VIPS_CONCURRENCY"] = str(workers)
+    if workers > 0:
+        torch.set_num_threads(workers)
+        os.environ["VIPS_CONCURRENCY"] = str(workers)
