@@ -36,7 +36,7 @@ from hpcdistill.predict.qupath import write_geojson
 from hpcdistill.shards.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.outlines import tissue_outlines
-from hpcdistill.slides.regions import Regions, RoiOptions, read_regions
+from hpcdistill.slides.regions import RoiOptions
 from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.tissue import TissueParams, class_colour, write_qc_png
 from hpcdistill.slides.windows import TissueWindows, find_windows, fitting_windows, window_sizes
@@ -225,19 +225,9 @@ def prediction_windows(
     slide: Any, slide_path: str | Path, exported: ExportedModel, options: PredictOptions
 ) -> tuple[TissueWindows, str]:
     """The tissue windows prediction reads (the user's regions applied, tissues too small for the model out)."""
-    regions = prediction_regions(slide_path, options)
+    regions = options.rois.regions_for(slide_path, slide_name(Path(slide_path)))
     found = find_windows(slide, options.tissue, exported.windowing, regions, options.rois.mode)
     return drop_small_tissues(found, exported, slide.info)
-
-
-def prediction_regions(slide_path: str | Path, options: PredictOptions) -> Regions | None:
-    """The slide's regions (--rois), None without them; a slide with no region file under --roi-missing skip is
-    that slide's skipped row."""
-    rois = options.rois
-    path = rois.file_for(slide_name(Path(slide_path)), Path(slide_path).name)
-    if rois.path is not None and path is None and rois.missing == "skip":
-        raise HpcdistillError(f"{slide_path}: no region file in {rois.path} (--roi-missing skip)")
-    return read_regions(path) if path is not None else None
 
 
 def drop_small_tissues(found: TissueWindows, exported: ExportedModel, info: Any) -> tuple[TissueWindows, str]:

@@ -21,7 +21,7 @@ from hpcdistill.shards.sample_format import image_member, label_members, sample_
 from hpcdistill.slides import tissue
 from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.outlines import feature, tissue_outlines
-from hpcdistill.slides.regions import LabelConflict, Regions, label_tissues, read_regions
+from hpcdistill.slides.regions import LabelConflict, label_tissues
 from hpcdistill.slides.tissue import class_colour
 from hpcdistill.slides.windows import Box, TissueWindows, find_windows, fitting_windows, window_sizes
 
@@ -149,9 +149,7 @@ def survey_slide(
             f"{job.path}: magnification {mag_name(max(too_high))} is above the slide's base magnification "
             f"{mag_name(info.base_mag)} ({info.mag_source})"
         )
-    regions, reason = slide_regions(job, params)
-    if reason:
-        return None, reason
+    regions = params.rois.regions_for(job.path, job.slide)  # raises for a slide skipped for lack of regions
     found = find_windows(slide, params.tissue, params.windowing, regions, params.rois.mode)
     if params.rois.labels and regions is not None:
         found = label_tissues(found, regions, list(params.classes or ()))
@@ -176,20 +174,6 @@ def survey_slide(
             f"{mag_name(min(params.mags))} (the smallest input of the network)"
         )
     return found, f"{job.path}: no tissue found on the thumbnail"
-
-
-def slide_regions(job: SlideJob, params: ShardParams) -> tuple[Regions | None, str | None]:
-    """The slide's regions (None without --rois, or when it has none and --roi-missing tissue), or why it is
-    skipped (no region file and --roi-missing skip)."""
-    rois = params.rois
-    path = rois.file_for(job.slide, Path(job.path).name)
-    if rois.path is None or path is None:
-        missing = rois.path is not None and rois.missing == "skip"
-        return (
-            None,
-            f"{job.path}: no region file for {job.slide} in {rois.path} (--roi-missing skip)" if missing else None,
-        )
-    return read_regions(path), None
 
 
 def region_note(job: SlideJob, params: ShardParams) -> str | None:

@@ -57,6 +57,16 @@ class RoiOptions:
             return next((root / n for n in names if (root / n).is_file()), None)
         return root if root.name in names else None
 
+    def regions_for(self, slide_path: str | Path, slide_id: str) -> Regions | None:
+        """The slide's regions; None without --rois, or without its file under --roi-missing tissue. Without its file
+        under --roi-missing skip: refused in one line (that slide's skip reason in `shard` and `predict`)."""
+        path = self.file_for(slide_id, Path(slide_path).name)
+        if path is not None:
+            return read_regions(path)
+        if self.path is not None and self.missing == "skip":
+            raise RegionError(f"{slide_path}: no region file for {slide_id} in {self.path} (--roi-missing skip)")
+        return None
+
 
 @dataclass(frozen=True)
 class Regions:
@@ -65,10 +75,6 @@ class Regions:
     source: str
     shapes: list[Polygon | MultiPolygon]
     classes: list[str | None]
-
-    @property
-    def union(self) -> Polygon | MultiPolygon:
-        return shapely.union_all(self.shapes)
 
     def mask(self, shape: tuple[int, int], scale: float, name: str | None = None) -> np.ndarray:
         """Which thumbnail pixels (centres, `scale` level-0 px each) lie in the regions (of class `name`)."""

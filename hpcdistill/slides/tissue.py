@@ -135,32 +135,36 @@ def ink_mask(thumb: np.ndarray) -> np.ndarray:
 def tissue_threshold(thumb: np.ndarray, params: TissueParams) -> float | None:
     """The Otsu threshold of the thumbnail's tissue channel (ink left out, which would pull it); None for a flat,
     blank slide, where Otsu would split noise."""
-    values = tissue_channel(thumb, params.channel)
-    candidates = values if not params.drop_ink else values[~ink_mask(thumb)]
+    return _threshold(tissue_channel(thumb, params.channel), ink_mask(thumb) if params.drop_ink else None, params)
+
+
+def _threshold(values: np.ndarray, ink: np.ndarray | None, params: TissueParams) -> float | None:
+    candidates = values if ink is None else values[~ink]
     if candidates.size == 0 or int(candidates.max()) - int(candidates.min()) < params.min_contrast:
         return None
     return otsu_threshold(candidates)
-
-
-def _raw_mask(thumb: np.ndarray, params: TissueParams, threshold: float) -> np.ndarray:
-    mask = tissue_channel(thumb, params.channel) > threshold
-    return mask & ~ink_mask(thumb) if params.drop_ink else mask
 
 
 def fine_tissue_mask(fine: np.ndarray, coarse: np.ndarray, params: TissueParams) -> np.ndarray:
     """A finer thumbnail's tissue pixels at the coarse thumbnail's threshold (what the tissue finder used), for
     outlines traced finer than tissue is found (slides.outlines)."""
     threshold = tissue_threshold(coarse, params)
-    return np.zeros(fine.shape[:2], bool) if threshold is None else _raw_mask(fine, params, threshold)
+    if threshold is None:
+        return np.zeros(fine.shape[:2], bool)
+    mask = tissue_channel(fine, params.channel) > threshold
+    return mask & ~ink_mask(fine) if params.drop_ink else mask
 
 
 def tissue_mask(thumb: np.ndarray, params: TissueParams) -> np.ndarray:
     """Boolean tissue mask of the thumbnail, after close/open and small-object removal."""
     values = tissue_channel(thumb, params.channel)
-    threshold = tissue_threshold(thumb, params)
+    ink = ink_mask(thumb) if params.drop_ink else None
+    threshold = _threshold(values, ink, params)
     if threshold is None:
         return np.zeros(values.shape, dtype=bool)
-    mask = _raw_mask(thumb, params, threshold)
+    mask = values > threshold
+    if ink is not None:
+        mask &= ~ink
     # Pad before morphology so tissue touching the border is not eroded by the border.
     pad = max(params.close_radius, params.open_radius)
     image = pyvips.Image.new_from_array(np.pad(mask, pad, mode="edge").view(np.uint8) * np.uint8(255))
