@@ -42,6 +42,13 @@ def holder_line(folder: Path) -> str:
         return "a process that has not recorded itself yet"
 
 
+def busy(folder: Path) -> FolderBusy:
+    return FolderBusy(
+        f"{folder}: another hpcdistill is writing here: {holder_line(folder)}; wait for it to end or write "
+        "elsewhere (a killed run holds nothing: rerun then)"
+    )
+
+
 @contextmanager
 def one_writer(folder: str | Path) -> Iterator[None]:
     """Hold `folder` (created if missing) for the block; refuse in one line if another process holds it."""
@@ -53,10 +60,7 @@ def one_writer(folder: str | Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise FolderBusy(
-            f"{folder}: another hpcdistill is writing here: {holder_line(folder)}; wait for it to end or write "
-            "elsewhere (a killed run holds nothing: rerun then)"
-        ) from None
+        raise busy(folder) from None
     except OSError as err:
         if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
             raise
@@ -102,6 +106,8 @@ def check_overwrite(folder: str | Path, finished: Iterable[str], overwrite: bool
         return []
     done = [folder / name for name in finished if (folder / name).exists()]
     foreign = not (folder / LOCK).exists() and any(folder.iterdir())
+    if overwrite and done and folder_held(folder):
+        raise busy(folder)  # before anything is removed: the holder's refusal would come after the loss
     if overwrite or not (done or foreign):
         return done
     what = f"a finished result ({', '.join(p.name for p in done)})" if done else "files no hpcdistill command wrote"

@@ -57,7 +57,7 @@ def test_the_old_demo_slurm_flag_still_parses_but_is_not_advertised():
 def test_a_folder_with_a_finished_result_is_refused_without_overwrite(tmp_path):
     """The rule itself (common.folder_lock.check_overwrite), as each command applies it before writing."""
     from hpcdistill.common.errors import HpcdistillError
-    from hpcdistill.common.folder_lock import LOCK, check_overwrite
+    from hpcdistill.common.folder_lock import LOCK, check_overwrite, one_writer
 
     out = tmp_path / "out"
     out.mkdir()
@@ -70,3 +70,6 @@ def test_a_folder_with_a_finished_result_is_refused_without_overwrite(tmp_path):
     with pytest.raises(HpcdistillError, match=r"holds a finished result \(result.json\); pass --overwrite"):
         check_overwrite(out, ["result.json"], overwrite=False)
     assert check_overwrite(out, ["result.json"], overwrite=True) == [out / "result.json"]
+    with one_writer(out), pytest.raises(HpcdistillError, match="another hpcdistill is writing here"):
+        check_overwrite(out, ["result.json"], overwrite=True)  # refused before anything is removed
+    assert (out / "result.json").is_file()
