@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from typing import Callable, Sequence
 
 from hpcdistill import __version__
+from hpcdistill.cli.flag_ranges import bound_flags
 from hpcdistill.cli.predict_command import add_predict
 from hpcdistill.cli.run_commands import add_demo, add_evaluate, add_flops, add_launch, add_report, add_status, add_train
 from hpcdistill.cli.shard_commands import add_shard, add_synth
+from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.limits import available_cores
 from hpcdistill.common.signals import Interrupted, check_interrupted, interruptible
 
 PROG = "hpcdistill"
@@ -46,19 +50,37 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class SubcommandParser(argparse.ArgumentParser):
+class OneLineErrors(argparse.ArgumentParser):
+    """A usage error is one line naming the flag and the reason, exit 2, like every other error (`--help` shows the
+    usage)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+class SubcommandParser(OneLineErrors):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Resolution-based distillation for histology.")
+    parser = OneLineErrors(prog=PROG, description="Resolution-based distillation for histology.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser)
     for add in SUBCOMMANDS:
         add(subparsers)
+    bound_flags(parser)
     return parser
+
+
+def cap_workers(args: argparse.Namespace) -> None:
+    """--workers past the cores this process may use (its SLURM allocation or cgroup) only slows it down: capped,
+    with a line. An array's --workers sizes each task on its node, so it is left as given."""
+    cores = available_cores()
+    if getattr(args, "workers", 0) > cores and not getattr(args, "cluster", None):
+        say(f"--workers {args.workers}: this process may use {cores} core(s); using {cores}")
+        args.workers = cores
 
 
 def reference_markdown() -> str:
@@ -89,6 +111,7 @@ def reference_markdown() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cap_workers(args)
     try:
         with interruptible():
             code = int(args.func(args) or 0)

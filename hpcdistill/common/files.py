@@ -71,15 +71,17 @@ def read_json(
     label: str | None = None,
     missing: str = "not found",
 ) -> Any:
-    """The parsed file, or `error` with one line: `label` (default: the path), then the reason."""
+    """The parsed file, or `error` with one line: `label` (default: the path), then the reason. Only a regular file
+    is read, at most the `json_bytes` limit of it, nested at most `json_depth` deep (common/limits.py)."""
+    from hpcdistill.common.limits import json_depth_ok, read_bounded
+
     label = str(path) if label is None else label
+    if not os.path.lexists(path):
+        raise error(f"{label}: {missing}")
+    data = read_bounded(path, "json_bytes", error, label)
+    json_depth_ok(data, label, error)
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise error(f"{label}: {missing}") from None
-    except OSError as err:
-        raise error(f"{label}: unreadable ({err.strerror or one_line(err)})") from None
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise error(f"{label}: not UTF-8 text ({one_line(err, 120)})") from None
     except json.JSONDecodeError as err:

@@ -14,19 +14,22 @@ from typing import Any, Iterator, Literal
 import yaml
 
 from hpcdistill.common.errors import ConfigError, one_line
+from hpcdistill.common.limits import read_bounded
 
 
 def read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: circular base: chain")
+    text = read_bounded(path, "config_bytes", ConfigError)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+        data = yaml.safe_load(text.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({one_line(err)})") from None
-    data = {} if data is None else data
+    if data is None or data == {}:  # a run on every default was never what the file's author meant
+        raise ConfigError(f"{path}: holds no settings; write the keys you mean (or `base: <file>` to start from one)")
     check_size(data, path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
@@ -139,14 +142,14 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true/false, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _in_range(value, key)
         raise ConfigError(f"{key}: expected int, got {short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _in_range(float(value), key)
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                return _in_range(float(value), key)
             except ValueError:
                 pass
         raise ConfigError(f"{key}: expected float, got {short(value)}")
@@ -157,6 +160,16 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return str(value)  # e.g. run.name=42
         raise ConfigError(f"{key}: expected a string, got {short(value)}")
     raise ConfigError(f"{key}: unsupported config type {tp!r}")  # pragma: no cover - a bug in this file
+
+
+MAX_MAGNITUDE = 1e12  # no count, size or rate of a config is larger: past it a value is a typo or an overflow
+
+
+def _in_range(value: Any, key: str) -> Any:
+    """A finite number within +-MAX_MAGNITUDE (each key's own range is checked where it is used)."""
+    if value != value or abs(value) > MAX_MAGNITUDE:  # NaN, inf, 1e308
+        raise ConfigError(f"{key}: {short(value)} is not a usable number (finite, at most {MAX_MAGNITUDE:g} in size)")
+    return value
 
 
 def walk_dotted(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

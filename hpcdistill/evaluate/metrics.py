@@ -20,6 +20,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.limits import limit, raise_hint
+from hpcdistill.common.signals import check_interrupted
 
 METRICS = ("accuracy", "f1", "precision", "recall")
 CHUNK_ELEMS = 4_000_000  # resampling indices held in memory at once by bootstrap_ci (~32 MB of int64)
@@ -100,6 +102,7 @@ def bootstrap_indices(n: int, iterations: int, seed: int, chunk_elems: int | Non
     rng = np.random.default_rng(seed)
     rows = max(1, (chunk_elems or CHUNK_ELEMS) // max(n, 1))
     for start in range(0, iterations, rows):
+        check_interrupted()  # a block is a fraction of a second: SIGTERM ends a long bootstrap at once
         yield rng.integers(0, n, size=(min(rows, iterations - start), n))
 
 
@@ -131,6 +134,15 @@ def _resampled_confusions(
         yield (counts @ unit_conf).reshape(rows, num_classes, num_classes)
 
 
+def check_iterations(iterations: int) -> None:
+    """A positive count within the `bootstrap_iterations` limit: each resample keeps one number per metric, so the
+    memory is bounded by the limit (about 40 MB at a million), and the time with it."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise HpcdistillError(f"iterations: must be a positive integer, got {iterations!r}")
+    if iterations > limit("bootstrap_iterations"):
+        raise HpcdistillError(f"iterations: {iterations:,} resamples ({raise_hint('bootstrap_iterations')})")
+
+
 def bootstrap_ci(
     y_true: Sequence[int] | np.ndarray,
     y_pred: Sequence[int] | np.ndarray,
@@ -155,9 +167,8 @@ def bootstrap_ci(
     """
     t, p = _labels(y_true, y_pred, num_classes)
     if not 0 < level < 1:
-        raise HpcdistillError(f"level: must be in (0, 1), got {level!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise HpcdistillError(f"iterations: must be a positive integer, got {iterations!r}")
+        raise HpcdistillError(f"confidence: must be in (0, 1), got {level!r}")
+    check_iterations(iterations)
     stats = {name: [] for name in METRICS}
     for conf in _resampled_confusions(t, p, num_classes, iterations, seed, groups):
         m = metrics_from_confusions(conf)
@@ -186,6 +197,7 @@ def paired_differences(
     spread is that of the difference itself, without the shared difficulty of the samples."""
     t, a = _labels(y_true, pred_a, num_classes)
     _, b = _labels(y_true, pred_b, num_classes)
+    check_iterations(iterations)
     diffs: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
     for conf_a, conf_b in zip(
         _resampled_confusions(t, a, num_classes, iterations, seed, groups),

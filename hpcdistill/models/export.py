@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.limits import regular_file
 from hpcdistill.common.mags import mag_name
 from hpcdistill.models.resnet import build_model
 from hpcdistill.slides.windows import DEFAULT_WINDOWING, Windowing
@@ -83,9 +84,7 @@ def load_exported(
     path: str | Path, *, expect_arch: str | None = None, expect_classes: int | None = None
 ) -> ExportedModel:
     """Load an exported weights file (best.pt / last.pt); errors name the file and what does not match."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such checkpoint file")
+    path = regular_file(path, ExportError)  # a FIFO or device would block or never end
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 -- torch raises many types for corrupt or pickled files

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from hpcdistill.common.console import say
 from hpcdistill.common.errors import ShardingError
+from hpcdistill.common.limits import read_bounded, regular_file
 from hpcdistill.shards.sample_format import sample_key
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu")
@@ -32,6 +34,8 @@ def collect_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
         elif path.is_file():
             found.add(path)
+        elif path.exists() and not glob.has_magic(text):
+            regular_file(path, ShardingError)  # a device, FIFO or socket: said as what it is
         elif glob.has_magic(text):
             matches = [Path(p) for p in glob.glob(text, recursive=True)]
             files = [p for p in matches if p.is_file()]
@@ -124,10 +128,11 @@ def read_labels_csv(
 
 def _labels_reader(csv_path: Path) -> csv.DictReader:
     """The CSV's rows with stripped column names; one line for an unreadable file or a missing column."""
+    data = read_bounded(csv_path, "csv_bytes", ShardingError)
     try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ShardingError(f"{csv_path}: cannot read labels CSV ({exc.__class__.__name__}: {exc})") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ShardingError(f"{csv_path}: cannot read labels CSV (not UTF-8 text: {exc.reason})") from None
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     if "slide" not in columns:
@@ -137,6 +142,11 @@ def _labels_reader(csv_path: Path) -> csv.DictReader:
             f"{csv_path}:1: no 'label' column (columns: {', '.join(columns)}); add one (an empty "
             "label marks an unlabeled slide), or shard without --labels to treat every slide as "
             "unlabeled (split aux)"
+        )
+    if "patient" not in columns:  # patient-level splits and scores then hold one slide per patient
+        say(
+            f"{csv_path}: no 'patient' column: each slide is its own patient (a patient's slides may land in "
+            "different splits, and patient-level scores count slides); add the column if patients have several"
         )
     reader.fieldnames = columns
     return reader

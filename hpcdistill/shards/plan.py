@@ -12,10 +12,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hpcdistill.common.errors import ShardingError
+from hpcdistill.common.limits import read_bounded
 from hpcdistill.common.mags import mag_name
 from hpcdistill.shards.catalog import LabelRow, assign_splits, read_labels_csv, slide_name
 from hpcdistill.slides import tissue
-from hpcdistill.slides.regions import RoiOptions
+from hpcdistill.slides.regions import RegionError, RoiOptions
 from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.windows import DEFAULT_MAGS, DEFAULT_MAX_SIZE, Windowing
 
@@ -195,12 +196,15 @@ def params_fingerprint(params: ShardParams, slide_paths: list[Path], labels_csv:
     else:  # an edited region file changes the shards: a rerun into the folder must notice
         files = {p.name: params.rois.file_for(slide_name(p), p.name) for p in slide_paths}
         fingerprint["roi_files"] = {
-            name: hashlib.sha256(f.read_bytes()).hexdigest() for name, f in files.items() if f is not None
+            name: hashlib.sha256(read_bounded(f, "region_bytes", RegionError)).hexdigest()
+            for name, f in files.items()
+            if f is not None
         }
     fingerprint["slides"] = [p.name for p in slide_paths]
     if labels_csv is not None:
         fingerprint["labels_csv"] = Path(labels_csv).name
-        fingerprint["labels_sha256"] = hashlib.sha256(Path(labels_csv).read_bytes()).hexdigest()
+        data = read_bounded(labels_csv, "csv_bytes", ShardingError)
+        fingerprint["labels_sha256"] = hashlib.sha256(data).hexdigest()
     else:
         fingerprint["labels_csv"] = None
     return fingerprint

@@ -1,7 +1,14 @@
 """Regions a pathologist drew, as QuPath exports them: GeoJSON in level-0 pixel coordinates (a FeatureCollection, a
-Feature, or a JSON list of Features), Polygon or MultiPolygon with holes, each optionally classified. Read and
-validated with shapely; applied to the tissue mask on the thumbnail (`RoiOptions.mode`: keep tissue inside the
-regions, remove it, or ignore them), and, with region labels, giving each tissue its class.
+Feature, or a JSON list of Features), Polygon or MultiPolygon with holes, each optionally classified. Applied to the
+tissue mask on the thumbnail (`RoiOptions.mode`: keep tissue inside the regions, remove it, or ignore them), and,
+with region labels, giving each tissue its class.
+
+A region file is untrusted input, so every cost is bounded before it is paid (common/limits.py): the bytes read, the
+JSON nesting, the vertices (counted in the raw text before parsing), and the work of the mask. The mask is drawn by a
+scanline fill at the thumbnail's resolution, not by GEOS: an even-odd fill of each polygon's rings (a hole is a hole;
+a self-crossing ring is read as GEOS' `make_valid` reads it, by parity) and the union over polygons, in time linear in
+the vertices, the rows each edge crosses and the pixels, whatever the shape (a GEOS validity check of a spiky
+polygon is quadratic: 170 s at one million vertices).
 
 Which file belongs to which slide: `--rois` names a folder holding `<slide id>.geojson` (or `.json`, or QuPath's
 `<image file name>.geojson`), or one such file."""
@@ -15,15 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shapely
-from shapely.geometry import MultiPolygon, Polygon
 
 from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.limits import json_depth_ok, limit, raise_hint, read_bounded
 from hpcdistill.common.typed_tree import short
 
 ROI_MODES = ("inside", "outside", "ignore")
 ROI_MISSING = ("skip", "tissue")
-MAX_ROI_BYTES = 64 * 2**20  # a region file larger than this is not a hand-drawn annotation
 
 
 class RegionError(HpcdistillError):
@@ -70,48 +75,116 @@ class RoiOptions:
 
 @dataclass(frozen=True)
 class Regions:
-    """A slide's regions: every region, and each classified one with its class name."""
+    """A slide's regions: each polygon (its rings, exterior first, as (n, 2) level-0 x, y arrays) with the class of
+    the feature it came from (None: unclassified)."""
 
     source: str
-    shapes: list[Polygon | MultiPolygon]
+    polygons: list[list[np.ndarray]]
     classes: list[str | None]
 
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of every vertex, level-0 px."""
+        points = np.concatenate([rings[0] for rings in self.polygons])
+        (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
+        return float(x0), float(y0), float(x1), float(y1)
+
     def mask(self, shape: tuple[int, int], scale: float, name: str | None = None) -> np.ndarray:
-        """Which thumbnail pixels (centres, `scale` level-0 px each) lie in the regions (of class `name`)."""
-        chosen = [s for s, c in zip(self.shapes, self.classes) if name is None or c == name]
-        area = shapely.union_all(chosen) if chosen else Polygon()
-        rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
-        return shapely.contains_xy(area, (cols + 0.5) * scale, (rows + 0.5) * scale)
+        """Which thumbnail pixels (centres, `scale` level-0 px each) lie in the regions (of class `name`); refused in
+        one line when drawing them would pass the `region_raster_work` limit."""
+        from hpcdistill.slides.scanline import TooIntricate, fill
+
+        chosen = [p for p, c in zip(self.polygons, self.classes) if name is None or c == name]
+        try:
+            return fill(chosen, shape, scale, limit("region_raster_work"))
+        except TooIntricate as err:
+            raise RegionError(f"{self.source}: too intricate: {err} ({raise_hint('region_raster_work')})") from None
+
+    def check_on_slide(self, width: int, height: int) -> None:
+        """Refuse regions that lie wholly outside the slide's level-0 bounds (drawn on another image, or in other
+        units)."""
+        x0, y0, x1, y1 = self.bounds
+        if x1 < 0 or y1 < 0 or x0 > width or y0 > height:
+            raise RegionError(
+                f"{self.source}: its regions span x {x0:.6g}..{x1:.6g}, y {y0:.6g}..{y1:.6g}, wholly outside the "
+                f"slide's {width}x{height} level-0 px: drawn on another image, or not in level-0 pixels?"
+            )
 
 
 def read_regions(path: str | Path) -> Regions:
-    """A QuPath GeoJSON file's polygons (made valid) and classifications; refused in one line naming the file and
-    the feature when it holds no polygon, another geometry, or is not JSON."""
+    """A QuPath GeoJSON file's polygons and classifications; refused in one line naming the file (and the feature)
+    when it is not a regular file, is too large, too deep or has too many vertices (all checked before parsing),
+    holds no polygon, another geometry, or is not JSON."""
     path = Path(path)
-    if path.stat().st_size > MAX_ROI_BYTES:
-        raise RegionError(f"{path}: larger than {MAX_ROI_BYTES // 2**20} MiB: not a region file")
+    data = read_bounded(path, "region_bytes", RegionError)
+    vertices = data.count(b"[")  # every position is [x, y]: an upper bound on the vertices, counted at C speed
+    if vertices > limit("region_vertices"):
+        raise RegionError(
+            f"{path}: about {vertices:,} vertices, more than a region file may hold ({raise_hint('region_vertices')}; "
+            "or simplify the annotation in QuPath)"
+        )
+    json_depth_ok(data, str(path), RegionError)
     try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RegionError(f"{path}: not GeoJSON ({err})") from None
-    features = _features(data, path)
-    shapes, classes = [], []
-    for i, feature in enumerate(features):
+        parsed = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise RegionError(f"{path}: not GeoJSON ({short(str(err), 120)})") from None
+    polygons, classes = [], []
+    for i, feature in enumerate(_features(parsed, path)):
         geometry = feature.get("geometry") if isinstance(feature, dict) else None
         kind = geometry.get("type") if isinstance(geometry, dict) else None
         if kind not in ("Polygon", "MultiPolygon"):
             raise RegionError(f"{path}: feature {i}: geometry {short(kind)}: regions are Polygon or MultiPolygon")
-        try:
-            shape = shapely.make_valid(shapely.geometry.shape(geometry))
-        except (ValueError, TypeError, shapely.errors.GEOSException) as err:
-            raise RegionError(f"{path}: feature {i}: not a polygon ({err})") from None
-        parts = [g for g in getattr(shape, "geoms", [shape]) if isinstance(g, (Polygon, MultiPolygon))]
-        if parts:
-            shapes.append(shapely.union_all(parts))
-            classes.append(_class_name(feature.get("properties") or {}))
-    if not shapes:
+        coordinates = geometry.get("coordinates")
+        parts = [coordinates] if kind == "Polygon" else coordinates
+        if not isinstance(parts, list):
+            raise RegionError(f"{path}: feature {i}: {kind} coordinates are not a list")
+        name = _class_name(feature.get("properties") or {})
+        for rings in parts:
+            polygons.append(_rings(rings, f"{path}: feature {i}"))
+            classes.append(name)
+    if not polygons:
         raise RegionError(f"{path}: holds no polygon")
-    return Regions(str(path), shapes, classes)
+    return Regions(str(path), polygons, classes)
+
+
+def _rings(rings: Any, label: str) -> list[np.ndarray]:
+    """A GeoJSON polygon's rings as (n, 2) float arrays; refused unless each holds at least 3 finite [x, y]."""
+    if not isinstance(rings, list) or not rings:
+        raise RegionError(f"{label}: not a polygon (expected a list of rings)")
+    out = []
+    for ring in rings:
+        points = _positions(ring)
+        if points is None or len(points) < 3:
+            raise RegionError(f"{label}: not a polygon (a ring is not a list of at least 3 [x, y] positions)")
+        if not np.isfinite(points).all():
+            raise RegionError(f"{label}: not a polygon (a coordinate is not a finite number)")
+        out.append(points)
+    return out
+
+
+def _positions(ring: Any) -> np.ndarray | None:
+    """A ring's [x, y] (or [x, y, z]) positions as an (n, 2) array; None if it is not such a list."""
+    if not isinstance(ring, list):
+        return None
+    try:
+        points = np.asarray(ring, dtype=np.float64)  # one C pass when every position has the same length
+    except (TypeError, ValueError):
+        try:  # mixed [x, y] and [x, y, z]
+            points = np.asarray([p[:2] for p in ring], dtype=np.float64)
+        except (TypeError, ValueError, IndexError):
+            return None
+    return points[:, :2] if points.ndim == 2 and points.shape[1] >= 2 else None
+
+
+_JSON_KINDS = {
+    dict: "JSON object",
+    list: "JSON list",
+    str: "JSON string",
+    bool: "JSON boolean",
+    float: "JSON number",
+    int: "JSON number",
+    type(None): "JSON null",
+}
 
 
 def _features(data: Any, path: Path) -> list[Any]:
@@ -122,12 +195,13 @@ def _features(data: Any, path: Path) -> list[Any]:
         return data["features"]
     if kind == "Feature":
         return [data]
-    raise RegionError(f"{path}: a {short(kind)}: expected a GeoJSON FeatureCollection or Feature")
+    what = f"an object of type {short(kind)}" if isinstance(data, dict) else f"a {_JSON_KINDS[type(data)]}"
+    raise RegionError(f"{path}: {what}: expected a GeoJSON FeatureCollection or Feature")
 
 
 def _class_name(properties: dict[str, Any]) -> str | None:
     """QuPath's classification: {"name": ..., "color": [...]}, or a plain name."""
-    value = properties.get("classification")
+    value = properties.get("classification") if isinstance(properties, dict) else None
     if isinstance(value, dict):
         value = value.get("name")
     return value if isinstance(value, str) and value else None

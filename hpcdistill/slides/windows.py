@@ -150,6 +150,7 @@ def find_windows(
     thumb, scale = slide.thumbnail(tissue_params.thumb_size)
     keep = None
     if regions is not None and roi_mode != "ignore":
+        regions.check_on_slide(info.width, info.height)
         inside = regions.mask(thumb.shape[:2], scale)
         keep = inside if roi_mode == "inside" else ~inside
     boxes, labels, box_labels = tissue.find_tissues(thumb, scale, tissue_params, (info.width, info.height), keep)

@@ -25,6 +25,7 @@ import yaml
 from hpcdistill.common.config import resolve_path
 from hpcdistill.common.errors import HpcdistillError, one_line
 from hpcdistill.common.files import atomic_output, atomic_write_json, atomic_write_text
+from hpcdistill.common.limits import regular_file
 from hpcdistill.common.progress import write_progress
 from hpcdistill.common.typed_tree import dotted_leaves
 from hpcdistill.models.export import export_blob
@@ -134,6 +135,7 @@ def _refused(what: str, checkpoint: Path, err: pickle.UnpicklingError) -> RunFol
 
 
 def _load_weights_only(path: Path, what: str) -> dict[str, Any]:
+    regular_file(path, lambda reason: RunFolderError(f"{what}: {reason}"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
