@@ -73,12 +73,13 @@ def add_output_flags(parser: argparse.ArgumentParser, workers: str, default_work
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def replace_finished(out: str | None, finished: tuple[str, ...], overwrite: bool) -> None:
-    """Refuse an --out holding a finished result (or files no hpcdistill command wrote) unless --overwrite; with it,
-    the earlier result's files go first, so a later fault never leaves an old result beside a new one."""
-    from hpcdistill.common.folder_lock import check_overwrite
+def replace_finished(out: str | None, finished: tuple[str, ...], overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse an --out holding a finished result unless --overwrite, and always one no hpcdistill command wrote, or
+    where a result to replace is one of the command's `inputs`; with --overwrite, the earlier result's files go
+    first, so a later fault never leaves an old result beside a new one (common/output_folder.py)."""
+    from hpcdistill.common.output_folder import check_overwrite
 
-    for path in check_overwrite(out, finished, overwrite) if out else []:
+    for path in check_overwrite(out, finished, overwrite, [i for i in inputs if i]) if out else []:
         path.unlink()
 
 

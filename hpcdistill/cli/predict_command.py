@@ -107,14 +107,17 @@ def run_predict(args: argparse.Namespace) -> int:
     predictions.json and an overlay PNG per slide. With --cluster, the slides are split over an array of tasks and
     merged in slide order.
     """
-    from hpcdistill.predict.prediction import PREDICT_RESULTS, predict_slides
+    from hpcdistill.common.output_folder import check_links
+    from hpcdistill.predict.prediction import PREDICT_FOLDERS, PREDICT_RESULTS, predict_slides
     from hpcdistill.shards.catalog import collect_slides
 
     slides = collect_slides(args.slides)
     if args.dry_run and not args.cluster:
         return _print_preview(args, slides)
     if not args.dry_run:
-        replace_finished(args.out, PREDICT_RESULTS, args.overwrite)
+        inputs = (args.model, args.labels, args.rois, *slides)
+        check_links(args.out, PREDICT_FOLDERS)
+        replace_finished(args.out, PREDICT_RESULTS, args.overwrite, inputs)
     use_threads(args.workers)
     if args.cluster:
         summary = _predict_array(args, slides)

@@ -79,7 +79,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         say("evaluate --level is deprecated (it reads like a pyramid level): use --confidence")
         confidence = args.old_level
     out = args.out or str(Path(args.checkpoint).parent / "eval")
-    replace_finished(out, (f"{args.split}.json", f"{args.split}_predictions.csv"), args.overwrite)
+    inputs = (args.checkpoint, args.shards)
+    replace_finished(out, (f"{args.split}.json", f"{args.split}_predictions.csv"), args.overwrite, inputs)
     record = evaluate_checkpoint(
         args.checkpoint,
         args.shards or recorded_shards(args.checkpoint),

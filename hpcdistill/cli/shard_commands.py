@@ -281,18 +281,17 @@ def add_synth(subparsers: argparse._SubParsersAction) -> None:
     add_output_flags(p, "slides written in parallel (processes; the slides are the same whatever the count)")
 
 
-def _remove_synth_slides(out: Path) -> None:
+def _synth_slides(out: Path) -> list[Path]:
     """The slides an earlier `synth` wrote (its labels.csv's names, plain names in the folder): a smaller dataset
     written over a larger one must not leave slides that `shard` would then read."""
     import csv
 
     labels = out / "labels.csv"
-    if labels.is_file():
-        with labels.open(newline="") as fh:
-            names = [row.get("slide", "") for row in csv.DictReader(fh)]
-        for name in names:
-            if name and Path(name).name == name:
-                (out / name).unlink(missing_ok=True)
+    if not labels.is_file() or labels.is_symlink():
+        return []
+    with labels.open(newline="") as fh:
+        names = [row.get("slide", "") for row in csv.DictReader(fh)]
+    return [out / name for name in names if name and Path(name).name == name and not (out / name).is_symlink()]
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -306,9 +305,10 @@ def run_synth(args: argparse.Namespace) -> int:
 
     if len(args.tissues) != 2:
         raise HpcdistillError(f"--tissues {args.tissues}: expected min,max")
-    if args.overwrite:
-        _remove_synth_slides(Path(args.out))
+    earlier = _synth_slides(Path(args.out)) if args.overwrite else []
     replace_finished(args.out, ("labels.csv",), args.overwrite)  # before the lock: it tells our folders from others'
+    for path in earlier:
+        path.unlink(missing_ok=True)
     with one_writer(args.out):
         paths, labels_csv = dataset.write_dataset(
             args.out,

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -95,20 +95,3 @@ def folder_held(folder: str | Path) -> bool:
         return False  # no locking on this filesystem: nothing can be told
     lock.release()
     return False
-
-
-def check_overwrite(folder: str | Path, finished: Iterable[str], overwrite: bool) -> list[Path]:
-    """The files of a finished earlier result in `folder` (names in `finished`) that `overwrite` will replace; without
-    it, refused in one line, as is a non-empty folder no hpcdistill command wrote (no lock file in it). A folder
-    left by an interrupted run (lock file, no finished result) is taken as is: rerunning the command goes on."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    done = [folder / name for name in finished if (folder / name).exists()]
-    foreign = not (folder / LOCK).exists() and any(folder.iterdir())
-    if overwrite and done and folder_held(folder):
-        raise busy(folder)  # before anything is removed: the holder's refusal would come after the loss
-    if overwrite or not (done or foreign):
-        return done
-    what = f"a finished result ({', '.join(p.name for p in done)})" if done else "files no hpcdistill command wrote"
-    raise HpcdistillError(f"{folder}: holds {what}; pass --overwrite to replace it, or write to another --out")

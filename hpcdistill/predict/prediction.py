@@ -348,6 +348,7 @@ def write_predictions(out: Path, summary: dict[str, Any], results: list[dict]) -
 
 # What a finished prediction leaves in its folder: a rerun replaces it only with --overwrite.
 PREDICT_RESULTS = ("predictions.json", "slides.csv", "tissues.csv", "scores.json")
+PREDICT_FOLDERS = ("overlays", "geojson", "heatmaps", "tasks")  # written per slide: never through a link out of --out
 
 
 def predict_slides(

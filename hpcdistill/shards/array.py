@@ -23,7 +23,7 @@ from hpcdistill.common.progress import write_progress
 from hpcdistill.shards.catalog import collect_slides
 from hpcdistill.shards.cut import SPOOL
 from hpcdistill.shards.manifest import MANIFEST, build_manifest
-from hpcdistill.shards.plan import ShardParams, SlideJob, make_plan, params_fingerprint
+from hpcdistill.shards.plan import ShardParams, SlideJob, make_plan, params_fingerprint, shard_inputs
 from hpcdistill.shards.writer import (
     JOURNAL,
     PART,
@@ -125,7 +125,7 @@ def plan_array(
         raise ShardingError(f"--tasks {tasks}: must be between 1 and the number of slides ({len(jobs)})")
     create_output_folder(out)
     if overwrite:
-        clear_output(out)
+        clear_output(out, shard_inputs(slide_paths, labels_csv, params))
     if (out / JOURNAL).exists():
         raise ShardingError(
             f"{out}: holds a single-process run in progress ({JOURNAL}); rerun it without --cluster, or use --overwrite"

@@ -16,6 +16,7 @@ import numpy as np
 from hpcdistill.common.errors import HpcdistillError, one_line
 from hpcdistill.common.files import atomic_write_json
 from hpcdistill.common.mags import mag_name
+from hpcdistill.common.output_folder import input_at
 from hpcdistill.shards.plan import ShardParams, SlideJob
 from hpcdistill.shards.sample_format import image_member, label_members, sample_key, sample_meta
 from hpcdistill.slides import tissue
@@ -186,7 +187,10 @@ def region_note(job: SlideJob, params: ShardParams) -> str | None:
 
 def write_outlines(path: Path, slide: Any, found: TissueWindows, params: ShardParams, label: str | None) -> None:
     """The slide's tissues (regions applied) as QuPath annotations named t000, t001, ...: edit them in QuPath and
-    shard again with --rois to use the edited outlines."""
+    shard again with --rois to use the edited outlines (into the same folder: the edited files are then inputs, and
+    are neither removed nor replaced)."""
+    if params.rois.path is not None and input_at(path, [params.rois.path]) is not None:
+        return  # the region file this run reads (qc/ edited in QuPath and given back as --rois): it stays as edited
     shapes = tissue_outlines(slide, found, params.tissue)
     names = [found.classes[t] if found.classes is not None else label for t in range(len(shapes))]
     ids = {c: i for i, c in enumerate(params.classes or sorted({n for n in names if n}))}

@@ -182,6 +182,12 @@ def check_aux_patients(labels_csv: str | os.PathLike, rows: Iterable[LabelRow], 
             )
 
 
+def shard_inputs(slide_paths: list[Path], labels_csv: str | os.PathLike | None, params: ShardParams) -> list[Path]:
+    """What a sharding run reads: its slides, labels CSV and region files (never removed by --overwrite)."""
+    extra = [Path(p) for p in (labels_csv, params.rois.path) if p is not None]
+    return [*slide_paths, *extra]
+
+
 def params_fingerprint(params: ShardParams, slide_paths: list[Path], labels_csv: str | os.PathLike | None) -> dict:
     """The parameters recorded in the journal and manifest; a rerun into the same folder must match them."""
     fingerprint = json.loads(json.dumps(dataclasses.asdict(params)))

@@ -27,7 +27,7 @@ from hpcdistill.common.signals import Interrupted, check_interrupted, ignore_int
 from hpcdistill.shards.catalog import collect_slides
 from hpcdistill.shards.cut import SPOOL, SlideResult, preview_slide, shard_slide
 from hpcdistill.shards.manifest import MANIFEST, build_manifest
-from hpcdistill.shards.plan import ShardParams, SlideJob, make_plan, params_fingerprint
+from hpcdistill.shards.plan import ShardParams, SlideJob, make_plan, params_fingerprint, shard_inputs
 from hpcdistill.shards.writer import (
     JOURNAL,
     ShardWriter,
@@ -230,7 +230,9 @@ def run_sharding(
     fingerprint = params_fingerprint(params, slide_paths, labels_csv)
     create_output_folder(out)
     with one_writer(out):
-        return _shard_into(out, jobs, classes, params, fingerprint, workers, overwrite, strict, progress)
+        inputs = shard_inputs(slide_paths, labels_csv, params) if overwrite else []
+        journal, finished = prepare_output(out, fingerprint, overwrite, inputs)
+        return _shard_into(out, jobs, classes, params, fingerprint, (journal, finished), workers, strict, progress)
 
 
 def _shard_into(
@@ -239,13 +241,14 @@ def _shard_into(
     classes: list[str],
     params: ShardParams,
     fingerprint: dict[str, Any],
+    earlier: tuple[dict | None, dict | None],
     workers: int,
-    overwrite: bool,
     strict: bool,
     progress: bool | None,
 ) -> dict[str, Any]:
-    """run_sharding's work, once the folder is held."""
-    journal, finished = prepare_output(out, fingerprint, overwrite)
+    """run_sharding's work, once the folder is held and checked (`earlier`: the journal to resume, or the finished
+    manifest)."""
+    journal, finished = earlier
     if finished is not None:
         print(f"hpcdistill: {out}: already complete with these parameters; nothing to do", file=sys.stderr)
         manifest = finished

@@ -19,6 +19,7 @@ from typing import Any
 from hpcdistill.cluster.task_array import TASKS
 from hpcdistill.common.errors import ShardingError
 from hpcdistill.common.files import atomic_write_bytes, fsync_dir, tmp_path
+from hpcdistill.common.output_folder import check_links, input_at, within
 from hpcdistill.shards.cut import SPOOL, Sample, SlideResult
 from hpcdistill.shards.manifest import MANIFEST
 from hpcdistill.shards.plan import ShardParams
@@ -284,10 +285,12 @@ def _records(out: Path) -> list[dict[str, Any]]:
     return found
 
 
-def clear_output(out: Path) -> int:
+def clear_output(out: Path, inputs: list[Path]) -> int:
     """--overwrite: what an earlier run wrote here goes (the shards and QC images its manifest, journal and task
     records list, with the outlines beside the QC images, those records, its temporaries and task folders), nothing
-    else; returns how many files went."""
+    else: never an input of this run (`inputs`: e.g. the qc/ outlines edited in QuPath, given back as --rois), never
+    through a link out of the folder. Returns how many files went."""
+    check_links(out, ["qc", TASKS, SPOOL])
     shards, slides = set(), set()
     for record in _records(out):
         names, ids = _listed_names(record)
@@ -295,11 +298,16 @@ def clear_output(out: Path) -> int:
     files = [out / n for n in sorted(shards)]
     files += [out / "qc" / f"{s}{ext}" for s in sorted(slides) for ext in (".png", ".geojson")]
     files += [*out.glob(".*.tmp"), out / JOURNAL, out / MANIFEST, out / "plan.json"]
-    removed = 0
+    removed, kept = 0, [p for p in files if p.is_file() and input_at(p, inputs) is not None]
     for path in files:
-        if path.is_file():
+        if path.is_file() and path not in kept and within(path, out):
             path.unlink()
             removed += 1
+    if kept:
+        print(
+            f"hpcdistill: --overwrite: kept {len(kept)} file(s) that are inputs of this run (first: {kept[0]})",
+            file=sys.stderr,
+        )
     for task in sorted((out / TASKS).glob("t[0-9][0-9][0-9]")) if (out / TASKS).is_dir() else []:
         removed += sum(1 for p in task.rglob("*") if p.is_file())
         shutil.rmtree(task)
@@ -309,12 +317,15 @@ def clear_output(out: Path) -> int:
     return removed
 
 
-def prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> tuple[dict | None, dict | None]:
+def prepare_output(
+    out: Path, fingerprint: dict[str, Any], overwrite: bool, inputs: list[Path]
+) -> tuple[dict | None, dict | None]:
     """Check the folder for a single-process run: returns (journal to resume, finished manifest), at most one not
     None. Folders made with other parameters, or by an array of tasks still unmerged, are refused."""
     create_output_folder(out)
+    check_links(out, ["qc", TASKS, SPOOL])
     if overwrite:
-        clear_output(out)
+        clear_output(out, inputs)
     remove_partial_files(out, out / SPOOL)
     journal = read_matching(out / JOURNAL, fingerprint)
     if journal is not None:

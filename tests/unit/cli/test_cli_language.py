@@ -55,15 +55,20 @@ def test_the_old_demo_slurm_flag_still_parses_but_is_not_advertised():
 
 
 def test_a_folder_with_a_finished_result_is_refused_without_overwrite(tmp_path):
-    """The rule itself (common.folder_lock.check_overwrite), as each command applies it before writing."""
+    """The rule itself (common.output_folder.check_overwrite), as each command applies it before writing."""
     from hpcdistill.common.errors import HpcdistillError
-    from hpcdistill.common.folder_lock import LOCK, check_overwrite, one_writer
+    from hpcdistill.common.folder_lock import LOCK, one_writer
+    from hpcdistill.common.output_folder import check_overwrite
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("a user's own file\n")
-    with pytest.raises(HpcdistillError, match="holds files no hpcdistill command wrote; pass --overwrite"):
+    with pytest.raises(HpcdistillError, match="holds files no hpcdistill command wrote"):
         check_overwrite(out, ["result.json"], overwrite=False)
+    (out / "result.json").write_text("{}")  # a user's own file by our name: never taken for our result
+    with pytest.raises(HpcdistillError, match="replaces only an earlier hpcdistill result"):
+        check_overwrite(out, ["result.json"], overwrite=True)
+    (out / "result.json").unlink()
     (out / LOCK).touch()  # an interrupted run of ours: rerunning goes on
     assert check_overwrite(out, ["result.json"], overwrite=False) == []
     (out / "result.json").write_text("{}")
