@@ -59,6 +59,15 @@ class Bounded:
         self.convert, self.flag, self.low, self.high = convert, flag, low, high
         self.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its messages
 
+    def __eq__(self, other: object) -> bool:  # the same flag, converted and bounded the same way in two commands
+        return isinstance(other, Bounded) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> tuple:
+        return (self.convert, self.flag, self.low, self.high)
+
     def __call__(self, text: str) -> Any:
         value = self.convert(text)
         for number in _numbers(value):

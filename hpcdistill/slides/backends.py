@@ -17,7 +17,9 @@ import openslide
 import pyvips
 
 from hpcdistill.common.errors import SlideError, one_line
-from hpcdistill.slides.metadata import TiffLevel, base_magnification, metadata_conflicts, probe_tiff
+from hpcdistill.common.limits import limit, raise_hint
+from hpcdistill.common.signals import signal_pending
+from hpcdistill.slides.metadata import TiffLevel, base_magnification, check_level_sizes, metadata_conflicts, probe_tiff
 from hpcdistill.slides.resample import lanczos_to_size
 from hpcdistill.slides.slide import Level, Slide, SlideInfo
 
@@ -46,6 +48,19 @@ def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3:4].astype(np.uint16)
     rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
     return rgb.astype(np.uint8)
+
+
+def _stop_on_signal(image: pyvips.Image, progress: object) -> None:
+    if signal_pending():
+        image.set_kill(True)
+
+
+def stoppable(image: pyvips.Image) -> pyvips.Image:
+    """`image`, whose computations (and those of every image made from it: libvips passes the progress signal down
+    the pipeline) stop within a moment of SIGTERM or SIGINT, instead of decoding on to the end of a huge level."""
+    image.set_progress(True)
+    image.signal_connect("eval", _stop_on_signal)
+    return image
 
 
 class VipsTiffSlide(Slide):
@@ -77,7 +92,7 @@ class VipsTiffSlide(Slide):
 
     def _tiff_level(self, level: TiffLevel) -> pyvips.Image:
         image = pyvips.Image.tiffload(self.info.path, page=level.page, subifd=level.subifd, fail_on="error")
-        return _as_srgb_uchar(image)
+        return _as_srgb_uchar(stoppable(image))
 
     def _read_level(self, level: Level, box: tuple[int, int, int, int]) -> contextlib.nullcontext[pyvips.Image]:
         return contextlib.nullcontext(self._level_image(level.index).crop(*box))
@@ -89,6 +104,11 @@ class VipsTiffSlide(Slide):
         """
         adequate = [lv for lv in self._levels if max(lv.width, lv.height) >= max_size]
         level = min(adequate, key=lambda lv: lv.width) if adequate else self._levels[0]
+        if level.width * level.height > limit("thumbnail_source_pixels"):
+            raise SlideError(
+                f"{self.info.path}: a {max_size} px thumbnail would decode a {level.width}x{level.height} level "
+                f"({raise_hint('thumbnail_source_pixels')}, or ask for a smaller thumbnail)"
+            )
         image = self._tiff_level(level)
         scale = max_size / max(image.width, image.height)
         if scale < 1.0:
@@ -179,6 +199,8 @@ def _probe_with(
     if osr is None and tiff.description.startswith("Aperio"):
         # OpenSlide rejects Aperio files whose directory chain is broken; tifffile alone would hide it.
         raise SlideError(f"{path}: corrupt Aperio SVS (OpenSlide cannot parse its directories)")
+    sizes = [(lv.width, lv.height) for lv in tiff.levels] if tiff.levels is not None else None
+    check_level_sizes(path, sizes or [tuple(map(int, d)) for d in osr.level_dimensions])  # before any decoding
     levels = _vips_readable(path, tiff.levels, osr) if tiff.levels is not None else None
     mag, source, mpp = base_magnification(path, props, tiff.description, tiff.res_mpp, base_mag)
     if levels is not None:

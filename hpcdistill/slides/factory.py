@@ -8,6 +8,7 @@ import os
 
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import SlideError
+from hpcdistill.common.limits import regular_file
 from hpcdistill.slides.backends import OpenSlideSlide, VipsTiffSlide, probe
 from hpcdistill.slides.slide import Slide
 
@@ -21,8 +22,7 @@ def open_slide(path: str | os.PathLike, base_mag: float | None = None, *, backen
     path = os.fspath(path)
     if backend not in (None, "vips", "openslide"):
         raise SlideError(f"{path}: backend {backend!r}: expected 'vips' or 'openslide'")
-    if not os.path.isfile(path):
-        raise SlideError(f"{path}: no such file")
+    regular_file(path, SlideError)  # a FIFO would block, a device never end
     if base_mag is not None and not (math.isfinite(base_mag) and base_mag > 0):
         raise SlideError(f"{path}: base magnification must be positive, got {base_mag}")
     info, osr, levels = probe(path, base_mag)

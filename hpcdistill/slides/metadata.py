@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import tifffile
 
 from hpcdistill.common.errors import SlideError
+from hpcdistill.common.limits import MPP_RANGE, OBJECTIVE_RANGE, limit, raise_hint
 
 # Objective powers scanners actually use; an mpp-derived magnification within SNAP_TOLERANCE snaps to one.
 COMMON_POWERS = (1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 63.0, 80.0, 100.0)
@@ -37,6 +38,10 @@ def _positive_float(text: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) and value > 0 else None
+
+
+def _within(value: float, bounds: tuple[float, float]) -> bool:
+    return bounds[0] <= value <= bounds[1]
 
 
 def _aperio_field(description: str, key: str) -> float | None:
@@ -66,12 +71,37 @@ def base_magnification(
     mpp = _positive_float(props.get("openslide.mpp-x")) or _aperio_field(description, "MPP") or res_mpp
     objective = _positive_float(props.get("openslide.objective-power")) or _aperio_field(description, "AppMag")
     if base_mag is not None:
-        return float(base_mag), "override", mpp
+        return float(base_mag), "override", mpp if mpp is None or _within(mpp, MPP_RANGE) else None
+    for value, (low, high), what in ((objective, OBJECTIVE_RANGE, "x objective power"), (mpp, MPP_RANGE, " um/px")):
+        if value is not None and not _within(value, (low, high)):
+            raise SlideError(
+                f"{path}: implausible metadata: {value:.6g}{what} (a scanner writes {low:g} to {high:g}); a corrupt "
+                "header: pass --base-mag with the scan's magnification"
+            )
     if objective is not None:
         return objective, "objective-power", mpp
     if mpp is not None:
         return mag_from_mpp(mpp), "mpp", mpp
     raise SlideError(f"{path}: no magnification metadata (objective power or mpp); pass --base-mag")
+
+
+def check_level_sizes(path: str, sizes: list[tuple[int, int]]) -> None:
+    """Refuse, before a pixel is decoded, a slide whose declared levels no scanner writes: a level 0 past the
+    `level0_pixels` limit, levels that grow, or no level small enough to find tissue on in bounded time."""
+    (width, height), smallest = sizes[0], min(w * h for w, h in sizes)
+    hint = "a corrupt header or a decompression bomb"
+    if width < 1 or height < 1 or width * height > limit("level0_pixels"):
+        raise SlideError(
+            f"{path}: implausible slide: level 0 declares {width}x{height} px ({hint}; {raise_hint('level0_pixels')})"
+        )
+    for index, ((w0, h0), (w1, h1)) in enumerate(zip(sizes, sizes[1:]), start=1):
+        if not (0 < w1 <= w0 and 0 < h1 <= h0):
+            raise SlideError(f"{path}: implausible slide: level {index} ({w1}x{h1}) is not smaller than the last")
+    if smallest > limit("thumbnail_source_pixels"):
+        raise SlideError(
+            f"{path}: no pyramid level small enough to find tissue on (the smallest holds {smallest:,} px; "
+            f"{raise_hint('thumbnail_source_pixels')}; or add a pyramid, e.g. with vips tiffsave --pyramid)"
+        )
 
 
 def metadata_conflicts(
@@ -164,6 +194,12 @@ def _tiff_levels(path: str, tif: tifffile.TiffFile) -> list[TiffLevel]:
         ends = [off + count for off, count in zip(page.dataoffsets, page.databytecounts) if count]
         if ends and max(ends) > file_size:
             raise SlideError(f"{path}: truncated file (level {index} image data ends past the end of the file)")
+        declared = sum(page.databytecounts)
+        if declared > file_size:  # tiles that share their bytes: a decompression bomb, never a scanner's file
+            raise SlideError(
+                f"{path}: implausible slide: level {index} declares {declared:,} bytes of tiles in a "
+                f"{file_size:,}-byte file (its tiles share data)"
+            )
     return [level for level, _ in sorted(found, key=lambda item: -item[0].width)]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyvips
 
 from hpcdistill.common.errors import SlideError, one_line
+from hpcdistill.common.signals import check_interrupted
 from hpcdistill.slides.resample import resample_together
 
 
@@ -103,6 +104,7 @@ class Slide(abc.ABC):
         return max(fitting, key=lambda lv: lv.scale_x) if fitting else self.levels()[0]
 
     def _fail(self, what: str, err: BaseException) -> SlideError:
+        check_interrupted()  # a read stopped by a signal (libvips killed it) ends the command, not the slide
         return SlideError(f"{self.info.path}: {what}: {one_line(err)}")
 
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
