@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 import uuid
@@ -48,7 +49,8 @@ def launch_graph(
     record: dict[str, Any] = {"name": name, "experiment": source, "exp_dir": str(exp_dir), "cluster": cluster}
     record.update(folder=str(folder), created=time.strftime("%Y-%m-%dT%H:%M:%S"), jobs=[])
     save = lambda: write_record(Path(exp_dir), folder, record)  # noqa: E731
-    save()  # from the start: `hpcdistill status` works while a local launch runs
+    if cluster != "slurm":
+        save()  # from the start: `hpcdistill status` works while a local launch runs
     try:  # the record is written even when a submission or a job fails: status and scancel need the ids
         if cluster == "slurm":
             submitted = _submit_slurm(name, jobs, folder, record)
@@ -60,7 +62,10 @@ def launch_graph(
 
             LocalRunner(jobs, {job.key: job.callables for job in jobs}, folder, cluster, record, save).run()
     finally:
-        save()
+        if cluster != "slurm" or record["jobs"]:
+            save()
+        else:  # nothing submitted: no record, no folder (an earlier launch's launch.json stays as it was)
+            shutil.rmtree(folder, ignore_errors=True)
         for literal in folder.glob("%j"):  # submitit makes the id-pattern folder itself; logs go to the real ids
             if literal.is_dir() and not any(literal.iterdir()):
                 literal.rmdir()

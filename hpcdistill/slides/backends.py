@@ -18,7 +18,6 @@ import pyvips
 
 from hpcdistill.common.errors import SlideError, one_line
 from hpcdistill.common.limits import limit, raise_hint
-from hpcdistill.common.signals import signal_pending
 from hpcdistill.slides.metadata import TiffLevel, base_magnification, check_level_sizes, metadata_conflicts, probe_tiff
 from hpcdistill.slides.resample import lanczos_to_size
 from hpcdistill.slides.slide import Level, Slide, SlideInfo
@@ -50,19 +49,6 @@ def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def _stop_on_signal(image: pyvips.Image, progress: object) -> None:
-    if signal_pending():
-        image.set_kill(True)
-
-
-def stoppable(image: pyvips.Image) -> pyvips.Image:
-    """`image`, whose computations (and those of every image made from it: libvips passes the progress signal down
-    the pipeline) stop within a moment of SIGTERM or SIGINT, instead of decoding on to the end of a huge level."""
-    image.set_progress(True)
-    image.signal_connect("eval", _stop_on_signal)
-    return image
-
-
 class VipsTiffSlide(Slide):
     """SVS / generic pyramidal TIFF read with libvips tiffload."""
 
@@ -92,7 +78,7 @@ class VipsTiffSlide(Slide):
 
     def _tiff_level(self, level: TiffLevel) -> pyvips.Image:
         image = pyvips.Image.tiffload(self.info.path, page=level.page, subifd=level.subifd, fail_on="error")
-        return _as_srgb_uchar(stoppable(image))
+        return _as_srgb_uchar(image)
 
     def _read_level(self, level: Level, box: tuple[int, int, int, int]) -> contextlib.nullcontext[pyvips.Image]:
         return contextlib.nullcontext(self._level_image(level.index).crop(*box))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ class RoiOptions:
         root = Path(self.path)
         names = [f"{slide_id}.geojson", f"{slide_id}.json", f"{slide_file}.geojson"]
         if root.is_dir():
-            return next((root / n for n in names if (root / n).is_file()), None)
+            # any entry by that name: a FIFO or a device there is refused as what it is, not taken for "no file"
+            return next((root / n for n in names if os.path.lexists(root / n) and not (root / n).is_dir()), None)
         return root if root.name in names else None
 
     def regions_for(self, slide_path: str | Path, slide_id: str) -> Regions | None:

@@ -92,7 +92,7 @@ def test_bad_labels() -> None:
         classification_metrics([0, 1], [0], 3)
     with pytest.raises(HpcdistillError, match="no samples"):
         bootstrap_ci([], [], 3)
-    with pytest.raises(HpcdistillError, match="level"):
+    with pytest.raises(HpcdistillError, match="confidence"):
         bootstrap_ci([0, 1], [0, 1], 2, level=95)
 
 
