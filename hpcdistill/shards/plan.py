@@ -183,8 +183,10 @@ def check_aux_patients(labels_csv: str | os.PathLike, rows: Iterable[LabelRow], 
 
 
 def shard_inputs(slide_paths: list[Path], labels_csv: str | os.PathLike | None, params: ShardParams) -> list[Path]:
-    """What a sharding run reads: its slides, labels CSV and region files (never removed by --overwrite)."""
-    extra = [Path(p) for p in (labels_csv, params.rois.path) if p is not None]
+    """What a sharding run reads: its slides, labels CSV and each slide's region file (never removed by --overwrite;
+    the other files of a --rois folder, e.g. shard's own QC images beside the outlines, are not inputs)."""
+    regions = [params.rois.file_for(slide_name(p), p.name) for p in slide_paths]
+    extra = [Path(p) for p in (labels_csv, *regions) if p is not None]
     return [*slide_paths, *extra]
 
 

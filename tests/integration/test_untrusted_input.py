@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 from conftest import write_svs
 from slide_fixtures import tissue_image, write_pyramid_tiff
 from train_helpers import error_line
