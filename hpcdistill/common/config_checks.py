@@ -35,7 +35,6 @@ UPPER_BOUNDS: dict[str, float] = {
     "train.keep_last": 1000,
     "train.bucket_window": 4096,
     "train.temperature": 1000.0,
-    "train.lr": 10.0,
     "model.width": 4096,
     "model.groups": 4096,
     "model.num_classes": 100_000,
