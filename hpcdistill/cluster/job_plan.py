@@ -35,6 +35,18 @@ class Resources:
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
 
+RESOURCE_MAXIMA = {
+    "nodes": 10_000,
+    "gpus_per_node": 64,
+    "tasks_per_node": 1024,
+    "cpus_per_task": 1024,
+    "mem_gb": 65_536,
+    "timeout_min": 366 * 24 * 60,
+    "max_requeue": 1000,
+    "signal_delay_s": 86_400,
+}
+
+
 def check_resources(res: Resources, prefix: str) -> None:
     for key in ("nodes", "cpus_per_task", "timeout_min"):
         if getattr(res, key) < 1:
@@ -44,6 +56,9 @@ def check_resources(res: Resources, prefix: str) -> None:
             raise ConfigError(f"{prefix}{key}: must be >= 0, got {getattr(res, key)}")
     if not res.mem_gb > 0:
         raise ConfigError(f"{prefix}mem_gb: must be > 0, got {res.mem_gb}")
+    for key, most in RESOURCE_MAXIMA.items():  # past these a value is a typo, and sbatch's refusal comes too late
+        if getattr(res, key) > most:
+            raise ConfigError(f"{prefix}{key}: must be <= {most:g}, got {getattr(res, key):g}")
     if res.gpus_per_node and res.tasks_per_node and res.tasks_per_node != res.gpus_per_node:
         raise ConfigError(
             f"{prefix}tasks_per_node: {res.tasks_per_node} != gpus_per_node {res.gpus_per_node}; "

@@ -34,12 +34,18 @@ def _raise(signum: int, frame: Any) -> None:
         raise Interrupted(signum)
 
 
+# pyvips' entries from C into Python: its log handler, and the progress callback that lets a long libvips
+# computation be stopped (slides.backends kills it when a signal has been recorded).
+_LIBRARY_CALLBACKS = ("_log_handler_callback", "_marshal_image_progress")
+
+
 def _in_library_callback(frame: Any) -> bool:
     """Whether the signal landed inside a C library's callback into Python (pyvips' log handler, via cffi): an
     exception raised there is printed with a traceback and dropped, so it is only recorded, and the loop's next
     `check_interrupted` raises it."""
     while frame is not None:
-        if frame.f_code.co_name == "_log_handler_callback" or "cffi" in frame.f_code.co_filename:
+        code = frame.f_code
+        if code.co_name in _LIBRARY_CALLBACKS or "cffi" in code.co_filename:
             return True
         frame = frame.f_back
     return False
@@ -70,6 +76,11 @@ def interruptible() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
         _received.clear()
+
+
+def signal_pending() -> bool:
+    """Whether a signal has arrived (for a library callback that stops its own work, e.g. libvips' kill)."""
+    return bool(_received)
 
 
 def check_interrupted() -> None:

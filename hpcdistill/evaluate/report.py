@@ -9,14 +9,13 @@ records, so the report can be rebuilt at any time from finished runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hpcdistill.common.errors import HpcdistillError
-from hpcdistill.common.files import atomic_output, atomic_write_text
+from hpcdistill.common.files import atomic_output, atomic_write_text, read_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.evaluate.comparisons import Comparison, format_difference, paired_comparisons
 from hpcdistill.evaluate.method_labels import ABLATION_ORDER, AUX_PREFIX, BASELINE, KD, TEACHER, method_order
@@ -72,7 +71,7 @@ def load_results(paths: list[str | Path]) -> list[EvalResult]:
 
 def _read_result(path: Path) -> EvalResult:
     try:
-        record = json.loads(path.read_text())
+        record = read_json(path)  # a regular file, within the byte and depth limits
         metrics = {m: tuple(float(v) for v in record["metrics"][m]) for m in METRICS}
         return EvalResult(
             method=str(record["method"]),

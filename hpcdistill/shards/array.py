@@ -19,6 +19,7 @@ from hpcdistill.cluster.resubmitting import Resubmitting
 from hpcdistill.cluster.task_array import TASKS, array_and_merge, balance, task_dir, task_name
 from hpcdistill.common.errors import ShardingError
 from hpcdistill.common.files import atomic_write_bytes
+from hpcdistill.common.output_folder import check_links
 from hpcdistill.common.progress import write_progress
 from hpcdistill.shards.catalog import collect_slides
 from hpcdistill.shards.cut import SPOOL
@@ -124,6 +125,7 @@ def plan_array(
     if not 1 <= tasks <= len(jobs):
         raise ShardingError(f"--tasks {tasks}: must be between 1 and the number of slides ({len(jobs)})")
     create_output_folder(out)
+    check_links(out, ["qc", TASKS])  # the tasks write there: never through a link out of --out
     if overwrite:
         clear_output(out, shard_inputs(slide_paths, labels_csv, params))
     if (out / JOURNAL).exists():

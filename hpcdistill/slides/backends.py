@@ -8,6 +8,7 @@ file, which the shared code in slides.py then resamples exactly as it does tiffl
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from typing import Iterator
@@ -18,6 +19,7 @@ import pyvips
 
 from hpcdistill.common.errors import SlideError, one_line
 from hpcdistill.common.limits import limit, raise_hint
+from hpcdistill.common.signals import signal_pending
 from hpcdistill.slides.metadata import TiffLevel, base_magnification, check_level_sizes, metadata_conflicts, probe_tiff
 from hpcdistill.slides.resample import lanczos_to_size
 from hpcdistill.slides.slide import Level, Slide, SlideInfo
@@ -47,6 +49,25 @@ def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3:4].astype(np.uint16)
     rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
     return rgb.astype(np.uint8)
+
+
+_UNIQUE = itertools.count(1)
+
+
+def _stop_on_signal(image: pyvips.Image, progress: object) -> None:
+    if signal_pending():
+        image.set_kill(True)
+
+
+def stoppable(image: pyvips.Image) -> pyvips.Image:
+    """A copy of `image` whose computations (and those of every image made from it: libvips passes the progress
+    signal down the pipeline) stop within a moment of SIGTERM or SIGINT, instead of decoding on to the end of a huge
+    level. Keep the returned object alive while anything made from it computes: it owns the callback. The copy is
+    unique (its xoffset is a counter), so libvips' operation cache never hands it out again once it is gone."""
+    copy = image.copy(xoffset=next(_UNIQUE))
+    copy.set_progress(True)
+    copy.signal_connect("eval", _stop_on_signal)
+    return copy
 
 
 class VipsTiffSlide(Slide):
@@ -95,7 +116,7 @@ class VipsTiffSlide(Slide):
                 f"{self.info.path}: a {max_size} px thumbnail would decode a {level.width}x{level.height} level "
                 f"({raise_hint('thumbnail_source_pixels')}, or ask for a smaller thumbnail)"
             )
-        image = self._tiff_level(level)
+        image = guard = stoppable(self._tiff_level(level))  # the one read that decodes a whole level
         scale = max_size / max(image.width, image.height)
         if scale < 1.0:
             out = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -104,8 +125,11 @@ class VipsTiffSlide(Slide):
             pre = int(1.0 / scale) // 2
             if pre >= 2:
                 image = image.shrink(pre, pre)
-            return lanczos_to_size(image, out, precise=False)
-        return image.numpy()
+            pixels = lanczos_to_size(image, out, precise=False)
+        else:
+            pixels = image.numpy()
+        del guard  # only now: the callback it owns ran during the computation above
+        return pixels
 
 
 class OpenSlideSlide(Slide):

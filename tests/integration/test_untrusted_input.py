@@ -172,3 +172,23 @@ def test_a_fifo_slide_and_a_device_checkpoint_are_named_as_what_they_are(tiny_te
     synthetic.write_slide(slide, 1024, 768, fmt="tiff", base_mag=20, class_id=0, seed=1, n_tissues=1)
     assert main.main(["predict", str(zero), str(slide), "--out", str(tmp_path / "q")]) == 2
     assert f"{zero}: is a character device, not a regular file" in error_line(capsys)
+
+
+def test_predict_skips_a_slide_whose_region_file_is_too_large_and_classifies_the_other(
+    slide, tiny_teacher, tmp_path, capsys
+):
+    """The issue's case: 2 million vertices (35 MB, under the byte limit) held predict for 10 minutes at 1.9 GB."""
+    rois = tmp_path / "rois"
+    rois.mkdir()
+    (rois / "a.geojson").write_text(json.dumps(collection(star(2_000_000))))
+    other = tmp_path / "b.tiff"
+    synthetic.write_slide(other, 2048, 1536, fmt="tiff", base_mag=20, class_id=1, seed=5, n_tissues=2)
+    (rois / "b.geojson").write_text(json.dumps(collection(star(2_000, centre=(1024.0, 768.0), radii=(700, 600)))))
+    started = time.monotonic()
+    argv = ["predict", str(tiny_teacher), str(slide), str(other), "--out", str(tmp_path / "p"), "--rois", str(rois)]
+    assert main.main([*argv, "--no-progress"]) == 0
+    assert time.monotonic() - started < 60
+    with open(tmp_path / "p" / "slides.csv", newline="") as fh:
+        rows = {row["slide"]: row for row in csv.DictReader(fh)}
+    assert rows["b"]["status"] == "ok" and rows["a"]["status"] == "skipped"
+    assert "vertices, more than a region file may hold" in rows["a"]["reason"]
