@@ -49,9 +49,10 @@ def ended_in_one_line(proc: subprocess.Popen, signum: int, within: float = 60) -
     return last
 
 
-def test_sigterm_ends_evaluate_mid_bootstrap_and_writes_nothing(tiny_dataset, tiny_teacher, tmp_path):
+def test_sigterm_ends_evaluate_mid_bootstrap_and_writes_nothing(tiny_dataset, tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     argv = ["evaluate", str(tiny_teacher), "--shards", str(tiny_dataset["shards"]), "--out", str(out)]
+    monkeypatch.setenv("HPCDISTILL_MAX_BOOTSTRAP_ITERATIONS", "50000000")  # past the limit, as documented
     proc = start(*argv, "--iterations", "50000000")  # the bootstrap alone runs for minutes
     wait_for(proc, lambda: (out / HOLDER).is_file(), "the output folder's lock")
     time.sleep(2)  # into the scoring
