@@ -30,7 +30,6 @@ from hpcdistill.evaluate.aggregation import SLIDE_RULES, area_mean, combine
 from hpcdistill.models.export import ExportedModel, load_exported
 from hpcdistill.models.inference import NonFiniteOutputError, model_outputs, pick_device, require_finite, standardise
 from hpcdistill.predict.cam import STEM_STRIDE, TissueMap, WindowMap, cam_logits, tissue_map
-from hpcdistill.predict.cohort_scores import score_cohort
 from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overlay
 from hpcdistill.predict.qupath import write_geojson
 from hpcdistill.shards.catalog import check_slide_ids, slide_name
@@ -374,6 +373,8 @@ def predict_slides(
     with one_writer(out):
         results = classify_slides(exported, slides, out, opts, progress)
         summary = write_predictions(out, summarise(model_path, exported, opts), results)
-        if opts.labels:
+        if opts.labels:  # the evaluation stack (scipy.stats among it) is imported only when there is scoring to do
+            from hpcdistill.predict.cohort_scores import score_cohort
+
             summary["scores"] = score_cohort(out, results, exported.classes, opts.labels, opts.slide_rule)
     return summary

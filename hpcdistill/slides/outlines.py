@@ -22,17 +22,21 @@ SIMPLIFY_PX = 2.0  # level-0 px: the simplification's tolerance
 FINE_MAX_SIDE = 8192  # the finest outline thumbnail's long side (memory: 8192 x 6144 RGB is 150 MB)
 
 
-def mask_polygons(mask: np.ndarray, scale: float, slide_wh: tuple[int, int]) -> Polygon | MultiPolygon:
-    """Every contour of a boolean mask (thumbnail px, `scale` level-0 px each) with its holes, as one valid
-    (Multi)Polygon in level-0 px, simplified by SIMPLIFY_PX and clipped to the slide; empty for an empty mask."""
+def mask_polygons(
+    mask: np.ndarray, origin: tuple[int, int] = (0, 0), *, scale: float, slide_wh: tuple[int, int]
+) -> Polygon | MultiPolygon:
+    """Every contour of a boolean mask (thumbnail px, `scale` level-0 px each; `origin`: the (column, row) of its
+    first pixel in the thumbnail, for a crop) with its holes, as one valid (Multi)Polygon in level-0 px, simplified
+    by SIMPLIFY_PX and clipped to the slide; empty for an empty mask."""
     import contourpy
 
     padded = np.pad(mask.astype(np.float64), 1)
     generator = contourpy.contour_generator(z=padded, fill_type=contourpy.FillType.OuterOffset)
     points, offsets = generator.filled(0.5, math.inf)
     polygons = []
+    shift = np.asarray(origin, dtype=np.float64) - 0.5  # padded index -> thumbnail px; exact (halves and integers)
     for outer, cuts in zip(points, offsets):
-        rings = [(outer[a:b] - 0.5) * scale for a, b in zip(cuts[:-1], cuts[1:])]  # padded index -> level 0
+        rings = [(outer[a:b] + shift) * scale for a, b in zip(cuts[:-1], cuts[1:])]  # -> level 0
         if len(rings[0]) >= 4:
             polygons.append(Polygon(rings[0], [r for r in rings[1:] if len(r) >= 4]))
     if not polygons:
@@ -61,20 +65,41 @@ def outline_scale(slide_wh: tuple[int, int], coarse_scale: float) -> tuple[float
 
 
 def tissue_outlines(slide: Any, found: Any, params: Any) -> list[Polygon | MultiPolygon]:
-    """Each found tissue's outline (found: slides.windows.TissueWindows), on a mask of at most OUTLINE_PX px."""
+    """Each found tissue's outline (found: slides.windows.TissueWindows), on a mask of at most OUTLINE_PX px. Each
+    tissue is traced within its own box (plus a margin), where all its pixels lie: the contours are those of the
+    whole mask, at the cost of the box instead of the slide's mask once per tissue."""
     info = slide.info
     wh = (info.width, info.height)
     scale, side = outline_scale(wh, found.scale)
     if not side:
-        return [mask_polygons(found.mask(t), found.scale, wh) for t in range(len(found.boxes))]
-    from hpcdistill.slides.tissue import fine_tissue_mask
+        crops = [_crop(found.mask(t), box, scale) for t, box in enumerate(found.boxes)]
+        return [mask_polygons(mask, origin, scale=scale, slide_wh=wh) for mask, origin in crops]
+    from hpcdistill.slides.tissue import fine_tissue_mask, tissue_threshold
 
     thumb, scale = slide.thumbnail(side)
-    fine = fine_tissue_mask(thumb, found.thumb, params)
-    rows = np.minimum((np.arange(fine.shape[0]) + 0.5) * scale / found.scale, found.labels.shape[0] - 1).astype(int)
-    cols = np.minimum((np.arange(fine.shape[1]) + 0.5) * scale / found.scale, found.labels.shape[1] - 1).astype(int)
-    coarse = found.labels[np.ix_(rows, cols)]  # each fine pixel's tissue in the detection mask
-    return [mask_polygons(fine & (coarse == found.box_labels[t]), scale, wh) for t in range(len(found.boxes))]
+    threshold = tissue_threshold(found.thumb, params)  # the tissue finder's, on the coarse thumbnail
+    shapes = []
+    for box, label in zip(found.boxes, found.box_labels):
+        crop, (col0, row0) = _crop(thumb, box, scale)
+        rows = np.minimum(
+            (np.arange(row0, row0 + crop.shape[0]) + 0.5) * scale / found.scale, found.labels.shape[0] - 1
+        )
+        cols = np.minimum(
+            (np.arange(col0, col0 + crop.shape[1]) + 0.5) * scale / found.scale, found.labels.shape[1] - 1
+        )
+        coarse = found.labels[np.ix_(rows.astype(int), cols.astype(int))]  # each fine pixel's detected tissue
+        mask = fine_tissue_mask(crop, threshold, params) & (coarse == label)
+        shapes.append(mask_polygons(mask, (col0, row0), scale=scale, slide_wh=wh))
+    return shapes
+
+
+def _crop(image: np.ndarray, box: tuple[int, int, int, int], scale: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """The part of a mask or thumbnail (`scale` level-0 px per pixel) covering the level-0 `box`, 2 px wider on every
+    side, and its (column, row) origin."""
+    x, y, w, h = box
+    col0, row0 = max(0, math.floor(x / scale) - 2), max(0, math.floor(y / scale) - 2)
+    col1, row1 = math.ceil((x + w) / scale) + 2, math.ceil((y + h) / scale) + 2
+    return image[row0:row1, col0:col1], (col0, row0)
 
 
 def geometry(shape: Polygon | MultiPolygon) -> dict[str, Any]:

@@ -145,14 +145,17 @@ def _threshold(values: np.ndarray, ink: np.ndarray | None, params: TissueParams)
     return otsu_threshold(candidates)
 
 
-def fine_tissue_mask(fine: np.ndarray, coarse: np.ndarray, params: TissueParams) -> np.ndarray:
-    """A finer thumbnail's tissue pixels at the coarse thumbnail's threshold (what the tissue finder used), for
-    outlines traced finer than tissue is found (slides.outlines)."""
-    threshold = tissue_threshold(coarse, params)
+def fine_tissue_mask(fine: np.ndarray, threshold: float | None, params: TissueParams) -> np.ndarray:
+    """A finer thumbnail's (or a crop of one's) tissue pixels at `threshold`, the coarse thumbnail's
+    (`tissue_threshold`: what the tissue finder used), for outlines traced finer than tissue is found
+    (slides.outlines)."""
     if threshold is None:
         return np.zeros(fine.shape[:2], bool)
     mask = tissue_channel(fine, params.channel) > threshold
-    return mask & ~ink_mask(fine) if params.drop_ink else mask
+    if params.drop_ink:  # ink looked for only where the threshold found tissue: the same mask, a fraction of the work
+        candidates = np.flatnonzero(mask)
+        mask.ravel()[candidates[ink_mask(fine.reshape(-1, 3)[candidates])]] = False
+    return mask
 
 
 def tissue_mask(thumb: np.ndarray, params: TissueParams) -> np.ndarray:
