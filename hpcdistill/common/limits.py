@@ -8,7 +8,6 @@ its byte limit whatever `stat` says. Every limit can be raised for one run with 
 from __future__ import annotations
 
 import os
-import re
 import stat
 from pathlib import Path
 from typing import Callable
@@ -113,19 +112,30 @@ def read_bounded(
     return b"".join(chunks)
 
 
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
-
-
 def json_depth_ok(data: bytes, label: str, error: Callable[[str], HpcdistillError]) -> None:
     """Refuse JSON nested deeper than the `json_depth` limit, before parsing it (the parser recurses: 200,000
-    brackets are a RecursionError). Linear in the bytes, with strings (which may hold brackets) left out."""
+    brackets are a RecursionError). Linear in the bytes, in blocks of bounded memory; brackets inside strings do not
+    count. Escapes are blanked first, left to right as JSON reads them (an escaped backslash, then an escaped quote),
+    so every quote left is a string's edge."""
     import numpy as np
 
-    text = np.frombuffer(_STRINGS.sub(b'""', data), dtype=np.uint8)
-    steps = np.isin(text, (ord("["), ord("{"))).astype(np.int32) - np.isin(text, (ord("]"), ord("}")))
-    depth = int(np.cumsum(steps).max(initial=0))
-    if depth > limit("json_depth"):
-        raise error(f"{label}: JSON nested {depth} levels deep ({raise_hint('json_depth')})")
+    clean = data.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    depth = deepest = parity = 0
+    for start in range(0, len(clean), _BLOCK):
+        part = np.frombuffer(clean, dtype=np.uint8, count=min(_BLOCK, len(clean) - start), offset=start)
+        quotes = part == ord('"')
+        inside = (np.cumsum(quotes, dtype=np.int32) + parity) % 2 == 1
+        steps = ((part == _OPEN[0]) | (part == _OPEN[1])).view(np.int8) - ((part == _CLOSE[0]) | (part == _CLOSE[1]))
+        steps[inside] = 0
+        running = np.cumsum(steps, dtype=np.int64) + depth
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+        parity = (parity + int(quotes.sum())) % 2
+    if deepest > limit("json_depth"):
+        raise error(f"{label}: JSON nested {deepest} levels deep ({raise_hint('json_depth')})")
+
+
+_BLOCK = 4 * 2**20  # bytes scanned at once: about 60 MB of temporaries
+_OPEN, _CLOSE = (ord("["), ord("{")), (ord("]"), ord("}"))
 
 
 def available_cores() -> int:
