@@ -289,8 +289,8 @@ def clear_output(out: Path, inputs: list[Path]) -> int:
     """--overwrite: what an earlier run wrote here goes (the shards and QC images its manifest, journal and task
     records list, with the outlines beside the QC images, those records, its temporaries and task folders), nothing
     else: never an input of this run (`inputs`: e.g. the qc/ outlines edited in QuPath, given back as --rois), never
-    through a link out of the folder. Returns how many files went."""
-    check_links(out, ["qc", TASKS, SPOOL])
+    through a link out of the folder (each path resolved; the callers refuse a linked qc/ or tasks/ before this).
+    Returns how many files went."""
     shards, slides = set(), set()
     for record in _records(out):
         names, ids = _listed_names(record)
