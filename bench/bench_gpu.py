@@ -30,8 +30,8 @@ for _key, _value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import describe  # noqa: E402
 
-from hpcdistill.evaluate.metrics import forward_flops  # noqa: E402
 from hpcdistill.models.resnet import build_model  # noqa: E402
+from hpcdistill.scoring.flops import forward_flops  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -182,8 +182,8 @@ def loader_ratios(args: argparse.Namespace, device: torch.device, dtype: torch.d
     on a CPU the encoded path with PIL, as a rehearsal)."""
     from gpu_check import write_data
 
-    from hpcdistill.common.config import AugmentConfig
     from hpcdistill.common.errors import TrainError
+    from hpcdistill.config.schema import AugmentConfig
     from hpcdistill.data.device_batch import nvjpeg_decoder
     from hpcdistill.data.streams import StreamSpec
     from hpcdistill.shards.manifest import mag_stats, read_manifest

@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import describe, median_spread, publish  # noqa: E402
 
-from hpcdistill.common.config import AugmentConfig
+from hpcdistill.config.schema import AugmentConfig
 from hpcdistill.data.streams import ShardStream, StreamSpec
 from hpcdistill.shards.sample_format import encode_image
 from hpcdistill.shards.writer import append_sample

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from hpcdistill.evaluate.metrics import METRICS, bootstrap_ci, bootstrap_indices, classification_metrics
+from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, bootstrap_indices, classification_metrics
 
 
 def loop_bootstrap(y_true: np.ndarray, y_pred: np.ndarray, k: int, iterations: int, seed: int) -> None:

@@ -23,7 +23,7 @@ from bench_env import describe, publish  # noqa: E402
 from bench_loader import write_bench_shard  # noqa: E402
 from bench_shard import MAGS, ensure_slide, run_shard  # noqa: E402
 
-from hpcdistill.common.config import AugmentConfig  # noqa: E402
+from hpcdistill.config.schema import AugmentConfig  # noqa: E402
 from hpcdistill.data.streams import ShardStream, StreamSpec  # noqa: E402
 from hpcdistill.shards import sharding  # noqa: E402
 

@@ -39,7 +39,7 @@ def score_export(job: tuple[str, str, str]) -> dict[str, Any]:
     import torch
 
     from hpcdistill.evaluate.evaluation import _load_for, predict_split
-    from hpcdistill.evaluate.metrics import classification_metrics
+    from hpcdistill.scoring.metrics import classification_metrics
     from hpcdistill.shards.manifest import read_manifest
 
     torch.set_num_threads(1)

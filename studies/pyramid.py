@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import mean_sd, pct, plan_for, score_exports  # noqa: E402
 
 from hpcdistill.common.mags import mag_name  # noqa: E402
-from hpcdistill.evaluate.metrics import paired_bootstrap  # noqa: E402
+from hpcdistill.scoring.metrics import paired_bootstrap  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAGS = (2.5, 1.25)
@@ -56,7 +56,7 @@ def prepare(out: Path, quick: bool) -> dict[str, Path]:
 def train(job: tuple[str, str, float, str, int, bool]) -> str:
     """One student run in its own process; returns its best.pt."""
     os.environ["OMP_NUM_THREADS"] = "1"
-    from hpcdistill.common.config import load_config
+    from hpcdistill.config.schema import load_config
     from hpcdistill.train.loop import run
 
     out, shards, mag, source, seed, quick = job

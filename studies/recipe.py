@@ -68,7 +68,7 @@ def train(job: tuple[str, str, str, list[str]]) -> dict:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
-    from hpcdistill.common.config import load_config
+    from hpcdistill.config.schema import load_config
     from hpcdistill.train.loop import run
 
     torch.set_num_threads(1)
@@ -136,7 +136,7 @@ def spread(values: list[float]) -> str:
 
 def paired_line(rows: list[dict], shards: Path, iterations: int) -> str:
     """KD (ADv1) - Baseline on the test split, pooled over seeds, paired over (seed, tissue)."""
-    from hpcdistill.evaluate.metrics import paired_bootstrap
+    from hpcdistill.scoring.metrics import paired_bootstrap
 
     pick = {r["name"]: Path(r["best_path"]) for r in rows}
     seeds = sorted({n.rsplit("-s", 1)[1] for n in pick})

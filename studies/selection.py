@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_shards, mean_sd, pct, plan_for, score_exports, write_study_experiment  # noqa: E402
 
 from hpcdistill.experiment.demo import demo_experiment  # noqa: E402
-from hpcdistill.experiment.launch import launch  # noqa: E402
+from hpcdistill.experiment.launch import launch_experiment  # noqa: E402
 
 # Candidate picks per mode: the metric each best-<metric>.pt is chosen on, plus the final weights.
 BASELINE_PICKS = ["accuracy", "loss", "ema_accuracy", "ema_loss"]
@@ -114,7 +114,7 @@ def main() -> None:
         return
     shards = demo_shards(Path(args.data), args.workers, plan)
     experiment = write_study_experiment(out, shards, plan, args.seeds, study_methods(args.ema_decay), evaluate=True)
-    record = launch(experiment, cluster="local")
+    record = launch_experiment(experiment, cluster="local")
     tasks = [(job["key"], t) for job in record["jobs"] if job["kind"] == "method" for t in job["tasks"]]
     runs = {t["run_dir"]: (key, t["mag"]) for key, t in tasks}
     exports = [

@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import demo_shards, pct, plan_for, score_exports, write_study_experiment  # noqa: E402
 
-from hpcdistill.evaluate.metrics import difference_ci, paired_differences  # noqa: E402
 from hpcdistill.experiment.demo import demo_experiment  # noqa: E402
-from hpcdistill.experiment.launch import launch  # noqa: E402
+from hpcdistill.experiment.launch import launch_experiment  # noqa: E402
+from hpcdistill.scoring.metrics import difference_ci, paired_differences  # noqa: E402
 from hpcdistill.train.selection import uses_ema  # noqa: E402
 
 VARIANTS = {  # name -> (what changes, overrides on top of the demo's KD (ADv1))
@@ -114,7 +114,7 @@ def main() -> None:
         out, shards, plan, args.seeds, variant_methods(args.pick, args.ema_decay, names), evaluate=False
     )
     reuse_teachers(study_exp, out / "experiment")
-    record = launch(experiment, cluster="local")
+    record = launch_experiment(experiment, cluster="local")
     mags = sorted({t["mag"] for job in record["jobs"] if job["kind"] == "method" for t in job["tasks"]}, reverse=True)
     exports = {}  # (method key, mag) -> export files, one per seed
     for job in record["jobs"]:

@@ -1,6 +1,6 @@
-"""The `hpcdistill` command: one module per group of subcommands, each a thin call into the stage it runs."""
+"""The `hpcdistill` command: one module per group of subcommands, each a thin call into the stage it runs. The
+command's entry point is `hpcdistill.cli.main:main`, a module and its function; nothing is re-exported here, so
+`hpcdistill.cli.main` is always the module. The command's entry point is
+`hpcdistill.cli.main:main` (a module and its function; nothing is re-exported here)."""
 
-from hpcdistill.common.lazy_exports import lazy_exports
-
-_EXPORTS = {"main": "main", "build_parser": "main"}
-__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__: list[str] = []

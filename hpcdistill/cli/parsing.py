@@ -116,7 +116,7 @@ def roi_options(args: argparse.Namespace) -> object:
     from hpcdistill.slides.regions import RoiOptions
 
     if args.rois is not None and not Path(args.rois).exists():
-        from hpcdistill.common.errors import HpcdistillError
+        from hpcdistill.common.errors import CommandError
 
-        raise HpcdistillError(f"--rois {args.rois}: no such file or folder")
+        raise CommandError(f"--rois {args.rois}: no such file or folder")
     return RoiOptions(args.rois, args.roi_mode, args.roi_missing, getattr(args, "roi_labels", False))

@@ -109,7 +109,7 @@ def run_predict(args: argparse.Namespace) -> int:
     """
     from hpcdistill.common.output_folder import check_links
     from hpcdistill.predict.prediction import PREDICT_FOLDERS, PREDICT_RESULTS, predict_slides
-    from hpcdistill.shards.catalog import collect_slides
+    from hpcdistill.slides.catalog import collect_slides
 
     slides = collect_slides(args.slides)
     if args.dry_run and not args.cluster:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from hpcdistill.cli.array_flags import CLUSTERS
 from hpcdistill.cli.parsing import add_output_flags, command, float_list, replace_finished
-from hpcdistill.common.config import ARCHS, STEMS
 from hpcdistill.common.console import say
+from hpcdistill.config.schema import ARCHS, STEMS
 from hpcdistill.slides.windows import DEFAULT_MAGS
 
 
@@ -108,14 +108,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def recorded_shards(checkpoint: str) -> str:
     """The shard folder the export was trained on, as its config records it; one line when it is not there."""
-    from hpcdistill.common.config import resolve_path
-    from hpcdistill.common.errors import HpcdistillError
+    from hpcdistill.common.errors import CommandError
+    from hpcdistill.config.schema import resolve_path
     from hpcdistill.models.export import load_exported
 
     named = load_exported(checkpoint).config.get("data", {}).get("shards")
     folder = resolve_path(named) if named else None
     if folder is None or not (folder / "manifest.json").is_file():
-        raise HpcdistillError(
+        raise CommandError(
             f"{checkpoint}: records no shard folder it was trained on"
             + (f" that still holds a manifest.json ({named})" if named else "")
             + "; pass --shards"
@@ -173,8 +173,8 @@ def run_flops(args: argparse.Namespace) -> int:
     GFLOPs of one forward pass at a fixed field of view per magnification, and at the shards' median and mean
     tissue sizes with --manifest.
     """
-    from hpcdistill.evaluate.evaluation import FIXED_SIZE_10X, flops_per_mag
     from hpcdistill.models.resnet import build_model
+    from hpcdistill.scoring.flops import FIXED_SIZE_10X, flops_per_mag
     from hpcdistill.shards.manifest import read_manifest
 
     if args.checkpoint:
@@ -227,9 +227,9 @@ def run_launch(args: argparse.Namespace) -> int:
     Teacher -> one array per method (a task per magnification) -> evaluation and report, with afterok
     dependencies. Records every job in <exp dir>/launch.json (read by `hpcdistill status`).
     """
-    from hpcdistill.experiment.launch import launch
+    from hpcdistill.experiment.launch import launch_experiment
 
-    record = launch(args.experiment, cluster=args.cluster, dry_run=args.dry_run, wait=args.wait)
+    record = launch_experiment(args.experiment, cluster=args.cluster, dry_run=args.dry_run, wait=args.wait)
     if not args.dry_run:
         print(f"launched {len(record['jobs'])} jobs; follow them with: hpcdistill status {record['exp_dir']}")
     return 0
@@ -246,9 +246,9 @@ def run_status(args: argparse.Namespace) -> int:
     Reads <exp dir>/launch.json: each job's state (from SLURM, or from the local processes), its training
     progress, logs and TensorBoard folder.
     """
-    from hpcdistill.cluster.status import format_status, status
+    from hpcdistill.cluster.status import experiment_status, format_status
 
-    print(format_status(status(args.exp_dir)))
+    print(format_status(experiment_status(args.exp_dir)))
     return 0
 
 

@@ -19,7 +19,7 @@ from hpcdistill.cli.parsing import (
     roi_options,
     tissue_params,
 )
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import CommandError
 
 
 def _split_counts(text: str) -> dict[str, int]:
@@ -91,7 +91,7 @@ def default_network_min_side() -> int:
     """The smallest square input of the network a default training config builds (models.smallest_input)."""
     import torch
 
-    from hpcdistill.common.config import ModelConfig
+    from hpcdistill.config.schema import ModelConfig
     from hpcdistill.models.inference import smallest_input
     from hpcdistill.models.resnet import build_model
 
@@ -304,7 +304,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from hpcdistill.synthetic import dataset
 
     if len(args.tissues) != 2:
-        raise HpcdistillError(f"--tissues {args.tissues}: expected min,max")
+        raise CommandError(f"--tissues {args.tissues}: expected min,max")
     earlier = _synth_slides(Path(args.out)) if args.overwrite else []
     replace_finished(args.out, ("labels.csv",), args.overwrite)  # before the lock: it tells our folders from others'
     for path in earlier:

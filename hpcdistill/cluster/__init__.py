@@ -2,19 +2,26 @@
 the local runner, the requeueing task base, arrays of tasks with their merge, launch records, the dry run and
 status."""
 
-from hpcdistill.common.lazy_exports import lazy_exports
+from __future__ import annotations
 
-_EXPORTS = {
-    "JobPlan": "job_plan",
-    "TaskPlan": "job_plan",
-    "Resources": "job_plan",
-    "launch_graph": "submit",
-    "Resubmitting": "resubmitting",
-    "array_and_merge": "task_array",
-    "balance": "task_array",
-    "status": "status",
-    "format_status": "status",
-    "LocalRunner": "local_runner",
-    "render_dry_run": "dry_run",
-}
-__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+from hpcdistill.cluster.dry_run import render_dry_run
+from hpcdistill.cluster.job_plan import JobPlan, Resources, TaskPlan
+from hpcdistill.cluster.local_runner import LocalRunner
+from hpcdistill.cluster.resubmitting import Resubmitting
+from hpcdistill.cluster.status import experiment_status, format_status
+from hpcdistill.cluster.submit import launch_graph
+from hpcdistill.cluster.task_array import array_and_merge, balance
+
+__all__ = [
+    "JobPlan",
+    "LocalRunner",
+    "Resources",
+    "Resubmitting",
+    "TaskPlan",
+    "array_and_merge",
+    "balance",
+    "experiment_status",
+    "format_status",
+    "launch_graph",
+    "render_dry_run",
+]

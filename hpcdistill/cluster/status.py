@@ -27,7 +27,7 @@ def slurm_states(record: dict[str, Any]) -> dict[str, str]:
     return {job.job_id: job.state.split()[0] for job in jobs}  # "CANCELLED by 0" -> CANCELLED
 
 
-def status(exp_dir: str | Path) -> list[dict[str, Any]]:
+def experiment_status(exp_dir: str | Path) -> list[dict[str, Any]]:
     """One row per task of the latest launch in exp_dir: job, state, progress, log and TensorBoard paths."""
     exp_dir = Path(exp_dir)
     path = exp_dir / "launch.json"
@@ -115,7 +115,7 @@ def _result_state(task: dict[str, Any]) -> str | None:
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
-    """A plain text table of `status()` rows."""
+    """A plain text table of `experiment_status()` rows."""
     cols = ["job", "task", "job_id", "state", "progress", "hosts", "log", "tensorboard"]
     table = [cols] + [[str(r[c] if r[c] is not None else "-") for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]

@@ -1,36 +1,75 @@
-"""Shared by every stage and importing nothing of ours: the error types and one-line messages, magnification names, the
-typed config, atomic files and JSON, progress records, ranks, notes to the user, how a signal ends a command and the
-one-writer lock."""
+"""Shared by every stage and importing nothing of ours: the error types (every stage's, one policy: errors.py) and
+one-line messages, magnification names, the limits on untrusted input, atomic files and JSON, progress records, ranks,
+notes to the user, how a signal ends a command and the one-writer lock. Torch-free, so imported eagerly."""
 
-from hpcdistill.common import lazy_exports as _lazy
+from __future__ import annotations
 
-_EXPORTS = {
-    "HpcdistillError": "errors",
-    "DataError": "errors",
-    "LaunchError": "errors",
-    "ShardingError": "errors",
-    "SlideError": "errors",
-    "TrainError": "errors",
-    "one_line": "errors",
-    "mag_name": "mags",
-    "parse_mag": "mags",
-    "Config": "config",
-    "ConfigError": "errors",
-    "load_config": "config",
-    "resolve_path": "config",
-    "atomic_output": "files",
-    "atomic_write_bytes": "files",
-    "atomic_write_json": "files",
-    "atomic_write_text": "files",
-    "read_json": "files",
-    "read_progress": "progress",
-    "write_progress": "progress",
-    "is_rank_zero": "ranks",
-    "say": "console",
-    "Interrupted": "signals",
-    "check_interrupted": "signals",
-    "interruptible": "signals",
-    "one_writer": "folder_lock",
-    "FolderBusy": "folder_lock",
-}
-__all__, __getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS)
+from hpcdistill.common.console import say
+from hpcdistill.common.errors import (
+    CommandError,
+    ConfigError,
+    DataError,
+    EvaluationError,
+    ExportError,
+    FolderBusy,
+    HpcdistillError,
+    LabelConflict,
+    LaunchError,
+    ModelError,
+    NonFiniteOutputError,
+    PredictionError,
+    RegionError,
+    RunFolderError,
+    ScoringError,
+    ShardingError,
+    SlideError,
+    SyntheticError,
+    TrainError,
+    one_line,
+)
+from hpcdistill.common.files import atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from hpcdistill.common.folder_lock import one_writer
+from hpcdistill.common.limits import limit
+from hpcdistill.common.mags import mag_name, parse_mag
+from hpcdistill.common.progress import read_progress, write_progress
+from hpcdistill.common.ranks import is_rank_zero
+from hpcdistill.common.signals import Interrupted, check_interrupted, interruptible
+
+__all__ = [
+    "CommandError",
+    "ConfigError",
+    "DataError",
+    "EvaluationError",
+    "ExportError",
+    "FolderBusy",
+    "HpcdistillError",
+    "Interrupted",
+    "LabelConflict",
+    "LaunchError",
+    "ModelError",
+    "NonFiniteOutputError",
+    "PredictionError",
+    "RegionError",
+    "RunFolderError",
+    "ScoringError",
+    "ShardingError",
+    "SlideError",
+    "SyntheticError",
+    "TrainError",
+    "atomic_output",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_interrupted",
+    "interruptible",
+    "is_rank_zero",
+    "limit",
+    "mag_name",
+    "one_line",
+    "one_writer",
+    "parse_mag",
+    "read_json",
+    "read_progress",
+    "say",
+    "write_progress",
+]

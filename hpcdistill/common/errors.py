@@ -34,6 +34,54 @@ class LaunchError(HpcdistillError):
     """A bad experiment file, a failed submission or a failed job."""
 
 
+class CommandError(HpcdistillError):
+    """A bad flag or argument to an `hpcdistill` command that no stage owns (cli)."""
+
+
+class ModelError(HpcdistillError):
+    """A model that cannot be built or run as asked: an unknown architecture, a device this machine lacks (models)."""
+
+
+class ExportError(ModelError):
+    """A file that is not a complete hpcdistill export (or not the model a command expects); one line naming it."""
+
+
+class NonFiniteOutputError(ModelError):
+    """A model produced NaN or infinite outputs: never turned into a class or a score."""
+
+
+class ScoringError(HpcdistillError):
+    """Inputs the metrics cannot score: mismatched label arrays, an unknown aggregation rule (scoring)."""
+
+
+class EvaluationError(HpcdistillError):
+    """An export that cannot be evaluated on a shard split, or a report without its records (evaluate)."""
+
+
+class PredictionError(HpcdistillError):
+    """A slide set, export or option `hpcdistill predict` cannot use (predict)."""
+
+
+class RegionError(HpcdistillError):
+    """A region file (QuPath GeoJSON) that cannot be used: one line naming the file and, where known, the feature."""
+
+
+class RunFolderError(HpcdistillError):
+    """A run folder that cannot be resumed or written as asked (train)."""
+
+
+class SyntheticError(HpcdistillError):
+    """Synthetic slides or datasets that cannot be written as asked (synthetic)."""
+
+
+class LabelConflict(RegionError):
+    """One tissue under regions of two classes: which label it has cannot be told."""
+
+
+class FolderBusy(HpcdistillError):
+    """Another process holds the output folder's writer lock."""
+
+
 def one_line(err: BaseException | str, limit: int | None = None, *, first_line: bool = False) -> str:
     """An error message (possibly multi-line, e.g. from libvips or a traceback) collapsed to one line of at most
     `limit` characters, or only its first line (`first_line`, for libraries that append pages of detail); an

@@ -21,15 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hpcdistill.common.console import say
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import FolderBusy
 from hpcdistill.common.files import atomic_write_json
 
 LOCK = ".hpcdistill.lock"
 HOLDER = ".hpcdistill.writer.json"  # who holds the lock: read by the writer that is refused
-
-
-class FolderBusy(HpcdistillError):
-    """Another process is writing the folder."""
 
 
 def holder_line(folder: Path) -> str:

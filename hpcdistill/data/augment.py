@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcdistill.common.config import AugmentConfig
+from hpcdistill.config.schema import AugmentConfig
 
 GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L"
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])

@@ -30,9 +30,9 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from hpcdistill.common.config import AugmentConfig
 from hpcdistill.common.errors import DataError, HpcdistillError, traceback_line
 from hpcdistill.common.mags import mag_name
+from hpcdistill.config.schema import AugmentConfig
 from hpcdistill.data.augment import AugmentDraw, Standardizer
 from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.shards.reader import decode_sample, raw_samples, sample_size

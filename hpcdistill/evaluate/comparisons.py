@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from hpcdistill.common.errors import HpcdistillError
-from hpcdistill.evaluate.method_labels import AUX_PREFIX, BASELINE, KD, TEACHER
-from hpcdistill.evaluate.metrics import METRICS, difference_ci, paired_differences
+from hpcdistill.common.errors import EvaluationError
+from hpcdistill.scoring.method_labels import AUX_PREFIX, BASELINE, KD, TEACHER
+from hpcdistill.scoring.metrics import METRICS, difference_ci, paired_differences
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,20 @@ def read_predictions(result: Any) -> dict[str, tuple[int, int, str]]:
             if r["label"]
         }
     except (OSError, KeyError, ValueError) as err:
-        raise HpcdistillError(f"{path}: cannot read the predictions of {result.source} ({err})") from None
+        raise EvaluationError(f"{path}: cannot read the predictions of {result.source} ({err})") from None
 
 
 def pair(a: Any, b: Any) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """a - b on the samples both scored, resampled alike; refuses runs scored on different samples or labels."""
     pa, pb = read_predictions(a), read_predictions(b)
     if pa.keys() != pb.keys() or a.classes != b.classes:
-        raise HpcdistillError(
+        raise EvaluationError(
             f"{a.source} and {b.source}: not scored on the same samples and classes; a paired "
             "comparison needs both evaluated on one split of one shard set"
         )
     keys = sorted(pa)
     if any(pa[k][0] != pb[k][0] for k in keys):
-        raise HpcdistillError(f"{a.source} and {b.source}: the same samples carry different labels")
+        raise EvaluationError(f"{a.source} and {b.source}: the same samples carry different labels")
     groups = [pa[k][2] for k in keys] if a.resample == "slides" else None
     return paired_differences(
         [pa[k][0] for k in keys],

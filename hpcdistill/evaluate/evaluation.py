@@ -15,46 +15,26 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import EvaluationError
 from hpcdistill.common.files import atomic_output, atomic_write_json
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
 from hpcdistill.data.streams import StreamSpec, make_loader
-from hpcdistill.evaluate.aggregation import unit_rows
-from hpcdistill.evaluate.method_labels import method_label
-from hpcdistill.evaluate.metrics import METRICS, bootstrap_ci, classification_metrics, forward_flops, gflops
-from hpcdistill.evaluate.unit_scores import say_absent, score_unit
 from hpcdistill.models.export import ExportedModel, load_exported
 from hpcdistill.models.inference import model_outputs, pick_device, require_finite
+from hpcdistill.scoring.aggregation import unit_rows
+from hpcdistill.scoring.flops import flops_at_sizes
+from hpcdistill.scoring.method_labels import method_label
+from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, classification_metrics
+from hpcdistill.scoring.unit_scores import say_absent, score_unit
 from hpcdistill.shards.manifest import mag_stats, read_manifest, split_summary
 from hpcdistill.shards.reader import resolve_sets
-
-FIXED_SIZE_10X = 512  # px at 10x for the fixed-size GFLOPs column; scaled by mag/10 at lower magnifications
 
 
 def dataset_name(shards: str | Path) -> str:
     """The shard folder's name, or its parent's when the folder is just called 'shards' (e.g. data/celiac/shards)."""
     path = Path(shards).resolve()
     return path.parent.name if path.name == "shards" else path.name
-
-
-def flops_at_sizes(model: torch.nn.Module, manifest: dict[str, Any] | None, mag: float) -> dict[str, Any]:
-    """GFLOPs (FLOPs, 2 per multiply-add) per forward pass at a fixed size and at the manifest's median/mean tissue."""
-    side = max(1, round(FIXED_SIZE_10X * mag / 10))
-    out: dict[str, Any] = {
-        "unit": "GFLOPs (2 FLOPs per multiply-add)",
-        "fixed_size": [side, side],
-        "fixed": gflops(forward_flops(model, (side, side))),
-    }
-    sizes = (manifest or {}).get("sizes", {}).get(mag_name(mag), {})
-    for stat in ("median", "mean"):
-        if stat in sizes:
-            w, h = (max(1, round(float(v))) for v in sizes[stat])
-            out[f"{stat}_size"] = [w, h]
-            out[stat] = gflops(forward_flops(model, (h, w)))
-    out.setdefault("median", out["fixed"])
-    out.setdefault("mean", out["fixed"])
-    return out
 
 
 def predict_split(
@@ -73,11 +53,11 @@ def predict_split(
     splits = manifest.get("splits", {})
     sets = resolve_sets(shards, manifest, [split]) if split in splits else None
     if sets is None or not sets.urls or sets.samples == 0:
-        raise HpcdistillError(
+        raise EvaluationError(
             f"{Path(shards) / 'manifest.json'}: split {split!r} is empty or absent (splits: {split_summary(manifest)})"
         )
     if not sum(splits[split].get("class_histogram", {}).values()):
-        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
+        raise EvaluationError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
     # standardised where the model runs (model_outputs), as in training
     stats = {mag_name(mag): mag_stats(manifest, mag)}
     kinds = dict(mode="labeled", sampler="ordered", finish_on_device=True)
@@ -111,10 +91,10 @@ def _load_for(checkpoint: str | Path, shards: str | Path, manifest: dict[str, An
     classes = manifest.get("classes", [])
     exported = load_exported(checkpoint, expect_classes=len(classes) or None)
     if exported.classes and classes and exported.classes != classes:
-        raise HpcdistillError(f"{checkpoint}: trained on classes {exported.classes}, the shards have {classes}")
+        raise EvaluationError(f"{checkpoint}: trained on classes {exported.classes}, the shards have {classes}")
     mags = [float(m) for m in manifest.get("mags", [])]
     if not any(math.isclose(exported.mag, m) for m in mags):
-        raise HpcdistillError(
+        raise EvaluationError(
             f"{Path(shards) / 'manifest.json'}: no {mag_name(exported.mag)} images "
             f"(the model's magnification); shards have {', '.join(map(mag_name, mags))}"
         )
@@ -210,7 +190,7 @@ def _record_head(
 def _labeled(rows: list[dict[str, Any]], shards: str | Path, split: str) -> list[dict[str, Any]]:
     labeled = [r for r in rows if r["y"] >= 0]
     if not labeled:
-        raise HpcdistillError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
+        raise EvaluationError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
     return labeled
 
 
@@ -290,14 +270,3 @@ def write_unit_predictions(path: Path, unit: str, rows: list[dict[str, Any]], cl
         writer.writerow([unit, "label", "pred", "windows"] + [f"p_{c}" for c in classes])
         for r in rows:
             writer.writerow([r["unit"], classes[r["y"]], classes[r["pred"]], r["windows"], *map(repr, r["probs"])])
-
-
-def flops_per_mag(
-    model: torch.nn.Module, mags: list[float], manifest: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """`hpcdistill flops`: GFLOPs per magnification at a fixed field of view and at the manifest's tissue sizes.
-
-    The fixed column keeps the physical field of view constant (FIXED_SIZE_10X px at 10x), so it shows the
-    ~4^k saving of each halving of the magnification independently of the data.
-    """
-    return [{"mag": mag, **flops_at_sizes(model, manifest, mag)} for mag in mags]

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import EvaluationError
 from hpcdistill.common.files import atomic_output, atomic_write_text, read_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.evaluate.comparisons import Comparison, format_difference, paired_comparisons
-from hpcdistill.evaluate.method_labels import ABLATION_ORDER, AUX_PREFIX, BASELINE, KD, TEACHER, method_order
-from hpcdistill.evaluate.metrics import METRICS
 from hpcdistill.evaluate.report_teachers import teacher_blame, teachers_table
 from hpcdistill.evaluate.report_units import absent_lines, class_section, unit_section
+from hpcdistill.scoring.method_labels import ABLATION_ORDER, AUX_PREFIX, BASELINE, KD, TEACHER, method_order
+from hpcdistill.scoring.metrics import METRICS
 
 METRIC_TITLES = {
     "accuracy": "Accuracy",
@@ -60,12 +60,12 @@ def load_results(paths: list[str | Path]) -> list[EvalResult]:
         if path.is_dir():
             found = sorted(path.glob("eval/*.json")) or sorted(path.glob("*/eval/*.json"))
             if not found:
-                raise HpcdistillError(f"{path}: no eval/*.json inside; run `hpcdistill evaluate` on it first")
+                raise EvaluationError(f"{path}: no eval/*.json inside; run `hpcdistill evaluate` on it first")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise HpcdistillError(f"{path}: no such run folder or evaluation file")
+            raise EvaluationError(f"{path}: no such run folder or evaluation file")
     return [_read_result(f) for f in files]
 
 
@@ -93,7 +93,7 @@ def _read_result(path: Path) -> EvalResult:
             val_accuracy=(record.get("val") or {}).get("accuracy"),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise HpcdistillError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
+        raise EvaluationError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
 
 
 def format_ci(value: tuple[float, float, float] | None) -> str:
@@ -322,7 +322,7 @@ def _unit_sections(main: list[EvalResult], out: Path) -> list[str]:
 def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
     """Write report.md, figure3.png and (when ablation runs exist) ablation.png into out_dir."""
     if not results:
-        raise HpcdistillError(f"{out_dir}: no evaluation records to report")
+        raise EvaluationError(f"{out_dir}: no evaluation records to report")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main = [r for r in results if r.study == "main"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from hpcdistill.common.mags import mag_name
-from hpcdistill.evaluate.method_labels import BASELINE, TEACHER, method_order
+from hpcdistill.scoring.method_labels import BASELINE, TEACHER, method_order
 
 
 def _pct(value: float | None) -> str:

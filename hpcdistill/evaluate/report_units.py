@@ -8,8 +8,8 @@ import dataclasses
 from typing import Callable
 
 from hpcdistill.common.mags import mag_name
-from hpcdistill.evaluate.method_labels import method_order
-from hpcdistill.evaluate.metrics import METRICS
+from hpcdistill.scoring.method_labels import method_order
+from hpcdistill.scoring.metrics import METRICS
 
 UNIT_METRICS = (*METRICS, "auroc")
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import yaml
 
-from hpcdistill.common.config import resolve_path
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import LaunchError
 from hpcdistill.common.files import atomic_write_text
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.typed_tree import read_yaml
+from hpcdistill.config.schema import resolve_path
 
 DEMO_EXPERIMENT = "configs/experiments/demo.yaml"  # the one demo experiment: methods, epochs, resources
 
@@ -118,10 +118,10 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo; returns where everything is."""
     from hpcdistill.experiment.demo_record import write_record
-    from hpcdistill.experiment.launch import launch
+    from hpcdistill.experiment.launch import launch_experiment
 
     if seeds < 1:
-        raise HpcdistillError(f"--seeds {seeds}: must be at least 1")
+        raise LaunchError(f"--seeds {seeds}: must be at least 1")
     plan = QUICK if quick else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def run_demo(
         f"({ {'slurm': 'SLURM', 'local': 'local processes', 'debug': 'in this process'}[cluster] })",
         flush=True,
     )
-    record = launch(experiment, cluster=cluster, wait=cluster == "slurm")
+    record = launch_experiment(experiment, cluster=cluster, wait=cluster == "slurm")
     summary = _summarise(record, phases, shards, experiment, started)
     _print_summary(summary, write_record(out, summary))
     return summary
@@ -154,7 +154,7 @@ def _summarise(
     exp_dir = Path(record["exp_dir"])
     report = exp_dir / "report" / "report.md"
     if not report.is_file():
-        raise HpcdistillError(f"{report}: the evaluation job did not write the report (see {exp_dir}/launch.json)")
+        raise LaunchError(f"{report}: the evaluation job did not write the report (see {exp_dir}/launch.json)")
     print("[3/3] evaluation and report", flush=True)
     phases.update({job["label"] or job["key"]: job["finished"] - job["started"] for job in record["jobs"]})
     results = load_results([exp_dir])  # every run's eval/*.json under the experiment folder
@@ -180,7 +180,7 @@ def _pct(value: float | None) -> str:
 
 def teacher_lines(results: list) -> list[str]:
     """Each teacher's validation accuracy (what the gate judged) and test accuracy, per seed."""
-    from hpcdistill.evaluate.method_labels import TEACHER
+    from hpcdistill.scoring.method_labels import TEACHER
 
     teachers = sorted((r for r in results if r.method == TEACHER), key=lambda r: (r.seed is None, r.seed))
     return [

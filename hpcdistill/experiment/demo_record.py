@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import HpcdistillError, LaunchError
 from hpcdistill.common.files import atomic_write_json, atomic_write_text, read_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.shards.manifest import read_manifest
@@ -165,7 +165,7 @@ def update_readme(out: str | Path, readme: str | Path = "README.md", figure: str
     out, readme = Path(out), Path(readme)
     text = readme.read_text()
     if START not in text or END not in text:
-        raise HpcdistillError(f"{readme}: no {START} ... {END} markers")
+        raise LaunchError(f"{readme}: no {START} ... {END} markers")
     record = read_record(out)
     section = render_section(record, figure)
     shutil.copyfile(record["figure"], readme.parent / figure)
@@ -200,6 +200,6 @@ def write_quick_digest(exp_dir: str | Path, readme: str | Path = "README.md") ->
     path = Path(readme)
     text, count = re.subn(r"<!-- quick-demo-digest: .*? -->", lambda _: mark, path.read_text())
     if count != 1:
-        raise HpcdistillError(f"{path}: expected one <!-- quick-demo-digest: ... --> line, found {count}")
+        raise LaunchError(f"{path}: expected one <!-- quick-demo-digest: ... --> line, found {count}")
     atomic_write_text(path, text)
     return mark

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hpcdistill.cluster.job_plan import Resources, check_resources
-from hpcdistill.common.config import REPO_ROOT, resolve_path
 from hpcdistill.common.errors import ConfigError, HpcdistillError, LaunchError
 from hpcdistill.common.mags import parse_mag
 from hpcdistill.common.typed_tree import build_dataclass, merge_dicts, read_yaml, short
+from hpcdistill.config.schema import REPO_ROOT, resolve_path
 
 RESERVED_KINDS = ("default", "teacher", "evaluate", "shard", "merge")  # job kinds that are not methods
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from hpcdistill.cluster.job_plan import JobPlan, TaskPlan
-from hpcdistill.common.config import Config, load_config
 from hpcdistill.common.errors import HpcdistillError, LaunchError
 from hpcdistill.common.mags import mag_name
+from hpcdistill.config.schema import Config, load_config
 from hpcdistill.evaluate.task import EvaluateTask
 from hpcdistill.experiment.experiment_file import Experiment
 from hpcdistill.shards.array import plan_array, shard_jobs

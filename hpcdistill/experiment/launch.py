@@ -16,7 +16,7 @@ from hpcdistill.experiment.experiment_file import load_experiment
 from hpcdistill.experiment.graph import plan_jobs
 
 
-def launch(
+def launch_experiment(
     experiment_path: str | Path,
     cluster: Cluster = "slurm",
     dry_run: bool = False,

@@ -12,17 +12,13 @@ from typing import Any
 
 import torch
 
-from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.errors import ExportError, one_line
 from hpcdistill.common.limits import regular_file
 from hpcdistill.common.mags import mag_name
 from hpcdistill.models.resnet import build_model
 from hpcdistill.slides.windows import DEFAULT_WINDOWING, Windowing
 
 EXPORT_KEYS = ("state_dict", "arch_kwargs", "mag", "classes", "stats")
-
-
-class ExportError(HpcdistillError):
-    """An export file that is missing, unreadable, or does not match what it is used for."""
 
 
 def export_blob(

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import ModelError, NonFiniteOutputError
 from hpcdistill.common.mags import mag_name
 from hpcdistill.data.augment import Standardizer
 from hpcdistill.data.device_batch import finish_batch
@@ -22,13 +22,13 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise HpcdistillError(f"--device {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+        raise ModelError(f"--device {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
-            raise HpcdistillError(f"--device {name!r}: this machine has {count} CUDA device(s)")
+            raise ModelError(f"--device {name!r}: this machine has {count} CUDA device(s)")
     elif device.type != "cpu":
-        raise HpcdistillError(f"--device {name!r}: only cpu and cuda are supported")
+        raise ModelError(f"--device {name!r}: only cpu and cuda are supported")
     return device
 
 
@@ -44,10 +44,6 @@ def standardise(image: np.ndarray, stats: dict) -> torch.Tensor:
         "x": [torch.from_numpy(np.ascontiguousarray(image))],
     }
     return finish_batch(batch)["x"]
-
-
-class NonFiniteOutputError(HpcdistillError):
-    """The model's outputs are NaN or infinite: a diverged or corrupted export, never a result."""
 
 
 def require_finite(logits: torch.Tensor, checkpoint: str, tissue: str) -> None:
@@ -80,7 +76,7 @@ def model_outputs(
                 features, logits = model(batch["x"])
         except torch.cuda.OutOfMemoryError:
             height, width = batch["x"].shape[-2:]
-            raise HpcdistillError(
+            raise ModelError(
                 f"{batch['key'][0]} ({width}x{height} px at {mag_name(mag)}): does not fit in GPU memory; {remedy}"
             ) from None
         yield batch, features, logits
@@ -102,6 +98,6 @@ def smallest_input(model: torch.nn.Module, device: torch.device, limit: int = 25
                 raise
             except (RuntimeError, ValueError):  # too small: a map shrunk to nothing, a GroupNorm group of one value
                 continue
-        raise HpcdistillError(f"the model takes no input up to {limit} px square")
+        raise ModelError(f"the model takes no input up to {limit} px square")
     finally:
         model.train(was_training)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcdistill.common.config import ARCHS as ARCH_NAMES
-from hpcdistill.common.config import STEMS
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import ModelError
+from hpcdistill.config.schema import ARCHS as ARCH_NAMES
+from hpcdistill.config.schema import STEMS
 
 
 def group_count(groups: int, channels: int) -> int:
@@ -182,12 +182,12 @@ def build_model(
     raises at batch 1; keep width >= 2 * groups (the default 64/32 does) or use stem="lowres".
     """
     if arch not in ARCHS:
-        raise HpcdistillError(f"arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ModelError(f"arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if stem not in STEMS:
-        raise HpcdistillError(f"stem: unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+        raise ModelError(f"stem: unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
     for key, value in (("num_classes", num_classes), ("width", width), ("groups", groups), ("in_chans", in_chans)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise HpcdistillError(f"{key}: must be a positive integer, got {value!r}")
+            raise ModelError(f"{key}: must be a positive integer, got {value!r}")
     block, layers = ARCHS[arch]
     model = ResNet(block, layers, num_classes, width=width, groups=groups, stem=stem, in_chans=in_chans)
     model.arch_kwargs = dict(

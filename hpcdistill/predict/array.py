@@ -15,10 +15,10 @@ from typing import Any
 from hpcdistill.cluster.job_plan import JobPlan, Resources
 from hpcdistill.cluster.resubmitting import Resubmitting
 from hpcdistill.cluster.task_array import array_and_merge, balance, task_dir, task_name
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import PredictionError
 from hpcdistill.common.files import atomic_write_bytes
 from hpcdistill.common.progress import write_progress
-from hpcdistill.shards.catalog import check_slide_ids
+from hpcdistill.slides.catalog import check_slide_ids
 
 PART = "predictions.part.json"
 
@@ -86,10 +86,10 @@ def plan_predictions(
     model: str | Path, slides: list[str | Path], out: str | Path, tasks: int, options: Any, device: str = "auto"
 ) -> PredictArrayPlan:
     if not 1 <= tasks <= len(slides):
-        raise HpcdistillError(f"--tasks {tasks}: must be between 1 and the number of slides ({len(slides)})")
+        raise PredictionError(f"--tasks {tasks}: must be between 1 and the number of slides ({len(slides)})")
     model = Path(model).resolve()
     if not model.is_file():
-        raise HpcdistillError(f"{model}: no such checkpoint file")
+        raise PredictionError(f"{model}: no such checkpoint file")
     paths = [str(Path(s).resolve()) for s in slides]
     check_slide_ids(paths)
     weights = [float(os.path.getsize(p)) for p in paths]
@@ -142,7 +142,7 @@ def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
     for index in range(plan.tasks):
         part = plan.finished(index)
         if part is None:
-            raise HpcdistillError(
+            raise PredictionError(
                 f"{task_dir(plan.out, index)}: task {task_name(index)} has not finished; rerun the "
                 "same command: only unfinished tasks run again"
             )

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from hpcdistill.common.console import say
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import PredictionError
 from hpcdistill.common.files import atomic_write_json
-from hpcdistill.evaluate.aggregation import unit_rows
-from hpcdistill.evaluate.metrics import METRICS
-from hpcdistill.evaluate.unit_scores import say_absent, score_unit
-from hpcdistill.shards.catalog import read_labels_csv
+from hpcdistill.scoring.aggregation import unit_rows
+from hpcdistill.scoring.metrics import METRICS
+from hpcdistill.scoring.unit_scores import say_absent, score_unit
+from hpcdistill.slides.catalog import read_labels_csv
 
 SCORES = "scores.json"
 
@@ -48,7 +48,7 @@ def cohort_labels(labels_csv: str | Path, results: list[dict[str, Any]], classes
         if not row.label:
             continue
         if row.label not in classes:
-            raise HpcdistillError(
+            raise PredictionError(
                 f"{labels_csv}:{row.line}: label {row.label!r} is not a class of the model ({', '.join(classes)})"
             )
         labels[row.slide], patients[row.slide] = classes.index(row.label), row.patient
@@ -67,7 +67,7 @@ def score_cohort(
     labels, patients = cohort_labels(labels_csv, results, classes)
     rows = window_rows(results, labels)
     if not rows:
-        raise HpcdistillError(f"{labels_csv}: labels none of the classified slides; nothing to score")
+        raise PredictionError(f"{labels_csv}: labels none of the classified slides; nothing to score")
     units = ["slide"] + (["patient"] if len(set(patients.values())) < len(patients) else [])
     scored = {}
     for unit in units:

@@ -21,18 +21,18 @@ import torch
 from tqdm import tqdm
 
 from hpcdistill.common.console import say
-from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.errors import HpcdistillError, NonFiniteOutputError, PredictionError, one_line
 from hpcdistill.common.files import atomic_output, atomic_write_json
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.signals import check_interrupted
-from hpcdistill.evaluate.aggregation import SLIDE_RULES, area_mean, combine
 from hpcdistill.models.export import ExportedModel, load_exported
-from hpcdistill.models.inference import NonFiniteOutputError, model_outputs, pick_device, require_finite, standardise
+from hpcdistill.models.inference import model_outputs, pick_device, require_finite, standardise
 from hpcdistill.predict.cam import STEM_STRIDE, TissueMap, WindowMap, cam_logits, tissue_map
 from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overlay
 from hpcdistill.predict.qupath import write_geojson
-from hpcdistill.shards.catalog import check_slide_ids, slide_name
+from hpcdistill.scoring.aggregation import SLIDE_RULES, area_mean, combine
+from hpcdistill.slides.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.outlines import tissue_outlines
 from hpcdistill.slides.regions import RoiOptions
@@ -177,12 +177,12 @@ def predict_slide(
     with open_slide(slide_path, base_mag=options.base_mag) as slide:
         info = slide.info
         if info.base_mag < exported.mag:
-            raise HpcdistillError(
+            raise PredictionError(
                 f"{slide_path}: scanned at {mag_name(info.base_mag)}, below the model's {mag_name(exported.mag)}"
             )
         found, small = prediction_windows(slide, slide_path, exported, options)
         if not found.boxes:
-            raise HpcdistillError(f"{slide_path}: no tissue found on the thumbnail" + (f" ({small})" if small else ""))
+            raise PredictionError(f"{slide_path}: no tissue found on the thumbnail" + (f" ({small})" if small else ""))
         read = options.read or exported.source
         windows, cams = _classify_windows(slide, found, exported, slide_path, options.heatmap, read)
         source = read_record(slide, exported.mag, read)
@@ -311,11 +311,11 @@ def announce(model_path: str | Path, exported: ExportedModel, options: PredictOp
 
 def check_options(options: PredictOptions, classes: list[str]) -> PredictOptions:
     if options.slide_rule not in SLIDE_RULES:
-        raise HpcdistillError(f"--slide-rule {options.slide_rule!r}: expected one of {', '.join(SLIDE_RULES)}")
+        raise PredictionError(f"--slide-rule {options.slide_rule!r}: expected one of {', '.join(SLIDE_RULES)}")
     if options.read not in (None, *READ_SOURCES):
-        raise HpcdistillError(f"--read {options.read!r}: expected one of {', '.join(READ_SOURCES)}")
+        raise PredictionError(f"--read {options.read!r}: expected one of {', '.join(READ_SOURCES)}")
     if options.heatmap_class is not None and options.heatmap_class not in classes:
-        raise HpcdistillError(
+        raise PredictionError(
             f"--heatmap-class {options.heatmap_class!r}: not a class of the model ({', '.join(classes)})"
         )
     return options
@@ -341,7 +341,7 @@ def write_predictions(out: Path, summary: dict[str, Any], results: list[dict]) -
     summary = {**summary, "slides": results}
     atomic_write_json(out / "predictions.json", summary, indent=1)
     if not any(r["status"] == "ok" for r in results):
-        raise HpcdistillError(f"{out}: no slide could be classified (see slides.csv)")
+        raise PredictionError(f"{out}: no slide could be classified (see slides.csv)")
     return summary
 
 

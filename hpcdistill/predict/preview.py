@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.errors import PredictionError, one_line
 from hpcdistill.common.mags import mag_name
 from hpcdistill.models.export import load_exported
 from hpcdistill.predict.prediction import PredictOptions, check_options, prediction_windows, read_record
-from hpcdistill.shards.catalog import check_slide_ids, slide_name
+from hpcdistill.slides.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
 
 
@@ -27,7 +27,7 @@ def preview_slides(model_path: str | Path, slides: list[Path], options: PredictO
             with open_slide(path, base_mag=options.base_mag) as slide:
                 info = slide.info
                 if info.base_mag < exported.mag:
-                    raise HpcdistillError(f"scanned at {mag_name(info.base_mag)}, below {mag_name(exported.mag)}")
+                    raise PredictionError(f"scanned at {mag_name(info.base_mag)}, below {mag_name(exported.mag)}")
                 found, small = prediction_windows(slide, path, exported, options)
                 row |= {"base_mag": info.base_mag, "tissues": len(found.boxes), "windows": found.count, "note": small}
                 row |= read_record(slide, exported.mag, options.read or exported.source)

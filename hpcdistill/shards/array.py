@@ -21,7 +21,6 @@ from hpcdistill.common.errors import ShardingError
 from hpcdistill.common.files import atomic_write_bytes
 from hpcdistill.common.output_folder import check_links
 from hpcdistill.common.progress import write_progress
-from hpcdistill.shards.catalog import collect_slides
 from hpcdistill.shards.cut import SPOOL
 from hpcdistill.shards.manifest import MANIFEST, build_manifest
 from hpcdistill.shards.plan import ShardParams, SlideJob, make_plan, params_fingerprint, shard_inputs
@@ -35,6 +34,7 @@ from hpcdistill.shards.writer import (
     read_matching,
     remove_partial_files,
 )
+from hpcdistill.slides.catalog import collect_slides
 
 
 def slide_weights(jobs: list[SlideJob], out: Path) -> tuple[list[float], str]:

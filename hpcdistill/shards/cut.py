@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.errors import HpcdistillError, LabelConflict, one_line
 from hpcdistill.common.files import atomic_write_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.output_folder import input_at
@@ -22,7 +22,7 @@ from hpcdistill.shards.sample_format import image_member, label_members, sample_
 from hpcdistill.slides import tissue
 from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.outlines import feature, tissue_outlines
-from hpcdistill.slides.regions import LabelConflict, label_tissues
+from hpcdistill.slides.regions import label_tissues
 from hpcdistill.slides.tissue import class_colour
 from hpcdistill.slides.windows import Box, TissueWindows, find_windows, fitting_windows, window_sizes
 

@@ -11,12 +11,12 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from hpcdistill.common.errors import ShardingError
+from hpcdistill.common.errors import RegionError, ShardingError
 from hpcdistill.common.limits import read_bounded
 from hpcdistill.common.mags import mag_name
-from hpcdistill.shards.catalog import LabelRow, assign_splits, read_labels_csv, slide_name
 from hpcdistill.slides import tissue
-from hpcdistill.slides.regions import RegionError, RoiOptions
+from hpcdistill.slides.catalog import LabelRow, assign_splits, read_labels_csv, slide_name
+from hpcdistill.slides.regions import RoiOptions
 from hpcdistill.slides.slide import READ_SOURCES
 from hpcdistill.slides.windows import DEFAULT_MAGS, DEFAULT_MAX_SIZE, Windowing
 

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from typing import Any
 
 import numpy as np
 
 from hpcdistill.common.mags import mag_name
+from hpcdistill.slides.catalog import key_safe
 
 
 def sample_key(slide: str, tissue_index: int, window: int) -> str:
     """WebDataset splits file names at the first dot, so keys keep only [A-Za-z0-9_-]. Keys are names, never
     parsed back: a sample's slide, tissue and window are in its json."""
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', slide)}_t{tissue_index:03d}_w{window:03d}"
+    return f"{key_safe(slide)}_t{tissue_index:03d}_w{window:03d}"
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:

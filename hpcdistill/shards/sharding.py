@@ -24,7 +24,6 @@ from hpcdistill.common.errors import ShardingError
 from hpcdistill.common.files import atomic_write_bytes, atomic_write_json
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.signals import Interrupted, check_interrupted, ignore_interrupts
-from hpcdistill.shards.catalog import collect_slides
 from hpcdistill.shards.cut import SPOOL, SlideResult, preview_slide, shard_slide
 from hpcdistill.shards.manifest import MANIFEST, build_manifest
 from hpcdistill.shards.plan import ShardParams, SlideJob, make_plan, params_fingerprint, shard_inputs
@@ -36,6 +35,7 @@ from hpcdistill.shards.writer import (
     prepare_output,
     remove_partial_files,
 )
+from hpcdistill.slides.catalog import collect_slides
 
 __all__ = ["ShardParams", "ShardingError", "preview_sharding", "run_sharding"]
 

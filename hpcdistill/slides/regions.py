@@ -24,16 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import LabelConflict, RegionError
 from hpcdistill.common.limits import json_depth_ok, limit, raise_hint, read_bounded
 from hpcdistill.common.typed_tree import short
 
 ROI_MODES = ("inside", "outside", "ignore")
 ROI_MISSING = ("skip", "tissue")
-
-
-class RegionError(HpcdistillError):
-    """A region file that cannot be used as given."""
 
 
 @dataclass(frozen=True)
@@ -207,10 +203,6 @@ def _class_name(properties: dict[str, Any]) -> str | None:
     if isinstance(value, dict):
         value = value.get("name")
     return value if isinstance(value, str) and value else None
-
-
-class LabelConflict(RegionError):
-    """One tissue under regions of two classes: which label it has cannot be told."""
 
 
 def label_tissues(found: Any, regions: Regions, classes: list[str]) -> Any:

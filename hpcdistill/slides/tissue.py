@@ -20,7 +20,7 @@ import pyvips
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import SlideError
 from hpcdistill.common.files import atomic_output
 
 # Box colours for the QC image when none are given (distinct on white and on H&E pink/purple).
@@ -64,12 +64,12 @@ class TissueParams:
 
     def __post_init__(self) -> None:
         if self.channel not in ("saturation", "grey"):
-            raise HpcdistillError(f"tissue channel {self.channel!r}: expected 'saturation' or 'grey'")
+            raise SlideError(f"tissue channel {self.channel!r}: expected 'saturation' or 'grey'")
         if self.thumb_size < 1:
-            raise HpcdistillError(f"tissue thumb_size: must be >= 1, got {self.thumb_size}")
+            raise SlideError(f"tissue thumb_size: must be >= 1, got {self.thumb_size}")
         for name in ("close_radius", "open_radius", "min_area_frac", "pad_frac", "min_contrast"):
             if getattr(self, name) < 0:
-                raise HpcdistillError(f"tissue {name}: must be >= 0, got {getattr(self, name)}")
+                raise SlideError(f"tissue {name}: must be >= 0, got {getattr(self, name)}")
 
 
 def disk(radius: int) -> np.ndarray:
@@ -204,9 +204,9 @@ def find_tissues(
     box's label in it: the tissue's own outline, for polygons and heat maps. `keep`: the thumbnail pixels tissue may
     lie in (the user's regions), applied before tissues are told apart."""
     if thumb.ndim != 3 or thumb.shape[2] < 3 or thumb.dtype != np.uint8:
-        raise HpcdistillError(f"tissue thumbnail: expected (H, W, 3) uint8, got {thumb.shape} {thumb.dtype}")
+        raise SlideError(f"tissue thumbnail: expected (H, W, 3) uint8, got {thumb.shape} {thumb.dtype}")
     if not scale > 0:
-        raise HpcdistillError(f"tissue scale: must be positive, got {scale}")
+        raise SlideError(f"tissue scale: must be positive, got {scale}")
     thumb_h, thumb_w = thumb.shape[:2]
     slide_w, slide_h = slide_size if slide_size is not None else (round(thumb_w * scale), round(thumb_h * scale))
     mask = tissue_mask(thumb, params) if keep is None else tissue_mask(thumb, params) & keep
@@ -268,9 +268,9 @@ def write_qc_png(
     """Draw the level-0 boxes (and their labels, in text readable at 100% zoom) on the thumbnail, with a title and
     legend band below it, and write it as PNG (atomically, fast zlib)."""
     if labels is not None and len(labels) != len(boxes_l0):
-        raise HpcdistillError(f"{path}: {len(labels)} labels for {len(boxes_l0)} boxes")
+        raise SlideError(f"{path}: {len(labels)} labels for {len(boxes_l0)} boxes")
     if colors is not None and len(colors) != len(boxes_l0):
-        raise HpcdistillError(f"{path}: {len(colors)} colours for {len(boxes_l0)} boxes")
+        raise SlideError(f"{path}: {len(colors)} colours for {len(boxes_l0)} boxes")
     image = Image.fromarray(np.ascontiguousarray(thumb[..., :3]), mode="RGB")
     draw = ImageDraw.Draw(image)
     line = max(2, round(max(image.size) / 400))

@@ -21,6 +21,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from hpcdistill.common.errors import SyntheticError
 from hpcdistill.common.files import atomic_output
 from hpcdistill.common.signals import check_interrupted
 from hpcdistill.synthetic.aperio import (
@@ -32,7 +33,7 @@ from hpcdistill.synthetic.aperio import (
     write_stripped,
 )
 from hpcdistill.synthetic.scanner_pyramid import SCANNER_JPEG_QUALITY, SCANNER_MIN_LEVEL, ScannerPyramid
-from hpcdistill.synthetic.scene import CLASS_NAMES, TILE, Scene, SyntheticError, make_scene, render_image, render_region
+from hpcdistill.synthetic.scene import CLASS_NAMES, TILE, Scene, make_scene, render_image, render_region
 
 PYRAMIDS = ("render", "scanner")
 MIN_LEVEL_SIZE = 512  # add /4 pyramid levels while their larger side is at least this

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import SyntheticError
 
 CLASS_NAMES = ("normal", "duodenitis", "celiac", "hyperplastic", "atypical")
 # (a, b) nuclear semi-axes in µm, see the module docstring table.
@@ -42,10 +42,6 @@ TILE = 256  # edge (px) of the periodic sensor-noise tile, of render bands, and 
 # Optical densities per RGB channel (Ruifrok & Johnston), jittered per slide.
 HEMATOXYLIN_OD = (0.65, 0.70, 0.29)
 EOSIN_OD = (0.07, 0.85, 0.45)
-
-
-class SyntheticError(HpcdistillError):
-    """Bad arguments for synthetic slide or dataset writing."""
 
 
 # --------------------------------------------------------------------------- deterministic hashing

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpcdistill.common.config import Config
+from hpcdistill.config.schema import Config
 
 # Settings that shape the schedule: changing one on resume would bend the curve the run is on (refused).
 SCHEDULE_KEYS = ("train.epochs", "train.lr")

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hpcdistill.common.config import Config, resolve_path
 from hpcdistill.common.errors import TrainError
 from hpcdistill.common.mags import mag_name
+from hpcdistill.config.schema import Config, resolve_path
 from hpcdistill.data.streams import StreamSpec, per_rank_samples
 from hpcdistill.shards.manifest import mag_stats, manifest_digest, read_manifest, split_summary
 from hpcdistill.shards.reader import ShardSet, resolve_sets

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpcdistill.common.config import Config, resolve_path
 from hpcdistill.common.errors import TrainError
 from hpcdistill.common.files import read_json
 from hpcdistill.common.typed_tree import walk_dotted
+from hpcdistill.config.schema import Config, resolve_path
 from hpcdistill.train.budget import scheduler_config
 
 # DeepSpeed key (dotted) -> the typed config key that owns it

@@ -18,16 +18,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpcdistill.common.config import Config, load_config
 from hpcdistill.common.console import say
-from hpcdistill.common.errors import HpcdistillError, TrainError
+from hpcdistill.common.errors import TrainError
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.ranks import is_rank_zero
 from hpcdistill.common.signals import Interrupted, check_interrupted, deferred
+from hpcdistill.config.schema import Config, load_config
 from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.data.streams import make_loader
-from hpcdistill.evaluate.method_labels import method_label
+from hpcdistill.scoring.method_labels import method_label
 from hpcdistill.train.budget import epoch_limit, stop_reason
 from hpcdistill.train.class_logging import log_classes
 from hpcdistill.train.data_plan import stream_spec
@@ -344,7 +344,7 @@ train = run  # `engine.train(cfg)` reads naturally at call sites; the same entry
 def main_train(argv: list[str]) -> int:
     """`hpcdistill train CONFIG [key=value ...]`."""
     if not argv:
-        raise HpcdistillError("train: usage: hpcdistill train CONFIG.yaml [key=value ...]")
+        raise TrainError("train: usage: hpcdistill train CONFIG.yaml [key=value ...]")
     summary = run(load_config(argv[0], argv[1:]))
     if summary and is_rank_zero():
         print(json.dumps(summary, indent=2), file=sys.stdout)

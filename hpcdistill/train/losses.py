@@ -11,8 +11,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from hpcdistill.common.config import RESIZES
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import TrainError
+from hpcdistill.config.schema import RESIZES
 
 
 def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -23,9 +23,9 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     under `no_grad`.
     """
     if not temperature > 0:
-        raise HpcdistillError(f"temperature: must be positive, got {temperature!r}")
+        raise TrainError(f"temperature: must be positive, got {temperature!r}")
     if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
-        raise HpcdistillError(
+        raise TrainError(
             f"soft_loss: logits must both be (batch, classes), got student "
             f"{tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}"
         )
@@ -39,9 +39,9 @@ def _resize_names(resize: str | Iterable[str]) -> tuple[str, ...]:
     names = (resize,) if isinstance(resize, str) else tuple(resize)
     for name in names:
         if name not in RESIZES:
-            raise HpcdistillError(f"resize: unknown resize function {name!r}; choose from {', '.join(RESIZES)}")
+            raise TrainError(f"resize: unknown resize function {name!r}; choose from {', '.join(RESIZES)}")
     if len(set(names)) != len(names):
-        raise HpcdistillError(f"resize: {list(names)} names a function twice")
+        raise TrainError(f"resize: {list(names)} names a function twice")
     return names
 
 
@@ -67,12 +67,12 @@ def pixel_loss(
     """
     names = _resize_names(resize)
     if student_features.ndim != 4 or teacher_features.ndim != 4:
-        raise HpcdistillError(
+        raise TrainError(
             f"pixel_loss: feature maps must be (N, C, h, w), got student "
             f"{tuple(student_features.shape)} and teacher {tuple(teacher_features.shape)}"
         )
     if student_features.shape[:2] != teacher_features.shape[:2]:
-        raise HpcdistillError(
+        raise TrainError(
             f"pixel_loss: student and teacher maps need the same batch and channel counts, got student "
             f"{tuple(student_features.shape)} and teacher {tuple(teacher_features.shape)} "
             f"(use the same architecture and width for both)"

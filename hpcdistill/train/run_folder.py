@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import yaml
 
-from hpcdistill.common.config import resolve_path
-from hpcdistill.common.errors import HpcdistillError, one_line
+from hpcdistill.common.errors import RunFolderError, one_line
 from hpcdistill.common.files import atomic_output, atomic_write_json, atomic_write_text
 from hpcdistill.common.limits import regular_file
 from hpcdistill.common.progress import write_progress
 from hpcdistill.common.typed_tree import dotted_leaves
+from hpcdistill.config.schema import resolve_path
 from hpcdistill.models.export import export_blob
 from hpcdistill.train.distributed import barrier
 
@@ -59,10 +59,6 @@ RESUMABLE = (
     "run.name",
     "log.",
 )
-
-
-class RunFolderError(HpcdistillError):
-    """A checkpoint or export that cannot be written, read or resumed as asked."""
 
 
 def checkpoint_tag(step: int) -> str:

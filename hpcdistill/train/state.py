@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from hpcdistill.common.config import Config, resolve_path
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import TrainError
 from hpcdistill.common.mags import mag_name
+from hpcdistill.config.schema import Config, resolve_path
 from hpcdistill.data.device_batch import require_device_decode
 from hpcdistill.models.export import load_exported
 from hpcdistill.models.inference import smallest_input

@@ -5,9 +5,9 @@ export's. `teacher.gate=warn` says the shortfall and goes on."""
 
 from __future__ import annotations
 
-from hpcdistill.common.config import Config, resolve_path
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import TrainError
+from hpcdistill.config.schema import Config, resolve_path
 from hpcdistill.models.export import ExportedModel, load_exported
 
 GATE_METRIC = "accuracy"

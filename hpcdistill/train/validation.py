@@ -35,7 +35,7 @@ def teacher_val_outputs(state: State, batch: dict[str, Any]) -> tuple[torch.Tens
 
 
 def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    from hpcdistill.evaluate.metrics import classification_metrics
+    from hpcdistill.scoring.metrics import classification_metrics
 
     out: dict[str, Any] = {"samples": len(rows)}
     labeled = [r for r in rows if r["y"] >= 0]

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from launch_helpers import CPU, TINY, tiny_experiment
 
-from hpcdistill.cluster.status import format_status, status
+from hpcdistill.cluster.status import experiment_status, format_status
 from hpcdistill.experiment.experiment_file import load_experiment
 from hpcdistill.experiment.graph import plan_jobs
-from hpcdistill.experiment.launch import launch
+from hpcdistill.experiment.launch import launch_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def poll_status(proc: subprocess.Popen, exp_dir: Path) -> list[dict]:
     seen_running = []
     while proc.poll() is None:
         if (exp_dir / "launch.json").is_file():
-            rows = status(exp_dir)  # during the run, as on SLURM
+            rows = experiment_status(exp_dir)  # during the run, as on SLURM
             seen_running += [r for r in rows if r["state"] not in ("COMPLETED", "FAILED")]
         time.sleep(0.5)
     return seen_running
@@ -57,7 +57,7 @@ def test_demo_experiment_file_runs_end_to_end_locally_with_progress_and_status(t
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
     assert seen_running, "status never saw a job still running"
-    rows = status(exp_dir)
+    rows = experiment_status(exp_dir)
     assert list(exp["methods"]) == ["baseline", "kd", "kd_adv1", "kd_adv2"]  # the shipped demo experiment
     assert [r["task"] for r in rows] == ["teacher", *(f"{m}-2.5x" for m in exp["methods"]), "evaluate"]
     assert all(r["state"] == "COMPLETED" for r in rows) and (exp_dir / "report" / "report.md").is_file()
@@ -83,12 +83,12 @@ def test_demo_experiment_file_runs_end_to_end_locally_with_progress_and_status(t
 def test_laptop_clusters_run_the_stages_in_order(tmp_path, launch_shards, cluster):
     methods = {"kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": TINY}}
     path = tiny_experiment(tmp_path, launch_shards, "dbg", methods, mags=[2.5], resources={"default": CPU})
-    record = launch(path, cluster=cluster)
+    record = launch_experiment(path, cluster=cluster)
     exp_dir = tmp_path / "runs" / "dbg"
     assert [j["key"] for j in record["jobs"]] == ["teacher", "kd", "evaluate"]
     assert record["jobs"][1]["tasks"][0]["result"]["mode"] == "distill"
     assert (exp_dir / "kd-2.5x" / "eval" / "test.json").is_file() and (exp_dir / "report" / "report.md").is_file()
-    rows = status(exp_dir)
+    rows = experiment_status(exp_dir)
     assert [r["state"] for r in rows] == ["COMPLETED"] * 3
     assert "kd-2.5x" in format_status(rows) and json.loads((exp_dir / "launch.json").read_text())["cluster"] == cluster
     if cluster == "debug":  # relaunching a finished experiment retrains nothing: each run returns from its checkpoint
@@ -96,7 +96,7 @@ def test_laptop_clusters_run_the_stages_in_order(tmp_path, launch_shards, cluste
 
         run_dir = exp_dir / "kd-2.5x"
         before = (sorted(complete_checkpoints(run_dir / "checkpoints")), (run_dir / "best.pt").read_bytes())
-        again = launch(path, cluster=cluster)
+        again = launch_experiment(path, cluster=cluster)
         assert again["jobs"][1]["tasks"][0]["result"] == record["jobs"][1]["tasks"][0]["result"]
         assert (sorted(complete_checkpoints(run_dir / "checkpoints")), (run_dir / "best.pt").read_bytes()) == before
 
@@ -127,7 +127,7 @@ def test_seeds_repeat_every_run_and_the_report_pools_them(tiny_dataset, tmp_path
     jobs = {j.key: j for j in plan_jobs(load_experiment(path))}
     assert [t.name for t in jobs["kd"].tasks] == ["kd-2.5x-s0", "kd-2.5x-s1"] and jobs["teacher"].is_array
     assert any(o.endswith("teacher-s1/best.pt") for o in jobs["kd"].tasks[1].overrides)
-    launch(path, cluster="local")
+    launch_experiment(path, cluster="local")
     exp_dir = tmp_path / "runs" / "seeded"
     for run in ("teacher-s0", "teacher-s1", "baseline-2.5x-s1", "kd-2.5x-s0"):
         assert yaml.safe_load((exp_dir / run / "config.yaml").read_text())["run"]["seed"] == int(run[-1])

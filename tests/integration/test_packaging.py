@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from hpcdistill.common import config
+from hpcdistill.config import schema as config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -216,7 +216,7 @@ def test_slurm_experiment_with_a_shard_stage_runs_end_to_end(slurm_cluster, mixe
     """One launch: shard array -> merge -> teacher and a baseline -> evaluation and report, on the local SLURM."""
     import yaml
 
-    from hpcdistill.experiment.launch import launch
+    from hpcdistill.experiment.launch import launch_experiment
 
     cpu = {
         "nodes": 1,
@@ -251,9 +251,9 @@ def test_slurm_experiment_with_a_shard_stage_runs_end_to_end(slurm_cluster, mixe
     }
     path = tmp_path / "staged.yaml"
     path.write_text(yaml.safe_dump(exp))
-    dry = launch(path, cluster="slurm", dry_run=True)
+    dry = launch_experiment(path, cluster="slurm", dry_run=True)
     assert dry["graph"]["merge"]["after_ok"] == ["shard"] and "merge" in dry["graph"]["teacher"]["after_ok"]
-    record = launch(path, cluster="slurm", wait=True, wait_timeout_s=540)
+    record = launch_experiment(path, cluster="slurm", wait=True, wait_timeout_s=540)
     assert [j["key"] for j in record["jobs"]] == ["shard", "merge", "teacher", "baseline", "evaluate"]
     assert all(t["state"] == "COMPLETED" for j in record["jobs"] for t in j["tasks"])
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())

@@ -17,7 +17,7 @@ from launch_helpers import CPU, TINY, tiny_experiment
 from train_helpers import clean_env
 
 from hpcdistill.cli import main
-from hpcdistill.cluster.status import status
+from hpcdistill.cluster.status import experiment_status
 from hpcdistill.common.folder_lock import HOLDER
 
 pytestmark = pytest.mark.slow
@@ -80,12 +80,12 @@ def test_sigint_ends_a_local_launch_and_status_shows_no_job_running(launch_shard
     proc = start("launch", str(path), "--cluster", "local")
     wait_for(proc, lambda: any(r["state"] == "RUNNING" for r in _rows(exp_dir)), "a running job")
     assert "rerun" in ended_in_one_line(proc, signal.SIGINT)
-    rows = status(exp_dir)
+    rows = experiment_status(exp_dir)
     assert rows and not [r for r in rows if r["state"] in ("RUNNING", "PENDING")], rows
 
 
 def _rows(exp_dir: Path) -> list[dict]:
-    return status(exp_dir) if (exp_dir / "launch.json").is_file() else []
+    return experiment_status(exp_dir) if (exp_dir / "launch.json").is_file() else []
 
 
 def test_the_shipped_demo_experiment_launched_from_an_empty_folder_runs_there(tiny_dataset, tmp_path):

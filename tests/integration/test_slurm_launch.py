@@ -15,10 +15,10 @@ import pytest
 from conftest import SLURM_FINAL_STATES, sacct_wait_final
 from launch_helpers import CPU, TINY, check_resumed_runs, final_history, tiny_experiment
 
-from hpcdistill.cluster.status import status
+from hpcdistill.cluster.status import experiment_status
 from hpcdistill.common.errors import LaunchError
 from hpcdistill.data.streams import per_rank_samples
-from hpcdistill.experiment.launch import launch
+from hpcdistill.experiment.launch import launch_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ def slurm_experiment(slurm_cluster, launch_shards, tmp_path_factory):
     resources = {"default": CPU, "teacher": {"tasks_per_node": 2}}
     path = tiny_experiment(tmp, launch_shards, "e2e", methods, resources=resources)
     t0 = time.monotonic()
-    record = launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
+    record = launch_experiment(path, cluster="slurm", wait=True, wait_timeout_s=240)
     return record, tmp / "runs" / "e2e", time.monotonic() - t0
 
 
@@ -54,7 +54,7 @@ def test_slurm_experiment_end_to_end(slurm_experiment, small_dataset):
     report = (exp_dir / "report" / "report.md").read_text()
     assert "KD" in report and jobs["evaluate"]["tasks"][0]["result"]["report"] == str(exp_dir / "report" / "report.md")
     assert Path(kd["tasks"][1]["stdout"]).is_file() and f"{kd['slurm_id']}_1" in kd["tasks"][1]["stdout"]
-    rows = status(exp_dir)
+    rows = experiment_status(exp_dir)
     assert [r["state"] for r in rows] == ["COMPLETED"] * 4
     print(f"end-to-end experiment on SLURM: {seconds:.0f}s")
 
@@ -99,7 +99,7 @@ def test_slurm_time_limit_requeues_resumes_and_bounds_the_requeues(slurm_cluster
         teacher={"config": "configs/demo/teacher.yaml", "overrides": overrides},
     )
     with pytest.raises(LaunchError) as info:
-        launch(path, cluster="slurm", wait=True, wait_timeout_s=240)
+        launch_experiment(path, cluster="slurm", wait=True, wait_timeout_s=240)
     message = str(info.value)
     assert message.startswith("teacher: job ") and "timed-out too many times" in message and "\n" not in message
     task = json.loads((tmp_path / "runs" / "timelimit" / "launch.json").read_text())["jobs"][0]["tasks"][0]
@@ -131,7 +131,7 @@ def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, launch_shards,
 
     exp_dir = tmp_path / "runs" / "preempt"
     with ThreadPoolExecutor(1) as pool:
-        launched = pool.submit(launch, path, cluster="slurm", wait=True, wait_timeout_s=240)
+        launched = pool.submit(launch_experiment, path, cluster="slurm", wait=True, wait_timeout_s=240)
         deadline = time.monotonic() + 120
         while not complete_checkpoints(exp_dir / "teacher" / "checkpoints") and time.monotonic() < deadline:
             assert not launched.done(), launched.exception()
@@ -157,7 +157,7 @@ def test_slurm_multi_task_job_ends_when_one_rank_dies(slurm_cluster, launch_shar
     teacher = {"config": "configs/demo/teacher.yaml", "overrides": long}
     resources = {"default": dict(CPU, tasks_per_node=2, max_requeue=0)}
     path = tiny_experiment(tmp_path, launch_shards, "die", {}, teacher=teacher, resources=resources)
-    record = launch(path, cluster="slurm", wait=False)
+    record = launch_experiment(path, cluster="slurm", wait=False)
     job_id = record["jobs"][0]["slurm_id"]
     rank1 = wait_for_rank_process(job_id, rank=1, run_dir=tmp_path / "runs" / "die" / "teacher", timeout_s=150)
     os.kill(rank1, signal.SIGKILL)
@@ -204,14 +204,14 @@ def test_slurm_crashing_job_is_reported_failed(slurm_cluster, launch_shards, tmp
     path = tiny_experiment(tmp_path, launch_shards, "crash", methods, teacher=teacher, resources={"default": CPU})
     t0 = time.monotonic()
     with pytest.raises(LaunchError) as info:
-        launch(path, cluster="slurm", wait=True, wait_timeout_s=150)
+        launch_experiment(path, cluster="slurm", wait=True, wait_timeout_s=150)
     message = str(info.value)
     assert message.startswith("teacher: job ") and "failed" in message and "model.num_classes: 5" in message
     assert "\n" not in message and time.monotonic() - t0 < 150
     exp_dir = tmp_path / "runs" / "crash"
     deadline = time.monotonic() + 60
     while True:  # SLURM cancels the dependants (kill-on-invalid-dep) instead of leaving them pending
-        states = {r["task"]: r["state"] for r in status(exp_dir)}
+        states = {r["task"]: r["state"] for r in experiment_status(exp_dir)}
         # every dependant, evaluate included: SLURM may cancel them in different scheduler passes, and a job sacct
         # has not recorded yet reads UNKNOWN
         if set(states.values()) <= SLURM_FINAL_STATES or time.monotonic() > deadline:

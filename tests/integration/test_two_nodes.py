@@ -19,8 +19,8 @@ from conftest import sacct_wait_final
 from launch_helpers import CPU, TINY, logged_steps, tiny_experiment
 from train_helpers import scalars
 
-from hpcdistill.cluster.status import status
-from hpcdistill.experiment.launch import launch
+from hpcdistill.cluster.status import experiment_status
+from hpcdistill.experiment.launch import launch_experiment
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def teacher_run(tmp: Path, shards: Path, name: str, nodes: int, tasks: int, *ext
     teacher = {"config": "configs/demo/teacher.yaml", "overrides": [*TINY, "data.epoch_samples=8", *extra]}
     resources = {"default": dict(CPU, nodes=nodes, tasks_per_node=tasks, max_requeue=0)}
     path = tiny_experiment(tmp, shards, name, {}, teacher=teacher, resources=resources)
-    return launch(path, cluster="slurm", wait=True, wait_timeout_s=240), tmp / "runs" / name / "teacher"
+    return launch_experiment(path, cluster="slurm", wait=True, wait_timeout_s=240), tmp / "runs" / name / "teacher"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_a_teacher_trains_on_two_nodes_and_status_names_both(across_and_within):
         ("node2", 1, 0, 2),
     ]
     assert [r["slurm_node"] for r in ranks] == ["node1", "node2"]
-    rows = status(run_dir.parent)
+    rows = experiment_status(run_dir.parent)
     assert [(r["state"], r["hosts"]) for r in rows][0] == ("COMPLETED", "node1,node2")
 
 
@@ -84,10 +84,10 @@ def test_a_node_down_at_submission_leaves_the_job_pending_with_its_reason(two_no
         teacher = {"config": "configs/demo/teacher.yaml", "overrides": list(TINY)}
         resources = {"default": dict(CPU, nodes=2, tasks_per_node=1)}
         path = tiny_experiment(tmp_path, launch_shards, "down", {}, teacher=teacher, resources=resources)
-        launch(path, cluster="slurm", wait=False)
+        launch_experiment(path, cluster="slurm", wait=False)
         deadline, state = time.monotonic() + 60, ""
         while time.monotonic() < deadline and not state.startswith("PENDING ("):
-            state = status(tmp_path / "runs" / "down")[0]["state"]
+            state = experiment_status(tmp_path / "runs" / "down")[0]["state"]
             time.sleep(1)
         assert state.startswith("PENDING (") and ("DOWN" in state or "ReqNodeNotAvail" in state), state
     finally:
@@ -101,7 +101,7 @@ def two_node_teacher_at_a_checkpoint(tmp: Path, shards: Path, name: str, overrid
     teacher = {"config": "configs/demo/teacher.yaml", "overrides": [*TINY, *overrides]}
     resources = {"default": dict(CPU, nodes=2, tasks_per_node=1, max_requeue=requeues)}
     path = tiny_experiment(tmp, shards, name, {}, teacher=teacher, resources=resources)
-    record = launch(path, cluster="slurm", wait=False)
+    record = launch_experiment(path, cluster="slurm", wait=False)
     job_id, run_dir = record["jobs"][0]["slurm_id"], tmp / "runs" / name / "teacher"
     deadline = time.monotonic() + 200
     while not list((run_dir / "checkpoints").glob("step*/COMPLETE")):
@@ -122,7 +122,7 @@ def test_a_killed_rank_on_node2_ends_the_job_naming_it_and_the_relaunch_resumes(
     log = Path(record["jobs"][0]["tasks"][0]["stderr"]).read_text()
     assert "node2: task 1: Killed" in log, log[-2000:]  # srun's one line: the node and the rank
     assert not (run_dir / "last.pt").exists()
-    again = launch(path, cluster="slurm", wait=False)  # the same file again: it resumes
+    again = launch_experiment(path, cluster="slurm", wait=False)  # the same file again: it resumes
     task = again["jobs"][0]["tasks"][0]
     deadline = time.monotonic() + 120
     while "resuming from" not in (Path(task["stdout"]).read_text() if Path(task["stdout"]).is_file() else ""):

@@ -27,8 +27,8 @@ def test_every_exported_name_resolves(stage):
 
 def test_the_designs_public_names():
     from hpcdistill.evaluate import bootstrap_ci, classification_metrics
-    from hpcdistill.evaluate.metrics import bootstrap_ci as metrics_bootstrap_ci
     from hpcdistill.models import build_model
+    from hpcdistill.scoring.metrics import bootstrap_ci as metrics_bootstrap_ci
     from hpcdistill.train import pixel_loss, soft_loss
     from hpcdistill.train.losses import soft_loss as losses_soft_loss
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from handmade_shards import handmade, spec
 
-from hpcdistill.common.config import AugmentConfig
 from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.config.schema import AugmentConfig
 from hpcdistill.data.augment import AugmentDraw, apply_moves
 from hpcdistill.data.device_batch import finish_batch, require_device_decode
 from hpcdistill.data.streams import ShardStream, StreamSpec

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from handmade_shards import handmade, keys, shard_counts, spec, split_keys
 
-from hpcdistill.common.config import AugmentConfig
 from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.config.schema import AugmentConfig
 from hpcdistill.data.streams import ShardStream, make_loader, per_rank_samples
 from hpcdistill.shards.manifest import read_manifest
 from hpcdistill.shards.reader import decode_sample, raw_samples, resolve_sets

@@ -10,8 +10,8 @@ import torch
 
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.evaluate.evaluation import evaluate_checkpoint, predict_split
-from hpcdistill.evaluate.method_labels import ABLATION_ORDER, method_label, method_order
 from hpcdistill.evaluate.report import load_results
+from hpcdistill.scoring.method_labels import ABLATION_ORDER, method_label, method_order
 from hpcdistill.shards.manifest import read_manifest
 from hpcdistill.shards.reader import decode_sample, raw_samples, resolve_sets
 

@@ -11,9 +11,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from hpcdistill.cli import main
-from hpcdistill.evaluate.aggregation import unit_rows
-from hpcdistill.evaluate.auroc import auroc_ci
 from hpcdistill.evaluate.evaluation import evaluate_checkpoint
+from hpcdistill.scoring.aggregation import unit_rows
+from hpcdistill.scoring.auroc import auroc_ci
 
 
 @pytest.mark.parametrize("absent", [None, 2])

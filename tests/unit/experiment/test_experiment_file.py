@@ -10,11 +10,11 @@ import pytest
 from launch_helpers import CPU, error_of, write_experiment
 
 from hpcdistill.cluster.job_plan import dependency_string, slurm_parameters
-from hpcdistill.common.config import load_config
 from hpcdistill.common.errors import LaunchError
+from hpcdistill.config.schema import load_config
 from hpcdistill.experiment.experiment_file import load_experiment
 from hpcdistill.experiment.graph import callables_for, plan_jobs
-from hpcdistill.experiment.launch import launch
+from hpcdistill.experiment.launch import launch_experiment
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -44,7 +44,7 @@ def test_bad_training_override_fails_before_submitting(tmp_path):
         tmp_path, methods={"kd": {"config": "configs/demo/distill.yaml", "overrides": ["train.lr=fast"]}}
     )
     with pytest.raises(LaunchError, match=r"methods\.kd \(kd-5x\): train\.lr: expected float"):
-        launch(path, cluster="slurm", dry_run=True)
+        launch_experiment(path, cluster="slurm", dry_run=True)
 
 
 def test_a_deepspeed_json_setting_a_config_key_fails_before_submitting(tmp_path):
@@ -60,7 +60,7 @@ def test_a_deepspeed_json_setting_a_config_key_fails_before_submitting(tmp_path)
         match=r"methods\.kd \(kd-5x\): deepspeed: .*my_ds\.json: sets optimizer\.params\.lr, "
         r"which the config owns \(train\.lr\)",
     ):
-        launch(path, cluster="slurm", dry_run=True)
+        launch_experiment(path, cluster="slurm", dry_run=True)
 
 
 def test_graph_dependencies_and_task_overrides(tmp_path):
@@ -88,7 +88,7 @@ def test_graph_dependencies_and_task_overrides(tmp_path):
 
 
 def test_dry_run_prints_sbatch_scripts_and_graph(tmp_path, capsys):
-    out = launch(write_experiment(tmp_path), cluster="slurm", dry_run=True)
+    out = launch_experiment(write_experiment(tmp_path), cluster="slurm", dry_run=True)
     text = capsys.readouterr().out
     assert text.strip() == out["text"].strip()
     assert not (tmp_path / "runs").exists()  # nothing written, nothing submitted
@@ -133,7 +133,9 @@ def test_every_shipped_experiment_parses_and_dry_runs(capsys):
     files = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
     assert [f.stem for f in files] == ["celiac", "demo"]
     for path in files:
-        out = launch(path, cluster="slurm", dry_run=True)  # every task's training config is loaded and checked
+        out = launch_experiment(
+            path, cluster="slurm", dry_run=True
+        )  # every task's training config is loaded and checked
         assert out["dry_run"] and "#SBATCH" in out["text"] and list(out["graph"])[-1] == "evaluate", path
     celiac = load_experiment(REPO / "configs" / "experiments" / "celiac.yaml")
     assert celiac.resources_for("kd").partition == "YOUR_PARTITION" and celiac.mags == [5.0, 2.5, 1.25, 0.625]
@@ -145,7 +147,7 @@ def test_the_graph_shows_the_teacher_gate_and_a_gate_against_the_baseline_waits_
     kd = {"config": "configs/demo/distill.yaml", "label": "KD", "gate_against": "baseline", "overrides": []}
     methods = {"baseline": {"config": "configs/demo/baseline.yaml", "label": "Baseline"}, "kd": kd}
     path = write_experiment(tmp_path, methods=methods)
-    text = launch(path, cluster="slurm", dry_run=True)["text"]
+    text = launch_experiment(path, cluster="slurm", dry_run=True)["text"]
     assert re.search(
         r"^kd\s+array\[2\].*\n\s+gate: teacher val accuracy >= 0\.9 and > baseline's \(refuse\)$", text, re.M
     )

@@ -13,8 +13,8 @@ from conftest import tiny_train_overrides
 from train_helpers import error_line
 
 from hpcdistill.cli import main
-from hpcdistill.common.config import load_config
 from hpcdistill.common.errors import ConfigError, DataError
+from hpcdistill.config.schema import load_config
 from hpcdistill.shards.manifest import read_manifest
 
 

@@ -10,8 +10,10 @@ import pytest
 from shard_fixtures import read_samples
 
 from hpcdistill.cli import main
-from hpcdistill.shards import catalog, plan, sample_format
+from hpcdistill.shards import plan, sample_format
+from hpcdistill.common.errors import SlideError
 from hpcdistill.shards.sharding import ShardingError, ShardParams
+from hpcdistill.slides import catalog
 from hpcdistill.slides.windows import split_windows, window_alignment
 
 
@@ -51,7 +53,7 @@ def test_inputs_from_directories_globs_and_files(shard_slides):
         "s40a.tiff",
         "s40b.svs",
     ]
-    with pytest.raises(ShardingError, match="matches no files"):
+    with pytest.raises(SlideError, match="matches no files"):
         catalog.collect_slides([f"{good}/*.ndpi"])
 
 
@@ -83,7 +85,7 @@ def test_patient_level_stratified_split_is_deterministic():
 def test_labels_csv_errors_name_file_line_and_reason(shard_slides, tmp_path, body, line, reason):
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text(body)
-    with pytest.raises(ShardingError) as err:
+    with pytest.raises(SlideError) as err:
         plan.make_plan(catalog.collect_slides([shard_slides["good"]]), csv_path, ShardParams())
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{csv_path}:{line}: ") and reason in message

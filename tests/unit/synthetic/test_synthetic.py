@@ -15,6 +15,7 @@ import pyvips
 import tifffile
 from scipy import ndimage
 
+from hpcdistill.common.errors import SyntheticError
 from hpcdistill.synthetic import dataset as S
 from hpcdistill.synthetic.scene import make_scene, render_region
 
@@ -194,11 +195,11 @@ def test_dataset_labels_patients_and_aux_splits(tmp_path):
 
 
 def test_bad_arguments_give_one_line_errors(tmp_path):
-    with pytest.raises(S.SyntheticError, match=r"x\.png: fmt 'png'"):
+    with pytest.raises(SyntheticError, match=r"x\.png: fmt 'png'"):
         S.write_slide(tmp_path / "x.png", 500, 500, fmt="png")
-    with pytest.raises(S.SyntheticError, match="class_id 9"):
+    with pytest.raises(SyntheticError, match="class_id 9"):
         S.write_slide(tmp_path / "x.svs", 500, 500, class_id=9)
-    with pytest.raises(S.SyntheticError, match="classes"):
+    with pytest.raises(SyntheticError, match="classes"):
         S.write_dataset(tmp_path, classes=["a"])
     assert not list(tmp_path.iterdir())  # nothing half-written
 

@@ -10,8 +10,8 @@ from conftest import cfg_for
 from train_helpers import error_line, samples, scalars, weights
 
 from hpcdistill.cli import main
-from hpcdistill.common.config import load_config
 from hpcdistill.common.errors import ConfigError, HpcdistillError
+from hpcdistill.config.schema import load_config
 from hpcdistill.models.export import load_exported
 from hpcdistill.train import loop
 from hpcdistill.train.budget import stop_reason

@@ -15,9 +15,9 @@ from conftest import cfg_for, tiny_train_overrides
 from train_helpers import error_line, scalars
 
 from hpcdistill.cli import main
-from hpcdistill.common.config import load_config
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.common.folder_lock import LOCK
+from hpcdistill.config.schema import load_config
 from hpcdistill.train import loop
 from hpcdistill.train.run_folder import MODEL_STATES, complete_checkpoints
 

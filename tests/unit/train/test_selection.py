@@ -46,7 +46,7 @@ def test_restore_refuses_a_pick_made_on_another_metric():
 
 
 def test_the_shipped_baseline_configs_pick_on_the_ema():
-    from hpcdistill.common.config import load_config
+    from hpcdistill.config.schema import load_config
 
     for setup in ("demo", "celiac", "luad"):
         assert load_config(f"configs/{setup}/baseline.yaml").select_metric == "ema_accuracy", setup
@@ -132,7 +132,7 @@ def test_ema_decay_cannot_change_on_resume(tiny_dataset, tiny_teacher, tmp_path)
 
 
 def test_a_config_key_older_checkpoints_lack_reads_as_its_default():
-    from hpcdistill.common.config import Config
+    from hpcdistill.config.schema import Config
     from hpcdistill.train.run_folder import config_changes
 
     stored = Config().to_dict()

@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Iterable
 
 from hpcdistill.common.console import say
-from hpcdistill.common.errors import ShardingError
+from hpcdistill.common.errors import SlideError
 from hpcdistill.common.limits import read_bounded, regular_file
-from hpcdistill.shards.sample_format import sample_key
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu")
+
+
+def key_safe(slide: str) -> str:
+    """A slide's name as WebDataset sample keys carry it: only [A-Za-z0-9_-] (a key is split at its first dot)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", slide)
 
 
 SPLIT_NAME = re.compile(r"^(train|val|test|dev|aux|aux[A-Za-z0-9_]+)$")
@@ -35,7 +39,7 @@ def collect_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         elif path.is_file():
             found.add(path)
         elif path.exists() and not glob.has_magic(text):
-            regular_file(path, ShardingError)  # a device, FIFO or socket: said as what it is
+            regular_file(path, SlideError)  # a device, FIFO or socket: said as what it is
         elif glob.has_magic(text):
             matches = [Path(p) for p in glob.glob(text, recursive=True)]
             files = [p for p in matches if p.is_file()]
@@ -43,13 +47,13 @@ def collect_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
                 if p.is_dir():
                     files.extend(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS)
             if not files:
-                raise ShardingError(f"{text}: the pattern matches no files")
+                raise SlideError(f"{text}: the pattern matches no files")
             found.update(files)
         else:
-            raise ShardingError(f"{text}: no such file or directory")
+            raise SlideError(f"{text}: no such file or directory")
     paths = sorted({p.resolve() for p in found})
     if not paths:
-        raise ShardingError(f"{', '.join(map(str, inputs)) or '(no inputs)'}: no slide files found")
+        raise SlideError(f"{', '.join(map(str, inputs)) or '(no inputs)'}: no slide files found")
     check_slide_ids(paths)
     return paths
 
@@ -61,11 +65,11 @@ def check_slide_ids(paths: Iterable[str | os.PathLike]) -> None:
     keys: dict[str, Path] = {}
     for p in map(Path, paths):
         if names.setdefault(slide_name(p), p) != p:
-            raise ShardingError(f"{p}: same slide name {slide_name(p)!r} as {names[slide_name(p)]}; rename one")
-        key = sample_key(slide_name(p), 0, 0)  # sample keys keep [A-Za-z0-9_-]: `x y`, `x,y` and `x-y` would meet
+            raise SlideError(f"{p}: same slide name {slide_name(p)!r} as {names[slide_name(p)]}; rename one")
+        key = key_safe(slide_name(p))  # sample keys keep [A-Za-z0-9_-]: `x y`, `x,y` and `x-y` would meet
         if keys.setdefault(key, p) != p:
-            raise ShardingError(
-                f"{p}: its samples would share their keys ({key.rsplit('_t', 1)[0]}_t...) with {keys[key]}'s; "
+            raise SlideError(
+                f"{p}: its samples would share their keys ({key}_t...) with {keys[key]}'s; "
                 "rename one (keys keep letters, digits, '_' and '-')"
             )
 
@@ -103,19 +107,17 @@ def read_labels_csv(
             continue
         slide = values.get("slide", "")
         if not slide:
-            raise ShardingError(f"{csv_path}:{line}: empty slide name")
+            raise SlideError(f"{csv_path}:{line}: empty slide name")
         path = lookup.get(slide) or lookup.get(str((csv_path.parent / slide).resolve()))
         if path is None and other_slides:
             continue
         if path is None:
-            raise ShardingError(f"{csv_path}:{line}: unknown slide {slide!r} (not among the input slide files)")
+            raise SlideError(f"{csv_path}:{line}: unknown slide {slide!r} (not among the input slide files)")
         if path in rows:
-            raise ShardingError(
-                f"{csv_path}:{line}: duplicate row for slide {slide!r} (first at line {first_line[path]})"
-            )
+            raise SlideError(f"{csv_path}:{line}: duplicate row for slide {slide!r} (first at line {first_line[path]})")
         split = values.get("split", "")
         if split and not SPLIT_NAME.match(split):
-            raise ShardingError(
+            raise SlideError(
                 f"{csv_path}:{line}: unknown split {split!r} (allowed: train, val, test, dev, aux, aux<name>)"
             )
         rows[path] = LabelRow(
@@ -128,17 +130,17 @@ def read_labels_csv(
 
 def _labels_reader(csv_path: Path) -> csv.DictReader:
     """The CSV's rows with stripped column names; one line for an unreadable file or a missing column."""
-    data = read_bounded(csv_path, "csv_bytes", ShardingError)
+    data = read_bounded(csv_path, "csv_bytes", SlideError)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ShardingError(f"{csv_path}: cannot read labels CSV (not UTF-8 text: {exc.reason})") from None
+        raise SlideError(f"{csv_path}: cannot read labels CSV (not UTF-8 text: {exc.reason})") from None
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     if "slide" not in columns:
-        raise ShardingError(f"{csv_path}:1: header must have a 'slide' column (slide,patient,label,split)")
+        raise SlideError(f"{csv_path}:1: header must have a 'slide' column (slide,patient,label,split)")
     if "label" not in columns:  # else every slide would silently become unlabeled
-        raise ShardingError(
+        raise SlideError(
             f"{csv_path}:1: no 'label' column (columns: {', '.join(columns)}); add one (an empty "
             "label marks an unlabeled slide), or shard without --labels to treat every slide as "
             "unlabeled (split aux)"
@@ -168,7 +170,7 @@ def _check_patient_splits(csv_path: Path, rows: dict[Path, LabelRow]) -> None:
         if row.split and not row.split.startswith("aux"):
             other = explicit.setdefault(row.patient, row)
             if other.split != row.split:
-                raise ShardingError(
+                raise SlideError(
                     f"{csv_path}:{row.line}: patient {row.patient!r} in split {row.split!r} "
                     f"but in {other.split!r} at line {other.line}"
                 )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from hpcdistill.common.errors import ConfigError
 
 if TYPE_CHECKING:
-    from hpcdistill.common.config import Config
+    from hpcdistill.config.schema import Config
 
 
 # What a mode never reads, with why (an override of one is said, never silently stored).

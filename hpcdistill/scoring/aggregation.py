@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import ScoringError
 
 SLIDE_RULES = {
     "mean": "area-weighted mean of window probabilities, then argmax",
@@ -30,7 +30,7 @@ def area_mean(probs: list[list[float]] | np.ndarray, areas: list[float] | np.nda
 def combine(probs: np.ndarray, areas: np.ndarray, tissues: list[Any], rule: str) -> np.ndarray:
     """The scores of a unit from its windows' probabilities, level-0 areas and tissue ids, by `rule`."""
     if rule not in SLIDE_RULES:
-        raise HpcdistillError(f"slide rule {rule!r}: expected one of {', '.join(SLIDE_RULES)}")
+        raise ScoringError(f"slide rule {rule!r}: expected one of {', '.join(SLIDE_RULES)}")
     if rule == "mean":
         return area_mean(probs, areas)
     ids = list(dict.fromkeys(tissues))
@@ -42,7 +42,7 @@ def unit_rows(rows: list[dict[str, Any]], unit: str, rule: str, patient_of: Call
     """Rows of one unit each ({"unit", "y", "probs", "pred", "windows"}), from window rows carrying "slide",
     "tissue", "area", "probs" and "y" (-1: unlabelled, left out). The tissue unit is the rows themselves."""
     if unit not in UNITS:
-        raise HpcdistillError(f"unit {unit!r}: expected one of {', '.join(UNITS)}")
+        raise ScoringError(f"unit {unit!r}: expected one of {', '.join(UNITS)}")
     labelled = [r for r in rows if r["y"] >= 0]
     if unit == "tissue":
         return [
@@ -56,7 +56,7 @@ def unit_rows(rows: list[dict[str, Any]], unit: str, rule: str, patient_of: Call
     for name, members in sorted(groups.items()):
         labels = sorted({r["y"] for r in members})
         if len(labels) > 1:
-            raise HpcdistillError(f"{unit} {name}: its slides carry different labels ({labels}); score it by slide")
+            raise ScoringError(f"{unit} {name}: its slides carry different labels ({labels}); score it by slide")
         probs = np.array([r["probs"] for r in members], dtype=np.float64)
         areas = np.array([r.get("area", 1.0) for r in members], dtype=np.float64)
         tissues = [(r["slide"], r.get("tissue", i)) for i, r in enumerate(members)]

@@ -1,4 +1,4 @@
-"""Paper §4.4 metrics: one-vs-rest macro accuracy/F1/precision/recall, bootstrap CIs, forward-pass FLOPs.
+"""Paper §4.4 metrics: one-vs-rest macro accuracy/F1/precision/recall and their bootstrap CIs (FLOPs: flops.py).
 
 Convention for absent classes. A class is *present* in a sample set when it occurs in y_true or in y_pred
 -- the label set scikit-learn uses by default. Macro averages run over the present classes only; within
@@ -12,14 +12,11 @@ classes, so each macro value equals the NaN-mean of its per-class list.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from hpcdistill.common.errors import HpcdistillError
+from hpcdistill.common.errors import ScoringError
 from hpcdistill.common.limits import limit, raise_hint
 from hpcdistill.common.signals import check_interrupted
 
@@ -32,12 +29,12 @@ def _labels(
 ) -> tuple[np.ndarray, np.ndarray]:
     t, p = np.asarray(y_true), np.asarray(y_pred)
     if t.ndim != 1 or t.shape != p.shape:
-        raise HpcdistillError(f"metrics: y_true and y_pred must be 1-D of equal length, got {t.shape} and {p.shape}")
+        raise ScoringError(f"metrics: y_true and y_pred must be 1-D of equal length, got {t.shape} and {p.shape}")
     if t.size == 0:
-        raise HpcdistillError("metrics: no samples to evaluate")
+        raise ScoringError("metrics: no samples to evaluate")
     for name, y in (("y_true", t), ("y_pred", p)):
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
-            raise HpcdistillError(f"metrics: {name} must hold integer class indices in [0, {num_classes})")
+            raise ScoringError(f"metrics: {name} must hold integer class indices in [0, {num_classes})")
     return t.astype(np.int64), p.astype(np.int64)
 
 
@@ -120,7 +117,7 @@ def _resampled_confusions(
         return
     g = np.asarray(groups)
     if g.shape != t.shape:
-        raise HpcdistillError(f"groups: need one group id per sample, got {g.shape} for {t.shape}")
+        raise ScoringError(f"groups: need one group id per sample, got {g.shape} for {t.shape}")
     _, gid = np.unique(g, return_inverse=True)
     n_units = int(gid.max()) + 1
     # (groups, K*K): each group's confusion counts; a resample's confusion is a count-weighted sum.
@@ -138,9 +135,9 @@ def check_iterations(iterations: int) -> None:
     """A positive count within the `bootstrap_iterations` limit: each resample keeps one number per metric, so the
     memory is bounded by the limit (about 40 MB at a million), and the time with it."""
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise HpcdistillError(f"iterations: must be a positive integer, got {iterations!r}")
+        raise ScoringError(f"iterations: must be a positive integer, got {iterations!r}")
     if iterations > limit("bootstrap_iterations"):
-        raise HpcdistillError(f"iterations: {iterations:,} resamples ({raise_hint('bootstrap_iterations')})")
+        raise ScoringError(f"iterations: {iterations:,} resamples ({raise_hint('bootstrap_iterations')})")
 
 
 def bootstrap_ci(
@@ -167,7 +164,7 @@ def bootstrap_ci(
     """
     t, p = _labels(y_true, y_pred, num_classes)
     if not 0 < level < 1:
-        raise HpcdistillError(f"confidence: must be in (0, 1), got {level!r}")
+        raise ScoringError(f"confidence: must be in (0, 1), got {level!r}")
     check_iterations(iterations)
     stats = {name: [] for name in METRICS}
     for conf in _resampled_confusions(t, p, num_classes, iterations, seed, groups):
@@ -234,35 +231,3 @@ def paired_bootstrap(
     scored on the same samples."""
     point, resampled = paired_differences(y_true, pred_a, pred_b, num_classes, iterations, seed, groups)
     return {name: difference_ci(point[name], resampled[name], level) for name in METRICS}
-
-
-def forward_flops(model: torch.nn.Module, input_size: tuple[int, int], in_chans: int = 3) -> int:
-    """FLOPs (1 multiply-add = 2 FLOPs) of one forward pass on a (1, in_chans, h, w) input.
-
-    Counted by torch.utils.flop_counter on a meta-device copy (shapes only: no compute, no memory, so
-    whole-tissue sizes are instant). The counter covers convolutions and matrix products -- the same
-    scope as the fvcore/thop conventions. GroupNorm, ReLU, pooling and residual adds are not counted:
-    at ~8 FLOPs per normalised element they would add ~0.5% for ResNet-18 at width 64 (more for very
-    narrow models). torchvision's "1.814 GFLOPS" for ResNet-18 at 224^2 is multiply-adds; this returns
-    3,628,146,688 FLOPs for build_model("resnet18", 1000) at 224x224, exactly twice that.
-    """
-    h, w = (int(v) for v in input_size)
-    if h < 1 or w < 1:
-        raise HpcdistillError(f"input_size: must be positive (h, w), got {input_size!r}")
-    meta = copy.deepcopy(model).to("meta")
-    meta.eval()
-    x = torch.zeros(1, in_chans, h, w, device="meta")
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        meta(x)
-    return int(counter.get_total_flops())
-
-
-def gflops(flops: int | float) -> float:
-    """FLOPs -> GFLOPs (billions of floating-point operations)."""
-    return flops / 1e9
-
-
-def gmacs(flops: int | float) -> float:
-    """FLOPs -> GMACs (billions of multiply-adds; the unit torchvision and thop call 'GFLOPS')."""
-    return flops / 2e9

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpcdistill.common.config import Config, load_config
 from hpcdistill.common.errors import HpcdistillError, TrainError
+from hpcdistill.config.schema import Config, load_config
 from hpcdistill.train.ds_config import OWNED_KEYS, build_ds_config, read_ds_json
 
 REPO = Path(__file__).resolve().parents[3]

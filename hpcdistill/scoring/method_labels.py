@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpcdistill.common.config import RESIZES
+from hpcdistill.config.schema import RESIZES
 
 TEACHER, BASELINE, KD = "Teacher", "Baseline", "KD"
 AUX_PREFIX = "KD ("  # "KD (ADv1)": KD with auxiliary unlabeled sets

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from hpcdistill.evaluate.metrics import bootstrap_indices
+from hpcdistill.scoring.metrics import bootstrap_indices
 
 
 def _auroc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:

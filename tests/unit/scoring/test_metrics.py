@@ -8,17 +8,10 @@ from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
 from hpcdistill.common.errors import HpcdistillError
-from hpcdistill.evaluate import metrics
-from hpcdistill.evaluate.metrics import (
-    METRICS,
-    bootstrap_ci,
-    bootstrap_indices,
-    classification_metrics,
-    forward_flops,
-    gflops,
-    gmacs,
-)
 from hpcdistill.models.resnet import build_model
+from hpcdistill.scoring import metrics
+from hpcdistill.scoring.flops import forward_flops, gflops, gmacs
+from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, bootstrap_indices, classification_metrics
 
 
 def test_hand_worked_example() -> None:
@@ -208,7 +201,7 @@ def test_flops_scale_with_area(stem: str) -> None:
 
 
 def test_paired_bootstrap_equals_a_direct_per_resample_computation():
-    from hpcdistill.evaluate.metrics import paired_bootstrap
+    from hpcdistill.scoring.metrics import paired_bootstrap
 
     rng = np.random.default_rng(7)
     y = rng.integers(0, 3, 300)
@@ -232,7 +225,7 @@ def test_paired_bootstrap_equals_a_direct_per_resample_computation():
 def test_paired_ci_is_tighter_than_marginal_cis_on_correlated_predictions():
     """Two methods that agree on most samples: their marginal CIs overlap widely, the paired CI of the difference
     is narrow and excludes 0."""
-    from hpcdistill.evaluate.metrics import paired_bootstrap
+    from hpcdistill.scoring.metrics import paired_bootstrap
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 3, 400)

@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 import yaml
 
-from hpcdistill.common.config_checks import UNUSED_BY_MODE, check_config, unused_in_mode
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import ConfigError
 from hpcdistill.common.files import atomic_write_text
 from hpcdistill.common.typed_tree import build_dataclass, parse_override, read_yaml, set_dotted
+from hpcdistill.config.checks import UNUSED_BY_MODE, check_config, unused_in_mode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # configs/ as installed package data (pyproject.toml)

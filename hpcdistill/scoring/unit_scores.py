@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from hpcdistill.common.console import say
-from hpcdistill.evaluate.auroc import auroc_ci
-from hpcdistill.evaluate.metrics import METRICS, bootstrap_ci, classification_metrics
+from hpcdistill.scoring.auroc import auroc_ci
+from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, classification_metrics
 
 
 def score_unit(
