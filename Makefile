@@ -51,9 +51,9 @@ gpu-check-prep: install
 # The README's demo results (tables, ordering, times, versions, Figure 3) from the last `make demo` run, and the
 # digest of the quick demo's numerics beside them (tests/integration/test_demo.py recomputes it).
 readme-demo: install
-	$(PY) -c "from hpcdistill.experiment.demo_record import update_readme; update_readme('runs/demo')"
+	$(PY) docs/demo_section.py readme runs/demo
 	$(VENV)/bin/hpcdistill demo --quick --out runs/demo-quick
-	$(PY) -c "from hpcdistill.experiment.demo_record import write_quick_digest as w; print(w('runs/demo-quick/experiment'))"
+	$(PY) docs/demo_section.py digest runs/demo-quick/experiment
 
 bench: install
 	$(PY) bench/bench_shard.py

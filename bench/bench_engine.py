@@ -20,8 +20,8 @@ for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MA
     os.environ.setdefault(key, value)
 
 from hpcdistill.models.resnet import build_model  # noqa: E402
+from hpcdistill.train.build import skip_single_rank_allreduce  # noqa: E402
 from hpcdistill.train.distributed import setup_distributed  # noqa: E402
-from hpcdistill.train.state import skip_single_rank_allreduce  # noqa: E402
 
 
 def ds_engine(model: torch.nn.Module, lr: float):

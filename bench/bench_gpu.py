@@ -135,8 +135,8 @@ def engine_ratio(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     """The DeepSpeed engine's train step over a plain torch step, same model and input, in the training dtype."""
     import deepspeed
 
+    from hpcdistill.train.build import skip_single_rank_allreduce
     from hpcdistill.train.distributed import setup_distributed
-    from hpcdistill.train.state import skip_single_rank_allreduce
 
     setup_distributed()
     side = 128 if args.quick else 768

@@ -47,6 +47,7 @@ from hpcdistill.slides.factory import open_slide  # noqa: E402
 from hpcdistill.slides.slide import Slide  # noqa: E402
 from hpcdistill.slides.windows import DEFAULT_WINDOWING  # noqa: E402
 from hpcdistill.synthetic.dataset import write_slide  # noqa: E402
+from hpcdistill.synthetic.specs import SlideSpec
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"teacher 10x": ("configs/demo/teacher.yaml", 10.0), "student 2.5x": ("configs/demo/distill.yaml", 2.5)}
@@ -71,7 +72,7 @@ def bench_slide(cache: Path, size: tuple[int, int], pyramid: str) -> Path:
     path = cache / f"{pyramid}-40x-{size[0]}x{size[1]}.svs"
     if not path.is_file():
         print(f"writing {path} (once)", flush=True)
-        write_slide(path, *size, fmt="svs", base_mag=40, seed=11, n_tissues=6, pyramid=pyramid)
+        write_slide(path, SlideSpec(*size, fmt="svs", base_mag=40, seed=11, tissues=6, pyramid=pyramid))
     return path
 
 

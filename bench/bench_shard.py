@@ -68,7 +68,8 @@ def ensure_slide(path: Path, width: int, height: int, n_tissues: int, seed: int)
     if not path.exists():
         t0 = time.perf_counter()
         dataset.write_slide(
-            path, width, height, fmt="svs", base_mag=BASE_MAG, class_id=1, seed=seed, n_tissues=n_tissues
+            path,
+            dataset.SlideSpec(width, height, fmt="svs", base_mag=BASE_MAG, class_id=1, seed=seed, tissues=n_tissues),
         )
         print(f"wrote {path.name} ({width}x{height}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return path

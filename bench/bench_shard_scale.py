@@ -35,6 +35,7 @@ from hpcdistill.shards.manifest import build_manifest  # noqa: E402
 from hpcdistill.shards.plan import ShardParams, SlideJob  # noqa: E402
 from hpcdistill.shards.sharding import preview_sharding, run_sharding  # noqa: E402
 from hpcdistill.synthetic.dataset import write_slide  # noqa: E402
+from hpcdistill.synthetic.specs import SlideSpec  # noqa: E402
 
 MAGS = (10.0, 5.0, 2.5, 1.25, 0.625)
 
@@ -44,7 +45,7 @@ def measure_slides(sizes: list[tuple[int, int]], root: Path) -> tuple[float, flo
     seconds, mpix, out_bytes = [], [], []
     for i, (w, h) in enumerate(sizes):
         slide = root / f"s{i}.svs"
-        write_slide(slide, w, h, fmt="svs", base_mag=40, class_id=i % 3, seed=i, n_tissues=3)
+        write_slide(slide, SlideSpec(w, h, fmt="svs", base_mag=40, class_id=i % 3, seed=i, tissues=3))
         out = root / f"out{i}"
         start = time.perf_counter()
         run_sharding([slide], out, params=ShardParams(mags=MAGS), progress=False)

@@ -52,9 +52,10 @@ def tiny_inputs(folder: Path) -> tuple[Path, Path]:
     from hpcdistill.models.resnet import build_model
     from hpcdistill.slides.windows import DEFAULT_WINDOWING
     from hpcdistill.synthetic.dataset import write_slide
+    from hpcdistill.synthetic.specs import SlideSpec
 
     slide = folder / "tiny.tiff"
-    write_slide(slide, 2048, 1536, fmt="tiff", base_mag=20, class_id=0, seed=1, n_tissues=2)
+    write_slide(slide, SlideSpec(2048, 1536, fmt="tiff", base_mag=20, class_id=0, seed=1, tissues=2))
     torch.manual_seed(0)
     model = build_model("resnet10", 3, width=16, groups=8, stem="lowres")
     stats = {"1.25x": {"mean": [0.8, 0.6, 0.75], "std": [0.15, 0.2, 0.15]}}

@@ -40,11 +40,14 @@ RECIPE = ["train.epochs=80", "data.epoch_samples=64", "train.grad_accum=1"]  # t
 def prepare(out: Path, quick: bool) -> dict[str, Path]:
     from hpcdistill.shards.sharding import ShardParams, run_sharding
     from hpcdistill.synthetic.dataset import write_dataset
+    from hpcdistill.synthetic.specs import DatasetSpec
 
     plan = plan_for(quick)
     slides, labels = out / "slides", out / "slides" / "labels.csv"
     if not labels.is_file():
-        write_dataset(slides, n_slides_per_split=plan.slides, n_aux1=0, n_aux2=0, size=plan.size, pyramid="scanner")
+        write_dataset(
+            slides, DatasetSpec(slides_per_split=plan.slides, aux1=0, aux2=0, size=plan.size, pyramid="scanner")
+        )
     shards = {}
     for source in SOURCES:
         shards[source] = out / f"shards-{source}"

@@ -90,15 +90,12 @@ def tiny_dataset(tmp_path_factory) -> dict:
     """Real synthetic slides (SVS 40x/20x and pyramidal TIFF) sharded by the real sharder: the shared test data."""
     from hpcdistill.shards.sharding import ShardParams, run_sharding
     from hpcdistill.synthetic.dataset import write_dataset
+    from hpcdistill.synthetic.specs import DatasetSpec
 
     root = tmp_path_factory.mktemp("tiny_dataset")
     slides, labels = write_dataset(
         root / "slides",
-        n_slides_per_split={"train": 6, "val": 3, "test": 3},
-        n_aux1=2,
-        n_aux2=2,
-        size=(1536, 1152),
-        seed=0,
+        DatasetSpec(slides_per_split={"train": 6, "val": 3, "test": 3}, aux1=2, aux2=2, size=(1536, 1152), seed=0),
     )
     manifest = run_sharding(
         [root / "slides"],
@@ -123,15 +120,12 @@ def small_dataset(tmp_path_factory) -> dict:
     `tiny_dataset`."""
     from hpcdistill.shards.sharding import ShardParams, run_sharding
     from hpcdistill.synthetic.dataset import write_dataset
+    from hpcdistill.synthetic.specs import DatasetSpec
 
     root = tmp_path_factory.mktemp("small_dataset")
     slides, labels = write_dataset(
         root / "slides",
-        n_slides_per_split={"train": 3, "val": 3, "test": 3},
-        n_aux1=1,
-        n_aux2=0,
-        size=(768, 576),
-        seed=0,
+        DatasetSpec(slides_per_split={"train": 3, "val": 3, "test": 3}, aux1=1, aux2=0, size=(768, 576), seed=0),
     )
     params = ShardParams(mags=SMALL_MAGS, shard_max_samples=SMALL_SHARD_SAMPLES)
     manifest = run_sharding(

@@ -62,14 +62,17 @@ def shard_slides(tmp_path_factory) -> dict:
     ]:
         size = (1600, 1280) if mag == 20 else (2560, 2048)
         synthetic.write_slide(
-            good / f"{name}.{fmt}", *size, fmt=fmt, base_mag=mag, mpp=mpp, class_id=cls, seed=seed, n_tissues=2
+            good / f"{name}.{fmt}",
+            synthetic.SlideSpec(*size, fmt=fmt, base_mag=mag, mpp=mpp, class_id=cls, seed=seed, tissues=2),
         )
     labels = root / "labels.csv"
     labels.write_text(LABELS)
     bad = root / "bad"
     bad.mkdir()
     write_blank_tiff(bad / "blank.tiff")
-    synthetic.write_slide(bad / "nomag.tiff", 1536, 1024, fmt="tiff", base_mag=40, seed=7, with_metadata=False)
+    synthetic.write_slide(
+        bad / "nomag.tiff", synthetic.SlideSpec(1536, 1024, fmt="tiff", base_mag=40, seed=7, with_metadata=False)
+    )
     data = (good / "s40b.svs").read_bytes()
     (bad / "corrupt.svs").write_bytes(data[: len(data) // 2])
     (bad / "notes.tif").write_text("not a slide\n")

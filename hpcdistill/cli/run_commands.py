@@ -72,6 +72,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     Writes <run>/eval/<split>.json and <split>_predictions.csv. The magnification comes from the checkpoint.
     """
     from hpcdistill.evaluate.evaluation import evaluate_checkpoint
+    from hpcdistill.evaluate.options import EvalOptions
     from hpcdistill.evaluate.report import format_ci
 
     confidence = args.confidence
@@ -81,22 +82,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.checkpoint).parent / "eval")
     inputs = (args.checkpoint, args.shards)
     replace_finished(out, (f"{args.split}.json", f"{args.split}_predictions.csv"), args.overwrite, inputs)
-    record = evaluate_checkpoint(
-        args.checkpoint,
-        args.shards or recorded_shards(args.checkpoint),
-        args.split,
+    options = EvalOptions(
+        split=args.split,
         method=args.method,
         study=args.study,
         iterations=args.iterations,
-        level=confidence,
+        confidence=confidence,
         by_slide=args.by_slide,
-        out_dir=args.out,
+        out=args.out,
         device=args.device,
         workers=args.workers,
-        units=args.unit or ["tissue"],
+        units=tuple(args.unit or ["tissue"]),
         slide_rule=args.slide_rule,
         progress=False if args.no_progress else None,
     )
+    record = evaluate_checkpoint(args.checkpoint, args.shards or recorded_shards(args.checkpoint), options)
     for unit, scores in record["units"].items():
         print(f"{record['method']} @ {record['mag']:g}x on {args.split}, {scores['n']} {unit}s:")
         for metric, value in scores["metrics"].items():

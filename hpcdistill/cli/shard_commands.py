@@ -302,6 +302,7 @@ def run_synth(args: argparse.Namespace) -> int:
     """
     from hpcdistill.common.folder_lock import one_writer
     from hpcdistill.synthetic import dataset
+    from hpcdistill.synthetic.specs import DatasetSpec
 
     if len(args.tissues) != 2:
         raise CommandError(f"--tissues {args.tissues}: expected min,max")
@@ -312,15 +313,17 @@ def run_synth(args: argparse.Namespace) -> int:
     with one_writer(args.out):
         paths, labels_csv = dataset.write_dataset(
             args.out,
-            n_slides_per_split=args.slides_per_split,
-            classes=args.classes,
-            n_aux1=args.aux1,
-            n_aux2=args.aux2,
-            size=args.size,
-            n_tissues=(int(args.tissues[0]), int(args.tissues[1])),
-            signal=args.signal,
-            seed=args.seed,
-            pyramid=args.pyramid,
+            DatasetSpec(
+                slides_per_split=args.slides_per_split,
+                classes=args.classes,
+                aux1=args.aux1,
+                aux2=args.aux2,
+                size=args.size,
+                tissues=(int(args.tissues[0]), int(args.tissues[1])),
+                signal=args.signal,
+                seed=args.seed,
+                pyramid=args.pyramid,
+            ),
             workers=args.workers,
             progress=False if args.no_progress else None,
         )

@@ -20,6 +20,7 @@ from hpcdistill.common.files import atomic_output, atomic_write_json
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
 from hpcdistill.data.streams import StreamSpec, make_loader
+from hpcdistill.evaluate.options import EvalOptions
 from hpcdistill.models.export import ExportedModel, load_exported
 from hpcdistill.models.inference import model_outputs, pick_device, require_finite
 from hpcdistill.scoring.aggregation import unit_rows
@@ -111,54 +112,40 @@ def _write_predictions(path: Path, rows: list[dict[str, Any]], classes: list[str
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
-    shards: str | Path,
-    split: str = "test",
-    *,
-    method: str | None = None,
-    study: str = "main",
-    iterations: int = 10000,
-    level: float = 0.95,
-    seed: int = 0,
-    by_slide: bool = False,
-    out_dir: str | Path | None = None,
-    device: str = "auto",
-    workers: int = 0,
-    units: Sequence[str] = ("tissue",),
-    slide_rule: str = "mean",
-    progress: bool | None = False,
+    checkpoint: str | Path, shards: str | Path, options: EvalOptions = EvalOptions()
 ) -> dict[str, Any]:
-    """Score `checkpoint` on `split` of the shards in `shards`; returns and writes the evaluation record.
+    """Score `checkpoint` on `options.split` of the shards in `shards`; returns and writes the evaluation record.
 
-    `units`: tissue (each sample), slide and/or patient, each scored with CIs resampled at that unit; slides and
-    patients aggregate their windows by `slide_rule` (evaluate.aggregation, as `predict` calls slides).
-    `by_slide`: the tissue unit's bootstrap resamples whole slides (the default: the paper's plain resampling).
-    `device`: "auto" (a GPU if there is one), "cpu", "cuda" or "cuda:N"; inference runs in fp32 either way.
+    Each unit in `options.units` (tissue, slide, patient) is scored with CIs resampled at that unit; slides and
+    patients aggregate their windows by `options.slide_rule` (scoring.aggregation, as `predict` calls slides).
     """
-    out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / "eval"
+    o = options
+    out = Path(o.out) if o.out is not None else Path(checkpoint).parent / "eval"
     with one_writer(out):  # two evaluations into one folder would interleave their files
         manifest = read_manifest(shards)
         exported = _load_for(checkpoint, shards, manifest)
-        exported.model.to(pick_device(device))
-        rows = predict_split(exported.model, shards, manifest, split, exported.mag, workers, str(checkpoint), progress)
-        labeled = _labeled(rows, shards, split)
+        exported.model.to(pick_device(o.device))
+        rows = predict_split(
+            exported.model, shards, manifest, o.split, exported.mag, o.workers, str(checkpoint), o.progress
+        )
+        labeled = _labeled(rows, shards, o.split)
         bootstrap = {
-            "iterations": iterations,
-            "level": level,
-            "seed": seed,
-            "resample": "slides" if by_slide else "samples",
+            "iterations": o.iterations,
+            "level": o.confidence,
+            "seed": o.seed,
+            "resample": "slides" if o.by_slide else "samples",
         }
         scores, by_unit = _unit_scores(
-            labeled, manifest, exported.classes, units, slide_rule, bootstrap, str(checkpoint)
+            labeled, manifest, exported.classes, o.units, o.slide_rule, bootstrap, str(checkpoint)
         )
-        record = _record_head(exported, shards, split, labeled, checkpoint, method, study) | {
+        record = _record_head(exported, shards, o.split, labeled, checkpoint, o.method, o.study) | {
             "bootstrap": bootstrap,
             **_scores(labeled, len(exported.classes), bootstrap),
-            "slide_rule": slide_rule,
+            "slide_rule": o.slide_rule,
             "units": scores,
             "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
         }
-        return _write_record(out, split, record, rows, exported.classes, by_unit)
+        return _write_record(out, o.split, record, rows, exported.classes, by_unit)
 
 
 def _record_head(

@@ -62,18 +62,21 @@ def prepare_data(root: Path, plan: DemoPlan, mags: list[float], workers: int, se
     run finished."""
     from hpcdistill.shards.sharding import ShardParams, run_sharding
     from hpcdistill.synthetic.dataset import write_dataset
+    from hpcdistill.synthetic.specs import DatasetSpec
 
     slides_dir = root / "slides"
     labels = slides_dir / "labels.csv"
     if not labels.is_file():  # write_dataset writes labels.csv last, so its presence means the slides are complete
         write_dataset(
             slides_dir,
-            n_slides_per_split=plan.slides,
-            n_aux1=plan.aux1,
-            n_aux2=plan.aux2,
-            size=plan.size,
-            seed=seed,
-            pyramid="scanner",  # levels as a scanner writes them: what `predict --read pyramid` meets on real slides
+            DatasetSpec(
+                slides_per_split=plan.slides,
+                aux1=plan.aux1,
+                aux2=plan.aux2,
+                size=plan.size,
+                seed=seed,
+                pyramid="scanner",  # as a scanner writes levels: what `predict --read pyramid` meets on real slides
+            ),
             workers=workers,
         )
     shards = root / "shards"

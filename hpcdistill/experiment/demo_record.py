@@ -1,29 +1,19 @@
-"""The record of a demo run and the README section made from it.
-
-`hpcdistill demo` writes `<out>/demo.json`: its time per phase, the package versions and the machine. `make
-readme-demo` renders the README's demo results (tables, ordering lines, times, versions) from that record and the
-run's evaluation records, between the README's `<!-- demo:start -->` and `<!-- demo:end -->` markers, and copies its
-Figure 3 next to the README, so the README shows one run, whole, and says what made it.
-"""
+"""The record of a demo run: `hpcdistill demo` writes `<out>/demo.json`, its time per phase, the package versions,
+the machine and the commit. The README section made from it is docs/demo_section.py's (`make readme-demo`)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import re
-import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from hpcdistill.common.errors import HpcdistillError, LaunchError
-from hpcdistill.common.files import atomic_write_json, atomic_write_text, read_json
-from hpcdistill.common.mags import mag_name
-from hpcdistill.shards.manifest import read_manifest
+from hpcdistill.common.errors import LaunchError
+from hpcdistill.common.files import atomic_write_json, read_json
 
 RECORD = "demo.json"
-START, END = "<!-- demo:start -->", "<!-- demo:end -->"
 PACKAGES = (
     "torch",
     "deepspeed",
@@ -93,113 +83,4 @@ def write_record(out: Path, summary: dict[str, Any]) -> Path:
 
 
 def read_record(out: Path) -> dict[str, Any]:
-    return read_json(out / RECORD, HpcdistillError, missing="no demo record; run `make demo` first")
-
-
-def _slide_table(results: list) -> str:
-    from hpcdistill.evaluate.report import methods_table
-    from hpcdistill.evaluate.report_units import UNIT_METRICS, at_unit
-
-    slides = at_unit(results, "slide")
-    title = (
-        "**The same at the slide level** (each slide called by the area-weighted mean of its tissues, as `predict` "
-        "does; CIs resample slides; AUROC one-vs-rest, macro)"
-    )
-    return f"{title}\n\n" + (methods_table(slides, metrics=UNIT_METRICS) if slides else "_not evaluated by slide_")
-
-
-def render_section(record: dict[str, Any], figure: str) -> str:
-    """The README's demo results from a demo record and its run's evaluation records."""
-    from hpcdistill.evaluate.report import load_results, methods_table, teacher_table
-
-    results = load_results([Path(record["tensorboard"])])
-    manifest = read_manifest(record["shards"])
-    splits = manifest["splits"]
-    teacher = next(r for r in results if r.method == "Teacher")
-    savings = ", ".join(
-        f"{teacher.gflops / r.gflops:.1f}× at {mag_name(r.mag)}"
-        for r in sorted({r.mag: r for r in results if r.method == "Baseline"}.values(), key=lambda r: -r.mag)
-    )
-    phases = ", ".join(
-        f"{name} {minutes} min"
-        + (" (reused from an earlier run)" if name == "slides and shards" and minutes < 0.1 else "")
-        for name, minutes in record["phase_minutes"].items()
-    )
-    m, v = record["machine"], record["versions"]
-    resamples = " / ".join(f"{n:,}" for n in record.get("resamples", [10000]))  # older records: the default
-    return "\n".join(
-        [
-            f"Results of one `make demo` run at commit `{record['commit']}` "
-            f"on {m['cpu']} ({m['cores']} cores, no GPU): "
-            f"**{record['minutes']} minutes** after `make install` (per phase, where jobs overlap on the cores: "
-            f"{phases}). Splits: "
-            + ", ".join(f"{name} {e['samples']} tissues ({e['slides']} slides)" for name, e in splits.items())
-            + f". Percentages with 95% bootstrap CIs ({resamples} resamples) on the synthetic test split; GFLOPs per "
-            f"forward pass at the median tissue size. The students need {savings} fewer FLOPs than the teacher.",
-            "",
-            "**Teacher (Table 3 layout)**",
-            "",
-            teacher_table(results) + "\n\n" + "\n".join(f"- {line}" for line in record.get("teachers", [])),
-            "",
-            "**Baseline and distillation (Table 4 layout)**",
-            "",
-            methods_table(results),
-            "",
-            _slide_table(results),
-            "",
-            "**Does the paper's ordering hold?** (printed by the demo and written into the report)",
-            "",
-            "\n".join(record["ordering"]),
-            "",
-            f"![Figure 3 layout: accuracy against GFLOPs, from the same run]({figure})",
-            "",
-            f"Made with Python {m['python']} on {m['os']}; "
-            + ", ".join(f"{k} {val}" for k, val in v.items())
-            + " (the versions `constraints.txt` pins).",
-        ]
-    )
-
-
-def update_readme(out: str | Path, readme: str | Path = "README.md", figure: str = "docs/demo-figure3.png") -> Path:
-    """Replace the README's demo section with the one rendered from the run in `out`; copy its Figure 3."""
-    out, readme = Path(out), Path(readme)
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise LaunchError(f"{readme}: no {START} ... {END} markers")
-    record = read_record(out)
-    section = render_section(record, figure)
-    shutil.copyfile(record["figure"], readme.parent / figure)
-    body = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{section}\n{END}", text, flags=re.S)
-    readme.write_text(body)
-    return readme
-
-
-DIGEST_MARK = re.compile(r"<!-- quick-demo-digest: (?P<digest>\S+) on (?P<cpu>.+?) with torch (?P<torch>\S+) -->")
-
-
-def quick_digest(exp_dir: str | Path) -> str:
-    """A fingerprint of a (quick) demo's numerics: every run's predicted probabilities on the test split, rounded to
-    4 decimals, in run and sample-key order."""
-    import csv
-    import hashlib
-
-    exp_dir, digest = Path(exp_dir), hashlib.sha256()
-    for path in sorted(Path(exp_dir).glob("*/eval/*_predictions.csv")):
-        digest.update(path.relative_to(exp_dir).as_posix().encode())
-        with path.open(newline="") as fh:
-            for row in sorted(csv.DictReader(fh), key=lambda r: tuple(r.values())):  # tissue, slide, patient files
-                names = ",".join(v for k, v in row.items() if not k.startswith("p_"))
-                probs = ",".join(f"{float(v):.4f}" for k, v in row.items() if k.startswith("p_"))
-                digest.update(f"{names}:{probs}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def write_quick_digest(exp_dir: str | Path, readme: str | Path = "README.md") -> str:
-    """Store the quick demo's digest, with the CPU model and torch version it was made with, in the README."""
-    mark = f"<!-- quick-demo-digest: {quick_digest(exp_dir)} on {machine()['cpu']} with torch {versions()['torch']} -->"
-    path = Path(readme)
-    text, count = re.subn(r"<!-- quick-demo-digest: .*? -->", lambda _: mark, path.read_text())
-    if count != 1:
-        raise LaunchError(f"{path}: expected one <!-- quick-demo-digest: ... --> line, found {count}")
-    atomic_write_text(path, text)
-    return mark
+    return read_json(out / RECORD, LaunchError, missing="no demo record; run `make demo` first")

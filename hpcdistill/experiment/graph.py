@@ -16,6 +16,7 @@ from hpcdistill.cluster.job_plan import JobPlan, TaskPlan
 from hpcdistill.common.errors import HpcdistillError, LaunchError
 from hpcdistill.common.mags import mag_name
 from hpcdistill.config.schema import Config, load_config
+from hpcdistill.evaluate.options import EvalOptions
 from hpcdistill.evaluate.task import EvaluateTask
 from hpcdistill.experiment.experiment_file import Experiment
 from hpcdistill.shards.array import plan_array, shard_jobs
@@ -162,12 +163,14 @@ def callables_for(job: JobPlan, exp: Experiment, jobs: list[JobPlan]) -> list[An
             EvaluateTask(
                 runs,
                 exp.shards,
-                exp.evaluate.split,
-                exp.evaluate.iterations,
+                EvalOptions(
+                    split=exp.evaluate.split,
+                    iterations=exp.evaluate.iterations,
+                    workers=job.resources.cpus_per_task - 1,
+                    units=tuple(exp.evaluate.units),
+                    slide_rule=exp.evaluate.slide_rule,
+                ),
                 job.tasks[0].run_dir,
-                workers=job.resources.cpus_per_task - 1,
-                units=tuple(exp.evaluate.units),
-                slide_rule=exp.evaluate.slide_rule,
             )
         ]  # the job's other CPUs decode shards
     return [TrainTask(t.config, t.overrides, job.resources.cpus_per_task) for t in job.tasks]

@@ -1,4 +1,4 @@
-"""Synthetic slide files and labelled datasets: one scene (synthetic_tissue.py) written as a true Aperio SVS
+"""Synthetic slide files and labelled datasets: one scene (scene.py) written as a true Aperio SVS
 layout or a generic pyramidal TIFF, and a dataset of such slides with its `labels.csv`.
 
 Writing streams pre-encoded JPEG tiles into tifffile, so memory stays bounded for any slide size; background
@@ -34,6 +34,7 @@ from hpcdistill.synthetic.aperio import (
 )
 from hpcdistill.synthetic.scanner_pyramid import SCANNER_JPEG_QUALITY, SCANNER_MIN_LEVEL, ScannerPyramid
 from hpcdistill.synthetic.scene import CLASS_NAMES, TILE, Scene, make_scene, render_image, render_region
+from hpcdistill.synthetic.specs import DatasetSpec, SlideSpec
 
 PYRAMIDS = ("render", "scanner")
 MIN_LEVEL_SIZE = 512  # add /4 pyramid levels while their larger side is at least this
@@ -89,52 +90,31 @@ def _check_request(path: Path, fmt: str, tile: int, base_mag: float, pyramid: st
         raise SyntheticError(f"{path}: pyramid {pyramid!r} must be one of {', '.join(PYRAMIDS)}")
 
 
-def write_slide(
-    path: str | os.PathLike,
-    width: int,
-    height: int,
-    *,
-    fmt: str = "svs",
-    base_mag: float = 40,
-    mpp: float | None = None,
-    class_id: int = 0,
-    seed: int = 0,
-    n_tissues: int = 3,
-    tile: int = TILE,
-    jpeg: bool = True,
-    with_metadata: bool = True,
-    signal: float = 1.0,
-    pyramid: str = "render",
-) -> dict:
-    """Write one synthetic slide, streaming tile by tile; returns its description (tissue boxes etc.).
-
-    pyramid="render": every level drawn from the scene at its own resolution; "scanner": each level made from the
-    one above as scanners do (synthetic.scanner_pyramid).
-
-    fmt="svs": Aperio layout (tiled level 0, stripped thumbnail, tiled /4 levels, label, macro).
-    fmt="tiff": generic pyramidal tiled TIFF, one page per level, resolution tags in px/cm giving mpp.
-    mpp defaults to 10 / base_mag (40x -> 0.25 µm/px). with_metadata=False omits AppMag/MPP and
-    resolution (tifffile then writes XResolution=1 with ResolutionUnit NONE, i.e. unknown).
-    """
-    path = Path(path)
-    _check_request(path, fmt, tile, base_mag, pyramid)
-    mpp = float(mpp) if mpp is not None else 10.0 / base_mag
-    scene = make_scene(width, height, mpp=mpp, class_id=class_id, seed=seed, n_tissues=n_tissues, signal=signal)
-    levels = _level_shapes(width, height, SCANNER_MIN_LEVEL if pyramid == "scanner" else MIN_LEVEL_SIZE)
-    tail = aperio_tail(base_mag, mpp, with_metadata)
-    _write_file(path, scene, levels, fmt=fmt, jpeg=jpeg, aperio_tail=tail, with_metadata=with_metadata, pyramid=pyramid)
+def write_slide(path: str | os.PathLike, spec: SlideSpec) -> dict:
+    """Write one synthetic slide as `spec` says, streaming tile by tile; returns its description (tissue boxes etc.).
+    A "scanner" pyramid makes each level from the one above as scanners do (synthetic.scanner_pyramid)."""
+    path, s = Path(path), spec
+    _check_request(path, s.fmt, s.tile, s.base_mag, s.pyramid)
+    mpp = float(s.mpp) if s.mpp is not None else 10.0 / s.base_mag
+    scene = make_scene(
+        s.width, s.height, mpp=mpp, class_id=s.class_id, seed=s.seed, n_tissues=s.tissues, signal=s.signal
+    )
+    levels = _level_shapes(s.width, s.height, SCANNER_MIN_LEVEL if s.pyramid == "scanner" else MIN_LEVEL_SIZE)
+    tail = aperio_tail(s.base_mag, mpp, s.with_metadata)
+    pages = {"fmt": s.fmt, "jpeg": s.jpeg, "aperio_tail": tail, "with_metadata": s.with_metadata}
+    _write_file(path, scene, levels, pyramid=s.pyramid, **pages)
     return {
         "path": str(path),
-        "format": fmt,
-        "width": width,
-        "height": height,
-        "base_mag": float(base_mag),
-        "mpp": mpp if with_metadata else None,
-        "class_id": class_id,
-        "seed": seed,
+        "format": s.fmt,
+        "width": s.width,
+        "height": s.height,
+        "base_mag": float(s.base_mag),
+        "mpp": mpp if s.with_metadata else None,
+        "class_id": s.class_id,
+        "seed": s.seed,
         "levels": [(lw, lh) for _, lw, lh in levels],
         "tissue_boxes": scene.tissue_boxes(),
-        "pyramid": pyramid,
+        "pyramid": s.pyramid,
     }
 
 
@@ -250,41 +230,22 @@ def dataset_classes(classes: Sequence[str] | int) -> list[str]:
 
 
 def write_dataset(
-    out_dir: str | os.PathLike,
-    *,
-    n_slides_per_split: dict[str, int] | None = None,
-    classes: Sequence[str] | int = 3,
-    n_aux1: int = 3,
-    n_aux2: int = 3,
-    size: tuple[int, int] = (4096, 3072),
-    n_tissues: tuple[int, int] = (2, 4),
-    signal: float = 1.0,
-    seed: int = 0,
-    jpeg: bool = True,
-    pyramid: str = "render",
-    workers: int = 1,
-    progress: bool | None = False,
+    out_dir: str | os.PathLike, spec: DatasetSpec = DatasetSpec(), *, workers: int = 1, progress: bool | None = False
 ) -> tuple[list[Path], Path]:
     """Write labeled slides (splits), unlabeled aux slides and `labels.csv`; returns (slide paths, csv path).
 
     Labeled slides belong to patients (every third patient has two slides of the same class and split;
     classes cycle over patients). Unlabeled slides have label "" and split 'aux1' (ADv1) or 'aux2' (the
-    extra slides of ADv2), so ADv1 = aux1 and ADv2 = aux1 + aux2. `size` is (width, height) at 40x;
-    20x slides cover the same physical area with half the pixels. Deterministic for a given seed, whatever `workers`
-    (slides written in parallel processes: every draw is made first, in order). `pyramid`: see write_slide.
+    extra slides of ADv2), so ADv1 = aux1 and ADv2 = aux1 + aux2 (synthetic.specs.DatasetSpec). Deterministic for a
+    given seed, whatever `workers` (slides written in parallel processes: every draw is made first, in order).
     `progress`: a bar over the slides (None: on a terminal).
     """
     out = Path(out_dir)
-    names = dataset_classes(classes)
-    splits = _checked_counts(out, n_slides_per_split, n_aux1, n_aux2, n_tissues)
-    rows = _dataset_rows(splits, len(names), n_aux1, n_aux2)
-    rng = np.random.default_rng([seed, 0xDA7A])
-    slides = [
-        _dataset_slide(
-            idx, cls, len(names), rng, size=size, n_tissues=n_tissues, signal=signal, jpeg=jpeg, pyramid=pyramid
-        )
-        for idx, (_, cls, _) in enumerate(rows)
-    ]
+    names = dataset_classes(spec.classes)
+    splits = _checked_counts(out, spec)
+    rows = _dataset_rows(splits, len(names), spec.aux1, spec.aux2)
+    rng = np.random.default_rng([spec.seed, 0xDA7A])
+    slides = [_dataset_slide(idx, cls, len(names), rng, spec) for idx, (_, cls, _) in enumerate(rows)]
     out.mkdir(parents=True, exist_ok=True)
     _write_slides(out, slides, workers, progress)
     paths = [out / name for name, _ in slides]
@@ -299,15 +260,13 @@ def write_dataset(
     return paths, csv_path
 
 
-def _checked_counts(
-    out: Path, per_split: dict[str, int] | None, n_aux1: int, n_aux2: int, n_tissues: tuple[int, int]
-) -> dict[str, int]:
-    splits = {"train": 9, "val": 3, "test": 3} if per_split is None else dict(per_split)
+def _checked_counts(out: Path, spec: DatasetSpec) -> dict[str, int]:
+    splits = dict(spec.slides_per_split)
     for split, n in splits.items():
         if split.startswith("aux") or not split or n < 0:
-            raise SyntheticError(f"n_slides_per_split[{split!r}]={n}: need a non-aux name and a count >= 0")
-    if min(n_aux1, n_aux2) < 0 or n_tissues[0] < 1 or n_tissues[1] < n_tissues[0]:
-        raise SyntheticError(f"{out}: aux counts must be >= 0 and n_tissues a range (lo>=1, hi>=lo)")
+            raise SyntheticError(f"slides_per_split[{split!r}]={n}: need a non-aux name and a count >= 0")
+    if min(spec.aux1, spec.aux2) < 0 or spec.tissues[0] < 1 or spec.tissues[1] < spec.tissues[0]:
+        raise SyntheticError(f"{out}: aux counts must be >= 0 and tissues a range (lo>=1, hi>=lo)")
     return splits
 
 
@@ -332,53 +291,44 @@ def _dataset_rows(
 
 
 def _dataset_slide(
-    idx: int,
-    cls: int | None,
-    n_classes: int,
-    rng: np.random.Generator,
-    *,
-    size: tuple[int, int],
-    n_tissues: tuple[int, int],
-    signal: float,
-    jpeg: bool,
-    pyramid: str,
-) -> tuple[str, dict[str, Any]]:
-    """Slide `idx`'s file name and write_slide arguments (format and magnification cycling through DATASET_FORMATS),
-    its random draws taken from `rng` in slide order."""
+    idx: int, cls: int | None, n_classes: int, rng: np.random.Generator, spec: DatasetSpec
+) -> tuple[str, SlideSpec]:
+    """Slide `idx`'s file name and spec (format and magnification cycling through DATASET_FORMATS), its random draws
+    taken from `rng` in slide order."""
     fmt, mag = DATASET_FORMATS[idx % len(DATASET_FORMATS)]
     scale = mag / 40.0
-    n_t = int(rng.integers(n_tissues[0], n_tissues[1] + 1))
+    n_t = int(rng.integers(spec.tissues[0], spec.tissues[1] + 1))
     # Unlabeled slides still draw from the same class mixture (their label is just not given).
     cls_id = cls if cls is not None else int(rng.integers(0, n_classes))
     slide_seed = int(rng.integers(0, 2**31 - 1))
-    return f"slide_{idx:03d}.{fmt}", dict(
-        width=max(64, round(size[0] * scale)),
-        height=max(64, round(size[1] * scale)),
+    return f"slide_{idx:03d}.{fmt}", SlideSpec(
+        width=max(64, round(spec.size[0] * scale)),
+        height=max(64, round(spec.size[1] * scale)),
         fmt=fmt,
         base_mag=mag,
         class_id=cls_id,
         seed=slide_seed,
-        n_tissues=n_t,
-        jpeg=jpeg,
-        signal=signal,
-        pyramid=pyramid,
+        tissues=n_t,
+        jpeg=spec.jpeg,
+        signal=spec.signal,
+        pyramid=spec.pyramid,
     )
 
 
-def _write_one(path: Path, kwargs: dict[str, Any]) -> None:
-    write_slide(path, **kwargs)
+def _write_one(path: Path, spec: SlideSpec) -> None:
+    write_slide(path, spec)
 
 
-def _write_slides(out: Path, slides: list[tuple[str, dict[str, Any]]], workers: int, progress: bool | None) -> None:
+def _write_slides(out: Path, slides: list[tuple[str, SlideSpec]], workers: int, progress: bool | None) -> None:
     bar = tqdm(total=len(slides), desc="synth", unit="slide", disable=None if progress is None else not progress)
     with bar:
         if workers <= 1:
-            for name, kwargs in slides:
-                _write_one(out / name, kwargs)
+            for name, spec in slides:
+                _write_one(out / name, spec)
                 bar.update(1)
                 check_interrupted()
             return
         context = multiprocessing.get_context("spawn")  # no fork of a process holding libvips threads
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for _ in pool.map(_write_one, [out / name for name, _ in slides], [kwargs for _, kwargs in slides]):
+            for _ in pool.map(_write_one, [out / name for name, _ in slides], [spec for _, spec in slides]):
                 bar.update(1)

@@ -24,13 +24,13 @@ def confusion_markdown(confusion: list[list[int]], classes: list[str]) -> str:
     return "\n".join([head, "|---" * (len(classes) + 1) + "|", *rows])
 
 
-def log_classes(state: Any, metrics: dict[str, Any]) -> None:
+def log_classes(trainer: Any, metrics: dict[str, Any]) -> None:
     if "per_class" not in metrics:
         return
-    classes, step = state.plan.classes, state.global_step
+    classes, step = trainer.plan.classes, trainer.state.global_step
     for name in ("accuracy", "recall"):
         for c, value in zip(classes, metrics["per_class"][name]):
             if value == value:  # NaN: a class absent from the validation set has no recall
-                state.writer.add_scalar(f"val_class/{name}/{c}", value, step)
-    state.writer.add_image("val/confusion", confusion_image(metrics["confusion"]), step, dataformats="HWC")
-    state.writer.add_text("val/confusion", confusion_markdown(metrics["confusion"], classes), step)
+                trainer.writer.add_scalar(f"val_class/{name}/{c}", value, step)
+    trainer.writer.add_image("val/confusion", confusion_image(metrics["confusion"]), step, dataformats="HWC")
+    trainer.writer.add_text("val/confusion", confusion_markdown(metrics["confusion"], classes), step)

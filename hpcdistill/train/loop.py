@@ -4,7 +4,7 @@
 Layers, each short: forward_loss -> forward_backward_step (one micro-batch) -> train_step (one optimizer step,
 `grad_accum` micro-batches) -> train_epoch -> fit. `run(cfg)` is the single entry point (CLI and SLURM launcher);
 it reads rank and world size from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
-Building the run is train_state.py, its data train_data.py, validation validation.py.
+Building the run is build.py, its data data_plan.py, validation validation.py, checkpoints checkpointing.py.
 """
 
 from __future__ import annotations
@@ -29,49 +29,44 @@ from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.data.streams import make_loader
 from hpcdistill.scoring.method_labels import method_label
 from hpcdistill.train.budget import epoch_limit, stop_reason
+from hpcdistill.train.build import build_trainer
+from hpcdistill.train.checkpointing import export_selection, export_weights, save_checkpoint
 from hpcdistill.train.class_logging import log_classes
 from hpcdistill.train.data_plan import stream_spec
 from hpcdistill.train.distributed import barrier
 from hpcdistill.train.nonfinite_stop import check_finite
-from hpcdistill.train.state import (
-    State,
-    build_state,
-    export_selection,
-    export_weights,
-    model_input,
-    save_checkpoint,
-    scalars,
-)
+from hpcdistill.train.state import Trainer, model_input, scalars
 from hpcdistill.train.validation import validate
 
 
-def forward_loss(state: State, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    x = model_input(state, batch["x"])
-    if state.teacher is not None:
+def forward_loss(trainer: Trainer, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    x = model_input(trainer, batch["x"])
+    if trainer.teacher is not None:
         from hpcdistill.train.losses import distill_loss
 
         with torch.no_grad():
-            t_feat, t_logits = state.teacher(model_input(state, batch["t"]))
-        s_feat, s_logits = state.engine(x)
-        t = state.cfg.train
+            t_feat, t_logits = trainer.teacher(model_input(trainer, batch["t"]))
+        s_feat, s_logits = trainer.engine(x)
+        t = trainer.cfg.train
         return distill_loss(
             s_feat.float(), s_logits.float(), t_feat.float(), t_logits.float(), t.temperature, tuple(t.pixel_resize)
         )
-    _, logits = state.engine(x)
-    return {"total": F.cross_entropy(logits.float(), batch["y"].to(state.device))}
+    _, logits = trainer.engine(x)
+    return {"total": F.cross_entropy(logits.float(), batch["y"].to(trainer.device))}
 
 
-def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+def forward_backward_step(trainer: Trainer, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """One micro-batch; DeepSpeed scales by 1/grad_accum and steps the optimizer at the accumulation boundary.
     Returns the losses as device tensors: reading them here would make the host wait for the device every
     micro-batch."""
+    state = trainer.state
     try:
-        losses = forward_loss(state, batch)
-        state.engine.backward(losses["total"])
+        losses = forward_loss(trainer, batch)
+        trainer.engine.backward(losses["total"])
     except torch.cuda.OutOfMemoryError:  # whole tissues vary in size: name the one that did not fit
         sizes = [
             f"{x.shape[-1]}x{x.shape[-2]} px at {mag_name(mag)}"
-            for name, mag in (("x", state.cfg.model_mag), ("t", state.cfg.data.teacher_mag))
+            for name, mag in (("x", trainer.cfg.model_mag), ("t", trainer.cfg.data.teacher_mag))
             if (x := batch.get(name)) is not None
         ]
         raise TrainError(
@@ -80,70 +75,73 @@ def forward_backward_step(state: State, batch: dict[str, Any]) -> dict[str, torc
             f"smaller --max-size (tissues are cut into aligned windows) or lower train.micro_batch. "
             f"Last checkpoint: {state.last_ckpt or 'none'}"
         ) from None
-    state.engine.step()
+    trainer.engine.step()
     return {k: v.detach().float() for k, v in losses.items()}
 
 
-def train_step(state: State, batches: list[dict[str, Any]]) -> dict[str, float]:
+def train_step(trainer: Trainer, batches: list[dict[str, Any]]) -> dict[str, float]:
     """One optimizer step over `grad_accum` micro-batches; returns the mean losses (one host-device sync per step)."""
     check_interrupted()
     sums: dict[str, torch.Tensor] = {}
     for batch in batches:
-        for k, v in forward_backward_step(state, batch).items():
+        for k, v in forward_backward_step(trainer, batch).items():
             sums[k] = sums[k] + v if k in sums else v
     means = {k: v / len(batches) for k, v in sums.items()}
-    check_finite(state, means["total"], batches)
-    if state.ema is not None:  # after the finiteness check: a diverged step never enters the average
-        state.ema.update(state.engine.module)
+    check_finite(trainer, means["total"], batches)
+    if trainer.ema is not None:  # after the finiteness check: a diverged step never enters the average
+        trainer.ema.update(trainer.engine.module)
     values = torch.stack(list(means.values())).tolist()
-    state.global_step += 1
-    state.batch += len(batches)
+    trainer.state.global_step += 1
+    trainer.state.batch += len(batches)
     return dict(zip(means, values))
 
 
-def train_epoch(state: State) -> bool:
+def train_epoch(trainer: Trainer) -> bool:
     """Train until the epoch ends (False) or max_steps is reached mid-epoch (True)."""
+    state = trainer.state
     from tqdm import tqdm
 
-    cfg = state.cfg
-    spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=state.epoch, start_batch=state.batch, val=False)
-    loader = iter(make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda"))
+    cfg = trainer.cfg
+    spec = stream_spec(
+        cfg, trainer.plan, trainer.rank, trainer.world, epoch=state.epoch, start_batch=state.batch, val=False
+    )
+    loader = iter(make_loader(spec, cfg.data.num_workers, pin_memory=trainer.device.type == "cuda"))
     accum = cfg.train.grad_accum
     bar = tqdm(
-        total=state.plan.steps_per_epoch,
+        total=trainer.plan.steps_per_epoch,
         initial=state.batch // accum,
         desc=f"epoch {state.epoch}",
-        disable=state.rank != 0 or not cfg.log.progress,
+        disable=trainer.rank != 0 or not cfg.log.progress,
         leave=False,
         dynamic_ncols=True,
     )
-    state.engine.module.train()
+    trainer.engine.module.train()
     first = True
     tick, images = time.perf_counter(), 0
-    while state.batch < state.micro_per_epoch:
+    while state.batch < trainer.micro_per_epoch:
         if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
             bar.close()
             return True
-        batches = [finish_batch(next(loader), state.device, state.dtype) for _ in range(accum)]
+        batches = [finish_batch(next(loader), trainer.device, trainer.dtype) for _ in range(accum)]
         if first or (cfg.log.images_every and state.global_step % cfg.log.images_every == 0):
-            log_images(state, batches[0])
+            log_images(trainer, batches[0])
             first = False
-        losses = train_step(state, batches)
-        images += sum(len(b["key"]) for b in batches) * state.world
+        losses = train_step(trainer, batches)
+        images += sum(len(b["key"]) for b in batches) * trainer.world
         for meter in (state.meter, state.epoch_meter):  # since the last scalar log, and since the epoch began
             for k, v in [*losses.items(), ("_n", 1.0)]:
                 meter[k] = meter.get(k, 0.0) + v
-        ends = state.batch >= state.micro_per_epoch or state.global_step == cfg.train.max_steps
+        ends = state.batch >= trainer.micro_per_epoch or state.global_step == cfg.train.max_steps
         if state.global_step % cfg.log.log_every == 0 or ends:  # the loss at least once per epoch, whatever log_every
-            logscalars(state, images / (time.perf_counter() - tick))
-            report_progress(state, "train")
+            logscalars(trainer, images / (time.perf_counter() - tick))
+            report_progress(trainer, "train")
             tick, images = time.perf_counter(), 0
         bar.update(1)
         bar.set_postfix(loss=f"{losses['total']:.4f}")
         every = cfg.train.checkpoint_every_steps
-        due = bool(every and state.global_step % every == 0) | checkpoint_time_due(state)  # `|`: both are collective
-        if due and state.batch < state.micro_per_epoch:
-            save_checkpoint(state)
+        due = bool(every and state.global_step % every == 0) | checkpoint_time_due(trainer)  # `|`: both are collective
+        if due and state.batch < trainer.micro_per_epoch:
+            save_checkpoint(trainer)
     bar.close()
     return False
 
@@ -153,19 +151,20 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return min(full, cfg.train.max_steps) if cfg.train.max_steps else full
 
 
-def report_progress(state: State, phase: str) -> None:
+def report_progress(trainer: Trainer, phase: str) -> None:
     """progress.json in the run folder: epoch, step and an ETA from this process's own pace (validation included)."""
-    total = total_steps(state.cfg, state.plan.steps_per_epoch)
+    state = trainer.state
+    total = total_steps(trainer.cfg, trainer.plan.steps_per_epoch)
     since, first_step = state.started
     done = state.global_step - first_step
     elapsed = time.monotonic() - since
     eta = (total - state.global_step) * elapsed / done if done > 0 and phase != "done" else None
-    state.folder.write_progress(
+    trainer.folder.write_progress(
         {
-            "mode": state.cfg.train.mode,
+            "mode": trainer.cfg.train.mode,
             "phase": phase,
             "epoch": state.epoch,
-            "epochs": epoch_limit(state.cfg),
+            "epochs": epoch_limit(trainer.cfg),
             "step": state.global_step,
             "steps": total,
             "eta_s": eta,
@@ -174,60 +173,62 @@ def report_progress(state: State, phase: str) -> None:
     )
 
 
-def checkpoint_time_due(state: State) -> bool:
+def checkpoint_time_due(trainer: Trainer) -> bool:
     """train.checkpoint_every_min: rank 0's clock decides and every rank follows (saving a checkpoint is collective,
     and ranks' clocks differ); one tiny broadcast per optimizer step, only when the option is on."""
-    minutes = state.cfg.train.checkpoint_every_min
+    minutes = trainer.cfg.train.checkpoint_every_min
     if not minutes:
         return False
-    due = time.monotonic() - state.last_save_time >= minutes * 60
-    if state.world == 1:
+    due = time.monotonic() - trainer.state.last_save_time >= minutes * 60
+    if trainer.world == 1:
         return due
-    flag = torch.tensor([float(due)], device=state.device)
+    flag = torch.tensor([float(due)], device=trainer.device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())
 
 
-def logscalars(state: State, images_per_s: float) -> None:
+def logscalars(trainer: Trainer, images_per_s: float) -> None:
+    state = trainer.state
     n = state.meter.pop("_n", 1.0)
     for k, v in state.meter.items():
-        state.writer.add_scalar(f"loss/{k}", v / n, state.global_step)
+        trainer.writer.add_scalar(f"loss/{k}", v / n, state.global_step)
     state.meter.clear()
-    state.writer.add_scalar("lr", state.engine.get_lr()[0], state.global_step)
-    state.writer.add_scalar("throughput/images_per_s", images_per_s, state.global_step)
-    if state.device.type == "cuda":  # peak since the last log: whole tissues vary, so the peak is what matters
-        state.writer.add_scalar(
-            "memory/peak_allocated_gib", torch.cuda.max_memory_allocated(state.device) / 2**30, state.global_step
+    trainer.writer.add_scalar("lr", trainer.engine.get_lr()[0], state.global_step)
+    trainer.writer.add_scalar("throughput/images_per_s", images_per_s, state.global_step)
+    if trainer.device.type == "cuda":  # peak since the last log: whole tissues vary, so the peak is what matters
+        trainer.writer.add_scalar(
+            "memory/peak_allocated_gib", torch.cuda.max_memory_allocated(trainer.device) / 2**30, state.global_step
         )
-        torch.cuda.reset_peak_memory_stats(state.device)
+        torch.cuda.reset_peak_memory_stats(trainer.device)
 
 
-def log_images(state: State, batch: dict[str, Any]) -> None:
+def log_images(trainer: Trainer, batch: dict[str, Any]) -> None:
     """A few inputs, un-standardised: the teacher's at 10x (teacher mode, and beside the student's in distill), the
     student's at its magnification. Non-finite images (bad manifest stats) are not logged: they draw nothing."""
-    if state.rank != 0:
+    if trainer.rank != 0:
         return
-    n = state.cfg.log.num_images
-    role = "teacher" if state.cfg.train.mode == "teacher" else "student"
-    slots = [("x", role, state.cfg.model_mag)] + (
-        [("t", "teacher", state.cfg.data.teacher_mag)] if "t" in batch else []
+    n = trainer.cfg.log.num_images
+    role = "teacher" if trainer.cfg.train.mode == "teacher" else "student"
+    slots = [("x", role, trainer.cfg.model_mag)] + (
+        [("t", "teacher", trainer.cfg.data.teacher_mag)] if "t" in batch else []
     )
     for slot, who, mag in slots:
-        s = state.plan.stats[mag_name(mag)]
+        s = trainer.plan.stats[mag_name(mag)]
         mean, std = torch.tensor(s["mean"]).view(1, 3, 1, 1), torch.tensor(s["std"]).view(1, 3, 1, 1)
         images = batch[slot][:n].float().cpu() * std + mean
         if torch.isfinite(images).all():
-            state.writer.add_images(f"inputs/{who}_{mag_name(mag)}", images.clamp(0, 1), state.global_step)
+            trainer.writer.add_images(f"inputs/{who}_{mag_name(mag)}", images.clamp(0, 1), trainer.state.global_step)
 
 
-def end_epoch(state: State) -> None:
+def end_epoch(trainer: Trainer) -> None:
     """Validate, keep the best export, advance, checkpoint (after validation: a resume never repeats it)."""
-    report_progress(state, "validate")
-    metrics = validate(state)
+    state = trainer.state
+    report_progress(trainer, "validate")
+    metrics = validate(trainer)
     state.last_val = metrics
     for k, v in scalars(metrics).items():
-        state.writer.add_scalar(f"val/{k}", v, state.global_step)
-    log_classes(state, metrics)
+        trainer.writer.add_scalar(f"val/{k}", v, state.global_step)
+    log_classes(trainer, metrics)
     improved = []
     for sel in state.selections:
         if metrics and sel.metric not in metrics:
@@ -236,27 +237,28 @@ def end_epoch(state: State) -> None:
         improved.append(not metrics or sel.improves(metrics))
         if improved[-1]:
             sel.take(metrics, state.global_step)
-            export_selection(state, sel)
+            export_selection(trainer, sel)
     state.stale = 0 if improved[0] else state.stale + 1
     state.epoch += 1
     state.batch = 0
-    say_validation(state, metrics, improved[0])
+    say_validation(trainer, metrics, improved[0])
     best = state.selections[0]
-    state.stop_reason = stop_reason(state.cfg, state.epoch, state.stale, best.value, best.step) or ""
-    save_checkpoint(state)
+    state.stop_reason = stop_reason(trainer.cfg, state.epoch, state.stale, best.value, best.step) or ""
+    save_checkpoint(trainer)
 
 
-def say_validation(state: State, metrics: dict[str, Any], new_best: bool) -> None:
+def say_validation(trainer: Trainer, metrics: dict[str, Any], new_best: bool) -> None:
     """One line per validation: where the run is, its training loss since the last line, and the pick."""
-    if state.rank != 0 or not metrics:
+    state = trainer.state
+    if trainer.rank != 0 or not metrics:
         return
-    metric = state.cfg.select_metric
+    metric = trainer.cfg.select_metric
     n = state.epoch_meter.pop("_n", 0.0)
     loss = f"train loss {state.epoch_meter.get('total', 0.0) / n:.4f}, " if n else ""
     state.epoch_meter.clear()
     mark = "new best" if new_best else f"best {state.selections[0].value:.4f}, {state.stale} without better"
     say(
-        f"epoch {state.epoch}/{epoch_limit(state.cfg)} step {state.global_step}: {loss}val {metric} "
+        f"epoch {state.epoch}/{epoch_limit(trainer.cfg)} step {state.global_step}: {loss}val {metric} "
         f"{metrics[metric]:.4f} ({mark})"
     )
 
@@ -265,40 +267,41 @@ def run(cfg: Config) -> dict[str, Any]:
     """Train as the config says, resuming if asked; returns a summary (best metric, paths, steps). Rank 0 holds the run
     folder for the run's lifetime: a second run into it is refused (the ranks of one run are one writer)."""
     with one_writer(cfg.run_dir) if is_rank_zero() else contextlib.nullcontext(), deferred():
-        return fit(build_state(cfg))
+        return fit(build_trainer(cfg))
 
 
-def fit(state: State) -> dict[str, Any]:
-    """The epoch loop over a built state (separate from `run` so tests can inspect each rank's engine after)."""
-    cfg = state.cfg
+def fit(trainer: Trainer) -> dict[str, Any]:
+    """The epoch loop over a built trainer (separate from `run` so tests can inspect each rank's engine after)."""
+    state = trainer.state
+    cfg = trainer.cfg
     stopped = False
     # A rerun of a finished run (a requeue or relaunch after the last step) only reports: its exports and hparams exist.
     done_before = bool(state.stop_reason) and (cfg.run_dir / "last.pt").is_file()
     state.started = (time.monotonic(), state.global_step)
-    report_progress(state, "train")
+    report_progress(trainer, "train")
     try:
         while not state.stop_reason and not stopped:
-            stopped = train_epoch(state)
+            stopped = train_epoch(trainer)
             if stopped:
-                save_checkpoint(state)
+                save_checkpoint(trainer)
             else:
-                end_epoch(state)
+                end_epoch(trainer)
                 stopped = bool(cfg.train.max_steps and state.global_step >= cfg.train.max_steps)
-        if state.stop_reason and not done_before and state.rank == 0:
+        if state.stop_reason and not done_before and trainer.rank == 0:
             say(f"{cfg.run.name}: stopped at epoch {state.epoch}, step {state.global_step} ({state.stop_reason})")
         if not done_before:
-            export_weights(state, "last.pt")
-            if state.ema is not None:
-                export_weights(state, "last-ema.pt", ema=True)
-        report_progress(state, "stopped" if stopped else "done")
+            export_weights(trainer, "last.pt")
+            if trainer.ema is not None:
+                export_weights(trainer, "last-ema.pt", ema=True)
+        report_progress(trainer, "stopped" if stopped else "done")
         barrier()
         if not stopped and not done_before:
-            _write_hparams(state)
+            _write_hparams(trainer)
     except Interrupted:  # status must not show a dead run as validating or training
-        report_progress(state, "interrupted")
+        report_progress(trainer, "interrupted")
         raise
     finally:
-        state.writer.close()
+        trainer.writer.close()
     return {
         "run_dir": str(cfg.run_dir),
         "mode": cfg.train.mode,
@@ -316,10 +319,10 @@ def fit(state: State) -> dict[str, Any]:
     }
 
 
-def _write_hparams(state: State) -> None:
+def _write_hparams(trainer: Trainer) -> None:
     """TensorBoard's HParams row of a finished run: what tells runs apart (method, aux sets, seed, EMA) beside the
     validation of the exported pick (best.pt), not of the last epoch."""
-    cfg = state.cfg
+    cfg = trainer.cfg
     hparams = {
         "method": method_label(cfg.to_dict()),
         "mode": cfg.train.mode,
@@ -334,8 +337,8 @@ def _write_hparams(state: State) -> None:
         "seed": cfg.run.seed,
         "ema_decay": cfg.train.ema_decay,
     }
-    picked = state.selections[0].at_pick or scalars(state.last_val)
-    state.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in picked.items()}, run_name=".")
+    picked = trainer.state.selections[0].at_pick or scalars(trainer.state.last_val)
+    trainer.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in picked.items()}, run_name=".")
 
 
 train = run  # `engine.train(cfg)` reads naturally at call sites; the same entry point

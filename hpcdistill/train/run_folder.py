@@ -8,8 +8,7 @@
     config.yaml                           the resolved config the run uses (never values it ignores)
     progress.json                         epoch, step and ETA, for `hpcdistill status` and a local launch
 
-A resume compares the new config with the one stored in the checkpoint it loads: keys in RESUMABLE are applied
-for real (a new lr is the optimizer's lr from the next step on), any other change is refused in one line.
+What goes into a checkpoint or an export is checkpointing.py's; which config changes a resume accepts, resume.py's.
 """
 
 from __future__ import annotations
@@ -26,39 +25,12 @@ from hpcdistill.common.errors import RunFolderError, one_line
 from hpcdistill.common.files import atomic_output, atomic_write_json, atomic_write_text
 from hpcdistill.common.limits import regular_file
 from hpcdistill.common.progress import write_progress
-from hpcdistill.common.typed_tree import dotted_leaves
 from hpcdistill.config.schema import resolve_path
 from hpcdistill.models.export import export_blob
 from hpcdistill.train.distributed import barrier
 
 COMPLETE = "COMPLETE"  # written after every rank finished a save: a checkpoint without it is never loaded
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed (ZeRO 0): module weights + client state, from rank 0
-
-# Keys a resumed run may change. Each is applied for real: lr and weight decay go into the optimizer's param groups
-# after its state is loaded; the loop reads the others from the config at every use; run.out_dir/run.name only say
-# where the (moved) run folder is. A key ending in "." is a prefix.
-RESUMABLE = (
-    "train.epochs",
-    "train.max_steps",
-    "train.patience",  # the stop rule, read at every validation; the schedule's shape cannot change (budget.py)
-    "train.max_epochs",
-    "train.lr",
-    "train.weight_decay",
-    "train.checkpoint_every_steps",
-    "train.channels_last",
-    "train.compile",
-    "data.decode",  # speed only: the same computation elsewhere
-    "train.checkpoint_every_min",
-    "train.keep_last",
-    "data.num_workers",
-    "teacher.min_val_accuracy",  # the gate: judged again at every start, it shapes no step
-    "teacher.reference",
-    "teacher.gate",
-    "run.resume",
-    "run.out_dir",
-    "run.name",
-    "log.",
-)
 
 
 def checkpoint_tag(step: int) -> str:
@@ -76,52 +48,6 @@ def _is_write_failure(err: RuntimeError) -> bool:
     """torch's serializer reports a failed write (no space, I/O) as a RuntimeError from its zip writer."""
     text = str(err)
     return any(m in text for m in ("PytorchStreamWriter", "unexpected pos", "file write failed", "No space left"))
-
-
-def resumable(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
-
-
-def config_changes(
-    stored: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
-) -> list[tuple[str, Any, Any]]:
-    """(dotted key, stored value, new value) for every key whose value differs, in key order. A key the stored
-    config lacks (written before the key existed) reads as its value in `defaults`: the behaviour it had then."""
-    old, now = {**dotted_leaves(defaults or {}), **dotted_leaves(stored)}, dotted_leaves(new)
-    return [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
-
-
-def check_resume_config(
-    stored: dict[str, Any],
-    new: dict[str, Any],
-    checkpoint: Path,
-    run_name: str,
-    same_shards: bool = False,
-    defaults: dict[str, Any] | None = None,
-) -> list[str]:
-    """The allowed changes as 'key: old -> new'; any other change stops the resume in one line naming each key.
-    `same_shards`: the shard folder's manifest is byte-identical to the one the run started on, so a moved
-    `data.shards` (e.g. copied to node-local scratch) is the same data."""
-    changes = config_changes(stored, new, defaults)
-    refused = [
-        f"{k}: {a} -> {b}" for k, a, b in changes if not resumable(k) and not (same_shards and k == "data.shards")
-    ]
-    if refused:
-        raise RunFolderError(
-            f"{checkpoint}: cannot resume with a changed {', '.join(refused)} (only "
-            f"{', '.join(k.rstrip('.') for k in RESUMABLE)} may change on resume); to train with the new values "
-            f"start a new run, e.g. run.name={run_name}-2 (run.resume=never guards a new run against resuming)"
-        )
-    return [f"{k}: {a} -> {b}" for k, a, b in changes if k != "run.resume"]
-
-
-def apply_resumable(engine: Any, train: Any, scheduled: bool) -> None:
-    """Loading a checkpoint restores the optimizer's param groups, lr included: set the config's values again. Under
-    a schedule the loaded lr is already the schedule's next one (and train.lr cannot change): it stays."""
-    for group in engine.optimizer.param_groups:
-        if not scheduled:
-            group["lr"] = train.lr
-        group["weight_decay"] = train.weight_decay
 
 
 def _refused(what: str, checkpoint: Path, err: pickle.UnpicklingError) -> RunFolderError:
@@ -185,7 +111,7 @@ class RunFolder:
             write_progress(self.path, progress)
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(
+    def write_checkpoint(
         self, engine: Any, step: int, client: dict[str, Any], config: dict[str, Any], keep_last: int
     ) -> Path:
         """A collective save of the DeepSpeed state with `client` and the config inside; COMPLETE once every rank
@@ -270,7 +196,7 @@ class RunFolder:
         return moved
 
     # ------------------------------------------------------------------------------------------- exports
-    def export_weights(self, name: str, module: torch.nn.Module, **fields: Any) -> Path:
+    def write_export(self, name: str, module: torch.nn.Module, **fields: Any) -> Path:
         """The export (models.export's format: `export_blob`'s `fields`), written atomically by rank 0."""
         path = self.path / name
         if self.rank != 0:

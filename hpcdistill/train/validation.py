@@ -14,19 +14,20 @@ from hpcdistill.models.inference import model_outputs
 from hpcdistill.train.data_plan import stream_spec
 from hpcdistill.train.distributed import any_rank
 from hpcdistill.train.nonfinite_stop import stop_on_nonfinite
-from hpcdistill.train.state import State, model_input
+from hpcdistill.train.state import Trainer, model_input
 
 TEACHER_VAL_CACHE_BYTES = 256 * 2**20
 
 
-def teacher_val_outputs(state: State, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_val_outputs(trainer: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen teacher's (features, logits) for a validation sample. Validation images are not augmented, so
     these never change during a run: kept after the first validation (up to TEACHER_VAL_CACHE_BYTES; the rest is
     recomputed) instead of recomputed every epoch, where the teacher's 10x forward is most of validation's cost."""
+    state = trainer.state
     key = batch["key"][0]
     if key in state.teacher_val:
         return state.teacher_val[key]
-    outputs = state.teacher(model_input(state, batch["t"]))
+    outputs = trainer.teacher(model_input(trainer, batch["t"]))
     size = sum(t.numel() * t.element_size() for t in outputs)
     if state.teacher_val_bytes + size <= TEACHER_VAL_CACHE_BYTES:
         state.teacher_val[key] = outputs
@@ -54,14 +55,14 @@ def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
     return out
 
 
-def _val_row(state: State, batch: dict[str, Any], s_feat: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
+def _val_row(trainer: Trainer, batch: dict[str, Any], s_feat: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
     """One sample's prediction, label and loss (and the teacher's prediction in distill mode)."""
-    cfg = state.cfg
+    cfg = trainer.cfg
     row = {"key": batch["key"][0], "y": int(batch["y"][0]), "pred": int(logits.float().argmax(1)[0])}
-    if state.teacher is not None:
+    if trainer.teacher is not None:
         from hpcdistill.train.losses import distill_loss
 
-        t_feat, t_logits = teacher_val_outputs(state, batch)
+        t_feat, t_logits = teacher_val_outputs(trainer, batch)
         row["teacher_pred"] = int(t_logits.float().argmax(1)[0])
         losses = distill_loss(
             s_feat.float(),
@@ -73,36 +74,39 @@ def _val_row(state: State, batch: dict[str, Any], s_feat: torch.Tensor, logits: 
         )
         row["loss"], row["kl"] = float(losses["total"]), float(losses["soft"])  # kl: the soft term, KL·T²
     elif row["y"] >= 0:
-        row["loss"] = float(F.cross_entropy(logits.float(), batch["y"].to(state.device)))
+        row["loss"] = float(F.cross_entropy(logits.float(), batch["y"].to(trainer.device)))
     return row
 
 
 @torch.no_grad()
-def validate(state: State) -> dict[str, Any]:
+def validate(trainer: Trainer) -> dict[str, Any]:
     """The val metrics of the training weights, and with train.ema_decay those of their average as ema_*; one read
     of the val shards scores both."""
-    if state.plan.val is None:
+    if trainer.plan.val is None:
         return {}
-    scored = [("", state.engine.module, state.dtype)]
-    if state.ema is not None:
-        scored.append(("ema_", state.ema.module, torch.float32))
-    rows = val_rows(state, scored)
+    scored = [("", trainer.engine.module, trainer.dtype)]
+    if trainer.ema is not None:
+        scored.append(("ema_", trainer.ema.module, torch.float32))
+    rows = val_rows(trainer, scored)
     metrics: dict[str, Any] = {}
     for prefix, _, _ in scored:
-        m = val_metrics(gather_rows(state, rows[prefix]), state.cfg.model.num_classes)
+        m = val_metrics(gather_rows(trainer, rows[prefix]), trainer.cfg.model.num_classes)
         metrics.update({f"{prefix}{k}": v for k, v in m.items() if not (prefix and k == "samples")})
     return metrics
 
 
-def val_rows(state: State, scored: list[tuple[str, torch.nn.Module, torch.dtype]]) -> dict[str, list[dict[str, Any]]]:
+def val_rows(
+    trainer: Trainer, scored: list[tuple[str, torch.nn.Module, torch.dtype]]
+) -> dict[str, list[dict[str, Any]]]:
     """Every val sample of this rank once, through each (prefix, module, dtype); stops every rank together if any
     module's outputs are not finite."""
-    cfg = state.cfg
-    spec = stream_spec(cfg, state.plan, state.rank, state.world, epoch=0, start_batch=0, val=True)
+    state = trainer.state
+    cfg = trainer.cfg
+    spec = stream_spec(cfg, trainer.plan, trainer.rank, trainer.world, epoch=0, start_batch=0, val=True)
     modes = [module.training for _, module, _ in scored]
     for _, module, _ in scored:
         module.eval()
-    loader = make_loader(spec, cfg.data.num_workers, pin_memory=state.device.type == "cuda")
+    loader = make_loader(spec, cfg.data.num_workers, pin_memory=trainer.device.type == "cuda")
     remedy = (
         f"reshard with a smaller --max-size (tissues are cut into aligned windows). Last checkpoint: "
         f"{state.last_ckpt or 'none'}"
@@ -113,20 +117,20 @@ def val_rows(state: State, scored: list[tuple[str, torch.nn.Module, torch.dtype]
         check_interrupted()  # a long validation ends within one tissue on Ctrl-C or SIGTERM
         for prefix, module, dtype in scored:
             for batch, s_feat, logits in model_outputs(
-                module, [raw], state.device, dtype, mag=cfg.model_mag, remedy=remedy
+                module, [raw], trainer.device, dtype, mag=cfg.model_mag, remedy=remedy
             ):
                 if prefix not in first_bad and not torch.isfinite(logits).all():
                     first_bad[prefix] = batch  # an argmax of NaN logits would be scored as class 0
-                rows[prefix].append(_val_row(state, batch, s_feat, logits))
+                rows[prefix].append(_val_row(trainer, batch, s_feat, logits))
     for (_, module, _), mode in zip(scored, modes):
         module.train(mode)
     for prefix, _, _ in scored:  # the same order on every rank: any_rank is a collective
         bad = first_bad.get(prefix)
-        if any_rank(bad is not None, state.device):
+        if any_rank(bad is not None, trainer.device):
             where = f" on {bad['key'][0]}" if bad is not None else " on another rank"
             whose = "EMA weights: " if prefix else ""
             stop_on_nonfinite(
-                state,
+                trainer,
                 [bad] if bad is not None else [],
                 f"validation after step {state.global_step} "
                 f"(epoch {state.epoch}): {whose}outputs are not finite{where}",
@@ -134,10 +138,10 @@ def val_rows(state: State, scored: list[tuple[str, torch.nn.Module, torch.dtype]
     return rows
 
 
-def gather_rows(state: State, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def gather_rows(trainer: Trainer, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every rank's rows on every rank, by sample key."""
     gathered: list[list[dict[str, Any]]] = [rows]
-    if state.world > 1:
-        gathered = [None] * state.world  # type: ignore[list-item]
+    if trainer.world > 1:
+        gathered = [None] * trainer.world  # type: ignore[list-item]
         torch.distributed.all_gather_object(gathered, rows)
     return sorted((r for part in gathered for r in part), key=lambda r: r["key"])

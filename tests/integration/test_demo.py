@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,11 +17,19 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 
 
+def demo_section():
+    """docs/demo_section.py, the README tooling (not part of the package)."""
+    spec = importlib.util.spec_from_file_location("demo_section", REPO / "docs" / "demo_section.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def check_readme_section(out: Path, exp: Path, report: str, tmp_path: Path) -> None:
     """The README's demo section is rendered from the run's record and evaluation records, tables as in the report."""
-    from hpcdistill.experiment.demo_record import update_readme
+    update_readme = demo_section().update_readme
 
     record = json.loads((out / "demo.json").read_text())
     assert record["versions"]["torch"] and record["machine"]["cores"] and set(record["phase_minutes"]) >= {"Teacher"}
@@ -85,7 +94,9 @@ def test_quick_demo_produces_every_artefact(tmp_path):
 def check_numerics_digest(exp: Path) -> None:
     """The README's demo block is only current while the quick demo computes what it computed when the block was
     written (make readme-demo stores the digest of its probabilities): changed numerics fail here."""
-    from hpcdistill.experiment.demo_record import DIGEST_MARK, machine, quick_digest, versions
+    from hpcdistill.experiment.demo_record import machine, versions
+
+    DIGEST_MARK, quick_digest = demo_section().DIGEST_MARK, demo_section().quick_digest
 
     mark = DIGEST_MARK.search((REPO / "README.md").read_text())
     assert mark, "README.md lacks its <!-- quick-demo-digest: ... --> line: run make readme-demo"

@@ -23,7 +23,8 @@ def slides(tmp_path_factory) -> Path:
     folder.mkdir()
     for i in range(2):
         synthetic.write_slide(
-            folder / f"s{i}.tiff", 2048, 1536, fmt="tiff", base_mag=40, class_id=i, seed=7 + i, n_tissues=3
+            folder / f"s{i}.tiff",
+            synthetic.SlideSpec(2048, 1536, fmt="tiff", base_mag=40, class_id=i, seed=7 + i, tissues=3),
         )
     return folder
 

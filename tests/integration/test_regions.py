@@ -26,7 +26,7 @@ SHARD = ["--mags", "10,2.5", "--max-size", "96", "--no-progress"]  # 96 px at 10
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("regions") / "a.tiff"
-    synthetic.write_slide(path, 4096, 3072, fmt="tiff", base_mag=40, class_id=0, seed=3, n_tissues=3)
+    synthetic.write_slide(path, synthetic.SlideSpec(4096, 3072, fmt="tiff", base_mag=40, class_id=0, seed=3, tissues=3))
     return path
 
 
@@ -121,7 +121,9 @@ def two_class_slide(path: Path, seed: int) -> list[dict]:
     halves = []
     for cls in (0, 1):
         part = path.parent / f"{path.stem}-{cls}.tiff"
-        synthetic.write_slide(part, 2048, 3072, fmt="tiff", base_mag=40, class_id=cls, seed=seed + cls, n_tissues=2)
+        synthetic.write_slide(
+            part, synthetic.SlideSpec(2048, 3072, fmt="tiff", base_mag=40, class_id=cls, seed=seed + cls, tissues=2)
+        )
         halves.append(tifffile.imread(part, level=0))
     write_pyramid_tiff(path, np.concatenate(halves, axis=1), mpp=0.25, subifds=False)
     return [region(shapely.box(0, 0, 2048, 3072), "normal"), region(shapely.box(2048, 0, 4096, 3072), "tumor")]

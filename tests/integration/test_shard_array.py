@@ -29,18 +29,19 @@ def mixed_slides(tmp_path_factory) -> dict:
     and a single-process run of them: what every array run must reproduce."""
     from hpcdistill.shards.sharding import ShardParams, run_sharding
     from hpcdistill.synthetic.dataset import write_dataset, write_slide
+    from hpcdistill.synthetic.specs import DatasetSpec, SlideSpec
 
     root = tmp_path_factory.mktemp("mixed")
     slides, labels = write_dataset(
         root / "slides",
-        n_slides_per_split={"train": 3, "val": 2, "test": 2},
-        n_aux1=1,
-        n_aux2=0,
-        size=(768, 576),
-        seed=3,
+        DatasetSpec(slides_per_split={"train": 3, "val": 2, "test": 2}, aux1=1, aux2=0, size=(768, 576), seed=3),
     )
-    write_slide(root / "slides" / "big_a.svs", 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=21, n_tissues=3)
-    write_slide(root / "slides" / "big_b.tiff", 1280, 960, fmt="tiff", base_mag=40, class_id=1, seed=22, n_tissues=2)
+    write_slide(
+        root / "slides" / "big_a.svs", SlideSpec(1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=21, tissues=3)
+    )
+    write_slide(
+        root / "slides" / "big_b.tiff", SlideSpec(1280, 960, fmt="tiff", base_mag=40, class_id=1, seed=22, tissues=2)
+    )
     (root / "slides" / "broken.svs").write_bytes(b"II*\x00" + os.urandom(2000))  # a TIFF header, then garbage
     with open(labels, "a") as fh:
         fh.write("big_a.svs,PBA,normal,train\nbig_b.tiff,PBB,duodenitis,test\nbroken.svs,PBR,celiac,val\n")

@@ -14,7 +14,7 @@ from hpcdistill.synthetic import dataset as synthetic
 
 def test_shard_skips_and_counts_the_tissues_under_min_side(tmp_path, capsys):
     slide = tmp_path / "a.tiff"
-    synthetic.write_slide(slide, 3072, 2048, fmt="tiff", base_mag=40, class_id=0, seed=1)
+    synthetic.write_slide(slide, synthetic.SlideSpec(3072, 2048, fmt="tiff", base_mag=40, class_id=0, seed=1))
     argv = [str(slide), "--mags", "10,1.25", "--no-progress"]
     assert main.main(["shard", *argv, "--out", str(tmp_path / "all")]) == 0
     every = json.loads((tmp_path / "all" / "manifest.json").read_text())

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from hpcdistill.config.schema import load_config
+from hpcdistill.train.build import build_student
 from hpcdistill.train.run_folder import complete_checkpoints
-from hpcdistill.train.state import build_student
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ RANK_SCRIPT = """
     import os, sys, torch
     from hpcdistill.config.schema import load_config
     from hpcdistill.train.loop import fit
-    from hpcdistill.train.state import build_state
+    from hpcdistill.train.build import build_trainer
     # several runs in one launch, separated by "--": the process group is set up once and reused
     runs, args = [], []
     for arg in sys.argv[1:] + ["--"]:
@@ -34,9 +34,9 @@ RANK_SCRIPT = """
             args.append(arg)
     for overrides in runs:
         cfg = load_config(None, overrides)
-        state = build_state(cfg)
-        fit(state)
-        torch.save(state.engine.module.state_dict(), cfg.run_dir / f"rank{state.rank}.pt")
+        trainer = build_trainer(cfg)
+        fit(trainer)
+        torch.save(trainer.engine.module.state_dict(), cfg.run_dir / f"rank{trainer.rank}.pt")
 """
 
 

@@ -26,7 +26,7 @@ SHARD = ["--mags", "10,2.5", "--max-size", "96", "--no-progress"]
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("untrusted") / "a.tiff"
-    synthetic.write_slide(path, 4096, 3072, fmt="tiff", base_mag=40, class_id=0, seed=3, n_tissues=3)
+    synthetic.write_slide(path, synthetic.SlideSpec(4096, 3072, fmt="tiff", base_mag=40, class_id=0, seed=3, tissues=3))
     return path
 
 
@@ -147,7 +147,9 @@ def test_implausible_slides_are_skipped_in_seconds_and_the_good_one_is_classifie
     image = tissue_image(1024, 768, seed=1)
     write_svs(folder / "huge-mag.svs", image, app_mag=1e308)
     write_pyramid_tiff(folder / "tiny-mpp.tif", image, mpp=0.001, subifds=False)  # 10,000x
-    synthetic.write_slide(folder / "good.tiff", 2048, 1536, fmt="tiff", base_mag=20, class_id=1, seed=5, n_tissues=2)
+    synthetic.write_slide(
+        folder / "good.tiff", synthetic.SlideSpec(2048, 1536, fmt="tiff", base_mag=20, class_id=1, seed=5, tissues=2)
+    )
     started = time.monotonic()
     assert main.main(["predict", str(tiny_teacher), str(folder), "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     assert time.monotonic() - started < 120
@@ -169,7 +171,7 @@ def test_a_fifo_slide_and_a_device_checkpoint_are_named_as_what_they_are(tiny_te
     zero = tmp_path / "best.pt"
     zero.symlink_to("/dev/zero")
     slide = tmp_path / "s.tiff"
-    synthetic.write_slide(slide, 1024, 768, fmt="tiff", base_mag=20, class_id=0, seed=1, n_tissues=1)
+    synthetic.write_slide(slide, synthetic.SlideSpec(1024, 768, fmt="tiff", base_mag=20, class_id=0, seed=1, tissues=1))
     assert main.main(["predict", str(zero), str(slide), "--out", str(tmp_path / "q")]) == 2
     assert f"{zero}: is a character device, not a regular file" in error_line(capsys)
 
@@ -182,7 +184,9 @@ def test_predict_skips_a_slide_whose_region_file_is_too_large_and_classifies_the
     rois.mkdir()
     (rois / "a.geojson").write_text(json.dumps(collection(star(2_000_000))))
     other = tmp_path / "b.tiff"
-    synthetic.write_slide(other, 2048, 1536, fmt="tiff", base_mag=20, class_id=1, seed=5, n_tissues=2)
+    synthetic.write_slide(
+        other, synthetic.SlideSpec(2048, 1536, fmt="tiff", base_mag=20, class_id=1, seed=5, tissues=2)
+    )
     (rois / "b.geojson").write_text(json.dumps(collection(star(2_000, centre=(1024.0, 768.0), radii=(700, 600)))))
     started = time.monotonic()
     argv = ["predict", str(tiny_teacher), str(slide), str(other), "--out", str(tmp_path / "p"), "--rois", str(rois)]

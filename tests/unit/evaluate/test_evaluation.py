@@ -10,6 +10,7 @@ import torch
 
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.evaluate.evaluation import evaluate_checkpoint, predict_split
+from hpcdistill.evaluate.options import EvalOptions
 from hpcdistill.evaluate.report import load_results
 from hpcdistill.scoring.method_labels import ABLATION_ORDER, method_label, method_order
 from hpcdistill.shards.manifest import read_manifest
@@ -21,7 +22,7 @@ def split_slides(manifest: dict, split: str) -> set[str]:
 
 
 def test_evaluate_writes_record_and_predictions(tiny_dataset, tiny_teacher):
-    record = evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", iterations=200)
+    record = evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], EvalOptions(split="test", iterations=200))
     assert record["method"] == "Teacher" and record["mag"] == 10.0
     assert record["samples"] == tiny_dataset["manifest"]["splits"]["test"]["samples"]
     for metric in ("accuracy", "f1", "precision", "recall"):
@@ -56,9 +57,13 @@ def test_evaluate_writes_record_and_predictions(tiny_dataset, tiny_teacher):
 
 
 def test_evaluate_by_slide_bootstrap_differs_from_plain(tiny_dataset, tiny_teacher, tmp_path):
-    plain = evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", iterations=300, out_dir=tmp_path / "a")
+    plain = evaluate_checkpoint(
+        tiny_teacher, tiny_dataset["shards"], EvalOptions(split="test", iterations=300, out=str(tmp_path / "a"))
+    )
     slides = evaluate_checkpoint(
-        tiny_teacher, tiny_dataset["shards"], "test", iterations=300, by_slide=True, out_dir=tmp_path / "b"
+        tiny_teacher,
+        tiny_dataset["shards"],
+        EvalOptions(split="test", iterations=300, by_slide=True, out=str(tmp_path / "b")),
     )
     assert plain["bootstrap"]["resample"] == "samples" and slides["bootstrap"]["resample"] == "slides"
     assert plain["slides"] == slides["slides"] > 1 and plain["samples"] == slides["samples"] > plain["slides"]
@@ -69,7 +74,9 @@ def test_evaluate_by_slide_bootstrap_differs_from_plain(tiny_dataset, tiny_teach
     assert (plain_low, plain_high) != (slide_low, slide_high)
     assert slide_high - slide_low > plain_high - plain_low
     again = evaluate_checkpoint(
-        tiny_teacher, tiny_dataset["shards"], "test", iterations=300, by_slide=True, out_dir=tmp_path / "c"
+        tiny_teacher,
+        tiny_dataset["shards"],
+        EvalOptions(split="test", iterations=300, by_slide=True, out=str(tmp_path / "c")),
     )
     assert again["metrics"] == slides["metrics"]  # seeded: the same interval again
 
@@ -77,9 +84,13 @@ def test_evaluate_by_slide_bootstrap_differs_from_plain(tiny_dataset, tiny_teach
 def test_evaluate_with_loader_workers_and_explicit_device_gives_the_same_predictions(
     tiny_dataset, tiny_teacher, tmp_path
 ):
-    one = evaluate_checkpoint(tiny_teacher, tiny_dataset["shards"], "test", iterations=100, out_dir=tmp_path / "a")
+    one = evaluate_checkpoint(
+        tiny_teacher, tiny_dataset["shards"], EvalOptions(split="test", iterations=100, out=str(tmp_path / "a"))
+    )
     two = evaluate_checkpoint(
-        tiny_teacher, tiny_dataset["shards"], "test", iterations=100, out_dir=tmp_path / "b", device="cpu", workers=2
+        tiny_teacher,
+        tiny_dataset["shards"],
+        EvalOptions(split="test", iterations=100, out=str(tmp_path / "b"), device="cpu", workers=2),
     )
     assert (tmp_path / "a" / "test_predictions.csv").read_text() == (
         tmp_path / "b" / "test_predictions.csv"
@@ -93,7 +104,9 @@ def test_evaluate_with_loader_workers_and_explicit_device_gives_the_same_predict
 def test_bad_device_is_one_line(tiny_dataset, tiny_teacher, tmp_path, device, reason):
     with pytest.raises(HpcdistillError, match=f"--device '{device}': {reason}"):
         evaluate_checkpoint(
-            tiny_teacher, tiny_dataset["shards"], "test", iterations=10, out_dir=tmp_path, device=device
+            tiny_teacher,
+            tiny_dataset["shards"],
+            EvalOptions(split="test", iterations=10, out=str(tmp_path), device=device),
         )
 
 
@@ -116,9 +129,9 @@ def test_evaluate_bad_inputs(tiny_dataset, small_dataset, tiny_teacher, tmp_path
 
     shards = tiny_dataset["shards"]
     with pytest.raises(HpcdistillError, match="split 'nope' is empty or absent"):
-        evaluate_checkpoint(tiny_teacher, shards, "nope", iterations=10, out_dir=tmp_path)
+        evaluate_checkpoint(tiny_teacher, shards, EvalOptions(split="nope", iterations=10, out=str(tmp_path)))
     with pytest.raises(HpcdistillError, match="split 'aux1' has no labeled samples"):
-        evaluate_checkpoint(tiny_teacher, shards, "aux1", iterations=10, out_dir=tmp_path)
+        evaluate_checkpoint(tiny_teacher, shards, EvalOptions(split="aux1", iterations=10, out=str(tmp_path)))
     # real shards cut without the model's magnification
     other = tmp_path / "other"
     run_sharding(
@@ -130,18 +143,18 @@ def test_evaluate_bad_inputs(tiny_dataset, small_dataset, tiny_teacher, tmp_path
         progress=False,
     )
     with pytest.raises(HpcdistillError, match=r"no 10x images \(the model's magnification\); shards have 5x, 2\.5x$"):
-        evaluate_checkpoint(tiny_teacher, other, "test", iterations=10, out_dir=tmp_path)
+        evaluate_checkpoint(tiny_teacher, other, EvalOptions(split="test", iterations=10, out=str(tmp_path)))
     # a checkpoint for a different number of classes
     blob = torch.load(tiny_teacher, weights_only=True)
     blob["arch_kwargs"]["num_classes"] = 5
     wrong = tmp_path / "wrong.pt"
     torch.save(blob, wrong)
     with pytest.raises(HpcdistillError, match="trained for 5 classes, but the data has 3"):
-        evaluate_checkpoint(wrong, shards, "test", iterations=10, out_dir=tmp_path)
+        evaluate_checkpoint(wrong, shards, EvalOptions(split="test", iterations=10, out=str(tmp_path)))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(HpcdistillError, match="garbage.pt: not a loadable weights file"):
-        evaluate_checkpoint(garbage, shards, "test", iterations=10, out_dir=tmp_path)
+        evaluate_checkpoint(garbage, shards, EvalOptions(split="test", iterations=10, out=str(tmp_path)))
     assert not list(tmp_path.glob("*.json"))  # no failed evaluation left a record behind
 
 

@@ -86,15 +86,20 @@ def test_report_pairs_methods_scored_on_the_same_tissues(tiny_dataset, tiny_teac
     """Two real evaluations of one model under two method names: the paired difference is exactly 0 with a zero
     CI; runs scored on different samples are refused, not paired."""
     from hpcdistill.evaluate.evaluation import evaluate_checkpoint
+    from hpcdistill.evaluate.options import EvalOptions
 
     for method, run in (("Baseline", "a"), ("KD", "b")):
         evaluate_checkpoint(
-            tiny_teacher, tiny_dataset["shards"], "test", method=method, iterations=200, out_dir=tmp_path / run / "eval"
+            tiny_teacher,
+            tiny_dataset["shards"],
+            EvalOptions(split="test", method=method, iterations=200, out=str(tmp_path / run / "eval")),
         )
     report = write_report(load_results([tmp_path / "a", tmp_path / "b"]), tmp_path / "report").read_text()
     assert "| 10x | KD − Baseline | 1 | +0.00 (+0.00 to +0.00) | +0.00 (+0.00 to +0.00) | 1.000 | no |" in report
     evaluate_checkpoint(
-        tiny_teacher, tiny_dataset["shards"], "val", method="KD", iterations=200, out_dir=tmp_path / "c" / "eval"
+        tiny_teacher,
+        tiny_dataset["shards"],
+        EvalOptions(split="val", method="KD", iterations=200, out=str(tmp_path / "c" / "eval")),
     )
     with pytest.raises(HpcdistillError, match="not scored on the same samples"):
         write_report(load_results([tmp_path / "a", tmp_path / "c"]), tmp_path / "report2")

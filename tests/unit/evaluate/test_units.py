@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from hpcdistill.cli import main
 from hpcdistill.evaluate.evaluation import evaluate_checkpoint
+from hpcdistill.evaluate.options import EvalOptions
 from hpcdistill.scoring.aggregation import unit_rows
 from hpcdistill.scoring.auroc import auroc_ci
 
@@ -66,10 +67,7 @@ def test_evaluate_scores_slides_and_patients_with_cis_at_that_unit(tiny_dataset,
     record = evaluate_checkpoint(
         tiny_teacher,
         tiny_dataset["shards"],
-        "test",
-        iterations=300,
-        units=["tissue", "slide", "patient"],
-        out_dir=tmp_path,
+        EvalOptions(split="test", iterations=300, units=("tissue", "slide", "patient"), out=str(tmp_path)),
     )
     manifest = tiny_dataset["manifest"]
     test_slides = {s: v for s, v in manifest["slides"].items() if v["split"] == "test" and v["status"] == "ok"}

@@ -11,6 +11,7 @@ import pytest
 
 from hpcdistill.cli import main
 from hpcdistill.evaluate.evaluation import evaluate_checkpoint
+from hpcdistill.evaluate.options import EvalOptions
 from hpcdistill.evaluate.report import load_results, write_report
 from hpcdistill.shards.sharding import ShardParams, run_sharding
 
@@ -31,7 +32,9 @@ def lossless(tiny_dataset, tmp_path_factory):
 
 
 def test_predict_labels_equals_evaluate_by_slide(lossless, tiny_dataset, tiny_teacher, tmp_path):
-    record = evaluate_checkpoint(tiny_teacher, lossless["shards"], "test", units=["slide"], out_dir=tmp_path / "ev")
+    record = evaluate_checkpoint(
+        tiny_teacher, lossless["shards"], EvalOptions(split="test", units=("slide",), out=str(tmp_path / "ev"))
+    )
     assert (
         main.main(
             [
@@ -97,7 +100,9 @@ def test_a_class_missing_from_the_scored_set_is_said_and_not_averaged(
         assert slide["auroc_per_class"][name] is None
     # the report names the missing class too, on the terminal and in report.md
     record = evaluate_checkpoint(
-        tiny_teacher, lossless["shards"], "test", units=["slide"], iterations=100, out_dir=tmp_path / "run" / "eval"
+        tiny_teacher,
+        lossless["shards"],
+        EvalOptions(split="test", units=("slide",), iterations=100, out=str(tmp_path / "run" / "eval")),
     )
     assert record["units"]["slide"]["n"] == len(lossless["test"])
     report = write_report(load_results([tmp_path / "run"]), tmp_path / "report").read_text()

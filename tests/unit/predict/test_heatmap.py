@@ -52,17 +52,15 @@ def two_class_teacher(tmp_path_factory) -> dict:
     from hpcdistill.config.schema import load_config
     from hpcdistill.shards.sharding import ShardParams, run_sharding
     from hpcdistill.synthetic.dataset import write_dataset, write_two_class_slide
+    from hpcdistill.synthetic.specs import DatasetSpec
     from hpcdistill.train import loop
 
     root = tmp_path_factory.mktemp("two_class")
     _, labels = write_dataset(
         root / "slides",
-        n_slides_per_split={"train": 8, "val": 2, "test": 0},
-        classes=2,
-        n_aux1=0,
-        n_aux2=0,
-        size=(1536, 1152),
-        seed=5,
+        DatasetSpec(
+            slides_per_split={"train": 8, "val": 2, "test": 0}, classes=2, aux1=0, aux2=0, size=(1536, 1152), seed=5
+        ),
     )
     run_sharding(
         [root / "slides"], root / "shards", labels_csv=str(labels), params=ShardParams(mags=(10.0,)), progress=False

@@ -14,13 +14,14 @@ from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.predict.prediction import predict_slides
 from hpcdistill.slides.tissue import class_colour
 from hpcdistill.synthetic.dataset import write_slide
+from hpcdistill.synthetic.specs import SlideSpec
 
 
 def test_predict_svs_and_tiff(tiny_teacher, tmp_path):
     svs = tmp_path / "scan_a.svs"
     tif = tmp_path / "scan_b.tiff"
-    write_slide(svs, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, n_tissues=2)
-    write_slide(tif, 768, 576, fmt="tiff", base_mag=20, class_id=2, seed=12, n_tissues=3)
+    write_slide(svs, SlideSpec(1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, tissues=2))
+    write_slide(tif, SlideSpec(768, 576, fmt="tiff", base_mag=20, class_id=2, seed=12, tissues=3))
     summary = predict_slides(tiny_teacher, [svs, tif], tmp_path / "out")
     slides = {s["path"]: s for s in summary["slides"]}
     assert all(s["status"] == "ok" for s in slides.values())
@@ -46,7 +47,7 @@ def test_predict_svs_and_tiff(tiny_teacher, tmp_path):
 
 def test_predict_reports_unreadable_and_low_mag_slides(tiny_teacher, tmp_path):
     low = tmp_path / "low.tiff"
-    write_slide(low, 256, 192, fmt="tiff", base_mag=5, mpp=2.0, class_id=1, seed=3, n_tissues=2)
+    write_slide(low, SlideSpec(256, 192, fmt="tiff", base_mag=5, mpp=2.0, class_id=1, seed=3, tissues=2))
     junk = tmp_path / "junk.svs"
     junk.write_text("not a slide")
     with pytest.raises(HpcdistillError, match="no slide could be classified"):
@@ -64,8 +65,8 @@ def test_a_tissue_too_big_for_the_gpu_skips_its_slide_only(tiny_teacher, tmp_pat
     from hpcdistill.predict import prediction
 
     big, small = tmp_path / "big.svs", tmp_path / "small.svs"
-    write_slide(big, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, n_tissues=1)
-    write_slide(small, 1536, 1152, fmt="svs", base_mag=40, class_id=1, seed=12, n_tissues=1)
+    write_slide(big, SlideSpec(1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, tissues=1))
+    write_slide(small, SlideSpec(1536, 1152, fmt="svs", base_mag=40, class_id=1, seed=12, tissues=1))
     calls = []
 
     class OutOfMemoryOnBig(torch.nn.Module):  # unit test of the error path: no GPU here
@@ -111,7 +112,7 @@ def test_prediction_cuts_tissues_into_the_training_windows(tiny_teacher, tmp_pat
     model = tmp_path / "small_windows.pt"
     torch.save(blob, model)
     slide = tmp_path / "wide.svs"
-    write_slide(slide, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=21, n_tissues=1)
+    write_slide(slide, SlideSpec(1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=21, tissues=1))
     summary = predict_slides(model, [slide], tmp_path / "out")
     result = summary["slides"][0]
     assert summary["windowing"] == blob["windowing"]
@@ -166,8 +167,8 @@ def test_any_error_in_one_slide_is_its_skipped_row_and_the_others_are_written(ti
     from hpcdistill.predict import prediction
 
     bad, good = tmp_path / "bad.svs", tmp_path / "good.svs"
-    write_slide(bad, 1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, n_tissues=1)
-    write_slide(good, 1536, 1152, fmt="svs", base_mag=40, class_id=1, seed=12, n_tissues=1)
+    write_slide(bad, SlideSpec(1536, 1152, fmt="svs", base_mag=40, class_id=0, seed=11, tissues=1))
+    write_slide(good, SlideSpec(1536, 1152, fmt="svs", base_mag=40, class_id=1, seed=12, tissues=1))
     real_find = prediction.find_windows
 
     def fail_on_bad(slide, *args, **kwargs):

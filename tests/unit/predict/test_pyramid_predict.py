@@ -13,6 +13,7 @@ from hpcdistill.predict.prediction import predict_slides
 from hpcdistill.shards.manifest import shard_source
 from hpcdistill.shards.sharding import ShardParams, run_sharding
 from hpcdistill.synthetic.dataset import write_slide
+from hpcdistill.synthetic.specs import SlideSpec
 from hpcdistill.train import loop
 
 TINY_MAGS = (10.0, 2.5, 1.25)
@@ -52,7 +53,7 @@ def test_the_source_travels_from_shards_to_export(pyramid_student, tiny_dataset)
 @pytest.fixture(scope="module")
 def scanner_slide(tmp_path_factory):
     path = tmp_path_factory.mktemp("scanner") / "scan.svs"
-    write_slide(path, 8192, 6144, fmt="svs", base_mag=40, seed=5, n_tissues=2, pyramid="scanner")
+    write_slide(path, SlideSpec(8192, 6144, fmt="svs", base_mag=40, seed=5, tissues=2, pyramid="scanner"))
     return path
 
 

@@ -10,8 +10,8 @@ import pytest
 from shard_fixtures import read_samples
 
 from hpcdistill.cli import main
-from hpcdistill.shards import plan, sample_format
 from hpcdistill.common.errors import SlideError
+from hpcdistill.shards import plan, sample_format
 from hpcdistill.shards.sharding import ShardingError, ShardParams
 from hpcdistill.slides import catalog
 from hpcdistill.slides.windows import split_windows, window_alignment

@@ -12,12 +12,13 @@ from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.metadata import metadata_conflicts
 from hpcdistill.slides.windows import window_sizes
 from hpcdistill.synthetic.dataset import write_slide
+from hpcdistill.synthetic.specs import SlideSpec
 
 
 @pytest.fixture(scope="module")
 def scanner_svs(tmp_path_factory):
     path = tmp_path_factory.mktemp("pyramid") / "scanner.svs"
-    info = write_slide(path, 8192, 6144, fmt="svs", base_mag=40, seed=3, n_tissues=2, pyramid="scanner")
+    info = write_slide(path, SlideSpec(8192, 6144, fmt="svs", base_mag=40, seed=3, tissues=2, pyramid="scanner"))
     return path, info
 
 
@@ -64,7 +65,9 @@ def test_several_mags_group_by_level_and_match_single_reads(scanner_svs):
 
 def test_disagreeing_magnification_metadata_is_said_in_one_line(tmp_path, capfd):
     path = tmp_path / "stale.svs"
-    write_slide(path, 1024, 768, fmt="svs", base_mag=40, mpp=1.0, seed=1, n_tissues=1)  # AppMag 40, MPP 1.0 = 10x
+    write_slide(
+        path, SlideSpec(1024, 768, fmt="svs", base_mag=40, mpp=1.0, seed=1, tissues=1)
+    )  # AppMag 40, MPP 1.0 = 10x
     with open_slide(path) as slide:
         assert slide.info.base_mag == 40.0 and slide.info.mag_source == "objective-power"
     (line,) = [ln for ln in capfd.readouterr().err.splitlines() if "disagree" in ln]

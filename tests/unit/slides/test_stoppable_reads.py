@@ -45,7 +45,7 @@ def test_a_signal_stops_a_long_libvips_computation_within_seconds():
 
 def test_many_reads_of_one_slide_with_collections_between_never_abort(tmp_path):
     path = tmp_path / "s.tiff"
-    synthetic.write_slide(path, 2048, 1536, fmt="tiff", base_mag=40, class_id=0, seed=3, n_tissues=2)
+    synthetic.write_slide(path, synthetic.SlideSpec(2048, 1536, fmt="tiff", base_mag=40, class_id=0, seed=3, tissues=2))
     sizes = set()
     for i in range(20):
         with open_slide(path) as slide:
@@ -60,7 +60,7 @@ def test_the_thumbnail_names_a_level_too_large_to_decode(tmp_path, monkeypatch):
     from hpcdistill.common.errors import SlideError
 
     path = tmp_path / "s.tiff"
-    synthetic.write_slide(path, 2048, 1536, fmt="tiff", base_mag=40, class_id=0, seed=3, n_tissues=2)
+    synthetic.write_slide(path, synthetic.SlideSpec(2048, 1536, fmt="tiff", base_mag=40, class_id=0, seed=3, tissues=2))
     slide = open_slide(path)
     monkeypatch.setenv("HPCDISTILL_MAX_THUMBNAIL_SOURCE_PIXELS", "1000")
     with pytest.raises(SlideError, match="HPCDISTILL_MAX_THUMBNAIL_SOURCE_PIXELS raises the limit of 1,000"):

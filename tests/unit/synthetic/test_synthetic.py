@@ -32,7 +32,7 @@ def _tissue_centre(info: dict) -> tuple[int, int]:
 @pytest.mark.parametrize("base_mag,mpp", [(40, 0.25), (20, 0.5)])
 def test_svs_is_a_true_aperio_file(tmp_path, base_mag, mpp):
     path = tmp_path / "a.svs"
-    info = S.write_slide(path, 2600, 2100, fmt="svs", base_mag=base_mag, class_id=1, seed=3, n_tissues=2)
+    info = S.write_slide(path, S.SlideSpec(2600, 2100, fmt="svs", base_mag=base_mag, class_id=1, seed=3, tissues=2))
     assert info["levels"] == [(2600, 2100), (650, 525)]
     with tifffile.TiffFile(path) as tif:
         pages = tif.pages
@@ -69,7 +69,7 @@ def test_svs_is_a_true_aperio_file(tmp_path, base_mag, mpp):
 
 def test_generic_tiff_reports_mpp_but_no_objective(tmp_path):
     path = tmp_path / "g.tiff"
-    info = S.write_slide(path, 2200, 1800, fmt="tiff", base_mag=20, class_id=0, seed=5, n_tissues=2)
+    info = S.write_slide(path, S.SlideSpec(2200, 1800, fmt="tiff", base_mag=20, class_id=0, seed=5, tissues=2))
     with openslide.OpenSlide(str(path)) as slide:
         assert slide.properties["openslide.vendor"] == "generic-tiff"
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
@@ -84,7 +84,7 @@ def test_generic_tiff_reports_mpp_but_no_objective(tmp_path):
 @pytest.mark.parametrize("fmt", ["svs", "tiff"])
 def test_without_metadata_has_no_magnification_or_mpp(tmp_path, fmt):
     path = tmp_path / f"bare.{fmt}"
-    S.write_slide(path, 1200, 1000, fmt=fmt, seed=1, n_tissues=1, with_metadata=False)
+    S.write_slide(path, S.SlideSpec(1200, 1000, fmt=fmt, seed=1, tissues=1, with_metadata=False))
     with openslide.OpenSlide(str(path)) as slide:
         assert "openslide.objective-power" not in slide.properties
         assert "openslide.mpp-x" not in slide.properties
@@ -96,7 +96,7 @@ def test_without_metadata_has_no_magnification_or_mpp(tmp_path, fmt):
 def test_same_seed_same_bytes_other_seed_other_pixels(tmp_path):
     a, b, c = tmp_path / "a.svs", tmp_path / "b.svs", tmp_path / "c.svs"
     for path, seed in ((a, 11), (b, 11), (c, 12)):
-        S.write_slide(path, 1500, 1100, fmt="svs", class_id=2, seed=seed, n_tissues=2)
+        S.write_slide(path, S.SlideSpec(1500, 1100, fmt="svs", class_id=2, seed=seed, tissues=2))
     assert _sha(a) == _sha(b)
     assert _sha(a) != _sha(c)
 
@@ -152,12 +152,9 @@ def test_class_signal_is_in_fine_detail_not_in_low_resolution_colour():
 def test_dataset_labels_patients_and_aux_splits(tmp_path):
     paths, csv_path = S.write_dataset(
         tmp_path / "ds",
-        n_slides_per_split={"train": 5, "val": 3, "test": 3},
-        n_aux1=2,
-        n_aux2=2,
-        size=(1000, 800),
-        n_tissues=(1, 2),
-        seed=9,
+        S.DatasetSpec(
+            slides_per_split={"train": 5, "val": 3, "test": 3}, aux1=2, aux2=2, size=(1000, 800), tissues=(1, 2), seed=9
+        ),
     )
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -184,23 +181,20 @@ def test_dataset_labels_patients_and_aux_splits(tmp_path):
     assert {"40", "20", None} <= mags
     again, _ = S.write_dataset(
         tmp_path / "ds2",
-        n_slides_per_split={"train": 5, "val": 3, "test": 3},
-        n_aux1=2,
-        n_aux2=2,
-        size=(1000, 800),
-        n_tissues=(1, 2),
-        seed=9,
+        S.DatasetSpec(
+            slides_per_split={"train": 5, "val": 3, "test": 3}, aux1=2, aux2=2, size=(1000, 800), tissues=(1, 2), seed=9
+        ),
     )
     assert [_sha(p) for p in paths] == [_sha(p) for p in again]
 
 
 def test_bad_arguments_give_one_line_errors(tmp_path):
     with pytest.raises(SyntheticError, match=r"x\.png: fmt 'png'"):
-        S.write_slide(tmp_path / "x.png", 500, 500, fmt="png")
+        S.write_slide(tmp_path / "x.png", S.SlideSpec(500, 500, fmt="png"))
     with pytest.raises(SyntheticError, match="class_id 9"):
-        S.write_slide(tmp_path / "x.svs", 500, 500, class_id=9)
+        S.write_slide(tmp_path / "x.svs", S.SlideSpec(500, 500, class_id=9))
     with pytest.raises(SyntheticError, match="classes"):
-        S.write_dataset(tmp_path, classes=["a"])
+        S.write_dataset(tmp_path, S.DatasetSpec(classes=["a"]))
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
@@ -208,12 +202,13 @@ def test_large_slide_streams_with_bounded_memory(tmp_path):
     """Writing 16000x16000 (768 MB raw RGB) must not grow peak RSS by more than a small fraction of that."""
     script = textwrap.dedent(f"""
         from hpcdistill.synthetic.dataset import write_slide
+        from hpcdistill.synthetic.specs import SlideSpec
         def hwm():
             for line in open('/proc/self/status'):
                 if line.startswith('VmHWM'):
                     return int(line.split()[1]) * 1024
         before = hwm()
-        info = write_slide({str(tmp_path / "big.svs")!r}, 16000, 16000, fmt='svs', seed=1, n_tissues=2)
+        info = write_slide({str(tmp_path / "big.svs")!r}, SlideSpec(16000, 16000, fmt='svs', seed=1, tissues=2))
         print(before, hwm(), len(info['levels']))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
@@ -226,7 +221,7 @@ def test_large_slide_streams_with_bounded_memory(tmp_path):
 
 def test_lossless_svs_reads_back_exactly_the_rendered_pixels(tmp_path):
     path = tmp_path / "lossless.svs"
-    info = S.write_slide(path, 1300, 900, fmt="svs", class_id=3, seed=8, n_tissues=1, jpeg=False)
+    info = S.write_slide(path, S.SlideSpec(1300, 900, fmt="svs", class_id=3, seed=8, tissues=1, jpeg=False))
     cx, cy = _tissue_centre(info)
     with openslide.OpenSlide(str(path)) as slide:
         assert slide.properties["openslide.vendor"] == "aperio"

@@ -133,7 +133,7 @@ def test_ema_decay_cannot_change_on_resume(tiny_dataset, tiny_teacher, tmp_path)
 
 def test_a_config_key_older_checkpoints_lack_reads_as_its_default():
     from hpcdistill.config.schema import Config
-    from hpcdistill.train.run_folder import config_changes
+    from hpcdistill.train.resume import config_changes
 
     stored = Config().to_dict()
     del stored["train"]["ema_decay"]
