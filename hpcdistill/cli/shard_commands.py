@@ -88,7 +88,7 @@ def _min_side(text: str) -> int | str:
 
 
 def default_network_min_side() -> int:
-    """The smallest square input of the network a default training config builds (models.smallest_input)."""
+    """The smallest square input of the network a default training config builds (models.inference.smallest_input)."""
     import torch
 
     from hpcdistill.config.schema import ModelConfig

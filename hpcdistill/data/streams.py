@@ -1,5 +1,5 @@
 """The training and evaluation streams: per-rank/per-worker splitting, sample order, bucketing and batching (reading
-tars is shard_reader.py, the augmentation draw augment.py, the per-pixel work where the batch lands device_batch.py).
+tars is shards/reader.py, the augmentation draw augment.py, the per-pixel work where the batch lands device_batch.py).
 
 One stream per rank yields micro-batches. Its length is fixed in advance (`per_rank_samples`), so every rank runs
 the same number of steps per epoch however unevenly the shards are sized: a rank that runs dry would otherwise hang

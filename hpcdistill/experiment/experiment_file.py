@@ -1,5 +1,5 @@
 """The experiment file: one YAML naming the teacher, the methods (one SLURM array each over the magnifications),
-evaluation and per-job-kind resources. Parsed with config.py's builder, so a typo is the same one-line
+evaluation and per-job-kind resources. Parsed with common/typed_tree.py's builder, so a typo is the same one-line
 "key: unknown key (did you mean ...?)" error as in training configs. Input paths (configs, shards) resolve against
 the working directory, then the experiment file's folder, then the repository (and the configs installed with the
 package); the output folder `out_dir` always against the working directory, so outputs land where the user is. All
@@ -88,7 +88,7 @@ def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML (it may inherit another by `base:`); errors are one line: file and key."""
     path = Path(path) if Path(path).exists() else resolve_path(str(path))  # configs/... found as `train` finds them
     try:
-        raw = read_yaml(path, ())  # config.py's reader: safe_load, one-line errors, `base:` inheritance
+        raw = read_yaml(path, ())  # typed_tree's reader: safe_load, one-line errors, `base:` inheritance
     except ConfigError as err:
         raise LaunchError(str(err)) from None
     try:

@@ -4,7 +4,7 @@ For each slide: find its tissues on a thumbnail and cut them into the windows th
 into (windows.py, with the windowing stored in the export), read every window at the model's magnification (Lanczos
 from level 0, or from the smallest pyramid level at or above it: what the training shards were cut from, or `read`)
 and classify it whole. A tissue's probabilities are the area-weighted mean of its windows', and the slide call is made
-by the rule `evaluate.aggregation` shares with `evaluate --unit slide` (by default the area-weighted mean over all
+by the rule `scoring.aggregation` shares with `evaluate --unit slide` (by default the area-weighted mean over all
 windows, then argmax: a larger tissue carries more evidence, and averaging probabilities rather than voting keeps an
 uncertain small fragment from flipping the call). Slides that cannot be read are reported, not fatal.
 """
@@ -102,7 +102,7 @@ def _classify_windows(
 
 
 def slide_call(windows: list[dict], rule: str, classes: list[str]) -> tuple[str, np.ndarray]:
-    """The slide's class and the scores it was chosen from, by `rule` (evaluate.aggregation, shared with
+    """The slide's class and the scores it was chosen from, by `rule` (scoring.aggregation, shared with
     `evaluate --unit slide`)."""
     probs = np.array([w["probs"] for w in windows], dtype=np.float64)
     areas = np.array([w["box_l0"][2] * w["box_l0"][3] for w in windows], dtype=np.float64)

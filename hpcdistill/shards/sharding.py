@@ -1,8 +1,8 @@
 """`hpcdistill shard`: slides -> aligned multi-magnification WebDataset shards, and its dry run.
 
-Flow: collect slide files and labels (slide_catalog) -> the plan (shard_plan) -> per slide, in worker processes,
-cut every tissue window at every magnification into a spool file (shard_cut) -> this process consumes results in
-plan order and streams them into shards, journalling each completed one (shard_writer) -> the manifest (manifest).
+Flow: collect slide files and labels (slides/catalog.py) -> the plan (plan.py) -> per slide, in worker processes,
+cut every tissue window at every magnification into a spool file (cut.py) -> this process consumes results in plan
+order and streams them into shards, journalling each completed one (writer.py) -> the manifest (manifest.py).
 Memory holds one window's pixels per worker, whatever the slide or shard size.
 """
 

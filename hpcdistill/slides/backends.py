@@ -2,7 +2,7 @@
 
 VipsTiffSlide reads SVS and pyramidal TIFF with libvips tiffload (demand-driven, so memory stays bounded for any
 box size). OpenSlideSlide reads what tiffload cannot (NDPI, MRXS, Ventana, ...) into a memory-mapped scratch
-file, which the shared code in slides.py then resamples exactly as it does tiffload's pixels.
+file, which the shared code in slide.py then resamples exactly as it does tiffload's pixels.
 """
 
 from __future__ import annotations

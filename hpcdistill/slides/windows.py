@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 REF_MAG = 10.0  # --max-size and size rounding are expressed in 10x (teacher) pixels
-DEFAULT_MAGS = (10.0, 5.0, 2.5, 1.25, 0.625)  # the sharder's defaults (shard_plan.ShardParams)
+DEFAULT_MAGS = (10.0, 5.0, 2.5, 1.25, 0.625)  # the sharder's defaults (shards.plan.ShardParams)
 DEFAULT_MAX_SIZE = 8192
 # Exports written before windowing was recorded were cut with the defaults unless --mags/--max-size said otherwise.
 DEFAULT_WINDOWING = {"mags": list(DEFAULT_MAGS), "max_size": DEFAULT_MAX_SIZE}
