@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from bench_env import describe, median_spread, publish  # noqa: E402
 
 from hpcdistill.common.mags import mag_name  # noqa: E402
-from hpcdistill.config.schema import load_config  # noqa: E402
+from hpcdistill.config.loading import load_config  # noqa: E402
 from hpcdistill.models.export import export_blob  # noqa: E402
 from hpcdistill.models.resnet import build_model  # noqa: E402
 from hpcdistill.predict import prediction  # noqa: E402

@@ -59,7 +59,7 @@ def prepare(out: Path, quick: bool) -> dict[str, Path]:
 def train(job: tuple[str, str, float, str, int, bool]) -> str:
     """One student run in its own process; returns its best.pt."""
     os.environ["OMP_NUM_THREADS"] = "1"
-    from hpcdistill.config.schema import load_config
+    from hpcdistill.config.loading import load_config
     from hpcdistill.train.loop import run
 
     out, shards, mag, source, seed, quick = job

@@ -68,7 +68,7 @@ def train(job: tuple[str, str, str, list[str]]) -> dict:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
-    from hpcdistill.config.schema import load_config
+    from hpcdistill.config.loading import load_config
     from hpcdistill.train.loop import run
 
     torch.set_num_threads(1)

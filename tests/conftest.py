@@ -156,7 +156,7 @@ def tiny_train_overrides(shards: Path, out: Path, name: str, mode: str, mag: flo
 
 def cfg_for(dataset: dict, out: Path, name: str, mode: str, mag: float, *extra: str):
     """The tiny training config for `dataset` (the tiny_dataset fixture), logging every step, plus `extra` overrides."""
-    from hpcdistill.config.schema import load_config
+    from hpcdistill.config.loading import load_config
 
     overrides = tiny_train_overrides(dataset["shards"], out, name, mode, mag) + ["log.log_every=1"]
     return load_config(None, overrides + list(extra))
@@ -165,7 +165,7 @@ def cfg_for(dataset: dict, out: Path, name: str, mode: str, mag: float, *extra: 
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_dataset, tmp_path_factory) -> Path:
     """A teacher trained by the real engine on the real tiny shards; returns its exported best.pt."""
-    from hpcdistill.config.schema import load_config
+    from hpcdistill.config.loading import load_config
     from hpcdistill.train import loop
 
     out = tmp_path_factory.mktemp("tiny_runs")

@@ -86,7 +86,8 @@ def cap_workers(args: argparse.Namespace) -> None:
 def reference_markdown() -> str:
     """The README's CLI reference: each subcommand's one-line help and usage, at a fixed 100-column width.
 
-    tests/integration/test_readme.py checks docs/cli.md holds exactly this text, so the reference cannot drift from --help.
+    tests/integration/test_readme.py checks docs/cli.md holds exactly this text, so the reference cannot drift from
+    --help.
     Regenerate with: python -c "from hpcdistill.cli.main import reference_markdown; print(reference_markdown())"
     """
     import os

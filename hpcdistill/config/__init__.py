@@ -5,6 +5,7 @@ launcher validates configs without it."""
 from __future__ import annotations
 
 from hpcdistill.config.checks import check_config
-from hpcdistill.config.schema import Config, load_config, resolve_path
+from hpcdistill.config.loading import load_config
+from hpcdistill.config.schema import Config, resolve_path
 
 __all__ = ["Config", "check_config", "load_config", "resolve_path"]

@@ -1,8 +1,7 @@
-"""The typed configuration tree: YAML (safe_load) + `a.b=value` overrides, validated against dataclasses.
-
-Precedence: command-line overrides > the YAML file (and the files it names under `base:`) > the defaults below.
-Every rejection is one line naming the dotted key, e.g. "train.lr: expected float, got 'abc'".
-"""
+"""The training run's typed configuration tree: one dataclass per section, the defaults, the choices models, losses
+and the CLI read (arch, stem, resize, precision), and `resolve_path` for the paths a config names. Loading YAML and
+overrides into it is loading.py; its checks are checks.py. Every rejection is one line naming the dotted key, e.g.
+"train.lr: expected float, got 'abc'"."""
 
 from __future__ import annotations
 
@@ -14,11 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hpcdistill.common.console import say
-from hpcdistill.common.errors import ConfigError
 from hpcdistill.common.files import atomic_write_text
-from hpcdistill.common.typed_tree import build_dataclass, parse_override, read_yaml, set_dotted
-from hpcdistill.config.checks import UNUSED_BY_MODE, check_config, unused_in_mode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # configs/ as installed package data (pyproject.toml)
@@ -238,43 +233,3 @@ class Config:
     def model_mag(self) -> float:
         """The magnification the trained network sees."""
         return self.data.teacher_mag if self.train.mode == "teacher" else self.data.mag
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (following `base:`), then `a.b=value` overrides; all validated. An override of a
-    key the chosen mode never reads is said in one line (it would be stored in config.yaml, and do nothing)."""
-    raw: dict[str, Any] = read_yaml(resolve_path(str(path)), ()) if path is not None else {}
-    given = []
-    for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(raw, key, value)
-        given.append(key)
-    cfg = from_dict(raw)
-    for key in given:
-        if unused_in_mode(key, cfg.train.mode):
-            say(f"{key}: not used in {cfg.train.mode} mode ({UNUSED_BY_MODE[cfg.train.mode][1]}); it changes nothing")
-    return cfg
-
-
-def from_dict(raw: dict[str, Any]) -> Config:
-    cfg = build_dataclass(Config, raw, "")
-    check_config(cfg)
-    cfg.run.name = _run_name(cfg)
-    return cfg
-
-
-def _run_name(cfg: Config) -> str:
-    """run.name with its template filled in ({mode}, {mag}, {seed}); a stored, filled-in name stays as it is."""
-    template = cfg.run.name
-    try:
-        name = template.format(mode=cfg.train.mode, mag=f"{cfg.model_mag:g}", seed=cfg.run.seed)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(
-            f"run.name: {template!r}: a template may name {{mode}}, {{mag}} and {{seed}} ({err})"
-        ) from None
-    if not name or "/" in name or name in (".", ".."):
-        raise ConfigError(f"run.name: {name!r}: must be a folder name (no '/')")
-    return name

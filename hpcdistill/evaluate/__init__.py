@@ -1,5 +1,6 @@
-"""Scoring: the paper's metrics and bootstrap CIs, paired comparisons, method labels, evaluating an export on a shard
-split, the report (tables and Figure 3) and the evaluation job."""
+"""The evaluation stage, beside training: scoring an export on a shard split (`EvalOptions`, the evaluation record),
+paired comparisons of methods, the report (tables and Figure 3) and the evaluation job. The metrics it scores with
+are `scoring`'s."""
 
 from __future__ import annotations
 

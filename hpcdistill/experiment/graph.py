@@ -15,7 +15,8 @@ from typing import Any
 from hpcdistill.cluster.job_plan import JobPlan, TaskPlan
 from hpcdistill.common.errors import HpcdistillError, LaunchError
 from hpcdistill.common.mags import mag_name
-from hpcdistill.config.schema import Config, load_config
+from hpcdistill.config.loading import load_config
+from hpcdistill.config.schema import Config
 from hpcdistill.evaluate.options import EvalOptions
 from hpcdistill.evaluate.task import EvaluateTask
 from hpcdistill.experiment.experiment_file import Experiment

@@ -1,5 +1,5 @@
-"""Slides to WebDataset shards and back: slide catalog and labels, the plan, cutting one slide, the tar writer and its
-journal, the manifest, the safe reader, the sharding flow and its array of tasks."""
+"""Slides to WebDataset shards and back: the plan, cutting one slide, the tar writer and its journal, the manifest,
+the safe reader, the sharding flow and its array of tasks."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Whole-slide images: the `Slide` interface, one backend per reader and the factory that picks one, what a file says
-about itself, exact Lanczos resampling, tissue on a thumbnail, and tissue windows."""
+about itself, exact Lanczos resampling, tissue on a thumbnail, tissue windows, outlines and regions, and the slide
+catalog with its labels CSV."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Training: the loop and its state, the run folder and checkpoints, resume checks, validation and export selection,
-the weight average, the stop on a non-finite loss, the process group, the DeepSpeed config, the losses, the budget
-and its schedule, the teacher gate and the training job."""
+"""Training: the trainer and its state, building a run, resuming it, checkpoints and exports and the run folder they
+live in, the loop, validation and export selection, the weight average, the stop on a non-finite loss, the process
+group, the DeepSpeed config, the losses, the budget and its schedule, the teacher gate and the training job."""
 
 from __future__ import annotations
 

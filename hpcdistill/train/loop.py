@@ -24,7 +24,8 @@ from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.ranks import is_rank_zero
 from hpcdistill.common.signals import Interrupted, check_interrupted, deferred
-from hpcdistill.config.schema import Config, load_config
+from hpcdistill.config.loading import load_config
+from hpcdistill.config.schema import Config
 from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.data.streams import make_loader
 from hpcdistill.scoring.method_labels import method_label

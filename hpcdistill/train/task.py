@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from hpcdistill.cluster.resubmitting import Resubmitting, master_port
-from hpcdistill.config.schema import load_config
+from hpcdistill.config.loading import load_config
 
 
 class TrainTask(Resubmitting):

@@ -115,7 +115,7 @@ def test_weak_cases_name_their_cause(slides, tmp_path, capsys):
     empty.write_text("# nothing yet\n")
     assert main.main(["train", str(empty)]) == 2
     assert f"{empty}: holds no settings" in error_line(capsys)
-    from hpcdistill.config.schema import load_config
+    from hpcdistill.config.loading import load_config
 
     assert load_config("configs/demo/teacher.yaml", ["data.mag=3"]).data.mag == 3
     assert "data.mag: not used in teacher mode" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def sbatch(*args: str, env: dict[str, str]) -> int:
 def test_sbatch_job_trains_on_real_shards(slurm_cluster, small_dataset, tmp_path):
     """`hpcdistill train` as a plain batch job (no submitit, no launcher) on the sharder's real shards: the package
     runs in SLURM's job environment, and its run folder and summary are what an interactive run writes."""
-    from hpcdistill.config.schema import load_config
+    from hpcdistill.config.loading import load_config
     from hpcdistill.data.streams import per_rank_samples
 
     cfg = load_config(None, tiny_train_overrides(small_dataset["shards"], tmp_path, "job", "baseline", 2.5))

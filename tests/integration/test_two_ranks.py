@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcdistill.config.schema import load_config
+from hpcdistill.config.loading import load_config
 from hpcdistill.train.build import build_student
 from hpcdistill.train.run_folder import complete_checkpoints
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 RANK_SCRIPT = """
     import os, sys, torch
-    from hpcdistill.config.schema import load_config
+    from hpcdistill.config.loading import load_config
     from hpcdistill.train.loop import fit
     from hpcdistill.train.build import build_trainer
     # several runs in one launch, separated by "--": the process group is set up once and reused

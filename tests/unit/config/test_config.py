@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from hpcdistill.common.errors import HpcdistillError, TrainError
-from hpcdistill.config.schema import Config, load_config
+from hpcdistill.config.loading import load_config
+from hpcdistill.config.schema import Config
 from hpcdistill.train.ds_config import OWNED_KEYS, build_ds_config, read_ds_json
 
 REPO = Path(__file__).resolve().parents[3]

@@ -11,7 +11,7 @@ from launch_helpers import CPU, error_of, write_experiment
 
 from hpcdistill.cluster.job_plan import dependency_string, slurm_parameters
 from hpcdistill.common.errors import LaunchError
-from hpcdistill.config.schema import load_config
+from hpcdistill.config.loading import load_config
 from hpcdistill.experiment.experiment_file import load_experiment
 from hpcdistill.experiment.graph import callables_for, plan_jobs
 from hpcdistill.experiment.launch import launch_experiment

@@ -49,7 +49,7 @@ def test_cells_tile_the_window_and_overlapping_windows_blend():
 @pytest.fixture(scope="module")
 def two_class_teacher(tmp_path_factory) -> dict:
     """A demo teacher (halfres stem) trained on two synthetic classes, and a slide with one of each side by side."""
-    from hpcdistill.config.schema import load_config
+    from hpcdistill.config.loading import load_config
     from hpcdistill.shards.sharding import ShardParams, run_sharding
     from hpcdistill.synthetic.dataset import write_dataset, write_two_class_slide
     from hpcdistill.synthetic.specs import DatasetSpec

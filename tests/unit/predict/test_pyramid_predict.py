@@ -8,7 +8,7 @@ import csv
 import pytest
 import torch
 
-from hpcdistill.config.schema import load_config
+from hpcdistill.config.loading import load_config
 from hpcdistill.predict.prediction import predict_slides
 from hpcdistill.shards.manifest import shard_source
 from hpcdistill.shards.sharding import ShardParams, run_sharding

@@ -14,7 +14,7 @@ from train_helpers import error_line
 
 from hpcdistill.cli import main
 from hpcdistill.common.errors import ConfigError, DataError
-from hpcdistill.config.schema import load_config
+from hpcdistill.config.loading import load_config
 from hpcdistill.shards.manifest import read_manifest
 
 

@@ -11,7 +11,7 @@ from train_helpers import error_line, samples, scalars, weights
 
 from hpcdistill.cli import main
 from hpcdistill.common.errors import ConfigError, HpcdistillError
-from hpcdistill.config.schema import load_config
+from hpcdistill.config.loading import load_config
 from hpcdistill.models.export import load_exported
 from hpcdistill.train import loop
 from hpcdistill.train.budget import stop_reason

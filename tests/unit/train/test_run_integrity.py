@@ -17,7 +17,7 @@ from train_helpers import error_line, scalars
 from hpcdistill.cli import main
 from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.common.folder_lock import LOCK
-from hpcdistill.config.schema import load_config
+from hpcdistill.config.loading import load_config
 from hpcdistill.train import loop
 from hpcdistill.train.run_folder import MODEL_STATES, complete_checkpoints
 

@@ -46,7 +46,7 @@ def test_restore_refuses_a_pick_made_on_another_metric():
 
 
 def test_the_shipped_baseline_configs_pick_on_the_ema():
-    from hpcdistill.config.schema import load_config
+    from hpcdistill.config.loading import load_config
 
     for setup in ("demo", "celiac", "luad"):
         assert load_config(f"configs/{setup}/baseline.yaml").select_metric == "ema_accuracy", setup

@@ -17,7 +17,7 @@ from conftest import cfg_for, tiny_train_overrides
 from train_helpers import Payload, clean_env, samples, weights
 
 from hpcdistill.common.errors import HpcdistillError
-from hpcdistill.config.schema import load_config
+from hpcdistill.config.loading import load_config
 from hpcdistill.shards.manifest import read_manifest
 from hpcdistill.shards.reader import raw_samples, resolve_sets
 from hpcdistill.train import loop
