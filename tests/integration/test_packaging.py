@@ -13,6 +13,7 @@ import pytest
 import tomllib
 
 from hpcdistill.config import schema as config
+from hpcdistill.config.loading import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,7 @@ def test_configs_paths_resolve_from_the_installed_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "no-checkout")
     monkeypatch.setattr(config, "PACKAGE_CONFIGS", installed)
     monkeypatch.chdir(tmp_path)
-    cfg = config.load_config("configs/demo/teacher.yaml", [f"data.shards={tmp_path}"])
+    cfg = load_config("configs/demo/teacher.yaml", [f"data.shards={tmp_path}"])
     assert config.resolve_path(cfg.deepspeed) == installed / "deepspeed" / "zero0.json"
     assert cfg.train.mode == "teacher" and cfg.model.arch == "resnet10"  # from common.yaml, its base:
     assert config.resolve_path("configs/none.json") == tmp_path / "no-checkout" / "configs" / "none.json"

@@ -126,7 +126,7 @@ def test_gpu_resources_give_one_task_per_gpu(tmp_path):
     assert (params["gpus_per_node"], params["ntasks_per_node"], params["dependency"]) == (4, 4, "afterok:1")
     assert "gpus_per_node" not in slurm_parameters(jobs["evaluate"], exp.name, None)
     (evaluate,) = callables_for(jobs["evaluate"], exp, list(jobs.values()))
-    assert evaluate.workers == 3  # the evaluation job's other CPUs decode shards
+    assert evaluate.options.workers == 3  # the evaluation job's other CPUs decode shards
 
 
 def test_every_shipped_experiment_parses_and_dry_runs(capsys):
