@@ -41,9 +41,16 @@ def mask_polygons(
             polygons.append(Polygon(rings[0], [r for r in rings[1:] if len(r) >= 4]))
     if not polygons:
         return Polygon()
-    shape = shapely.make_valid(shapely.union_all(polygons)).simplify(SIMPLIFY_PX, preserve_topology=True)
-    shape = shape.intersection(shapely.box(0, 0, *slide_wh))
-    return _polygonal(shapely.make_valid(shape))
+    # The contours of one mask never overlap (they may touch at a corner), so no union is needed; Douglas-Peucker
+    # keeps every vertex within SIMPLIFY_PX, and the rare self-touching it makes is mended only where it occurs.
+    shape = polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
+    shape = shapely.simplify(shape, SIMPLIFY_PX, preserve_topology=False)
+    if not shape.is_valid:
+        shape = shapely.make_valid(shape)
+    x0, y0, x1, y1 = shape.bounds
+    if x0 < 0 or y0 < 0 or x1 > slide_wh[0] or y1 > slide_wh[1]:  # a mask pixel on the slide's edge spills over
+        shape = shapely.make_valid(shape.intersection(shapely.box(0, 0, *slide_wh)))
+    return _polygonal(shape)
 
 
 def _polygonal(shape: Any) -> Polygon | MultiPolygon:
@@ -77,7 +84,9 @@ def tissue_outlines(slide: Any, found: Any, params: Any) -> list[Polygon | Multi
     from hpcdistill.slides.tissue import fine_tissue_mask, tissue_threshold
 
     thumb, scale = slide.thumbnail(side)
-    threshold = tissue_threshold(found.thumb, params)  # the tissue finder's, on the coarse thumbnail
+    threshold = found.threshold  # the tissue finder's, on the coarse thumbnail
+    if threshold is None:  # a TissueWindows made by hand: the finder's threshold, computed again
+        threshold = tissue_threshold(found.thumb, params)
     shapes = []
     for box, label in zip(found.boxes, found.box_labels):
         crop, (col0, row0) = _crop(thumb, box, scale)

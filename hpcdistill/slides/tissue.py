@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyvips
@@ -160,11 +161,16 @@ def fine_tissue_mask(fine: np.ndarray, threshold: float | None, params: TissuePa
 
 def tissue_mask(thumb: np.ndarray, params: TissueParams) -> np.ndarray:
     """Boolean tissue mask of the thumbnail, after close/open and small-object removal."""
+    return tissue_mask_at(thumb, params)[0]
+
+
+def tissue_mask_at(thumb: np.ndarray, params: TissueParams) -> tuple[np.ndarray, float | None]:
+    """The tissue mask and the threshold it was cut at (`tissue_threshold`'s; None: a blank slide, no tissue)."""
     values = tissue_channel(thumb, params.channel)
     ink = ink_mask(thumb) if params.drop_ink else None
     threshold = _threshold(values, ink, params)
     if threshold is None:
-        return np.zeros(values.shape, dtype=bool)
+        return np.zeros(values.shape, dtype=bool), None
     mask = values > threshold
     if ink is not None:
         mask &= ~ink
@@ -178,11 +184,11 @@ def tissue_mask(thumb: np.ndarray, params: TissueParams) -> np.ndarray:
     mask = image.numpy()[pad : pad + values.shape[0], pad : pad + values.shape[1]] > 0
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
-        return mask
+        return mask, threshold
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     keep = areas >= max(1.0, params.min_area_frac * mask.size)
     keep[0] = False
-    return keep[labels]
+    return keep[labels], threshold
 
 
 def find_tissue_boxes(
@@ -190,7 +196,16 @@ def find_tissue_boxes(
 ) -> list[tuple[int, int, int, int]]:
     """Level-0 boxes (x, y, w, h) of the tissue pieces, padded, clipped to the slide, sorted top-to-bottom then
     left-to-right. `scale` is level-0 px per thumbnail px; `slide_size` (w, h) defaults to thumbnail * scale."""
-    return find_tissues(thumb, scale, params, slide_size)[0]
+    return find_tissues(thumb, scale, params, slide_size).boxes
+
+
+class Tissues(NamedTuple):
+    """What find_tissues found on a thumbnail."""
+
+    boxes: list[tuple[int, int, int, int]]  # level 0, padded, top-to-bottom then left-to-right
+    labels: np.ndarray  # the thumbnail's labelled tissue mask (0 = background)
+    owners: list[int]  # box t's label in it
+    threshold: float | None  # the tissue channel's threshold (None: a blank slide), for finer masks (outlines.py)
 
 
 def find_tissues(
@@ -199,17 +214,18 @@ def find_tissues(
     params: TissueParams,
     slide_size: tuple[int, int] | None = None,
     keep: np.ndarray | None = None,
-) -> tuple[list[tuple[int, int, int, int]], np.ndarray, list[int]]:
-    """The boxes as find_tissue_boxes gives them, the thumbnail's labelled tissue mask (0 = background), and each
-    box's label in it: the tissue's own outline, for polygons and heat maps. `keep`: the thumbnail pixels tissue may
-    lie in (the user's regions), applied before tissues are told apart."""
+) -> Tissues:
+    """The boxes as find_tissue_boxes gives them, the thumbnail's labelled tissue mask (0 = background), each box's
+    label in it (the tissue's own outline, for polygons and heat maps) and the threshold. `keep`: the thumbnail
+    pixels tissue may lie in (the user's regions), applied before tissues are told apart."""
     if thumb.ndim != 3 or thumb.shape[2] < 3 or thumb.dtype != np.uint8:
         raise SlideError(f"tissue thumbnail: expected (H, W, 3) uint8, got {thumb.shape} {thumb.dtype}")
     if not scale > 0:
         raise SlideError(f"tissue scale: must be positive, got {scale}")
     thumb_h, thumb_w = thumb.shape[:2]
     slide_w, slide_h = slide_size if slide_size is not None else (round(thumb_w * scale), round(thumb_h * scale))
-    mask = tissue_mask(thumb, params) if keep is None else tissue_mask(thumb, params) & keep
+    mask, threshold = tissue_mask_at(thumb, params)
+    mask = mask if keep is None else mask & keep
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     boxes, owners = [], []
     for label, found in enumerate(ndimage.find_objects(labels), 1):
@@ -225,7 +241,7 @@ def find_tissues(
             boxes.append((x0, y0, x1 - x0, y1 - y0))
             owners.append(label)
     order = sorted(range(len(boxes)), key=lambda i: (boxes[i][1], boxes[i][0], boxes[i][3], boxes[i][2]))
-    return [boxes[i] for i in order], labels, [owners[i] for i in order]
+    return Tissues([boxes[i] for i in order], labels, [owners[i] for i in order], threshold)
 
 
 def font(size: int) -> ImageFont.FreeTypeFont:

@@ -95,6 +95,7 @@ class TissueWindows:
     box_labels: list[int] | None = None  # box t's label in it
     small: int = 0  # tissues dropped by fitting_windows: no window as large as the network's smallest input
     classes: list[str | None] | None = None  # tissue t's class from the user's regions (slides.regions)
+    threshold: float | None = None  # the tissue finder's threshold (tissue.Tissues), for finer outlines
 
     def mask(self, t: int | None = None) -> np.ndarray:
         """The tissue mask on the thumbnail: of tissue t, or of every tissue."""
@@ -153,9 +154,11 @@ def find_windows(
         regions.check_on_slide(info.width, info.height)
         inside = regions.mask(thumb.shape[:2], scale)
         keep = inside if roi_mode == "inside" else ~inside
-    boxes, labels, box_labels = tissue.find_tissues(thumb, scale, tissue_params, (info.width, info.height), keep)
+    boxes, labels, box_labels, threshold = tissue.find_tissues(
+        thumb, scale, tissue_params, (info.width, info.height), keep
+    )
     windows = [split_windows(box, (info.width, info.height), info.base_mag, windowing) for box in boxes]
-    found = TissueWindows(thumb, scale, boxes, windows, labels, box_labels)
+    found = TissueWindows(thumb, scale, boxes, windows, labels, box_labels, threshold=threshold)
     if keep is None:
         return found
     return keep_tissues(found, [[w for w in ws if _holds(labels, t, w, scale)] for ws, t in zip(windows, box_labels)])

@@ -149,11 +149,12 @@ def test_qc_png_draws_the_boxes(tmp_path):
 
 
 def test_qc_png_has_a_title_and_legend_in_readable_text(tmp_path):
-    from hpcdistill.slides.tissue import find_tissues, text_size
+    from hpcdistill.slides.tissue import find_tissues, text_size, tissue_threshold
 
     thumb = slide_thumb()
-    boxes, labels, owners = find_tissues(thumb, 4.0, TissueParams())
+    boxes, labels, owners, threshold = find_tissues(thumb, 4.0, TissueParams())
     assert len(owners) == len(boxes) and all((labels == o).any() for o in owners)  # each box has its own mask
+    assert threshold == tissue_threshold(thumb, TissueParams())  # the one finer outlines are cut at
     path = tmp_path / "legend.png"
     write_qc_png(
         path,
