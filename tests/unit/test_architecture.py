@@ -55,8 +55,9 @@ def test_the_docs_name_the_error_policy_and_every_error_type():
 
 
 def texts() -> list[tuple[str, str]]:
-    """(where, text) of every module docstring and every page of docs/."""
-    out = [(str(p.relative_to(REPO)), p.read_text()) for p in sorted((REPO / "docs").glob("*.md"))]
+    """(where, text) of every module docstring, the README and every page of docs/."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    out = [(str(p.relative_to(REPO)), p.read_text()) for p in pages]
     for path in SOURCES + sorted((REPO / "docs").glob("*.py")):
         tree = ast.parse(path.read_text())
         docs = [
