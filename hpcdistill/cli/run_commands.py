@@ -74,6 +74,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from hpcdistill.evaluate.evaluation import evaluate_checkpoint
     from hpcdistill.evaluate.options import EvalOptions
     from hpcdistill.evaluate.report import format_ci
+    from hpcdistill.scoring.metrics import METRIC_TITLES
 
     confidence = args.confidence
     if args.old_level is not None:
@@ -100,8 +101,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for unit, scores in record["units"].items():
         print(f"{record['method']} @ {record['mag']:g}x on {args.split}, {scores['n']} {unit}s:")
         for metric, value in scores["metrics"].items():
-            print(f"  {metric:<10} {'n/a' if value is None else format_ci(tuple(value))}")
-    print(f"  GFLOPs     {record['gflops']['median']:.4g} per forward pass at the median tissue size")
+            print(f"  {METRIC_TITLES[metric]:<21} {'n/a' if value is None else format_ci(tuple(value))}")
+    print(f"  {'GFLOPs':<21} {record['gflops']['median']:.4g} per forward pass at the median tissue size")
     print(f"wrote {record['path']}")
     return 0
 

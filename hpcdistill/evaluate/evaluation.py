@@ -27,7 +27,7 @@ from hpcdistill.scoring.aggregation import unit_rows
 from hpcdistill.scoring.flops import flops_at_sizes
 from hpcdistill.scoring.method_labels import method_label
 from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, classification_metrics
-from hpcdistill.scoring.unit_scores import say_absent, score_unit
+from hpcdistill.scoring.unit_scores import say_unit_notes, score_unit
 from hpcdistill.shards.manifest import mag_stats, read_manifest, split_summary
 from hpcdistill.shards.reader import resolve_sets
 
@@ -230,8 +230,8 @@ def _unit_scores(
     bootstrap: dict[str, Any],
     where: str,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """({unit: score_unit(...)}, {unit: its rows}) for each requested unit; a class the unit's rows lack is said
-    in one line."""
+    """({unit: score_unit(...)}, {unit: its rows}) for each requested unit; a class the unit's rows lack, a
+    collapsed model and a small cohort are each said in one line."""
     slides = manifest.get("slides", {})
     patient_of = lambda slide: (slides.get(slide) or {}).get("patient") or slide  # noqa: E731
     scored, by_unit = {}, {}
@@ -245,8 +245,9 @@ def _unit_scores(
             level=bootstrap["level"],
             seed=bootstrap["seed"],
             groups=groups,
+            unit=unit,
         )
-        say_absent(unit, scored[unit], where)
+        say_unit_notes(unit, scored[unit], where)
     return scored, by_unit
 
 

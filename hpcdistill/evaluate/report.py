@@ -8,7 +8,6 @@ records, so the report can be rebuilt at any time from finished runs.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,18 +17,11 @@ from hpcdistill.common.errors import EvaluationError
 from hpcdistill.common.files import atomic_output, atomic_write_text, read_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.evaluate.comparisons import Comparison, format_difference, paired_comparisons
-from hpcdistill.evaluate.report_teachers import teacher_blame, teachers_table
-from hpcdistill.evaluate.report_units import absent_lines, class_section, unit_section
-from hpcdistill.scoring.method_labels import ABLATION_ORDER, AUX_PREFIX, BASELINE, KD, TEACHER, method_order
-from hpcdistill.scoring.metrics import METRICS
-
-METRIC_TITLES = {
-    "accuracy": "Accuracy",
-    "f1": "F1-Score",
-    "precision": "Precision",
-    "recall": "Recall",
-    "auroc": "AUROC",
-}
+from hpcdistill.evaluate.ordering import by_run, ordering_check
+from hpcdistill.evaluate.report_teachers import teachers_table
+from hpcdistill.evaluate.report_units import absent_lines, class_section, unit_section, warning_lines
+from hpcdistill.scoring.method_labels import ABLATION_ORDER, TEACHER, method_order
+from hpcdistill.scoring.metrics import METRIC_TITLES, METRICS
 
 
 @dataclass(frozen=True)
@@ -72,6 +64,12 @@ def load_results(paths: list[str | Path]) -> list[EvalResult]:
 def _read_result(path: Path) -> EvalResult:
     try:
         record = read_json(path)  # a regular file, within the byte and depth limits
+        missing = [m for m in METRICS if m not in record["metrics"]]
+        if missing:
+            raise EvaluationError(
+                f"{path}: written by an older version, without {', '.join(missing)}; evaluate the export again "
+                "(hpcdistill evaluate, or relaunch the experiment: its evaluation job redoes every record)"
+            )
         metrics = {m: tuple(float(v) for v in record["metrics"][m]) for m in METRICS}
         return EvalResult(
             method=str(record["method"]),
@@ -154,74 +152,11 @@ def methods_table(
     return _markdown_table(["Metric"] + methods, rows)
 
 
-def ordering_check(results: list[EvalResult], comparisons: list[Comparison] | None = None) -> list[str]:
-    """Per low magnification, does the paper's ordering teacher >= KD(aux) >= KD > baseline hold on accuracy?
-
-    Returns one honest sentence per magnification with the numbers: which link breaks, and for each comparison
-    whether the 95% CIs overlap (then the points may line up by chance), so the report never claims more than
-    the run shows. KD(aux) is the best of the auxiliary-set variants. The best KD's gain over the baseline is
-    called significant only when its paired-bootstrap CI (`comparisons`) excludes 0.
-    """
-    per_seed, results = results, seed_means(results)
-    teacher = next((r for r in results if r.method == TEACHER), None)
-    lines = []
-    for mag in sorted({r.mag for r in results if r.method == BASELINE}):
-        at = {r.method: r for r in results if r.mag == mag and r.study == "main"}
-        if BASELINE not in at or KD not in at:
-            continue
-        aux = [r for m, r in at.items() if m.startswith(AUX_PREFIX)]
-        chain = ([teacher] if teacher else []) + ([max(aux, key=lambda r: r.metrics["accuracy"][0])] if aux else [])
-        chain += [at[KD], at[BASELINE]]
-        acc = [r.metrics["accuracy"] for r in chain]
-        broken = [
-            f"{b.method} {100 * y[0]:.1f}% > {a.method} {100 * x[0]:.1f}%" + (" (CIs overlap)" if y[1] <= x[2] else "")
-            for (a, x), (b, y) in zip(zip(chain, acc), zip(chain[1:], acc[1:]))
-            if y[0] > x[0] or (b.method == BASELINE and y[0] == x[0])
-        ]
-        numbers = ", ".join(f"{r.method} {100 * a[0]:.1f}%" for r, a in zip(chain, acc))
-        verdict = "holds" if not broken else "does NOT hold (" + "; ".join(broken) + ")"
-        best_kd = max((r for r in chain if r.method.startswith(KD)), key=lambda r: r.metrics["accuracy"][0])
-        base = at[BASELINE].metrics["accuracy"]
-        paired = next(
-            (c for c in comparisons or [] if c.mag == mag and c.a == best_kd.method and c.b == BASELINE), None
-        )
-        if paired is not None:
-            point, low, high, p_value = paired.metrics["accuracy"]
-            gain = f"paired 95% CI {100 * low:+.1f} to {100 * high:+.1f}, P(gain <= 0) = {p_value:.3f}: " + (
-                "significant" if paired.significant else "not significant"
-            )
-        else:
-            gain = "CIs " + ("above" if best_kd.metrics["accuracy"][1] > base[2] else "overlapping")
-        lines.append(
-            f"- {mag_name(mag)}: the paper's ordering {verdict}: {numbers}. "
-            f"Best KD vs baseline: {100 * (best_kd.metrics['accuracy'][0] - base[0]):+.1f} points, {gain}."
-            + (teacher_blame(per_seed, mag) if broken else "")
-        )
-    return lines
-
-
-def _by_run(results: list[EvalResult]) -> dict[tuple[str, float, str], list[EvalResult]]:
-    groups: dict[tuple[str, float, str], list[EvalResult]] = {}
-    for r in results:
-        groups.setdefault((r.method, r.mag, r.study), []).append(r)
-    return groups
-
-
-def seed_means(results: list[EvalResult]) -> list[EvalResult]:
-    """One result per method, magnification and study: with several seeds, each metric's point and bounds are
-    their means over the seeds (the ordering check reads these; significance comes from the pooled paired CIs)."""
-    out = []
-    for runs in _by_run(results).values():
-        metrics = {m: tuple(float(np.mean([r.metrics[m][i] for r in runs])) for i in range(3)) for m in METRICS}
-        out.append(dataclasses.replace(runs[0], metrics=metrics))
-    return out
-
-
 def seeds_table(results: list[EvalResult]) -> str:
     """Per method and magnification: mean ± sd over seeds, and each seed's value (accuracy and F1, %)."""
     rows = []
     for (method, mag, _), runs in sorted(
-        _by_run(results).items(), key=lambda item: (item[0][1], method_order(item[0][0]))
+        by_run(results).items(), key=lambda item: (item[0][1], method_order(item[0][0]))
     ):
         runs = sorted(runs, key=lambda r: (r.seed is None, r.seed))
         cells = []
@@ -315,7 +250,8 @@ def _unit_sections(main: list[EvalResult], out: Path) -> list[str]:
     sections = [line for unit in units for line in unit_section(main, unit, methods_table, plot, paired)]
     chosen = next((u for u in ("slide", "patient", "tissue") if any(u in r.units for r in main)), None)
     sections += class_section(main, chosen) if chosen else []
-    absent = absent_lines(main)
+    absent, warnings = absent_lines(main), warning_lines(main)
+    sections += ["## Collapsed models and small cohorts", "\n".join(warnings)] if warnings else []
     return sections + (["## Classes missing from a scored split", "\n".join(absent)] if absent else [])
 
 
@@ -331,9 +267,13 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
     resamples = " / ".join(f"{n:,}" for n in sorted({r.ci[1] for r in main})) or "no"
     sections = [
         "# hpcdistill report",
-        "Metrics are one-vs-rest per class, macro-averaged, as percentages with bootstrap CIs ("
+        "Percentages with bootstrap CIs ("
         + "; ".join(f"{100 * level:g}%, {n:,} resamples" for level, n in sorted({r.ci for r in results}))
-        + "). GFLOPs are FLOPs (2 per multiply-add) per forward pass at the median tissue size.",
+        + "). Balanced accuracy is the mean recall over the classes (chance: 1/K whatever the class mix); top-1 is "
+        "the share of calls that are right. The paper's metrics follow: one-vs-rest per class, macro-averaged. Its "
+        "OvR accuracy, (TP + TN) / N per class, flatters: a model that calls every tissue one class scores "
+        "((K - 1)² + 1) / K² on it with K balanced classes (55.6% for three; balanced accuracy: 33.3%). GFLOPs "
+        "are FLOPs (2 per multiply-add) per forward pass at the median tissue size.",
         "## Teacher (Table 3 layout)",
         teacher_table(main),
         "## Baseline and distillation per magnification (Table 4 layout)",
@@ -357,7 +297,7 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
             methods_table(ablation, methods),
             f"![ablation]({plot_accuracy_vs_gflops(ablation, out / 'ablation.png', 'Pixel-loss ablation').name})",
         ]
-    if any(len(runs) > 1 for runs in _by_run(main).values()):
+    if any(len(runs) > 1 for runs in by_run(main).values()):
         sections[4:4] = [
             "## Over training seeds",
             "Mean ± sd over the seeds (sample sd), and each seed's value. The "

@@ -1,6 +1,7 @@
 """The report's sections at the units a pathologist signs out: the Table 4 layout at the slide (or patient) level
-with AUROC, per-class rows and the confusion matrix of each method, and one line for each class a scored split
-lacks. They read the `units` an evaluation recorded (`evaluate --unit`)."""
+with AUROC, per-class rows and the confusion matrix of each method, one line for each class a scored split lacks,
+and one for each model that collapsed onto one class or cohort too small to read as a result. They read the `units`
+an evaluation recorded (`evaluate --unit`)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,12 @@ def unit_section(results: list, unit: str, table: Callable, plot: Callable, pair
         return []
     n = {r.units[unit]["n"] for r in results if unit in r.units}
     rule = "; slides and patients are called by the rule `evaluate --slide-rule` names in each record"
+    small = sorted({r.units[unit]["small"] for r in results if unit in r.units and r.units[unit].get("small")})
     figure = plot(scored, f"figure3-{unit}.png", f"{unit.capitalize()}-level accuracy vs compute")
     return [
         f"## {unit.capitalize()} level (Table 4 layout, AUROC included)",
-        f"{'/'.join(map(str, sorted(n)))} {unit}s scored; CIs resample {unit}s{rule if unit != 'tissue' else ''}.",
+        f"{'/'.join(map(str, sorted(n)))} {unit}s scored; CIs resample {unit}s{rule if unit != 'tissue' else ''}."
+        + "".join(f" **Small cohort** ({line})." for line in small),
         table(scored, metrics=UNIT_METRICS),
         f"Paired differences at the {unit} level (the same {unit}s resampled for both methods):",
         paired(scored),
@@ -70,6 +73,18 @@ def class_section(results: list, unit: str) -> list[str]:
         head = "| class | n | precision | recall | F1 | AUROC | " + " | ".join(f"→ {c}" for c in classes) + " |"
         blocks += [f"**{r.method} @ {mag_name(r.mag)}**", "\n".join([head, "|---" * (6 + len(classes)) + "|", *rows])]
     return blocks if len(blocks) > 1 else []
+
+
+def warning_lines(results: list) -> list[str]:
+    """One line per run and unit whose calls collapsed onto one class, or whose cohort is small (the lines the
+    evaluation said, kept in its record)."""
+    lines = []
+    for r in sorted(results, key=lambda r: (r.mag, method_order(r.method), r.seed or 0)):
+        for unit, s in r.units.items():
+            lines += [
+                f"- {r.method} @ {mag_name(r.mag)}, {unit} level: {s[k]}." for k in ("collapse", "small") if s.get(k)
+            ]
+    return lines
 
 
 def absent_lines(results: list) -> list[str]:

@@ -152,7 +152,8 @@ def _summarise(
 ) -> dict[str, Any]:
     """Where the launched demo's results are, its ordering line and its time per phase."""
     from hpcdistill.evaluate.comparisons import paired_comparisons
-    from hpcdistill.evaluate.report import load_results, ordering_check
+    from hpcdistill.evaluate.ordering import ordering_check
+    from hpcdistill.evaluate.report import load_results
 
     exp_dir = Path(record["exp_dir"])
     report = exp_dir / "report" / "report.md"

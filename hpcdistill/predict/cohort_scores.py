@@ -11,8 +11,8 @@ from hpcdistill.common.console import say
 from hpcdistill.common.errors import PredictionError
 from hpcdistill.common.files import atomic_write_json
 from hpcdistill.scoring.aggregation import unit_rows
-from hpcdistill.scoring.metrics import METRICS
-from hpcdistill.scoring.unit_scores import say_absent, score_unit
+from hpcdistill.scoring.metrics import METRIC_TITLES, METRICS
+from hpcdistill.scoring.unit_scores import say_unit_notes, score_unit
 from hpcdistill.slides.catalog import read_labels_csv
 
 SCORES = "scores.json"
@@ -72,9 +72,9 @@ def score_cohort(
     scored = {}
     for unit in units:
         scored[unit] = score_unit(
-            unit_rows(rows, unit, rule, patients.get), classes, iterations=iterations, level=0.95, seed=0
+            unit_rows(rows, unit, rule, patients.get), classes, iterations=iterations, level=0.95, seed=0, unit=unit
         )
-        say_absent(unit, scored[unit], str(labels_csv))
+        say_unit_notes(unit, scored[unit], str(labels_csv))
     unscored = sorted(r["slide"] for r in results if r["slide"] not in labels)
     record = {
         "labels": str(labels_csv),
@@ -86,6 +86,7 @@ def score_cohort(
     }
     atomic_write_json(out / SCORES, record, indent=1)
     for unit, s in scored.items():
-        cells = ", ".join(f"{m} {100 * s['metrics'][m][0]:.1f}" for m in (*METRICS, "auroc") if s["metrics"][m])
+        metrics = (m for m in (*METRICS, "auroc") if s["metrics"][m])
+        cells = ", ".join(f"{METRIC_TITLES[m]} {100 * s['metrics'][m][0]:.1f}" for m in metrics)
         say(f"{unit} level, {s['n']} {unit}s: {cells} (CIs in {out / SCORES})")
     return record

@@ -32,6 +32,7 @@ from hpcdistill.predict.cam import STEM_STRIDE, TissueMap, WindowMap, cam_logits
 from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overlay
 from hpcdistill.predict.qupath import write_geojson
 from hpcdistill.scoring.aggregation import SLIDE_RULES, area_mean, combine
+from hpcdistill.scoring.cohort_checks import collapse_line
 from hpcdistill.slides.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.outlines import tissue_outlines
@@ -373,6 +374,9 @@ def predict_slides(
     with one_writer(out):
         results = classify_slides(exported, slides, out, opts, progress)
         summary = write_predictions(out, summarise(model_path, exported, opts), results)
+        calls = [exported.classes.index(r["call"]) for r in results if r["status"] == "ok"]
+        if not opts.labels and (line := collapse_line(calls, exported.classes, "slide")):
+            say(f"{out}: {line}")  # with labels, the cohort's scores say it with the balanced accuracy
         if opts.labels:  # the evaluation stack (scipy.stats among it) is imported only when there is scoring to do
             from hpcdistill.predict.cohort_scores import score_cohort
 

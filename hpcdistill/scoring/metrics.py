@@ -1,4 +1,6 @@
-"""Paper §4.4 metrics: one-vs-rest macro accuracy/F1/precision/recall and their bootstrap CIs (FLOPs: flops.py).
+"""Balanced and top-1 accuracy, the paper's §4.4 metrics (one-vs-rest macro accuracy/F1/precision/recall) and their
+bootstrap CIs (FLOPs: flops.py). Balanced accuracy is scikit-learn's (the mean recall over the classes the labels hold).
+
 
 Convention for absent classes. A class is *present* in a sample set when it occurs in y_true or in y_pred
 -- the label set scikit-learn uses by default. Macro averages run over the present classes only; within
@@ -20,7 +22,20 @@ from hpcdistill.common.errors import ScoringError
 from hpcdistill.common.limits import limit, raise_hint
 from hpcdistill.common.signals import check_interrupted
 
-METRICS = ("accuracy", "f1", "precision", "recall")
+# What a reader expects first: balanced accuracy (the mean per-class recall, chance = 1/K whatever the class mix) and
+# top-1 accuracy (the fraction called right); then the paper's four, its "accuracy" being the macro one-vs-rest
+# (TP_c + TN_c) / N, which a constant predictor scores ((K - 1)^2 + 1) / K^2 on with K balanced classes (5/9 for 3).
+METRICS = ("balanced_accuracy", "top1", "accuracy", "f1", "precision", "recall")
+PER_CLASS = ("accuracy", "f1", "precision", "recall")  # the one-vs-rest metrics have a value per class
+METRIC_TITLES = {  # each metric's name wherever a person reads it (reports, terminal lines)
+    "balanced_accuracy": "Balanced accuracy",
+    "top1": "Top-1 accuracy",
+    "accuracy": "OvR accuracy (paper)",
+    "f1": "F1-Score",
+    "precision": "Precision",
+    "recall": "Recall",
+    "auroc": "AUROC",
+}
 CHUNK_ELEMS = 4_000_000  # resampling indices held in memory at once by bootstrap_ci (~32 MB of int64)
 
 
@@ -67,6 +82,9 @@ def metrics_from_confusions(conf: np.ndarray) -> dict[str, np.ndarray]:
         values = np.where(present, values, np.nan)
         out["per_class_" + name] = values
         out[name] = np.where(present, values, 0.0).sum(axis=-1) / n_present
+    labelled = n_true > 0  # scikit-learn's balanced accuracy: the recall of each class the labels hold
+    out["balanced_accuracy"] = np.where(labelled, _ratio(tp, n_true), 0.0).sum(axis=-1) / labelled.sum(axis=-1)
+    out["top1"] = tp.sum(axis=-1) / n[..., 0]
     return out
 
 
@@ -78,13 +96,14 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 def classification_metrics(
     y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, num_classes: int
 ) -> dict:
-    """{"accuracy", "f1", "precision", "recall": macro OvR fractions, "per_class": {metric: [K floats],
-    "support": [K ints]}, "confusion": K x K list (rows true, columns predicted)}. See module docstring."""
+    """{"balanced_accuracy", "top1": fractions; "accuracy", "f1", "precision", "recall": macro OvR fractions;
+    "per_class": {OvR metric: [K floats], "support": [K ints]}, "confusion": K x K list (rows true, columns
+    predicted)}. See module docstring."""
     t, p = _labels(y_true, y_pred, num_classes)
     conf = confusion_matrix(t, p, num_classes)
     m = metrics_from_confusions(conf)
     result: dict = {name: float(m[name]) for name in METRICS}
-    result["per_class"] = {name: [float(v) for v in m["per_class_" + name]] for name in METRICS}
+    result["per_class"] = {name: [float(v) for v in m["per_class_" + name]] for name in PER_CLASS}
     result["per_class"]["support"] = [int(v) for v in conf.sum(axis=1)]
     result["confusion"] = conf.tolist()
     return result

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from hpcdistill.common.console import say
 from hpcdistill.scoring.auroc import auroc_ci
+from hpcdistill.scoring.cohort_checks import collapse_line, small_count_line
 from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, classification_metrics
 
 
@@ -19,8 +20,10 @@ def score_unit(
     level: float,
     seed: int,
     groups: Sequence | None = None,
+    unit: str = "tissue",
 ) -> dict[str, Any]:
-    """`rows`: {"y", "pred", "probs"} per unit; `groups` (tissue rows only): resample whole slides instead."""
+    """`rows`: {"y", "pred", "probs"} per `unit`; `groups` (tissue rows only): resample whole slides instead. The
+    scores carry a collapse line and a small-cohort line (scoring.cohort_checks) where they apply."""
     k = len(classes)
     y, pred, probs = [r["y"] for r in rows], [r["pred"] for r in rows], [r["probs"] for r in rows]
     point = classification_metrics(y, pred, k)
@@ -35,6 +38,8 @@ def score_unit(
         "per_class": per_class,
         "confusion": point["confusion"],
         "absent_classes": [classes[c] for c in range(k) if c not in set(y)],
+        "collapse": collapse_line(pred, classes, unit, y),
+        "small": small_count_line(y, classes, unit),
     }
 
 
@@ -49,7 +54,8 @@ def absent_notice(unit: str, scores: dict[str, Any], where: str) -> str | None:
     )
 
 
-def say_absent(unit: str, scores: dict[str, Any], where: str) -> None:
-    line = absent_notice(unit, scores, where)
-    if line:
-        say(line)
+def say_unit_notes(unit: str, scores: dict[str, Any], where: str) -> None:
+    """The lines a unit's scores carry, each said once: absent classes, a collapsed model, a small cohort."""
+    for line in (absent_notice(unit, scores, where), *(scores.get(k) for k in ("collapse", "small"))):
+        if line:
+            say(line if line.startswith(where) else f"{where}, {unit} level: {line}")

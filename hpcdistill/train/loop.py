@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +29,9 @@ from hpcdistill.config.loading import load_config
 from hpcdistill.config.schema import Config
 from hpcdistill.data.device_batch import finish_batch
 from hpcdistill.data.streams import make_loader
+from hpcdistill.scoring.cohort_checks import collapse_line
 from hpcdistill.scoring.method_labels import method_label
+from hpcdistill.scoring.metrics import METRIC_TITLES
 from hpcdistill.train.budget import epoch_limit, stop_reason
 from hpcdistill.train.build import build_trainer
 from hpcdistill.train.checkpointing import export_selection, export_weights, save_checkpoint
@@ -249,7 +252,8 @@ def end_epoch(trainer: Trainer) -> None:
 
 
 def say_validation(trainer: Trainer, metrics: dict[str, Any], new_best: bool) -> None:
-    """One line per validation: where the run is, its training loss since the last line, and the pick."""
+    """One line per validation: where the run is, its training loss since the last line, the selection metric by
+    its name with the pick, balanced and top-1 accuracy; and a line when the model calls nearly everything one class."""
     state = trainer.state
     if trainer.rank != 0 or not metrics:
         return
@@ -258,10 +262,24 @@ def say_validation(trainer: Trainer, metrics: dict[str, Any], new_best: bool) ->
     loss = f"train loss {state.epoch_meter.get('total', 0.0) / n:.4f}, " if n else ""
     state.epoch_meter.clear()
     mark = "new best" if new_best else f"best {state.selections[0].value:.4f}, {state.stale} without better"
+    readable = [f"{METRIC_TITLES[k].lower()} {metrics[k]:.4f}" for k in ("balanced_accuracy", "top1") if k in metrics]
     say(
-        f"epoch {state.epoch}/{epoch_limit(trainer.cfg)} step {state.global_step}: {loss}val {metric} "
-        f"{metrics[metric]:.4f} ({mark})"
+        f"epoch {state.epoch}/{epoch_limit(trainer.cfg)} step {state.global_step}: {loss}val {metric_title(metric)} "
+        f"{metrics[metric]:.4f} (the selection metric; {mark})" + "".join(f", {r}" for r in readable)
     )
+    if "confusion" in metrics:
+        confusion = np.asarray(metrics["confusion"])
+        labels, calls = np.nonzero(confusion)
+        counts = confusion[labels, calls]
+        line = collapse_line(np.repeat(calls, counts), trainer.plan.classes, "tissue", np.repeat(labels, counts))
+        if line:
+            say(f"validation after step {state.global_step}: {line}")
+
+
+def metric_title(metric: str) -> str:
+    """'ema_accuracy' -> 'EMA OvR accuracy (paper)', 'loss' -> 'loss': the name a person reads."""
+    ema, base = metric.startswith("ema_"), metric.removeprefix("ema_")
+    return ("EMA " if ema else "") + (METRIC_TITLES[base] if base in METRIC_TITLES else base)
 
 
 def run(cfg: Config) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The gate before distillation: a teacher that did not learn would pass on its errors as soft targets, silently. Its
 export's recorded validation accuracy (macro one-vs-rest, as the reports show it) must reach `teacher.min_val_accuracy`
 and, when `teacher.reference` names another export (e.g. the baseline at the student's magnification), beat that
-export's. `teacher.gate=warn` says the shortfall and goes on."""
+export's. A teacher whose validation calls were (nearly) all one class (scoring.cohort_checks) is refused whatever
+its accuracy: its soft targets would teach that one class. `teacher.gate=warn` says the shortfall and goes on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hpcdistill.common.console import say
 from hpcdistill.common.errors import TrainError
 from hpcdistill.config.schema import Config, resolve_path
 from hpcdistill.models.export import ExportedModel, load_exported
+from hpcdistill.scoring.cohort_checks import COLLAPSE_SHARE
 
 GATE_METRIC = "accuracy"
 
@@ -24,18 +26,27 @@ def recorded_accuracy(export: ExportedModel, key: str) -> float:
     return value
 
 
+def collapsed(teacher: ExportedModel) -> list[str]:
+    """The clause for a teacher that called (nearly) every validation tissue one class; [] for any other, and for an
+    export that does not record its calls (older versions)."""
+    share = teacher.val.get("max_call_share")
+    if share is None or len(teacher.classes) < 2 or share < COLLAPSE_SHARE:
+        return []
+    return [f"it called {100 * share:.0f}% of its validation tissues one class: it has collapsed onto one class"]
+
+
 def gate_shortfalls(cfg: Config, teacher: ExportedModel) -> list[str]:
     """What keeps this teacher from teaching, as readable clauses ([] = it may teach)."""
     gate = cfg.teacher
     if not gate.min_val_accuracy and not gate.reference:
-        return []  # no floor and no reference: there is nothing to judge, and an old export without a record passes
+        return collapsed(teacher)  # no floor and no reference: only a collapse to judge; an old export passes
     try:
         accuracy = recorded_accuracy(teacher, "teacher.checkpoint")
     except TrainError as err:
         if gate.gate == "warn":
             return [str(err)]
         raise
-    found = []
+    found = collapsed(teacher)
     if accuracy < gate.min_val_accuracy:
         found.append(
             f"its validation accuracy {accuracy:.4f} is below teacher.min_val_accuracy {gate.min_val_accuracy:.4f}"

@@ -36,16 +36,17 @@ def teacher_val_outputs(trainer: Trainer, batch: dict[str, Any]) -> tuple[torch.
 
 
 def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    from hpcdistill.scoring.metrics import classification_metrics
+    from hpcdistill.scoring.cohort_checks import call_share
+    from hpcdistill.scoring.metrics import METRICS, classification_metrics
 
     out: dict[str, Any] = {"samples": len(rows)}
     labeled = [r for r in rows if r["y"] >= 0]
     if labeled:
         m = classification_metrics([r["y"] for r in labeled], [r["pred"] for r in labeled], num_classes)
-        out.update({k: m[k] for k in ("accuracy", "f1", "precision", "recall")})
+        out.update({k: m[k] for k in METRICS})  # balanced and top-1 accuracy beside the paper's OvR metrics
         out["per_class"] = {k: m["per_class"][k] for k in ("accuracy", "recall", "support")}
         out["confusion"] = m["confusion"]
-        out["top1"] = sum(r["y"] == r["pred"] for r in labeled) / len(labeled)  # plain accuracy, beside OvR accuracy
+        out["max_call_share"] = call_share([r["pred"] for r in labeled], num_classes)[1]  # the teacher gate reads it
     if rows and "teacher_pred" in rows[0]:
         out["agreement"] = sum(r["pred"] == r["teacher_pred"] for r in rows) / len(rows)  # collapse shows here
     for name in ("kl", "loss"):  # continuous: they move with every sample, where accuracy moves in 1/n steps

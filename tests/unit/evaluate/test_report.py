@@ -9,13 +9,15 @@ import pytest
 from PIL import Image
 
 from hpcdistill.common.errors import HpcdistillError
-from hpcdistill.evaluate.report import format_ci, load_results, ordering_check, write_report
+from hpcdistill.evaluate.ordering import ordering_check
+from hpcdistill.evaluate.report import format_ci, load_results, write_report
+from hpcdistill.scoring.metrics import METRICS
 
 
 def _record(tmp_path, name, method, mag, acc, gflops, study="main"):
     run = tmp_path / name / "eval"
     run.mkdir(parents=True)
-    metrics = {m: [acc, acc - 0.02, acc + 0.02] for m in ("accuracy", "f1", "precision", "recall")}
+    metrics = {m: [acc, acc - 0.02, acc + 0.02] for m in METRICS}
     record = {
         "method": method,
         "mag": mag,
@@ -66,11 +68,35 @@ def test_report_tables_bold_best_and_figure(tmp_path):
     assert all(n > 20 for n in figure3[:4]) and figure3[4] == 0, figure3  # Teacher, Baseline, KD, KD (aux1)
     ablation = [series_pixels(tmp_path / "report" / "ablation.png", i) for i in range(2)]
     assert ablation[0] > 20 and ablation[1] == 0, ablation  # KD+MP only
-    checks = ordering_check(results)
+    checks = ordering_check(results)  # no paired comparisons: each link judged from the two marginal CIs
     assert any("2.5x: the paper's ordering holds" in c for c in checks)
     assert any(
-        "1.25x: the paper's ordering does NOT hold (Baseline 75.0% > KD 72.0% (CIs overlap))" in c for c in checks
+        "1.25x: the paper's ordering not resolved" in c and "KD > Baseline: not resolved (CIs overlap)" in c
+        for c in checks
     )
+    assert "Balanced accuracy" in text and "OvR accuracy (paper)" in text and "55.6% for three" in text
+    assert text.index("| Balanced accuracy |") < text.index("| Top-1 accuracy |") < text.index("| OvR accuracy")
+
+
+def test_the_ordering_is_judged_from_the_paired_cis_never_from_points_alone():
+    """KD above the baseline in points but with a paired CI crossing 0 is "not resolved"; a paired CI above 0
+    resolves it ("holds"), one below 0 contradicts it, whatever the marginal CIs."""
+    from hpcdistill.evaluate.comparisons import Comparison
+    from hpcdistill.evaluate.report import EvalResult
+
+    def result(method, acc):
+        return EvalResult(method, 2.5, "d", {m: (acc, acc - 0.1, acc + 0.1) for m in METRICS}, 1.0)
+
+    runs = [result("Baseline", 0.70), result("KD", 0.74)]
+    for (low, high), verdict in (
+        ((-0.01, 0.09), "not resolved"),
+        ((0.01, 0.07), "holds"),
+        ((-0.08, -0.01), "contradicted"),
+    ):
+        paired = Comparison(2.5, "KD", "Baseline", 1, {"accuracy": (0.04, low, high, 0.2)})
+        (line,) = ordering_check(runs, [paired])
+        assert f"the paper's ordering {verdict} " in line, line
+        assert f"KD > Baseline: {verdict} (paired 95% CI {100 * low:+.1f} to {100 * high:+.1f})" in line
 
 
 def test_report_bad_inputs_name_the_file(tmp_path):
@@ -119,5 +145,8 @@ def test_each_teacher_sits_beside_its_students_and_a_failed_teacher_is_named(tmp
     assert "| Seed | Teacher val | Teacher test | Baseline 2.5x test | KD 2.5x test |" in text
     assert "| 0 | 98.0 | 97.0 | 80.0 | 90.0 |" in text and "| 1 | 63.0 | 62.0 | 80.0 | 60.0 |" in text
     (line,) = ordering_check(results)
-    assert "does NOT hold" in line and "The ordering fails because the teacher failed: teacher s1 (val 63.0%, " in line
+    assert (
+        "ordering contradicted" in line
+        and "The ordering fails because the teacher failed: teacher s1 (val 63.0%, " in line
+    )
     assert "teacher s0" not in line.split("teacher failed:")[1]  # the good teacher is not blamed

@@ -11,7 +11,7 @@ from hpcdistill.common.errors import HpcdistillError
 from hpcdistill.models.resnet import build_model
 from hpcdistill.scoring import metrics
 from hpcdistill.scoring.flops import forward_flops, gflops, gmacs
-from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, bootstrap_indices, classification_metrics
+from hpcdistill.scoring.metrics import METRICS, PER_CLASS, bootstrap_ci, bootstrap_indices, classification_metrics
 
 
 def test_hand_worked_example() -> None:
@@ -64,12 +64,29 @@ def test_macro_ovr_accuracy_identity() -> None:
     assert classification_metrics(y_true, y_pred, 4)["accuracy"] == pytest.approx(1 - 2 * errors / (4 * 50))
 
 
+def test_balanced_and_top1_accuracy_equal_scikit_learns() -> None:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    rng = np.random.default_rng(5)
+    for k in (2, 3, 5):
+        y_true, y_pred = rng.integers(0, k, 80), rng.integers(0, k, 80)
+        y_pred[:10] = 0  # a class predicted that some resamples lack
+        m = classification_metrics(y_true, y_pred, k)
+        assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-12)
+        assert m["top1"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    # a model that calls everything one class: OvR accuracy flatters it, balanced accuracy is at chance
+    constant = classification_metrics([0, 1, 2] * 10, [1] * 30, 3)
+    assert constant["balanced_accuracy"] == pytest.approx(1 / 3) and constant["top1"] == pytest.approx(1 / 3)
+    assert constant["accuracy"] == pytest.approx(5 / 9)  # (TP + TN) / N, averaged over the classes present
+
+
 def test_absent_class_is_excluded_not_scored_one() -> None:
     y_true, y_pred = [0, 0, 1, 1, 2], [0, 1, 1, 1, 0]
     three = classification_metrics(y_true, y_pred, 3)
     four = classification_metrics(y_true, y_pred, 4)  # class 3: no true and no predicted samples
     for k in METRICS:
         assert four[k] == pytest.approx(three[k]), k
+    for k in PER_CLASS:
         assert math.isnan(four["per_class"][k][3])
         assert four[k] == pytest.approx(np.nanmean(four["per_class"][k]))
     assert four["per_class"]["support"][3] == 0
