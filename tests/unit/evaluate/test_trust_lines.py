@@ -1,0 +1,73 @@
+"""What a pathologist must not misread, said in one line through the real CLI: a model that learned nothing (every
+call one class), a cohort too small to read as a result; and a collapsed teacher refused before it teaches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpcdistill.cli import main
+from hpcdistill.common.errors import TrainError
+from hpcdistill.config.loading import load_config
+from hpcdistill.models.export import load_exported
+from hpcdistill.scoring.cohort_checks import collapse_line, small_count_line
+from hpcdistill.train.teacher_gate import check_teacher
+
+
+def collapsed_export(trained: Path, out: Path, val: dict | None = None) -> Path:
+    """The trained export with its classifier forced to class 0 whatever the input: a model that learned nothing."""
+    blob = torch.load(trained, weights_only=True)
+    weight = next(k for k in blob["state_dict"] if k.endswith("fc.weight"))
+    blob["state_dict"][weight].zero_()
+    bias = blob["state_dict"][weight.replace("weight", "bias")]
+    bias.zero_()
+    bias[0] = 10.0
+    if val is not None:
+        blob["val"] = val
+    torch.save(blob, out)
+    return out
+
+
+def test_collapsed_model_and_small_cohort_are_said_by_evaluate(tiny_dataset, tiny_teacher, tmp_path, capsys):
+    model = collapsed_export(tiny_teacher, tmp_path / "collapsed.pt")
+    shards = str(tiny_dataset["shards"])
+    argv = ["evaluate", str(model), "--shards", shards, "--unit", "tissue", "--unit", "patient"]
+    assert main.main([*argv, "--iterations", "100", "--out", str(tmp_path / "ev")]) == 0
+    err = capsys.readouterr().err
+    collapse = [line for line in err.splitlines() if "collapsed onto one class" in line]
+    assert collapse and "tissue level: the model called" in collapse[0] and "balanced accuracy 0.33" in collapse[0]
+    patients = len({s["patient"] for s in tiny_dataset["manifest"]["slides"].values() if s.get("split") == "test"})
+    assert f"patient level: a small cohort: only {patients} patients (under 20)" in err
+    report = tmp_path / "report"
+    assert main.main(["report", str(tmp_path / "ev" / "test.json"), "--out", str(report)]) == 0
+    text = (report / "report.md").read_text()
+    assert "## Collapsed models and small cohorts" in text and "collapsed onto one class" in text
+
+
+def test_a_collapsed_teacher_is_refused_whatever_its_accuracy(tiny_teacher, tmp_path):
+    val = {"accuracy": 0.7, "max_call_share": 0.97}  # OvR accuracy looks passable; its calls are one class
+    teacher = load_exported(collapsed_export(tiny_teacher, tmp_path / "t.pt", val))
+    cfg = load_config(None, ["train.mode=distill", f"teacher.checkpoint={tmp_path / 't.pt'}"])
+    with pytest.raises(TrainError, match=r"called 97% of its validation tissues one class: it has collapsed"):
+        check_teacher(cfg, teacher)
+
+
+def test_the_lines_need_what_they_claim():
+    classes = ["normal", "duodenitis", "celiac"]
+    assert collapse_line([1] * 9 + [0], classes, "slide", [0, 1, 2] * 3 + [0]).startswith("the model called 9 of 10")
+    assert collapse_line([1] * 9 + [0], classes, "slide", [1] * 10) is None  # the cohort itself is one class
+    assert collapse_line([0, 1, 2, 1, 1, 1], classes, "slide", [0, 1, 2, 0, 1, 2]) is None  # 4 of 6: not a collapse
+    assert "trained on 3 classes" in collapse_line([2] * 24, classes, "slide")  # predict without labels
+    assert small_count_line(list(range(3)) * 10, classes, "slide") is None
+    assert "under 5 slides of celiac 2" in small_count_line([0] * 15 + [1] * 15 + [2] * 2, classes, "slide")
+
+
+def test_predict_without_labels_names_a_model_that_calls_one_class(tiny_dataset, tiny_teacher, tmp_path, capsys):
+    model = collapsed_export(tiny_teacher, tmp_path / "collapsed.pt")
+    slides = [str(s) for s in tiny_dataset["slides"][:5]]
+    assert main.main(["predict", str(model), *slides, "--out", str(tmp_path / "pred"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    first = load_exported(model).classes[0]  # the class the forced bias calls
+    assert f"the model called 5 of 5 slides {first!r} though it was trained on 3 classes: it may have learned" in err
