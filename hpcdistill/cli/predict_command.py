@@ -29,6 +29,7 @@ def _predict_options(args: argparse.Namespace) -> Any:
         slide_rule=args.slide_rule,
         read=args.read,
         labels=args.labels,
+        include_seen=args.include_seen,
         rois=roi_options(args),
     )
 
@@ -67,6 +68,12 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
         "--labels",
         help="labels CSV (slide, patient, label, as shard reads): score the slide calls, and the patient calls where "
         "it names patients, with bootstrap CIs, into scores.json",
+    )
+    p.add_argument(
+        "--include-seen",
+        action="store_true",
+        help="with --labels: score the slides the model trained, validated or distilled on too (left out by default: "
+        "their scores are not a test)",
     )
     p.add_argument(
         "--read",

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from hpcdistill.common.console import say
 from hpcdistill.common.errors import EvaluationError
 from hpcdistill.common.files import atomic_output, atomic_write_json
 from hpcdistill.common.folder_lock import one_writer
@@ -129,6 +130,7 @@ def evaluate_checkpoint(
             exported.model, shards, manifest, o.split, exported.mag, o.workers, str(checkpoint), o.progress
         )
         labeled = _labeled(rows, shards, o.split)
+        seen = seen_record(exported, labeled, manifest, where=f"{checkpoint} on {o.split}")
         bootstrap = {
             "iterations": o.iterations,
             "level": o.confidence,
@@ -142,6 +144,7 @@ def evaluate_checkpoint(
             "bootstrap": bootstrap,
             **_scores(labeled, len(exported.classes), bootstrap),
             "slide_rule": o.slide_rule,
+            "seen": seen,
             "units": scores,
             "gflops": flops_at_sizes(exported.model, manifest, exported.mag),
         }
@@ -172,6 +175,26 @@ def _record_head(
         "arch": exported.arch_kwargs,
         "val": exported.val,  # validation at the export's pick: the report sets each teacher's next to its students
     }
+
+
+def seen_record(
+    exported: ExportedModel, labeled: list[dict[str, Any]], manifest: dict[str, Any], where: str
+) -> dict[str, int] | None:
+    """How many scored slides and patients the model trained, validated or distilled on (its export's record; None
+    for an export that has none), said in one line when any: scores on them are not a test."""
+    if not exported.seen:
+        return None
+    slides = {r["slide"] for r in labeled}
+    patient_of = {s: str((manifest.get("slides", {}).get(s) or {}).get("patient") or s) for s in slides}
+    own_slides = slides & exported.seen.get("slides", set())
+    own_patients = set(patient_of.values()) & exported.seen.get("patients", set())
+    if own_slides or own_patients:
+        say(
+            f"{where}: {len(own_slides)} of {len(slides)} scored slides and {len(own_patients)} of "
+            f"{len(set(patient_of.values()))} patients (matched by id) are the model's own: it trained, validated or "
+            "distilled on them, so these scores are not a test"
+        )
+    return {"slides": len(own_slides), "patients": len(own_patients)}
 
 
 def _labeled(rows: list[dict[str, Any]], shards: str | Path, split: str) -> list[dict[str, Any]]:

@@ -32,10 +32,12 @@ def export_blob(
     windowing: dict[str, Any],
     source: str = "level0",
     val: dict[str, float] | None = None,
+    seen: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """The export of `module` (weights as float32 on the CPU); `global_step` tells a resume whether an export
-    belongs to the trajectory it continues; `source`, where the training shards' crops came from; `val`, its
-    validation metrics when it was picked (what the teacher gate reads)."""
+        belongs to the trajectory it continues; `source`, where the training shards' crops came from; `val`, its
+        validation metrics when it was picked (what the teacher gate reads); `seen`, the slides and patients it was
+    trained and validated on ({"slides": [...], "patients": [...]}: what scoring leaves out as not a test)."""
     return {
         "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()},
         "arch_kwargs": dict(module.arch_kwargs),
@@ -47,6 +49,7 @@ def export_blob(
         "windowing": windowing,
         "source": source,
         "val": {k: float(v) for k, v in (val or {}).items()},
+        "seen": {k: sorted(map(str, v)) for k, v in (seen or {}).items()},
     }
 
 
@@ -63,6 +66,7 @@ class ExportedModel:
     windowing_recorded: bool = True  # False: an export older than the record, read with the sharder's defaults
     source: str = "level0"  # where its training crops came from (`shard --source`): what `predict` reads by default
     val: dict = field(default_factory=dict)  # validation metrics at the pick ({}: not recorded, an older export)
+    seen: dict = field(default_factory=dict)  # {"slides", "patients"} it trained and validated on ({}: not recorded)
 
     @property
     def device(self) -> torch.device:
@@ -117,4 +121,5 @@ def load_exported(
         windowing_recorded="windowing" in blob,
         source=str(blob.get("source", "level0")),
         val={k: float(v) for k, v in (blob.get("val") or {}).items()},
+        seen={k: set(v) for k, v in (blob.get("seen") or {}).items()},
     )

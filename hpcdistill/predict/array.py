@@ -135,7 +135,7 @@ def run_prediction_task(share: PredictShare) -> dict[str, Any]:
 
 def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
     """The tasks' results in slide order, written as one single-process prediction would write them."""
-    from hpcdistill.predict.prediction import write_predictions
+    from hpcdistill.predict.result_files import write_predictions
 
     by_slide: dict[str, dict] = {}
     summary: dict[str, Any] = {}
@@ -150,11 +150,19 @@ def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
         by_slide.update({r["path"]: r for r in part["results"]})
     results = [by_slide[slide] for slide in plan.slides]
     summary["model"] = plan.model
-    write_predictions(Path(plan.out), summary, results)
+    write_predictions(Path(plan.out), summary, results, plan.options.labels)
     if plan.options.labels:
         from hpcdistill.predict.cohort_scores import score_cohort  # torch-free planning; scoring runs here
 
-        score_cohort(Path(plan.out), results, summary["classes"], plan.options.labels, plan.options.slide_rule)
+        score_cohort(
+            Path(plan.out),
+            results,
+            summary["classes"],
+            plan.options.labels,
+            plan.options.slide_rule,
+            seen=summary.get("model_seen"),
+            include_seen=plan.options.include_seen,
+        )
     return {"slides": len(results), "ok": sum(r["status"] == "ok" for r in results)}
 
 

@@ -1,6 +1,8 @@
 """`predict --labels`: a lab validating a model on its own labelled slides. The slide calls (and, where the labels
 CSV names patients, the patient calls) are scored against the CSV's labels with the same rule, metrics and
-bootstrap CIs as `evaluate --unit slide|patient`, and written to `scores.json` beside `slides.csv`."""
+bootstrap CIs as `evaluate --unit slide|patient`, and written to `scores.json` beside `slides.csv`. Slides and
+patients the model trained, validated or distilled on (its export's record) are left out of the scores and said in
+one line, unless `--include-seen`."""
 
 from __future__ import annotations
 
@@ -55,6 +57,26 @@ def cohort_labels(labels_csv: str | Path, results: list[dict[str, Any]], classes
     return labels, patients
 
 
+def leave_out_seen(
+    labels: dict[str, int], patients: dict[str, str], seen: dict[str, Any] | None, include: bool, where: str
+) -> list[str]:
+    """The labelled slides the model trained, validated or distilled on (by slide, or by patient id), said in one
+    line; unless `include`, taken out of `labels` (scored slides only). [] when the export records none."""
+    own_slides, own_patients = set((seen or {}).get("slides", ())), set((seen or {}).get("patients", ()))
+    own = sorted(s for s in labels if s in own_slides or patients.get(s) in own_patients)
+    if own:
+        fate = (
+            "scored with the rest (--include-seen)" if include else "left out of the scores (--include-seen keeps them)"
+        )
+        say(
+            f"{where}: {len(own)} of {len(labels)} labelled slides are the model's own (it trained, validated or "
+            f"distilled on them, or on their patients): {fate}"
+        )
+        for slide in own if not include else ():
+            del labels[slide]
+    return own
+
+
 def score_cohort(
     out: Path,
     results: list[dict[str, Any]],
@@ -62,12 +84,21 @@ def score_cohort(
     labels_csv: str | Path,
     rule: str,
     iterations: int = 10000,
+    *,
+    seen: dict[str, Any] | None = None,
+    include_seen: bool = False,
 ) -> dict[str, Any]:
-    """Score the slide (and patient) calls; writes and returns scores.json's content."""
+    """Score the slide (and patient) calls; writes and returns scores.json's content. `seen`: the export's record
+    of its own slides and patients."""
     labels, patients = cohort_labels(labels_csv, results, classes)
+    own = leave_out_seen(labels, patients, seen, include_seen, str(labels_csv))
     rows = window_rows(results, labels)
     if not rows:
-        raise PredictionError(f"{labels_csv}: labels none of the classified slides; nothing to score")
+        raise PredictionError(
+            f"{labels_csv}: labels none of the classified slides"
+            + (" the model has not seen (--include-seen scores its own)" if own else "")
+            + "; nothing to score"
+        )
     units = ["slide"] + (["patient"] if len(set(patients.values())) < len(patients) else [])
     scored = {}
     for unit in units:
@@ -82,6 +113,8 @@ def score_cohort(
         "classes": classes,
         "units": scored,
         "unscored_slides": unscored,
+        "seen_slides": own,  # the model's own: left out unless include_seen
+        "include_seen": include_seen,
         "bootstrap": {"iterations": iterations, "level": 0.95, "seed": 0},
     }
     atomic_write_json(out / SCORES, record, indent=1)

@@ -11,7 +11,6 @@ uncertain small fragment from flipping the call). Slides that cannot be read are
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +21,6 @@ from tqdm import tqdm
 
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError, NonFiniteOutputError, PredictionError, one_line
-from hpcdistill.common.files import atomic_output, atomic_write_json
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.signals import check_interrupted
@@ -31,6 +29,7 @@ from hpcdistill.models.inference import model_outputs, pick_device, require_fini
 from hpcdistill.predict.cam import STEM_STRIDE, TissueMap, WindowMap, cam_logits, tissue_map
 from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overlay
 from hpcdistill.predict.qupath import write_geojson
+from hpcdistill.predict.result_files import write_predictions
 from hpcdistill.scoring.aggregation import SLIDE_RULES, area_mean, combine
 from hpcdistill.scoring.cohort_checks import collapse_line
 from hpcdistill.slides.catalog import check_slide_ids, slide_name
@@ -53,6 +52,7 @@ class PredictOptions:
     slide_rule: str = "mean"  # a key of SLIDE_RULES
     read: str | None = None  # "level0" or "pyramid" (slides.slide.READ_SOURCES); None: what the export trained on
     labels: str | None = None  # a labels CSV (slide, patient, label): score the calls (predict.cohort_scores)
+    include_seen: bool = False  # score the labelled slides the model trained on too (left out by default)
     rois: RoiOptions = field(default_factory=RoiOptions)  # the user's regions (slides.regions), as in shard
 
 
@@ -292,6 +292,7 @@ def summarise(model_path: str | Path, exported: ExportedModel, options: PredictO
         "slide_rule_means": SLIDE_RULES[options.slide_rule],
         "read": options.read or exported.source,
         "trained_on": exported.source,
+        "model_seen": {k: sorted(v) for k, v in exported.seen.items()},  # its training and validation slides, patients
     }
 
 
@@ -322,30 +323,6 @@ def check_options(options: PredictOptions, classes: list[str]) -> PredictOptions
     return options
 
 
-def write_predictions(out: Path, summary: dict[str, Any], results: list[dict]) -> dict[str, Any]:
-    """tissues.csv, slides.csv and predictions.json for `results` (one per slide, in slide order)."""
-    classes = summary["classes"]
-    with atomic_output(out / "tissues.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["slide", "tissue", "x", "y", "w", "h", "pred"] + [f"p_{c}" for c in classes])
-        for r in results:
-            for t in r.get("tissues", []):
-                writer.writerow([r["slide"], t["tissue"], *t["box_l0"], t["pred"], *(f"{p:.6f}" for p in t["probs"])])
-    with atomic_output(out / "slides.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        head = ["slide", "path", "status", "call", "rule", "read", "level", "level_mag", "reason"]
-        writer.writerow(head + [f"p_{c}" for c in classes])
-        for r in results:
-            probs = [f"{p:.6f}" for p in r.get("probs", [])] or [""] * len(classes)
-            reason = r.get("reason") or r.get("note", "")  # a skip's reason, or a pyramid read's fallback
-            writer.writerow([*(r.get(k, "") for k in head[:-1]), reason, *probs])
-    summary = {**summary, "slides": results}
-    atomic_write_json(out / "predictions.json", summary, indent=1)
-    if not any(r["status"] == "ok" for r in results):
-        raise PredictionError(f"{out}: no slide could be classified (see slides.csv)")
-    return summary
-
-
 # What a finished prediction leaves in its folder: a rerun replaces it only with --overwrite.
 PREDICT_RESULTS = ("predictions.json", "slides.csv", "tissues.csv", "scores.json")
 PREDICT_FOLDERS = ("overlays", "geojson", "heatmaps", "tasks")  # written per slide: never through a link out of --out
@@ -371,14 +348,26 @@ def predict_slides(
     exported.model.to(pick_device(device))
     out = Path(out_dir)
     check_slide_ids(slides)
+    if opts.labels:  # a label the model does not know is refused before any slide is read
+        from hpcdistill.predict.cohort_scores import cohort_labels
+
+        cohort_labels(opts.labels, [{"path": s} for s in slides], exported.classes)
     with one_writer(out):
         results = classify_slides(exported, slides, out, opts, progress)
-        summary = write_predictions(out, summarise(model_path, exported, opts), results)
+        summary = write_predictions(out, summarise(model_path, exported, opts), results, opts.labels)
         calls = [exported.classes.index(r["call"]) for r in results if r["status"] == "ok"]
         if not opts.labels and (line := collapse_line(calls, exported.classes, "slide")):
             say(f"{out}: {line}")  # with labels, the cohort's scores say it with the balanced accuracy
         if opts.labels:  # the evaluation stack (scipy.stats among it) is imported only when there is scoring to do
             from hpcdistill.predict.cohort_scores import score_cohort
 
-            summary["scores"] = score_cohort(out, results, exported.classes, opts.labels, opts.slide_rule)
+            summary["scores"] = score_cohort(
+                out,
+                results,
+                exported.classes,
+                opts.labels,
+                opts.slide_rule,
+                seen=summary.get("model_seen"),
+                include_seen=opts.include_seen,
+            )
     return summary

@@ -55,7 +55,16 @@ def export_weights(trainer: Trainer, name: str, ema: bool = False, val: dict[str
         windowing=training_windowing(trainer.plan.manifest),
         source=shard_source(trainer.plan.manifest),
         val=scalars(trainer.state.last_val) if val is None else val,
+        seen=seen_units(trainer.plan.manifest),
     )
+
+
+def seen_units(manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """The slides and patients of the training shards outside their test split: every slide a run of these shards
+    may have trained, validated or distilled on (a conservative count: a split the run did not read is in it)."""
+    slides = {s: v for s, v in (manifest.get("slides") or {}).items() if v.get("status", "ok") == "ok"}
+    kept = [s for s, v in slides.items() if v.get("split") != "test"]
+    return {"slides": kept, "patients": sorted({str(slides[s].get("patient") or s) for s in kept})}
 
 
 def training_windowing(manifest: dict[str, Any]) -> dict[str, Any]:

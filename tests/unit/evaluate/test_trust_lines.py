@@ -3,6 +3,8 @@ call one class), a cohort too small to read as a result; and a collapsed teacher
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,31 @@ def test_predict_without_labels_names_a_model_that_calls_one_class(tiny_dataset,
     err = capsys.readouterr().err
     first = load_exported(model).classes[0]  # the class the forced bias calls
     assert f"the model called 5 of 5 slides {first!r} though it was trained on 3 classes: it may have learned" in err
+
+
+def test_a_cohort_of_the_models_own_slides_is_said_and_left_out(tiny_dataset, tiny_teacher, tmp_path, capsys):
+    """The export knows the slides it trained and validated on: `evaluate` says how many scored slides are its
+    own, and `predict --labels` leaves them out of the scores (and marks them in slides.csv) unless asked."""
+    shards, manifest = str(tiny_dataset["shards"]), tiny_dataset["manifest"]
+    argv = ["evaluate", str(tiny_teacher), "--shards", shards, "--split", "train", "--iterations", "50"]
+    assert main.main([*argv, "--out", str(tmp_path / "ev")]) == 0
+    train = [s for s, v in manifest["slides"].items() if v["split"] == "train" and v["status"] == "ok"]
+    assert f"{len(train)} of {len(train)} scored slides and " in capsys.readouterr().err
+    split_of = {Path(p).stem: manifest["slides"].get(Path(p).stem, {}).get("split") for p in tiny_dataset["slides"]}
+    own = [p for p in tiny_dataset["slides"] if split_of[Path(p).stem] == "train"][:2]
+    unseen = [p for p in tiny_dataset["slides"] if split_of[Path(p).stem] == "test"]
+    out = tmp_path / "pred"
+    argv = ["predict", str(tiny_teacher), *map(str, own + unseen), "--out", str(out), "--no-progress"]
+    assert main.main([*argv, "--labels", str(tiny_dataset["labels"])]) == 0
+    err = capsys.readouterr().err
+    assert f"2 of {len(own) + len(unseen)} labelled slides are the model's own" in err and "left out" in err
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["units"]["slide"]["n"] == len(unseen) and sorted(scores["seen_slides"]) == sorted(
+        Path(p).stem for p in own
+    )
+    with open(out / "slides.csv", newline="") as fh:
+        rows = {r["slide"]: r for r in csv.DictReader(fh)}
+    assert {rows[Path(p).stem]["seen"] for p in own} == {"yes"} and {rows[Path(p).stem]["seen"] for p in unseen} == {
+        "no"
+    }
+    assert all(r["label"] and r["correct"] in ("yes", "no") for r in rows.values())

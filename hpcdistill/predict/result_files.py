@@ -1,0 +1,60 @@
+"""What a prediction writes beside its per-slide outputs: tissues.csv, slides.csv (with each slide's label, whether
+its call is right and whether the model saw it, when a labels CSV is given) and predictions.json."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from hpcdistill.common.errors import PredictionError
+from hpcdistill.common.files import atomic_output, atomic_write_json
+
+
+def write_predictions(
+    out: Path, summary: dict[str, Any], results: list[dict], labels_csv: str | None = None
+) -> dict[str, Any]:
+    """tissues.csv, slides.csv and predictions.json for `results` (one per slide, in slide order). With a labels
+    CSV, slides.csv says each slide's label, whether its call is correct and whether the model saw it in training."""
+    classes = summary["classes"]
+    judged = _judged(results, classes, labels_csv, summary.get("model_seen") or {}) if labels_csv else {}
+    with atomic_output(out / "tissues.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["slide", "tissue", "x", "y", "w", "h", "pred"] + [f"p_{c}" for c in classes])
+        for r in results:
+            for t in r.get("tissues", []):
+                writer.writerow([r["slide"], t["tissue"], *t["box_l0"], t["pred"], *(f"{p:.6f}" for p in t["probs"])])
+    with atomic_output(out / "slides.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        head = ["slide", "path", "status", "call", "rule", "read", "level", "level_mag", "reason"]
+        writer.writerow(head + (["label", "correct", "seen"] if labels_csv else []) + [f"p_{c}" for c in classes])
+        for r in results:
+            probs = [f"{p:.6f}" for p in r.get("probs", [])] or [""] * len(classes)
+            reason = r.get("reason") or r.get("note", "")  # a skip's reason, or a pyramid read's fallback
+            marks = list(judged.get(r["slide"], ("", "", ""))) if labels_csv else []
+            writer.writerow([*(r.get(k, "") for k in head[:-1]), reason, *marks, *probs])
+    summary = {**summary, "slides": results}
+    atomic_write_json(out / "predictions.json", summary, indent=1)
+    if not any(r["status"] == "ok" for r in results):
+        raise PredictionError(f"{out}: no slide could be classified (see slides.csv)")
+    return summary
+
+
+def _judged(
+    results: list[dict], classes: list[str], labels_csv: str, seen: dict[str, Any]
+) -> dict[str, tuple[str, str, str]]:
+    """{slide: (label, correct yes/no, seen yes/no)} for the labelled slides (skipped slides: no call to judge)."""
+    from hpcdistill.predict.cohort_scores import cohort_labels
+
+    labels, patients = cohort_labels(labels_csv, results, classes)
+    own_slides, own_patients = set(seen.get("slides", ())), set(seen.get("patients", ()))
+    calls = {r["slide"]: r.get("call") for r in results if r["status"] == "ok"}
+    yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
+    return {
+        slide: (
+            classes[y],
+            yes_no(calls[slide] == classes[y]) if slide in calls else "",
+            yes_no(slide in own_slides or patients.get(slide) in own_patients) if seen else "",
+        )
+        for slide, y in labels.items()
+    }
