@@ -18,6 +18,8 @@ def test_a_run_shorter_than_log_every_still_logs_its_loss_each_epoch(tiny_datase
     assert sorted(logged) == [4, 8]  # each epoch's last step, though 1000 steps were asked between logs
     lines = [line for line in capsys.readouterr().err.splitlines() if re.search(r"epoch \d+/2 step", line)]
     assert len(lines) == 2, lines
-    assert re.fullmatch(
-        r"hpcdistill: epoch 1/2 step 4: train loss \d+\.\d{4}, val accuracy \d\.\d{4} \(new best\)", lines[0]
+    assert re.fullmatch(  # the selection metric by its name, then the accuracies a reader expects
+        r"hpcdistill: epoch 1/2 step 4: train loss \d+\.\d{4}, val OvR accuracy \(paper\) \d\.\d{4} \(the "
+        r"selection metric; new best\), balanced accuracy \d\.\d{4}, top-1 accuracy \d\.\d{4}",
+        lines[0],
     )
