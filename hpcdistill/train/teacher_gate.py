@@ -2,7 +2,8 @@
 export's recorded validation accuracy (macro one-vs-rest, as the reports show it) must reach `teacher.min_val_accuracy`
 and, when `teacher.reference` names another export (e.g. the baseline at the student's magnification), beat that
 export's. A teacher whose validation calls were (nearly) all one class (scoring.cohort_checks) is refused whatever
-its accuracy: its soft targets would teach that one class. `teacher.gate=warn` says the shortfall and goes on."""
+its accuracy (with the gate off, no floor and no reference, it is said): its soft targets would teach that one
+class. `teacher.gate=warn` says the shortfall and goes on."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def collapsed(teacher: ExportedModel) -> list[str]:
 def gate_shortfalls(cfg: Config, teacher: ExportedModel) -> list[str]:
     """What keeps this teacher from teaching, as readable clauses ([] = it may teach)."""
     gate = cfg.teacher
-    if not gate.min_val_accuracy and not gate.reference:
-        return collapsed(teacher)  # no floor and no reference: only a collapse to judge; an old export passes
+    if not gate.min_val_accuracy and not gate.reference:  # the gate is off: a collapse is said, nothing refused
+        for clause in collapsed(teacher):
+            say(f"warning: teacher.checkpoint: {cfg.teacher.checkpoint}: {clause} (not refused: the gate is off)")
+        return []
     try:
         accuracy = recorded_accuracy(teacher, "teacher.checkpoint")
     except TrainError as err:

@@ -48,12 +48,17 @@ def test_collapsed_model_and_small_cohort_are_said_by_evaluate(tiny_dataset, tin
     assert "## Collapsed models and small cohorts" in text and "collapsed onto one class" in text
 
 
-def test_a_collapsed_teacher_is_refused_whatever_its_accuracy(tiny_teacher, tmp_path):
+def test_a_collapsed_teacher_is_refused_whatever_its_accuracy(tiny_teacher, tmp_path, capsys):
     val = {"accuracy": 0.7, "max_call_share": 0.97}  # OvR accuracy looks passable; its calls are one class
     teacher = load_exported(collapsed_export(tiny_teacher, tmp_path / "t.pt", val))
     cfg = load_config(None, ["train.mode=distill", f"teacher.checkpoint={tmp_path / 't.pt'}"])
     with pytest.raises(TrainError, match=r"called 97% of its validation tissues one class: it has collapsed"):
         check_teacher(cfg, teacher)
+    off = load_config(
+        None, ["train.mode=distill", f"teacher.checkpoint={tmp_path / 't.pt'}", "teacher.min_val_accuracy=0"]
+    )
+    check_teacher(off, teacher)  # the gate off: said, not refused
+    assert "it has collapsed onto one class (not refused: the gate is off)" in capsys.readouterr().err
 
 
 def test_the_lines_need_what_they_claim():
