@@ -279,7 +279,22 @@ def test_a_slurm_array_spreads_over_two_nodes_and_equals_the_single_run(slurm_cl
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_as_single(out, mixed_slides["single"])
     array = json.loads((out / "launch.json").read_text())["jobs"][0]["slurm_id"]
-    used = subprocess.run(
-        ["sacct", "-n", "-X", "-j", str(array), "-o", "NodeList%20"], capture_output=True, text=True, timeout=30
-    ).stdout.split()
-    assert set(used) == {"node1", "node2"}, used
+    used = task_nodes(array, 4)
+    assert len(used) == 4 and set(used.values()) == {"node1", "node2"}, used
+
+
+def task_nodes(array: str, tasks: int, timeout_s: float = 90.0) -> dict[str, str]:
+    """{array task: the node it ran on}, once accounting holds every task: slurmdbd stores a finished task's record
+    a moment after the job ends, so a query right after the wait can miss some (seen once in CI: one row)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", str(array), "-o", "JobID,NodeList"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()
+        nodes = dict(row.split("|", 1) for row in rows if "|" in row and row.split("|", 1)[1].startswith("node"))
+        if len(nodes) >= tasks or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
