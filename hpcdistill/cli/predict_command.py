@@ -64,17 +64,7 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
         default="mean",
         help="slide call: mean = tissue-area-weighted mean probability; max = per class the highest tissue probability",
     )
-    p.add_argument(
-        "--labels",
-        help="labels CSV (slide, patient, label, as shard reads): score the slide calls, and the patient calls where "
-        "it names patients, with bootstrap CIs, into scores.json",
-    )
-    p.add_argument(
-        "--include-seen",
-        action="store_true",
-        help="with --labels: score the slides the model trained, validated or distilled on too (left out by default: "
-        "their scores are not a test)",
-    )
+    _add_label_flags(p)
     p.add_argument(
         "--read",
         choices=["pyramid", "level0"],
@@ -103,6 +93,21 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
     add_cluster_flags(p, "classifying")
     add_tissue_flags(p)
     add_roi_flags(p, labels=False)
+
+
+def _add_label_flags(p: argparse.ArgumentParser) -> None:
+    """A lab's own labels: the cohort scores, and whether the model's own slides count in them."""
+    p.add_argument(
+        "--labels",
+        help="labels CSV (slide, patient, label, as shard reads): score the slide calls, and the patient calls where "
+        "it names patients, with bootstrap CIs, into scores.json",
+    )
+    p.add_argument(
+        "--include-seen",
+        action="store_true",
+        help="with --labels: score the slides the model trained, validated or distilled on too (left out by default: "
+        "their scores are not a test)",
+    )
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -255,6 +255,19 @@ def _unit_sections(main: list[EvalResult], out: Path) -> list[str]:
     return sections + (["## Classes missing from a scored split", "\n".join(absent)] if absent else [])
 
 
+def _intro(results: list[EvalResult]) -> str:
+    """The report's first paragraph: the CIs, what each metric is, and how far the paper's accuracy flatters."""
+    return (
+        "Percentages with bootstrap CIs ("
+        + "; ".join(f"{100 * level:g}%, {n:,} resamples" for level, n in sorted({r.ci for r in results}))
+        + "). Balanced accuracy is the mean recall over the classes (chance: 1/K whatever the class mix); top-1 is "
+        "the share of calls that are right. The paper's metrics follow: one-vs-rest per class, macro-averaged. Its "
+        "OvR accuracy, (TP + TN) / N per class, flatters: a model that calls every tissue one class scores "
+        "((K - 1)² + 1) / K² on it with K balanced classes (55.6% for three; balanced accuracy: 33.3%). GFLOPs "
+        "are FLOPs (2 per multiply-add) per forward pass at the median tissue size."
+    )
+
+
 def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
     """Write report.md, figure3.png and (when ablation runs exist) ablation.png into out_dir."""
     if not results:
@@ -267,13 +280,7 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
     resamples = " / ".join(f"{n:,}" for n in sorted({r.ci[1] for r in main})) or "no"
     sections = [
         "# hpcdistill report",
-        "Percentages with bootstrap CIs ("
-        + "; ".join(f"{100 * level:g}%, {n:,} resamples" for level, n in sorted({r.ci for r in results}))
-        + "). Balanced accuracy is the mean recall over the classes (chance: 1/K whatever the class mix); top-1 is "
-        "the share of calls that are right. The paper's metrics follow: one-vs-rest per class, macro-averaged. Its "
-        "OvR accuracy, (TP + TN) / N per class, flatters: a model that calls every tissue one class scores "
-        "((K - 1)² + 1) / K² on it with K balanced classes (55.6% for three; balanced accuracy: 33.3%). GFLOPs "
-        "are FLOPs (2 per multiply-add) per forward pass at the median tissue size.",
+        _intro(results),
         "## Teacher (Table 3 layout)",
         teacher_table(main),
         "## Baseline and distillation per magnification (Table 4 layout)",

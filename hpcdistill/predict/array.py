@@ -150,9 +150,14 @@ def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
         by_slide.update({r["path"]: r for r in part["results"]})
     results = [by_slide[slide] for slide in plan.slides]
     summary["model"] = plan.model
-    write_predictions(Path(plan.out), summary, results, plan.options.labels)
-    if plan.options.labels:
-        from hpcdistill.predict.cohort_scores import score_cohort  # torch-free planning; scoring runs here
+    cohort = None
+    if plan.options.labels:  # torch-free planning; the labels are read, and the calls scored, here
+        from hpcdistill.predict.cohort_scores import cohort_labels
+
+        cohort = cohort_labels(plan.options.labels, results, summary["classes"])
+    write_predictions(Path(plan.out), summary, results, cohort)
+    if cohort is not None:
+        from hpcdistill.predict.cohort_scores import score_cohort
 
         score_cohort(
             Path(plan.out),
@@ -160,6 +165,7 @@ def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
             summary["classes"],
             plan.options.labels,
             plan.options.slide_rule,
+            cohort=cohort,
             seen=summary.get("model_seen"),
             include_seen=plan.options.include_seen,
         )

@@ -85,12 +85,13 @@ def score_cohort(
     rule: str,
     iterations: int = 10000,
     *,
+    cohort: tuple[dict, dict],
     seen: dict[str, Any] | None = None,
     include_seen: bool = False,
 ) -> dict[str, Any]:
-    """Score the slide (and patient) calls; writes and returns scores.json's content. `seen`: the export's record
-    of its own slides and patients."""
-    labels, patients = cohort_labels(labels_csv, results, classes)
+    """Score the slide (and patient) calls; writes and returns scores.json's content. `cohort`: `cohort_labels` of
+    `labels_csv` (read once per prediction); `seen`: the export's record of its own slides and patients."""
+    labels, patients = dict(cohort[0]), cohort[1]  # a copy: the model's own slides are taken out of it
     own = leave_out_seen(labels, patients, seen, include_seen, str(labels_csv))
     rows = window_rows(results, labels)
     if not rows:

@@ -348,13 +348,14 @@ def predict_slides(
     exported.model.to(pick_device(device))
     out = Path(out_dir)
     check_slide_ids(slides)
-    if opts.labels:  # a label the model does not know is refused before any slide is read
+    cohort = None
+    if opts.labels:  # read once; a label the model does not know is refused before any slide is read
         from hpcdistill.predict.cohort_scores import cohort_labels
 
-        cohort_labels(opts.labels, [{"path": s} for s in slides], exported.classes)
+        cohort = cohort_labels(opts.labels, [{"path": s} for s in slides], exported.classes)
     with one_writer(out):
         results = classify_slides(exported, slides, out, opts, progress)
-        summary = write_predictions(out, summarise(model_path, exported, opts), results, opts.labels)
+        summary = write_predictions(out, summarise(model_path, exported, opts), results, cohort)
         calls = [exported.classes.index(r["call"]) for r in results if r["status"] == "ok"]
         if not opts.labels and (line := collapse_line(calls, exported.classes, "slide")):
             say(f"{out}: {line}")  # with labels, the cohort's scores say it with the balanced accuracy
@@ -367,6 +368,7 @@ def predict_slides(
                 exported.classes,
                 opts.labels,
                 opts.slide_rule,
+                cohort=cohort,
                 seen=summary.get("model_seen"),
                 include_seen=opts.include_seen,
             )

@@ -12,12 +12,13 @@ from hpcdistill.common.files import atomic_output, atomic_write_json
 
 
 def write_predictions(
-    out: Path, summary: dict[str, Any], results: list[dict], labels_csv: str | None = None
+    out: Path, summary: dict[str, Any], results: list[dict], cohort: tuple[dict, dict] | None = None
 ) -> dict[str, Any]:
     """tissues.csv, slides.csv and predictions.json for `results` (one per slide, in slide order). With a labels
-    CSV, slides.csv says each slide's label, whether its call is correct and whether the model saw it in training."""
+    CSV's `cohort` (cohort_scores.cohort_labels: {slide: class index}, {slide: patient}), slides.csv says each
+    slide's label, whether its call is correct and whether the model saw it in training."""
     classes = summary["classes"]
-    judged = _judged(results, classes, labels_csv, summary.get("model_seen") or {}) if labels_csv else {}
+    judged = _judged(results, classes, cohort, summary.get("model_seen") or {}) if cohort is not None else {}
     with atomic_output(out / "tissues.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["slide", "tissue", "x", "y", "w", "h", "pred"] + [f"p_{c}" for c in classes])
@@ -27,11 +28,13 @@ def write_predictions(
     with atomic_output(out / "slides.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         head = ["slide", "path", "status", "call", "rule", "read", "level", "level_mag", "reason"]
-        writer.writerow(head + (["label", "correct", "seen"] if labels_csv else []) + [f"p_{c}" for c in classes])
+        writer.writerow(
+            head + (["label", "correct", "seen"] if cohort is not None else []) + [f"p_{c}" for c in classes]
+        )
         for r in results:
             probs = [f"{p:.6f}" for p in r.get("probs", [])] or [""] * len(classes)
             reason = r.get("reason") or r.get("note", "")  # a skip's reason, or a pyramid read's fallback
-            marks = list(judged.get(r["slide"], ("", "", ""))) if labels_csv else []
+            marks = list(judged.get(r["slide"], ("", "", ""))) if cohort is not None else []
             writer.writerow([*(r.get(k, "") for k in head[:-1]), reason, *marks, *probs])
     summary = {**summary, "slides": results}
     atomic_write_json(out / "predictions.json", summary, indent=1)
@@ -41,12 +44,10 @@ def write_predictions(
 
 
 def _judged(
-    results: list[dict], classes: list[str], labels_csv: str, seen: dict[str, Any]
+    results: list[dict], classes: list[str], cohort: tuple[dict, dict], seen: dict[str, Any]
 ) -> dict[str, tuple[str, str, str]]:
     """{slide: (label, correct yes/no, seen yes/no)} for the labelled slides (skipped slides: no call to judge)."""
-    from hpcdistill.predict.cohort_scores import cohort_labels
-
-    labels, patients = cohort_labels(labels_csv, results, classes)
+    labels, patients = cohort
     own_slides, own_patients = set(seen.get("slides", ())), set(seen.get("patients", ()))
     calls = {r["slide"]: r.get("call") for r in results if r["status"] == "ok"}
     yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731

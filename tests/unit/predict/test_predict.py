@@ -132,13 +132,16 @@ def test_predict_as_two_local_tasks_equals_one_process(tiny_teacher, tiny_datase
     from hpcdistill.cli import main
 
     slides = [str(p) for p in tiny_dataset["slides"][:5]]
-    assert main.main(["predict", str(tiny_teacher), *slides, "--out", str(tmp_path / "one")]) == 0
+    # the merge reads the labels and scores the cohort as one process does (these slides are the model's own)
+    labels = ["--labels", str(tiny_dataset["labels"]), "--include-seen"]
+    assert main.main(["predict", str(tiny_teacher), *slides, "--out", str(tmp_path / "one"), *labels]) == 0
     assert (
         main.main(
             [
                 "predict",
                 str(tiny_teacher),
                 *slides,
+                *labels,
                 "--out",
                 str(tmp_path / "two"),
                 "--cluster",
@@ -149,7 +152,7 @@ def test_predict_as_two_local_tasks_equals_one_process(tiny_teacher, tiny_datase
         )
         == 0
     )
-    for name in ("tissues.csv", "slides.csv"):
+    for name in ("tissues.csv", "slides.csv", "scores.json"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
     one, two = (json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("one", "two"))
     for a, b in zip(one["slides"], two["slides"], strict=True):  # each overlay and GeoJSON lies in its own --out
