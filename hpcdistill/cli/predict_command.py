@@ -16,6 +16,7 @@ from hpcdistill.cli.parsing import (
     roi_options,
     tissue_params,
 )
+from hpcdistill.common.console import say
 
 
 def _predict_options(args: argparse.Namespace) -> Any:
@@ -48,7 +49,10 @@ def _predict_array(args: argparse.Namespace, slides: list[Path]) -> dict[str, An
     plan = plan_predictions(args.model, slides, args.out, args.tasks, options, args.device)
     if run_array(f"predict-{Path(args.out).name}", args.out, predict_jobs(plan, cluster_resources(args)), args) is None:
         return None
-    return json.loads((Path(args.out) / "predictions.json").read_text())
+    merged = json.loads((Path(args.out) / "predictions.json").read_text())
+    for note in merged.get("notes", []):  # said in the merge job's log; said here where the user reads
+        say(note)
+    return merged
 
 
 def add_predict(subparsers: argparse._SubParsersAction) -> None:

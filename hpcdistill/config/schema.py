@@ -112,6 +112,10 @@ class DataConfig:
     shuffle_buffer: int = 64  # samples buffered for shuffling within the streamed shards (resampled mode)
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The classes as an ordered scale (e.g. [normal, duodenitis, celiac]), the manifest's class order or its reverse:
+    # Cohen's kappa is then quadratic-weighted (a call two grades off costs 4x one grade off); [] = nominal classes,
+    # unweighted kappa.
+    ordinal_classes: list[str] = field(default_factory=list)
     # Where JPEGs are decoded: "cpu", by the loader workers (PIL, libjpeg-turbo); "gpu", on the training GPU with
     # nvJPEG (needs `pip install hpcdistill[gpu]`: torchvision), the workers then only read bytes. Refused on a CPU run.
     decode: Literal["cpu", "gpu"] = "cpu"

@@ -54,7 +54,7 @@ def read_predictions(result: Any) -> dict[str, tuple[int, int, str]]:
 def pair(a: Any, b: Any) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """a - b on the samples both scored, resampled alike; refuses runs scored on different samples or labels."""
     pa, pb = read_predictions(a), read_predictions(b)
-    if pa.keys() != pb.keys() or a.classes != b.classes:
+    if pa.keys() != pb.keys() or a.classes != b.classes or a.kappa_weights != b.kappa_weights:
         raise EvaluationError(
             f"{a.source} and {b.source}: not scored on the same samples and classes; a paired "
             "comparison needs both evaluated on one split of one shard set"
@@ -71,6 +71,7 @@ def pair(a: Any, b: Any) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         iterations=a.ci[1],
         seed=0,
         groups=groups,
+        kappa_weights=a.kappa_weights,
     )
 
 

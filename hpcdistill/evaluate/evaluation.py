@@ -27,7 +27,7 @@ from hpcdistill.models.inference import model_outputs, pick_device, require_fini
 from hpcdistill.scoring.aggregation import unit_rows
 from hpcdistill.scoring.flops import flops_at_sizes
 from hpcdistill.scoring.method_labels import method_label
-from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, classification_metrics
+from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, classification_metrics, kappa_weights_of
 from hpcdistill.scoring.unit_scores import say_unit_notes, score_unit
 from hpcdistill.shards.manifest import mag_stats, read_manifest, split_summary
 from hpcdistill.shards.reader import resolve_sets
@@ -131,6 +131,7 @@ def evaluate_checkpoint(
         )
         labeled = _labeled(rows, shards, o.split)
         seen = seen_record(exported, labeled, manifest, where=f"{checkpoint} on {o.split}")
+        kappa = kappa_weights_of(exported.config)
         bootstrap = {
             "iterations": o.iterations,
             "level": o.confidence,
@@ -138,11 +139,12 @@ def evaluate_checkpoint(
             "resample": "slides" if o.by_slide else "samples",
         }
         scores, by_unit = _unit_scores(
-            labeled, manifest, exported.classes, o.units, o.slide_rule, bootstrap, str(checkpoint)
+            labeled, manifest, exported.classes, o.units, o.slide_rule, bootstrap, str(checkpoint), kappa
         )
         record = _record_head(exported, shards, o.split, labeled, checkpoint, o.method, o.study) | {
             "bootstrap": bootstrap,
-            **_scores(labeled, len(exported.classes), bootstrap),
+            **_scores(labeled, len(exported.classes), bootstrap, kappa),
+            "kappa_weights": kappa,
             "slide_rule": o.slide_rule,
             "seen": seen,
             "units": scores,
@@ -222,11 +224,11 @@ def _write_record(
     return record
 
 
-def _scores(labeled: list[dict[str, Any]], k: int, bootstrap: dict[str, Any]) -> dict[str, Any]:
+def _scores(labeled: list[dict[str, Any]], k: int, bootstrap: dict[str, Any], kappa: str) -> dict[str, Any]:
     """The paper's metrics with bootstrap CIs, per-class values (NaN for an absent class becomes null) and the
     confusion matrix."""
     y_true, y_pred = [r["y"] for r in labeled], [r["pred"] for r in labeled]
-    point = classification_metrics(y_true, y_pred, k)
+    point = classification_metrics(y_true, y_pred, k, kappa)
     groups = [r["slide"] for r in labeled] if bootstrap["resample"] == "slides" else None
     ci = bootstrap_ci(
         y_true,
@@ -236,6 +238,7 @@ def _scores(labeled: list[dict[str, Any]], k: int, bootstrap: dict[str, Any]) ->
         level=bootstrap["level"],
         seed=bootstrap["seed"],
         groups=groups,
+        kappa_weights=kappa,
     )
     return {
         "metrics": {m: list(ci[m]) for m in METRICS},
@@ -252,6 +255,7 @@ def _unit_scores(
     rule: str,
     bootstrap: dict[str, Any],
     where: str,
+    kappa: str,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """({unit: score_unit(...)}, {unit: its rows}) for each requested unit; a class the unit's rows lack, a
     collapsed model and a small cohort are each said in one line."""
@@ -269,6 +273,7 @@ def _unit_scores(
             seed=bootstrap["seed"],
             groups=groups,
             unit=unit,
+            kappa_weights=kappa,
         )
         say_unit_notes(unit, scored[unit], where)
     return scored, by_unit

@@ -42,6 +42,7 @@ class EvalResult:
     predictions: str = ""  # the per-sample predictions CSV beside the record (paired comparisons read it)
     units: dict = field(default_factory=dict, compare=False)  # unit -> its scores (evaluate.unit_scores), as recorded
     val_accuracy: float | None = None  # the export's validation accuracy at its pick (None: not recorded)
+    kappa_weights: str = "unweighted"  # Cohen's kappa: quadratic where the run's classes are an ordered scale
 
 
 def load_results(paths: list[str | Path]) -> list[EvalResult]:
@@ -89,6 +90,7 @@ def _read_result(path: Path) -> EvalResult:
             predictions=str(path.with_name(f"{record.get('split', path.stem)}_predictions.csv")),
             units=dict(record.get("units") or {}),
             val_accuracy=(record.get("val") or {}).get("accuracy"),
+            kappa_weights=str(record.get("kappa_weights", "unweighted")),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise EvaluationError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
@@ -264,7 +266,21 @@ def _intro(results: list[EvalResult]) -> str:
         "the share of calls that are right. The paper's metrics follow: one-vs-rest per class, macro-averaged. Its "
         "OvR accuracy, (TP + TN) / N per class, flatters: a model that calls every tissue one class scores "
         "((K - 1)² + 1) / K² on it with K balanced classes (55.6% for three; balanced accuracy: 33.3%). GFLOPs "
-        "are FLOPs (2 per multiply-add) per forward pass at the median tissue size."
+        "are FLOPs (2 per multiply-add) per forward pass at the median tissue size. " + _kappa_sentence(results)
+    )
+
+
+def _kappa_sentence(results: list[EvalResult]) -> str:
+    """What Cohen's kappa weighs in these runs (1 = perfect agreement, 0 = chance), and a mix said, not averaged."""
+    weights = {r.kappa_weights for r in results}
+    if weights == {"quadratic"}:
+        scale = " < ".join(results[0].classes)
+        return f"Cohen's kappa (×100; 0 = chance) is quadratic-weighted on the ordered classes {scale}."
+    if weights == {"unweighted"}:
+        return "Cohen's kappa (×100; 0 = chance) is unweighted (no class order declared: data.ordinal_classes)."
+    return (
+        "Cohen's kappa (×100; 0 = chance) is quadratic-weighted in some runs and unweighted in others: compare it "
+        "within one."
     )
 
 

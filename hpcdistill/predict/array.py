@@ -168,6 +168,7 @@ def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
             cohort=cohort,
             seen=summary.get("model_seen"),
             include_seen=plan.options.include_seen,
+            kappa_weights=summary.get("kappa_weights", "unweighted"),
         )
     return {"slides": len(results), "ok": sum(r["status"] == "ok" for r in results)}
 

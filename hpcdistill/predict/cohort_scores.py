@@ -88,9 +88,11 @@ def score_cohort(
     cohort: tuple[dict, dict],
     seen: dict[str, Any] | None = None,
     include_seen: bool = False,
+    kappa_weights: str = "unweighted",
 ) -> dict[str, Any]:
     """Score the slide (and patient) calls; writes and returns scores.json's content. `cohort`: `cohort_labels` of
-    `labels_csv` (read once per prediction); `seen`: the export's record of its own slides and patients."""
+    `labels_csv` (read once per prediction); `seen`: the export's record of its own slides and patients;
+    `kappa_weights`: scoring.metrics.kappa_weights_of the export's config."""
     labels, patients = dict(cohort[0]), cohort[1]  # a copy: the model's own slides are taken out of it
     own = leave_out_seen(labels, patients, seen, include_seen, str(labels_csv))
     rows = window_rows(results, labels)
@@ -103,8 +105,9 @@ def score_cohort(
     units = ["slide"] + (["patient"] if len(set(patients.values())) < len(patients) else [])
     scored = {}
     for unit in units:
+        unit_table = unit_rows(rows, unit, rule, patients.get)
         scored[unit] = score_unit(
-            unit_rows(rows, unit, rule, patients.get), classes, iterations=iterations, level=0.95, seed=0, unit=unit
+            unit_table, classes, iterations=iterations, level=0.95, seed=0, unit=unit, kappa_weights=kappa_weights
         )
         say_unit_notes(unit, scored[unit], str(labels_csv))
     unscored = sorted(r["slide"] for r in results if r["slide"] not in labels)
@@ -112,6 +115,7 @@ def score_cohort(
         "labels": str(labels_csv),
         "slide_rule": rule,
         "classes": classes,
+        "kappa_weights": kappa_weights,
         "units": scored,
         "unscored_slides": unscored,
         "seen_slides": own,  # the model's own: left out unless include_seen
@@ -119,8 +123,13 @@ def score_cohort(
         "bootstrap": {"iterations": iterations, "level": 0.95, "seed": 0},
     }
     atomic_write_json(out / SCORES, record, indent=1)
+    say_scores(out / SCORES, scored)
+    return record
+
+
+def say_scores(path: Path, scored: dict[str, Any]) -> None:
+    """One line per unit: its point estimates (the CIs are in `path`)."""
     for unit, s in scored.items():
         metrics = (m for m in (*METRICS, "auroc") if s["metrics"][m])
         cells = ", ".join(f"{METRIC_TITLES[m]} {100 * s['metrics'][m][0]:.1f}" for m in metrics)
-        say(f"{unit} level, {s['n']} {unit}s: {cells} (CIs in {out / SCORES})")
-    return record
+        say(f"{unit} level, {s['n']} {unit}s: {cells} (CIs in {path})")

@@ -31,7 +31,7 @@ from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overla
 from hpcdistill.predict.qupath import write_geojson
 from hpcdistill.predict.result_files import write_predictions
 from hpcdistill.scoring.aggregation import SLIDE_RULES, area_mean, combine
-from hpcdistill.scoring.cohort_checks import collapse_line
+from hpcdistill.scoring.metrics import kappa_weights_of
 from hpcdistill.slides.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.outlines import tissue_outlines
@@ -293,6 +293,7 @@ def summarise(model_path: str | Path, exported: ExportedModel, options: PredictO
         "read": options.read or exported.source,
         "trained_on": exported.source,
         "model_seen": {k: sorted(v) for k, v in exported.seen.items()},  # its training and validation slides, patients
+        "kappa_weights": kappa_weights_of(exported.config),
     }
 
 
@@ -356,9 +357,6 @@ def predict_slides(
     with one_writer(out):
         results = classify_slides(exported, slides, out, opts, progress)
         summary = write_predictions(out, summarise(model_path, exported, opts), results, cohort)
-        calls = [exported.classes.index(r["call"]) for r in results if r["status"] == "ok"]
-        if not opts.labels and (line := collapse_line(calls, exported.classes, "slide")):
-            say(f"{out}: {line}")  # with labels, the cohort's scores say it with the balanced accuracy
         if opts.labels:  # the evaluation stack (scipy.stats among it) is imported only when there is scoring to do
             from hpcdistill.predict.cohort_scores import score_cohort
 
@@ -371,5 +369,6 @@ def predict_slides(
                 cohort=cohort,
                 seen=summary.get("model_seen"),
                 include_seen=opts.include_seen,
+                kappa_weights=summary["kappa_weights"],
             )
     return summary

@@ -1,5 +1,6 @@
 """What a prediction writes beside its per-slide outputs: tissues.csv, slides.csv (with each slide's label, whether
-its call is right and whether the model saw it, when a labels CSV is given) and predictions.json."""
+its call is right and whether the model saw it, when a labels CSV is given) and predictions.json; without labels,
+the line that says the slide calls have collapsed onto one class (with labels the cohort's scores say it)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from hpcdistill.common.console import say
 from hpcdistill.common.errors import PredictionError
 from hpcdistill.common.files import atomic_output, atomic_write_json
+from hpcdistill.scoring.cohort_checks import collapse_line
 
 
 def write_predictions(
@@ -16,8 +19,14 @@ def write_predictions(
 ) -> dict[str, Any]:
     """tissues.csv, slides.csv and predictions.json for `results` (one per slide, in slide order). With a labels
     CSV's `cohort` (cohort_scores.cohort_labels: {slide: class index}, {slide: patient}), slides.csv says each
-    slide's label, whether its call is correct and whether the model saw it in training."""
+    slide's label, whether its call is correct and whether the model saw it in training. What it says is kept in
+    predictions.json's `notes` too (an array's merge runs as a job: the command repeats them from there)."""
     classes = summary["classes"]
+    calls = [classes.index(r["call"]) for r in results if r["status"] == "ok"]
+    notes = []
+    if cohort is None and (line := collapse_line(calls, classes, "slide")):
+        notes.append(f"{out}: {line}")
+        say(notes[-1])
     judged = _judged(results, classes, cohort, summary.get("model_seen") or {}) if cohort is not None else {}
     with atomic_output(out / "tissues.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -36,7 +45,7 @@ def write_predictions(
             reason = r.get("reason") or r.get("note", "")  # a skip's reason, or a pyramid read's fallback
             marks = list(judged.get(r["slide"], ("", "", ""))) if cohort is not None else []
             writer.writerow([*(r.get(k, "") for k in head[:-1]), reason, *marks, *probs])
-    summary = {**summary, "slides": results}
+    summary = {**summary, "notes": notes, "slides": results}
     atomic_write_json(out / "predictions.json", summary, indent=1)
     if not any(r["status"] == "ok" for r in results):
         raise PredictionError(f"{out}: no slide could be classified (see slides.csv)")

@@ -25,7 +25,18 @@ from hpcdistill.common.signals import check_interrupted
 # What a reader expects first: balanced accuracy (the mean per-class recall, chance = 1/K whatever the class mix) and
 # top-1 accuracy (the fraction called right); then the paper's four, its "accuracy" being the macro one-vs-rest
 # (TP_c + TN_c) / N, which a constant predictor scores ((K - 1)^2 + 1) / K^2 on with K balanced classes (5/9 for 3).
-METRICS = ("balanced_accuracy", "top1", "accuracy", "f1", "precision", "recall")
+METRICS = ("balanced_accuracy", "top1", "accuracy", "f1", "precision", "recall", "kappa")
+# Cohen's kappa: agreement beyond chance; quadratic weights where the classes are an ordered scale
+# (data.ordinal_classes, e.g. normal < duodenitis < celiac), so calling celiac "normal" costs more than "duodenitis".
+KAPPA_WEIGHTS = ("unweighted", "quadratic")
+
+
+def kappa_weights_of(config: dict) -> str:
+    """The kappa weights a run's config (dict form, as an export records it) declares: quadratic where its classes
+    are an ordered scale (data.ordinal_classes, checked against the manifest's class order when it trained)."""
+    return "quadratic" if (config.get("data") or {}).get("ordinal_classes") else "unweighted"
+
+
 PER_CLASS = ("accuracy", "f1", "precision", "recall")  # the one-vs-rest metrics have a value per class
 METRIC_TITLES = {  # each metric's name wherever a person reads it (reports, terminal lines)
     "balanced_accuracy": "Balanced accuracy",
@@ -34,6 +45,7 @@ METRIC_TITLES = {  # each metric's name wherever a person reads it (reports, ter
     "f1": "F1-Score",
     "precision": "Precision",
     "recall": "Recall",
+    "kappa": "Cohen's kappa ×100",
     "auroc": "AUROC",
 }
 CHUNK_ELEMS = 4_000_000  # resampling indices held in memory at once by bootstrap_ci (~32 MB of int64)
@@ -58,7 +70,29 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 0)
 
 
-def metrics_from_confusions(conf: np.ndarray) -> dict[str, np.ndarray]:
+def kappa_weight_matrix(num_classes: int, weights: str) -> np.ndarray:
+    """(K, K) disagreement weights: 1 off the diagonal (unweighted), or ((i - j) / (K - 1))^2 (quadratic)."""
+    if weights not in KAPPA_WEIGHTS:
+        raise ScoringError(f"kappa weights: {weights!r} is not one of {', '.join(KAPPA_WEIGHTS)}")
+    i, j = np.indices((num_classes, num_classes))
+    if weights == "unweighted" or num_classes < 2:
+        return (i != j).astype(np.float64)
+    return ((i - j) / (num_classes - 1)) ** 2
+
+
+def kappa_from_confusions(conf: np.ndarray, weights: str = "unweighted") -> np.ndarray:
+    """Cohen's kappa 1 - sum(w O) / sum(w E) of each confusion matrix (..., K, K), E the chance agreement from its
+    margins: scikit-learn's cohen_kappa_score. Where chance disagreement is 0 (labels and calls all one class) kappa
+    is undefined and counts as 0 (no agreement beyond chance can be shown), like the 0/0 ratios above."""
+    conf = conf.astype(np.float64)
+    w = kappa_weight_matrix(conf.shape[-1], weights)
+    n = conf.sum(axis=(-2, -1))
+    expected = conf.sum(axis=-1)[..., :, None] * conf.sum(axis=-2)[..., None, :] / np.maximum(n, 1)[..., None, None]
+    observed_d, expected_d = (conf * w).sum(axis=(-2, -1)), (expected * w).sum(axis=(-2, -1))
+    return np.where(expected_d > 0, 1 - _ratio(observed_d, expected_d), 0.0)
+
+
+def metrics_from_confusions(conf: np.ndarray, kappa_weights: str = "unweighted") -> dict[str, np.ndarray]:
     """Batched OvR metrics from confusion matrices conf[..., true, pred].
 
     Returns per-class arrays (..., K) (NaN for absent classes) under "per_class_<metric>" and macro
@@ -85,6 +119,7 @@ def metrics_from_confusions(conf: np.ndarray) -> dict[str, np.ndarray]:
     labelled = n_true > 0  # scikit-learn's balanced accuracy: the recall of each class the labels hold
     out["balanced_accuracy"] = np.where(labelled, _ratio(tp, n_true), 0.0).sum(axis=-1) / labelled.sum(axis=-1)
     out["top1"] = tp.sum(axis=-1) / n[..., 0]
+    out["kappa"] = kappa_from_confusions(conf, kappa_weights)
     return out
 
 
@@ -94,14 +129,17 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def classification_metrics(
-    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, num_classes: int
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    num_classes: int,
+    kappa_weights: str = "unweighted",
 ) -> dict:
     """{"balanced_accuracy", "top1": fractions; "accuracy", "f1", "precision", "recall": macro OvR fractions;
-    "per_class": {OvR metric: [K floats], "support": [K ints]}, "confusion": K x K list (rows true, columns
-    predicted)}. See module docstring."""
+    "kappa": Cohen's kappa with `kappa_weights`; "per_class": {OvR metric: [K floats], "support": [K ints]},
+    "confusion": K x K list (rows true, columns predicted)}. See module docstring."""
     t, p = _labels(y_true, y_pred, num_classes)
     conf = confusion_matrix(t, p, num_classes)
-    m = metrics_from_confusions(conf)
+    m = metrics_from_confusions(conf, kappa_weights)
     result: dict = {name: float(m[name]) for name in METRICS}
     result["per_class"] = {name: [float(v) for v in m["per_class_" + name]] for name in PER_CLASS}
     result["per_class"]["support"] = [int(v) for v in conf.sum(axis=1)]
@@ -167,6 +205,7 @@ def bootstrap_ci(
     level: float = 0.95,
     seed: int = 0,
     groups: Sequence | np.ndarray | None = None,
+    kappa_weights: str = "unweighted",
 ) -> dict[str, tuple[float, float, float]]:
     """{metric: (point estimate on the full data, low, high)}: percentile bootstrap interval at `level`.
 
@@ -187,10 +226,10 @@ def bootstrap_ci(
     check_iterations(iterations)
     stats = {name: [] for name in METRICS}
     for conf in _resampled_confusions(t, p, num_classes, iterations, seed, groups):
-        m = metrics_from_confusions(conf)
+        m = metrics_from_confusions(conf, kappa_weights)
         for name in METRICS:
             stats[name].append(m[name])
-    point = metrics_from_confusions(confusion_matrix(t, p, num_classes))
+    point = metrics_from_confusions(confusion_matrix(t, p, num_classes), kappa_weights)
     q = [50 * (1 - level), 50 * (1 + level)]
     out = {}
     for name in METRICS:
@@ -207,6 +246,7 @@ def paired_differences(
     iterations: int = 10000,
     seed: int = 0,
     groups: Sequence | np.ndarray | None = None,
+    kappa_weights: str = "unweighted",
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Method a minus method b on the same samples: ({metric: difference on all samples}, {metric: the difference
     on each resample}). Both are scored on the same resampled index sets (of samples, or of whole `groups`), so the
@@ -219,11 +259,11 @@ def paired_differences(
         _resampled_confusions(t, a, num_classes, iterations, seed, groups),
         _resampled_confusions(t, b, num_classes, iterations, seed, groups),
     ):
-        ma, mb = metrics_from_confusions(conf_a), metrics_from_confusions(conf_b)
+        ma, mb = metrics_from_confusions(conf_a, kappa_weights), metrics_from_confusions(conf_b, kappa_weights)
         for name in METRICS:
             diffs[name].append(ma[name] - mb[name])
-    full_a = metrics_from_confusions(confusion_matrix(t, a, num_classes))
-    full_b = metrics_from_confusions(confusion_matrix(t, b, num_classes))
+    full_a = metrics_from_confusions(confusion_matrix(t, a, num_classes), kappa_weights)
+    full_b = metrics_from_confusions(confusion_matrix(t, b, num_classes), kappa_weights)
     return (
         {name: float(full_a[name] - full_b[name]) for name in METRICS},
         {name: np.concatenate(diffs[name]) for name in METRICS},

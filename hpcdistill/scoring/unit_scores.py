@@ -21,18 +21,20 @@ def score_unit(
     seed: int,
     groups: Sequence | None = None,
     unit: str = "tissue",
+    kappa_weights: str = "unweighted",
 ) -> dict[str, Any]:
     """`rows`: {"y", "pred", "probs"} per `unit`; `groups` (tissue rows only): resample whole slides instead. The
     scores carry a collapse line and a small-cohort line (scoring.cohort_checks) where they apply."""
     k = len(classes)
     y, pred, probs = [r["y"] for r in rows], [r["pred"] for r in rows], [r["probs"] for r in rows]
-    point = classification_metrics(y, pred, k)
-    ci = bootstrap_ci(y, pred, k, iterations=iterations, level=level, seed=seed, groups=groups)
+    point = classification_metrics(y, pred, k, kappa_weights)
+    ci = bootstrap_ci(y, pred, k, iterations, level, seed, groups, kappa_weights)
     auc = auroc_ci(y, probs, iterations=iterations, level=level, seed=seed)
     per_class = {m: [None if v != v else v for v in vals] for m, vals in point["per_class"].items()}
     per_class["auroc"] = [None if c is None else c[0] for c in auc["per_class"]]
     return {
         "n": len(rows),
+        "kappa_weights": kappa_weights,
         "metrics": {m: list(ci[m]) for m in METRICS} | {"auroc": None if auc["macro"] is None else list(auc["macro"])},
         "auroc_per_class": {classes[c]: (None if v is None else list(v)) for c, v in enumerate(auc["per_class"])},
         "per_class": per_class,

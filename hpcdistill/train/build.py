@@ -35,6 +35,11 @@ def build_student(cfg: Config, classes: list[str]) -> torch.nn.Module:
     m = cfg.model
     if m.num_classes != len(classes):
         raise TrainError(f"model.num_classes: {m.num_classes}, but the manifest has {len(classes)} classes {classes}")
+    if cfg.data.ordinal_classes and cfg.data.ordinal_classes not in (classes, classes[::-1]):
+        raise TrainError(  # quadratic weights read only |i - j|: the scale may run either way
+            f"data.ordinal_classes: {cfg.data.ordinal_classes}, but the manifest's classes are {classes}: shard with "
+            f"--classes {','.join(cfg.data.ordinal_classes)} so the class order is the scale's"
+        )
     torch.manual_seed(cfg.run.seed)
     model = build_model(m.arch, m.num_classes, width=m.width, groups=m.groups, stem=m.stem)
     if m.init:

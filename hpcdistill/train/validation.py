@@ -35,14 +35,14 @@ def teacher_val_outputs(trainer: Trainer, batch: dict[str, Any]) -> tuple[torch.
     return outputs
 
 
-def val_metrics(rows: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
+def val_metrics(rows: list[dict[str, Any]], num_classes: int, kappa_weights: str = "unweighted") -> dict[str, Any]:
     from hpcdistill.scoring.cohort_checks import call_share
     from hpcdistill.scoring.metrics import METRICS, classification_metrics
 
     out: dict[str, Any] = {"samples": len(rows)}
     labeled = [r for r in rows if r["y"] >= 0]
     if labeled:
-        m = classification_metrics([r["y"] for r in labeled], [r["pred"] for r in labeled], num_classes)
+        m = classification_metrics([r["y"] for r in labeled], [r["pred"] for r in labeled], num_classes, kappa_weights)
         out.update({k: m[k] for k in METRICS})  # balanced and top-1 accuracy beside the paper's OvR metrics
         out["per_class"] = {k: m["per_class"][k] for k in ("accuracy", "recall", "support")}
         out["confusion"] = m["confusion"]
@@ -91,7 +91,8 @@ def validate(trainer: Trainer) -> dict[str, Any]:
     rows = val_rows(trainer, scored)
     metrics: dict[str, Any] = {}
     for prefix, _, _ in scored:
-        m = val_metrics(gather_rows(trainer, rows[prefix]), trainer.cfg.model.num_classes)
+        kappa = "quadratic" if trainer.cfg.data.ordinal_classes else "unweighted"
+        m = val_metrics(gather_rows(trainer, rows[prefix]), trainer.cfg.model.num_classes, kappa)
         metrics.update({f"{prefix}{k}": v for k, v in m.items() if not (prefix and k == "samples")})
     return metrics
 

@@ -46,6 +46,7 @@ def test_collapsed_model_and_small_cohort_are_said_by_evaluate(tiny_dataset, tin
     assert main.main(["report", str(tmp_path / "ev" / "test.json"), "--out", str(report)]) == 0
     text = (report / "report.md").read_text()
     assert "## Collapsed models and small cohorts" in text and "collapsed onto one class" in text
+    assert "Cohen's kappa (×100; 0 = chance) is unweighted (no class order declared" in text
 
 
 def test_a_collapsed_teacher_is_refused_whatever_its_accuracy(tiny_teacher, tmp_path, capsys):
@@ -106,3 +107,37 @@ def test_a_cohort_of_the_models_own_slides_is_said_and_left_out(tiny_dataset, ti
         "no"
     }
     assert all(r["label"] and r["correct"] in ("yes", "no") for r in rows.values())
+
+
+def test_an_array_predictions_merge_names_a_collapsed_model(tiny_dataset, tiny_teacher, tmp_path, capsys):
+    """`predict --cluster local` without labels: the merge, not a task, sees every call and says the collapse."""
+    model = collapsed_export(tiny_teacher, tmp_path / "collapsed.pt")
+    slides = [str(s) for s in tiny_dataset["slides"][:5]]
+    argv = ["predict", str(model), *slides, "--out", str(tmp_path / "pred"), "--no-progress"]
+    assert main.main([*argv, "--cluster", "local", "--tasks", "2"]) == 0
+    first = load_exported(model).classes[0]
+    assert f"the model called 5 of 5 slides {first!r} though it was trained on 3 classes" in capsys.readouterr().err
+
+
+def test_ordinal_classes_give_quadratic_kappa_and_a_wrong_order_is_refused(tiny_dataset, tmp_path, capsys):
+    """data.ordinal_classes (the manifest's order or its reverse) makes evaluate's kappa quadratic-weighted, equal to
+    scikit-learn's on the written predictions; an order that is not the manifest's is refused before training."""
+    from conftest import cfg_for
+    from sklearn.metrics import cohen_kappa_score
+
+    classes = tiny_dataset["manifest"]["classes"]
+    path = cfg_for(tiny_dataset, tmp_path, "ordinal", "teacher", 10.0).save(tmp_path / "t.yaml")
+    shuffled = f"data.ordinal_classes=[{classes[1]},{classes[0]},{classes[2]}]"
+    assert main.main(["train", str(path), shuffled]) == 2
+    expected_line = f"data.ordinal_classes: {[classes[1], classes[0], classes[2]]}, but the manifest's"
+    assert expected_line in capsys.readouterr().err
+    reverse = f"data.ordinal_classes=[{','.join(reversed(classes))}]"
+    assert main.main(["train", str(path), reverse]) == 0
+    model = tmp_path / "ordinal" / "best.pt"
+    argv = ["evaluate", str(model), "--shards", str(tiny_dataset["shards"]), "--iterations", "50"]
+    assert main.main([*argv, "--out", str(tmp_path / "ev")]) == 0
+    record = json.loads((tmp_path / "ev" / "test.json").read_text())
+    with open(tmp_path / "ev" / "test_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    expected = cohen_kappa_score([r["label"] for r in rows], [r["pred"] for r in rows], weights="quadratic")
+    assert record["kappa_weights"] == "quadratic" and record["metrics"]["kappa"][0] == pytest.approx(expected)

@@ -33,7 +33,8 @@ def test_perfect_and_all_wrong() -> None:
     m = classification_metrics([0, 1, 2, 1], [0, 1, 2, 1], 3)
     assert all(m[k] == 1.0 for k in METRICS)
     m = classification_metrics([0, 0, 1, 1], [1, 1, 0, 0], 2)
-    assert all(m[k] == 0.0 for k in METRICS)
+    assert all(m[k] == 0.0 for k in METRICS if k != "kappa")
+    assert m["kappa"] == -1.0  # systematic disagreement: as far below chance as it can be
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -58,22 +58,9 @@ def test_disk_full_keeps_completed_shards_and_resumes(shard_slides, tmp_path, mo
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_uninterrupted_output(shard_slides, tmp_path):
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "hpcdistill.cli.main",
-        "shard",
-        str(shard_slides["good"]),
-        "--out",
-        str(out),
-        "--labels",
-        str(shard_slides["labels"]),
-        "--shard-size",
-        "150000",
-        "--shard-max-samples",
-        "1",
-        "--no-progress",
-    ]
+    command = [sys.executable, "-m", "hpcdistill.cli.main", "shard", str(shard_slides["good"]), "--out", str(out)]
+    command += ["--labels", str(shard_slides["labels"]), "--shard-size", "150000", "--shard-max-samples", "1"]
+    command += ["--no-progress"]
     ref = tmp_path / "ref"
     run_sharding(
         [shard_slides["good"]],
