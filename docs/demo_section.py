@@ -84,7 +84,9 @@ def render_section(record: dict[str, Any], figure: str) -> str:
             "",
             f"![Figure 3 layout: accuracy against GFLOPs, from the same run]({figure})",
             "",
-            f"Made with Python {m['python']} on {m['os']}; "
+            f"Made with Python {m['python']} on {m['os']}"
+            + (f" (CPU vector ISA {m['isa']}: {' '.join(m['isa_flags'])})" if "isa" in m else "")
+            + "; "
             + ", ".join(f"{k} {val}" for k, val in v.items())
             + " (the versions `constraints.txt` pins).",
         ]
@@ -105,7 +107,17 @@ def update_readme(out: str | Path, readme: str | Path = "README.md", figure: str
     return readme
 
 
-DIGEST_MARK = re.compile(r"<!-- quick-demo-digest: (?P<digest>\S+) on (?P<cpu>.+?) with torch (?P<torch>\S+) -->")
+DIGEST_MARK = re.compile(
+    r"<!-- quick-demo-digest: (?P<digest>\S+) on (?P<cpu>.+?) \(isa (?P<isa>\S+), kernel (?P<kernel>\S+)\) "
+    r"with torch (?P<torch>\S+) -->"
+)
+
+
+def digest_host() -> dict[str, str]:
+    """What the digest is bound to: the CPU model, its vector instruction sets, the kernel and torch's version (the
+    test compares all but the kernel, which names the host but does not pick the kernels torch runs)."""
+    m = machine()
+    return {"cpu": m["cpu"], "isa": m["isa"], "kernel": m["kernel"], "torch": versions()["torch"]}
 
 
 def quick_digest(exp_dir: str | Path) -> str:
@@ -126,8 +138,10 @@ def quick_digest(exp_dir: str | Path) -> str:
 
 
 def write_quick_digest(exp_dir: str | Path, readme: str | Path = "README.md") -> str:
-    """Store the quick demo's digest, with the CPU model and torch version it was made with, in the README."""
-    mark = f"<!-- quick-demo-digest: {quick_digest(exp_dir)} on {machine()['cpu']} with torch {versions()['torch']} -->"
+    """Store the quick demo's digest, with the host (digest_host) it was made on, in the README."""
+    h = digest_host()
+    host = f"{h['cpu']} (isa {h['isa']}, kernel {h['kernel']}) with torch {h['torch']}"
+    mark = f"<!-- quick-demo-digest: {quick_digest(exp_dir)} on {host} -->"
     path = Path(readme)
     text, count = re.subn(r"<!-- quick-demo-digest: .*? -->", lambda _: mark, path.read_text())
     if count != 1:

@@ -52,7 +52,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class OneLineErrors(argparse.ArgumentParser):
     """A usage error is one line naming the flag and the reason, exit 2, like every other error (`--help` shows the
-    usage)."""
+    usage). Flags are matched whole: argparse's prefix matching would take `shard --mag 10` as `--mags 10`, and a
+    flag added later would silently change what an old abbreviation means."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")

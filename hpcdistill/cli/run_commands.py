@@ -128,6 +128,11 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
     p = command(subparsers, "report", run_report)
     p.add_argument("runs", nargs="+", help="run folders (their eval/*.json) or evaluation JSON files")
     p.add_argument("--out", required=True, help="folder for report.md, figure3.png (and ablation.png)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished earlier report in --out (refused without it); only files this command writes",
+    )
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -136,13 +141,16 @@ def run_report(args: argparse.Namespace) -> int:
     Reads every eval/*.json under the given run folders (written by `hpcdistill evaluate`) and writes report.md
     (the paper's Table 3/4 layouts, the ordering check) and figure3.png (accuracy against GFLOPs).
     """
+    from hpcdistill.common.folder_lock import one_writer
     from hpcdistill.evaluate.report import load_results, write_report
     from hpcdistill.evaluate.report_units import absent_lines
 
     results = load_results(args.runs)
+    replace_finished(args.out, ("report.md",), args.overwrite, tuple(args.runs))  # like every other command's --out
     for line in absent_lines(results):  # on the terminal too, never only inside the report
         say(line.removeprefix("- "))
-    path = write_report(results, args.out)
+    with one_writer(Path(args.out)):
+        path = write_report(results, args.out)
     print(f"wrote {path}")
     return 0
 

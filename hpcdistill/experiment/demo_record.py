@@ -3,6 +3,7 @@ the machine and the commit. The README section made from it is docs/demo_section
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -28,21 +29,33 @@ PACKAGES = (
 )
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, cores and OS: what the demo's wall-clock times depend on."""
-    model = platform.processor() or ""
+# The vector instruction sets torch's CPU kernels dispatch on: two hosts with one CPU model name can differ in them
+# (a VM hides AVX-512, a kernel disables AMX), and with them the last bits of a sum.
+ISA_FLAGS = ("sse", "ssse", "avx", "fma", "f16c", "amx", "vnni", "bmi")
+
+
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ('' where there is none)."""
     try:
-        model = (
-            next(
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            )
-            or model
-        )
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == field), "")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, its vector instruction sets (and their short hash, `isa`), cores, kernel and OS: what the demo's
+    wall-clock times and the last bits of its numbers depend on."""
+    flags = sorted(f for f in _cpuinfo("flags").split() if f.startswith(ISA_FLAGS))
+    return {
+        "cpu": _cpuinfo("model name") or platform.processor() or "unknown CPU",
+        "isa": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:8],
+        "isa_flags": flags,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def versions() -> dict[str, str]:

@@ -94,14 +94,13 @@ def test_quick_demo_produces_every_artefact(tmp_path):
 def check_numerics_digest(exp: Path) -> None:
     """The README's demo block is only current while the quick demo computes what it computed when the block was
     written (make readme-demo stores the digest of its probabilities): changed numerics fail here."""
-    from hpcdistill.experiment.demo_record import machine, versions
-
-    DIGEST_MARK, quick_digest = demo_section().DIGEST_MARK, demo_section().quick_digest
-
-    mark = DIGEST_MARK.search((REPO / "README.md").read_text())
+    section = demo_section()
+    mark = section.DIGEST_MARK.search((REPO / "README.md").read_text())
     assert mark, "README.md lacks its <!-- quick-demo-digest: ... --> line: run make readme-demo"
-    if (mark["cpu"], mark["torch"]) != (machine()["cpu"], versions()["torch"]):
-        pytest.skip(f"the digest was made on {mark['cpu']} with torch {mark['torch']}: not comparable here")
+    here = section.digest_host()
+    if any(mark[k] != here[k] for k in ("cpu", "isa", "torch")):
+        pytest.skip(f"the digest was made on {mark['cpu']} (isa {mark['isa']}) with torch {mark['torch']}: not here")
+    quick_digest = section.quick_digest
     assert quick_digest(exp) == mark["digest"], (
         "the demo's numerics changed since the README's block was written: run `make demo && make readme-demo`"
     )

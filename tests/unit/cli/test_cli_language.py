@@ -23,6 +23,17 @@ def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {flag: action for action in parser._actions for flag in action.option_strings}
 
 
+def test_no_parser_takes_an_abbreviated_flag(capsys):
+    """`shard --mag 10,2.5` is not `--mags`: every parser matches flags whole, and the typo is one line, exit 2."""
+    from hpcdistill.cli import main
+
+    assert all(not p.allow_abbrev for p in [build_parser(), *subcommands().values()])
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["shard", "slides", "--out", "shards", "--mag", "10,2.5"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --mag 10,2.5" in capsys.readouterr().err
+
+
 def test_every_dry_run_plans_and_prints_only():
     having = {name: options(p)["--dry-run"] for name, p in subcommands().items() if "--dry-run" in options(p)}
     assert set(having) == {"shard", "predict", "launch"}

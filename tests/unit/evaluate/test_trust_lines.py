@@ -47,6 +47,10 @@ def test_collapsed_model_and_small_cohort_are_said_by_evaluate(tiny_dataset, tin
     text = (report / "report.md").read_text()
     assert "## Collapsed models and small cohorts" in text and "collapsed onto one class" in text
     assert "Cohen's kappa (×100; 0 = chance) is unweighted (no class order declared" in text
+    again = ["report", str(tmp_path / "ev" / "test.json"), "--out", str(report)]
+    assert main.main(again) == 2  # a finished report is replaced only when asked, as every command's --out
+    assert f"{report}: holds a finished result (report.md); pass --overwrite" in capsys.readouterr().err
+    assert main.main([*again, "--overwrite"]) == 0
 
 
 def test_a_collapsed_teacher_is_refused_whatever_its_accuracy(tiny_teacher, tmp_path, capsys):
