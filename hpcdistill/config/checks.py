@@ -80,6 +80,7 @@ def check_config(cfg: Config) -> None:
         "train.max_steps": cfg.train.max_steps,
         "train.weight_decay": cfg.train.weight_decay,
         "log.images_every": cfg.log.images_every,
+        "log.progress_every_s": cfg.log.progress_every_s,
         "train.checkpoint_every_min": cfg.train.checkpoint_every_min,
         "train.warmup_fraction": cfg.train.warmup_fraction,
         "train.patience": cfg.train.patience,

@@ -193,7 +193,10 @@ class LogConfig:
     log_every: int = 10  # optimizer steps between scalar logs
     images_every: int = 0  # optimizer steps between input-image logs; 0 = first step of each epoch only
     num_images: int = 4
+    # A progress bar on a terminal; where output is not one (a SLURM .out file, a pipe), a plain line instead, at most
+    # every progress_every_s seconds: a redrawn bar would pile up there as one line of carriage returns.
     progress: bool = True
+    progress_every_s: float = 60.0
 
 
 @dataclass

@@ -5,6 +5,7 @@ DeepSpeed engine, the options a device must support, TensorBoard, and `build_tra
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
@@ -22,6 +23,7 @@ from hpcdistill.train.data_plan import plan_data
 from hpcdistill.train.distributed import device_for, ranks_markdown, record_ranks, setup_distributed
 from hpcdistill.train.ds_config import build_ds_config
 from hpcdistill.train.ema import WeightAverage
+from hpcdistill.train.metrics_log import MetricsLog
 from hpcdistill.train.resume import resume, resume_changes
 from hpcdistill.train.run_folder import RunFolder, use_weights_only_loads
 from hpcdistill.train.selection import selections_for
@@ -108,6 +110,21 @@ def build_teacher(cfg: Config, classes: list[str]) -> torch.nn.Module:
     return model
 
 
+class _SchedulerStartFilter(logging.Filter):
+    """DeepSpeed's warm-up scheduler reads its own learning rate while it is built, and warns that it is read
+    "before it has started" in every run: the rate it returns is the warm-up's start, as intended. Dropped, that
+    one message only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "before it has started" not in record.getMessage()
+
+
+def quiet_scheduler_start() -> None:
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _SchedulerStartFilter) for f in ds_logger.filters):
+        ds_logger.addFilter(_SchedulerStartFilter())
+
+
 class NullWriter:
     """TensorBoard stand-in for ranks other than 0: every call does nothing."""
 
@@ -119,20 +136,24 @@ def start_logging(trainer: Trainer, local_rank: int) -> None:
     """The budget line, TensorBoard (rank 0) and every rank's record of where it runs."""
     if trainer.rank == 0:
         say(trainer.plan.budget)
-    trainer.writer = build_writer(trainer.cfg, trainer.rank)
+    trainer.writer = build_writer(trainer.cfg, trainer.rank, trainer.state)
     ranks = record_ranks(trainer.cfg.run_dir, trainer.rank, trainer.world, local_rank)
     trainer.writer.add_text("ranks", ranks_markdown(ranks), trainer.state.global_step)
 
 
-def build_writer(cfg: Config, rank: int) -> Any:
-    if rank != 0 or not cfg.log.tensorboard:
+def build_writer(cfg: Config, rank: int, state: State) -> Any:
+    """Rank 0: TensorBoard (unless log.tensorboard is off) with every scalar also in metrics.jsonl; other ranks log
+    nothing."""
+    if rank != 0:
         return NullWriter()
-    from torch.utils.tensorboard import SummaryWriter
+    writer: Any = NullWriter()
+    if cfg.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(cfg.run_dir / "tb"))
-    text = "    " + json.dumps(cfg.to_dict(), indent=2).replace("\n", "\n    ")  # indented = markdown code block
-    writer.add_text("config", text, 0)
-    return writer
+        writer = SummaryWriter(str(cfg.run_dir / "tb"))
+        text = "    " + json.dumps(cfg.to_dict(), indent=2).replace("\n", "\n    ")  # indented = markdown code block
+        writer.add_text("config", text, 0)
+    return MetricsLog(writer, cfg.run_dir, state.global_step, lambda: state.epoch + 1)  # epochs as the lines count
 
 
 def skip_single_rank_allreduce(engine: Any, world: int) -> None:
@@ -168,6 +189,7 @@ def build_trainer(cfg: Config) -> Trainer:
     ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu", steps_per_epoch=plan.steps_per_epoch)
     model = build_student(cfg, plan.classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    quiet_scheduler_start()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     engine.module.to(memory_format=memory_format(cfg))  # after initialize: its broadcast views weights as bytes
     skip_single_rank_allreduce(engine, world)

@@ -23,6 +23,7 @@ from hpcdistill.common.console import say
 from hpcdistill.common.errors import TrainError
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
+from hpcdistill.common.progress import describe
 from hpcdistill.common.ranks import is_rank_zero
 from hpcdistill.common.signals import Interrupted, check_interrupted, deferred
 from hpcdistill.config.loading import load_config
@@ -40,6 +41,7 @@ from hpcdistill.train.data_plan import stream_spec
 from hpcdistill.train.distributed import barrier
 from hpcdistill.train.nonfinite_stop import check_finite
 from hpcdistill.train.state import Trainer, model_input, scalars
+from hpcdistill.train.step_logging import grad_norm, log_images, logs_next_step, logscalars, time_step
 from hpcdistill.train.validation import validate
 
 
@@ -79,6 +81,8 @@ def forward_backward_step(trainer: Trainer, batch: dict[str, Any]) -> dict[str, 
             f"smaller --max-size (tissues are cut into aligned windows) or lower train.micro_batch. "
             f"Last checkpoint: {state.last_ckpt or 'none'}"
         ) from None
+    if trainer.engine.is_gradient_accumulation_boundary() and logs_next_step(trainer):
+        state.meter["_grad_norm"] = grad_norm(trainer.engine.module)  # before the step consumes the gradients
     trainer.engine.step()
     return {k: v.detach().float() for k, v in losses.items()}
 
@@ -115,7 +119,7 @@ def train_epoch(trainer: Trainer) -> bool:
         total=trainer.plan.steps_per_epoch,
         initial=state.batch // accum,
         desc=f"epoch {state.epoch}",
-        disable=trainer.rank != 0 or not cfg.log.progress,
+        disable=trainer.rank != 0 or not cfg.log.progress or not sys.stderr.isatty(),  # bars only on a terminal
         leave=False,
         dynamic_ncols=True,
     )
@@ -126,11 +130,14 @@ def train_epoch(trainer: Trainer) -> bool:
         if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
             bar.close()
             return True
+        waited = time.perf_counter()
         batches = [finish_batch(next(loader), trainer.device, trainer.dtype) for _ in range(accum)]
         if first or (cfg.log.images_every and state.global_step % cfg.log.images_every == 0):
             log_images(trainer, batches[0])
             first = False
+        computed = time.perf_counter()
         losses = train_step(trainer, batches)
+        time_step(state.meter, computed - waited, time.perf_counter() - computed)
         images += sum(len(b["key"]) for b in batches) * trainer.world
         for meter in (state.meter, state.epoch_meter):  # since the last scalar log, and since the epoch began
             for k, v in [*losses.items(), ("_n", 1.0)]:
@@ -163,18 +170,22 @@ def report_progress(trainer: Trainer, phase: str) -> None:
     done = state.global_step - first_step
     elapsed = time.monotonic() - since
     eta = (total - state.global_step) * elapsed / done if done > 0 and phase != "done" else None
-    trainer.folder.write_progress(
-        {
-            "mode": trainer.cfg.train.mode,
-            "phase": phase,
-            "epoch": state.epoch,
-            "epochs": epoch_limit(trainer.cfg),
-            "step": state.global_step,
-            "steps": total,
-            "eta_s": eta,
-            "updated": time.time(),
-        }
-    )
+    progress = {
+        "mode": trainer.cfg.train.mode,
+        "phase": phase,
+        "epoch": state.epoch,
+        "epochs": epoch_limit(trainer.cfg),
+        "step": state.global_step,
+        "steps": total,
+        "eta_s": eta,
+        "updated": time.time(),
+    }
+    trainer.folder.write_progress(progress)
+    log = trainer.cfg.log
+    quiet_output = trainer.rank != 0 or not log.progress or sys.stderr.isatty()  # a terminal has the bar
+    if not quiet_output and phase == "train" and time.monotonic() - state.last_progress_line >= log.progress_every_s:
+        state.last_progress_line = time.monotonic()
+        say(f"{trainer.cfg.run.name}: {describe(progress)}")
 
 
 def checkpoint_time_due(trainer: Trainer) -> bool:
@@ -189,39 +200,6 @@ def checkpoint_time_due(trainer: Trainer) -> bool:
     flag = torch.tensor([float(due)], device=trainer.device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())
-
-
-def logscalars(trainer: Trainer, images_per_s: float) -> None:
-    state = trainer.state
-    n = state.meter.pop("_n", 1.0)
-    for k, v in state.meter.items():
-        trainer.writer.add_scalar(f"loss/{k}", v / n, state.global_step)
-    state.meter.clear()
-    trainer.writer.add_scalar("lr", trainer.engine.get_lr()[0], state.global_step)
-    trainer.writer.add_scalar("throughput/images_per_s", images_per_s, state.global_step)
-    if trainer.device.type == "cuda":  # peak since the last log: whole tissues vary, so the peak is what matters
-        trainer.writer.add_scalar(
-            "memory/peak_allocated_gib", torch.cuda.max_memory_allocated(trainer.device) / 2**30, state.global_step
-        )
-        torch.cuda.reset_peak_memory_stats(trainer.device)
-
-
-def log_images(trainer: Trainer, batch: dict[str, Any]) -> None:
-    """A few inputs, un-standardised: the teacher's at 10x (teacher mode, and beside the student's in distill), the
-    student's at its magnification. Non-finite images (bad manifest stats) are not logged: they draw nothing."""
-    if trainer.rank != 0:
-        return
-    n = trainer.cfg.log.num_images
-    role = "teacher" if trainer.cfg.train.mode == "teacher" else "student"
-    slots = [("x", role, trainer.cfg.model_mag)] + (
-        [("t", "teacher", trainer.cfg.data.teacher_mag)] if "t" in batch else []
-    )
-    for slot, who, mag in slots:
-        s = trainer.plan.stats[mag_name(mag)]
-        mean, std = torch.tensor(s["mean"]).view(1, 3, 1, 1), torch.tensor(s["std"]).view(1, 3, 1, 1)
-        images = batch[slot][:n].float().cpu() * std + mean
-        if torch.isfinite(images).all():
-            trainer.writer.add_images(f"inputs/{who}_{mag_name(mag)}", images.clamp(0, 1), trainer.state.global_step)
 
 
 def end_epoch(trainer: Trainer) -> None:

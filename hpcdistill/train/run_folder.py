@@ -7,6 +7,8 @@
     best.pt, last.pt                      exported weights (format and reader: models.export)
     config.yaml                           the resolved config the run uses (never values it ignores)
     progress.json                         epoch, step and ETA, for `hpcdistill status` and a local launch
+    metrics.jsonl                         every logged scalar, a line per log step and per validation (metrics_log)
+    tb/                                   TensorBoard's event files
 
 What goes into a checkpoint or an export is checkpointing.py's; which config changes a resume accepts, resume.py's.
 """

@@ -37,6 +37,7 @@ class State:
     teacher_val_bytes: int = 0
     epoch_meter: dict[str, float] = field(default_factory=dict)  # this epoch's training losses, for its val line
     meter: dict[str, float] = field(default_factory=dict)  # training losses since the last scalar log
+    last_progress_line: float = 0.0  # monotonic time of the last plain progress line (output not a terminal)
 
     def checkpoint_fields(self) -> dict[str, Any]:
         """The position and the stop rule's memory, as a checkpoint's client state stores them."""
@@ -68,7 +69,7 @@ class Trainer:
     teacher: torch.nn.Module | None  # frozen, distill mode only
     ema: WeightAverage | None  # train.ema_decay > 0
     plan: DataPlan
-    writer: Any  # TensorBoard's SummaryWriter on rank 0, a NullWriter elsewhere
+    writer: Any  # rank 0: TensorBoard's SummaryWriter inside a MetricsLog (metrics.jsonl); a NullWriter elsewhere
     dtype: torch.dtype
     folder: RunFolder
     state: State = field(default_factory=State)
