@@ -79,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse ends a `nargs="*"` positional at the first flag: `train c.yaml --overwrite data.mag=1.25` would
+    leave `data.mag=1.25` unrecognized. key=value words after a command's flags join its overrides; anything else
+    unrecognized is the usual one-line error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+        args.overrides += overrides
+        extra = [word for word in extra if word not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def cap_workers(args: argparse.Namespace) -> None:
     """--workers past the cores this process may use (its SLURM allocation or cgroup) only slows it down: capped,
     with a line. An array's --workers sizes each task on its node, so it is left as given."""
@@ -116,7 +130,7 @@ def reference_markdown() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     cap_workers(args)
     try:
         with interruptible():

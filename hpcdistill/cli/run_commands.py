@@ -19,6 +19,18 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.mag=1.25 train.lr=5e-4"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan and print only: the resolved config, the budget line and the run folder; writes nothing",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: remove the run folder's earlier checkpoints, exports, logs and eval/ first (= "
+        "run.resume=overwrite; not for a job that may be requeued, which would start over again)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines (= log.progress=false)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -27,9 +39,17 @@ def run_train(args: argparse.Namespace) -> int:
     Train from shards. Precedence: key=value overrides > CONFIG file (and its base:) > defaults. Single process
     as is; several ranks under `torchrun --nproc-per-node N -m hpcdistill train ...`.
     """
+    overrides = [*args.overrides]
+    overrides += ["run.resume=overwrite"] if args.overwrite else []  # the flags are config keys: one source
+    overrides += ["log.progress=false"] if args.no_progress else []
+    if args.dry_run:
+        from hpcdistill.train.dry_run import dry_run
+
+        print(dry_run(args.config, overrides))
+        return 0
     from hpcdistill.train.loop import main_train
 
-    return main_train([args.config, *args.overrides])
+    return main_train([args.config, *overrides])
 
 
 def add_evaluate(subparsers: argparse._SubParsersAction) -> None:

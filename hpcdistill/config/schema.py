@@ -69,7 +69,9 @@ class RunConfig:
     name: str = "{mode}-{mag}x"
     out_dir: str = "runs"
     seed: int = 0  # model init and every augmentation draw derive from it, so runs are reproducible
-    # "auto": latest complete checkpoint in the run dir; "never": refuse to reuse a run dir; or a checkpoint path
+    # "auto": latest complete checkpoint in the run dir; "never": refuse to reuse a run dir; "overwrite": start over,
+    # the run dir's earlier results (checkpoints, exports, logs, eval/) removed first (`train --overwrite`); or a
+    # checkpoint path
     resume: str = "auto"
 
 

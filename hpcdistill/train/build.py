@@ -20,7 +20,7 @@ from hpcdistill.models.export import load_exported
 from hpcdistill.models.inference import smallest_input
 from hpcdistill.train.budget import start_schedule
 from hpcdistill.train.data_plan import plan_data
-from hpcdistill.train.distributed import device_for, ranks_markdown, record_ranks, setup_distributed
+from hpcdistill.train.distributed import barrier, device_for, ranks_markdown, record_ranks, setup_distributed
 from hpcdistill.train.ds_config import build_ds_config
 from hpcdistill.train.ema import WeightAverage
 from hpcdistill.train.metrics_log import MetricsLog
@@ -174,6 +174,16 @@ def check_device_options(cfg: Config, device: torch.device) -> None:
         )
 
 
+def start_over(cfg: Config, folder: RunFolder) -> None:
+    """`run.resume: overwrite`: rank 0 removes the earlier run's results while every other rank waits."""
+    if folder.rank == 0:
+        inputs = [cfg.teacher.checkpoint, cfg.teacher.reference, cfg.model.init]
+        removed = folder.clear([str(resolve_path(i)) for i in inputs if i])
+        if removed:
+            say(f"{cfg.run_dir}: run.resume overwrite: removed the earlier run's {', '.join(removed)}")
+    barrier()
+
+
 def build_trainer(cfg: Config) -> Trainer:
     """Everything a run needs, resumed from its run folder as `run.resume` says. The config stored in the
     checkpoint is compared first, so a refused change stops before any model is built."""
@@ -181,11 +191,13 @@ def build_trainer(cfg: Config) -> Trainer:
     import deepspeed
 
     folder = RunFolder(cfg.run_dir, rank)
-    target = folder.resume_target(cfg.run.resume)
-    changes = resume_changes(cfg, folder, target)
     device = device_for(local)
     check_device_options(cfg, device)
     plan = plan_data(cfg, world)
+    if cfg.run.resume == "overwrite":  # after the checks that can refuse: a refused run removes nothing
+        start_over(cfg, folder)
+    target = folder.resume_target(cfg.run.resume)
+    changes = resume_changes(cfg, folder, target)
     ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu", steps_per_epoch=plan.steps_per_epoch)
     model = build_student(cfg, plan.classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]

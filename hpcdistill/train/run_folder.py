@@ -26,12 +26,28 @@ import yaml
 from hpcdistill.common.errors import RunFolderError, one_line
 from hpcdistill.common.files import atomic_output, atomic_write_json, atomic_write_text
 from hpcdistill.common.limits import regular_file
+from hpcdistill.common.output_folder import check_links, input_at
 from hpcdistill.common.progress import write_progress
 from hpcdistill.config.schema import resolve_path
 from hpcdistill.models.export import export_blob
 from hpcdistill.train.distributed import barrier
 
 COMPLETE = "COMPLETE"  # written after every rank finished a save: a checkpoint without it is never loaded
+# What a run (and `evaluate`'s default --out) writes in its folder: what `run.resume: overwrite` removes first. An
+# evaluation of the old weights beside new ones would describe a model that is no longer there.
+RUN_OUTPUTS = (
+    "checkpoints",
+    "best.pt",
+    "last.pt",
+    "last-ema.pt",
+    "best-*.pt",  # train.export_also's picks
+    "config.yaml",
+    "progress.json",
+    "metrics.jsonl",
+    "tb",
+    "ranks",
+    "eval",
+)
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed (ZeRO 0): module weights + client state, from rank 0
 
 
@@ -145,10 +161,29 @@ class RunFolder:
         barrier()
         return target
 
+    def clear(self, inputs: list[str]) -> list[str]:
+        """`run.resume: overwrite`: remove what earlier runs wrote here (RUN_OUTPUTS, never through a link that leaves
+        the folder), refused in one line where one of them holds an input of this run (`inputs`: its teacher or
+        initial weights). Returns the names removed."""
+        present = sorted({p.name for pattern in RUN_OUTPUTS for p in self.path.glob(pattern)})
+        check_links(self.path, present)
+        for name in present:
+            source = input_at(self.path / name, [i for i in inputs if i])
+            if source is not None:
+                raise RunFolderError(
+                    f"{source}: an input of this run, in {self.path / name} which --overwrite (run.resume: overwrite) "
+                    "would remove; move it out of the run folder first"
+                )
+        for name in present:
+            entry = self.path / name
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        return present
+
     def resume_target(self, how: str) -> Path | None:
-        """The checkpoint `run.resume` asks for: the newest complete one ("auto"), none ("never"), or a path."""
+        """The checkpoint `run.resume` asks for: the newest complete one ("auto"), none ("never", and "overwrite"
+        once `clear` has run), or a path."""
         found = self.complete_checkpoints()
-        if how == "never":
+        if how in ("never", "overwrite"):
             if found:
                 raise RunFolderError(
                     f"run.resume: never, but {self.checkpoints_dir} already holds checkpoints; "

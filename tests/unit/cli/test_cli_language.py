@@ -36,7 +36,7 @@ def test_no_parser_takes_an_abbreviated_flag(capsys):
 
 def test_every_dry_run_plans_and_prints_only():
     having = {name: options(p)["--dry-run"] for name, p in subcommands().items() if "--dry-run" in options(p)}
-    assert set(having) == {"shard", "predict", "launch"}
+    assert set(having) == {"shard", "predict", "launch", "train"}
     for name, action in having.items():
         assert action.help.startswith("plan and print only"), (name, action.help)
 

@@ -98,3 +98,35 @@ def test_the_confusion_image_names_the_classes_and_writes_the_counts():
     assert (few != many).any()  # same shares, different counts: the counts are drawn
     longer = confusion_image([[1, 0], [0, 1]], ["normal", "adenocarcinoma"])
     assert longer.shape[1] > few.shape[1]  # the names are drawn, so the margin follows them
+
+
+def test_train_dry_run_writes_nothing_and_overwrite_starts_over(tiny_dataset, tmp_path, capsys):
+    """`train --dry-run` prints the resolved config, the budget and what it would do with the run folder, writing
+    nothing; `--overwrite` removes the earlier run's results (a stale eval/ too) and trains afresh; `--no-progress`
+    is log.progress=false; a teacher inside the run folder is never removed."""
+    from hpcdistill.cli import main
+
+    path = cfg_for(tiny_dataset, tmp_path, "again", "baseline", 2.5, "data.epoch_samples=4").save(tmp_path / "c.yaml")
+    assert main.main(["train", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: auto" in out and "budget: 1 epochs x 2 optimizer steps" in out
+    assert f"run folder: {tmp_path / 'again'} (start)" in out and not (tmp_path / "again").exists()
+    assert main.main(["train", str(path), "--no-progress"]) == 0
+    (tmp_path / "again" / "eval").mkdir()
+    (tmp_path / "again" / "eval" / "test.json").write_text("{}")  # an evaluation of the weights about to go
+    assert main.main(["train", str(path), "--dry-run"]) == 0
+    assert "(resume from " in capsys.readouterr().out
+    assert main.main(["train", str(path), "--overwrite", "--dry-run"]) == 0
+    assert (
+        "(start over, removing the earlier run's best.pt, checkpoints, config.yaml, eval, " in capsys.readouterr().out
+    )
+    first = (tmp_path / "again" / "metrics.jsonl").read_text()
+    assert main.main(["train", str(path), "--overwrite"]) == 0
+    assert "removed the earlier run's best.pt" in capsys.readouterr().err
+    assert not (tmp_path / "again" / "eval").exists()
+    assert (tmp_path / "again" / "metrics.jsonl").read_text().count('"kind": "validation"') == first.count(
+        '"kind": "validation"'
+    )  # one run's lines, not two
+    teacher = tmp_path / "again" / "best.pt"
+    assert main.main(["train", str(path), "--overwrite", "train.mode=distill", f"teacher.checkpoint={teacher}"]) == 2
+    assert "an input of this run" in capsys.readouterr().err and teacher.is_file()
