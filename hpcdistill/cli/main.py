@@ -20,6 +20,7 @@ from hpcdistill.cli.shard_commands import add_shard, add_synth
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError, one_line
 from hpcdistill.common.limits import available_cores
+from hpcdistill.common.provenance import record_command
 from hpcdistill.common.signals import Interrupted, check_interrupted, interruptible
 
 PROG = "hpcdistill"
@@ -130,6 +131,7 @@ def reference_markdown() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    record_command([PROG, *(sys.argv[1:] if argv is None else argv)])  # what every provenance record names
     args = parse_command_line(build_parser(), argv)
     cap_workers(args)
     try:

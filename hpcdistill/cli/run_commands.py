@@ -163,12 +163,15 @@ def run_report(args: argparse.Namespace) -> int:
     """
     from hpcdistill.common.folder_lock import one_writer
     from hpcdistill.evaluate.report import load_results, write_report
+    from hpcdistill.evaluate.report_provenance import provenance_warning
     from hpcdistill.evaluate.report_units import absent_lines
 
     results = load_results(args.runs)
     replace_finished(args.out, ("report.md",), args.overwrite, tuple(args.runs))  # like every other command's --out
     for line in absent_lines(results):  # on the terminal too, never only inside the report
         say(line.removeprefix("- "))
+    if warning := provenance_warning(results):
+        say(f"{args.out}: {warning}")
     with one_writer(Path(args.out)):
         path = write_report(results, args.out)
     print(f"wrote {path}")

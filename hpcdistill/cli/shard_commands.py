@@ -40,6 +40,12 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
     defaults = ShardParams()
     p.add_argument("inputs", nargs="+", help="slide files, directories (searched recursively) or globs")
     p.add_argument("--out", required=True, help="output folder for shards, manifest.json and qc/")
+    p.add_argument(
+        "--name",
+        default="",
+        help="the dataset's name in reports, recorded in the manifest (default: the --out folder's name, or its "
+        "parent's when it is called shards)",
+    )
     p.add_argument("--labels", help="labels CSV with columns slide,patient,label,split")
     p.add_argument(
         "--mags",
@@ -179,6 +185,7 @@ def run_shard(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         strict=args.strict,
         progress=False if args.no_progress else None,
+        name=args.name,
     )
     return print_manifest(manifest, args.out)
 
@@ -195,6 +202,7 @@ def _shard_array(args: argparse.Namespace, params: Any) -> int:
         params=params,
         tasks=args.tasks,
         overwrite=args.overwrite and not args.dry_run,
+        name=args.name,
     )
     jobs = shard_jobs(plan, cluster_resources(args), args.workers, args.strict)
     if args.dry_run:

@@ -8,6 +8,8 @@ import threading
 import zlib
 from typing import Any
 
+from hpcdistill.common.provenance import current_command, record_command
+
 
 def master_port(job_id: str) -> int:
     """A port every task of one job agrees on, distinct for concurrent jobs (ids differ) on a shared node."""
@@ -28,10 +30,18 @@ class Resubmitting:
     resubmits the same callable; each task's work resumes from what it saved (checkpoints, journals) or, when it is
     idempotent, is redone whole. Requeues are bounded by the executor's max_num_timeout (`max_requeue`)."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Resubmitting:
+        # The command that launched it (`hpcdistill launch ...`), pickled with it: the job's provenance names it
+        # rather than submitit's own entry point.
+        task = super().__new__(cls)
+        task.launch_command = current_command()
+        return task
+
     def run(self) -> Any:
         raise NotImplementedError
 
     def __call__(self) -> Any:
+        record_command(getattr(self, "launch_command", None) or current_command())
         result = self.run()
         ignore_requeue_signal()
         return result

@@ -20,6 +20,7 @@ from hpcdistill.common.errors import EvaluationError
 from hpcdistill.common.files import atomic_output, atomic_write_json
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
+from hpcdistill.common.provenance import provenance
 from hpcdistill.data.streams import StreamSpec, make_loader
 from hpcdistill.evaluate.options import EvalOptions
 from hpcdistill.models.export import ExportedModel, load_exported
@@ -29,14 +30,8 @@ from hpcdistill.scoring.flops import flops_at_sizes
 from hpcdistill.scoring.method_labels import method_label
 from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, classification_metrics, kappa_weights_of
 from hpcdistill.scoring.unit_scores import say_unit_notes, score_unit
-from hpcdistill.shards.manifest import mag_stats, read_manifest, split_summary
+from hpcdistill.shards.manifest import dataset_name, mag_stats, read_manifest, split_summary
 from hpcdistill.shards.reader import resolve_sets
-
-
-def dataset_name(shards: str | Path) -> str:
-    """The shard folder's name, or its parent's when the folder is just called 'shards' (e.g. data/celiac/shards)."""
-    path = Path(shards).resolve()
-    return path.parent.name if path.name == "shards" else path.name
 
 
 def predict_split(
@@ -141,7 +136,7 @@ def evaluate_checkpoint(
         scores, by_unit = _unit_scores(
             labeled, manifest, exported.classes, o.units, o.slide_rule, bootstrap, str(checkpoint), kappa
         )
-        record = _record_head(exported, shards, o.split, labeled, checkpoint, o.method, o.study) | {
+        record = _record_head(exported, shards, o.split, labeled, checkpoint, o.method, o.study, manifest) | {
             "bootstrap": bootstrap,
             **_scores(labeled, len(exported.classes), bootstrap, kappa),
             "kappa_weights": kappa,
@@ -161,12 +156,13 @@ def _record_head(
     checkpoint: str | Path,
     method: str | None,
     study: str,
+    manifest: dict[str, Any],
 ) -> dict[str, Any]:
     """What was scored: the method, model, data and split."""
     return {
         "method": method or method_label(exported.config),
         "study": study,
-        "dataset": dataset_name(shards),
+        "dataset": dataset_name(shards, manifest),
         "seed": exported.config.get("run", {}).get("seed"),
         "mag": exported.mag,
         "split": split,
@@ -176,6 +172,8 @@ def _record_head(
         "checkpoint": str(checkpoint),
         "arch": exported.arch_kwargs,
         "val": exported.val,  # validation at the export's pick: the report sets each teacher's next to its students
+        "provenance": provenance(),  # how this evaluation was made
+        "model_provenance": exported.provenance,  # how the model was ({}: an export older than the record)
     }
 
 

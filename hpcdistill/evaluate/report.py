@@ -18,6 +18,7 @@ from hpcdistill.common.files import atomic_output, atomic_write_text, read_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.evaluate.comparisons import Comparison, format_difference, paired_comparisons
 from hpcdistill.evaluate.ordering import by_run, ordering_check
+from hpcdistill.evaluate.report_provenance import provenance_section
 from hpcdistill.evaluate.report_teachers import teachers_table
 from hpcdistill.evaluate.report_units import absent_lines, class_section, unit_section, warning_lines
 from hpcdistill.scoring.method_labels import ABLATION_ORDER, TEACHER, method_order
@@ -43,6 +44,8 @@ class EvalResult:
     units: dict = field(default_factory=dict, compare=False)  # unit -> its scores (evaluate.unit_scores), as recorded
     val_accuracy: float | None = None  # the export's validation accuracy at its pick (None: not recorded)
     kappa_weights: str = "unweighted"  # Cohen's kappa: quadratic where the run's classes are an ordered scale
+    provenance: dict = field(default_factory=dict, compare=False)  # how the evaluation was made ({}: older record)
+    model_provenance: dict = field(default_factory=dict, compare=False)  # how the model was
 
 
 def load_results(paths: list[str | Path]) -> list[EvalResult]:
@@ -91,6 +94,8 @@ def _read_result(path: Path) -> EvalResult:
             units=dict(record.get("units") or {}),
             val_accuracy=(record.get("val") or {}).get("accuracy"),
             kappa_weights=str(record.get("kappa_weights", "unweighted")),
+            provenance=dict(record.get("provenance") or {}),
+            model_provenance=dict(record.get("model_provenance") or {}),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise EvaluationError(f"{path}: not an evaluation record ({type(err).__name__}: {err})") from None
@@ -328,6 +333,7 @@ def write_report(results: list[EvalResult], out_dir: str | Path) -> Path:
             "(each seed's resampled differences concatenated).",
             seeds_table(main),
         ]
+    sections += provenance_section(results)
     sections.append("Sources: " + ", ".join(f"`{r.source}`" for r in results))
     path = out / "report.md"
     atomic_write_text(path, "\n\n".join(sections) + "\n")

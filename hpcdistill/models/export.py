@@ -33,11 +33,13 @@ def export_blob(
     source: str = "level0",
     val: dict[str, float] | None = None,
     seen: dict[str, list[str]] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The export of `module` (weights as float32 on the CPU); `global_step` tells a resume whether an export
         belongs to the trajectory it continues; `source`, where the training shards' crops came from; `val`, its
         validation metrics when it was picked (what the teacher gate reads); `seen`, the slides and patients it was
-    trained and validated on ({"slides": [...], "patients": [...]}: what scoring leaves out as not a test)."""
+    trained and validated on ({"slides": [...], "patients": [...]}: what scoring leaves out as not a test);
+    `provenance`, how it was made (common.provenance)."""
     return {
         "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()},
         "arch_kwargs": dict(module.arch_kwargs),
@@ -50,6 +52,7 @@ def export_blob(
         "source": source,
         "val": {k: float(v) for k, v in (val or {}).items()},
         "seen": {k: sorted(map(str, v)) for k, v in (seen or {}).items()},
+        "provenance": provenance or {},
     }
 
 
@@ -67,6 +70,7 @@ class ExportedModel:
     source: str = "level0"  # where its training crops came from (`shard --source`): what `predict` reads by default
     val: dict = field(default_factory=dict)  # validation metrics at the pick ({}: not recorded, an older export)
     seen: dict = field(default_factory=dict)  # {"slides", "patients"} it trained and validated on ({}: not recorded)
+    provenance: dict = field(default_factory=dict)  # how it was made (common.provenance; {}: an older export)
 
     @property
     def device(self) -> torch.device:
@@ -122,4 +126,5 @@ def load_exported(
         source=str(blob.get("source", "level0")),
         val={k: float(v) for k, v in (blob.get("val") or {}).items()},
         seen={k: set(v) for k, v in (blob.get("seen") or {}).items()},
+        provenance=dict(blob.get("provenance") or {}),
     )

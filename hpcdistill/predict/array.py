@@ -18,6 +18,7 @@ from hpcdistill.cluster.task_array import array_and_merge, balance, task_dir, ta
 from hpcdistill.common.errors import PredictionError
 from hpcdistill.common.files import atomic_write_bytes
 from hpcdistill.common.progress import write_progress
+from hpcdistill.common.provenance import provenance
 from hpcdistill.slides.catalog import check_slide_ids
 
 PART = "predictions.part.json"
@@ -150,6 +151,7 @@ def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
         by_slide.update({r["path"]: r for r in part["results"]})
     results = [by_slide[slide] for slide in plan.slides]
     summary["model"] = plan.model
+    summary["provenance"] = provenance()  # the merge wrote predictions.json; each task's part keeps its own
     cohort = None
     if plan.options.labels:  # torch-free planning; the labels are read, and the calls scored, here
         from hpcdistill.predict.cohort_scores import cohort_labels

@@ -23,6 +23,7 @@ from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError, NonFiniteOutputError, PredictionError, one_line
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
+from hpcdistill.common.provenance import provenance
 from hpcdistill.common.signals import check_interrupted
 from hpcdistill.models.export import ExportedModel, load_exported
 from hpcdistill.models.inference import model_outputs, pick_device, require_finite, standardise
@@ -294,6 +295,8 @@ def summarise(model_path: str | Path, exported: ExportedModel, options: PredictO
         "trained_on": exported.source,
         "model_seen": {k: sorted(v) for k, v in exported.seen.items()},  # its training and validation slides, patients
         "kappa_weights": kappa_weights_of(exported.config),
+        "provenance": provenance(),  # how this prediction was made (an array's merge: the task that wrote the part)
+        "model_provenance": exported.provenance,
     }
 
 

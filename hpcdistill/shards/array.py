@@ -22,7 +22,7 @@ from hpcdistill.common.files import atomic_write_bytes
 from hpcdistill.common.output_folder import check_links
 from hpcdistill.common.progress import write_progress
 from hpcdistill.shards.cut import SPOOL
-from hpcdistill.shards.manifest import MANIFEST, build_manifest
+from hpcdistill.shards.manifest import MANIFEST, build_manifest, default_dataset_name
 from hpcdistill.shards.plan import ShardParams, SlideJob, make_plan, params_fingerprint, shard_inputs
 from hpcdistill.shards.writer import (
     JOURNAL,
@@ -84,6 +84,7 @@ class ShardArrayPlan:
     assignment: list[list[int]]  # job indices per task, in plan order
     weights: list[float]
     basis: str  # what the weights are
+    name: str = ""  # the dataset's name in reports (shard --name; "": the folder's)
 
     @property
     def tasks(self) -> int:
@@ -116,6 +117,7 @@ def plan_array(
     params: ShardParams,
     tasks: int,
     overwrite: bool = False,
+    name: str = "",
 ) -> ShardArrayPlan:
     """The plan of an array run into `out`. Refuses a folder holding a single-process run in progress, or an array
     run with another task count or assignment (rerun it the same way, or --overwrite)."""
@@ -142,6 +144,7 @@ def plan_array(
         balance(weights, tasks),
         weights,
         basis,
+        name,
     )
     for stale in sorted((out / TASKS).glob("t[0-9][0-9][0-9]")) if (out / TASKS).is_dir() else []:
         index = int(stale.name[1:])
@@ -238,7 +241,8 @@ def merge_parts(plan: ShardArrayPlan, strict: bool) -> dict[str, Any]:
     missing = [job.slide for job in plan.jobs if job.slide not in records]
     if missing:
         raise ShardingError(f"{out}: the tasks' records lack {len(missing)} slide(s) (first: {missing[0]})")
-    manifest = build_manifest(plan.params, plan.fingerprint, plan.classes, plan.jobs, records, shards)
+    name = plan.name or default_dataset_name(out)
+    manifest = build_manifest(plan.params, plan.fingerprint, plan.classes, plan.jobs, records, shards, name)
     atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
     check_skipped(out, manifest, strict)
     return {"manifest": str(out / MANIFEST), "samples": {k: v["samples"] for k, v in manifest["splits"].items()}}

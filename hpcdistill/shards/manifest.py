@@ -13,6 +13,7 @@ import hpcdistill
 from hpcdistill.common.errors import DataError
 from hpcdistill.common.files import read_json
 from hpcdistill.common.mags import mag_name
+from hpcdistill.common.provenance import provenance
 
 MANIFEST = "manifest.json"
 
@@ -75,6 +76,18 @@ def _check_shard_entry(folder: Path, where: Path, split: str, name: Any, recorde
 def shard_source(manifest: dict[str, Any]) -> str:
     """Where the shards' crops were cut from: "level0" or "pyramid" (`shard --source`)."""
     return manifest.get("source") or (manifest.get("params") or {}).get("source", "level0")
+
+
+def default_dataset_name(shards_dir: str | Path) -> str:
+    """A shard folder's dataset name when `shard --name` gives none: the folder's name, or its parent's when the
+    folder is just called 'shards' (e.g. data/celiac/shards -> celiac)."""
+    path = Path(shards_dir).resolve()
+    return path.parent.name if path.name == "shards" else path.name
+
+
+def dataset_name(shards_dir: str | Path, manifest: dict[str, Any]) -> str:
+    """The name the manifest records (given at sharding), else the folder's (a manifest older than the record)."""
+    return str(manifest.get("name") or default_dataset_name(shards_dir))
 
 
 def manifest_digest(shards_dir: str | Path) -> str | None:
@@ -179,8 +192,10 @@ def build_manifest(
     jobs: list[Any],
     records: dict[str, dict],
     shards: dict[str, dict],
+    name: str,
 ) -> dict[str, Any]:
-    """The manifest of a finished sharding run, from each slide's record (in plan order) and the written shards."""
+    """The manifest of a finished sharding run, from each slide's record (in plan order) and the written shards;
+    `name`, the dataset's (shard --name, default_dataset_name)."""
     mags = [mag_name(m) for m in params.mags]
     splits: dict[str, dict[str, Any]] = {}
     sums = {m: np.zeros(7) for m in mags}
@@ -200,13 +215,15 @@ def build_manifest(
         for sample_sizes in rec["sizes"]:
             for m in mags:
                 sizes[m].append(sample_sizes[m])
-    for name, shard in sorted(shards.items()):
-        splits.setdefault(shard["split"], _empty_split(classes))["shards"].append(name)
+    for shard_name, shard in sorted(shards.items()):
+        splits.setdefault(shard["split"], _empty_split(classes))["shards"].append(shard_name)
     for entry in splits.values():
         entry["patients"] = len(entry["patients"])
     return {
         "tool": "hpcdistill",
         "version": hpcdistill.__version__,
+        "name": name,  # the dataset's name in reports, wherever the folder is copied or whatever it is called
+        "provenance": provenance(),
         "params": fingerprint,
         "mags": [float(m) for m in params.mags],
         "image_format": params.image_format,

@@ -25,7 +25,7 @@ from hpcdistill.common.files import atomic_write_bytes, atomic_write_json
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.signals import Interrupted, check_interrupted, ignore_interrupts
 from hpcdistill.shards.cut import SPOOL, SlideResult, preview_slide, shard_slide
-from hpcdistill.shards.manifest import MANIFEST, build_manifest
+from hpcdistill.shards.manifest import MANIFEST, build_manifest, default_dataset_name
 from hpcdistill.shards.plan import ShardParams, SlideJob, make_plan, params_fingerprint, shard_inputs
 from hpcdistill.shards.writer import (
     JOURNAL,
@@ -220,9 +220,11 @@ def run_sharding(
     overwrite: bool = False,
     strict: bool = False,
     progress: bool | None = None,
+    name: str = "",
 ) -> dict[str, Any]:
     """Shard slides into `out`; returns the manifest. Raises ShardingError when nothing could be sharded or,
-    under `strict`, when any slide was skipped (after writing everything that could be written)."""
+    under `strict`, when any slide was skipped (after writing everything that could be written). `name`: the
+    dataset's name in reports (default: the folder's)."""
     params = params or ShardParams()
     out = Path(out)
     slide_paths = collect_slides(inputs)
@@ -232,7 +234,9 @@ def run_sharding(
     with one_writer(out):
         inputs = shard_inputs(slide_paths, labels_csv, params) if overwrite else []
         journal, finished = prepare_output(out, fingerprint, overwrite, inputs)
-        return _shard_into(out, jobs, classes, params, fingerprint, (journal, finished), workers, strict, progress)
+        earlier = (journal, finished)
+        name = name or default_dataset_name(out)
+        return _shard_into(out, jobs, classes, params, fingerprint, earlier, workers, strict, progress, name)
 
 
 def _shard_into(
@@ -245,6 +249,7 @@ def _shard_into(
     workers: int,
     strict: bool,
     progress: bool | None,
+    name: str,
 ) -> dict[str, Any]:
     """run_sharding's work, once the folder is held and checked (`earlier`: the journal to resume, or the finished
     manifest)."""
@@ -257,9 +262,8 @@ def _shard_into(
         write_slides(
             out, writer, jobs, params, workers, progress, out / SPOOL, lambda: remove_partial_files(out, out / SPOOL)
         )
-        manifest = build_manifest(
-            params, fingerprint, classes, jobs, writer.journal["slides"], writer.journal["shards"]
-        )
+        slides, shards = writer.journal["slides"], writer.journal["shards"]
+        manifest = build_manifest(params, fingerprint, classes, jobs, slides, shards, name)
         try:
             atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
         except OSError as exc:

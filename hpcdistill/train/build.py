@@ -234,4 +234,5 @@ def build_trainer(cfg: Config) -> Trainer:
         start_schedule(engine)
     start_logging(trainer, local)
     folder.write_config(cfg.to_dict())  # only now: a refused resume leaves the run's config.yaml as it was
+    folder.write_provenance()
     return trainer

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from hpcdistill.common.mags import mag_name
+from hpcdistill.common.provenance import provenance
 from hpcdistill.shards.manifest import shard_source
 from hpcdistill.slides.windows import DEFAULT_WINDOWING
 from hpcdistill.train.selection import Selection, uses_ema
@@ -26,6 +27,7 @@ def save_checkpoint(trainer: Trainer) -> str:
         "manifest_sha256": trainer.plan.manifest_sha256,  # the data's identity, whatever path it is read from
         "world": trainer.world,  # a mid-epoch position is per rank: another world size would skip or repeat samples
         "per_rank": trainer.plan.per_rank,  # the epoch's size: a resume mid-epoch must cut the epoch the same way
+        "provenance": provenance(),
     }
     if trainer.ema is not None:
         client["ema"] = trainer.ema.state_dict()
@@ -56,6 +58,7 @@ def export_weights(trainer: Trainer, name: str, ema: bool = False, val: dict[str
         source=shard_source(trainer.plan.manifest),
         val=scalars(trainer.state.last_val) if val is None else val,
         seen=seen_units(trainer.plan.manifest),
+        provenance=provenance(),
     )
 
 

@@ -6,6 +6,7 @@
                                           an older checkpoint): never resumed from
     best.pt, last.pt                      exported weights (format and reader: models.export)
     config.yaml                           the resolved config the run uses (never values it ignores)
+    provenance.json                       how this start was made: versions, commit, host, command, SLURM ids
     progress.json                         epoch, step and ETA, for `hpcdistill status` and a local launch
     metrics.jsonl                         every logged scalar, a line per log step and per validation (metrics_log)
     tb/                                   TensorBoard's event files
@@ -28,6 +29,7 @@ from hpcdistill.common.files import atomic_output, atomic_write_json, atomic_wri
 from hpcdistill.common.limits import regular_file
 from hpcdistill.common.output_folder import check_links, input_at
 from hpcdistill.common.progress import write_progress
+from hpcdistill.common.provenance import PROVENANCE, provenance
 from hpcdistill.config.schema import resolve_path
 from hpcdistill.models.export import export_blob
 from hpcdistill.train.distributed import barrier
@@ -42,6 +44,7 @@ RUN_OUTPUTS = (
     "last-ema.pt",
     "best-*.pt",  # train.export_also's picks
     "config.yaml",
+    "provenance.json",
     "progress.json",
     "metrics.jsonl",
     "tb",
@@ -233,6 +236,12 @@ class RunFolder:
         return moved
 
     # ------------------------------------------------------------------------------------------- exports
+    def write_provenance(self) -> None:
+        """provenance.json: how this start of the run was made (each restart after a requeue rewrites it; every
+        checkpoint and export keeps the record of the process that wrote it)."""
+        if self.rank == 0:
+            atomic_write_json(self.path / PROVENANCE, provenance(), indent=1)
+
     def write_export(self, name: str, module: torch.nn.Module, **fields: Any) -> Path:
         """The export (models.export's format: `export_blob`'s `fields`), written atomically by rank 0."""
         path = self.path / name

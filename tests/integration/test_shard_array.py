@@ -69,6 +69,7 @@ def without_shard_names(manifest: dict) -> dict:
         split.pop("shards")
     manifest["params"].pop("shard_max_samples")
     manifest.pop("files")  # each tar's size and count, under its name: the same samples in other tars
+    manifest.pop("provenance")  # the command line, host and time that made each
     return manifest
 
 
