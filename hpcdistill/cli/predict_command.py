@@ -47,7 +47,12 @@ def _predict_array(args: argparse.Namespace, slides: list[Path]) -> dict[str, An
     options = check_options(_predict_options(args), exported.classes)  # before anything is queued
     announce(args.model, exported, options)
     plan = plan_predictions(args.model, slides, args.out, args.tasks, options, args.device)
-    if run_array(f"predict-{Path(args.out).name}", args.out, predict_jobs(plan, cluster_resources(args)), args) is None:
+    if (
+        run_array(
+            f"predict-{Path(args.out).name}", args.out, predict_jobs(plan, cluster_resources(args, "predict")), args
+        )
+        is None
+    ):
         return None
     merged = json.loads((Path(args.out) / "predictions.json").read_text())
     for note in merged.get("notes", []):  # said in the merge job's log; said here where the user reads

@@ -204,7 +204,7 @@ def _shard_array(args: argparse.Namespace, params: Any) -> int:
         overwrite=args.overwrite and not args.dry_run,
         name=args.name,
     )
-    jobs = shard_jobs(plan, cluster_resources(args), args.workers, args.strict)
+    jobs = shard_jobs(plan, cluster_resources(args, "shard"), args.workers, args.strict)
     if args.dry_run:
         print(describe_plan(plan))
     if not jobs:

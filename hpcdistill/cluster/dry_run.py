@@ -21,8 +21,9 @@ def render_dry_run(name: str, exp_dir: Path, jobs: list[JobPlan]) -> str:
         lines.append(f"{job.key:<12} {what}  <- {dep}")
         lines += [f"{'':<12} gate: {job.gate}"] if job.gate else []
     folder = Path(exp_dir) / "slurm" / "<launch>" / "%j"
-    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     for job in jobs:
+        python = job.resources.python or shlex.quote(sys.executable)  # submitit's command: the job's interpreter
+        command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
         params = slurm_parameters(job, name, dependency_string(job, ids))
         lines += [
             "",

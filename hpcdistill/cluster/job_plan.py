@@ -29,6 +29,10 @@ class Resources:
     signal_delay_s: int = 120  # SLURM signals the job this long before its time limit, to requeue it
     setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. "module load cuda"
     sbatch: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {exclusive: true}
+    # The job's Python: a path, or a shell command that runs one, e.g. "apptainer exec --nv image.sif python" or
+    # "conda run --no-capture-output -n hpcdistill python" (the image or environment holds hpcdistill and shares the
+    # experiment's filesystem); None: the interpreter that launches.
+    python: str | None = None
 
     @property
     def tasks(self) -> int:
@@ -119,7 +123,13 @@ def slurm_parameters(job: JobPlan, name: str, dependency: str | None) -> dict[st
         "cpus_per_task": r.cpus_per_task,
         "mem": f"{int(r.mem_gb)}GB" if r.mem_gb == int(r.mem_gb) else f"{int(r.mem_gb * 1024)}MB",
         "signal_delay_s": r.signal_delay_s,
-        "additional_parameters": {"kill-on-invalid-dep": "yes", **r.sbatch},
+        # --requeue: the tasks requeue themselves on a time limit or preemption (submitit's scontrol requeue), which a
+        # site with JobRequeue=0 refuses for jobs that did not ask (slurm/README.md); sbatch: {requeue: false} drops it
+        "additional_parameters": {
+            "kill-on-invalid-dep": "yes",
+            **({"requeue": True} if r.max_requeue else {}),
+            **r.sbatch,
+        },
     }
     if r.gpus_per_node:
         params["gpus_per_node"] = r.gpus_per_node

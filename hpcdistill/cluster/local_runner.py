@@ -48,7 +48,7 @@ class LocalRunner:
             if cluster == "debug":
                 self.executors[job.key] = submitit.DebugExecutor(folder=folder / "%j")
             else:
-                ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=r.max_requeue)
+                ex = submitit.LocalExecutor(folder=folder / "%j", max_num_timeout=r.max_requeue, python=r.python)
                 ex.update_parameters(
                     timeout_min=r.timeout_min,
                     tasks_per_node=r.tasks,

@@ -86,7 +86,8 @@ def _submit_slurm(name: str, jobs: list[JobPlan], folder: Path, record: dict[str
     submitted = []
     for job in jobs:
         dependency = dependency_string(job, ids)
-        ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=job.resources.max_requeue)
+        r = job.resources
+        ex = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=r.max_requeue, python=r.python)
         try:
             ex.update_parameters(**slurm_parameters(job, name, dependency))
             fns = job.callables

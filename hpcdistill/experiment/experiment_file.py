@@ -17,7 +17,7 @@ from hpcdistill.common.mags import parse_mag
 from hpcdistill.common.typed_tree import build_dataclass, merge_dicts, read_yaml, short
 from hpcdistill.config.schema import REPO_ROOT, resolve_path
 
-RESERVED_KINDS = ("default", "teacher", "evaluate", "shard", "merge")  # job kinds that are not methods
+RESERVED_KINDS = ("default", "teacher", "evaluate", "shard", "predict", "merge")  # job kinds that are not methods
 
 
 @dataclass
@@ -201,15 +201,35 @@ def _parse_resources(raw: Any, methods: list[str]) -> dict[str, Resources]:
         if kind != "default" and kind not in raw:
             continue
         merged = merge_dicts(default_raw, raw.get(kind) or {}) if kind != "default" else dict(default_raw)
-        prefix = f"resources.{kind}."
-        sbatch = merged.pop("sbatch", None) or {}
-        res: Resources = build_dataclass(Resources, merged, prefix)
-        if not isinstance(sbatch, dict) or any(isinstance(v, (dict, list)) for v in sbatch.values()):
-            raise ConfigError(f"{prefix}sbatch: expected a mapping of sbatch options to values, got {short(sbatch)}")
-        res.sbatch = dict(sbatch)
-        check_resources(res, prefix)
-        out[kind] = res
+        out[kind] = resources_from_mapping(merged, f"resources.{kind}.")
     return out
+
+
+def resources_from_mapping(merged: dict[str, Any], prefix: str) -> Resources:
+    """One job kind's Resources from its merged mapping, every key typed and checked (errors name `prefix`key)."""
+    merged = dict(merged)
+    sbatch = merged.pop("sbatch", None) or {}
+    res: Resources = build_dataclass(Resources, merged, prefix)
+    if not isinstance(sbatch, dict) or any(isinstance(v, (dict, list)) for v in sbatch.values()):
+        raise ConfigError(f"{prefix}sbatch: expected a mapping of sbatch options to values, got {short(sbatch)}")
+    res.sbatch = dict(sbatch)
+    check_resources(res, prefix)
+    return res
+
+
+def resources_block(path: str | Path, kind: str) -> dict[str, Any]:
+    """What `shard|predict --cluster --resources FILE` reads: an experiment file's resources.<kind> over its
+    resources.default (the same block `launch` uses), or a file holding one block of those keys."""
+    try:
+        raw = read_yaml(Path(path), ())
+    except ConfigError as err:
+        raise LaunchError(str(err)) from None
+    if "resources" not in raw:
+        return dict(raw)
+    block = raw["resources"] or {}
+    if not isinstance(block, dict):
+        raise LaunchError(f"{path}: resources: expected a mapping of job kinds, got {short(block)}")
+    return merge_dicts(block.get("default") or {}, block.get(kind) or {})
 
 
 def _locate(path: str, base: Path, *, must_exist: bool = True, key: str = "") -> Path:

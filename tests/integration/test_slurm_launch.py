@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +28,13 @@ REPO = Path(__file__).resolve().parents[2]
 def slurm_experiment(slurm_cluster, launch_shards, tmp_path_factory):
     """Teacher on 2 ranks -> a KD array over 2 magnifications -> evaluation + report, on the real local SLURM."""
     tmp = tmp_path_factory.mktemp("slurm-e2e")
-    methods = {"kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": TINY}}
-    resources = {"default": CPU, "teacher": {"tasks_per_node": 2}}
+    with_progress = [o for o in TINY if o != "log.progress=false"]  # what a user's run has: no bar may reach .out
+    methods = {"kd": {"config": "configs/demo/distill.yaml", "label": "KD", "overrides": with_progress}}
+    # the jobs' Python through a wrapper standing in for `apptainer exec image.sif python`: it notes each start
+    wrapper = tmp / "container-python"
+    wrapper.write_text(f'#!/bin/sh\necho "$SLURM_JOB_ID" >> {tmp / "wrapper.log"}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    resources = {"default": dict(CPU, python=str(wrapper)), "teacher": {"tasks_per_node": 2}}
     path = tiny_experiment(tmp, launch_shards, "e2e", methods, resources=resources)
     t0 = time.monotonic()
     record = launch_experiment(path, cluster="slurm", wait=True, wait_timeout_s=240)
@@ -56,7 +62,30 @@ def test_slurm_experiment_end_to_end(slurm_experiment, small_dataset):
     assert Path(kd["tasks"][1]["stdout"]).is_file() and f"{kd['slurm_id']}_1" in kd["tasks"][1]["stdout"]
     rows = experiment_status(exp_dir)
     assert [r["state"] for r in rows] == ["COMPLETED"] * 4
+    check_production_outputs(record, exp_dir)
     print(f"end-to-end experiment on SLURM: {seconds:.0f}s")
+
+
+def check_production_outputs(record: dict, exp_dir: Path) -> None:
+    """Every job ran its Python through the wrapper given as the interpreter; the run folder, its export, the
+    evaluation and the report record how they were made (with the SLURM job); metrics.jsonl is written; the jobs'
+    .out files hold plain lines, never a redrawn progress bar."""
+    import torch
+
+    started = (exp_dir.parents[1] / "wrapper.log").read_text().split()
+    assert {j["slurm_id"] for j in record["jobs"]} <= set(started)
+    kd = next(j for j in record["jobs"] if j["key"] == "kd")
+    run = exp_dir / "kd-2.5x"
+    in_folder = json.loads((run / "provenance.json").read_text())
+    assert in_folder["slurm"]["array_job"] == kd["slurm_id"] and "launch" in in_folder["command"]
+    assert torch.load(run / "best.pt", weights_only=True)["provenance"]["slurm"]["array_job"] == kd["slurm_id"]
+    evaluation = json.loads((run / "eval" / "test.json").read_text())
+    assert evaluation["provenance"]["slurm"] and evaluation["model_provenance"]["git"] == in_folder["git"]
+    assert "## How these results were made" in (exp_dir / "report" / "report.md").read_text()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in lines} == {"train", "validation"}
+    logs = Path(kd["tasks"][1]["stdout"]).read_text() + Path(kd["tasks"][1]["stderr"]).read_text()
+    assert "\r" not in logs and "it/s]" not in logs and "kd-2.5x: epoch 1/1, step 0/" in logs
 
 
 @pytest.mark.slurm
