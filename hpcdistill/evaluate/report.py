@@ -196,7 +196,7 @@ def paired_table(comparisons: list[Comparison]) -> str:
             "Mag",
             "Comparison",
             "Seeds",
-            "Δ Accuracy (95% paired CI)",
+            "Δ OvR accuracy (paper) (95% paired CI)",
             "Δ F1 (95% paired CI)",
             "P(Δ acc ≤ 0)",
             "Significant",
