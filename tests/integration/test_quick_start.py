@@ -57,6 +57,7 @@ def test_the_quick_start_runs_as_written_to_a_heat_map(tmp_path):
     ]  # fmt: skip
     predictions = json.loads((tmp_path / "predictions" / "predictions.json").read_text())
     slides = [s for s in predictions["slides"] if s["status"] == "ok"]
-    assert len(slides) == 42 and all(Path(s["heatmap"]).is_file() for s in slides)
+    written = (tmp_path / "slides" / "labels.csv").read_text().splitlines()[1:]  # every slide synth wrote
+    assert len(slides) == len(written) >= 42 and all(Path(s["heatmap"]).is_file() for s in slides)
     assert not predictions["notes"]  # no collapsed calls
     assert list((tmp_path / "predictions" / "geojson").glob("*.geojson"))
