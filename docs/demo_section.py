@@ -39,6 +39,13 @@ def _slide_table(results: list) -> str:
     return f"{title}\n\n" + (methods_table(slides, metrics=UNIT_METRICS) if slides else "_not evaluated by slide_")
 
 
+def made_with(m: dict[str, Any], v: dict[str, str]) -> str:
+    """The block's last line: Python, the OS, the CPU's vector instruction sets and the pinned versions."""
+    isa = f" (CPU vector ISA {m['isa']}: {' '.join(m['isa_flags'])})" if "isa" in m else ""
+    versions = ", ".join(f"{k} {val}" for k, val in v.items())
+    return f"Made with Python {m['python']} on {m['os']}{isa}; {versions} (the versions `constraints.txt` pins)."
+
+
 def render_section(record: dict[str, Any], figure: str) -> str:
     """The README's demo results from a demo record and its run's evaluation records."""
     from hpcdistill.evaluate.report import load_results, methods_table, teacher_table
@@ -84,11 +91,7 @@ def render_section(record: dict[str, Any], figure: str) -> str:
             "",
             f"![Figure 3 layout: accuracy against GFLOPs, from the same run]({figure})",
             "",
-            f"Made with Python {m['python']} on {m['os']}"
-            + (f" (CPU vector ISA {m['isa']}: {' '.join(m['isa_flags'])})" if "isa" in m else "")
-            + "; "
-            + ", ".join(f"{k} {val}" for k, val in v.items())
-            + " (the versions `constraints.txt` pins).",
+            made_with(m, v),
         ]
     )
 

@@ -3,8 +3,10 @@ resume, a preemption, a training rank killed, a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,10 +139,34 @@ def test_slurm_time_limit_requeues_resumes_and_bounds_the_requeues(slurm_cluster
     assert runs[1][-1] > start + every  # the second run made progress of its own before its signal
 
 
+@contextlib.contextmanager
+def slurm_setting(key: str, value: str):
+    """The running local cluster with `key=value` in its slurm.conf (scontrol reconfigure), restored after."""
+    conf = Path(os.environ["SLURM_CONF"])
+    before = conf.read_text()
+    conf.write_text(re.sub(rf"^{key}=.*$", f"{key}={value}", before, flags=re.M))
+    try:
+        subprocess.run(["scontrol", "reconfigure"], check=True, capture_output=True, timeout=60)
+        shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+        assert re.search(rf"^{key}\s*=\s*{value}$", shown, re.M), f"{key} is not {value} after reconfigure"
+        yield
+    finally:
+        conf.write_text(before)
+        subprocess.run(["scontrol", "reconfigure"], check=True, capture_output=True, timeout=60)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, launch_shards, tmp_path):
+@pytest.mark.parametrize("job_requeue", ["1", "0"])
+def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, launch_shards, tmp_path, job_requeue):
+    """JobRequeue=0 (a site's default that makes jobs not requeueable unless they ask): the generated script asks
+    (--requeue), so the preempted job is requeued and resumes there too."""
+    with slurm_setting("JobRequeue", job_requeue):
+        preempt_and_resume(launch_shards, tmp_path)
+
+
+def preempt_and_resume(launch_shards: Path, tmp_path: Path) -> None:
     # Preemption with PreemptMode=REQUEUE kills the job and queues it again, with no signal to catch first:
     # `scontrol requeue` does exactly that, here as soon as the first checkpoint is complete. The rerun resumes.
     # On the small real shards a step takes ~10 ms on one core: the first checkpoint comes ~1.5 s into training,
@@ -171,6 +197,8 @@ def test_slurm_preempted_job_resumes_and_completes(slurm_cluster, launch_shards,
     task = record["jobs"][0]["tasks"][0]
     assert task["result"]["global_step"] == steps and not task["result"]["stopped_early"]
     assert final_history(job_id) == ["REQUEUED", "COMPLETED"]
+    script = next((exp_dir / "slurm").glob("*/*/*_submission.sh")).read_text()
+    assert "#SBATCH --requeue" in script
     _, runs = check_resumed_runs(task, every, runs_expected=2)
     assert sorted(set(s for run in runs for s in run)) == list(range(1, steps + 1))
 
