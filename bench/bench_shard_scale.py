@@ -96,7 +96,7 @@ def measure_merge(slides: int, samples_per_slide: int) -> float:
         }
     text = json.dumps(records)
     start = time.perf_counter()
-    build_manifest(params, {"params": "x"}, ["a"], jobs, json.loads(text), {})
+    build_manifest(params, {"params": "x"}, ["a"], jobs, json.loads(text), {}, "bench")
     return time.perf_counter() - start
 
 

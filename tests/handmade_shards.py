@@ -107,7 +107,7 @@ def write_handmade_shards(out: Path, shards: dict[str, list[list[dict]]], mags=(
             }
     jobs.sort(key=lambda j: j.slide)
     fingerprint = params_fingerprint(params, [Path(j.path) for j in jobs], None)
-    manifest = build_manifest(params, fingerprint, CLASSES, jobs, records, written)
+    manifest = build_manifest(params, fingerprint, CLASSES, jobs, records, written, out.name)
     atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return out
 

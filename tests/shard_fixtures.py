@@ -139,3 +139,9 @@ def inject_full_disk(monkeypatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tissue, "write_qc_png", write_until_full)
+
+
+def data_part(manifest: dict) -> dict:
+    """A manifest without what says how and where it was made (its provenance, the folder's name): what two runs
+    over the same inputs must agree on."""
+    return {k: v for k, v in manifest.items() if k not in ("provenance", "name")}

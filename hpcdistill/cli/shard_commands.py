@@ -40,12 +40,6 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
     defaults = ShardParams()
     p.add_argument("inputs", nargs="+", help="slide files, directories (searched recursively) or globs")
     p.add_argument("--out", required=True, help="output folder for shards, manifest.json and qc/")
-    p.add_argument(
-        "--name",
-        default="",
-        help="the dataset's name in reports, recorded in the manifest (default: the --out folder's name, or its "
-        "parent's when it is called shards)",
-    )
     p.add_argument("--labels", help="labels CSV with columns slide,patient,label,split")
     p.add_argument(
         "--mags",
@@ -124,6 +118,12 @@ def _add_output_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
         help="class order (= label ids), e.g. normal,duodenitis,celiac (default: labels sorted)",
     )
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the patient-level split assignment")
+    p.add_argument(
+        "--name",
+        default="",
+        help="the dataset's name in reports, recorded in the manifest (default: the --out folder's name, or its "
+        "parent's when it is called shards)",
+    )
     add_output_flags(p, "slides cut in parallel (processes)")
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any slide is skipped")
     p.add_argument(

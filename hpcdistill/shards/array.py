@@ -135,17 +135,8 @@ def plan_array(
             f"{out}: holds a single-process run in progress ({JOURNAL}); rerun it without --cluster, or use --overwrite"
         )
     weights, basis = slide_weights(jobs, out)
-    plan = ShardArrayPlan(
-        str(out),
-        params,
-        params_fingerprint(params, slide_paths, labels_csv),
-        classes,
-        jobs,
-        balance(weights, tasks),
-        weights,
-        basis,
-        name,
-    )
+    fingerprint = params_fingerprint(params, slide_paths, labels_csv)
+    plan = ShardArrayPlan(str(out), params, fingerprint, classes, jobs, balance(weights, tasks), weights, basis, name)
     for stale in sorted((out / TASKS).glob("t[0-9][0-9][0-9]")) if (out / TASKS).is_dir() else []:
         index = int(stale.name[1:])
         for name in (PART, JOURNAL):

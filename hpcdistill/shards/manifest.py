@@ -196,25 +196,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The manifest of a finished sharding run, from each slide's record (in plan order) and the written shards;
     `name`, the dataset's (shard --name, default_dataset_name)."""
-    mags = [mag_name(m) for m in params.mags]
-    splits: dict[str, dict[str, Any]] = {}
-    sums = {m: np.zeros(7) for m in mags}
-    sizes: dict[str, list[list[int]]] = {m: [] for m in mags}
-    for job in jobs:
-        rec = records[job.slide]
-        if rec["status"] != "ok":
-            continue
-        entry = splits.setdefault(rec["split"], _empty_split(classes))
-        entry["samples"] += rec["samples"]
-        entry["tissues"] += len(rec["sample_tissues"])
-        entry["slides"] += 1
-        entry["patients"].add(rec["patient"])
-        _count_labels(entry["class_histogram"], rec)
-        for m, values in rec["pixel_sums"].items():
-            sums[m] += np.asarray(values)
-        for sample_sizes in rec["sizes"]:
-            for m in mags:
-                sizes[m].append(sample_sizes[m])
+    splits, sums, sizes = _tally(params, classes, [records[job.slide] for job in jobs])
     for shard_name, shard in sorted(shards.items()):
         splits.setdefault(shard["split"], _empty_split(classes))["shards"].append(shard_name)
     for entry in splits.values():
@@ -235,5 +217,28 @@ def build_manifest(
         # .get: journals written before a field existed (small_tissues) still finish
         "slides": {job.slide: {k: records[job.slide].get(k) for k in SLIDE_FIELDS} for job in jobs},
         # each shard's size and sample count: a resume and every reader check the folder still holds these files
-        "files": {name: {"bytes": s["bytes"], "samples": len(s["keys"])} for name, s in sorted(shards.items())},
+        "files": {n: {"bytes": s["bytes"], "samples": len(s["keys"])} for n, s in sorted(shards.items())},
     }
+
+
+def _tally(params: Any, classes: list[str], records: list[dict]) -> tuple[dict, dict, dict]:
+    """(per-split counts, per-mag pixel sums, per-mag sample sizes) over the slides sharded whole."""
+    mags = [mag_name(m) for m in params.mags]
+    splits: dict[str, dict[str, Any]] = {}
+    sums = {m: np.zeros(7) for m in mags}
+    sizes: dict[str, list[list[int]]] = {m: [] for m in mags}
+    for rec in records:
+        if rec["status"] != "ok":
+            continue
+        entry = splits.setdefault(rec["split"], _empty_split(classes))
+        entry["samples"] += rec["samples"]
+        entry["tissues"] += len(rec["sample_tissues"])
+        entry["slides"] += 1
+        entry["patients"].add(rec["patient"])
+        _count_labels(entry["class_histogram"], rec)
+        for m, values in rec["pixel_sums"].items():
+            sums[m] += np.asarray(values)
+        for sample_sizes in rec["sizes"]:
+            for m in mags:
+                sizes[m].append(sample_sizes[m])
+    return splits, sums, sizes

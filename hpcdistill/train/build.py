@@ -184,20 +184,10 @@ def start_over(cfg: Config, folder: RunFolder) -> None:
     barrier()
 
 
-def build_trainer(cfg: Config) -> Trainer:
-    """Everything a run needs, resumed from its run folder as `run.resume` says. The config stored in the
-    checkpoint is compared first, so a refused change stops before any model is built."""
-    rank, world, local = setup_distributed()  # first: it settles DeepSpeed's accelerator before deepspeed is imported
+def build_engine(cfg: Config, world: int, device: torch.device, plan: Any) -> Any:
+    """The student inside its DeepSpeed engine, on `device`, ready to train or to resume."""
     import deepspeed
 
-    folder = RunFolder(cfg.run_dir, rank)
-    device = device_for(local)
-    check_device_options(cfg, device)
-    plan = plan_data(cfg, world)
-    if cfg.run.resume == "overwrite":  # after the checks that can refuse: a refused run removes nothing
-        start_over(cfg, folder)
-    target = folder.resume_target(cfg.run.resume)
-    changes = resume_changes(cfg, folder, target)
     ds_config = build_ds_config(cfg, world, on_cpu=device.type == "cpu", steps_per_epoch=plan.steps_per_epoch)
     model = build_student(cfg, plan.classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -206,6 +196,22 @@ def build_trainer(cfg: Config) -> Trainer:
     engine.module.to(memory_format=memory_format(cfg))  # after initialize: its broadcast views weights as bytes
     skip_single_rank_allreduce(engine, world)
     use_weights_only_loads(engine)
+    return engine
+
+
+def build_trainer(cfg: Config) -> Trainer:
+    """Everything a run needs, resumed from its run folder as `run.resume` says. The config stored in the
+    checkpoint is compared first, so a refused change stops before any model is built."""
+    rank, world, local = setup_distributed()  # first: it settles DeepSpeed's accelerator before deepspeed is imported
+    folder = RunFolder(cfg.run_dir, rank)
+    device = device_for(local)
+    check_device_options(cfg, device)
+    plan = plan_data(cfg, world)
+    if cfg.run.resume == "overwrite":  # after the checks that can refuse: a refused run removes nothing
+        start_over(cfg, folder)
+    target = folder.resume_target(cfg.run.resume)
+    changes = resume_changes(cfg, folder, target)
+    engine = build_engine(cfg, world, device, plan)
     dtype = next(engine.module.parameters()).dtype
     teacher = (
         build_teacher(cfg, plan.classes).to(device, dtype=dtype, memory_format=memory_format(cfg))

@@ -115,14 +115,9 @@ def train_epoch(trainer: Trainer) -> bool:
     )
     loader = iter(make_loader(spec, cfg.data.num_workers, pin_memory=trainer.device.type == "cuda"))
     accum = cfg.train.grad_accum
-    bar = tqdm(
-        total=trainer.plan.steps_per_epoch,
-        initial=state.batch // accum,
-        desc=f"epoch {state.epoch}",
-        disable=trainer.rank != 0 or not cfg.log.progress or not sys.stderr.isatty(),  # bars only on a terminal
-        leave=False,
-        dynamic_ncols=True,
-    )
+    drawn = trainer.rank == 0 and cfg.log.progress and sys.stderr.isatty()  # bars only on a terminal
+    shape = dict(total=trainer.plan.steps_per_epoch, initial=state.batch // accum, desc=f"epoch {state.epoch}")
+    bar = tqdm(**shape, disable=not drawn, leave=False, dynamic_ncols=True)
     trainer.engine.module.train()
     first = True
     tick, images = time.perf_counter(), 0

@@ -70,6 +70,7 @@ def without_shard_names(manifest: dict) -> dict:
     manifest["params"].pop("shard_max_samples")
     manifest.pop("files")  # each tar's size and count, under its name: the same samples in other tars
     manifest.pop("provenance")  # the command line, host and time that made each
+    manifest.pop("name")  # each folder's own name
     return manifest
 
 

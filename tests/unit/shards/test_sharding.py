@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
-from shard_fixtures import LABELS, MAGS, SMALL, read_samples, tar_bytes
+from shard_fixtures import LABELS, MAGS, SMALL, data_part, read_samples, tar_bytes
 
 from hpcdistill.cli import main
 from hpcdistill.common.folder_lock import LOCK
@@ -117,7 +117,7 @@ def test_same_inputs_give_identical_bytes_with_parallel_workers(shard_slides, tm
         progress=False,
     )
     assert tar_bytes(tmp_path) == tar_bytes(shard_slides["ref"])
-    assert manifest == shard_slides["manifest"]
+    assert data_part(manifest) == data_part(shard_slides["manifest"])
 
 
 def test_max_size_splits_tissues_into_aligned_windows(shard_slides, tmp_path):

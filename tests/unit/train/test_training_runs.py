@@ -30,7 +30,7 @@ def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
     blob = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
     manifest = tiny_dataset["manifest"]
     keys = {"state_dict", "arch_kwargs", "mag", "classes", "config", "stats", "global_step", "windowing", "source"}
-    assert set(blob) == keys | {"val", "seen"} and blob["source"] == "level0"
+    assert set(blob) == keys | {"val", "seen", "provenance"} and blob["source"] == "level0"
     own = {s for s, v in manifest["slides"].items() if v["split"] != "test" and v["status"] == "ok"}
     assert set(blob["seen"]["slides"]) == own  # the slides a score on them would not be a test of
     assert 0 <= blob["val"]["accuracy"] <= 1 and blob["val"]["samples"] == samples(tiny_dataset, "val")  # the gate's
@@ -49,7 +49,10 @@ def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
     classes = manifest["classes"]
     assert {f"val_class/recall/{c}" for c in classes} <= set(acc.Tags()["scalars"])
     confusion = acc.Images("val/confusion")[-1]
-    assert (confusion.width, confusion.height) == (24 * len(classes), 24 * len(classes))
+    from hpcdistill.train.class_logging import confusion_image
+
+    expected = confusion_image([[0] * len(classes)] * len(classes), classes).shape  # the labelled image's size
+    assert (confusion.height, confusion.width) == expected[:2]
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
