@@ -44,7 +44,7 @@ RUN_OUTPUTS = (
     "last-ema.pt",
     "best-*.pt",  # train.export_also's picks
     "config.yaml",
-    "provenance.json",
+    PROVENANCE,
     "progress.json",
     "metrics.jsonl",
     "tb",
