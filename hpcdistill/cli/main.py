@@ -132,7 +132,13 @@ def reference_markdown() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     record_command([PROG, *(sys.argv[1:] if argv is None else argv)])  # what every provenance record names
-    args = parse_command_line(build_parser(), argv)
+    try:
+        return _run(parse_command_line(build_parser(), argv))
+    finally:
+        record_command([])  # this command is over: a later call through the Python API is not it
+
+
+def _run(args: argparse.Namespace) -> int:
     cap_workers(args)
     try:
         with interruptible():

@@ -31,3 +31,27 @@ def test_finished_task_ignores_a_late_time_limit_signal(tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.split() == ["alive"], done.stderr
+
+
+def test_submitits_logging_bypass_is_replaced_and_nothing_else(tmp_path):
+    """In a job, SIGTERM and SIGCONT keep submitit's meaning (bypassed) without its log line, inside which a
+    time-limit SIGUSR2 raising "timed-out too many times" was swallowed; a handler that is not submitit's stays."""
+    import signal
+
+    from submitit.core.job_environment import SignalHandler
+
+    from hpcdistill.cluster.resubmitting import quiet_bypassed_signals
+
+    handler = SignalHandler.__new__(SignalHandler)  # what submitit installs, without a job around it
+    mine = lambda signum, frame: None  # noqa: E731
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGCONT)}
+    try:
+        signal.signal(signal.SIGTERM, handler.bypass)
+        signal.signal(signal.SIGCONT, mine)
+        quiet_bypassed_signals()
+        assert signal.getsignal(signal.SIGTERM) is not handler.bypass
+        assert getattr(signal.getsignal(signal.SIGTERM), "__module__", "") == "hpcdistill.cluster.resubmitting"
+        assert signal.getsignal(signal.SIGCONT) is mine
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
