@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from hpcdistill.common.errors import LaunchError
 from hpcdistill.common.files import atomic_write_json, read_json
+from hpcdistill.common.provenance import source_commit
 
 RECORD = "demo.json"
 PACKAGES = (
@@ -34,21 +34,27 @@ PACKAGES = (
 ISA_FLAGS = ("sse", "ssse", "avx", "fma", "f16c", "amx", "vnni", "bmi")
 
 
-def _cpuinfo(field: str) -> str:
-    """The first value of `field` in /proc/cpuinfo ('' where there is none)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo ({} where there is none)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == field), "")
+        return {}
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def machine() -> dict[str, Any]:
     """CPU model, its vector instruction sets (and their short hash, `isa`), cores, kernel and OS: what the demo's
     wall-clock times and the last bits of its numbers depend on."""
-    flags = sorted(f for f in _cpuinfo("flags").split() if f.startswith(ISA_FLAGS))
+    cpu = _cpuinfo()
+    flags = sorted(f for f in cpu.get("flags", "").split() if f.startswith(ISA_FLAGS))
     return {
-        "cpu": _cpuinfo("model name") or platform.processor() or "unknown CPU",
+        "cpu": cpu.get("model name") or platform.processor() or "unknown CPU",
         "isa": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:8],
         "isa_flags": flags,
         "cores": os.cpu_count(),
@@ -73,19 +79,8 @@ def versions() -> dict[str, str]:
 
 
 def commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                cwd=Path(__file__).parent,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The checkout's commit, short (common.provenance reads it); 'unknown' outside a checkout."""
+    return ((source_commit() or {}).get("commit") or "unknown")[:7]
 
 
 def write_record(out: Path, summary: dict[str, Any]) -> Path:

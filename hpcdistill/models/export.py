@@ -36,8 +36,8 @@ def export_blob(
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The export of `module` (weights as float32 on the CPU); `global_step` tells a resume whether an export
-        belongs to the trajectory it continues; `source`, where the training shards' crops came from; `val`, its
-        validation metrics when it was picked (what the teacher gate reads); `seen`, the slides and patients it was
+    belongs to the trajectory it continues; `source`, where the training shards' crops came from; `val`, its
+    validation metrics when it was picked (what the teacher gate reads); `seen`, the slides and patients it was
     trained and validated on ({"slides": [...], "patients": [...]}: what scoring leaves out as not a test);
     `provenance`, how it was made (common.provenance)."""
     return {

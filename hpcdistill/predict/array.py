@@ -159,19 +159,9 @@ def merge_predictions(plan: PredictArrayPlan) -> dict[str, Any]:
         cohort = cohort_labels(plan.options.labels, results, summary["classes"])
     write_predictions(Path(plan.out), summary, results, cohort)
     if cohort is not None:
-        from hpcdistill.predict.cohort_scores import score_cohort
+        from hpcdistill.predict.cohort_scores import score_prediction
 
-        score_cohort(
-            Path(plan.out),
-            results,
-            summary["classes"],
-            plan.options.labels,
-            plan.options.slide_rule,
-            cohort=cohort,
-            seen=summary.get("model_seen"),
-            include_seen=plan.options.include_seen,
-            kappa_weights=summary.get("kappa_weights", "unweighted"),
-        )
+        score_prediction(Path(plan.out), results, summary, plan.options, cohort)
     return {"slides": len(results), "ok": sum(r["status"] == "ok" for r in results)}
 
 

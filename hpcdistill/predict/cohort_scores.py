@@ -12,6 +12,7 @@ from typing import Any
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import PredictionError
 from hpcdistill.common.files import atomic_write_json
+from hpcdistill.predict.result_files import own_slides
 from hpcdistill.scoring.aggregation import unit_rows
 from hpcdistill.scoring.metrics import METRIC_TITLES, METRICS
 from hpcdistill.scoring.unit_scores import say_unit_notes, score_unit
@@ -62,8 +63,7 @@ def leave_out_seen(
 ) -> list[str]:
     """The labelled slides the model trained, validated or distilled on (by slide, or by patient id), said in one
     line; unless `include`, taken out of `labels` (scored slides only). [] when the export records none."""
-    own_slides, own_patients = set((seen or {}).get("slides", ())), set((seen or {}).get("patients", ()))
-    own = sorted(s for s in labels if s in own_slides or patients.get(s) in own_patients)
+    own = sorted(own_slides(labels, patients, seen))
     if own:
         fate = (
             "scored with the rest (--include-seen)" if include else "left out of the scores (--include-seen keeps them)"
@@ -75,6 +75,24 @@ def leave_out_seen(
         for slide in own if not include else ():
             del labels[slide]
     return own
+
+
+def score_prediction(
+    out: Path, results: list[dict[str, Any]], summary: dict[str, Any], options: Any, cohort: tuple[dict, dict]
+) -> dict[str, Any]:
+    """score_cohort for a prediction, in one process or at an array's merge: the classes, the model's own slides
+    and the kappa weights from its `summary` (predictions.json's head), the labels and rules from its `options`."""
+    return score_cohort(
+        out,
+        results,
+        summary["classes"],
+        options.labels,
+        options.slide_rule,
+        cohort=cohort,
+        seen=summary.get("model_seen"),
+        include_seen=options.include_seen,
+        kappa_weights=summary.get("kappa_weights", "unweighted"),
+    )
 
 
 def score_cohort(

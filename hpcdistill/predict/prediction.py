@@ -361,17 +361,7 @@ def predict_slides(
         results = classify_slides(exported, slides, out, opts, progress)
         summary = write_predictions(out, summarise(model_path, exported, opts), results, cohort)
         if opts.labels:  # the evaluation stack (scipy.stats among it) is imported only when there is scoring to do
-            from hpcdistill.predict.cohort_scores import score_cohort
+            from hpcdistill.predict.cohort_scores import score_prediction
 
-            summary["scores"] = score_cohort(
-                out,
-                results,
-                exported.classes,
-                opts.labels,
-                opts.slide_rule,
-                cohort=cohort,
-                seen=summary.get("model_seen"),
-                include_seen=opts.include_seen,
-                kappa_weights=summary["kappa_weights"],
-            )
+            summary["scores"] = score_prediction(out, results, summary, opts, cohort)
     return summary

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from hpcdistill.common.console import say
 from hpcdistill.common.errors import PredictionError
@@ -52,19 +52,26 @@ def write_predictions(
     return summary
 
 
+def own_slides(slides: Iterable[str], patients: dict[str, str], seen: dict[str, Any] | None) -> set[str]:
+    """The slides among `slides` the model trained, validated or distilled on, by slide id or by patient id (its
+    export's record, `seen`: {"slides", "patients"}); none when the export records none."""
+    by_slide, by_patient = set((seen or {}).get("slides", ())), set((seen or {}).get("patients", ()))
+    return {s for s in slides if s in by_slide or patients.get(s) in by_patient}
+
+
 def _judged(
     results: list[dict], classes: list[str], cohort: tuple[dict, dict], seen: dict[str, Any]
 ) -> dict[str, tuple[str, str, str]]:
     """{slide: (label, correct yes/no, seen yes/no)} for the labelled slides (skipped slides: no call to judge)."""
     labels, patients = cohort
-    own_slides, own_patients = set(seen.get("slides", ())), set(seen.get("patients", ()))
+    own = own_slides(labels, patients, seen)
     calls = {r["slide"]: r.get("call") for r in results if r["status"] == "ok"}
     yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
     return {
         slide: (
             classes[y],
             yes_no(calls[slide] == classes[y]) if slide in calls else "",
-            yes_no(slide in own_slides or patients.get(slide) in own_patients) if seen else "",
+            yes_no(slide in own) if seen else "",
         )
         for slide, y in labels.items()
     }

@@ -31,10 +31,15 @@ METRICS = ("balanced_accuracy", "top1", "accuracy", "f1", "precision", "recall",
 KAPPA_WEIGHTS = ("unweighted", "quadratic")
 
 
+def kappa_weights_for(ordinal_classes: Sequence[str]) -> str:
+    """Quadratic where the classes are declared an ordered scale (data.ordinal_classes, checked against the
+    manifest's class order when the run trained), else unweighted."""
+    return "quadratic" if ordinal_classes else "unweighted"
+
+
 def kappa_weights_of(config: dict) -> str:
-    """The kappa weights a run's config (dict form, as an export records it) declares: quadratic where its classes
-    are an ordered scale (data.ordinal_classes, checked against the manifest's class order when it trained)."""
-    return "quadratic" if (config.get("data") or {}).get("ordinal_classes") else "unweighted"
+    """The kappa weights a run's config declares, from its dict form as an export records it."""
+    return kappa_weights_for((config.get("data") or {}).get("ordinal_classes") or [])
 
 
 PER_CLASS = ("accuracy", "f1", "precision", "recall")  # the one-vs-rest metrics have a value per class

@@ -8,13 +8,13 @@ import yaml
 
 from hpcdistill.config.loading import load_config
 from hpcdistill.train.data_plan import plan_data
-from hpcdistill.train.run_folder import RUN_OUTPUTS, RunFolder
+from hpcdistill.train.run_folder import RunFolder
 
 
 def folder_plan(folder: RunFolder, resume: str) -> str:
     """What the run would do with its folder, in words (a refusal is raised, as the run would raise it)."""
     if resume == "overwrite":
-        earlier = sorted({p.name for pattern in RUN_OUTPUTS for p in folder.path.glob(pattern)})
+        earlier = folder.earlier_outputs()
         return "start over" + (f", removing the earlier run's {', '.join(earlier)}" if earlier else "")
     target = folder.resume_target(resume)
     return f"resume from {target}" if target is not None else "start"

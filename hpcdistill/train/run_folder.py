@@ -164,11 +164,15 @@ class RunFolder:
         barrier()
         return target
 
+    def earlier_outputs(self) -> list[str]:
+        """The names of what earlier runs wrote here (RUN_OUTPUTS), sorted."""
+        return sorted({p.name for pattern in RUN_OUTPUTS for p in self.path.glob(pattern)})
+
     def clear(self, inputs: list[str]) -> list[str]:
         """`run.resume: overwrite`: remove what earlier runs wrote here (RUN_OUTPUTS, never through a link that leaves
         the folder), refused in one line where one of them holds an input of this run (`inputs`: its teacher or
         initial weights). Returns the names removed."""
-        present = sorted({p.name for pattern in RUN_OUTPUTS for p in self.path.glob(pattern)})
+        present = self.earlier_outputs()
         check_links(self.path, present)
         for name in present:
             source = input_at(self.path / name, [i for i in inputs if i])

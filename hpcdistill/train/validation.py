@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hpcdistill.common.signals import check_interrupted
 from hpcdistill.data.streams import make_loader
 from hpcdistill.models.inference import model_outputs
+from hpcdistill.scoring.metrics import kappa_weights_for
 from hpcdistill.train.data_plan import stream_spec
 from hpcdistill.train.distributed import any_rank
 from hpcdistill.train.nonfinite_stop import stop_on_nonfinite
@@ -91,7 +92,7 @@ def validate(trainer: Trainer) -> dict[str, Any]:
     rows = val_rows(trainer, scored)
     metrics: dict[str, Any] = {}
     for prefix, _, _ in scored:
-        kappa = "quadratic" if trainer.cfg.data.ordinal_classes else "unweighted"
+        kappa = kappa_weights_for(trainer.cfg.data.ordinal_classes)
         m = val_metrics(gather_rows(trainer, rows[prefix]), trainer.cfg.model.num_classes, kappa)
         metrics.update({f"{prefix}{k}": v for k, v in m.items() if not (prefix and k == "samples")})
     return metrics
