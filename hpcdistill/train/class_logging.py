@@ -10,6 +10,7 @@ import numpy as np
 
 CELL = 48  # px per confusion cell in the image
 CHAR = 6  # px per character of PIL's default bitmap font
+NAME_CHARS = 40  # a class name is drawn to this length: the image's size stays bounded whatever the labels say
 
 
 def confusion_image(confusion: list[list[int]], classes: list[str]) -> np.ndarray:
@@ -18,6 +19,7 @@ def confusion_image(confusion: list[list[int]], classes: list[str]) -> np.ndarra
     from PIL import Image, ImageDraw
 
     counts = np.asarray(confusion, dtype=np.int64)
+    classes = [c[:NAME_CHARS] for c in classes]
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     k, left, top = len(classes), CHAR * max(len(c) for c in classes) + 12, 30
     image = Image.new("RGB", (left + k * CELL + 4, top + k * CELL + 4), "white")
