@@ -255,7 +255,7 @@ def table(results: dict[str, list[dict]], rounds: int) -> str:
     return "\n".join(rows) + note
 
 
-def profile_slide(slide: Path, model: Path, out: Path, top: int = 14) -> str:
+def profile_slide(slide: Path, model: Path, out: Path, top: int = 24) -> str:
     """Where a student's slide goes, by function (cumulative seconds inside `predict_slide`)."""
     import cProfile
     import io

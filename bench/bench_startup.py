@@ -1,7 +1,8 @@
-"""What `predict` pays before its first slide: `hpcdistill predict --help`, importing the prediction stage, and a whole
-one-slide `predict` of a tiny slide, as wall seconds of fresh processes (medians of interleaved rounds), for this tree
-and, side by side, for another checkout (--reference, e.g. a `git worktree` of an earlier commit); plus the heaviest
-imports (`python -X importtime`) and whether scipy.stats (the evaluation stack) is loaded.
+"""What `predict` pays before its first slide: `hpcdistill predict --help`, importing the prediction stage, the time
+from launch until `predict` starts its first slide, and a whole one-slide `predict` of a tiny slide, as wall seconds
+of fresh processes (medians of interleaved rounds), for this tree and, side by side, for another checkout
+(--reference, e.g. a `git worktree` of an earlier commit); plus the heaviest imports (`python -X importtime`) and
+whether scipy.stats (the evaluation stack) is loaded.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_startup.py --reference /tmp/hpcdistill-before --rounds 5
 """
@@ -23,16 +24,30 @@ from bench_env import describe, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IMPORT = "import sys, hpcdistill.predict.prediction as p; print('scipy.stats' in sys.modules)"
+# The whole `predict` command, with a probe that prints the wall clock as its first slide starts.
+FIRST_SLIDE = """import sys, time, runpy
+import hpcdistill.predict.prediction as p
+real = p.predict_slide
+def probe(*args, **kwargs):
+    print(f"first slide at {time.time()!r}", flush=True)
+    p.predict_slide = real
+    return real(*args, **kwargs)
+p.predict_slide = probe
+sys.argv = ["hpcdistill", *sys.argv[1:]]
+runpy.run_module("hpcdistill", run_name="__main__")
+"""
 
 
 def run(tree: Path, argv: list[str]) -> tuple[float, str]:
+    """Wall seconds of a fresh process (to its first slide, for the FIRST_SLIDE probe), and what it printed."""
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, cwd=tree)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{tree}: {' '.join(argv)} failed: {done.stderr[-500:]}")
-    return wall, done.stdout + done.stderr
+    first = re.search(r"first slide at (\S+)", done.stdout)
+    return (float(first.group(1)) - started if first else wall), done.stdout + done.stderr
 
 
 def heaviest(tree: Path, top: int = 8) -> list[str]:
@@ -77,13 +92,14 @@ def measure(trees: dict[str, Path], rounds: int, scratch: Path) -> dict[str, dic
     cases = {
         "predict --help": ["-m", "hpcdistill", "predict", "--help"],
         "import the prediction stage": ["-c", IMPORT],
+        "predict: its first slide reached": ["-c", FIRST_SLIDE, "predict", str(model), str(slide), "--out"],
         "predict one tiny slide (whole command)": ["-m", "hpcdistill", "predict", str(model), str(slide), "--out"],
     }
     times: dict[str, dict[str, list[float]]] = {name: {case: [] for case in cases} for name in trees}
     for r in range(rounds):
         for name, tree in trees.items():
-            for case, argv in cases.items():
-                extra = [str(scratch / f"out-{name}-{r}"), "--no-progress"] if argv[-1] == "--out" else []
+            for c, (case, argv) in enumerate(cases.items()):
+                extra = [str(scratch / f"out-{name}-{r}-{c}"), "--no-progress"] if argv[-1] == "--out" else []
                 times[name][case].append(run(tree, argv + extra)[0])
     return times
 

@@ -28,6 +28,9 @@ from hpcdistill.slides.slide import Level, Slide, SlideInfo
 VIPS_VENDORS = {None, "aperio", "generic-tiff"}
 # Block edge (level-0 px) for OpenSlide reads.
 OPENSLIDE_BLOCK = 2048
+# A thumbnail's source level up to this size is decoded once per open slide and kept (50 MB of RGB): tissue is
+# found on one thumbnail and outlined on a finer one, usually from the same level.
+THUMB_LEVEL_KEEP_PIXELS = 2**24
 
 
 def _as_srgb_uchar(image: pyvips.Image) -> pyvips.Image:
@@ -85,9 +88,11 @@ class VipsTiffSlide(Slide):
             for i, lv in enumerate(levels)
         ]
         self._images: dict[int, pyvips.Image] = {}
+        self._decoded: dict[int, np.ndarray] = {}  # thumbnail source levels, decoded (THUMB_LEVEL_KEEP_PIXELS)
 
     def close(self) -> None:
         self._images.clear()
+        self._decoded.clear()
 
     def levels(self) -> list[Level]:
         return self._pyramid
@@ -116,7 +121,7 @@ class VipsTiffSlide(Slide):
                 f"{self.info.path}: a {max_size} px thumbnail would decode a {level.width}x{level.height} level "
                 f"({raise_hint('thumbnail_source_pixels')}, or ask for a smaller thumbnail)"
             )
-        image = guard = stoppable(self._tiff_level(level))  # the one read that decodes a whole level
+        image = guard = self._thumbnail_source(level)
         scale = max_size / max(image.width, image.height)
         if scale < 1.0:
             out = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -130,6 +135,19 @@ class VipsTiffSlide(Slide):
             pixels = image.numpy()
         del guard  # only now: the callback it owns ran during the computation above
         return pixels
+
+    def _thumbnail_source(self, level: TiffLevel) -> pyvips.Image:
+        """The level a thumbnail is made from, stoppable (the one read that decodes a whole level); a small level is
+        decoded once and its pixels kept, so a second thumbnail of this slide costs no decode (the same pixels, so
+        the same thumbnail as from the file)."""
+        index = self._levels.index(level)
+        if index in self._decoded:
+            return pyvips.Image.new_from_array(self._decoded[index])
+        image = stoppable(self._tiff_level(level))
+        if level.width * level.height > THUMB_LEVEL_KEEP_PIXELS:
+            return image
+        self._decoded[index] = image.numpy().reshape(image.height, image.width, image.bands)
+        return pyvips.Image.new_from_array(self._decoded[index])
 
 
 class OpenSlideSlide(Slide):

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyvips
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
 
 from hpcdistill.common.errors import SlideError
 from hpcdistill.common.files import atomic_output
@@ -159,6 +158,14 @@ def fine_tissue_mask(fine: np.ndarray, threshold: float | None, params: TissuePa
     return mask
 
 
+def _ndimage() -> Any:
+    """scipy.ndimage, imported on first use: the CLI's parsers and `--help` import this module and need none of it
+    (0.15 s of start-up)."""
+    from scipy import ndimage
+
+    return ndimage
+
+
 def tissue_mask(thumb: np.ndarray, params: TissueParams) -> np.ndarray:
     """Boolean tissue mask of the thumbnail, after close/open and small-object removal."""
     return tissue_mask_at(thumb, params)[0]
@@ -182,7 +189,7 @@ def tissue_mask_at(thumb: np.ndarray, params: TissueParams) -> tuple[np.ndarray,
     if params.open_radius:
         image = _morph(_morph(image, params.open_radius, "erode"), params.open_radius, "dilate")
     mask = image.numpy()[pad : pad + values.shape[0], pad : pad + values.shape[1]] > 0
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    labels, count = _ndimage().label(mask, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
         return mask, threshold
     areas = np.bincount(labels.ravel(), minlength=count + 1)
@@ -226,9 +233,9 @@ def find_tissues(
     slide_w, slide_h = slide_size if slide_size is not None else (round(thumb_w * scale), round(thumb_h * scale))
     mask, threshold = tissue_mask_at(thumb, params)
     mask = mask if keep is None else mask & keep
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    labels, _ = _ndimage().label(mask, structure=np.ones((3, 3), dtype=bool))
     boxes, owners = [], []
-    for label, found in enumerate(ndimage.find_objects(labels), 1):
+    for label, found in enumerate(_ndimage().find_objects(labels), 1):
         if found is None:
             continue
         rows, cols = found
