@@ -1,4 +1,4 @@
-"""`predict --heatmap`: per slide, the class-activation maps of its tissues as an overlay on the thumbnail (one
+"""`predict --heatmap`: per slide, the class-activation maps of its tissues painted on the thumbnail (one
 class's per-location probability, semi-transparent, inside the tissue mask only, with a colour bar, the class legend,
 each tissue's call, and the slide and magnification in the title) and as raw arrays (`.npy`, float32, class x h x w
 logits per tissue) with a JSON saying where each lies on the slide."""
@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from hpcdistill.common.files import atomic_output, atomic_write_json
+from hpcdistill.common.files import atomic_write_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.predict.cam import TissueMap
-from hpcdistill.slides.tissue import class_colour
+from hpcdistill.slides.tissue import font, text_size
+
+HEAT_ALPHA = 0.55  # how opaque P(class) lies over the tissue
 
 
 def paint(shape: tuple[int, int], scale: float, maps: list[TissueMap], class_index: int) -> np.ndarray:
@@ -36,53 +38,49 @@ def paint(shape: tuple[int, int], scale: float, maps: list[TissueMap], class_ind
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def write_overlay(
-    path: Path, found: Any, maps: list[TissueMap], tissues: list[dict], classes: list[str], class_index: int, title: str
-) -> Path:
-    """The overlay PNG: thumbnail, P(class) inside the tissue mask, colour bar, class legend, tissue calls."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.patches as patches
-    import matplotlib.pyplot as plt
-
+def overlay_image(found: Any, maps: list[TissueMap], class_index: int, label: str) -> np.ndarray:
+    """The thumbnail with P(class) painted over the tissue mask (magma, HEAT_ALPHA opaque) and a colour bar on its
+    right, ready for the calls and legend the plain overlay draws (drawn with Pillow: a matplotlib figure cost
+    more than a student's whole slide)."""
     height, width = found.thumb.shape[:2]
     heat = paint((height, width), found.scale, maps, class_index)
     heat[~found.mask()] = np.nan
-    fig, ax = plt.subplots(figsize=(max(6.0, width / 110), max(4.0, height / 110) + 0.8), dpi=110)
-    ax.imshow(found.thumb)
-    shown = ax.imshow(np.ma.masked_invalid(heat), cmap="magma", vmin=0, vmax=1, alpha=0.55, interpolation="nearest")
-    colours = [tuple(c / 255 for c in class_colour(i)) for i in range(len(classes))]
-    for t in tissues:
-        x, y, w, h = (v / found.scale for v in t["box_l0"])
-        colour = colours[classes.index(t["pred"])]
-        ax.add_patch(patches.Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=2))
-        ax.text(
-            x + 3,
-            y + 3,
-            f"t{t['tissue']}: {t['pred']} {max(t['probs']):.2f}",
-            color="black",
-            fontsize=11,
-            va="top",
-            bbox={"facecolor": "white", "edgecolor": colour, "alpha": 0.85, "pad": 2},
-        )
-    fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02, label=f"P({classes[class_index]}) per CAM cell")
-    ax.legend(
-        handles=[patches.Patch(color=c, label=name) for c, name in zip(colours, classes)],
-        title="tissue call",
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.02),
-        ncol=min(len(classes), 5),
-        fontsize=10,
-    )
-    ax.set_title(title, fontsize=12)
-    ax.set_axis_off()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    image = np.ascontiguousarray(found.thumb[..., :3])
+    known = ~np.isnan(heat)
+    colours = _heat_colours()[np.round(np.clip(heat[known], 0.0, 1.0) * 255).astype(np.intp)]
+    image[known] = (image[known] * (1.0 - HEAT_ALPHA) + colours * HEAT_ALPHA + 0.5).astype(np.uint8)
+    return np.concatenate([image, _colour_bar(height, label)], axis=1)
+
+
+def _heat_colours() -> np.ndarray:
+    """matplotlib's magma as 256 RGB rows (its colour map table only: no figure is made)."""
+    from matplotlib import colormaps
+
+    return (colormaps["magma"](np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+
+
+def _colour_bar(height: int, label: str) -> np.ndarray:
+    """A white strip `height` tall: the colour scale from 1 (top) to 0, its ticks, and `label` read upwards."""
+    from PIL import Image, ImageDraw
+
+    size = text_size(Image.new("RGB", (1, height)))
+    face = font(size)
+    bar_w, top, bottom = size, size, max(size + 2, height - size)
+    strip = Image.new("RGB", (bar_w + 4 * size + 8, height), (255, 255, 255))
+    ramp = np.linspace(1.0, 0.0, bottom - top)
+    bar = _heat_colours()[np.round(ramp * 255).astype(np.intp)]
+    strip.paste(Image.fromarray(np.repeat(bar[:, None], bar_w, axis=1)), (8, top))
+    draw = ImageDraw.Draw(strip)
+    for value in (1.0, 0.5, 0.0):
+        y = round(top + (1.0 - value) * (bottom - top - 1))
+        draw.line((8 + bar_w, y, 12 + bar_w, y), fill=(0, 0, 0))
+        draw.text((14 + bar_w, y), f"{value:.1f}", fill=(0, 0, 0), font=face, anchor="lm")
+    words = Image.new("RGB", (max(1, int(draw.textlength(label, font=face))) + 4, size + 6), (255, 255, 255))
+    ImageDraw.Draw(words).text((2, 2), label, fill=(0, 0, 0), font=face)
+    upright = words.rotate(90, expand=True)
+    if upright.height <= height:
+        strip.paste(upright, (strip.width - upright.width, (height - upright.height) // 2))
+    return np.asarray(strip)
 
 
 def write_arrays(

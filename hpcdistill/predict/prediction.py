@@ -28,7 +28,7 @@ from hpcdistill.common.signals import check_interrupted
 from hpcdistill.models.export import ExportedModel, load_exported
 from hpcdistill.models.inference import model_outputs, pick_device, require_finite, standardise
 from hpcdistill.predict.cam import STEM_STRIDE, TissueMap, WindowMap, cam_logits, tissue_map
-from hpcdistill.predict.heatmap import heatmap_title, write_arrays, write_overlay
+from hpcdistill.predict.heatmap import heatmap_title, overlay_image, write_arrays
 from hpcdistill.predict.qupath import write_geojson
 from hpcdistill.predict.result_files import write_predictions
 from hpcdistill.scoring.aggregation import SLIDE_RULES, area_mean, combine
@@ -129,13 +129,22 @@ def _tissue_calls(found: TissueWindows, windows: list[dict], classes: list[str])
     return tissues
 
 
-def _write_overlay(path: Path, found: TissueWindows, tissues: list[dict], classes: list[str], title: str) -> None:
+def _write_overlay(
+    path: Path,
+    found: TissueWindows,
+    tissues: list[dict],
+    classes: list[str],
+    title: str,
+    image: np.ndarray | None = None,
+) -> None:
+    """The tissues' boxes and calls, the title and the class legend on the thumbnail (or on `image`, the thumbnail
+    painted with a heat map)."""
     colours = [class_colour(classes.index(t["pred"])) for t in tissues]
     labels = [f"t{t['tissue']}: {t['pred']} {max(t['probs']):.2f}" for t in tissues]
     legend = [(c, class_colour(i)) for i, c in enumerate(classes)]
     write_qc_png(
         path,
-        found.thumb,
+        found.thumb if image is None else image,
         [tuple(t["box_l0"]) for t in tissues],
         found.scale,
         labels=labels,
@@ -158,15 +167,9 @@ def _write_heatmaps(
     maps = [tissue_map([c for c, w in zip(cams, windows) if w["tissue"] == t]) for t in range(len(found.boxes))]
     stride = STEM_STRIDE[exported.arch_kwargs.get("stem", "standard")]
     cell_l0 = float(np.median([np.diff(m.x_edges).max() for m in maps]))  # level-0 px per cell
-    png = write_overlay(
-        out / "heatmaps" / f"{stem}.png",
-        found,
-        maps,
-        tissues,
-        exported.classes,
-        exported.classes.index(class_name),
-        heatmap_title(stem, exported.mag, class_name),
-    )
+    png = out / "heatmaps" / f"{stem}.png"
+    image = overlay_image(found, maps, exported.classes.index(class_name), f"P({class_name}) per CAM cell")
+    _write_overlay(png, found, tissues, exported.classes, heatmap_title(stem, exported.mag, class_name), image)
     arrays = write_arrays(out / "heatmaps", stem, maps, exported.classes, cell_l0, stride)
     return maps, {"heatmap": str(png), "heatmap_arrays": str(arrays)}
 

@@ -107,6 +107,8 @@ class VipsTiffSlide(Slide):
         return _as_srgb_uchar(image)
 
     def _read_level(self, level: Level, box: tuple[int, int, int, int]) -> contextlib.nullcontext[pyvips.Image]:
+        if level.index in self._decoded:  # the thumbnail's level, already decoded: the same pixels, no JPEG again
+            return contextlib.nullcontext(pyvips.Image.new_from_array(self._decoded[level.index]).crop(*box))
         return contextlib.nullcontext(self._level_image(level.index).crop(*box))
 
     def _read_thumbnail(self, max_size: int) -> np.ndarray:
