@@ -43,6 +43,7 @@ from hpcdistill.config.loading import load_config  # noqa: E402
 from hpcdistill.models.export import export_blob  # noqa: E402
 from hpcdistill.models.resnet import build_model  # noqa: E402
 from hpcdistill.predict import prediction  # noqa: E402
+from hpcdistill.predict.options import PredictOptions, check_options  # noqa: E402
 from hpcdistill.slides.factory import open_slide  # noqa: E402
 from hpcdistill.slides.slide import Slide  # noqa: E402
 from hpcdistill.slides.windows import DEFAULT_WINDOWING  # noqa: E402
@@ -161,7 +162,7 @@ def decode_only(slide_path: Path, model: Path, read: str) -> float:
     """Seconds to decode the level crops the windows need, nothing else (the floor of 'read')."""
     exported = prediction.load_exported(model)
     with open_slide(slide_path) as slide:
-        found = prediction.find_windows(slide, prediction.PredictOptions().tissue, exported.windowing)
+        found = prediction.find_windows(slide, PredictOptions().tissue, exported.windowing)
         level = slide.level_for(exported.mag) if read == "pyramid" else slide.levels()[0]
         start = time.perf_counter()
         for windows in found.windows:
@@ -262,7 +263,7 @@ def profile_slide(slide: Path, model: Path, out: Path, top: int = 24) -> str:
     import pstats
 
     exported = prediction.load_exported(model)
-    options = prediction.check_options(prediction.PredictOptions(read="pyramid"), exported.classes)
+    options = check_options(PredictOptions(read="pyramid"), exported)
     exported.min_side  # noqa: B018 -- probed once, outside the slide's time
     profiler = cProfile.Profile()
     profiler.enable()

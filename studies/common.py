@@ -46,7 +46,7 @@ def score_export(job: tuple[str, str, str]) -> dict[str, Any]:
     export, shards, split = job
     manifest = read_manifest(shards)
     model = _load_for(export, shards, manifest)
-    rows = predict_split(model.model, shards, manifest, split, model.mag)
+    rows = predict_split(model.model, shards, manifest, split, model.mag, model.stats)
     m = classification_metrics([r["y"] for r in rows], [r["pred"] for r in rows], len(model.classes))
     return {
         "export": export,

@@ -9,6 +9,7 @@ import math
 from typing import Any, Callable
 
 from hpcdistill.common.limits import limit
+from hpcdistill.slides.mag_scale import MPP_AT_10X_RANGE
 
 SEED_MAX = 2**32 - 1
 MINUTES_PER_YEAR = 366 * 24 * 60
@@ -21,6 +22,8 @@ FLAG_RANGES: dict[str, tuple[float, float]] = {
     "--size": (256, 262_144),
     "--tissues": (1, 64),
     "--signal": (0.0, 10.0),
+    "--site": (0, 1000),
+    "--mpp-at-10x": MPP_AT_10X_RANGE,
     "--seed": (0, SEED_MAX),
     "--seeds": (1, 100),
     "--workers": (0, 4096),  # capped at the cores this process may use, with a line (cli.main)

@@ -120,3 +120,63 @@ def roi_options(args: argparse.Namespace) -> object:
 
         raise CommandError(f"--rois {args.rois}: no such file or folder")
     return RoiOptions(args.rois, args.roi_mode, args.roi_missing, getattr(args, "roi_labels", False))
+
+
+def add_mag_scale_flags(parser: argparse.ArgumentParser, model_decides: bool) -> None:
+    """What a magnification means (slides.mag_scale), the same in `shard` and `predict`; with `model_decides`, the
+    default is what the model's shards used."""
+    from hpcdistill.slides.mag_scale import MAG_BASES, MPP_AT_10X
+
+    group = parser.add_argument_group("magnification")
+    group.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
+    group.add_argument(
+        "--mag-from",
+        choices=MAG_BASES,
+        default=None if model_decides else "mpp",
+        help="a slide's magnification from its pixel size (10x = --mpp-at-10x um/px: every scanner cut at one "
+        "physical scale) or from its objective power (how folders were cut before this option)"
+        + (" (default: what the model's shards used)" if model_decides else " (default: mpp)"),
+    )
+    group.add_argument(
+        "--mpp-at-10x",
+        type=float,
+        default=None if model_decides else MPP_AT_10X,
+        help=f"microns per pixel at 10x for --mag-from mpp (default {MPP_AT_10X:g}"
+        + (", or the model's)" if model_decides else ")"),
+    )
+
+
+def mag_scale(args: argparse.Namespace) -> object:
+    """The MagScale `shard`'s flags give."""
+    from hpcdistill.slides.mag_scale import MagScale
+
+    return MagScale(args.mag_from, args.mpp_at_10x)
+
+
+def add_stain_flags(parser: argparse.ArgumentParser, model_decides: bool) -> None:
+    """Stain normalisation (slides.stain), the same in `shard` and `predict`; in `predict` the model's shards decide
+    and the flag only states what the user expects (refused when the model's differs)."""
+    from hpcdistill.slides.stain import STAIN_METHODS
+
+    group = parser.add_argument_group("stain")
+    group.add_argument(
+        "--stain-norm",
+        choices=STAIN_METHODS,
+        default=None if model_decides else "none",
+        help="map every slide's stain to a reference (fitted per slide on its tissue): Macenko's stain vectors or "
+        "Reinhard's L*a*b* statistics"
+        + (" (default: what the model's shards used; another is refused)" if model_decides else " (default: none)"),
+    )
+    if not model_decides:
+        group.add_argument(
+            "--stain-reference",
+            help="an image (a tile) of the stain to map to; default: Macenko's published reference (reinhard needs "
+            "one)",
+        )
+
+
+def stain_norm(args: argparse.Namespace) -> object:
+    """The StainNorm `shard`'s flags give, its reference fitted."""
+    from hpcdistill.slides.stain import StainNorm
+
+    return StainNorm.fitted(args.stain_norm, args.stain_reference)

@@ -8,8 +8,10 @@ from typing import Any
 
 from hpcdistill.cli.array_flags import add_cluster_flags, cluster_resources, run_array
 from hpcdistill.cli.parsing import (
+    add_mag_scale_flags,
     add_output_flags,
     add_roi_flags,
+    add_stain_flags,
     add_tissue_flags,
     command,
     replace_finished,
@@ -20,10 +22,13 @@ from hpcdistill.common.console import say
 
 
 def _predict_options(args: argparse.Namespace) -> Any:
-    from hpcdistill.predict.prediction import PredictOptions
+    from hpcdistill.predict.options import PredictOptions
 
     return PredictOptions(
         base_mag=args.base_mag,
+        mag_from=args.mag_from,
+        mpp_at_10x=args.mpp_at_10x,
+        stain_norm=args.stain_norm,
         tissue=tissue_params(args),
         heatmap=args.heatmap,
         heatmap_class=args.heatmap_class,
@@ -41,10 +46,10 @@ def _predict_array(args: argparse.Namespace, slides: list[Path]) -> dict[str, An
 
     from hpcdistill.models.export import load_exported
     from hpcdistill.predict.array import plan_predictions, predict_jobs
-    from hpcdistill.predict.prediction import announce, check_options
+    from hpcdistill.predict.options import announce, check_options
 
     exported = load_exported(args.model)
-    options = check_options(_predict_options(args), exported.classes)  # before anything is queued
+    options = check_options(_predict_options(args), exported)  # before anything is queued
     announce(args.model, exported, options)
     plan = plan_predictions(args.model, slides, args.out, args.tasks, options, args.device)
     if (
@@ -65,7 +70,8 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="exported weights (best.pt)")
     p.add_argument("slides", nargs="+", help="slide files, directories or globs")
     p.add_argument("--out", required=True, help="folder for tissues.csv, slides.csv, predictions.json, overlays/")
-    p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
+    add_mag_scale_flags(p, model_decides=True)
+    add_stain_flags(p, model_decides=True)
     p.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda or cuda:N")
     p.add_argument(
         "--slide-rule",

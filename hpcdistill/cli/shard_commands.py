@@ -10,13 +10,17 @@ from typing import Any
 
 from hpcdistill.cli.array_flags import add_cluster_flags, cluster_resources, run_array
 from hpcdistill.cli.parsing import (
+    add_mag_scale_flags,
     add_output_flags,
     add_roi_flags,
+    add_stain_flags,
     add_tissue_flags,
     command,
     float_list,
+    mag_scale,
     replace_finished,
     roi_options,
+    stain_norm,
     tissue_params,
 )
 from hpcdistill.common.errors import CommandError
@@ -47,7 +51,8 @@ def add_shard(subparsers: argparse._SubParsersAction) -> None:
         default=list(defaults.mags),
         help=f"magnifications (default {','.join(f'{m:g}' for m in defaults.mags)})",
     )
-    p.add_argument("--base-mag", type=float, help="override the base magnification read from metadata")
+    add_mag_scale_flags(p, model_decides=False)
+    add_stain_flags(p, model_decides=False)
     p.add_argument(
         "--source",
         choices=["level0", "pyramid"],
@@ -140,16 +145,11 @@ def _add_output_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
     )
 
 
-def run_shard(args: argparse.Namespace) -> int:
-    """slides -> aligned multi-magnification WebDataset shards
-
-    Cut every tissue of every slide at each magnification (Lanczos from level 0, or with --source pyramid from the
-    level at or above it) into {split}-NNNNNN.tar shards with a manifest.json.
-    """
-    from hpcdistill.shards import sharding
+def _shard_params(args: argparse.Namespace) -> Any:
+    """The ShardParams the flags give."""
     from hpcdistill.shards.plan import ShardParams, parse_size
 
-    params = ShardParams(
+    return ShardParams(
         mags=tuple(args.mags),
         max_size=args.max_size,
         image_format=args.image_format,
@@ -165,7 +165,20 @@ def run_shard(args: argparse.Namespace) -> int:
         aux_shares_patients=args.aux_shares_patients,
         min_side=default_network_min_side() if args.min_side == "auto" else args.min_side,
         rois=roi_options(args),
+        mag_scale=mag_scale(args),
+        stain=stain_norm(args),
     )
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    """slides -> aligned multi-magnification WebDataset shards
+
+    Cut every tissue of every slide at each magnification (Lanczos from level 0, or with --source pyramid from the
+    level at or above it) into {split}-NNNNNN.tar shards with a manifest.json.
+    """
+    from hpcdistill.shards import sharding
+
+    params = _shard_params(args)
     if args.cluster:
         return _shard_array(args, params)
     if args.dry_run:
@@ -277,6 +290,13 @@ def add_synth(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tissues", type=float_list, default=[2, 4], help="min,max tissue pieces per slide")
     p.add_argument("--signal", type=float, default=1.0, help="class signal strength (0 = indistinguishable)")
     p.add_argument(
+        "--site",
+        type=int,
+        default=0,
+        help="the staining site: 0 the reference stain, any other a fixed shift of its H and E of the size seen "
+        "between hospitals (for cross-site studies)",
+    )
+    p.add_argument(
         "--pyramid",
         choices=["render", "scanner"],
         default="render",
@@ -329,6 +349,7 @@ def run_synth(args: argparse.Namespace) -> int:
                 size=args.size,
                 tissues=(int(args.tissues[0]), int(args.tissues[1])),
                 signal=args.signal,
+                site=args.site,
                 seed=args.seed,
                 pyramid=args.pyramid,
             ),

@@ -125,7 +125,7 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"train.pixel_resize: repeated entry in {cfg.train.pixel_resize}")
     _check_selection(cfg)
     aug = cfg.data.augment
-    for name in ("brightness", "contrast", "saturation"):
+    for name in ("brightness", "contrast", "saturation", "hed"):
         if not 0 <= getattr(aug, name) < 1:
             raise ConfigError(f"data.augment.{name}: must be in [0, 1), got {getattr(aug, name)}")
     if not 0 <= aug.hue <= 0.5:

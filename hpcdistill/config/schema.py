@@ -87,6 +87,9 @@ class AugmentConfig:
     contrast: float = 0.25
     saturation: float = 0.25
     hue: float = 0.05  # shift drawn from [-h, h] of a full turn (h <= 0.5)
+    # Stain jitter in haematoxylin-eosin-DAB space (data/augment.py): each stain's optical density scaled by a factor
+    # from [1-h, 1+h] and shifted by [-h, h]; 0 = off (the paper's recipe).
+    hed: float = 0.0
 
 
 @dataclass

@@ -5,7 +5,9 @@ Geometry is flips then rot90, exact pixel moves done where the batch lands (devi
 jitter plus standardisation is ONE affine map of RGB (brightness, contrast, saturation and a YIQ hue rotation are
 each affine, so is their composition) and one clamp: a (3, 6) array per image. Only its offset depends on the image
 (contrast pulls towards the image's mean grey), so the loader draws the map and the device adds that term
-(`Standardizer.pivot`), after decoding. Speed: bench/bench_loader.py.
+(`Standardizer.pivot`), after decoding. The stain jitter (`augment.hed`: each of haematoxylin, eosin and DAB scaled
+and shifted in optical density) is affine in optical density, not in RGB, so it is its own (3, 4) map, applied there
+first (a log, a 3x3 map and an exp per pixel); the pair shares it like every other move. Speed: bench/bench_loader.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import torch
 from hpcdistill.config.schema import AugmentConfig
 
 GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L"
+# Each stain's optical density per unit amount, in R, G, B (Ruifrok and Johnston's haematoxylin, eosin and DAB, as
+# scikit-image's rgb_from_hed); a row-vector image's OD is its stain amounts @ this.
+_HED_TO_OD = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_TO_OD = _HED_TO_OD / np.linalg.norm(_HED_TO_OD, axis=1, keepdims=True)
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 # H0, H1, H2 (hue rotation = H0 + cos H1 + sin H2 in RGB) and 1 g^T (x -> grey(x) in every channel)
@@ -44,6 +50,8 @@ class AugmentDraw:
     contrast: float
     saturation: float
     hue: float
+    hed_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # each stain's amount times this ...
+    hed_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)  # ... plus this (optical density units)
 
     @staticmethod
     def sample(aug: AugmentConfig, rng: random.Random) -> AugmentDraw:
@@ -56,7 +64,17 @@ class AugmentDraw:
             contrast=jitter(aug.contrast),
             saturation=jitter(aug.saturation),
             hue=rng.uniform(-aug.hue, aug.hue) if aug.hue > 0 else 0.0,
+            **(_stain_draw(aug.hed, rng) if aug.hed > 0 else {}),
         )
+
+    def stain_map(self) -> np.ndarray:
+        """(3, 4) float32 [L | c]: a pixel's optical density (column, per R, G, B) goes to L @ od + c when each stain's
+        amount is scaled and shifted (amounts = od @ inverse(_HED_TO_OD), row-wise). Not affine in RGB (od = -log
+        of the intensity), so it runs before the colour map, where the batch lands (device_batch.stain_moved)."""
+        to_od = _HED_TO_OD
+        linear = (np.linalg.inv(to_od) @ np.diag(self.hed_scale) @ to_od).T
+        offset = np.asarray(self.hed_shift) @ to_od
+        return np.concatenate([linear, offset[:, None]], axis=1).astype(np.float32)
 
     @property
     def moves(self) -> tuple[int, int, int]:
@@ -87,6 +105,12 @@ class AugmentDraw:
             ]
         )
         return (coef @ _COLOUR_BASIS).reshape(3, 3), (1 - self.contrast) * self.brightness
+
+
+def _stain_draw(strength: float, rng: random.Random) -> dict[str, tuple[float, float, float]]:
+    scale = tuple(rng.uniform(1 - strength, 1 + strength) for _ in range(3))
+    shift = tuple(rng.uniform(-strength, strength) for _ in range(3))
+    return {"hed_scale": scale, "hed_shift": shift}
 
 
 def apply_moves(image: torch.Tensor, hflip: int, vflip: int, k: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ A loader batch ("loose": per-sample images, not yet stacked) holds, for n sample
     x (and t in distillation): n uint8 images, each (H, W, 3) decoded or (bytes,) JPEG when `encoded`
     x_map, t_map: (n, 3, 6) float32 colour maps [A | b | low | high] without the contrast pivot (augment.Standardizer)
     x_pivot, t_pivot: (n, 3) float64: b += pivot * the mean grey level of the model image x, on [0, 1]
+    x_hed, t_hed: (n, 3, 4) float32 stain maps (augment.AugmentDraw.stain_map), with `augment.hed` only
     moves: (n, 3) int64 (hflip, vflip, rot90 k) when augmenting; encoded, crop: bools
 """
 
@@ -101,10 +102,23 @@ def stacked(
 
 
 def mean_grey(images: torch.Tensor) -> torch.Tensor:
-    """(n,) float64 mean ITU-R 601 grey level of uint8 (n, 3, H, W) images, on [0, 1]: exact integer sums."""
+    """(n,) float64 mean ITU-R 601 grey level of (n, 3, H, W) images on the 0..255 scale, on [0, 1]: exact integer
+    sums for uint8, float64 sums for stain-moved float images."""
     n, c, h, w = images.shape
-    means = images.sum((2, 3), dtype=torch.int64).double() / (h * w * 255.0)
+    exact = images.dtype == torch.uint8
+    total = images.sum((2, 3), dtype=torch.int64 if exact else torch.float64)
+    means = total.double() / (h * w * 255.0)
     return means[:, 0] * GREY[0] + means[:, 1] * GREY[1] + means[:, 2] * GREY[2]  # scalars: no copy to the device
+
+
+def stain_moved(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, 3, H, W) -> float32 on the same 0..255 scale, each pixel's optical density od = -log((v + 1) / 256)
+    mapped to L @ od + c by its image's (3, 4) stain map [L | c] (augment.AugmentDraw.stain_map); an identity map
+    gives the image back to float rounding."""
+    n, c, h, w = images.shape
+    density = torch.log((images.reshape(n, c, h * w).float() + 1.0) / 256.0).neg_()
+    moved = torch.baddbmm(maps[:, :, 3:4], maps[:, :, :3], density)
+    return moved.neg_().exp_().mul_(256.0).sub_(1.0).clamp_(0.0, 255.0).view(n, c, h, w)
 
 
 def standardised(images: torch.Tensor, maps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -133,6 +147,9 @@ def finish_batch(
         for slot in images:
             images[slot] = [apply_moves(img, *move) for img, move in zip(images[slot], batch["moves"].tolist())]
     x, t = stacked(images["x"], images.get("t"), bool(batch.get("crop")))
+    if "x_hed" in batch:  # the stain jitter, before the colour map (and the grey level contrast pivots on)
+        x = stain_moved(x, batch["x_hed"].to(device, non_blocking=True))
+        t = None if t is None else stain_moved(t, batch["t_hed"].to(device, non_blocking=True))
     grey = mean_grey(x) if "x_pivot" in batch else None  # the model image's grey level pivots contrast for both
     out = {k: batch[k] for k in ("key", "slide", "tissue", "area", "y") if k in batch}
     for slot, slot_images in (("x", x), ("t", t)):

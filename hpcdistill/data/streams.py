@@ -204,9 +204,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             draw = AugmentDraw.sample(s.augment, rng)
             out["moves"] = draw.moves
         linear, pivot = draw.colour_linear() if draw is not None else (None, 0.0)
+        stains = draw.stain_map() if draw is not None and s.augment.hed > 0 else None  # every sample, or none
         for slot, name in names.items():
             standardizer = self._standardizer(name)
             out[slot] = dec[name]
+            if stains is not None:  # one stain move for the whole pair, like the colour map
+                out[f"{slot}_hed"] = stains
             if linear is None:
                 out[f"{slot}_map"] = standardizer.plain
             else:  # the model image's mean grey pivots contrast for the whole pair: added where the pixels are
@@ -263,7 +266,7 @@ def collate(samples: list[dict[str, Any]], spec: StreamSpec) -> dict[str, Any]:
     for name in samples[0]:
         if name in ("x", "t"):
             batch[name] = [s[name] for s in samples]
-        elif name.endswith(("_map", "_pivot")) or name == "moves":
+        elif name.endswith(("_map", "_pivot", "_hed")) or name == "moves":
             parts = [np.asarray(s[name]) for s in samples]
             batch[name] = torch.from_numpy(parts[0][None] if len(parts) == 1 else np.stack(parts))
     return batch

@@ -30,8 +30,9 @@ from hpcdistill.scoring.flops import flops_at_sizes
 from hpcdistill.scoring.method_labels import method_label
 from hpcdistill.scoring.metrics import METRICS, bootstrap_ci, classification_metrics, kappa_weights_of
 from hpcdistill.scoring.unit_scores import say_unit_notes, score_unit
-from hpcdistill.shards.manifest import dataset_name, mag_stats, read_manifest, split_summary
+from hpcdistill.shards.manifest import dataset_name, read_manifest, shard_stain, split_summary
 from hpcdistill.shards.reader import resolve_sets
+from hpcdistill.slides.stain import stain_mismatch
 
 
 def predict_split(
@@ -40,13 +41,15 @@ def predict_split(
     manifest: dict[str, Any],
     split: str,
     mag: float,
+    stats: dict[str, list[float]],
     workers: int = 0,
     checkpoint: str = "model",
     progress: bool | None = False,
 ) -> list[dict[str, Any]]:
     """(key, slide, label, prediction, probabilities) for every sample of the split, by sample key, on the model's
-    device; `workers` loader processes decode the shards in parallel (whole tissues at 10x decode slowly).
-    `progress`: a bar over the samples (None: on a terminal)."""
+    device, standardised with `stats` (the model's own, from its training shards: another folder's would feed it
+    inputs on another scale); `workers` loader processes decode the shards in parallel (whole tissues at 10x decode
+    slowly). `progress`: a bar over the samples (None: on a terminal)."""
     splits = manifest.get("splits", {})
     sets = resolve_sets(shards, manifest, [split]) if split in splits else None
     if sets is None or not sets.urls or sets.samples == 0:
@@ -56,7 +59,7 @@ def predict_split(
     if not sum(splits[split].get("class_histogram", {}).values()):
         raise EvaluationError(f"{Path(shards) / 'manifest.json'}: split {split!r} has no labeled samples to score")
     # standardised where the model runs (model_outputs), as in training
-    stats = {mag_name(mag): mag_stats(manifest, mag)}
+    stats = {mag_name(mag): stats}
     kinds = dict(mode="labeled", sampler="ordered", finish_on_device=True)
     spec = StreamSpec(urls=sets.urls, mag=mag, teacher_mag=mag, stats=stats, micro_batch=1, samples=-1, **kinds)
     device = next(model.parameters()).device
@@ -89,6 +92,9 @@ def _load_for(checkpoint: str | Path, shards: str | Path, manifest: dict[str, An
     exported = load_exported(checkpoint, expect_classes=len(classes) or None)
     if exported.classes and classes and exported.classes != classes:
         raise EvaluationError(f"{checkpoint}: trained on classes {exported.classes}, the shards have {classes}")
+    mismatch = stain_mismatch(exported.stain_norm, shard_stain(manifest), f"{Path(shards) / 'manifest.json'}")
+    if mismatch:
+        raise EvaluationError(f"{checkpoint}: {mismatch}")
     mags = [float(m) for m in manifest.get("mags", [])]
     if not any(math.isclose(exported.mag, m) for m in mags):
         raise EvaluationError(
@@ -122,7 +128,15 @@ def evaluate_checkpoint(
         exported = _load_for(checkpoint, shards, manifest)
         exported.model.to(pick_device(o.device))
         rows = predict_split(
-            exported.model, shards, manifest, o.split, exported.mag, o.workers, str(checkpoint), o.progress
+            exported.model,
+            shards,
+            manifest,
+            o.split,
+            exported.mag,
+            exported.stats,
+            o.workers,
+            str(checkpoint),
+            o.progress,
         )
         labeled = _labeled(rows, shards, o.split)
         seen = seen_record(exported, labeled, manifest, where=f"{checkpoint} on {o.split}")

@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
-from hpcdistill.common.errors import ExportError, one_line
+from hpcdistill.common.errors import ExportError, HpcdistillError, one_line
 from hpcdistill.common.limits import regular_file
 from hpcdistill.common.mags import mag_name
 from hpcdistill.models.resnet import build_model
+from hpcdistill.slides.mag_scale import OBJECTIVE_SCALE, MagScale
+from hpcdistill.slides.stain import StainNorm
 from hpcdistill.slides.windows import DEFAULT_WINDOWING, Windowing
 
 EXPORT_KEYS = ("state_dict", "arch_kwargs", "mag", "classes", "stats")
@@ -31,6 +33,8 @@ def export_blob(
     global_step: int,
     windowing: dict[str, Any],
     source: str = "level0",
+    mag_scale: dict[str, Any] | None = None,
+    stain_norm: dict[str, Any] | None = None,
     val: dict[str, float] | None = None,
     seen: dict[str, list[str]] | None = None,
     provenance: dict[str, Any] | None = None,
@@ -39,6 +43,8 @@ def export_blob(
     belongs to the trajectory it continues; `source`, where the training shards' crops came from; `val`, its
     validation metrics when it was picked (what the teacher gate reads); `seen`, the slides and patients it was
     trained and validated on ({"slides": [...], "patients": [...]}: what scoring leaves out as not a test);
+    `mag_scale`, what the shards' magnifications meant (slides.mag_scale; None: the objective power, as before);
+    `stain_norm`, the shards' stain normalisation (slides.stain; None: none);
     `provenance`, how it was made (common.provenance)."""
     return {
         "state_dict": {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()},
@@ -50,6 +56,8 @@ def export_blob(
         "global_step": global_step,
         "windowing": windowing,
         "source": source,
+        "mag_scale": mag_scale,
+        "stain_norm": stain_norm,
         "val": {k: float(v) for k, v in (val or {}).items()},
         "seen": {k: sorted(map(str, v)) for k, v in (seen or {}).items()},
         "provenance": provenance or {},
@@ -71,6 +79,8 @@ class ExportedModel:
     val: dict = field(default_factory=dict)  # validation metrics at the pick ({}: not recorded, an older export)
     seen: dict = field(default_factory=dict)  # {"slides", "patients"} it trained and validated on ({}: not recorded)
     provenance: dict = field(default_factory=dict)  # how it was made (common.provenance; {}: an older export)
+    mag_scale: MagScale = OBJECTIVE_SCALE  # what its shards' magnifications meant: how `predict` opens slides
+    stain_norm: StainNorm = field(default_factory=StainNorm)  # its shards' stain normalisation: predict's too
 
     @property
     def device(self) -> torch.device:
@@ -127,4 +137,14 @@ def load_exported(
         val={k: float(v) for k, v in (blob.get("val") or {}).items()},
         seen={k: set(v) for k, v in (blob.get("seen") or {}).items()},
         provenance=dict(blob.get("provenance") or {}),
+        mag_scale=_recorded(MagScale, path, blob.get("mag_scale")),
+        stain_norm=_recorded(StainNorm, path, blob.get("stain_norm")),
     )
+
+
+def _recorded(kind: Any, path: Path, record: Any) -> Any:
+    """A MagScale or StainNorm the export recorded (None: an export older than the record)."""
+    try:
+        return kind.from_dict(record, str(path))
+    except HpcdistillError as err:
+        raise ExportError(str(err)) from None

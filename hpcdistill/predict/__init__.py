@@ -10,7 +10,8 @@ if TYPE_CHECKING:
     from hpcdistill.predict.array import plan_predictions, predict_jobs
     from hpcdistill.predict.cam import cam_logits
     from hpcdistill.predict.cohort_scores import score_cohort
-    from hpcdistill.predict.prediction import PREDICT_RESULTS, PredictOptions, predict_slides
+    from hpcdistill.predict.options import PredictOptions
+    from hpcdistill.predict.prediction import PREDICT_RESULTS, predict_slides
     from hpcdistill.predict.preview import preview_lines, preview_slides
     from hpcdistill.predict.qupath import write_geojson
 
@@ -35,7 +36,7 @@ _HOMES = {
     "cam_logits": "cam",
     "score_cohort": "cohort_scores",
     "PREDICT_RESULTS": "prediction",
-    "PredictOptions": "prediction",
+    "PredictOptions": "options",
     "predict_slides": "prediction",
     "preview_lines": "preview",
     "preview_slides": "preview",

@@ -11,7 +11,6 @@ uncertain small fragment from flipping the call). Slides that cannot be read are
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hpcdistill.common.console import say
 from hpcdistill.common.errors import HpcdistillError, NonFiniteOutputError, PredictionError, one_line
 from hpcdistill.common.folder_lock import one_writer
 from hpcdistill.common.mags import mag_name
@@ -29,6 +27,7 @@ from hpcdistill.models.export import ExportedModel, load_exported
 from hpcdistill.models.inference import model_outputs, pick_device, require_finite, standardise
 from hpcdistill.predict.cam import STEM_STRIDE, TissueMap, WindowMap, cam_logits, tissue_map
 from hpcdistill.predict.heatmap import heatmap_title, overlay_image, write_arrays
+from hpcdistill.predict.options import PredictOptions, announce, check_options, slide_scale
 from hpcdistill.predict.qupath import write_geojson
 from hpcdistill.predict.result_files import write_predictions
 from hpcdistill.scoring.aggregation import SLIDE_RULES, area_mean, combine
@@ -36,35 +35,20 @@ from hpcdistill.scoring.metrics import kappa_weights_of
 from hpcdistill.slides.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
 from hpcdistill.slides.outlines import tissue_outlines
-from hpcdistill.slides.regions import RoiOptions
-from hpcdistill.slides.slide import READ_SOURCES
-from hpcdistill.slides.tissue import TissueParams, class_colour, write_qc_png
+from hpcdistill.slides.tissue import class_colour, write_qc_png
 from hpcdistill.slides.windows import TissueWindows, find_windows, fitting_windows, window_sizes
 
 
-@dataclass(frozen=True)
-class PredictOptions:
-    """How slides are read and what is written besides the calls."""
-
-    base_mag: float | None = None
-    tissue: TissueParams = field(default_factory=TissueParams)
-    heatmap: bool = False  # CAM overlay PNG, arrays, and CAM cells as QuPath detections
-    heatmap_class: str | None = None  # the class whose probability the overlay shows; None: the slide's call
-    slide_rule: str = "mean"  # a key of SLIDE_RULES
-    read: str | None = None  # "level0" or "pyramid" (slides.slide.READ_SOURCES); None: what the export trained on
-    labels: str | None = None  # a labels CSV (slide, patient, label): score the calls (predict.cohort_scores)
-    include_seen: bool = False  # score the labelled slides the model trained on too (left out by default)
-    rois: RoiOptions = field(default_factory=RoiOptions)  # the user's regions (slides.regions), as in shard
-
-
 def _window_batches(
-    slide: Any, found: TissueWindows, exported: ExportedModel, slide_path: str | Path, read: str
+    slide: Any, found: TissueWindows, exported: ExportedModel, slide_path: str | Path, read: str, stain: tuple | None
 ) -> Iterator[dict[str, Any]]:
-    """One batch per window, standardised as in training; the key names the slide, tissue and window."""
+    """One batch per window, stain-normalised with the slide's fit (`stain`, when the model's shards were) and
+    standardised as in training; the key names the slide, tissue and window."""
     for t, windows in enumerate(found.windows):
         for w, window in enumerate(windows):
             size = window_sizes(window, slide.info.base_mag, [exported.mag])[exported.mag]
             image = slide.read_at_mag(window, exported.mag, size, read)
+            image = exported.stain_norm.apply(image, stain) if stain else image
             yield {
                 "key": [f"{slide_path} tissue {t} window {w}"],
                 "x": standardise(image, exported.stats),
@@ -76,12 +60,18 @@ def _window_batches(
 
 
 def _classify_windows(
-    slide: Any, found: TissueWindows, exported: ExportedModel, slide_path: str | Path, with_cam: bool, read: str
+    slide: Any,
+    found: TissueWindows,
+    exported: ExportedModel,
+    slide_path: str | Path,
+    with_cam: bool,
+    read: str,
+    stain: tuple | None,
 ) -> tuple[list[dict[str, Any]], list[WindowMap]]:
     """Every window's probabilities (and CAM, `with_cam`), through the shared model-over-stream loop."""
     rows, cams = [], []
     stride = STEM_STRIDE[exported.arch_kwargs.get("stem", "standard")]
-    batches = _window_batches(slide, found, exported, slide_path, read)
+    batches = _window_batches(slide, found, exported, slide_path, read, stain)
     for batch, features, logits in model_outputs(
         exported.model, batches, exported.device, mag=exported.mag, remedy="rerun it with --device cpu"
     ):
@@ -179,7 +169,7 @@ def predict_slide(
 ) -> dict:
     """Per-window and per-tissue probabilities, the slide call, an overlay PNG and a QuPath GeoJSON for one slide
     (and its heat maps with `options.heatmap`)."""
-    with open_slide(slide_path, base_mag=options.base_mag) as slide:
+    with open_slide(slide_path, base_mag=options.base_mag, scale=slide_scale(options, exported)) as slide:
         info = slide.info
         if info.base_mag < exported.mag:
             raise PredictionError(
@@ -189,7 +179,8 @@ def predict_slide(
         if not found.boxes:
             raise PredictionError(f"{slide_path}: no tissue found on the thumbnail" + (f" ({small})" if small else ""))
         read = options.read or exported.source
-        windows, cams = _classify_windows(slide, found, exported, slide_path, options.heatmap, read)
+        stain = _stain_fit(exported, found, slide_path)
+        windows, cams = _classify_windows(slide, found, exported, slide_path, options.heatmap, read, stain)
         source = read_record(slide, exported.mag, read)
         outlines = tissue_outlines(slide, found, options.tissue)
     classes, out, stem = exported.classes, Path(out_dir).resolve(), Path(slide_path).stem  # paths readable anywhere
@@ -202,20 +193,15 @@ def predict_slide(
         "call": call,
         "rule": options.slide_rule,
         "probs": scores.tolist(),
-        "base_mag": info.base_mag,
+        **_scale_record(info, stain),
         **source,
         "tissues": tissues,
         "windows": windows,
         "overlay": str(out / "overlays" / f"{stem}.png"),
     }
     result["note"] = "; ".join(n for n in (result.get("note", ""), small) if n)
-    _write_overlay(
-        Path(result["overlay"]),
-        found,
-        tissues,
-        classes,
-        f"{stem}: {call} ({options.slide_rule} rule), model at {mag_name(exported.mag)}",
-    )
+    title = f"{stem}: {call} ({options.slide_rule} rule), model at {mag_name(exported.mag)}"
+    _write_overlay(Path(result["overlay"]), found, tissues, classes, title)
     maps = None
     if options.heatmap:
         maps, paths = _write_heatmaps(out, stem, found, cams, windows, tissues, exported, options.heatmap_class or call)
@@ -223,6 +209,19 @@ def predict_slide(
     geojson = write_geojson(out / "geojson" / f"{stem}.geojson", outlines, tissues, classes, maps)
     result["geojson"] = str(geojson)
     return result
+
+
+def _stain_fit(exported: ExportedModel, found: TissueWindows, slide_path: str | Path) -> tuple[float, ...] | None:
+    """The slide's own stain, fitted on its tissue, when the model's shards were normalised (slides.stain)."""
+    if not exported.stain_norm.active:
+        return None
+    return exported.stain_norm.fit_slide(found.thumb, found.mask(), str(slide_path))
+
+
+def _scale_record(info: Any, stain: tuple[float, ...] | None) -> dict[str, Any]:
+    """How the slide was read: its magnification and where it came from, its pixel size, its stain fit."""
+    fit = None if stain is None else [round(v, 6) for v in stain]
+    return {"base_mag": info.base_mag, "mag_source": info.mag_source, "mpp": info.mpp, "stain": fit}
 
 
 def prediction_windows(
@@ -296,38 +295,13 @@ def summarise(model_path: str | Path, exported: ExportedModel, options: PredictO
         "slide_rule_means": SLIDE_RULES[options.slide_rule],
         "read": options.read or exported.source,
         "trained_on": exported.source,
+        "mag_scale": slide_scale(options, exported).to_dict(),
+        "stain_norm": exported.stain_norm.to_dict(),
         "model_seen": {k: sorted(v) for k, v in exported.seen.items()},  # its training and validation slides, patients
         "kappa_weights": kappa_weights_of(exported.config),
         "provenance": provenance(),  # how this prediction was made (an array's merge: the task that wrote the part)
         "model_provenance": exported.provenance,
     }
-
-
-def announce(model_path: str | Path, exported: ExportedModel, options: PredictOptions) -> None:
-    """What the user should know before the slides are read: a read other than the training source, an export
-    older than the windowing record (said, not silently assumed)."""
-    if options.read is not None and options.read != exported.source:  # allowed, but the input shifts: say so
-        say(
-            f"{model_path}: trained on crops from {exported.source} but reading {options.read}: the pixels differ from "
-            "training (scanner filter and JPEG); see the README's pyramid section for the measured cost"
-        )
-    if not exported.windowing_recorded:
-        say(
-            f"{model_path}: written before exports recorded their shards' windowing; tissues are cut with the "
-            f"sharder's defaults ({exported.windowing.to_dict()})"
-        )
-
-
-def check_options(options: PredictOptions, classes: list[str]) -> PredictOptions:
-    if options.slide_rule not in SLIDE_RULES:
-        raise PredictionError(f"--slide-rule {options.slide_rule!r}: expected one of {', '.join(SLIDE_RULES)}")
-    if options.read not in (None, *READ_SOURCES):
-        raise PredictionError(f"--read {options.read!r}: expected one of {', '.join(READ_SOURCES)}")
-    if options.heatmap_class is not None and options.heatmap_class not in classes:
-        raise PredictionError(
-            f"--heatmap-class {options.heatmap_class!r}: not a class of the model ({', '.join(classes)})"
-        )
-    return options
 
 
 # What a finished prediction leaves in its folder: a rerun replaces it only with --overwrite.
@@ -350,7 +324,7 @@ def predict_slides(
     on a terminal)."""
     exported = load_exported(model_path)
     fields = {k: v for k, v in fields.items() if not (k == "tissue" and v is None)}
-    opts = check_options(options or PredictOptions(**fields), exported.classes)
+    opts = check_options(options or PredictOptions(**fields), exported)
     announce(model_path, exported, opts)
     exported.model.to(pick_device(device))
     out = Path(out_dir)

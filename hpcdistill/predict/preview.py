@@ -10,7 +10,8 @@ from typing import Any
 from hpcdistill.common.errors import PredictionError, one_line
 from hpcdistill.common.mags import mag_name
 from hpcdistill.models.export import load_exported
-from hpcdistill.predict.prediction import PredictOptions, check_options, prediction_windows, read_record
+from hpcdistill.predict.options import PredictOptions, check_options, slide_scale
+from hpcdistill.predict.prediction import prediction_windows, read_record
 from hpcdistill.slides.catalog import check_slide_ids, slide_name
 from hpcdistill.slides.factory import open_slide
 
@@ -18,18 +19,24 @@ from hpcdistill.slides.factory import open_slide
 def preview_slides(model_path: str | Path, slides: list[Path], options: PredictOptions) -> list[dict[str, Any]]:
     """One row per slide: what would be classified, or why the slide would be skipped."""
     exported = load_exported(model_path)
-    options = check_options(options, exported.classes)
+    options = check_options(options, exported)
     check_slide_ids(slides)
     rows = []
     for path in slides:
         row: dict[str, Any] = {"slide": slide_name(Path(path)), "path": str(path), "status": "ok"}
         try:
-            with open_slide(path, base_mag=options.base_mag) as slide:
+            with open_slide(path, base_mag=options.base_mag, scale=slide_scale(options, exported)) as slide:
                 info = slide.info
                 if info.base_mag < exported.mag:
                     raise PredictionError(f"scanned at {mag_name(info.base_mag)}, below {mag_name(exported.mag)}")
                 found, small = prediction_windows(slide, path, exported, options)
-                row |= {"base_mag": info.base_mag, "tissues": len(found.boxes), "windows": found.count, "note": small}
+                row |= {
+                    "base_mag": info.base_mag,
+                    "mag_source": info.mag_source,
+                    "tissues": len(found.boxes),
+                    "windows": found.count,
+                    "note": small,
+                }
                 row |= read_record(slide, exported.mag, options.read or exported.source)
         except Exception as err:  # noqa: BLE001 -- as prediction: one slide's fault is its row
             row |= {"status": "skipped", "reason": one_line(err)}

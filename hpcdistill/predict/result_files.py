@@ -36,7 +36,8 @@ def write_predictions(
                 writer.writerow([r["slide"], t["tissue"], *t["box_l0"], t["pred"], *(f"{p:.6f}" for p in t["probs"])])
     with atomic_output(out / "slides.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        head = ["slide", "path", "status", "call", "rule", "read", "level", "level_mag", "reason"]
+        head = ["slide", "path", "status", "call", "rule", "read", "level", "level_mag", "base_mag", "mpp"]
+        head += ["mag_source", "reason"]  # the scale each slide was read at, and where it came from
         writer.writerow(
             head + (["label", "correct", "seen"] if cohort is not None else []) + [f"p_{c}" for c in classes]
         )

@@ -46,6 +46,8 @@ class SlideResult:
     split: str | None
     base_mag: float | None = None
     mag_source: str | None = None
+    mpp: float | None = None  # microns per level-0 pixel, as the slide records it (None: it records none)
+    stain_fit: tuple[float, ...] | None = None  # the slide's own stain (slides.stain), with --stain-norm
     tissues: int = 0
     small_tissues: int = 0  # tissues with no window of ShardParams.min_side at every magnification: not cut
     roi: str | None = None  # the region file applied, or why none was
@@ -70,6 +72,8 @@ class SlideResult:
             "samples": len(self.samples),
             "base_mag": self.base_mag,
             "mag_source": self.mag_source,
+            "mpp": self.mpp,
+            "stain": None if self.stain_fit is None else [round(v, 6) for v in self.stain_fit],
             "sample_tissues": sorted({s.tissue for s in self.samples}),
             "sizes": [s.sizes for s in self.samples],
             "pixel_sums": self.pixel_sums,
@@ -122,14 +126,16 @@ def _skip_reason(exc: Exception, path: str) -> str:
 def _shard_open_slide(
     job: SlideJob, params: ShardParams, qc_dir: Path, collect_stats: bool, spool: io.BufferedWriter
 ) -> SlideResult:
-    with open_slide(job.path, base_mag=params.base_mag) as slide:
+    with open_slide(job.path, base_mag=params.base_mag, scale=params.mag_scale) as slide:
         info = slide.info
-        result = SlideResult(job.slide, "ok", None, job.split, info.base_mag, info.mag_source)
+        result = SlideResult(job.slide, "ok", None, job.split, info.base_mag, info.mag_source, info.mpp)
         found, reason = survey_slide(slide, job, params, qc_dir)
         result.roi = region_note(job, params)
         if reason:
             return _skip(result, reason)
         result.tissues, result.small_tissues = len(found.boxes), found.small
+        if params.stain.active:  # fitted once on the slide's tissue: every window of it mapped alike
+            result.stain_fit = params.stain.fit_slide(found.thumb, found.mask(), job.path)
         for t, windows in enumerate(found.windows):
             label = found.classes[t] if found.classes is not None else job.label
             for w, window in enumerate(windows):
@@ -215,10 +221,14 @@ def preview_slide(job: SlideJob, params: ShardParams, qc_dir: str) -> dict[str, 
     if job.skip_reason:
         return row
     try:
-        with open_slide(job.path, base_mag=params.base_mag) as slide:
+        with open_slide(job.path, base_mag=params.base_mag, scale=params.mag_scale) as slide:
             info = slide.info
             row.update(
-                base_mag=info.base_mag, mag_source=info.mag_source, size=[info.width, info.height], vendor=info.vendor
+                base_mag=info.base_mag,
+                mag_source=info.mag_source,
+                mpp=info.mpp,
+                size=[info.width, info.height],
+                vendor=info.vendor,
             )
             found, row["reason"] = survey_slide(slide, job, params, qc_dir)
             if found is not None:
@@ -268,7 +278,7 @@ def _cut_sample(
         box, wanted, params.source
     )  # level 0 decoded once; each mag Lanczos-resampled straight from it
     for mag in params.mags:
-        pixels = images.pop(mag)
+        pixels = params.stain.apply(images.pop(mag), result.stain_fit) if result.stain_fit else images.pop(mag)
         sizes[mag_name(mag)] = [int(v) for v in wanted[mag]]
         if collect_stats:
             _add_pixel_sums(result.pixel_sums.setdefault(mag_name(mag), [0.0] * 7), pixels)

@@ -14,6 +14,8 @@ from hpcdistill.common.errors import DataError
 from hpcdistill.common.files import read_json
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.provenance import provenance
+from hpcdistill.slides.mag_scale import MagScale
+from hpcdistill.slides.stain import StainNorm
 
 MANIFEST = "manifest.json"
 
@@ -71,6 +73,16 @@ def _check_shard_entry(folder: Path, where: Path, split: str, name: Any, recorde
             f"{path}: {path.stat().st_size} bytes, the manifest recorded {recorded['bytes']}: replaced or "
             "cut short since it was written; reshard"
         )
+
+
+def shard_mag_scale(manifest: dict[str, Any]) -> MagScale:
+    """What the shards' magnifications mean (slides.mag_scale); a folder cut before the option: the objective."""
+    return MagScale.from_dict((manifest.get("params") or {}).get("mag_scale"), "manifest.json")
+
+
+def shard_stain(manifest: dict[str, Any]) -> StainNorm:
+    """The shards' stain normalisation (slides.stain); a folder cut before the option: none."""
+    return StainNorm.from_dict((manifest.get("params") or {}).get("stain"), "manifest.json")
 
 
 def shard_source(manifest: dict[str, Any]) -> str:
@@ -160,6 +172,8 @@ SLIDE_FIELDS = (
     "samples",
     "base_mag",
     "mag_source",
+    "mpp",
+    "stain",
 )
 
 

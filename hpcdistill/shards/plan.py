@@ -16,8 +16,10 @@ from hpcdistill.common.limits import read_bounded
 from hpcdistill.common.mags import mag_name
 from hpcdistill.slides import tissue
 from hpcdistill.slides.catalog import LabelRow, assign_splits, read_labels_csv, slide_name
+from hpcdistill.slides.mag_scale import PHYSICAL_SCALE, MagScale
 from hpcdistill.slides.regions import RoiOptions
 from hpcdistill.slides.slide import READ_SOURCES
+from hpcdistill.slides.stain import StainNorm
 from hpcdistill.slides.windows import DEFAULT_MAGS, DEFAULT_MAX_SIZE, Windowing
 
 
@@ -49,6 +51,11 @@ class ShardParams:
     # The user's regions (QuPath GeoJSON): keep tissue inside them or remove it; with labels, they give each
     # tissue its class (slides/regions.py).
     rois: RoiOptions = dataclasses.field(default_factory=RoiOptions)
+    # What a magnification means: a pixel size (the default; 10x = 1 um/px) or, as folders before the option were
+    # cut, the objective power (slides.mag_scale).
+    mag_scale: MagScale = PHYSICAL_SCALE
+    # Stain normalisation to a reference, fitted per slide (slides.stain); none by default.
+    stain: StainNorm = dataclasses.field(default_factory=StainNorm)
 
     def __post_init__(self) -> None:
         # floats everywhere, so params given by the CLI or by code fingerprint identically
@@ -199,6 +206,10 @@ def params_fingerprint(params: ShardParams, slide_paths: list[Path], labels_csv:
         del fingerprint["aux_shares_patients"]  # the default: folders written before the option match
     if fingerprint["min_side"] == 1:
         del fingerprint["min_side"]  # every window has a side of 1 px: folders written before the option match
+    if not params.stain.active:
+        del fingerprint["stain"]  # none: folders written before the option match
+    if params.mag_scale.basis == "objective":
+        del fingerprint["mag_scale"]  # how folders were cut before the option: theirs match
     if params.rois.path is None:
         del fingerprint["rois"]  # no regions: folders written before the option match
     else:  # an edited region file changes the shards: a rerun into the folder must notice

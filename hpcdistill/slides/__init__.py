@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hpcdistill.slides.catalog import collect_slides, read_labels_csv
     from hpcdistill.slides.factory import open_slide
+    from hpcdistill.slides.mag_scale import MagScale
     from hpcdistill.slides.metadata import base_magnification
     from hpcdistill.slides.resample import lanczos_to_size
     from hpcdistill.slides.slide import Slide, SlideInfo, target_size
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from hpcdistill.slides.windows import Windowing, find_windows
 
 __all__ = [
+    "MagScale",
     "Slide",
     "SlideInfo",
     "TissueParams",
@@ -37,6 +39,7 @@ _HOMES = {
     "collect_slides": "catalog",
     "read_labels_csv": "catalog",
     "open_slide": "factory",
+    "MagScale": "mag_scale",
     "base_magnification": "metadata",
     "lanczos_to_size": "resample",
     "Slide": "slide",

@@ -20,6 +20,7 @@ import pyvips
 from hpcdistill.common.errors import SlideError, one_line
 from hpcdistill.common.limits import limit, raise_hint
 from hpcdistill.common.signals import signal_pending
+from hpcdistill.slides.mag_scale import PHYSICAL_SCALE, MagScale
 from hpcdistill.slides.metadata import TiffLevel, base_magnification, check_level_sizes, metadata_conflicts, probe_tiff
 from hpcdistill.slides.resample import lanczos_to_size
 from hpcdistill.slides.slide import Level, Slide, SlideInfo
@@ -195,12 +196,14 @@ class OpenSlideSlide(Slide):
             yield pyvips.Image.rawload(raw_path, w, h, 3).copy(interpretation="srgb")
 
 
-def probe(path: str, base_mag: float | None) -> tuple[SlideInfo, openslide.OpenSlide | None, list[TiffLevel] | None]:
+def probe(
+    path: str, base_mag: float | None, scale: MagScale = PHYSICAL_SCALE
+) -> tuple[SlideInfo, openslide.OpenSlide | None, list[TiffLevel] | None]:
     """(info, an open OpenSlide handle or None, the TIFF levels libvips reads or None); SlideError when neither
     backend can read the file or its magnification is unknown. The caller owns (closes) the handle."""
     osr = _open_openslide(path)
     try:
-        return _probe_with(path, osr, base_mag)
+        return _probe_with(path, osr, base_mag, scale)
     except BaseException:
         if osr is not None:
             osr.close()
@@ -218,7 +221,7 @@ def _open_openslide(path: str) -> openslide.OpenSlide | None:
 
 
 def _probe_with(
-    path: str, osr: openslide.OpenSlide | None, base_mag: float | None
+    path: str, osr: openslide.OpenSlide | None, base_mag: float | None, scale: MagScale
 ) -> tuple[SlideInfo, openslide.OpenSlide | None, list[TiffLevel] | None]:
     props = dict(osr.properties) if osr is not None else {}
     vendor = props.get("openslide.vendor")
@@ -232,7 +235,7 @@ def _probe_with(
     sizes = [(lv.width, lv.height) for lv in tiff.levels] if tiff.levels is not None else None
     check_level_sizes(path, sizes or [tuple(map(int, d)) for d in osr.level_dimensions])  # before any decoding
     levels = _vips_readable(path, tiff.levels, osr) if tiff.levels is not None else None
-    mag, source, mpp = base_magnification(path, props, tiff.description, tiff.res_mpp, base_mag)
+    mag, source, mpp = base_magnification(path, props, tiff.description, tiff.res_mpp, base_mag, scale)
     if levels is not None:
         width, height, level_count = levels[0].width, levels[0].height, len(levels)
     else:

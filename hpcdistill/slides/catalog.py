@@ -18,6 +18,22 @@ from hpcdistill.common.errors import SlideError
 from hpcdistill.common.limits import read_bounded, regular_file
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu")
+DICOM_SUFFIX = ".dcm"  # a folder of DICOM WSI instances (one per level) is one slide, named by the folder
+
+
+def dicom_instance(folder: str | os.PathLike) -> Path:
+    """The instance OpenSlide opens for a DICOM WSI folder (it finds the series' other levels beside it)."""
+    instances = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == DICOM_SUFFIX and p.is_file())
+    if not instances:
+        raise SlideError(f"{folder}: a folder is read as a slide only when it holds DICOM WSI instances (.dcm)")
+    return instances[0]
+
+
+def _slides_under(folder: Path) -> set[Path]:
+    """The slide files under `folder`, and the folders holding DICOM instances (each one slide)."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    found = {p for p in files if p.suffix.lower() in SLIDE_EXTENSIONS}
+    return found | {p.parent for p in files if p.suffix.lower() == DICOM_SUFFIX}
 
 
 def key_safe(slide: str) -> str:
@@ -29,13 +45,14 @@ SPLIT_NAME = re.compile(r"^(train|val|test|dev|aux|aux[A-Za-z0-9_]+)$")
 
 
 def collect_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, directories scanned recursively for known slide extensions, globs expanded; sorted, unique."""
+    """Files as given, directories scanned recursively for known slide extensions (a folder of DICOM instances is one
+    slide), globs expanded; sorted, unique."""
     found: set[Path] = set()
     for item in inputs:
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+            found.update(_slides_under(path))
         elif path.is_file():
             found.add(path)
         elif path.exists() and not glob.has_magic(text):
@@ -45,7 +62,7 @@ def collect_slides(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             files = [p for p in matches if p.is_file()]
             for p in matches:
                 if p.is_dir():
-                    files.extend(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS)
+                    files.extend(_slides_under(p))
             if not files:
                 raise SlideError(f"{text}: the pattern matches no files")
             found.update(files)
@@ -75,7 +92,8 @@ def check_slide_ids(paths: Iterable[str | os.PathLike]) -> None:
 
 
 def slide_name(path: Path) -> str:
-    """The slide's id in keys, labels and the manifest: its file name without the extension."""
+    """The slide's id in keys, labels and the manifest: its file name without the extension (a DICOM folder's
+    name)."""
     return path.name[: -len(path.suffix)] if path.suffix else path.name
 
 

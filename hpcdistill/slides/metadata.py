@@ -17,6 +17,7 @@ import tifffile
 
 from hpcdistill.common.errors import SlideError
 from hpcdistill.common.limits import MPP_RANGE, OBJECTIVE_RANGE, limit, raise_hint
+from hpcdistill.slides.mag_scale import PHYSICAL_SCALE, MagScale
 
 # Objective powers scanners actually use; an mpp-derived magnification within SNAP_TOLERANCE snaps to one.
 COMMON_POWERS = (1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 63.0, 80.0, 100.0)
@@ -64,10 +65,17 @@ def _mpp_from_resolution(page: tifffile.TiffPage) -> float | None:
 
 
 def base_magnification(
-    path: str, props: Mapping[str, str], description: str, res_mpp: float | None, base_mag: float | None
+    path: str,
+    props: Mapping[str, str],
+    description: str,
+    res_mpp: float | None,
+    base_mag: float | None,
+    scale: MagScale = PHYSICAL_SCALE,
 ) -> tuple[float, str, float | None]:
-    """(base magnification, its source, mpp): `base_mag` if given, else the objective power (OpenSlide, Aperio
-    AppMag), else from the mpp (OpenSlide, Aperio MPP, TIFF resolution tags). SlideError if none is known."""
+    """(base magnification, its source, mpp): `base_mag` if given; else, on the default pixel-size scale, from the
+    mpp (OpenSlide, Aperio MPP, TIFF resolution tags; slides.mag_scale), else the objective power (OpenSlide,
+    Aperio AppMag); on the objective scale, the objective power first, then the mpp snapped to a common power.
+    The source names which: "mpp", "objective-power" or "override". SlideError if none is known."""
     mpp = _positive_float(props.get("openslide.mpp-x")) or _aperio_field(description, "MPP") or res_mpp
     objective = _positive_float(props.get("openslide.objective-power")) or _aperio_field(description, "AppMag")
     if base_mag is not None:
@@ -78,6 +86,8 @@ def base_magnification(
                 f"{path}: implausible metadata: {value:.6g}{what} (a scanner writes {low:g} to {high:g}); a corrupt "
                 "header: pass --base-mag with the scan's magnification"
             )
+    if mpp is not None and scale.basis == "mpp":
+        return scale.physical_mag(mpp), "mpp", mpp
     if objective is not None:
         return objective, "objective-power", mpp
     if mpp is not None:

@@ -97,7 +97,7 @@ def write_slide(path: str | os.PathLike, spec: SlideSpec) -> dict:
     _check_request(path, s.fmt, s.tile, s.base_mag, s.pyramid)
     mpp = float(s.mpp) if s.mpp is not None else 10.0 / s.base_mag
     scene = make_scene(
-        s.width, s.height, mpp=mpp, class_id=s.class_id, seed=s.seed, n_tissues=s.tissues, signal=s.signal
+        s.width, s.height, mpp=mpp, class_id=s.class_id, seed=s.seed, n_tissues=s.tissues, signal=s.signal, site=s.site
     )
     levels = _level_shapes(s.width, s.height, SCANNER_MIN_LEVEL if s.pyramid == "scanner" else MIN_LEVEL_SIZE)
     tail = aperio_tail(s.base_mag, mpp, s.with_metadata)
@@ -296,7 +296,7 @@ def _dataset_slide(
     """Slide `idx`'s file name and spec (format and magnification cycling through DATASET_FORMATS), its random draws
     taken from `rng` in slide order."""
     fmt, mag = DATASET_FORMATS[idx % len(DATASET_FORMATS)]
-    scale = mag / 40.0
+    scale = mag / 40.0 * (0.25 / spec.pixel_um if spec.pixel_um else 1.0)  # the same scene at the true pixel size
     n_t = int(rng.integers(spec.tissues[0], spec.tissues[1] + 1))
     # Unlabeled slides still draw from the same class mixture (their label is just not given).
     cls_id = cls if cls is not None else int(rng.integers(0, n_classes))
@@ -312,6 +312,8 @@ def _dataset_slide(
         jpeg=spec.jpeg,
         signal=spec.signal,
         pyramid=spec.pyramid,
+        site=spec.site,
+        mpp=spec.pixel_um * 40.0 / mag if spec.pixel_um else None,
     )
 
 

@@ -169,10 +169,25 @@ def _piece(rng: np.random.Generator, slot: int, cols: int, slot_w: float, slot_h
     )
 
 
-def _stain(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The slide's haematoxylin and eosin optical densities and its glass colour."""
-    h_od = np.asarray(HEMATOXYLIN_OD) + rng.normal(0, 0.04, 3)
-    e_od = np.asarray(EOSIN_OD) + rng.normal(0, 0.04, 3)
+def site_stains(site: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean haematoxylin and eosin optical densities of a staining site: site 0 the reference; any other a fixed
+    shift of the size seen between hospitals (each stain's hue turned by about 10-20 degrees, its strength changed
+    by up to 30%), the same for every slide of that site."""
+    if site == 0:
+        return np.asarray(HEMATOXYLIN_OD), np.asarray(EOSIN_OD)
+    rng = np.random.default_rng([site, 0x517E])
+    shifted = []
+    for od in (HEMATOXYLIN_OD, EOSIN_OD):
+        turned = np.abs(np.asarray(od) + rng.normal(0, 0.25, 3))
+        shifted.append(turned / np.linalg.norm(turned) * np.linalg.norm(od) * rng.uniform(0.7, 1.3))
+    return shifted[0], shifted[1]
+
+
+def _stain(rng: np.random.Generator, site: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slide's haematoxylin and eosin optical densities (its site's, slightly varied) and its glass colour."""
+    h_mean, e_mean = site_stains(site)
+    h_od = h_mean + rng.normal(0, 0.04, 3)
+    e_od = e_mean + rng.normal(0, 0.04, 3)
     h_od = np.abs(h_od) / np.linalg.norm(h_od) * rng.uniform(0.85, 1.2)
     e_od = np.abs(e_od) / np.linalg.norm(e_od) * rng.uniform(0.85, 1.2)
     background = np.full(3, rng.uniform(232, 246)) + rng.normal(0, 1.5, 3)
@@ -180,7 +195,15 @@ def _stain(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def make_scene(
-    width: int, height: int, *, mpp: float, class_id: int, seed: int, n_tissues: int = 3, signal: float = 1.0
+    width: int,
+    height: int,
+    *,
+    mpp: float,
+    class_id: int,
+    seed: int,
+    n_tissues: int = 3,
+    signal: float = 1.0,
+    site: int = 0,
 ) -> Scene:
     """Build the deterministic description of one slide (no pixels are rendered here)."""
     if width < 64 or height < 64:
@@ -198,7 +221,7 @@ def make_scene(
     slot_w, slot_h = w_um / cols, h_um / rows
     slots = rng.permutation(cols * rows)[:n_tissues]
     pieces = [_piece(rng, slot, cols, slot_w, slot_h) for slot in sorted(slots.tolist())]
-    h_od, e_od, background = _stain(rng)
+    h_od, e_od, background = _stain(rng, site)
     noise_tile = np.clip(np.round(rng.normal(0, 1.6, (TILE, TILE, 3))), -4, 4).astype(np.float32)
     mean_r = float(np.mean([p.bbox_um[2] - p.bbox_um[0] for p in pieces])) / 2.3
     return Scene(

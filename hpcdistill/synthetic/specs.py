@@ -26,6 +26,7 @@ class SlideSpec:
     with_metadata: bool = True  # False: no AppMag/MPP and no resolution (XResolution=1, ResolutionUnit NONE)
     signal: float = 1.0  # class signal strength (0 = indistinguishable)
     pyramid: str = "render"  # render: every level drawn from the scene; scanner: each from the one above
+    site: int = 0  # the staining site (synthetic.scene.site_stains): 0 the reference, others shifted
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,7 @@ class DatasetSpec:
     seed: int = 0
     jpeg: bool = True
     pyramid: str = "render"
+    site: int = 0  # every slide stained at this site (synthetic.scene.site_stains)
+    # A 40x slide's true microns per pixel (20x: twice it), the same scene at that pixel size; the header still says
+    # AppMag 40 (20): a scanner whose pixels are not exactly 0.25 um. None: 10 / the magnification.
+    pixel_um: float | None = None

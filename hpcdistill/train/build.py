@@ -18,6 +18,8 @@ from hpcdistill.config.schema import Config, resolve_path
 from hpcdistill.data.device_batch import require_device_decode
 from hpcdistill.models.export import load_exported
 from hpcdistill.models.inference import smallest_input
+from hpcdistill.shards.manifest import shard_stain
+from hpcdistill.slides.stain import stain_mismatch
 from hpcdistill.train.budget import start_schedule
 from hpcdistill.train.data_plan import plan_data
 from hpcdistill.train.distributed import barrier, device_for, ranks_markdown, record_ranks, setup_distributed
@@ -95,9 +97,12 @@ def check_classes(key: str, path: str, trained: list[str], classes: list[str]) -
         )
 
 
-def build_teacher(cfg: Config, classes: list[str]) -> torch.nn.Module:
+def build_teacher(cfg: Config, classes: list[str], manifest: dict) -> torch.nn.Module:
     teacher = load_exported(resolve_path(cfg.teacher.checkpoint), expect_classes=cfg.model.num_classes)
     check_classes("teacher.checkpoint", cfg.teacher.checkpoint, teacher.classes, classes)
+    mismatch = stain_mismatch(teacher.stain_norm, shard_stain(manifest), f"{cfg.data.shards} (data.shards)")
+    if mismatch:  # the teacher's soft labels would come from colours it never saw
+        raise TrainError(f"teacher.checkpoint: {cfg.teacher.checkpoint}: {mismatch}")
     check_teacher(cfg, teacher)
     if not math.isclose(teacher.mag, cfg.data.teacher_mag):
         raise TrainError(
@@ -214,7 +219,7 @@ def build_trainer(cfg: Config) -> Trainer:
     engine = build_engine(cfg, world, device, plan)
     dtype = next(engine.module.parameters()).dtype
     teacher = (
-        build_teacher(cfg, plan.classes).to(device, dtype=dtype, memory_format=memory_format(cfg))
+        build_teacher(cfg, plan.classes, plan.manifest).to(device, dtype=dtype, memory_format=memory_format(cfg))
         if cfg.train.mode == "distill"
         else None
     )

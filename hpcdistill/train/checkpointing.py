@@ -12,7 +12,7 @@ import torch
 
 from hpcdistill.common.mags import mag_name
 from hpcdistill.common.provenance import provenance
-from hpcdistill.shards.manifest import shard_source
+from hpcdistill.shards.manifest import shard_mag_scale, shard_source, shard_stain
 from hpcdistill.slides.windows import DEFAULT_WINDOWING
 from hpcdistill.train.selection import Selection, uses_ema
 from hpcdistill.train.state import Trainer, scalars
@@ -56,6 +56,8 @@ def export_weights(trainer: Trainer, name: str, ema: bool = False, val: dict[str
         global_step=trainer.state.global_step,
         windowing=training_windowing(trainer.plan.manifest),
         source=shard_source(trainer.plan.manifest),
+        mag_scale=shard_mag_scale(trainer.plan.manifest).to_dict(),
+        stain_norm=shard_stain(trainer.plan.manifest).to_dict(),
         val=scalars(trainer.state.last_val) if val is None else val,
         seen=seen_units(trainer.plan.manifest),
         provenance=provenance(),

@@ -13,7 +13,7 @@ from hpcdistill.evaluate.evaluation import evaluate_checkpoint, predict_split
 from hpcdistill.evaluate.options import EvalOptions
 from hpcdistill.evaluate.report import load_results
 from hpcdistill.scoring.method_labels import ABLATION_ORDER, method_label, method_order
-from hpcdistill.shards.manifest import read_manifest
+from hpcdistill.shards.manifest import mag_stats, read_manifest
 from hpcdistill.shards.reader import decode_sample, raw_samples, resolve_sets
 
 
@@ -121,7 +121,7 @@ def test_a_tissue_too_big_for_the_gpu_is_named(tiny_dataset):
         match=r"^\S+_t\d{3}_w\d{3} \(\d+x\d+ px at 10x\): does not fit in GPU memory; "
         r"evaluate with --device cpu \(split 'test'\)$",
     ):
-        predict_split(OutOfMemory(1, 1), tiny_dataset["shards"], manifest, "test", 10.0)
+        predict_split(OutOfMemory(1, 1), tiny_dataset["shards"], manifest, "test", 10.0, mag_stats(manifest, 10.0))
 
 
 def test_evaluate_bad_inputs(tiny_dataset, small_dataset, tiny_teacher, tmp_path):

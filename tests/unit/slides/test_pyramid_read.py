@@ -9,6 +9,7 @@ import pytest
 
 from hpcdistill.common.errors import SlideError
 from hpcdistill.slides.factory import open_slide
+from hpcdistill.slides.mag_scale import OBJECTIVE_SCALE
 from hpcdistill.slides.metadata import metadata_conflicts
 from hpcdistill.slides.windows import window_sizes
 from hpcdistill.synthetic.dataset import write_slide
@@ -68,10 +69,13 @@ def test_disagreeing_magnification_metadata_is_said_in_one_line(tmp_path, capfd)
     write_slide(
         path, SlideSpec(1024, 768, fmt="svs", base_mag=40, mpp=1.0, seed=1, tissues=1)
     )  # AppMag 40, MPP 1.0 = 10x
-    with open_slide(path) as slide:
-        assert slide.info.base_mag == 40.0 and slide.info.mag_source == "objective-power"
+    with open_slide(path) as slide:  # a magnification is a pixel size: the pixels say 10x
+        assert slide.info.base_mag == 10.0 and slide.info.mag_source == "mpp"
     (line,) = [ln for ln in capfd.readouterr().err.splitlines() if "disagree" in ln]
-    assert str(path) in line and "40x" in line and "1 um/px (10x)" in line and "using 40x (objective-power)" in line
+    assert str(path) in line and "40x" in line and "1 um/px (10x)" in line and "using 10x (mpp)" in line
+    with open_slide(path, scale=OBJECTIVE_SCALE) as slide:  # as folders were cut before: the objective power
+        assert slide.info.base_mag == 40.0 and slide.info.mag_source == "objective-power"
+    assert "using 40x (objective-power)" in capfd.readouterr().err
     with open_slide(path, base_mag=10) as slide:  # --base-mag overrides, and the line says so
         assert slide.info.base_mag == 10.0 and "using 10x (override)" in slide.info.notes[0]
 

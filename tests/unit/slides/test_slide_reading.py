@@ -14,6 +14,7 @@ from slide_fixtures import assert_one_line_error, tissue_image, write_pyramid_ti
 
 from hpcdistill.common.errors import SlideError
 from hpcdistill.slides.factory import open_slide
+from hpcdistill.slides.mag_scale import OBJECTIVE_SCALE
 from hpcdistill.slides.metadata import mag_from_mpp
 
 BACKGROUND = 240
@@ -26,7 +27,9 @@ def test_svs_is_a_true_aperio_layout_and_metadata_is_read(svs):
     with open_slide(svs) as slide:
         info = slide.info
         assert (info.width, info.height) == (2100, 1500)
-        assert info.base_mag == 20.0 and info.mag_source == "objective-power"
+        assert info.base_mag == 20.04 and info.mag_source == "mpp"  # 10 / 0.499 um/px: the pixel size rules
+    with open_slide(svs, scale=OBJECTIVE_SCALE) as slide:  # as before the option: the AppMag
+        assert slide.info.base_mag == 20.0 and slide.info.mag_source == "objective-power"
         assert info.mpp == pytest.approx(0.499)
         assert info.level_count == 2 and info.vendor == "aperio"
         assert slide.backend == "vips"

@@ -30,7 +30,9 @@ def test_teacher_export_is_plain_weights(tiny_dataset, tiny_teacher):
     blob = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
     manifest = tiny_dataset["manifest"]
     keys = {"state_dict", "arch_kwargs", "mag", "classes", "config", "stats", "global_step", "windowing", "source"}
-    assert set(blob) == keys | {"val", "seen", "provenance"} and blob["source"] == "level0"
+    assert set(blob) == keys | {"val", "seen", "provenance", "mag_scale", "stain_norm"} and blob["source"] == "level0"
+    # what the shards' magnifications and colours meant, for predict and evaluate to read slides alike
+    assert blob["mag_scale"] == {"basis": "mpp", "mpp_at_10x": 1.0} and blob["stain_norm"]["method"] == "none"
     own = {s for s, v in manifest["slides"].items() if v["split"] != "test" and v["status"] == "ok"}
     assert set(blob["seen"]["slides"]) == own  # the slides a score on them would not be a test of
     assert 0 <= blob["val"]["accuracy"] <= 1 and blob["val"]["samples"] == samples(tiny_dataset, "val")  # the gate's
