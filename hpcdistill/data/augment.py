@@ -26,6 +26,7 @@ GREY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L"
 # scikit-image's rgb_from_hed); a row-vector image's OD is its stain amounts @ this.
 _HED_TO_OD = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _HED_TO_OD = _HED_TO_OD / np.linalg.norm(_HED_TO_OD, axis=1, keepdims=True)
+_OD_TO_HED = np.linalg.inv(_HED_TO_OD)  # once: a draw per sample only scales its rows
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 # H0, H1, H2 (hue rotation = H0 + cos H1 + sin H2 in RGB) and 1 g^T (x -> grey(x) in every channel)
@@ -71,9 +72,8 @@ class AugmentDraw:
         """(3, 4) float32 [L | c]: a pixel's optical density (column, per R, G, B) goes to L @ od + c when each stain's
         amount is scaled and shifted (amounts = od @ inverse(_HED_TO_OD), row-wise). Not affine in RGB (od = -log
         of the intensity), so it runs before the colour map, where the batch lands (device_batch.stain_moved)."""
-        to_od = _HED_TO_OD
-        linear = (np.linalg.inv(to_od) @ np.diag(self.hed_scale) @ to_od).T
-        offset = np.asarray(self.hed_shift) @ to_od
+        linear = ((_OD_TO_HED * np.asarray(self.hed_scale)) @ _HED_TO_OD).T  # inv(M) diag(scale) M, transposed
+        offset = np.asarray(self.hed_shift) @ _HED_TO_OD
         return np.concatenate([linear, offset[:, None]], axis=1).astype(np.float32)
 
     @property

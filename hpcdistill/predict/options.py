@@ -82,4 +82,3 @@ def check_options(options: PredictOptions, exported: ExportedModel) -> PredictOp
             f"--heatmap-class {options.heatmap_class!r}: not a class of the model ({', '.join(classes)})"
         )
     return options
-
